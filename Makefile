@@ -1,0 +1,47 @@
+# The README's two commands (`make demo`, `make test`) are the whole set-up:
+# each creates .venv if missing and installs what it needs.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+BASE_STAMP := $(VENV)/.base-installed
+FULL_STAMP := $(VENV)/.full-installed
+PIP := $(PY) -m pip install -q --disable-pip-version-check
+
+.PHONY: demo test lint format bench clean install
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(BASE_STAMP): pyproject.toml setup.py | $(PY)
+	$(PIP) --upgrade pip setuptools wheel
+	$(PIP) -e .
+	touch $@
+
+# torch first, pinned, so that transformers does not pull a CUDA build.
+$(FULL_STAMP): $(BASE_STAMP)
+	$(PIP) torch==2.13.0
+	$(PIP) -e ".[dev,record,dist]"
+	touch $@
+
+install: $(BASE_STAMP)
+
+demo: $(BASE_STAMP)
+	$(PY) -m mer demo
+
+test: $(FULL_STAMP)
+	$(PY) -m pytest -q
+
+lint: $(FULL_STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+format: $(FULL_STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+bench: $(FULL_STAMP)
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info out

@@ -1,0 +1,5 @@
+import sys
+
+from mer.cli import main
+
+sys.exit(main())
