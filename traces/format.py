@@ -293,7 +293,7 @@ def _normalise_frame(df: pd.DataFrame, where: str) -> pd.DataFrame:
     if not (pd.api.types.is_integer_dtype(df["lookahead"].dtype) or df["lookahead"].isna().all()):
         raise TraceError(f"{where}: column 'lookahead' must be integer, found {df['lookahead'].dtype}.")
     out["lookahead"] = pd.array(df["lookahead"].to_numpy(dtype=object), dtype="Int16")
-    out = out.sort_values(SORT_KEYS, kind="stable").reset_index(drop=True)
+    out = out[list(COLUMNS)].sort_values(SORT_KEYS, kind="stable").reset_index(drop=True)
     return out
 
 
