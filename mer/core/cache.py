@@ -1,0 +1,348 @@
+"""The expert cache: residency, slots, pinning, in-flight reads, statistics.
+
+No clock and no I/O live here. Callers (the simulator, the engine) say what
+happened - a step's lookups, a prefetch, a read that completed - and the cache
+says what to read into which slot and what it evicted. Both callers therefore
+take identical decisions; with prefetch off their hit rates are equal by
+construction.
+
+Scope `global` is one partition over all layer-qualified experts (the public
+engine); `per-layer` splits the same total slots evenly over the layers, the
+remainder to the lowest layers (mixtral-offloading), so both are compared at
+equal memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from mer.core.policy import EvictionPolicy, make_policy
+from mer.errors import BadInput
+
+SCOPES = ("global", "per-layer")
+
+# Entry states
+READY = 1
+IN_FLIGHT = 2
+
+
+@dataclass(frozen=True)
+class Admission:
+    """One read the caller must perform: `key` into `slot` (None: bypass buffer)."""
+
+    key: int
+    slot: int | None
+    evicted: int | None
+    prefetch: bool
+
+
+@dataclass
+class StepResult:
+    """What a step's lookups found and what must be read for it."""
+
+    t: int
+    keys: tuple[int, ...]
+    hit: tuple[bool, ...]
+    late: tuple[bool, ...]  # in flight (a prefetch not yet arrived): wait for it, no new read
+    reads: list[Admission]  # demand reads to issue now (misses, in rank order)
+
+    @property
+    def n_hits(self) -> int:
+        return sum(self.hit)
+
+    @property
+    def n_misses(self) -> int:
+        return len(self.keys) - self.n_hits
+
+
+@dataclass
+class CacheStats:
+    """Counters per layer; totals are sums. All are ints (JSON-able via to_dict)."""
+
+    n_layers: int
+    hits: np.ndarray = field(init=False)
+    misses: np.ndarray = field(init=False)
+    late: np.ndarray = field(init=False)
+    evictions: np.ndarray = field(init=False)
+    bypass: np.ndarray = field(init=False)
+    prefetch_issued: np.ndarray = field(init=False)
+    prefetch_used: np.ndarray = field(init=False)
+    prefetch_wasted: np.ndarray = field(init=False)
+
+    COUNTERS = (
+        "hits",
+        "misses",
+        "late",
+        "evictions",
+        "bypass",
+        "prefetch_issued",
+        "prefetch_used",
+        "prefetch_wasted",
+    )
+
+    def __post_init__(self) -> None:
+        for name in self.COUNTERS:
+            setattr(self, name, np.zeros(self.n_layers, dtype=np.int64))
+
+    def total(self, name: str) -> int:
+        return int(getattr(self, name).sum())
+
+    @property
+    def lookups(self) -> int:
+        return self.total("hits") + self.total("misses")
+
+    @property
+    def hit_rate(self) -> float:
+        n = self.lookups
+        return self.total("hits") / n if n else 0.0
+
+    def to_dict(self, per_layer: bool = False) -> dict[str, Any]:
+        out: dict[str, Any] = {name: self.total(name) for name in self.COUNTERS}
+        out["lookups"] = self.lookups
+        out["hit_rate"] = self.hit_rate
+        if per_layer:
+            out["per_layer"] = {name: getattr(self, name).tolist() for name in self.COUNTERS}
+        return out
+
+
+class _Protected:
+    """Membership in any of three sets, without building their union per eviction."""
+
+    __slots__ = ("a", "b", "c")
+
+    def __init__(self, a: Sequence[int], b: frozenset[int], c: set[int]) -> None:
+        self.a, self.b, self.c = a, b, c
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.a or key in self.b or key in self.c
+
+
+class _Partition:
+    __slots__ = ("capacity", "free_slots", "policy", "resident")
+
+    def __init__(self, policy: EvictionPolicy, capacity: int, first_slot: int) -> None:
+        self.policy = policy
+        self.capacity = capacity
+        self.resident = 0
+        self.free_slots = list(range(first_slot + capacity - 1, first_slot - 1, -1))
+
+
+def split_slots(total: int, n_layers: int) -> list[int]:
+    """Per-layer capacities: even split, the remainder to the lowest layers."""
+    base, rem = divmod(total, n_layers)
+    return [base + (1 if layer < rem else 0) for layer in range(n_layers)]
+
+
+class ExpertCache:
+    """Residency for layer-qualified expert keys (key = layer * n_experts + expert).
+
+    `pinned` keys are never evicted once resident (static pinning of popular
+    experts; the cache still starts empty, so they miss once). Policies with
+    dynamic pinning (the public engine's) keep their own pinned set.
+    """
+
+    def __init__(
+        self,
+        *,
+        n_layers: int,
+        n_experts: int,
+        cache_slots: int,
+        policy: str = "lru",
+        policy_params: dict[str, Any] | None = None,
+        scope: str = "global",
+        pinned: Iterable[int] = (),
+        policy_factory: Callable[[int], EvictionPolicy] | None = None,
+    ) -> None:
+        if scope not in SCOPES:
+            raise BadInput(f"--scope must be one of {', '.join(SCOPES)}, got {scope!r}.")
+        if cache_slots < 1:
+            raise BadInput(f"--cache-slots must be at least 1, got {cache_slots}.")
+        self.n_layers = n_layers
+        self.n_experts = n_experts
+        self.cache_slots = cache_slots
+        self.scope = scope
+        self.policy_name = policy
+        self.pinned = frozenset(int(k) for k in pinned)
+        params = policy_params or {}
+        factory = policy_factory or (lambda cap: make_policy(policy, cap, **params))
+        if scope == "global":
+            caps = [cache_slots]
+        else:
+            caps = split_slots(cache_slots, n_layers)
+        self.partitions: list[_Partition] = []
+        first = 0
+        for cap in caps:
+            self.partitions.append(_Partition(factory(cap), cap, first))
+            first += cap
+        per_part_pins = [0] * len(self.partitions)
+        for key in self.pinned:
+            if not 0 <= key < n_layers * n_experts:
+                raise BadInput(f"pinned key {key} outside 0..{n_layers * n_experts - 1}.")
+            per_part_pins[self._part_index(key)] += 1
+        for i, (n_pins, part) in enumerate(zip(per_part_pins, self.partitions, strict=True)):
+            if n_pins and n_pins >= part.capacity:
+                raise BadInput(
+                    f"{n_pins} pinned experts fill partition {i} of {part.capacity} slots; "
+                    "pin fewer experts or give the cache more slots."
+                )
+        self.state: dict[int, int] = {}  # key -> READY | IN_FLIGHT
+        self.slot_of: dict[int, int | None] = {}
+        self.prefetched_unused: set[int] = set()
+        self.inflight: set[int] = set()  # every key being read (demand or prefetch)
+        self.inflight_prefetch: set[int] = set()  # the prefetch reads among them
+        self.claimed: set[int] = set()  # prefetches looked up while in flight (late)
+        self.stats = CacheStats(n_layers)
+
+    # -- helpers ---------------------------------------------------------------------
+    def _part_index(self, key: int) -> int:
+        return 0 if self.scope == "global" else key // self.n_experts
+
+    def partition_of(self, key: int) -> _Partition:
+        return self.partitions[0 if self.scope == "global" else key // self.n_experts]
+
+    def attach_future(self, steps: np.ndarray) -> None:
+        for part in self.partitions:
+            if part.policy.needs_future:
+                part.policy.attach_future(steps)
+
+    def is_resident(self, key: int) -> bool:
+        return self.state.get(key) == READY
+
+    def is_in_flight(self, key: int) -> bool:
+        return self.state.get(key) == IN_FLIGHT
+
+    @property
+    def n_inflight_prefetch(self) -> int:
+        return len(self.inflight_prefetch)
+
+    def resident_keys(self) -> list[int]:
+        return sorted(k for k, s in self.state.items() if s == READY)
+
+    # -- the step ----------------------------------------------------------------------
+    def access_step(self, t: int, keys: Sequence[int]) -> StepResult:
+        """Look up one step's keys, then admit its misses in rank order."""
+        state = self.state
+        parts = self.partitions
+        glob = self.scope == "global"
+        n_exp = self.n_experts
+        stats = self.stats
+        layer = keys[0] // n_exp
+        touched: list[_Partition] = []
+        for key in keys:
+            part = parts[0] if glob else parts[key // n_exp]
+            if part not in touched:
+                touched.append(part)
+                part.policy.begin_step(t, keys)
+        hit = []
+        late = []
+        for key in keys:
+            st = state.get(key)
+            if st == READY:
+                hit.append(True)
+                late.append(False)
+                (parts[0] if glob else parts[key // n_exp]).policy.on_hit(key)
+                if key in self.prefetched_unused:
+                    self.prefetched_unused.discard(key)
+                    stats.prefetch_used[layer] += 1
+            else:
+                hit.append(False)
+                late.append(st == IN_FLIGHT)
+                if st == IN_FLIGHT and key in self.inflight_prefetch and key not in self.claimed:
+                    stats.late[layer] += 1
+                    self.claimed.add(key)
+        n_hits = sum(hit)
+        stats.hits[layer] += n_hits
+        stats.misses[layer] += len(keys) - n_hits
+        reads: list[Admission] = []
+        for rank, key in enumerate(keys):
+            if hit[rank] or late[rank]:
+                continue
+            adm = self._admit(key, keys, rank, prefetch=False)
+            reads.append(adm)
+        for part in touched:
+            part.policy.end_step(t, keys)
+        return StepResult(t, tuple(keys), tuple(hit), tuple(late), reads)
+
+    def _admit(self, key: int, step_keys: Sequence[int], rank: int, *, prefetch: bool) -> Admission:
+        """Make room for `key` (evicting if full) and mark it in flight."""
+        part = self.partition_of(key)
+        layer = key // self.n_experts
+        evicted: int | None = None
+        if part.resident >= part.capacity:
+            protected = self._protected(step_keys if part.policy.protects_step else ())
+            victim = part.policy.victim(protected)
+            if victim is None and not prefetch and part.policy.protects_step:
+                victim = self._step_victim(part, step_keys, rank)
+            if victim is None:
+                if not prefetch:
+                    self.stats.bypass[layer] += 1
+                return Admission(key, None, None, prefetch)
+            self._evict(part, victim)
+            evicted = victim
+        slot = part.free_slots.pop()
+        part.resident += 1
+        self.state[key] = IN_FLIGHT
+        self.inflight.add(key)
+        self.slot_of[key] = slot
+        part.policy.on_insert(key)
+        if prefetch:
+            self.inflight_prefetch.add(key)
+            self.stats.prefetch_issued[layer] += 1
+        return Admission(key, slot, evicted, prefetch)
+
+    def _protected(self, step_keys: Sequence[int]) -> _Protected:
+        return _Protected(step_keys, self.pinned, self.inflight)
+
+    def _step_victim(self, part: _Partition, step_keys: Sequence[int], rank: int) -> int | None:
+        """A cache smaller than the step: the worst-ranked resident step key ranked below `rank`."""
+        for r in range(len(step_keys) - 1, rank, -1):
+            key = step_keys[r]
+            if (
+                self.state.get(key) == READY
+                and key not in self.pinned
+                and self.partition_of(key) is part
+            ):
+                return key
+        return None
+
+    def _evict(self, part: _Partition, key: int) -> None:
+        part.policy.on_remove(key)
+        part.resident -= 1
+        slot = self.slot_of.pop(key)
+        if slot is not None:
+            part.free_slots.append(slot)
+        del self.state[key]
+        layer = key // self.n_experts
+        self.stats.evictions[layer] += 1
+        if key in self.prefetched_unused:
+            self.prefetched_unused.discard(key)
+            self.stats.prefetch_wasted[layer] += 1
+
+    # -- prefetch and completion ---------------------------------------------------------
+    def prefetch(self, key: int, protect: Sequence[int] = ()) -> Admission | None:
+        """Admit `key` as a background read, or None if it is resident/in flight/no room.
+
+        `protect`: keys the victim must not be (the current step, other wanted keys).
+        """
+        if key in self.state:
+            return None
+        adm = self._admit(key, protect, len(protect), prefetch=True)
+        return adm if adm.slot is not None else None
+
+    def complete(self, key: int) -> None:
+        """The read of `key` finished: it is now resident."""
+        if self.state.get(key) != IN_FLIGHT:
+            return
+        self.state[key] = READY
+        self.inflight.discard(key)
+        if key in self.inflight_prefetch:
+            self.inflight_prefetch.discard(key)
+            if key in self.claimed:
+                self.claimed.discard(key)
+            else:
+                self.prefetched_unused.add(key)
+

@@ -1,0 +1,151 @@
+"""Eviction policies: one interface, one registry.
+
+After libCacheSim, a policy is a plugin with the same hooks: the cache tells it
+what happened (hit, insert, remove) and asks it for a victim. The policy never
+sees a clock or does I/O, and it never decides residency on its own, so the
+simulator and the engine get the same decisions from the same calls.
+
+Step semantics (see docs/policies.md): a step is one (token, layer) with its
+top-k keys. The cache looks all k up first (hits refresh), then admits the
+misses in rank order. `victim()` is asked to avoid the keys in `protected`
+(pinned, in flight and, for policies with `protects_step`, the current step's
+keys, which the engine needs resident to compute the layer).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from collections.abc import Container, Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+
+from mer.errors import BadInput
+
+
+class EvictionPolicy(ABC):
+    """Base class. Subclasses set `name` and implement the hooks they need."""
+
+    name: ClassVar[str] = ""
+    #: False for policies (like the public engine's) whose spec lets a miss evict
+    #: another key of the same step.
+    protects_step: ClassVar[bool] = True
+    #: True for offline policies that need `attach_future` (OPT).
+    needs_future: ClassVar[bool] = False
+
+    def __init__(self, capacity: int, **params: Any) -> None:
+        if params:
+            raise BadInput(f"policy {self.name!r} takes no parameter(s) {', '.join(params)}.")
+        self.capacity = capacity
+
+    # -- hooks (default: nothing) -------------------------------------------------
+    def attach_future(self, steps: np.ndarray) -> None:
+        """Offline policies get the whole (n_steps, k) key matrix once, before replay."""
+
+    def begin_step(self, t: int, keys: Sequence[int]) -> None:
+        """Called before the step's lookups (t = step index in replay order)."""
+
+    def on_hit(self, key: int) -> None:
+        """A lookup found `key` resident."""
+
+    @abstractmethod
+    def on_insert(self, key: int) -> None:
+        """`key` was admitted (demand miss or prefetch)."""
+
+    @abstractmethod
+    def on_remove(self, key: int) -> None:
+        """`key` left the cache (after being chosen as a victim)."""
+
+    @abstractmethod
+    def victim(self, protected: Container[int]) -> int | None:
+        """The resident key to evict, not in `protected`; None if there is none.
+
+        Must not change state: the cache calls `on_remove` when it evicts.
+        """
+
+    def end_step(self, t: int, keys: Sequence[int]) -> None:
+        """Called after the step's admissions."""
+
+    def describe(self) -> dict[str, Any]:
+        return {"policy": self.name}
+
+
+# -- registry --------------------------------------------------------------------
+
+POLICIES: dict[str, type[EvictionPolicy]] = {}
+
+
+def register_policy(cls: type[EvictionPolicy]) -> type[EvictionPolicy]:
+    """Class decorator: adding a policy is one class plus this one line."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    POLICIES[cls.name] = cls
+    return cls
+
+
+def make_policy(name: str, capacity: int, **params: Any) -> EvictionPolicy:
+    _load_builtin_policies()
+    try:
+        cls = POLICIES[name]
+    except KeyError:
+        raise BadInput(f"unknown policy {name!r}; choose one of: {', '.join(sorted(POLICIES))}.") from None
+    return cls(capacity, **params)
+
+
+def policy_names() -> list[str]:
+    _load_builtin_policies()
+    return sorted(POLICIES)
+
+
+def _load_builtin_policies() -> None:
+    # Importing the modules runs their @register_policy lines.
+    import importlib
+
+    for mod in ("mer.core.policies",):
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as exc:
+            if exc.name != mod:
+                raise
+
+
+# -- the reference policy -----------------------------------------------------------
+
+
+@register_policy
+class LRU(EvictionPolicy):
+    """Least recently used, at step granularity.
+
+    Keys of one step are used together, so at the end of a step they become the
+    most recent in rank order (rank 0 most recent), whether they hit or missed.
+    This makes LRU a stack algorithm over steps, which the one-pass miss-ratio
+    curve relies on.
+    """
+
+    name = "lru"
+
+    def __init__(self, capacity: int, **params: Any) -> None:
+        super().__init__(capacity, **params)
+        self._order: OrderedDict[int, None] = OrderedDict()  # oldest first
+
+    def on_hit(self, key: int) -> None:
+        self._order.move_to_end(key)
+
+    def on_insert(self, key: int) -> None:
+        self._order[key] = None
+
+    def on_remove(self, key: int) -> None:
+        del self._order[key]
+
+    def victim(self, protected: Container[int]) -> int | None:
+        for key in self._order:
+            if key not in protected:
+                return key
+        return None
+
+    def end_step(self, t: int, keys: Sequence[int]) -> None:
+        order = self._order
+        for key in reversed(keys):
+            if key in order:
+                order.move_to_end(key)

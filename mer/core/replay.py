@@ -1,0 +1,189 @@
+"""The replay: every decision of a run, in one place, for both clocks.
+
+`Replay` walks a trace step by step (one (token, layer) at a time) and owns the
+cache, the predictor and the prefetch rule. A driver - the simpy model or the
+real engine - calls, for each step t:
+
+    result = replay.step(t)          # lookups; demand reads to issue (result.reads)
+    for adm in replay.prefetch(t):   # background reads for the next steps
+        ...issue adm...
+    ...on every read completion: replay.complete(key)...
+
+and finally `replay.stats`. The driver owns time and I/O; it never decides
+what to read, evict or prefetch. `replay_counts` is the driver with no clock
+at all (every read completes at once), the reference the other two must match
+when prefetch is off.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from mer.core.cache import Admission, CacheStats, ExpertCache, StepResult
+from mer.core.predictor import Predictor, ReplayContext, make_predictor
+from mer.errors import BadInput
+
+
+@dataclass
+class PrefetchRule:
+    """Which predictions become reads: the top `top_n` per future step whose
+    probability is at least `min_prob`, while fewer than `max_inflight`
+    prefetches are in flight. top_n None means the model's top_k."""
+
+    top_n: int | None = None
+    min_prob: float = 0.0
+    max_inflight: int = 8
+
+
+@dataclass
+class ReplayConfig:
+    """Everything that decides hits and prefetches (not timing)."""
+
+    policy: str = "lru"
+    cache_slots: int = 64
+    scope: str = "global"
+    predictor: str = "none"
+    pipeline_depth: int = 1
+    prefetch_top_n: int | None = None
+    prefetch_min_prob: float = 0.0
+    prefetch_inflight: int = 8
+    pin: int = 0  # static pinning of the N most popular experts (offline knowledge)
+    phase: str = "all"
+    policy_params: dict[str, Any] = field(default_factory=dict)
+    predictor_params: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def prefetch_on(self) -> bool:
+        return self.predictor != "none"
+
+
+def popular_keys(steps: np.ndarray, n: int) -> list[int]:
+    """The n most frequent keys (ties: smaller key first), for static pinning."""
+    if n <= 0:
+        return []
+    counts = np.bincount(steps.reshape(-1))
+    order = np.lexsort((np.arange(len(counts)), -counts))
+    return [int(k) for k in order[:n] if counts[k] > 0]
+
+
+class Replay:
+    def __init__(
+        self,
+        steps: np.ndarray,
+        *,
+        n_layers: int,
+        n_experts: int,
+        config: ReplayConfig,
+        lookahead: np.ndarray | None = None,
+    ) -> None:
+        steps = np.ascontiguousarray(steps, dtype=np.int32)
+        if steps.ndim != 2:
+            raise BadInput("replay steps must be a (n_steps, top_k) array of global keys.")
+        self.steps = steps
+        self.n_layers = n_layers
+        self.n_experts = n_experts
+        self.top_k = steps.shape[1]
+        self.config = config
+        if config.pipeline_depth < 0:
+            raise BadInput("--pipeline-depth must be >= 0.")
+        self.cache = ExpertCache(
+            n_layers=n_layers,
+            n_experts=n_experts,
+            cache_slots=config.cache_slots,
+            policy=config.policy,
+            policy_params=config.policy_params,
+            scope=config.scope,
+            pinned=popular_keys(steps, config.pin),
+        )
+        self.cache.attach_future(steps)
+        self.ctx = ReplayContext(n_layers, n_experts, self.top_k, steps, lookahead)
+        self.predictor: Predictor = make_predictor(
+            config.predictor, self.ctx, **config.predictor_params
+        )
+        self.rule = PrefetchRule(
+            config.prefetch_top_n, config.prefetch_min_prob, config.prefetch_inflight
+        )
+        self._keys_list = steps.tolist()
+
+    @classmethod
+    def from_trace(cls, trace: Any, config: ReplayConfig) -> Replay:
+        """Build from a `traces.format.Trace`, honouring config.phase."""
+        tr = trace.select_phase(config.phase)
+        keys = tr.keys().reshape(-1, tr.top_k)
+        la = tr.lookahead()
+        la_keys = None
+        if la is not None:
+            layer = np.arange(tr.n_layers, dtype=np.int32)[None, :, None]
+            la_keys = (layer * tr.n_experts + la.astype(np.int32)).reshape(-1, tr.top_k)
+        return cls(keys, n_layers=tr.n_layers, n_experts=tr.n_experts, config=config, lookahead=la_keys)
+
+    @property
+    def n_steps(self) -> int:
+        return len(self.steps)
+
+    @property
+    def stats(self) -> CacheStats:
+        return self.cache.stats
+
+    def layer_of(self, t: int) -> int:
+        return t % self.n_layers
+
+    def step(self, t: int) -> StepResult:
+        keys = self._keys_list[t]
+        result = self.cache.access_step(t, keys)
+        self.predictor.observe(t, self.steps[t])
+        return result
+
+    def prefetch(self, t: int) -> list[Admission]:
+        """Background reads for steps t+1 .. t+depth, chosen by the prefetch rule."""
+        depth = self.config.pipeline_depth
+        if depth == 0 or not self.config.prefetch_on:
+            return []
+        rule = self.rule
+        top_n = rule.top_n or self.top_k
+        wanted: list[int] = []
+        for pred in self.predictor.predict(t, depth):
+            taken = 0
+            for key, prob in pred:
+                if taken >= top_n or prob < rule.min_prob:
+                    break
+                taken += 1
+                if key not in wanted:
+                    wanted.append(key)
+        if not wanted:
+            return []
+        # A prefetch never evicts the current step's keys nor another wanted key.
+        protect = self._keys_list[t] + wanted
+        cache = self.cache
+        out: list[Admission] = []
+        for key in wanted:
+            if cache.n_inflight_prefetch >= rule.max_inflight:
+                break
+            adm = cache.prefetch(key, protect)
+            if adm is not None:
+                out.append(adm)
+        return out
+
+    def complete(self, key: int) -> None:
+        self.cache.complete(key)
+
+
+def replay_counts(replay: Replay) -> CacheStats:
+    """Replay with no clock: every read completes the moment it is issued.
+
+    With prefetch on this is the "infinitely fast SSD" limit; with prefetch off
+    it is exactly what the simulator and the engine must reproduce.
+    """
+    for t in range(replay.n_steps):
+        res = replay.step(t)
+        for adm in res.reads:
+            replay.complete(adm.key)
+        for adm in replay.prefetch(t):
+            replay.complete(adm.key)
+    return replay.stats
