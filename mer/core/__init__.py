@@ -6,7 +6,13 @@ engine (`mer.engine`) both drive `mer.core.replay.Replay`.
 
 from mer.core.cache import Admission, CacheStats, ExpertCache, StepResult, split_slots
 from mer.core.policy import EvictionPolicy, make_policy, policy_names, register_policy
-from mer.core.predictor import Predictor, ReplayContext, make_predictor, predictor_names, register_predictor
+from mer.core.predictor import (
+    Predictor,
+    ReplayContext,
+    make_predictor,
+    predictor_names,
+    register_predictor,
+)
 from mer.core.replay import PrefetchRule, Replay, ReplayConfig, popular_keys, replay_counts
 
 __all__ = [

@@ -345,4 +345,3 @@ class ExpertCache:
                 self.claimed.discard(key)
             else:
                 self.prefetched_unused.add(key)
-

@@ -89,7 +89,9 @@ def make_policy(name: str, capacity: int, **params: Any) -> EvictionPolicy:
     try:
         cls = POLICIES[name]
     except KeyError:
-        raise BadInput(f"unknown policy {name!r}; choose one of: {', '.join(sorted(POLICIES))}.") from None
+        raise BadInput(
+            f"unknown policy {name!r}; choose one of: {', '.join(sorted(POLICIES))}."
+        ) from None
     return cls(capacity, **params)
 
 

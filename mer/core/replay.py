@@ -121,7 +121,9 @@ class Replay:
         if la is not None:
             layer = np.arange(tr.n_layers, dtype=np.int32)[None, :, None]
             la_keys = (layer * tr.n_experts + la.astype(np.int32)).reshape(-1, tr.top_k)
-        return cls(keys, n_layers=tr.n_layers, n_experts=tr.n_experts, config=config, lookahead=la_keys)
+        return cls(
+            keys, n_layers=tr.n_layers, n_experts=tr.n_experts, config=config, lookahead=la_keys
+        )
 
     @property
     def n_steps(self) -> int:
@@ -149,11 +151,9 @@ class Replay:
         top_n = rule.top_n or self.top_k
         wanted: list[int] = []
         for pred in self.predictor.predict(t, depth):
-            taken = 0
-            for key, prob in pred:
-                if taken >= top_n or prob < rule.min_prob:
+            for key, prob in pred[:top_n]:
+                if prob < rule.min_prob:
                     break
-                taken += 1
                 if key not in wanted:
                     wanted.append(key)
         if not wanted:
