@@ -1,0 +1,196 @@
+"""The run summary that `mer simulate` and `mer run` both print.
+
+One dataclass and one formatter, so a predicted and a measured run can be held
+side by side field by field (`mer compare`). The text block follows the public
+engine's run log (counts, bytes, wall, rate, per-read / compute / cycle latency
+percentiles, average I/O wait and compute, I/O share) so the two read together.
+
+Units (DESIGN.md): `tokens_per_s` counts whole-model tokens (all layers);
+`layer_iterations_per_s` counts (token, layer) steps, the public engine's
+"sustained_tps". Hit rate = hits / lookups; a late prefetch is a miss.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from mer.atomic import atomic_path, write_json_atomic
+from mer.errors import BadInput
+
+PERCENTILES = (50, 95, 99)
+
+#: Columns of the per-token table (`-o` parquet) both drivers write.
+TOKEN_COLUMNS = {
+    "step_token": "int32",  # replayed token index (0..tokens-1)
+    "seq": "int32",
+    "token": "int32",
+    "phase": "string",
+    "start_s": "float64",  # token start on the run's clock
+    "time_s": "float64",  # token latency (all layers)
+    "io_wait_s": "float64",  # time blocked on expert reads
+    "compute_s": "float64",  # expert FFN time
+    "dense_s": "float64",  # dense (attention-sized) time
+    "hits": "int32",
+    "misses": "int32",
+    "late": "int32",
+    "prefetch_issued": "int32",
+    "bytes_read": "int64",
+}
+
+
+def percentiles(values: Any) -> dict[str, float]:
+    """p50/p95/p99/max in seconds (empty input gives zeros)."""
+    arr = np.asarray(values, dtype=np.float64)
+    if arr.size == 0:
+        return {"p50": 0.0, "p95": 0.0, "p99": 0.0, "max": 0.0, "mean": 0.0}
+    out = {f"p{p}": float(np.percentile(arr, p)) for p in PERCENTILES}
+    out["max"] = float(arr.max())
+    out["mean"] = float(arr.mean())
+    return out
+
+
+@dataclass
+class RunSummary:
+    """Identity of the run, its counts, its rates and its latency distributions."""
+
+    kind: str  # "simulated" or "measured"
+    trace: str
+    trace_digest: str
+    model: str
+    shape: str
+    mode: str  # "model" (whole tokens, dense time) or "seed" (one iteration = one layer)
+    policy: str
+    scope: str
+    cache_slots: int
+    predictor: str
+    pipeline_depth: int
+    phase: str
+    hardware: str
+    tokens: int
+    layers: int
+    top_k: int
+    hits: int
+    misses: int
+    hit_rate: float
+    bytes_read: int
+    wall_s: float
+    tokens_per_s: float
+    layer_iterations_per_s: float
+    io_wait_s: float
+    compute_s: float
+    dense_s: float
+    io_wait_share: float
+    prefetch: dict[str, int] = field(default_factory=dict)  # issued, used, late, wasted
+    latency: dict[str, dict[str, float]] = field(
+        default_factory=dict
+    )  # read, compute, token, iteration
+    config: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def lookups(self) -> int:
+        return self.hits + self.misses
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["lookups"] = self.lookups
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunSummary:
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def save(self, path: str | Path) -> None:
+        write_json_atomic(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> RunSummary:
+        p = Path(path)
+        try:
+            return cls.from_dict(json.loads(p.read_text()))
+        except FileNotFoundError:
+            raise BadInput(f"{p}: no such summary file.") from None
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise BadInput(
+                f"{p}: not a mer run summary ({exc}); write one with --json or --summary."
+            ) from exc
+
+    def format_text(self) -> str:
+        """The text block, laid out like the public engine's run summary."""
+        mib = 1 << 20
+        pf = self.prefetch
+        lat = self.latency
+        iters = self.tokens * self.layers
+
+        def ms(block: str, key: str) -> str:
+            return f"{lat.get(block, {}).get(key, 0.0) * 1e3:.2f} ms"
+
+        lines = [
+            f"=== mer {self.kind} run: {self.trace} ({self.model}, shape {self.shape}, mode {self.mode}) ===",
+            f"policy {self.policy} ({self.scope}), cache {self.cache_slots} slots, predictor {self.predictor} "
+            f"(depth {self.pipeline_depth}), phase {self.phase}, hardware {self.hardware}",
+            f"tokens: {self.tokens:,}   layer iterations: {iters:,}   lookups: {self.lookups:,}",
+            f"hits: {self.hits:,}   misses: {self.misses:,}   hit rate: {self.hit_rate * 100:.2f}%",
+            f"prefetch: issued {pf.get('issued', 0):,}, used {pf.get('used', 0):,}, "
+            f"late {pf.get('late', 0):,}, wasted {pf.get('wasted', 0):,}",
+            f"bytes read: {self.bytes_read / mib:,.0f} MiB   wall: {self.wall_s:.3f} s",
+            f"tokens/s (whole model): {self.tokens_per_s:.3f}   "
+            f"layer iterations/s (the seed's sustained_tps): {self.layer_iterations_per_s:.2f}",
+            f"per-read latency: p50 {ms('read', 'p50')}, p95 {ms('read', 'p95')}, p99 {ms('read', 'p99')}",
+            f"compute per iteration: p50 {ms('compute', 'p50')}, p95 {ms('compute', 'p95')}, p99 {ms('compute', 'p99')}",
+            f"iteration (cycle) latency: p50 {ms('iteration', 'p50')}, p99 {ms('iteration', 'p99')}, max {ms('iteration', 'max')}",
+            f"token latency: p50 {ms('token', 'p50')}, p95 {ms('token', 'p95')}, p99 {ms('token', 'p99')}",
+            f"average per iteration: I/O wait {self.io_wait_s / max(iters, 1) * 1e3:.2f} ms, "
+            f"compute {self.compute_s / max(iters, 1) * 1e3:.2f} ms, dense {self.dense_s / max(iters, 1) * 1e3:.2f} ms; "
+            f"I/O share {self.io_wait_share * 100:.2f}%",
+            f"average throughput: {self.bytes_read / mib / self.wall_s if self.wall_s > 0 else 0.0:.1f} MiB/s",
+        ]
+        return "\n".join(lines)
+
+
+def trace_digest(path: str | Path) -> str:
+    """Short content digest naming the trace a result came from."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def write_token_table(rows: pd.DataFrame, path: str | Path, summary: RunSummary) -> None:
+    """Per-token parquet with the summary as file metadata (key `mer.summary`)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    df = rows.copy()
+    for col, dtype in TOKEN_COLUMNS.items():
+        if col in df.columns:
+            df[col] = df[col].astype(dtype)
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    meta = dict(table.schema.metadata or {})
+    meta.pop(b"pandas", None)
+    meta[b"mer.summary"] = json.dumps(summary.to_dict(), default=str).encode()
+    table = table.replace_schema_metadata(meta)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+
+
+def read_token_table(path: str | Path) -> tuple[pd.DataFrame, RunSummary | None]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:
+        raise BadInput(f"{path}: not a per-token parquet ({exc}).") from exc
+    raw = (table.schema.metadata or {}).get(b"mer.summary")
+    summary = RunSummary.from_dict(json.loads(raw)) if raw else None
+    return table.to_pandas(), summary
