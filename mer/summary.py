@@ -174,7 +174,7 @@ def write_token_table(rows: pd.DataFrame, path: str | Path, summary: RunSummary)
     df = rows.copy()
     for col, dtype in TOKEN_COLUMNS.items():
         if col in df.columns:
-            df[col] = df[col].astype(dtype)
+            df[col] = df[col].astype(dtype)  # type: ignore[call-overload]
     table = pa.Table.from_pandas(df, preserve_index=False)
     meta = dict(table.schema.metadata or {})
     meta.pop(b"pandas", None)

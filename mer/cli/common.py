@@ -14,9 +14,17 @@ from mer.errors import BadInput
 
 
 def add_output_args(p: argparse.ArgumentParser, *, parquet: bool = True) -> None:
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of text")
+    p.add_argument(
+        "--json", action="store_true", help="print one JSON object on stdout instead of text"
+    )
     if parquet:
-        p.add_argument("-o", "--output", type=Path, default=None, help="write the detailed result to this file (parquet)")
+        p.add_argument(
+            "-o",
+            "--output",
+            type=Path,
+            default=None,
+            help="write the detailed result to this file (parquet)",
+        )
 
 
 def add_phase_arg(p: argparse.ArgumentParser) -> None:
@@ -74,7 +82,9 @@ def int_list(text: str) -> list[int]:
     try:
         out = [int(x) for x in text.replace(" ", "").split(",") if x]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
     if not out or min(out) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return out
@@ -88,3 +98,135 @@ def require_file(path: Path, what: str) -> Path:
     if not path.exists():
         raise BadInput(f"{what} {path}: no such file.")
     return path
+
+
+def _kv(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    parsed: Any = value
+    for conv in (int, float):
+        try:
+            parsed = conv(value)
+            break
+        except ValueError:
+            continue
+    if value.lower() in ("true", "false"):
+        parsed = value.lower() == "true"
+    return key.replace("-", "_"), parsed
+
+
+def add_replay_args(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
+    """The options that decide hits and prefetches, shared by simulate, sweep and run."""
+    from mer.core import policy_names, predictor_names
+
+    if not sweep:
+        p.add_argument(
+            "--policy",
+            default="lru",
+            help=f"eviction policy: {', '.join(policy_names())} (default lru)",
+        )
+        g = p.add_mutually_exclusive_group()
+        g.add_argument(
+            "--cache-slots",
+            type=positive_int,
+            default=None,
+            help="total expert slots (any scope; default 64)",
+        )
+        g.add_argument(
+            "--cache-gib",
+            type=float,
+            default=None,
+            help="cache size in GiB, converted through the shape's bytes per expert",
+        )
+        p.add_argument(
+            "--scope",
+            choices=("global", "per-layer"),
+            default="global",
+            help="one cache over all layers, or the same total split evenly per layer",
+        )
+        p.add_argument(
+            "--predictor",
+            default="none",
+            help=f"prefetch predictor: {', '.join(predictor_names())} (default none)",
+        )
+    p.add_argument(
+        "--pipeline-depth", type=int, default=1, help="prefetch for the next N layers (default 1)"
+    )
+    p.add_argument(
+        "--prefetch-top-n",
+        type=int,
+        default=None,
+        help="prefetch at most N predicted experts per future layer (default top_k)",
+    )
+    p.add_argument(
+        "--prefetch-min-prob",
+        type=float,
+        default=0.0,
+        help="only prefetch predictions with probability >= P (default 0)",
+    )
+    p.add_argument(
+        "--prefetch-inflight",
+        type=positive_int,
+        default=8,
+        help="at most N prefetch reads in flight (default 8)",
+    )
+    p.add_argument(
+        "--pin",
+        type=int,
+        default=0,
+        help="statically pin the N most popular experts of the trace (offline knowledge; default 0)",
+    )
+    p.add_argument(
+        "--policy-param",
+        type=_kv,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="policy parameter, repeatable (e.g. decay=0.9)",
+    )
+    p.add_argument(
+        "--predictor-param",
+        type=_kv,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="predictor parameter, repeatable",
+    )
+    add_phase_arg(p)
+
+
+def replay_config_from_args(
+    args: argparse.Namespace, bytes_per_expert: int | None = None, **overrides: Any
+) -> Any:
+    """ReplayConfig from add_replay_args options (--cache-gib needs bytes_per_expert)."""
+    from mer.core import ReplayConfig
+
+    slots = getattr(args, "cache_slots", None)
+    gib = getattr(args, "cache_gib", None)
+    if gib is not None:
+        if not bytes_per_expert:
+            raise BadInput(
+                "--cache-gib needs a model shape (--shape) to convert GiB to expert slots."
+            )
+        slots = int(gib * (1 << 30) // bytes_per_expert)
+        if slots < 1:
+            raise BadInput(
+                f"--cache-gib {gib} holds no expert of {bytes_per_expert:,} bytes; give more memory."
+            )
+    values: dict[str, Any] = dict(
+        policy=getattr(args, "policy", "lru"),
+        cache_slots=slots if slots is not None else 64,
+        scope=getattr(args, "scope", "global"),
+        predictor=getattr(args, "predictor", "none"),
+        pipeline_depth=args.pipeline_depth,
+        prefetch_top_n=args.prefetch_top_n,
+        prefetch_min_prob=args.prefetch_min_prob,
+        prefetch_inflight=args.prefetch_inflight,
+        pin=args.pin,
+        phase=args.phase,
+        policy_params=dict(args.policy_param),
+        predictor_params=dict(args.predictor_param),
+    )
+    values.update(overrides)
+    return ReplayConfig(**values)
