@@ -44,6 +44,15 @@ ARROW_SCHEMA = pa.schema(
     [pa.field(name, typ, nullable=name in NULLABLE) for name, typ in COLUMNS.items()]
 )
 SORT_KEYS = ["seq", "token", "layer", "rank"]
+_INT_TARGETS = {
+    "seq": "int32",
+    "token": "int32",
+    "layer": "int16",
+    "rank": "int8",
+    "expert": "int16",
+}
+# float32 rounding of a normalised weight may land a hair above 1.
+WEIGHT_BOUND_TOL = 1e-6
 
 
 class TraceError(BadInput):
@@ -96,7 +105,9 @@ class TraceMeta:
         for name in ("n_layers", "n_experts", "top_k"):
             value = getattr(meta, name)
             if not isinstance(value, int) or value < 1:
-                raise TraceError(f"{where}: metadata {name} must be a positive integer, got {value!r}.")
+                raise TraceError(
+                    f"{where}: metadata {name} must be a positive integer, got {value!r}."
+                )
         if meta.top_k > meta.n_experts:
             raise TraceError(f"{where}: metadata top_k {meta.top_k} > n_experts {meta.n_experts}.")
         return meta
@@ -148,7 +159,11 @@ class Trace:
 
     # -- replay views ------------------------------------------------------------
     def _grid(self, column: str, dtype: Any, fill: Any = None) -> np.ndarray:
-        values = self.df[column].to_numpy(dtype=dtype, na_value=fill) if fill is not None else self.df[column].to_numpy(dtype=dtype)
+        values = (
+            self.df[column].to_numpy(dtype=dtype, na_value=fill)
+            if fill is not None
+            else self.df[column].to_numpy(dtype=dtype)
+        )
         return values.reshape(self.n_tokens, self.n_layers, self.top_k)
 
     @property
@@ -171,10 +186,14 @@ class Trace:
         return self._grid("weight", np.float32)
 
     def lookahead(self) -> np.ndarray | None:
-        """int16 (tokens, layers, top_k) recorded lookahead experts, or None if absent."""
-        if self.df["lookahead"].isna().any():
+        """int16 (tokens, layers, top_k) recorded lookahead experts, or None if absent.
+
+        Where some rows lack a prediction (layer 0 has no previous layer to
+        predict from), those entries are -1.
+        """
+        if self.df["lookahead"].isna().all():
             return None
-        return self._grid("lookahead", np.int16)
+        return self._grid("lookahead", np.int16, fill=-1)
 
     def token_table(self) -> pd.DataFrame:
         """One row per replayed token: seq, token, phase (replay order)."""
@@ -197,12 +216,27 @@ class Trace:
         mask = self.df["phase"].astype(str) == phase
         if not mask.any():
             raise BadInput(f"{self.name}: no {phase} tokens in this trace; use --phase all.")
-        return Trace(self.df[mask.to_numpy()].reset_index(drop=True), self.meta, None, self.name, validate=False)
+        logits = None
+        if self.logits is not None:
+            logits = np.asarray(self.logits).reshape(self.n_tokens, self.n_layers, -1)
+            logits = logits[self.phase_mask(phase)]
+        return Trace(
+            self.df[mask.to_numpy()].reset_index(drop=True),
+            self.meta,
+            logits,
+            self.name,
+            validate=False,
+        )
 
     def head(self, n_tokens: int) -> Trace:
         """The first n tokens in replay order (for quick runs)."""
         rows = n_tokens * self.n_layers * self.top_k
-        return Trace(self.df.iloc[:rows].reset_index(drop=True), self.meta, None, self.name, validate=False)
+        logits = None
+        if self.logits is not None:
+            logits = np.asarray(self.logits).reshape(self.n_tokens, self.n_layers, -1)[:n_tokens]
+        return Trace(
+            self.df.iloc[:rows].reset_index(drop=True), self.meta, logits, self.name, validate=False
+        )
 
     def __repr__(self) -> str:
         return (
@@ -232,7 +266,9 @@ def from_arrays(
     """
     experts = np.asarray(experts)
     if experts.ndim != 3:
-        raise TraceError(f"{name}: experts must have shape (tokens, layers, top_k), got {experts.shape}.")
+        raise TraceError(
+            f"{name}: experts must have shape (tokens, layers, top_k), got {experts.shape}."
+        )
     t, n_layers, k = experts.shape
     if (n_layers, k) != (meta.n_layers, meta.top_k):
         raise TraceError(
@@ -242,7 +278,9 @@ def from_arrays(
     per_token = n_layers * k
     seq_arr = np.zeros(t, np.int32) if seq is None else np.asarray(seq, np.int32)
     tok_arr = np.arange(t, dtype=np.int32) if token is None else np.asarray(token, np.int32)
-    ph = np.array(["decode"] * t, dtype=object) if phase is None else np.asarray(phase, dtype=object)
+    ph = (
+        np.array(["decode"] * t, dtype=object) if phase is None else np.asarray(phase, dtype=object)
+    )
     data = {
         "seq": np.repeat(seq_arr, per_token),
         "token": np.repeat(tok_arr, per_token),
@@ -280,7 +318,17 @@ def _normalise_frame(df: pd.DataFrame, where: str) -> pd.DataFrame:
         if col.isna().any():
             bad = np.flatnonzero(col.isna().to_numpy())[:5].tolist()
             raise TraceError(f"{where}: column {name!r} has nulls (rows {bad}).")
-        out[name] = col.to_numpy().astype({"seq": np.int32, "token": np.int32, "layer": np.int16, "rank": np.int8, "expert": np.int16}[name])
+        target = np.dtype(_INT_TARGETS[name])
+        values = col.to_numpy(dtype=np.int64)
+        info = np.iinfo(target)
+        over = (values < info.min) | (values > info.max)
+        if over.any():
+            rows = np.flatnonzero(over)[:5].tolist()
+            raise TraceError(
+                f"{where}: column {name!r} has values outside the {target} range "
+                f"(rows {rows}, e.g. {values[rows[0]]})."
+            )
+        out[name] = values.astype(target)
     phase = df["phase"].astype("string")
     bad_phase = ~phase.isin(PHASES).fillna(False).to_numpy(dtype=bool)
     if bad_phase.any():
@@ -289,9 +337,13 @@ def _normalise_frame(df: pd.DataFrame, where: str) -> pd.DataFrame:
     out["phase"] = pd.Categorical(phase.to_numpy(dtype=object), categories=list(PHASES))
     if not (pd.api.types.is_float_dtype(df["weight"].dtype) or df["weight"].isna().all()):
         raise TraceError(f"{where}: column 'weight' must be float, found {df['weight'].dtype}.")
-    out["weight"] = pd.array(df["weight"].to_numpy(dtype=np.float64, na_value=np.nan), dtype="Float32")
+    out["weight"] = pd.array(
+        df["weight"].to_numpy(dtype=np.float64, na_value=np.nan), dtype="Float32"
+    )
     if not (pd.api.types.is_integer_dtype(df["lookahead"].dtype) or df["lookahead"].isna().all()):
-        raise TraceError(f"{where}: column 'lookahead' must be integer, found {df['lookahead'].dtype}.")
+        raise TraceError(
+            f"{where}: column 'lookahead' must be integer, found {df['lookahead'].dtype}."
+        )
     out["lookahead"] = pd.array(df["lookahead"].to_numpy(dtype=object), dtype="Int16")
     out = out[list(COLUMNS)].sort_values(SORT_KEYS, kind="stable").reset_index(drop=True)
     return out
@@ -301,26 +353,49 @@ def _normalise_frame(df: pd.DataFrame, where: str) -> pd.DataFrame:
 
 
 def _fail(where: str, what: str, rows: pd.DataFrame, fix: str) -> TraceError:
-    shown = rows.head(5)[[c for c in ("seq", "token", "layer", "rank", "expert", "weight") if c in rows.columns]]
-    return TraceError(f"{where}: {what}; first offending rows:\n{shown.to_string(index=False)}\n{fix}")
+    shown = rows.head(5)[
+        [c for c in ("seq", "token", "layer", "rank", "expert", "weight") if c in rows.columns]
+    ]
+    return TraceError(
+        f"{where}: {what}; first offending rows:\n{shown.to_string(index=False)}\n{fix}"
+    )
 
 
 def validate_frame(df: pd.DataFrame, meta: TraceMeta, where: str = "trace") -> None:
     """Check a normalised frame against its metadata; raise TraceError on the first problem."""
     if len(df) == 0:
-        raise TraceError(f"{where}: the trace is empty (no rows); record or import some routing first.")
+        raise TraceError(
+            f"{where}: the trace is empty (no rows); record or import some routing first."
+        )
     bad = df[(df["expert"] < 0) | (df["expert"] >= meta.n_experts)]
     if len(bad):
-        raise _fail(where, f"expert outside 0..{meta.n_experts - 1}", bad, "Check n_experts in the metadata or the source ids.")
+        raise _fail(
+            where,
+            f"expert outside 0..{meta.n_experts - 1}",
+            bad,
+            "Check n_experts in the metadata or the source ids.",
+        )
     bad = df[(df["layer"] < 0) | (df["layer"] >= meta.n_layers)]
     if len(bad):
-        raise _fail(where, f"layer outside 0..{meta.n_layers - 1}", bad, "Check n_layers in the metadata.")
+        raise _fail(
+            where, f"layer outside 0..{meta.n_layers - 1}", bad, "Check n_layers in the metadata."
+        )
     bad = df[(df["rank"] < 0) | (df["rank"] >= meta.top_k)]
     if len(bad):
-        raise _fail(where, f"rank outside 0..{meta.top_k - 1} (top_k mismatch)", bad, "top_k in the metadata must match the rows.")
+        raise _fail(
+            where,
+            f"rank outside 0..{meta.top_k - 1} (top_k mismatch)",
+            bad,
+            "top_k in the metadata must match the rows.",
+        )
     dup = df.duplicated(SORT_KEYS, keep=False)
     if dup.any():
-        raise _fail(where, "duplicate (seq, token, layer, rank)", df[dup.to_numpy()], "Each routed expert must appear once.")
+        raise _fail(
+            where,
+            "duplicate (seq, token, layer, rank)",
+            df[dup.to_numpy()],
+            "Each routed expert must appear once.",
+        )
     # Completeness: every (seq, token) must have all layers x ranks.
     per_token = meta.n_layers * meta.top_k
     counts = df.groupby(["seq", "token"], sort=False, observed=True).size()
@@ -329,7 +404,9 @@ def validate_frame(df: pd.DataFrame, meta: TraceMeta, where: str = "trace") -> N
         seq, tok = short.index[0]
         rows = df[(df["seq"] == seq) & (df["token"] == tok)]
         have = set(zip(rows["layer"].tolist(), rows["rank"].tolist(), strict=True))
-        gaps = [(ly, r) for ly in range(meta.n_layers) for r in range(meta.top_k) if (ly, r) not in have]
+        gaps = [
+            (ly, r) for ly in range(meta.n_layers) for r in range(meta.top_k) if (ly, r) not in have
+        ]
         raise _fail(
             where,
             f"token (seq {seq}, token {tok}) is missing (layer, rank) {gaps[:5]} "
@@ -339,16 +416,31 @@ def validate_frame(df: pd.DataFrame, meta: TraceMeta, where: str = "trace") -> N
         )
     dup_e = df.duplicated(["seq", "token", "layer", "expert"], keep=False)
     if dup_e.any():
-        raise _fail(where, "the same expert twice in one (token, layer)", df[dup_e.to_numpy()], "Top-k experts must be distinct.")
+        raise _fail(
+            where,
+            "the same expert twice in one (token, layer)",
+            df[dup_e.to_numpy()],
+            "Top-k experts must be distinct.",
+        )
     w = df["weight"]
     has_w = w.notna()
     if has_w.any():
         if not has_w.all():
-            raise _fail(where, "weights present on some rows and null on others", df[~has_w.to_numpy()], "Give weights for all rows or none.")
+            raise _fail(
+                where,
+                "weights present on some rows and null on others",
+                df[~has_w.to_numpy()],
+                "Give weights for all rows or none.",
+            )
         wv = w.to_numpy(dtype=np.float64)
-        bad_w = (wv < 0) | (wv > 1) | ~np.isfinite(wv)
+        bad_w = (wv < 0) | (wv > 1 + WEIGHT_BOUND_TOL) | ~np.isfinite(wv)
         if bad_w.any():
-            raise _fail(where, "weight outside [0, 1]", df[bad_w], "Gate weights must be normalised probabilities.")
+            raise _fail(
+                where,
+                "weight outside [0, 1]",
+                df[bad_w],
+                "Gate weights must be normalised probabilities.",
+            )
         sums = wv.reshape(-1, meta.top_k).sum(axis=1)
         off = np.abs(sums - 1.0) > WEIGHT_SUM_TOL
         if off.any():
@@ -367,17 +459,26 @@ def validate_frame(df: pd.DataFrame, meta: TraceMeta, where: str = "trace") -> N
         lv = la.to_numpy(dtype=np.float64, na_value=np.nan)
         bad_la = has_la.to_numpy() & ((lv < 0) | (lv >= meta.n_experts))
         if bad_la.any():
-            raise _fail(where, f"lookahead outside 0..{meta.n_experts - 1}", df[bad_la], "Lookahead is a local expert id.")
-    # Tokens within a sequence must be in one block and prefill before decode.
-    tt = df.iloc[::per_token]
-    seqs = tt["seq"].to_numpy()
-    phases = tt["phase"].astype(str).to_numpy()
-    for s in np.unique(seqs):
-        ph = phases[seqs == s]
-        first_decode = np.argmax(ph == "decode") if (ph == "decode").any() else len(ph)
-        if (ph[first_decode:] == "prefill").any():
-            rows = tt[(tt["seq"] == s) & (tt["phase"].astype(str) == "prefill")].iloc[first_decode:]
-            raise _fail(where, f"prefill token after a decode token in seq {s}", rows, "Prompt tokens come first in a sequence.")
+            raise _fail(
+                where,
+                f"lookahead outside 0..{meta.n_experts - 1}",
+                df[bad_la],
+                "Lookahead is a local expert id.",
+            )
+    # Within a sequence, prompt (prefill) tokens come before generated (decode) ones.
+    tt = df.iloc[::per_token].reset_index(drop=True)
+    is_decode = (tt["phase"].astype(str) == "decode").astype(np.int8)
+    seen_decode = is_decode.groupby(tt["seq"]).cummax().to_numpy(dtype=bool)
+    late = seen_decode & ~is_decode.to_numpy(dtype=bool)
+    if late.any():
+        rows = tt[late]
+        seq = int(rows["seq"].iloc[0])
+        raise _fail(
+            where,
+            f"prefill token after a decode token in seq {seq}",
+            rows,
+            "Prompt tokens come first in a sequence.",
+        )
 
 
 # -- I/O ---------------------------------------------------------------------------
@@ -394,7 +495,9 @@ def write_trace(trace: Trace, path: str | os.PathLike[str]) -> Path:
     if trace.logits is not None:
         logits = np.asarray(trace.logits, np.float32).reshape(-1, trace.n_experts)
         if len(logits) * trace.top_k != len(trace.df):
-            raise TraceError(f"{trace.name}: logits have {len(logits)} rows, expected one per (token, layer).")
+            raise TraceError(
+                f"{trace.name}: logits have {len(logits)} rows, expected one per (token, layer)."
+            )
         k = trace.top_k
         offsets = np.zeros(len(trace.df) + 1, np.int32)
         sizes = np.zeros(len(trace.df), np.int32)
@@ -412,6 +515,10 @@ def write_trace(trace: Trace, path: str | os.PathLike[str]) -> Path:
     table = table.replace_schema_metadata(metadata)
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, compression="zstd")
+        # mkstemp creates 0600; a trace is data to share, so honour the umask like open() does.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
     return path
 
 
@@ -424,7 +531,9 @@ def read_meta(path: str | os.PathLike[str]) -> TraceMeta:
         raise TraceError(f"{where}: not a parquet file ({exc}).") from exc
     raw = (schema.metadata or {}).get(META_KEY)
     if raw is None:
-        raise TraceError(f"{where}: parquet file has no 'mer.trace' metadata; it is not a mer trace.")
+        raise TraceError(
+            f"{where}: parquet file has no 'mer.trace' metadata; it is not a mer trace."
+        )
     return TraceMeta.from_json(raw, where)
 
 
@@ -442,7 +551,9 @@ def read_trace(path: str | os.PathLike[str], *, with_logits: bool = False) -> Tr
         columns = [c for c in schema.names if c != "logits" or with_logits]
         table = pf.read(columns=columns)
     except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
-        raise TraceError(f"{where}: not a parquet file ({exc}). Convert it with `mer trace import`.") from exc
+        raise TraceError(
+            f"{where}: not a parquet file ({exc}). Convert it with `mer trace import`."
+        ) from exc
     raw_meta = (schema.metadata or {}).get(META_KEY)
     if raw_meta is None:
         raise TraceError(
@@ -455,7 +566,11 @@ def read_trace(path: str | os.PathLike[str], *, with_logits: bool = False) -> Tr
             continue
         actual = schema.field(name).type
         if name == "phase":
-            ok = pa.types.is_dictionary(actual) or pa.types.is_string(actual) or pa.types.is_large_string(actual)
+            ok = (
+                pa.types.is_dictionary(actual)
+                or pa.types.is_string(actual)
+                or pa.types.is_large_string(actual)
+            )
         elif name == "weight":
             ok = pa.types.is_floating(actual) or pa.types.is_null(actual)
         else:

@@ -1,0 +1,205 @@
+"""`mer trace import | validate | info`: bring routing in, check it, describe it.
+
+Import converts a foreign file with a registered importer, says on stderr what
+it dropped and why, and writes the validated trace atomically. validate and
+info read a trace file through the same validating reader every component uses,
+so a file they accept is a file the simulator and the engine accept.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from mer.cli.common import emit, note, positive_int
+from mer.errors import BadInput
+from traces.format import PHASES, Trace, read_trace, write_trace
+from traces.importers import IMPORTERS, ImportOptions, import_trace
+
+FORMATS_HELP = "; ".join(f"{name}: {imp.summary}" for name, imp in IMPORTERS.items())
+
+
+def register(tsub: argparse._SubParsersAction) -> None:
+    p = tsub.add_parser(
+        "import",
+        help="convert a published or foreign routing file to trace format v1",
+        description=(
+            "Convert routing recorded elsewhere into a validated trace (format v1, parquet). "
+            "What the source lacks (prefill per-token routing, gate weights, incomplete "
+            "tokens) is dropped and counted, never invented; see docs/trace-format.md. "
+            f"Formats: {FORMATS_HELP}."
+        ),
+    )
+    p.add_argument("format", metavar="FORMAT", choices=list(IMPORTERS), help=", ".join(IMPORTERS))
+    p.add_argument("src", metavar="SRC", type=Path, help="the file to import")
+    p.add_argument(
+        "-o", "--output", type=Path, required=True, help="trace file to write (.parquet)"
+    )
+    p.add_argument("--model", help="model name for the metadata (default: the format's)")
+    p.add_argument(
+        "--n-layers",
+        type=positive_int,
+        help="number of MoE layers (default: the format's, or inferred as max layer + 1)",
+    )
+    p.add_argument(
+        "--n-experts",
+        type=positive_int,
+        help="experts per layer (default: the format's, or inferred as max expert + 1)",
+    )
+    p.add_argument(
+        "--top-k",
+        type=positive_int,
+        help="experts per token and layer (default: the format's, or inferred)",
+    )
+    p.add_argument(
+        "--experts-per-layer",
+        type=positive_int,
+        help="record the real geometry of a flat-id trace (seed-jsonl) in the metadata",
+    )
+    p.add_argument("--provenance", help="provenance text for the metadata (default: derived)")
+    p.add_argument("--licence", help="licence of the source data for the metadata")
+    p.add_argument(
+        "--json", action="store_true", help="print one JSON object on stdout instead of text"
+    )
+    p.set_defaults(func=cmd_import)
+
+    p = tsub.add_parser(
+        "validate",
+        help="check a trace file against format v1 (exit 2 with the first problem)",
+        description=(
+            "Read a trace file with full validation. Prints OK and a one-line summary, or "
+            "the first problem (naming the file and the offending rows) and exits with 2."
+        ),
+    )
+    p.add_argument("file", metavar="FILE", type=Path, help="trace file (.parquet)")
+    p.add_argument(
+        "--json", action="store_true", help="print one JSON object on stdout instead of text"
+    )
+    p.set_defaults(func=cmd_validate)
+
+    p = tsub.add_parser(
+        "info",
+        help="metadata and size of a trace: tokens per phase, sequences, lookups, columns",
+        description=(
+            "Describe a (validated) trace file: its metadata (model, shape, source, provenance, "
+            "licence), tokens per phase, sequences, lookups, and whether it has gate weights, "
+            "lookahead and router logits."
+        ),
+    )
+    p.add_argument("file", metavar="FILE", type=Path, help="trace file (.parquet)")
+    p.add_argument(
+        "--json", action="store_true", help="print one JSON object on stdout instead of text"
+    )
+    p.set_defaults(func=cmd_info)
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    options = ImportOptions(
+        model=args.model,
+        n_layers=args.n_layers,
+        n_experts=args.n_experts,
+        top_k=args.top_k,
+        experts_per_layer=args.experts_per_layer,
+        provenance=args.provenance,
+        licence=args.licence,
+    )
+    if args.output.exists() and args.output.is_dir():
+        raise BadInput(f"-o {args.output}: is a directory; give a .parquet file name.")
+    result = import_trace(args.format, args.src, options)
+    for msg in result.notes:
+        note(f"note: {msg}")
+    write_trace(result.trace, args.output)
+    summary = {"output": str(args.output), "format": args.format, **result.summary()}
+    per_phase = summary["tokens_per_phase"]
+    dropped = ", ".join(f"{k} {v}" for k, v in result.dropped.items()) or "nothing"
+    text = (
+        f"wrote {args.output}: {summary['tokens']} tokens "
+        f"({per_phase['prefill']} prefill, {per_phase['decode']} decode) in "
+        f"{summary['sequences']} sequence(s), {summary['n_layers']} layers x "
+        f"{summary['n_experts']} experts, top-{summary['top_k']}, "
+        f"weights {'yes' if summary['has_weights'] else 'no'}; dropped: {dropped}"
+    )
+    emit(args, summary, text)
+    return 0
+
+
+def trace_summary(trace: Trace, path: Path) -> dict[str, Any]:
+    """What `info` reports, as a JSON-ready dict."""
+    tt = trace.token_table()
+    phases = tt["phase"].astype(str).value_counts().to_dict()
+    schema = pq.read_schema(path)
+    meta = trace.meta
+    return {
+        "file": str(path),
+        "model": meta.model,
+        "schema_version": meta.schema_version,
+        "n_layers": meta.n_layers,
+        "n_experts": meta.n_experts,
+        "top_k": meta.top_k,
+        "tokens": trace.n_tokens,
+        "tokens_per_phase": {p: int(phases.get(p, 0)) for p in PHASES},
+        "sequences": int(tt["seq"].nunique()),
+        "lookups": trace.n_lookups,
+        "distinct_keys": len(set(trace.keys().reshape(-1).tolist())),
+        "has_weights": bool(trace.df["weight"].notna().any()),
+        "has_lookahead": bool(trace.df["lookahead"].notna().any()),
+        "has_logits": "logits" in schema.names,
+        "source": meta.source,
+        "provenance": meta.provenance,
+        "licence": meta.licence,
+        "created": meta.created,
+        "extra": meta.extra,
+    }
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    trace = read_trace(args.file)
+    info = trace_summary(trace, args.file)
+    ph = info["tokens_per_phase"]
+    text = (
+        f"OK {args.file}: {info['model']}, {info['tokens']} tokens ({ph['prefill']} prefill, "
+        f"{ph['decode']} decode), {info['sequences']} sequence(s), {info['n_layers']} layers x "
+        f"{info['n_experts']} experts, top-{info['top_k']}"
+    )
+    emit(args, {"ok": True, **info}, text)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    trace = read_trace(args.file)
+    info = trace_summary(trace, args.file)
+    ph = info["tokens_per_phase"]
+    yes = {True: "yes", False: "no"}
+    lines = [
+        f"file         {info['file']}",
+        f"model        {info['model']}  (schema v{info['schema_version']})",
+        f"shape        {info['n_layers']} layers x {info['n_experts']} experts, top-{info['top_k']}",
+        f"tokens       {info['tokens']}  (prefill {ph['prefill']}, decode {ph['decode']})",
+        f"sequences    {info['sequences']}",
+        f"lookups      {info['lookups']}  ({info['distinct_keys']} distinct expert keys)",
+        f"weights      {yes[info['has_weights']]}",
+        f"lookahead    {yes[info['has_lookahead']]}",
+        f"logits       {yes[info['has_logits']]}",
+        f"source       {_short(info['source'])}",
+        f"provenance   {info['provenance'] or '-'}",
+        f"licence      {info['licence'] or '-'}",
+        f"created      {info['created']}",
+    ]
+    if info["extra"]:
+        lines.append(f"extra        {_short(info['extra'])}")
+    emit(args, info, "\n".join(lines))
+    return 0
+
+
+def _short(d: dict[str, Any]) -> str:
+    """One line of key=value, long values (e.g. sequence lists) summarised."""
+    parts = []
+    for k, v in d.items():
+        if isinstance(v, list) and len(v) > 3:
+            parts.append(f"{k}=[{len(v)} items]")
+        else:
+            parts.append(f"{k}={v}")
+    return ", ".join(parts) or "-"
