@@ -1,0 +1,159 @@
+"""Predicted against measured: one simulated and one measured run side by side.
+
+The two must describe the same experiment (trace, policy, scope, cache, predictor,
+phase, depth); otherwise the comparison is meaningless and is refused. With
+prefetch off the hit counts must agree exactly (same decision core), so any
+difference there is a bug, not a modelling error, and the verdict says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from mer.errors import BadInput
+from mer.summary import RunSummary
+
+IDENTITY = ("trace_digest", "policy", "scope", "cache_slots", "predictor", "pipeline_depth", "phase", "tokens")
+#: (label, getter) rows of the comparison table.
+METRICS: tuple[tuple[str, str], ...] = (
+    ("hit rate", "hit_rate"),
+    ("hits", "hits"),
+    ("misses", "misses"),
+    ("prefetch issued", "prefetch.issued"),
+    ("prefetch used", "prefetch.used"),
+    ("prefetch late", "prefetch.late"),
+    ("prefetch wasted", "prefetch.wasted"),
+    ("tokens/s", "tokens_per_s"),
+    ("layer iterations/s", "layer_iterations_per_s"),
+    ("I/O wait share", "io_wait_share"),
+    ("bytes read", "bytes_read"),
+    ("read p50 (s)", "latency.read.p50"),
+    ("read p99 (s)", "latency.read.p99"),
+    ("compute p50 (s)", "latency.compute.p50"),
+    ("token p50 (s)", "latency.token.p50"),
+    ("token p99 (s)", "latency.token.p99"),
+)
+#: Relative error within which a timing prediction is called good.
+GOOD_TIMING = 0.15
+
+
+def _get(summary: RunSummary, path: str) -> float:
+    obj: Any = summary.to_dict()
+    for part in path.split("."):
+        if not isinstance(obj, dict) or part not in obj:
+            return float("nan")
+        obj = obj[part]
+    try:
+        return float(obj)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+@dataclass
+class CompareRow:
+    metric: str
+    predicted: float
+    measured: float
+    rel_error: float | None  # (predicted - measured) / measured; None when measured is 0
+
+
+@dataclass
+class Comparison:
+    simulated: dict[str, Any]
+    measured: dict[str, Any]
+    rows: list[CompareRow] = field(default_factory=list)
+    hit_counts_equal: bool = False
+    prefetch_on: bool = False
+    verdict: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def row(self, metric: str) -> CompareRow:
+        for r in self.rows:
+            if r.metric == metric:
+                return r
+        raise KeyError(metric)
+
+    def format_text(self) -> str:
+        s = self.simulated
+        lines = [
+            f"=== predicted vs measured: {s['trace']} ({s['model']}), policy {s['policy']} ({s['scope']}), "
+            f"cache {s['cache_slots']} slots, predictor {s['predictor']} ===",
+            f"simulated on {s['hardware']}; measured on {self.measured['hardware']}",
+            f"{'metric':<22}{'predicted':>16}{'measured':>16}{'rel. error':>12}",
+        ]
+        for r in self.rows:
+            err = "" if r.rel_error is None else f"{r.rel_error * 100:+.1f}%"
+            lines.append(f"{r.metric:<22}{_fmt(r.predicted):>16}{_fmt(r.measured):>16}{err:>12}")
+        lines.append(f"verdict: {self.verdict}")
+        return "\n".join(lines)
+
+
+def _fmt(v: float) -> str:
+    if v != v:  # NaN
+        return "-"
+    if abs(v) >= 1e6:
+        return f"{v:,.0f}"
+    if v == int(v) and abs(v) >= 1:
+        return f"{int(v):,}"
+    return f"{v:.4g}"
+
+
+def check_same_experiment(sim: RunSummary, run: RunSummary) -> None:
+    """Refuse runs of different experiments, naming every field that differs."""
+    diffs = []
+    for name in IDENTITY:
+        a, b = getattr(sim, name), getattr(run, name)
+        if a != b:
+            diffs.append(f"{name}: {a!r} vs {b!r}")
+    if diffs:
+        raise BadInput(
+            "these two runs are not the same experiment, so they cannot be compared ("
+            + "; ".join(diffs)
+            + "). Simulate with the same trace and configuration as the run (`mer sweep --best` prints it)."
+        )
+
+
+def compare(sim: RunSummary, run: RunSummary) -> Comparison:
+    check_same_experiment(sim, run)
+    rows = []
+    for label, path in METRICS:
+        p, m = _get(sim, path), _get(run, path)
+        rel = None if m == 0 or m != m or p != p else (p - m) / m
+        rows.append(CompareRow(label, p, m, rel))
+    prefetch_on = sim.predictor != "none"
+    equal = sim.hits == run.hits and sim.misses == run.misses
+    tps = next(r for r in rows if r.metric == "tokens/s").rel_error
+    parts = []
+    if not prefetch_on:
+        parts.append(
+            "hit counts identical (as they must be with prefetch off)"
+            if equal
+            else f"BUG: hit counts differ with prefetch off ({sim.hits} vs {run.hits}); the decision core must make them equal"
+        )
+    else:
+        hr = next(r for r in rows if r.metric == "hit rate").rel_error
+        parts.append(
+            f"hit rate {'matches' if equal else f'differs by {hr * 100:+.1f}%'} (prefetch on: timing decides late prefetches)"
+            if hr is not None
+            else "hit rate not comparable"
+        )
+    if tps is None:
+        parts.append("tokens/s not comparable")
+    elif abs(tps) <= GOOD_TIMING:
+        parts.append(f"tokens/s predicted within {abs(tps) * 100:.1f}% (good: <= {GOOD_TIMING * 100:.0f}%)")
+    else:
+        direction = "over" if tps > 0 else "under"
+        parts.append(
+            f"tokens/s {direction}-predicted by {abs(tps) * 100:.1f}%; run `mer calibrate` on the measured run to fit the profile"
+        )
+    return Comparison(
+        simulated=sim.to_dict(),
+        measured=run.to_dict(),
+        rows=rows,
+        hit_counts_equal=equal,
+        prefetch_on=prefetch_on,
+        verdict="; ".join(parts) + ".",
+    )
