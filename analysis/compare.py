@@ -14,7 +14,16 @@ from typing import Any
 from mer.errors import BadInput
 from mer.summary import RunSummary
 
-IDENTITY = ("trace_digest", "policy", "scope", "cache_slots", "predictor", "pipeline_depth", "phase", "tokens")
+IDENTITY = (
+    "trace_digest",
+    "policy",
+    "scope",
+    "cache_slots",
+    "predictor",
+    "pipeline_depth",
+    "phase",
+    "tokens",
+)
 #: (label, getter) rows of the comparison table.
 METRICS: tuple[tuple[str, str], ...] = (
     ("hit rate", "hit_rate"),
@@ -143,7 +152,9 @@ def compare(sim: RunSummary, run: RunSummary) -> Comparison:
     if tps is None:
         parts.append("tokens/s not comparable")
     elif abs(tps) <= GOOD_TIMING:
-        parts.append(f"tokens/s predicted within {abs(tps) * 100:.1f}% (good: <= {GOOD_TIMING * 100:.0f}%)")
+        parts.append(
+            f"tokens/s predicted within {abs(tps) * 100:.1f}% (good: <= {GOOD_TIMING * 100:.0f}%)"
+        )
     else:
         direction = "over" if tps > 0 else "under"
         parts.append(

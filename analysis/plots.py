@@ -13,14 +13,18 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 
-from mer.atomic import atomic_path  # noqa: E402
+from mer.atomic import atomic_path
 
 #: The public engine's headline claim: 97.46% hit rate at 256 slots.
-SEED_CLAIM = {"cache_slots": 256, "hit_rate": 0.9746, "label": "public engine's claim (97.46%, 256 slots, synthetic)"}
+SEED_CLAIM = {
+    "cache_slots": 256,
+    "hit_rate": 0.9746,
+    "label": "public engine's claim (97.46%, 256 slots, synthetic)",
+}
 #: Mixtral paper (arXiv 2401.04088) Table 5, consecutive-token repetition, mid-range of the domains.
 PAPER_REPETITION = {
     "layers": [0, 15, 31],
@@ -69,7 +73,9 @@ def plot_mrc(
 ) -> list[Path]:
     """Hit rate vs cache size per policy, one panel per scope, OPT as the ceiling."""
     scopes = [s for s in ("global", "per-layer") if s in set(mrc["scope"])]
-    fig, axes = plt.subplots(1, len(scopes), figsize=(6.2 * len(scopes), 4.6), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(scopes), figsize=(6.2 * len(scopes), 4.6), sharey=True, squeeze=False
+    )
     for ax, scope in zip(axes[0], scopes, strict=True):
         part = mrc[mrc["scope"] == scope]
         policies = sorted(set(part["policy"]), key=lambda p: (p != "opt", p))
@@ -77,17 +83,38 @@ def plot_mrc(
             d = part[part["policy"] == policy].sort_values("cache_slots")
             if policy == "opt":
                 ax.fill_between(d["cache_slots"], d["hit_rate"], 1.0, color="0.92", zorder=0)
-                ax.plot(d["cache_slots"], d["hit_rate"], color="black", lw=2.2, label="OPT (Belady) ceiling", zorder=5)
+                ax.plot(
+                    d["cache_slots"],
+                    d["hit_rate"],
+                    color="black",
+                    lw=2.2,
+                    label="OPT (Belady) ceiling",
+                    zorder=5,
+                )
             else:
                 ax.plot(d["cache_slots"], d["hit_rate"], lw=1.3, label=policy, color=_color(policy))
         if claim is not None:
-            ax.scatter([claim["cache_slots"]], [claim["hit_rate"]], marker="*", s=160, color="crimson", zorder=6, label=claim["label"])
+            ax.scatter(
+                [claim["cache_slots"]],
+                [claim["hit_rate"]],
+                marker="*",
+                s=160,
+                color="crimson",
+                zorder=6,
+                label=claim["label"],
+            )
         ax.set_xlabel("cache size (expert slots)")
         ax.set_title(f"scope: {scope}")
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
         if bytes_per_expert:
-            sec = ax.secondary_xaxis("top", functions=(lambda s: s * bytes_per_expert / 2**30, lambda g: g * 2**30 / bytes_per_expert))
+            sec = ax.secondary_xaxis(
+                "top",
+                functions=(
+                    lambda s: s * bytes_per_expert / 2**30,
+                    lambda g: g * 2**30 / bytes_per_expert,
+                ),
+            )
             sec.set_xlabel("cache size (GiB of q4_0 experts)")
     axes[0][0].set_ylabel("hit rate (hits / lookups)")
     axes[0][-1].legend(fontsize=8, loc="lower right")
@@ -107,7 +134,15 @@ def plot_sweep_tokens_per_s(
     for (policy, predictor), d in results.groupby(["policy", "predictor"], sort=True):
         d = d.sort_values("cache_slots")
         ls = "-" if predictor == "none" else ("--" if predictor != "oracle" else ":")
-        ax.plot(d["cache_slots"], d["tokens_per_s"], ls, marker="o", ms=3, color=_color(str(policy)), label=f"{policy} / {predictor}")
+        ax.plot(
+            d["cache_slots"],
+            d["tokens_per_s"],
+            ls,
+            marker="o",
+            ms=3,
+            color=_color(str(policy)),
+            label=f"{policy} / {predictor}",
+        )
     for name, value in (bounds or {}).items():
         ax.axhline(value, color="0.3", lw=1, ls="-.")
         ax.annotate(name, (ax.get_xlim()[0], value), fontsize=8, va="bottom", color="0.2")
@@ -131,15 +166,26 @@ def plot_predicted_vs_measured(
     per-token latency distributions overlaid when the per-token tables are given."""
     ncols = 3 if token_times is not None else 2
     fig, axes = plt.subplots(1, ncols, figsize=(5 * ncols, 4.4))
-    for ax, key, label in ((axes[0], "tokens_per_s", "tokens/s"), (axes[1], "hit_rate", "hit rate")):
+    for ax, key, label in (
+        (axes[0], "tokens_per_s", "tokens/s"),
+        (axes[1], "hit_rate", "hit rate"),
+    ):
         p = np.array([s[key] for s, _ in pairs], dtype=float)
         m = np.array([r[key] for _, r in pairs], dtype=float)
         lo, hi = float(min(p.min(), m.min())), float(max(p.max(), m.max()))
         pad = (hi - lo) * 0.1 or max(hi, 1e-9) * 0.1
-        ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="0.5", lw=1, ls="--", label="identity")
+        ax.plot(
+            [lo - pad, hi + pad], [lo - pad, hi + pad], color="0.5", lw=1, ls="--", label="identity"
+        )
         ax.scatter(m, p, s=36, zorder=3)
         for (s, _), x, y in zip(pairs, m, p, strict=True):
-            ax.annotate(f"{s['policy']}/{s['predictor']}/{s['cache_slots']}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            ax.annotate(
+                f"{s['policy']}/{s['predictor']}/{s['cache_slots']}",
+                (x, y),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
         ax.set_xlabel(f"measured {label}")
         ax.set_ylabel(f"predicted {label}")
         ax.grid(alpha=0.3)
@@ -147,7 +193,9 @@ def plot_predicted_vs_measured(
     if token_times is not None:
         sim_t, run_t = token_times
         ax = axes[2]
-        bins = np.linspace(0, float(max(np.percentile(sim_t, 99.5), np.percentile(run_t, 99.5))) * 1e3, 40)
+        bins = np.linspace(
+            0, float(max(np.percentile(sim_t, 99.5), np.percentile(run_t, 99.5))) * 1e3, 40
+        )
         ax.hist(run_t * 1e3, bins=bins, alpha=0.55, label="measured", density=True)
         ax.hist(sim_t * 1e3, bins=bins, alpha=0.55, label="predicted", density=True)
         ax.set_xlabel("token latency (ms)")
@@ -158,10 +206,18 @@ def plot_predicted_vs_measured(
     return save(fig, out)
 
 
-def plot_io_share(results: pd.DataFrame, out: str | Path, *, title: str, max_configs: int = 24) -> list[Path]:
+def plot_io_share(
+    results: pd.DataFrame, out: str | Path, *, title: str, max_configs: int = 24
+) -> list[Path]:
     """Per configuration: mean per-token time split into I/O wait, compute and dense."""
     d = results.copy()
-    d["label"] = d["policy"].astype(str) + "/" + d["predictor"].astype(str) + "/" + d["cache_slots"].astype(str)
+    d["label"] = (
+        d["policy"].astype(str)
+        + "/"
+        + d["predictor"].astype(str)
+        + "/"
+        + d["cache_slots"].astype(str)
+    )
     d = d.sort_values("tokens_per_s", ascending=False).head(max_configs)
     tokens = d["tokens"].clip(lower=1)
     parts = {
@@ -183,7 +239,9 @@ def plot_io_share(results: pd.DataFrame, out: str | Path, *, title: str, max_con
     return save(fig, out)
 
 
-def plot_layer_hit_rates(per_layer: dict[str, Sequence[float]], out: str | Path, *, title: str) -> list[Path]:
+def plot_layer_hit_rates(
+    per_layer: dict[str, Sequence[float]], out: str | Path, *, title: str
+) -> list[Path]:
     """Hit rate per layer for a few named runs."""
     fig, ax = plt.subplots(figsize=(8, 4.2))
     for name, rates in per_layer.items():
@@ -222,16 +280,48 @@ def plot_repetition(
     layers = np.arange(len(first))
     fig, ax = plt.subplots(figsize=(8, 4.4))
     ax.plot(layers, first, marker="o", ms=3, color="tab:blue", label="this trace: first choice")
-    ax.plot(layers, first_or_second, marker="s", ms=3, color="tab:orange", label="this trace: first or second choice")
+    ax.plot(
+        layers,
+        first_or_second,
+        marker="s",
+        ms=3,
+        color="tab:orange",
+        label="this trace: first or second choice",
+    )
     pr = PAPER_REPETITION
     for i, layer in enumerate(pr["layers"]):
         lo, hi = pr["first_range"][i]
-        ax.errorbar([layer], [(lo + hi) / 2], yerr=[[(hi - lo) / 2]], fmt="D", color="navy", capsize=4, label="paper: first choice" if i == 0 else None)
+        ax.errorbar(
+            [layer],
+            [(lo + hi) / 2],
+            yerr=[[(hi - lo) / 2]],
+            fmt="D",
+            color="navy",
+            capsize=4,
+            label="paper: first choice" if i == 0 else None,
+        )
         lo, hi = pr["first_or_second_range"][i]
-        ax.errorbar([layer], [(lo + hi) / 2], yerr=[[(hi - lo) / 2]], fmt="D", color="darkorange", mec="black", capsize=4, label="paper: first or second" if i == 0 else None)
-    ax.axhline(1 / n_experts, color="tab:blue", ls=":", lw=1, label=f"random, first choice (1/{n_experts})")
-    rnd2 = 1 - (1 - top_k / n_experts) ** 1 if top_k == 1 else 1 - (n_experts - top_k) * (n_experts - top_k - 1) / (n_experts * (n_experts - 1))
-    ax.axhline(rnd2, color="tab:orange", ls=":", lw=1, label=f"random, first or second ({rnd2:.2f})")
+        ax.errorbar(
+            [layer],
+            [(lo + hi) / 2],
+            yerr=[[(hi - lo) / 2]],
+            fmt="D",
+            color="darkorange",
+            mec="black",
+            capsize=4,
+            label="paper: first or second" if i == 0 else None,
+        )
+    ax.axhline(
+        1 / n_experts, color="tab:blue", ls=":", lw=1, label=f"random, first choice (1/{n_experts})"
+    )
+    rnd2 = (
+        1 - (1 - top_k / n_experts) ** 1
+        if top_k == 1
+        else 1 - (n_experts - top_k) * (n_experts - top_k - 1) / (n_experts * (n_experts - 1))
+    )
+    ax.axhline(
+        rnd2, color="tab:orange", ls=":", lw=1, label=f"random, first or second ({rnd2:.2f})"
+    )
     ax.set_xlabel("MoE layer")
     ax.set_ylabel("share of consecutive tokens with the same expert")
     ax.set_ylim(0, 1)
