@@ -26,7 +26,7 @@ SEED_CLAIM = {
     "label": "public engine's claim (97.46%, 256 slots, synthetic)",
 }
 #: Mixtral paper (arXiv 2401.04088) Table 5, consecutive-token repetition, mid-range of the domains.
-PAPER_REPETITION = {
+PAPER_REPETITION: dict[str, Any] = {
     "layers": [0, 15, 31],
     "first": [0.14, 0.26, 0.23],
     "first_or_second": [0.475, 0.645, 0.49],
