@@ -380,8 +380,11 @@ class Reader(ABC):
                 self._ready[req.tag] = None
 
     def _fail(self, req: _Req, err: int | None, offset: int, length: int, got: int = 0) -> None:
-        """Record the first error of a request (later chunks of it are skipped)."""
-        if req.error is None:
+        """Record a request's error; of several, the lowest offset (where the file ends).
+
+        Chunks of a failed request not yet handed to the device are skipped.
+        """
+        if req.error is None or offset < req.error.offset:
             req.error = self._make_error(req, err, offset, length, got)
 
     def _make_error(
