@@ -1,0 +1,220 @@
+"""Hardware profiles: the machine the simulator models, as one JSON file.
+
+A profile says how fast the SSD serves reads (per-request latency, aggregate
+bandwidth, parallel channels, chunk size), how fast the CPU runs q4_0 expert
+FFNs and the dense (attention-sized) block, and how much RAM there is. The
+simulator reads it; `mer probe` (the engine) measures one on the user's machine
+and writes the same schema through `HardwareProfile.save`. The schema and the
+bundled profiles' derivations are in docs/hardware-profile.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mer.atomic import write_json_atomic
+from mer.errors import BadInput
+
+PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
+SCHEMA_VERSION = 1
+
+
+def _positive(where: str, name: str, value: Any, *, integer: bool = False) -> float:
+    """A strictly positive finite number (an int where `integer`), or BadInput naming the field."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise BadInput(f"{where}: field {name} must be a number, got {value!r}.")
+    if integer and not float(value).is_integer():
+        raise BadInput(f"{where}: field {name} must be an integer, got {value!r}.")
+    if not math.isfinite(value) or value <= 0:
+        raise BadInput(f"{where}: field {name} must be > 0, got {value!r}.")
+    return value
+
+
+def _non_negative(where: str, name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise BadInput(f"{where}: field {name} must be a number, got {value!r}.")
+    if not math.isfinite(value) or value < 0:
+        raise BadInput(f"{where}: field {name} must be >= 0, got {value!r}.")
+    return value
+
+
+@dataclass
+class SSDProfile:
+    """The storage device: every read is split into chunks served by `channels`."""
+
+    latency_s: float  # fixed latency paid by every request (chunk)
+    bandwidth_bytes_per_s: float  # aggregate device bandwidth, shared by the channels
+    channels: int  # requests served in parallel (queue depth the device sustains)
+    chunk_bytes: int  # reads are split into chunks of (at most) this size
+
+    @property
+    def channel_bandwidth(self) -> float:
+        """Bandwidth one channel gets: the aggregate shared evenly."""
+        return self.bandwidth_bytes_per_s / self.channels
+
+    def n_chunks(self, nbytes: int) -> int:
+        return max(1, -(-nbytes // self.chunk_bytes))
+
+    def chunk_time(self, nbytes: int) -> float:
+        """Service time of one chunk of a read of `nbytes` split into equal chunks."""
+        n = self.n_chunks(nbytes)
+        return self.latency_s + (nbytes / n) / self.channel_bandwidth
+
+    def read_time(self, nbytes: int) -> float:
+        """Time of one read alone on an idle device."""
+        n = self.n_chunks(nbytes)
+        return math.ceil(n / self.channels) * self.chunk_time(nbytes)
+
+
+@dataclass
+class ComputeProfile:
+    """The CPU: q4_0 throughput in bytes of weights per second, per worker."""
+
+    ffn_bytes_per_s: float  # one expert FFN (gate, up, down) per worker
+    dense_bytes_per_s: float  # the dense attention-sized block
+    dense_s_per_layer: float | None = None  # fixed override of the dense time
+    workers: int = 1  # expert FFNs that run at once
+
+    def ffn_time(self, bytes_per_expert: int) -> float:
+        return bytes_per_expert / self.ffn_bytes_per_s
+
+    def dense_time(self, dense_bytes_per_layer: int) -> float:
+        if self.dense_s_per_layer is not None:
+            return float(self.dense_s_per_layer)
+        return dense_bytes_per_layer / self.dense_bytes_per_s
+
+
+@dataclass
+class MemoryProfile:
+    ram_bytes: int
+    read_bandwidth_bytes_per_s: float
+
+
+@dataclass
+class HardwareProfile:
+    name: str
+    description: str
+    source: str
+    ssd: SSDProfile
+    compute: ComputeProfile
+    memory: MemoryProfile
+    schema_version: int = SCHEMA_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    # -- (de)serialisation -----------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "hardware profile") -> HardwareProfile:
+        """Build and validate; every problem is a BadInput naming the field."""
+        if not isinstance(d, dict):
+            raise BadInput(f"{where}: expected a JSON object, got {type(d).__name__}.")
+        for section in ("ssd", "compute", "memory"):
+            if not isinstance(d.get(section), dict):
+                raise BadInput(f"{where}: missing object field {section!r}.")
+
+        def need(section: str, name: str) -> Any:
+            sec = d[section]
+            if name not in sec:
+                raise BadInput(f"{where}: missing field {section}.{name}.")
+            return sec[name]
+
+        try:
+            ssd = SSDProfile(
+                latency_s=need("ssd", "latency_s"),
+                bandwidth_bytes_per_s=need("ssd", "bandwidth_bytes_per_s"),
+                channels=need("ssd", "channels"),
+                chunk_bytes=need("ssd", "chunk_bytes"),
+            )
+            compute = ComputeProfile(
+                ffn_bytes_per_s=need("compute", "ffn_bytes_per_s"),
+                dense_bytes_per_s=need("compute", "dense_bytes_per_s"),
+                dense_s_per_layer=d["compute"].get("dense_s_per_layer"),
+                workers=d["compute"].get("workers", 1),
+            )
+            memory = MemoryProfile(
+                ram_bytes=need("memory", "ram_bytes"),
+                read_bandwidth_bytes_per_s=need("memory", "read_bandwidth_bytes_per_s"),
+            )
+        except TypeError as exc:  # pragma: no cover - guarded by need()
+            raise BadInput(f"{where}: {exc}") from exc
+        prof = cls(
+            name=str(d.get("name") or where),
+            description=str(d.get("description", "")),
+            source=str(d.get("source", "")),
+            ssd=ssd,
+            compute=compute,
+            memory=memory,
+            schema_version=int(d.get("schema_version", SCHEMA_VERSION)),
+            extra=dict(d.get("extra") or {}),
+        )
+        prof.validate(where)
+        return prof
+
+    def validate(self, where: str | None = None) -> HardwareProfile:
+        w = where or f"hardware profile {self.name!r}"
+        if self.schema_version != SCHEMA_VERSION:
+            raise BadInput(
+                f"{w}: field schema_version is {self.schema_version}, this mer reads "
+                f"{SCHEMA_VERSION}; re-run `mer probe` or edit the file."
+            )
+        _non_negative(w, "ssd.latency_s", self.ssd.latency_s)
+        _positive(w, "ssd.bandwidth_bytes_per_s", self.ssd.bandwidth_bytes_per_s)
+        _positive(w, "ssd.channels", self.ssd.channels, integer=True)
+        _positive(w, "ssd.chunk_bytes", self.ssd.chunk_bytes, integer=True)
+        _positive(w, "compute.ffn_bytes_per_s", self.compute.ffn_bytes_per_s)
+        _positive(w, "compute.dense_bytes_per_s", self.compute.dense_bytes_per_s)
+        if self.compute.dense_s_per_layer is not None:
+            _non_negative(w, "compute.dense_s_per_layer", self.compute.dense_s_per_layer)
+        _positive(w, "compute.workers", self.compute.workers, integer=True)
+        _positive(w, "memory.ram_bytes", self.memory.ram_bytes, integer=True)
+        _positive(w, "memory.read_bandwidth_bytes_per_s", self.memory.read_bandwidth_bytes_per_s)
+        self.ssd.channels = int(self.ssd.channels)
+        self.ssd.chunk_bytes = int(self.ssd.chunk_bytes)
+        self.compute.workers = int(self.compute.workers)
+        self.memory.ram_bytes = int(self.memory.ram_bytes)
+        return self
+
+    def save(self, path: str | Path) -> Path:
+        """Write atomically (the schema of docs/hardware-profile.md)."""
+        self.validate()
+        write_json_atomic(path, self.to_dict())
+        return Path(path)
+
+
+def bundled_profiles() -> list[str]:
+    """Names of the profiles shipped in sim/profiles/."""
+    return sorted(p.stem for p in PROFILE_DIR.glob("*.json"))
+
+
+def load_profile(name_or_path: str | Path) -> HardwareProfile:
+    """A bundled profile by name, or a JSON file by path (`--hardware NAME|PATH`)."""
+    text = str(name_or_path)
+    path = Path(text)
+    if not path.exists() and not text.endswith(".json") and "/" not in text:
+        path = PROFILE_DIR / f"{text}.json"
+        if not path.exists():
+            raise BadInput(
+                f"unknown hardware profile {text!r}: not a file and not one of the bundled "
+                f"profiles ({', '.join(bundled_profiles())}); write one with `mer probe -o FILE`."
+            )
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BadInput(f"hardware profile {path}: no such file.") from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadInput(f"hardware profile {path}: not readable JSON ({exc}).") from exc
+    return HardwareProfile.from_dict(data, where=f"hardware profile {path}")
+
+
+# Short aliases used across the project.
+load = load_profile
+
+
+def save_profile(profile: HardwareProfile, path: str | Path) -> Path:
+    return profile.save(path)
