@@ -259,7 +259,7 @@ def test_empty_trace(tmp_path: Path) -> None:
 def test_metadata_missing(tmp_path: Path) -> None:
     p = write_raw(tmp_path / "nometa.parquet", good_rows(), None)
     expect_error(p, "no 'mer.trace' metadata")
-    with pytest.raises(TraceError, match="nometa.parquet.*no 'mer.trace' metadata"):
+    with pytest.raises(TraceError, match=r"nometa\.parquet.*no .mer\.trace. metadata"):
         read_meta(p)
 
 
