@@ -380,11 +380,13 @@ def test_round_trip(tmp_path: Path, spec: dict[str, Any]) -> None:
     if spec["weights"] is None:
         assert back.weights() is None
     else:
-        assert np.array_equal(back.weights(), spec["weights"])
+        w = back.weights()
+        assert w is not None and np.array_equal(w, spec["weights"])
     if spec["lookahead"] is None:
         assert back.lookahead() is None
     else:
-        assert np.array_equal(back.lookahead(), spec["lookahead"])
+        la = back.lookahead()
+        assert la is not None and np.array_equal(la, spec["lookahead"])
     if spec["logits"] is None:
         assert back.logits is None
     else:
