@@ -193,6 +193,7 @@ def add_replay_args(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
         metavar="KEY=VALUE",
         help="predictor parameter, repeatable",
     )
+    p.add_argument("--tokens", type=positive_int, default=None, help="replay only the first N tokens (after --phase; default all)")
     add_phase_arg(p)
 
 
@@ -225,6 +226,7 @@ def replay_config_from_args(
         prefetch_inflight=args.prefetch_inflight,
         pin=args.pin,
         phase=args.phase,
+        tokens=getattr(args, "tokens", None),
         policy_params=dict(args.policy_param),
         predictor_params=dict(args.predictor_param),
     )

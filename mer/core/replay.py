@@ -52,6 +52,7 @@ class ReplayConfig:
     prefetch_inflight: int = 8
     pin: int = 0  # static pinning of the N most popular experts (offline knowledge)
     phase: str = "all"
+    tokens: int | None = None  # replay only the first N tokens (after the phase filter)
     policy_params: dict[str, Any] = field(default_factory=dict)
     predictor_params: dict[str, Any] = field(default_factory=dict)
 
@@ -115,6 +116,10 @@ class Replay:
     def from_trace(cls, trace: Any, config: ReplayConfig) -> Replay:
         """Build from a `traces.format.Trace`, honouring config.phase."""
         tr = trace.select_phase(config.phase)
+        if config.tokens is not None:
+            if config.tokens < 1:
+                raise BadInput(f"--tokens must be >= 1, got {config.tokens}.")
+            tr = tr.head(min(config.tokens, tr.n_tokens))
         keys = tr.keys().reshape(-1, tr.top_k)
         la = tr.lookahead()
         la_keys = None
