@@ -1,0 +1,246 @@
+"""`mer run` (the real engine replaying a trace) and `mer probe` (measure this machine)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+from mer.cli.common import (
+    add_output_args,
+    add_replay_args,
+    emit,
+    note,
+    positive_int,
+    replay_config_from_args,
+    require_file,
+)
+from mer.errors import BadInput
+
+KiB = 1 << 10
+GiB = 1 << 30
+
+
+def _size(text: str) -> int:
+    """'512K', '1M', '4096' -> bytes."""
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    mult = 1
+    for suffix, m in (("K", KiB), ("M", KiB**2), ("G", KiB**3)):
+        if t.endswith(suffix):
+            t, mult = t[:-1], m
+            break
+    try:
+        v = int(float(t) * mult)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size like 512K or 1M, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive size, got {text!r}")
+    return v
+
+
+def register(sub: Any) -> None:
+    from mer.engine.io import DEFAULT_CHUNK_BYTES, DEFAULT_QUEUE_DEPTH
+
+    p = sub.add_parser(
+        "run",
+        help="replay a trace on real expert weights (io_uring, O_DIRECT, numpy q4_0 FFN)",
+        description=(
+            "Replay TRACE through the shared decision core on real q4_0 expert weights: "
+            "misses are read from the expert file (io_uring with O_DIRECT, or a preadv pool), "
+            "predicted experts are prefetched in the background, every expert's SwiGLU FFN is "
+            "computed and combined with the trace's gate weights. Prints the same summary as "
+            "`mer simulate` (kind 'measured'). Make an expert file with `mer experts synth`."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("trace", type=Path, help="trace parquet (trace format v1)")
+    p.add_argument(
+        "--experts",
+        type=Path,
+        required=True,
+        help="expert weights: a GGUF file (stacked or per-expert layout) or a packed directory",
+    )
+    add_replay_args(p)
+    g = p.add_argument_group("engine")
+    g.add_argument(
+        "--io",
+        choices=("auto", "uring", "pread"),
+        default="auto",
+        help="reader: io_uring (auto falls back to a preadv thread pool, saying why once)",
+    )
+    g.add_argument(
+        "--queue-depth", type=positive_int, default=DEFAULT_QUEUE_DEPTH, help="reads in flight"
+    )
+    g.add_argument(
+        "--chunk-bytes",
+        type=_size,
+        default=DEFAULT_CHUNK_BYTES,
+        help="reads are split into chunks of this size (multiple of 4096; 512K, 1M ...)",
+    )
+    g.add_argument(
+        "--threads",
+        type=positive_int,
+        default=os.cpu_count() or 1,
+        help="compute threads for the FFN and dense block",
+    )
+    g.add_argument(
+        "--mode",
+        choices=("model", "seed"),
+        default="model",
+        help="model: run the resident dense (attention-sized) block every layer, so tokens/s is "
+        "whole-model; seed: experts only, as the public engine's benchmark",
+    )
+    g.add_argument(
+        "--buffered",
+        action="store_true",
+        help="read through the page cache instead of O_DIRECT (not a fair measurement)",
+    )
+    g.add_argument("--seed", type=int, default=0, help="seed of the hidden vector and dense block")
+    add_output_args(p)
+    p.add_argument("--summary", type=Path, default=None, help="also write the summary as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.set_defaults(func=cmd_run)
+
+    q = sub.add_parser(
+        "probe",
+        help="measure this machine's SSD, FFN and memory into a simulator hardware profile",
+        description=(
+            "Measure, on a temporary file on the target disk (O_DIRECT, deleted afterwards), "
+            "the bandwidth of whole-expert reads at queue depths 1..64 and several chunk sizes "
+            "and the 4 KiB read latency; the numpy q4_0 FFN and dense-block throughput; the "
+            "memory read bandwidth. Writes a hardware profile (the simulator's schema) so "
+            "`mer simulate --hardware FILE` predicts this machine."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    q.add_argument(
+        "--dir",
+        type=Path,
+        default=None,
+        help="directory on the disk to measure (default: the current directory; never tmpfs)",
+    )
+    q.add_argument(
+        "--size-gib",
+        type=float,
+        default=None,
+        help="probe file size in GiB (default 2, quick 1/16)",
+    )
+    q.add_argument(
+        "--shape",
+        default=None,
+        help="model shape whose expert size is read and computed (default mixtral-8x7b; "
+        "quick: mixtral-small)",
+    )
+    q.add_argument("--io", choices=("auto", "uring", "pread"), default="auto", help="reader")
+    q.add_argument(
+        "--threads",
+        type=positive_int,
+        default=os.cpu_count() or 1,
+        help="compute threads (as `mer run --threads`)",
+    )
+    q.add_argument(
+        "--quick", action="store_true", help="a few seconds: small file, small shape, fewer points"
+    )
+    q.add_argument("--name", default=None, help="profile name (default probe-HOSTNAME)")
+    q.add_argument("--json", action="store_true", help="print the profile as one JSON object")
+    q.add_argument(
+        "-o", "--output", type=Path, default=None, help="write the hardware profile JSON here"
+    )
+    q.set_defaults(func=cmd_probe)
+
+
+def _open_store(path: Path) -> Any:
+    from mer.engine.store import ExpertStore
+
+    if not path.exists():
+        raise BadInput(
+            f"expert file {path}: no such file or directory; make one with `mer experts synth`."
+        )
+    return ExpertStore.open(path)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from mer.engine.executor import EngineConfig, Executor
+    from mer.summary import trace_digest, write_token_table
+    from traces.format import read_trace
+
+    require_file(args.trace, "trace")
+    trace = read_trace(args.trace)
+    store = _open_store(args.experts)
+    rcfg = replay_config_from_args(args, bytes_per_expert=store.bytes_per_expert)
+    ecfg = EngineConfig(
+        io=args.io,
+        queue_depth=args.queue_depth,
+        chunk_bytes=args.chunk_bytes,
+        threads=args.threads,
+        mode=args.mode,
+        direct=not args.buffered,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        ex = Executor(
+            trace,
+            store,
+            rcfg,
+            ecfg,
+            trace_name=args.trace.name,
+            trace_digest=trace_digest(args.trace),
+            store_path=str(args.experts),
+        )
+        result = ex.run()
+    summary = result.summary
+    if args.output is not None:
+        write_token_table(result.tokens, args.output, summary)
+        note(f"per-token table: {args.output}")
+    if args.summary is not None:
+        summary.save(args.summary)
+    text = summary.format_text()
+    ex_ = summary.extra
+    text += (
+        f"\npeak RSS: {ex_['peak_rss_bytes'] / GiB:.2f} GiB (cache buffers "
+        f"{ex_['cache_buffer_bytes'] / GiB:.2f} GiB, scratch {ex_['scratch_buffer_bytes'] / GiB:.3f} "
+        f"GiB, dense {ex_['dense_resident_bytes'] / GiB:.3f} GiB); reads via {ex_['io']['kind']}"
+        f"{' O_DIRECT' if ex_['io']['direct'] else ' buffered'}"
+    )
+    emit(args, summary.to_dict(), text)
+    return 0
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from mer.engine.probe import ProbeConfig, run_probe, to_profile
+
+    size = int(args.size_gib * GiB) if args.size_gib is not None else None
+    kw: dict[str, Any] = dict(
+        directory=args.dir, size_bytes=size, shape=args.shape, io=args.io, threads=args.threads
+    )
+    if args.quick:
+        cfg = ProbeConfig.quick(**kw)
+    else:
+        cfg = ProbeConfig(**{k: v for k, v in kw.items() if v is not None})
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        result = run_probe(cfg, log=note)
+    profile = to_profile(result, args.name)
+    if args.output is not None:
+        profile.save(args.output)
+        note(f"hardware profile: {args.output} (use: mer simulate --hardware {args.output})")
+    s = profile.ssd
+    c = profile.compute
+    text = "\n".join(
+        [
+            f"=== mer probe: {profile.name} ===",
+            f"ssd: latency {s.latency_s * 1e6:.0f} us, bandwidth {s.bandwidth_bytes_per_s / 1e9:.2f} GB/s, "
+            f"channels {s.channels}, chunk {s.chunk_bytes >> 10} KiB "
+            f"({result.io_kind}{', O_DIRECT' if result.direct else ', buffered'}, {result.filesystem})",
+            f"compute: expert FFN {c.ffn_bytes_per_s / 1e9:.3f} GB/s, dense "
+            f"{c.dense_bytes_per_s / 1e9:.3f} GB/s of q4_0 weights ({result.threads} threads)",
+            f"memory: {profile.memory.read_bandwidth_bytes_per_s / 1e9:.2f} GB/s read, "
+            f"{profile.memory.ram_bytes / GiB:.1f} GiB RAM",
+        ]
+    )
+    emit(args, profile.to_dict(), text)
+    return 0
