@@ -6,7 +6,7 @@ title naming the trace, the model and (where timing is shown) the machine.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -128,8 +128,10 @@ def plot_sweep_tokens_per_s(
     *,
     title: str,
     bounds: dict[str, float] | None = None,
+    curves: Mapping[str, tuple[Sequence[float], Sequence[float]]] | None = None,
 ) -> list[Path]:
-    """tokens/s vs cache size, one line per (policy, predictor), bandwidth bounds drawn."""
+    """tokens/s vs cache size, one line per (policy, predictor), bandwidth bounds drawn
+    (`bounds`: horizontal lines; `curves`: bounds that depend on the cache size)."""
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for (policy, predictor), d in results.groupby(["policy", "predictor"], sort=True):
         d = d.sort_values("cache_slots")
@@ -143,9 +145,10 @@ def plot_sweep_tokens_per_s(
             color=_color(str(policy)),
             label=f"{policy} / {predictor}",
         )
+    for name, (xs, ys) in (curves or {}).items():
+        ax.plot(xs, ys, color="0.25", lw=1.6, ls="-.", label=name)
     for name, value in (bounds or {}).items():
-        ax.axhline(value, color="0.3", lw=1, ls="-.")
-        ax.annotate(name, (ax.get_xlim()[0], value), fontsize=8, va="bottom", color="0.2")
+        ax.axhline(value, color="0.45", lw=1.2, ls="--", label=name)
     ax.set_xlabel("cache size (expert slots)")
     ax.set_ylabel("tokens/s (whole model)")
     ax.set_yscale("log")
@@ -273,10 +276,12 @@ def plot_repetition(
     out: str | Path,
     *,
     title: str,
-    n_experts: int = 8,
-    top_k: int = 2,
+    baseline: dict[str, float] | None = None,
 ) -> list[Path]:
-    """Consecutive-token repetition per layer beside the Mixtral paper's Table 5."""
+    """Consecutive-token repetition per layer beside the Mixtral paper's Table 5.
+
+    `baseline`: the random-routing shares (`first`, `first_or_second`) from traces.stats.
+    """
     layers = np.arange(len(first))
     fig, ax = plt.subplots(figsize=(8, 4.4))
     ax.plot(layers, first, marker="o", ms=3, color="tab:blue", label="this trace: first choice")
@@ -311,17 +316,12 @@ def plot_repetition(
             capsize=4,
             label="paper: first or second" if i == 0 else None,
         )
-    ax.axhline(
-        1 / n_experts, color="tab:blue", ls=":", lw=1, label=f"random, first choice (1/{n_experts})"
-    )
-    rnd2 = (
-        1 - (1 - top_k / n_experts) ** 1
-        if top_k == 1
-        else 1 - (n_experts - top_k) * (n_experts - top_k - 1) / (n_experts * (n_experts - 1))
-    )
-    ax.axhline(
-        rnd2, color="tab:orange", ls=":", lw=1, label=f"random, first or second ({rnd2:.2f})"
-    )
+    if baseline:
+        b1, b2 = baseline["first"], baseline["first_or_second"]
+        ax.axhline(b1, color="tab:blue", ls=":", lw=1, label=f"random, first choice ({b1:.3f})")
+        ax.axhline(
+            b2, color="tab:orange", ls=":", lw=1, label=f"random, first or second ({b2:.3f})"
+        )
     ax.set_xlabel("MoE layer")
     ax.set_ylabel("share of consecutive tokens with the same expert")
     ax.set_ylim(0, 1)
