@@ -358,3 +358,19 @@ def test_strace_shows_io_uring_enter_and_no_pread(data_file, tmp_path: Path) -> 
         and any(f"{call}(" in ln for call in ("pread64", "preadv", "preadv2", "read"))
     ]
     assert data_reads == []
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_urgent_read_overtakes_queued_background_chunks(kind: str, data_file) -> None:
+    path, ref = data_file
+    with _reader(kind, queue_depth=1, chunk_bytes=ALIGN) as r:
+        fd = r.open(path)
+        bg = aligned_empty(64 * ALIGN)
+        fg = aligned_empty(ALIGN)
+        r.submit_reads([(fd, 0, 64 * ALIGN, bg, "background")])
+        r.submit_reads([(fd, 100 * ALIGN, ALIGN, fg, "foreground")], urgent=True)
+        # one chunk on the device at a time: the urgent chunk is next, the background
+        # request still has 62+ chunks to go, so completion order is fixed
+        assert r.wait_all() == ["foreground", "background"]
+        assert bytes(fg) == ref[100 * ALIGN : 101 * ALIGN]
+        assert bytes(bg) == ref[: 64 * ALIGN]

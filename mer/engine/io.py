@@ -30,8 +30,10 @@ Usage (the expert store and the executor need only this)::
   a misaligned request fails with ReadError(errno=EINVAL).
 - path: optional; when given the file is opened at once (`reader.default_fd`).
 
-Any number of requests may be outstanding (foreground and background alike);
-tags must be unique among outstanding requests. Failures surface as `ReadError`
+Any number of requests may be outstanding (foreground and background alike;
+`submit_reads(..., urgent=True)` lets a foreground read overtake queued
+background chunks); tags must be unique among outstanding requests. A reader
+is driven from one thread (the pool's worker threads are internal). Failures surface as `ReadError`
 (a RuntimeFailure) carrying errno, path, offset, length and tag: from `wait(tag)`
 for that tag, or from `poll()` (completed tags are kept for the next poll).
 """
@@ -250,8 +252,16 @@ class Reader(ABC):
             return f"<fd {fd}>"
 
     # ---- requests ----------------------------------------------------------------------
-    def submit_reads(self, requests: Iterable[ReadRequest | tuple[Any, ...]]) -> None:
-        """Queue reads; each is (fd_or_file, offset, length, dest, tag). Returns at once."""
+    def submit_reads(
+        self, requests: Iterable[ReadRequest | tuple[Any, ...]], urgent: bool = False
+    ) -> None:
+        """Queue reads; each is (fd_or_file, offset, length, dest, tag). Returns at once.
+
+        `urgent` puts these chunks ahead of everything still waiting in the
+        software queue (a foreground miss overtaking background prefetches);
+        chunks already on the device are not preempted. `dest` must stay alive
+        and untouched until the tag is returned (the reader keeps a reference).
+        """
         if self._closed:
             raise RuntimeFailure("reader is closed")
         batch: list[_Req] = []
@@ -275,7 +285,7 @@ class Reader(ABC):
             batch.append(_Req(tag, fd, offset, length, mv, buffer_address(mv)))
         for r in batch:
             self._reqs[r.tag] = r
-        self._start(batch)
+        self._start(batch, urgent)
 
     def poll(self) -> list[Hashable]:
         """Non-blocking: reap completions, feed the queue, return tags completed since last poll.
@@ -433,8 +443,8 @@ class Reader(ABC):
 
     # ---- implementation hooks --------------------------------------------------------------
     @abstractmethod
-    def _start(self, reqs: list[_Req]) -> None:
-        """Begin the given requests (split into chunks, queue, submit)."""
+    def _start(self, reqs: list[_Req], urgent: bool) -> None:
+        """Begin the given requests (split into chunks, queue (front if urgent), submit)."""
 
     @abstractmethod
     def _progress(self, block: bool) -> None:

@@ -2,9 +2,10 @@
 
 Used where io_uring is not permitted (ENOSYS, EPERM, io_uring_disabled) or the
 extension is missing, and as the baseline in bench/bench_io.py. `queue_depth`
-threads each read one chunk at a time (preadv releases the GIL), so the device
-sees up to `queue_depth` requests, as with the ring. Completions come back
-through a queue drained by poll()/wait().
+worker threads each read one chunk at a time (preadv releases the GIL), so the
+device sees up to `queue_depth` requests, as with the ring. Chunks wait in a
+software queue (urgent ones at its front); completions come back through a
+queue drained by poll()/wait().
 """
 
 from __future__ import annotations
@@ -12,11 +13,15 @@ from __future__ import annotations
 import errno as errno_mod
 import os
 import queue
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from collections import deque
 
 from mer.engine.io import DEFAULT_CHUNK_BYTES, DEFAULT_QUEUE_DEPTH, Reader, _Req
 
 MAX_THREADS = 128
+
+_Chunk = tuple[_Req, int, int, int, bool]  # request, file offset, start in dest, length, direct
+_Done = tuple[_Req, int, int, int | None, int]  # request, offset, length, errno/None/0, got
 
 
 class PreadReader(Reader):
@@ -31,38 +36,51 @@ class PreadReader(Reader):
         direct: bool = True,
     ) -> None:
         super().__init__(queue_depth, chunk_bytes, direct)
-        self._pool = ThreadPoolExecutor(
-            max_workers=min(queue_depth, MAX_THREADS), thread_name_prefix="mer-pread"
-        )
-        # (request, chunk offset, chunk length, errno or None for short / 0 ok, bytes got)
-        self._done: queue.SimpleQueue[tuple[_Req, int, int, int | None, int]] = queue.SimpleQueue()
+        self._todo: deque[_Chunk] = deque()
+        self._cond = threading.Condition()
+        self._stop = False
+        self._done: queue.SimpleQueue[_Done] = queue.SimpleQueue()
         self._running = 0
+        self._threads = [
+            threading.Thread(target=self._worker, name=f"mer-pread-{i}", daemon=True)
+            for i in range(min(queue_depth, MAX_THREADS))
+        ]
+        for t in self._threads:
+            t.start()
 
-    def _work(self, req: _Req, off: int, start: int, n: int, direct: bool) -> None:
-        """Read one chunk fully (looping over partial reads); report on the queue."""
-        if req.error is not None:
-            self._done.put((req, off, n, 0, n))
-            return
+    def _worker(self) -> None:
+        while True:
+            with self._cond:
+                while not self._todo and not self._stop:
+                    self._cond.wait()
+                if self._stop and not self._todo:
+                    return
+                chunk = self._todo.popleft()
+            self._done.put(self._read(*chunk))
+
+    @staticmethod
+    def _read(req: _Req, off: int, start: int, n: int, direct: bool) -> _Done:
+        """Read one chunk fully (looping over partial reads)."""
+        if req.error is not None:  # the request already failed: skip
+            return (req, off, n, 0, n)
         view = req.dest[start : start + n]
         got = 0
         try:
             while got < n:
                 k = os.preadv(req.fd, [view[got:]], off + got)
                 if k == 0:
-                    self._done.put((req, off, n, None, got))
-                    return
+                    return (req, off, n, None, got)
                 got += k
         except OSError as exc:
             err = exc.errno or errno_mod.EIO
             # with O_DIRECT the read after a partial one at EOF is misaligned: a short read
             if got and err == errno_mod.EINVAL and direct:
-                self._done.put((req, off, n, None, got))
-            else:
-                self._done.put((req, off, n, err, got))
-            return
-        self._done.put((req, off, n, 0, n))
+                return (req, off, n, None, got)
+            return (req, off, n, err, got)
+        return (req, off, n, 0, n)
 
-    def _start(self, reqs: list[_Req]) -> None:
+    def _start(self, reqs: list[_Req], urgent: bool) -> None:
+        new: list[_Chunk] = []
         for req in reqs:
             chunks = self._chunks(req)
             req.chunks_left = len(chunks)
@@ -70,11 +88,18 @@ class PreadReader(Reader):
                 self._ready[req.tag] = None
                 continue
             direct = self.is_direct(req.fd)
-            for off, addr, n in chunks:
-                self._running += 1
-                self._pool.submit(self._work, req, off, addr - req.addr, n, direct)
+            new.extend((req, off, addr - req.addr, n, direct) for off, addr, n in chunks)
+        if not new:
+            return
+        with self._cond:
+            if urgent:
+                self._todo.extendleft(reversed(new))
+            else:
+                self._todo.extend(new)
+            self._running += len(new)
+            self._cond.notify(len(new))
 
-    def _handle(self, item: tuple[_Req, int, int, int | None, int]) -> None:
+    def _handle(self, item: _Done) -> None:
         req, off, n, err, got = item
         self._running -= 1
         if err is None:
@@ -94,4 +119,8 @@ class PreadReader(Reader):
             self._handle(item)
 
     def _release(self) -> None:
-        self._pool.shutdown(wait=True)
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        for t in self._threads:
+            t.join()

@@ -251,7 +251,8 @@ class UringReader(Reader):
         return -1
 
     # ---- submission and completion -----------------------------------------------------------
-    def _start(self, reqs: list[_Req]) -> None:
+    def _start(self, reqs: list[_Req], urgent: bool) -> None:
+        new: list[tuple[_Req, int, int, int, int]] = []
         for req in reqs:
             chunks = self._chunks(req)
             req.chunks_left = len(chunks)
@@ -259,8 +260,11 @@ class UringReader(Reader):
                 self._ready[req.tag] = None
                 continue
             bi = self._buf_index(req.addr, req.length)
-            for off, addr, n in chunks:
-                self._pending.append((req, off, addr, n, bi))
+            new.extend((req, off, addr, n, bi) for off, addr, n in chunks)
+        if urgent:
+            self._pending.extendleft(reversed(new))
+        else:
+            self._pending.extend(new)
         self._feed()
         self._enter(0, False)
 
