@@ -227,8 +227,8 @@ def _maybe_pool(
 
 def _silu_mul(g: F32, u: F32) -> F32:
     with np.errstate(over="ignore"):
-        out: F32 = (g / (np.float32(1) + np.exp(-g))) * u
-    return out
+        out = (g / (np.float32(1) + np.exp(-g))) * u
+    return np.asarray(out, dtype=np.float32)
 
 
 def expert_ffn(

@@ -1,0 +1,554 @@
+"""Where every expert's q4_0 bytes live on disk, and how to read them with O_DIRECT.
+
+Interface for the executor:
+
+    store = ExpertStore.open(PATH)        # a .gguf file, or a dir written by `mer experts pack`
+    store.shape, store.n_layers, store.n_experts, store.bytes_per_expert
+    store.data_path                       # the file every read_plan offset refers to
+    store.read_plan(layer, expert) -> list[Read(offset, length, buf_offset)]
+        aligned reads (offset, length multiples of 4096) that together cover the
+        expert; read number i goes to buffer[buf_offset : buf_offset + length]
+        (reads are laid back to back from 0).
+    store.bytes_needed  (== store.slot_bytes)   buffer size that fits any expert's plan
+    store.views(buffer, layer, expert) -> (gate, up, down)
+        zero-copy uint8 arrays over `buffer` holding the q4_0 bytes, ready for
+        ffn.expert_ffn(x, gate, up, down, store.shape, threads).
+    store.expert_ranges(layer, expert)  the three exact byte ranges (gate, up, down)
+    store.aligned_span(layer, expert)   the aligned reads as ByteRange(start, length)
+    store.dense_ranges(layer)           attn_{q,k,v,output} ranges when the file has them
+
+Layouts. In a stacked GGUF (`blk.N.ffn_gate_exps.weight`, expert outermost)
+the gate, up and down of one expert sit in three different tensors, so an
+expert is three aligned reads. In a per-expert GGUF (`blk.N.ffn_gate.E.weight`)
+they are usually adjacent and the plan merges them into one read. A packed dir
+holds one 4 KiB-aligned slot per expert (gate|up|down), one read each.
+
+The GGUF is opened with gguf's reader for the metadata and tensor table only;
+tensor data is never touched here (the reader memory-maps, nothing is read).
+Bad files raise one BadInput each: not GGUF, unparsable header, truncated data,
+missing expert tensors, a dtype other than q4_0, inconsistent shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import numpy.typing as npt
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
+
+from mer.errors import BadInput
+from mer.shapes import ALIGN, SHAPES, ModelShape
+
+U8 = npt.NDArray[np.uint8]
+KINDS = ("gate", "up", "down")
+DENSE_KINDS = ("q", "k", "v", "output")
+PACK_FORMAT = "mer-packed-experts"
+PACK_VERSION = 1
+PACK_DATA = "experts.bin"
+PACK_DENSE = "dense.bin"
+PACK_MANIFEST = "manifest.json"
+GGUF_MAGIC = b"GGUF"
+
+_STACKED = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight$")
+_PER_EXPERT = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.weight$")
+_ATTN = re.compile(r"^blk\.(\d+)\.attn_(q|k|v|output)\.weight$")
+
+
+class ByteRange(NamedTuple):
+    offset: int
+    length: int
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+
+class Read(NamedTuple):
+    """One aligned read: file offset, length, and where it lands in the slot buffer."""
+
+    offset: int
+    length: int
+    buf_offset: int
+
+
+def align_down(n: int, a: int = ALIGN) -> int:
+    return n - n % a
+
+
+def align_up(n: int, a: int = ALIGN) -> int:
+    return -(-n // a) * a
+
+
+def plan_reads(ranges: list[ByteRange], align: int = ALIGN) -> list[Read]:
+    """Widen ranges to `align` and merge those whose aligned spans touch or overlap."""
+    spans: list[list[int]] = []
+    for r in sorted(ranges):
+        start, end = align_down(r.offset, align), align_up(r.end, align)
+        if spans and start <= spans[-1][1]:
+            spans[-1][1] = max(spans[-1][1], end)
+        else:
+            spans.append([start, end])
+    reads, pos = [], 0
+    for start, end in spans:
+        reads.append(Read(start, end - start, pos))
+        pos += end - start
+    return reads
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of the GGUF table: ggml dims (ne[0] first) and absolute data offset."""
+
+    name: str
+    dtype: str  # GGMLQuantizationType name, or "type <n>" when unknown to gguf
+    ne: tuple[int, ...]
+    offset: int
+    n_bytes: int
+
+
+class _TableReader(GGUFReader):
+    """gguf's reader, minus the per-tensor data views.
+
+    GGUFReader slices each tensor's data out of its memory map while parsing, and
+    fails with a reshape error on a truncated file before we could say which
+    tensor is cut. Overriding its tensor-building step keeps gguf's parsing of
+    header, metadata and tensor infos, and leaves the data checks to us.
+    """
+
+    table: list[TensorInfo]
+
+    def _build_tensors(self, start_offs: int, fields: list[Any]) -> None:
+        table: list[TensorInfo] = []
+        seen: set[str] = set()
+        for f in fields:
+            _name_len, name_data, _n_dims, dims, raw_dtype, offset_tensor = f.parts
+            name = bytes(name_data).decode("utf-8", "replace")
+            if name in seen:
+                raise ValueError(f"duplicated tensor name {name}")
+            seen.add(name)
+            ne = tuple(int(d) for d in dims)
+            n_elems = int(np.prod(ne, dtype=np.int64)) if ne else 1
+            code = int(raw_dtype[0])
+            try:
+                qt = GGMLQuantizationType(code)
+                block, size = GGML_QUANT_SIZES[qt]
+                dtype, n_bytes = qt.name, n_elems * size // block
+            except (ValueError, KeyError):
+                dtype, n_bytes = f"type {code}", 0
+            table.append(TensorInfo(name, dtype, ne, int(start_offs + offset_tensor[0]), n_bytes))
+        self.table = table
+        self.tensors = []
+
+
+def _field_value(reader: GGUFReader, key: str) -> Any:
+    f = reader.fields.get(key)
+    if f is None or not f.data:
+        return None
+    part = f.parts[f.data[0]]
+    if f.types and f.types[0].name == "STRING":
+        return bytes(part).decode("utf-8", "replace")
+    return part[0].item() if hasattr(part[0], "item") else part[0]
+
+
+@dataclass
+class _Layout:
+    ranges: np.ndarray  # int64 (n_layers, n_experts, 3, 2): offset, length of gate/up/down
+    dense: dict[int, dict[str, ByteRange]] = field(default_factory=dict)
+
+
+def _match_shape(
+    n_layers: int,
+    n_experts: int,
+    d_model: int,
+    d_ff: int,
+    top_k: int,
+    heads: Any,
+    kv: Any,
+    hint: Any,
+) -> ModelShape:
+    geom = (n_layers, n_experts, d_model, d_ff)
+    if isinstance(hint, str) and hint in SHAPES:
+        s = SHAPES[hint]
+        if (s.n_layers, s.n_experts, s.d_model, s.d_ff) == geom:
+            return s
+    for s in SHAPES.values():
+        if (s.n_layers, s.n_experts, s.d_model, s.d_ff) == geom and s.top_k == top_k:
+            return s
+    return ModelShape(
+        f"gguf-{n_layers}x{n_experts}-d{d_model}-ff{d_ff}",
+        n_layers,
+        n_experts,
+        top_k,
+        d_model,
+        d_ff,
+        n_heads=int(heads) if heads else 32,
+        n_kv_heads=int(kv) if kv else 8,
+        description="read from a GGUF file",
+    )
+
+
+def _first(names: list[str], n: int = 5) -> str:
+    more = f" and {len(names) - n} more" if len(names) > n else ""
+    return ", ".join(names[:n]) + more
+
+
+class ExpertStore:
+    """Byte ranges of every expert in a GGUF file or a packed dir (see module docstring)."""
+
+    alignment = ALIGN
+
+    def __init__(
+        self,
+        path: Path,
+        data_path: Path,
+        kind: str,
+        layout: str,
+        shape: ModelShape,
+        ranges: np.ndarray,
+        file_size: int,
+        dense: dict[int, dict[str, ByteRange]] | None = None,
+        dense_path: Path | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        self.path = path
+        self.data_path = data_path
+        self.kind = kind  # "gguf" | "packed"
+        self.layout = layout  # "stacked" | "per-expert" | "packed"
+        self.shape = shape
+        self.n_layers = shape.n_layers
+        self.n_experts = shape.n_experts
+        self.file_size = file_size
+        self._ranges = ranges
+        self._dense = dense or {}
+        self.dense_path = dense_path if dense_path is not None else data_path
+        self.extra = extra or {}
+        self._plans: list[list[Read]] = []
+        self._pos: list[tuple[int, int, int]] = []
+        for layer in range(self.n_layers):
+            for expert in range(self.n_experts):
+                rs = self.expert_ranges(layer, expert)
+                plan = plan_reads(list(rs))
+                self._plans.append(plan)
+                self._pos.append(tuple(_buffer_pos(plan, r) for r in rs))  # type: ignore[arg-type]
+        self.bytes_needed = max(sum(r.length for r in p) for p in self._plans)
+
+    # ---- opening ---------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> ExpertStore:
+        p = Path(path)
+        if p.is_dir():
+            return _open_packed(p)
+        if not p.exists():
+            raise BadInput(f"expert file {p}: no such file; create one with `mer experts synth`.")
+        return _open_gguf(p)
+
+    # ---- the executor's interface ----------------------------------------------------
+    @property
+    def bytes_per_expert(self) -> int:
+        return self.shape.bytes_per_expert
+
+    @property
+    def slot_bytes(self) -> int:
+        """Alias of bytes_needed: the slot buffer size the executor allocates."""
+        return self.bytes_needed
+
+    @property
+    def dense_present(self) -> bool:
+        return bool(self._dense) and len(self._dense) == self.n_layers
+
+    def _key(self, layer: int, expert: int) -> int:
+        if not (0 <= layer < self.n_layers and 0 <= expert < self.n_experts):
+            raise IndexError(
+                f"expert ({layer}, {expert}) outside {self.n_layers} layers x {self.n_experts}"
+            )
+        return layer * self.n_experts + expert
+
+    def expert_ranges(self, layer: int, expert: int) -> tuple[ByteRange, ByteRange, ByteRange]:
+        """Exact (offset, length) of gate, up and down in `data_path`."""
+        self._key(layer, expert)
+        r = self._ranges[layer, expert]
+        return (
+            ByteRange(int(r[0, 0]), int(r[0, 1])),
+            ByteRange(int(r[1, 0]), int(r[1, 1])),
+            ByteRange(int(r[2, 0]), int(r[2, 1])),
+        )
+
+    def read_plan(self, layer: int, expert: int) -> list[Read]:
+        return self._plans[self._key(layer, expert)]
+
+    def aligned_span(self, layer: int, expert: int) -> list[ByteRange]:
+        """The aligned reads covering the expert: one when its ranges are contiguous."""
+        return [ByteRange(r.offset, r.length) for r in self.read_plan(layer, expert)]
+
+    def views(self, buffer: Any, layer: int, expert: int) -> tuple[U8, U8, U8]:
+        """gate, up, down q4_0 bytes inside `buffer` filled by read_plan (no copy)."""
+        key = self._key(layer, expert)
+        buf = _u8(buffer)
+        need = sum(r.length for r in self._plans[key])
+        if buf.size < need:
+            raise ValueError(f"buffer of {buf.size} bytes is smaller than the read plan ({need})")
+        lengths = self._ranges[layer, expert, :, 1]
+        return tuple(  # type: ignore[return-value]
+            buf[pos : pos + int(n)] for pos, n in zip(self._pos[key], lengths, strict=True)
+        )
+
+    def valid_length(self, offset: int, length: int) -> int:
+        """Bytes a read can return before EOF (a plan never ends past EOF in our files)."""
+        return max(0, min(length, self.file_size - offset))
+
+    # ---- dense (attention) tensors -----------------------------------------------------
+    def dense_ranges(self, layer: int) -> dict[str, ByteRange]:
+        """attn_q/k/v/output byte ranges in `dense_path`, empty when the file has none."""
+        return dict(self._dense.get(layer, {}))
+
+    def dense_read_plan(self, layer: int) -> list[Read]:
+        return plan_reads(list(self.dense_ranges(layer).values()))
+
+    def dense_views(self, buffer: Any, layer: int) -> dict[str, U8]:
+        ranges = self.dense_ranges(layer)
+        plan = plan_reads(list(ranges.values()))
+        buf = _u8(buffer)
+        return {
+            k: buf[_buffer_pos(plan, r) : _buffer_pos(plan, r) + r.length]
+            for k, r in ranges.items()
+        }
+
+    # ---- description -------------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        plans = [len(p) for p in self._plans]
+        return {
+            "path": str(self.path),
+            "kind": self.kind,
+            "layout": self.layout,
+            "shape": self.shape.to_dict(),
+            "n_layers": self.n_layers,
+            "n_experts": self.n_experts,
+            "bytes_per_expert": self.bytes_per_expert,
+            "alignment": self.alignment,
+            "bytes_needed": self.bytes_needed,
+            "reads_per_expert": max(plans),
+            "read_amplification": round(
+                sum(sum(r.length for r in p) for p in self._plans)
+                / (self.bytes_per_expert * len(self._plans)),
+                4,
+            ),
+            "file_size": self.file_size,
+            "dense_present": self.dense_present,
+            "dense_bytes_per_layer": sum(r.length for r in self._dense.get(0, {}).values()),
+            **self.extra,
+        }
+
+
+def _u8(buffer: Any) -> U8:
+    if isinstance(buffer, np.ndarray):
+        a = buffer.reshape(-1)
+        return a if a.dtype == np.uint8 else a.view(np.uint8)
+    return np.frombuffer(buffer, dtype=np.uint8)
+
+
+def _buffer_pos(plan: list[Read], r: ByteRange) -> int:
+    for rd in plan:
+        if rd.offset <= r.offset and r.end <= rd.offset + rd.length:
+            return rd.buf_offset + r.offset - rd.offset
+    raise AssertionError(f"range {r} not covered by plan {plan}")  # plan_reads covers all
+
+
+# ---- GGUF ------------------------------------------------------------------------------
+def _open_gguf(p: Path) -> ExpertStore:
+    size = p.stat().st_size
+    with open(p, "rb") as fh:
+        magic = fh.read(4)
+    if magic != GGUF_MAGIC:
+        raise BadInput(
+            f"{p} is not a GGUF file (starts with {magic!r}, expected b'GGUF'); "
+            "give a .gguf model file or a dir made by `mer experts pack`."
+        )
+    try:
+        reader = _TableReader(str(p))
+    except Exception as exc:
+        raise BadInput(
+            f"{p}: cannot parse the GGUF header ({exc}); the file is corrupt or truncated, "
+            "re-download or re-create it."
+        ) from None
+    table = reader.table
+    if not table:
+        raise BadInput(f"{p}: GGUF file holds no tensors; expected Mixtral expert tensors.")
+    last = max(table, key=lambda t: t.offset + t.n_bytes)
+    if last.offset + last.n_bytes > size:
+        raise BadInput(
+            f"{p} is truncated: tensor {last.name} ends at byte {last.offset + last.n_bytes} "
+            f"but the file has {size} bytes; re-download or re-create it."
+        )
+    by_name = {t.name: t for t in table}
+    arch = _field_value(reader, "general.architecture") or "llama"
+    meta_layers = _field_value(reader, f"{arch}.block_count")
+    meta_experts = _field_value(reader, f"{arch}.expert_count")
+    top_k = _field_value(reader, f"{arch}.expert_used_count") or 2
+
+    stacked = {(int(m[1]), m[2]): t for t in table if (m := _STACKED.match(t.name))}
+    per_exp = {(int(m[1]), m[2], int(m[3])): t for t in table if (m := _PER_EXPERT.match(t.name))}
+    if not stacked and not per_exp:
+        raise BadInput(
+            f"{p}: no expert tensors found (expected blk.N.ffn_gate_exps.weight or "
+            "blk.N.ffn_gate.E.weight); is this a Mixture-of-Experts model?"
+        )
+    if stacked and per_exp:
+        raise BadInput(
+            f"{p}: holds both stacked and per-expert expert tensors; cannot tell which to use."
+        )
+    layout = "stacked" if stacked else "per-expert"
+    layers_seen = [k[0] for k in (stacked or per_exp)]
+    n_layers = int(meta_layers) if meta_layers else max(layers_seen) + 1
+    if layout == "stacked":
+        ref = stacked.get((0, "gate")) or next(iter(stacked.values()))
+        n_experts = int(meta_experts) if meta_experts else (ref.ne[2] if len(ref.ne) > 2 else 0)
+        need = {(L, k): f"blk.{L}.ffn_{k}_exps.weight" for L in range(n_layers) for k in KINDS}
+        missing = [n for key, n in need.items() if key not in stacked]
+    else:
+        ref = per_exp.get((0, "gate", 0)) or next(iter(per_exp.values()))
+        n_experts = int(meta_experts) if meta_experts else max(k[2] for k in per_exp) + 1
+        need2 = {
+            (L, k, e): f"blk.{L}.ffn_{k}.{e}.weight"
+            for L in range(n_layers)
+            for e in range(n_experts)
+            for k in KINDS
+        }
+        missing = [n for key, n in need2.items() if key not in per_exp]
+    if missing:
+        raise BadInput(
+            f"{p}: missing expert tensors {_first(missing)} ({len(missing)} missing, "
+            f"{n_layers} layers x {n_experts} experts expected); the file is incomplete."
+        )
+    experts = list(stacked.values()) if stacked else list(per_exp.values())
+    for t in sorted(experts, key=lambda t: t.offset):
+        if t.dtype != "Q4_0":
+            raise BadInput(
+                f"{p}: expert tensor {t.name} is {t.dtype}, but only q4_0 is supported; "
+                "re-quantise the model to Q4_0 (llama-quantize ... Q4_0)."
+            )
+    if len(ref.ne) < 2:
+        raise BadInput(
+            f"{p}: inconsistent shapes: {ref.name} has ne {list(ref.ne)}, expected 2+ dims."
+        )
+    d_model, d_ff = ref.ne[0], ref.ne[1]
+    if ref.name.split(".")[2].startswith("ffn_down"):
+        d_model, d_ff = d_ff, d_model
+    for t in experts:
+        kind = t.name.split(".")[2].removeprefix("ffn_").removesuffix("_exps")
+        want: tuple[int, ...] = (d_ff, d_model) if kind == "down" else (d_model, d_ff)
+        if layout == "stacked":
+            want = (*want, n_experts)
+        if t.ne != want:
+            raise BadInput(
+                f"{p}: inconsistent shapes: {t.name} has ne {list(t.ne)} but {ref.name} implies "
+                f"{list(want)} (d_model {d_model}, d_ff {d_ff}, {n_experts} experts)."
+            )
+    if d_model % 32 or d_ff % 32:
+        raise BadInput(
+            f"{p}: inconsistent shapes: d_model {d_model} and d_ff {d_ff} must be multiples of 32."
+        )
+    shape = _match_shape(
+        n_layers,
+        n_experts,
+        d_model,
+        d_ff,
+        int(top_k),
+        _field_value(reader, f"{arch}.attention.head_count"),
+        _field_value(reader, f"{arch}.attention.head_count_kv"),
+        _field_value(reader, "mer.shape"),
+    )
+    ranges = np.zeros((n_layers, n_experts, 3, 2), dtype=np.int64)
+    per_matrix = shape.bytes_per_expert // 3
+    for L in range(n_layers):
+        for i, k in enumerate(KINDS):
+            if layout == "stacked":
+                t = stacked[(L, k)]
+                ranges[L, :, i, 0] = t.offset + np.arange(n_experts) * per_matrix
+                ranges[L, :, i, 1] = per_matrix
+            else:
+                for e in range(n_experts):
+                    t = per_exp[(L, k, e)]
+                    ranges[L, e, i] = (t.offset, t.n_bytes)
+    dense: dict[int, dict[str, ByteRange]] = {}
+    for t in table:
+        m = _ATTN.match(t.name)
+        if m and t.dtype == "Q4_0":
+            dense.setdefault(int(m[1]), {})[m[2]] = ByteRange(t.offset, t.n_bytes)
+    dense = {
+        L: {k: d[k] for k in DENSE_KINDS}
+        for L, d in dense.items()
+        if all(k in d for k in DENSE_KINDS)
+    }
+    del reader
+    return ExpertStore(
+        p,
+        p,
+        "gguf",
+        layout,
+        shape,
+        ranges,
+        size,
+        dense,
+        extra={"arch": arch, "tensors": len(by_name)},
+    )
+
+
+# ---- packed dir ------------------------------------------------------------------------
+def _open_packed(d: Path) -> ExpertStore:
+    mpath = d / PACK_MANIFEST
+    if not mpath.exists():
+        raise BadInput(
+            f"{d} is a directory without {PACK_MANIFEST}; make one with `mer experts pack`."
+        )
+    try:
+        m = json.loads(mpath.read_text())
+        if m.get("format") != PACK_FORMAT:
+            raise ValueError(f"format is {m.get('format')!r}, expected {PACK_FORMAT!r}")
+        s = m["shape"]
+        fields = (
+            "name",
+            "n_layers",
+            "n_experts",
+            "top_k",
+            "d_model",
+            "d_ff",
+            "n_heads",
+            "n_kv_heads",
+        )
+        shape = ModelShape(**{k: s[k] for k in fields}, description=s.get("description", ""))
+        slot = int(m["slot_bytes"])
+        offs = np.asarray(m["slot_offsets"], dtype=np.int64).reshape(
+            shape.n_layers, shape.n_experts
+        )
+        lens = [int(m["matrix_bytes"][k]) for k in KINDS]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise BadInput(
+            f"{mpath}: not a valid pack manifest ({exc}); re-run `mer experts pack`."
+        ) from None
+    data = d / PACK_DATA
+    size = data.stat().st_size if data.exists() else 0
+    need = int(offs.max()) + slot
+    if size < need:
+        raise BadInput(
+            f"{data} is truncated: the manifest needs {need} bytes, the file has {size}; "
+            "re-run `mer experts pack`."
+        )
+    ranges = np.zeros((shape.n_layers, shape.n_experts, 3, 2), dtype=np.int64)
+    pos = 0
+    for i, n in enumerate(lens):
+        ranges[:, :, i, 0] = offs + pos
+        ranges[:, :, i, 1] = n
+        pos += n
+    dense: dict[int, dict[str, ByteRange]] = {}
+    for L_str, entry in (m.get("dense") or {}).items():
+        dense[int(L_str)] = {k: ByteRange(int(v[0]), int(v[1])) for k, v in entry.items()}
+    extra = {"slot_bytes_manifest": slot, "source": m.get("source", {})}
+    return ExpertStore(
+        d, data, "packed", "packed", shape, ranges, size, dense, d / PACK_DENSE, extra=extra
+    )
