@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from mer.engine.probe import ProbeResult, ReadPoint, is_memory_fs
 from mer.engine.io import _fs_type
+from mer.engine.probe import ProbeResult, ReadPoint, is_memory_fs
 from sim.hardware import SSDProfile, load_profile
 
 
