@@ -98,7 +98,7 @@ def random_baselines(n_experts: int, top_k: int) -> dict[str, float]:
 
 def transition_counts(experts: np.ndarray, n_experts: int) -> np.ndarray:
     """int64 (layers-1, n, n): counts of (expert at l, expert at l+1) over all top-k pairs."""
-    t, n_layers, k = experts.shape
+    _t, n_layers, _k = experts.shape
     if n_layers < 2:
         return np.zeros((0, n_experts, n_experts), dtype=np.int64)
     e = experts.astype(np.int64)
@@ -178,10 +178,10 @@ def reuse_summary(dist: np.ndarray, n_keys_total: int) -> dict[str, Any]:
     edges = [0, 1]
     while edges[-1] <= reuses.max():
         edges.append(edges[-1] * 2)
-    counts = np.histogram(reuses, bins=np.asarray(edges + [edges[-1] * 2]) - 0.5)[0]
+    counts = np.histogram(reuses, bins=np.asarray([*edges, edges[-1] * 2]) - 0.5)[0]
     out["histogram"] = [
         {"lo": lo, "hi": hi - 1 if hi - 1 >= lo else lo, "count": int(c)}
-        for lo, hi, c in zip(edges, edges[1:] + [edges[-1] * 2], counts, strict=True)
+        for lo, hi, c in zip(edges, [*edges[1:], edges[-1] * 2], counts, strict=True)
         if c > 0 or lo <= reuses.max()
     ]
     sizes = [2**i for i in range(0, max(1, n_keys_total).bit_length() + 1) if 2**i <= n_keys_total]

@@ -44,6 +44,9 @@ from traces.stats import consecutive_pairs, ranks_look_sorted, repetition_shares
 CALIBRATION_TOKENS = 6000
 CALIBRATION_ROUNDS = 5
 MAX_REPEAT = 0.995
+# Condition a fresh set on the whole previous-layer set when the source has at
+# least this many tokens with that set, else on its rank-0 expert only.
+MIN_SET_SUPPORT = 5
 
 
 @dataclass
@@ -51,7 +54,7 @@ class FittedModel:
     """What `fit` learns: the source sets, per-layer repeat and keep-order rates."""
 
     experts: np.ndarray  # (T, L, k) source sets, replay order
-    repeat: np.ndarray  # (L,) r_l: probability of copying the previous token's set
+    repeat: np.ndarray  # (L,) r_l > 0: copy probability; r_l < 0: -r_l = avoid probability
     keep_order: np.ndarray  # (L,) s_l: probability a copy keeps its rank order
     unordered: bool  # source ranks carry no order
     target_first: np.ndarray
@@ -60,7 +63,7 @@ class FittedModel:
 
     def sample(self, n_tokens: int, seed: int) -> np.ndarray:
         """int64 (n_tokens, L, k) of generated sets."""
-        out, _ = _simulate(self, n_tokens, np.random.default_rng(seed))
+        out, _, _ = _simulate(self, n_tokens, np.random.default_rng(seed))
         return out
 
 
@@ -77,42 +80,103 @@ def _member_index(
     return tok[order], starts, counts
 
 
+def _overlaps(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise: do the top-k sets a[i] and b[i] share an expert?"""
+    return np.asarray((a[:, :, None] == b[:, None, :]).any(axis=(1, 2)))
+
+
+def _set_groups(src_layer: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Group source tokens by their unordered set at one layer (CSR form).
+
+    Returns (set id per source token, token indices ordered by set id, starts, counts).
+    """
+    _, inverse = np.unique(np.sort(src_layer, axis=1), axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    order = np.argsort(inverse, kind="stable")
+    counts = np.bincount(inverse)
+    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+    return inverse, order, starts, counts
+
+
 def _simulate(
     model: FittedModel, n: int, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
-    """Generate n tokens; also return the copy mask (n, L) for calibration."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Generate n tokens; also return the per-layer chance rates (q, q1) for calibration.
+
+    q[l] / q1[l]: among non-copy tokens, the share whose first fresh draw
+    overlaps / has the same rank-0 as the previous token's final set.
+    """
     src = model.experts
     t_src, n_layers, k = src.shape
     out = np.empty((n, n_layers, k), dtype=np.int64)
-    copied = np.zeros((n, n_layers), dtype=bool)
+    chance = np.zeros((2, n_layers))
     idx = np.arange(n)
-    for ly in range(n_layers):
+    # One uniform per token shared by all layers decides the copies: a token
+    # that repeats its predecessor at layer l tends to repeat it at l+1 too,
+    # which keeps (layer l, layer l+1) pairs intact.
+    u_copy = rng.random(n)
+    used = np.zeros(n, dtype=np.int64)  # source token whose set each token used, previous layer
+
+    def draw(ly: int) -> np.ndarray:
+        """Source token indices for fresh sets at layer ly."""
         if ly == 0:
-            pick = rng.integers(t_src, size=n)
-        else:
-            members, starts, counts = _member_index(src[:, ly - 1, :], model.n_experts)
-            a = out[:, ly - 1, 0]
-            if (counts[a] == 0).any():  # cannot happen: generated sets are source sets
-                raise AssertionError("fitted model reached an expert unseen at the previous layer")
-            pick = members[starts[a] + (rng.random(n) * counts[a]).astype(np.int64)]
-        fresh = src[pick, ly, :].astype(np.int64)
-        copy = rng.random(n) < model.repeat[ly]
+            return rng.integers(t_src, size=n)
+        u = rng.random(n)
+        set_id, order, starts, counts = _set_groups(src[:, ly - 1, :])
+        g = set_id[used]
+        pick = order[starts[g] + (u * counts[g]).astype(np.int64)]
+        sparse = counts[g] < MIN_SET_SUPPORT
+        if sparse.any():
+            members, mstarts, mcounts = _member_index(src[:, ly - 1, :], model.n_experts)
+            a = out[sparse, ly - 1, 0]
+            pick[sparse] = members[mstarts[a] + (u[sparse] * mcounts[a]).astype(np.int64)]
+        return pick
+
+    for ly in range(n_layers):
+        pick = draw(ly)
+        r = float(model.repeat[ly])
+        copy = u_copy < max(r, 0.0)
         copy[0] = False
-        copied[:, ly] = copy
-        # A copy repeats the last fresh set of its run, rotated once per
-        # order-changing copy since the run started.
-        run_start = np.maximum.accumulate(np.where(copy, 0, idx))
+        avoid = ~copy & (rng.random(n) < max(-r, 0.0))
+        avoid[0] = False
+        rotate = np.zeros(n, dtype=bool)
         if k > 1 and not model.unordered:
             rotate = copy & (rng.random(n) >= model.keep_order[ly])
-            cum = np.cumsum(rotate)
-            shift = (cum - cum[run_start]) % k
-            cols = (np.arange(k)[None, :] + shift[:, None]) % k
-            out[:, ly, :] = np.take_along_axis(fresh[run_start], cols, axis=1)
-        else:
-            out[:, ly, :] = fresh[run_start]
+        run_start = np.maximum.accumulate(np.where(copy, 0, idx))
+        cum = np.cumsum(rotate)
+        cols = (np.arange(k)[None, :] + ((cum - cum[run_start]) % k)[:, None]) % k
+
+        def fill(
+            pk: np.ndarray, ly: int = ly, run_start: np.ndarray = run_start, cols: np.ndarray = cols
+        ) -> tuple[np.ndarray, np.ndarray]:
+            # A copy repeats the last fresh set of its run, rotated once per
+            # order-changing copy since the run started.
+            run_pick = pk[run_start]
+            return np.take_along_axis(src[run_pick, ly, :].astype(np.int64), cols, axis=1), run_pick
+
+        fresh = src[pick, ly, :].astype(np.int64)
+        layer_out, run_pick = fill(pick)
+        own = ~copy
+        own[0] = False
+        hit = np.zeros(n, dtype=bool)
+        hit[1:] = _overlaps(fresh[1:], layer_out[:-1])
+        same1 = np.zeros(n, dtype=bool)
+        same1[1:] = fresh[1:, 0] == layer_out[:-1, 0]
+        n_own = max(int(own.sum()), 1)
+        chance[0, ly] = (hit & own).sum() / n_own
+        chance[1, ly] = (same1 & own).sum() / n_own
+        if avoid.any():
+            # Anti-repetition (source overlaps less than chance): redraw once
+            # when the first draw overlaps the previous token. One pass; the
+            # calibration absorbs the small cascade it ignores.
+            redo = avoid & hit
+            pick = np.where(redo, draw(ly), pick)
+            layer_out, run_pick = fill(pick)
+        out[:, ly, :] = layer_out
+        used = run_pick
     if model.unordered:
         out.sort(axis=2)
-    return out, copied
+    return out, chance[0], chance[1]
 
 
 def fit(trace: Trace, *, calibration_seed: int = 0) -> FittedModel:
@@ -139,18 +203,18 @@ def fit(trace: Trace, *, calibration_seed: int = 0) -> FittedModel:
     )
     rng_seed = np.random.SeedSequence(calibration_seed)
     for _ in range(CALIBRATION_ROUNDS):
-        out, copied = _simulate(model, CALIBRATION_TOKENS, np.random.default_rng(rng_seed))
-        fresh = ~copied[1:]
-        prev, cur = out[:-1], out[1:]
-        over = (cur[:, :, :, None] == prev[:, :, None, :]).any(axis=(2, 3))
-        same1 = cur[:, :, 0] == prev[:, :, 0]
-        nf = np.maximum(fresh.sum(axis=0), 1)
-        q = (over & fresh).sum(axis=0) / nf
-        q1 = (same1 & fresh).sum(axis=0) / nf
-        r = np.clip((t_overlap - q) / np.maximum(1 - q, 1e-9), 0.0, MAX_REPEAT)
-        model.repeat = r
+        _, q, q1 = _simulate(model, CALIBRATION_TOKENS, np.random.default_rng(rng_seed))
+        q = np.clip(q, 1e-9, 1 - 1e-9)
+        # overlap = r + (1 - r) q when copying; q (1 - a (1 - q)) when avoiding.
+        r = np.where(
+            t_overlap >= q,
+            (t_overlap - q) / (1 - q),
+            -np.clip((1 - t_overlap / q) / (1 - q), 0.0, 1.0),
+        )
+        model.repeat = np.clip(r, -1.0, MAX_REPEAT)
         if k > 1 and not unordered:
-            s = np.where(r > 0, (t_first - (1 - r) * q1) / np.maximum(r, 1e-9), 1.0)
+            rp = np.maximum(model.repeat, 0.0)
+            s = np.where(rp > 0, (t_first - (1 - rp) * q1) / np.maximum(rp, 1e-9), 1.0)
             model.keep_order = np.clip(s, 0.0, 1.0)
     return model
 
