@@ -243,7 +243,7 @@ def plot_io_share(
 
 
 def plot_layer_hit_rates(
-    per_layer: dict[str, Sequence[float]], out: str | Path, *, title: str
+    per_layer: Mapping[str, Sequence[float]], out: str | Path, *, title: str
 ) -> list[Path]:
     """Hit rate per layer for a few named runs."""
     fig, ax = plt.subplots(figsize=(8, 4.2))
