@@ -1,0 +1,210 @@
+"""`mer demo`: the whole study on the bundled real trace, end to end, on a laptop.
+
+Every step is a `mer` command a researcher could type (printed as it runs), so
+the demo doubles as the worked example of the README:
+
+    import the real trace -> statistics -> miss-ratio curves -> synthesize a
+    scaled expert GGUF -> probe this machine -> sweep policies x predictors x
+    cache sizes in the simulator on the probed profile -> pick the winner ->
+    execute it with the real engine (and the same policy without prefetch) ->
+    simulate the same runs -> compare -> calibrate -> report.
+
+The probe runs before the sweep (the issue lists it after) so that the sweep
+predicts this machine and the comparison is like for like.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from analysis.pipeline import mer
+from analysis.run_report import write_run_report
+from mer.shapes import get_shape
+from traces.bundled import bundled_trace_path
+
+SHARED_SOURCE = (
+    Path("..") / "shared" / "data" / "external" / "mixtral-offloading-h39s" / "active_experts.txt"
+)
+POLICIES = "lru,fifo,lfu,clock,sieve,s3fifo,arc"
+PREDICTORS = "none,previous-token,markov"
+QUICK_POLICIES = "lru,fifo,clock,sieve,s3fifo,arc"
+
+
+def _say(msg: str) -> None:
+    print(f"\n== {msg}", file=sys.stderr, flush=True)
+
+
+def _run_pair(
+    trace: Path,
+    experts: Path,
+    hardware: Path,
+    shape: str,
+    cfg: dict[str, Any],
+    tokens: int,
+    out: Path,
+    tag: str,
+) -> tuple[Path, Path]:
+    """Execute one configuration for real and in the simulator, same tokens."""
+    opts: list[object] = [
+        "--policy",
+        cfg["policy"],
+        "--cache-slots",
+        cfg["cache_slots"],
+        "--scope",
+        cfg["scope"],
+        "--predictor",
+        cfg["predictor"],
+        "--pipeline-depth",
+        cfg.get("pipeline_depth", 1),
+        "--tokens",
+        tokens,
+    ]
+    run_tokens = out / f"run-{tag}.parquet"
+    sim_tokens = out / f"sim-{tag}.parquet"
+    mer(
+        "run",
+        trace,
+        "--experts",
+        experts,
+        *opts,
+        "-o",
+        run_tokens,
+        "--summary",
+        out / f"run-{tag}.json",
+    )
+    mer(
+        "simulate",
+        trace,
+        *opts,
+        "--hardware",
+        hardware,
+        "--shape",
+        shape,
+        "-o",
+        sim_tokens,
+        "--summary",
+        out / f"sim-{tag}.json",
+    )
+    return sim_tokens, run_tokens
+
+
+def run_demo(
+    out_dir: str | Path = "out/demo",
+    *,
+    shape: str = "mixtral-small",
+    tokens: int = 160,
+    quick: bool = False,
+) -> Path:
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    get_shape(shape)  # fail early on a bad --shape
+
+    _say("1. the real trace (Mixtral 8x7B routing published by mixtral-offloading, MIT)")
+    trace = out / "trace.parquet"
+    if SHARED_SOURCE.exists():
+        mer("trace", "import", "mixtral-offloading", SHARED_SOURCE, "-o", trace)
+    else:
+        shutil.copyfile(bundled_trace_path(), trace)
+        print(
+            f"(source file not found at {SHARED_SOURCE}; using the bundled conversion)",
+            file=sys.stderr,
+        )
+    mer("trace", "stats", trace)
+
+    _say("2. exact miss-ratio curves, every cache size, OPT as the ceiling")
+    mrc = out / "mrc.parquet"
+    mer("mrc", trace, "-o", mrc)
+
+    _say(f"3. a scaled expert file ({shape}: Mixtral's 32 x 8 geometry, real q4_0 GGUF layout)")
+    experts = out / f"experts-{shape}.gguf"
+    if not experts.exists():
+        mer("experts", "synth", "--shape", shape, "-o", experts)
+    mer("experts", "info", experts)
+
+    _say("4. probe this machine (O_DIRECT reads, q4_0 FFN, memory bandwidth)")
+    hardware = out / "hardware.json"
+    mer("probe", "-o", hardware, "--quick", "--dir", out, "--shape", shape)
+
+    _say("5. sweep policies x predictors x cache sizes in the simulator")
+    sweep = out / "sweep.parquet"
+    slots = "32,64,96,128,192"
+    best = mer(
+        "sweep",
+        trace,
+        "--policies",
+        QUICK_POLICIES if quick else POLICIES,
+        "--predictors",
+        PREDICTORS,
+        "--cache-slots",
+        "32,64,128" if quick else slots,
+        "--hardware",
+        hardware,
+        "--shape",
+        shape,
+        "-o",
+        sweep,
+        "--best",
+        "tokens_per_s",
+        capture_json=True,
+    )
+    winner = best["best"]
+    print(f"winner: {winner}", file=sys.stderr)
+
+    _say("6. execute the winner with the real engine, and the same policy without prefetch")
+    n_tok = 48 if quick else tokens
+    pairs = [_run_pair(trace, experts, hardware, shape, winner, n_tok, out, "winner")]
+    if winner["predictor"] != "none":
+        pairs.append(
+            _run_pair(
+                trace,
+                experts,
+                hardware,
+                shape,
+                {**winner, "predictor": "none"},
+                n_tok,
+                out,
+                "no-prefetch",
+            )
+        )
+
+    _say("7. predicted vs measured, and a calibrated profile")
+    for sim_tokens, run_tokens in pairs:
+        mer(
+            "compare",
+            sim_tokens,
+            run_tokens,
+            "-o",
+            sim_tokens.with_name(sim_tokens.stem.replace("sim-", "compare-") + ".json"),
+        )
+    mer("calibrate", pairs[0][1], "--hardware", hardware, "-o", out / "hardware-calibrated.json")
+    pvm_args: list[object] = []
+    for s, r in pairs:
+        pvm_args += ["--pair", s, r]
+    mer(
+        "plot",
+        "predicted-vs-measured",
+        *pvm_args,
+        "-o",
+        out / "figures" / "predicted-vs-measured-all",
+    )
+
+    _say("8. the report")
+    result = write_run_report(
+        out,
+        trace=trace,
+        sweep=sweep,
+        mrc=mrc,
+        sim=pairs[0][0],
+        run=pairs[0][1],
+        hardware=str(hardware),
+    )
+    elapsed = time.perf_counter() - t0
+    print(
+        f"\nmer demo finished in {elapsed:.0f} s. Report: {result['markdown']}  (HTML: {result['html']})"
+    )
+    return Path(result["markdown"])
