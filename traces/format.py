@@ -284,7 +284,7 @@ def from_arrays(
     data = {
         "seq": np.repeat(seq_arr, per_token),
         "token": np.repeat(tok_arr, per_token),
-        "phase": pd.Categorical(np.repeat(ph, per_token), categories=list(PHASES)),
+        "phase": np.repeat(_phase_categorical(pd.Series(ph), name), per_token),
         "layer": np.tile(np.repeat(np.arange(n_layers, dtype=np.int16), k), t),
         "rank": np.tile(np.arange(k, dtype=np.int8), t * n_layers),
         "expert": experts.reshape(-1).astype(np.int16),
@@ -329,12 +329,7 @@ def _normalise_frame(df: pd.DataFrame, where: str) -> pd.DataFrame:
                 f"(rows {rows}, e.g. {values[rows[0]]})."
             )
         out[name] = values.astype(target)
-    phase = df["phase"].astype("string")
-    bad_phase = ~phase.isin(PHASES).fillna(False).to_numpy(dtype=bool)
-    if bad_phase.any():
-        rows = np.flatnonzero(bad_phase)[:5].tolist()
-        raise TraceError(f"{where}: column 'phase' must be 'prefill' or 'decode' (rows {rows}).")
-    out["phase"] = pd.Categorical(phase.to_numpy(dtype=object), categories=list(PHASES))
+    out["phase"] = _phase_categorical(df["phase"], where)
     if not (pd.api.types.is_float_dtype(df["weight"].dtype) or df["weight"].isna().all()):
         raise TraceError(f"{where}: column 'weight' must be float, found {df['weight'].dtype}.")
     out["weight"] = pd.array(
@@ -347,6 +342,24 @@ def _normalise_frame(df: pd.DataFrame, where: str) -> pd.DataFrame:
     out["lookahead"] = pd.array(df["lookahead"].to_numpy(dtype=object), dtype="Int16")
     out = out[list(COLUMNS)].sort_values(SORT_KEYS, kind="stable").reset_index(drop=True)
     return out
+
+
+def _phase_categorical(col: pd.Series, where: str) -> Any:
+    """The phase column as a Categorical over PHASES, via codes (fast on large traces)."""
+    if isinstance(col.dtype, pd.CategoricalDtype):
+        cats = [str(c) for c in col.cat.categories]
+        lut = np.array([PHASES.index(c) if c in PHASES else -1 for c in cats] + [-1], np.int8)
+        codes = lut[col.cat.codes.to_numpy()]  # code -1 (null) picks the trailing -1
+    else:
+        text = col.astype("string").fillna("")
+        codes = np.full(len(col), -1, np.int8)
+        for i, name in enumerate(PHASES):
+            codes[(text == name).to_numpy(dtype=bool)] = i
+    bad = codes < 0
+    if bad.any():
+        rows = np.flatnonzero(bad)[:5].tolist()
+        raise TraceError(f"{where}: column 'phase' must be 'prefill' or 'decode' (rows {rows}).")
+    return pd.Categorical.from_codes(codes, dtype=pd.CategoricalDtype(list(PHASES)))
 
 
 # -- validation --------------------------------------------------------------------
