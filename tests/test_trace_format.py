@@ -359,7 +359,7 @@ def traces(draw: st.DrawFn) -> dict[str, Any]:
 
 
 @settings(
-    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(spec=traces())
 def test_round_trip(tmp_path: Path, spec: dict[str, Any]) -> None:
