@@ -12,7 +12,7 @@ One record per (problem, layer, token) with `experts` in rank order and their
   records missing. They carry no step number, and the records cannot be
   attributed to steps reliably: checked against the same problem's
   humaneval_2_routing.jsonl (which has token_idx), splitting them where the
-  layer number stops increasing misattributes 13% of them (some layers' records
+  layer number stops increasing misattributes 12.5% of them (some layers' records
   arrive a step late). So they are dropped and counted; import the token_idx
   file for that problem's decode tokens.
 
