@@ -107,9 +107,10 @@ def random_q4_0(
     rb = row_bytes(n_cols)
     if out is None:
         out = np.empty((n_rows, rb), dtype=np.uint8)
+    flat = out.reshape(-1)
+    flat[:] = np.frombuffer(rng.bytes(flat.size), dtype=np.uint8)  # codes (scales overwritten)
     blocks = out.reshape(-1, BLOCK_BYTES)
     n_blocks = blocks.shape[0]
-    blocks[:, 2:] = rng.integers(0, 256, size=(n_blocks, BLOCK_BYTES - 2), dtype=np.uint8)
     base = np.float32(scale / 4.61)
     d = (base * rng.uniform(0.5, 1.5, size=n_blocks).astype(np.float32)).astype(np.float16)
     blocks[:, :2] = d.view(np.uint8).reshape(-1, 2)
