@@ -275,7 +275,8 @@ class TokenAssembler:
                 dropped[key] = dropped.get(key, 0) + 1
         if not keep:
             raise BadInput(
-                f"{self.src}: no token has routing for all {n_layers} layers; nothing to import."
+                f"{self.src}: no token has routing for all {n_layers} layers; nothing to import "
+                "(pass --n-layers if the model has fewer layers)."
             )
         t = len(keep)
         experts_arr = np.empty((t, n_layers, top_k), np.int16)
