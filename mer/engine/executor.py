@@ -82,6 +82,13 @@ class EngineConfig:
 class RunResult:
     summary: RunSummary
     tokens: pd.DataFrame  # TOKEN_COLUMNS, one row per replayed token
+    hidden: F32  # the hidden vector after the last step (the data flow's end point)
+
+
+def initial_hidden(d_model: int, seed: int) -> F32:
+    """The hidden vector the run starts from: seeded, normalised."""
+    rng = np.random.default_rng(seed)
+    return rmsnorm(rng.standard_normal(d_model).astype(np.float32))
 
 
 def current_rss_bytes() -> int:
@@ -273,7 +280,7 @@ class Executor:
             reader.close()
         rows, timing = result
         summary = self._summary(replay, rows, timing, info, direct, fixed, fixed_note, dense)
-        return RunResult(summary, rows)
+        return RunResult(summary, rows, timing["hidden"])
 
     def _loop(
         self,
@@ -300,8 +307,7 @@ class Executor:
                 replay.complete(key)
 
         reads = _Reads(reader, landed)
-        rng = np.random.default_rng(self.cfg.seed)
-        x = rmsnorm(rng.standard_normal(self.shape.d_model).astype(np.float32))
+        x = initial_hidden(self.shape.d_model, self.cfg.seed)
 
         tok_rows: dict[str, list[Any]] = {
             c: []
@@ -451,7 +457,7 @@ class Executor:
             "read_lat": read_lat,
             "it_times": it_times,
             "it_compute": it_compute,
-            "final_hidden_norm": float(np.linalg.norm(x)),
+            "hidden": x,
             **counters,
         }
         return rows, timing
@@ -505,7 +511,6 @@ class Executor:
                 "fallback_reason": info.fallback_reason,
             },
             "threads": int(self.cfg.threads),
-            "final_hidden_norm": timing["final_hidden_norm"],
         }
         return RunSummary(
             kind="measured",
