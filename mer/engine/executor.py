@@ -6,7 +6,9 @@ this module only owns the wall clock, the buffers and the I/O. Per step
 (token, layer):
 
 1. dense: the resident attention-sized block runs on the hidden vector
-   (`--mode model`; `--mode seed` skips it, as the public engine's benchmark).
+   (`--mode model`; `--mode seed` skips it and, as the public engine's cycle
+   and the simulator's seed mode, waits for all of a step's reads before its
+   FFNs).
 2. `replay.step(t)`: lookups; the misses come back as Admissions naming the
    slot to read into. Their reads are submitted first (foreground).
 3. `replay.prefetch(t)`: predicted experts of the next layers, submitted after
@@ -355,6 +357,7 @@ class Executor:
                 if not reads.pending:
                     return fut.result()
 
+        seed_mode = self.cfg.mode == "seed"
         progress = _progress(self.cfg.progress, n_tokens)
         t_run0 = clock()
         with progress as bar:
@@ -404,6 +407,12 @@ class Executor:
                     late_n += sum(res.late)
                     y = np.zeros_like(x)
                     step_comp = 0.0
+                    if seed_mode:
+                        # The public engine's cycle: all of the step's reads, then its FFNs.
+                        w0 = clock()
+                        for key in step_keys:
+                            reads.wait(("bypass", key) if key in bypass else ("slot", key))
+                        io_wait += clock() - w0
                     for rank, key in enumerate(step_keys):
                         expert = key - layer * n_exp
                         if key in stash:
