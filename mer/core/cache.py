@@ -14,7 +14,7 @@ equal memory.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Container, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -121,6 +121,20 @@ class _Protected:
         return key in self.a or key in self.b or key in self.c
 
 
+class _ProtectedNoStep:
+    """Protection for policies without step protection: pinned keys and reads in
+    flight, except this step's own demand reads (the public engine inserts a miss
+    at once, so a later miss of the same step may evict it)."""
+
+    __slots__ = ("inflight", "pinned", "step_reads")
+
+    def __init__(self, pinned: frozenset[int], inflight: set[int], step_reads: set[int]) -> None:
+        self.pinned, self.inflight, self.step_reads = pinned, inflight, step_reads
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.pinned or (key in self.inflight and key not in self.step_reads)
+
+
 class _Partition:
     __slots__ = ("capacity", "free_slots", "policy", "resident")
 
@@ -175,8 +189,11 @@ class ExpertCache:
             caps = split_slots(cache_slots, n_layers)
         self.partitions: list[_Partition] = []
         first = 0
+        keyspace = n_layers * n_experts if scope == "global" else n_experts
         for cap in caps:
-            self.partitions.append(_Partition(factory(cap), cap, first))
+            pol = factory(cap)
+            pol.attach_keyspace(keyspace)
+            self.partitions.append(_Partition(pol, cap, first))
             first += cap
         per_part_pins = [0] * len(self.partitions)
         for key in self.pinned:
@@ -195,6 +212,9 @@ class ExpertCache:
         self.inflight: set[int] = set()  # every key being read (demand or prefetch)
         self.inflight_prefetch: set[int] = set()  # the prefetch reads among them
         self.claimed: set[int] = set()  # prefetches looked up while in flight (late)
+        # Demand reads issued by the current step: a policy without step protection
+        # (the public engine's) may evict them again within the same step.
+        self.step_reads: set[int] = set()
         self.stats = CacheStats(n_layers)
 
     # -- helpers ---------------------------------------------------------------------
@@ -258,11 +278,21 @@ class ExpertCache:
         stats.hits[layer] += n_hits
         stats.misses[layer] += len(keys) - n_hits
         reads: list[Admission] = []
+        self.step_reads.clear()
         for rank, key in enumerate(keys):
             if hit[rank] or late[rank]:
                 continue
             adm = self._admit(key, keys, rank, prefetch=False)
             reads.append(adm)
+        if len(reads) > 1:
+            # A read evicted again by a later miss of this step (only policies with
+            # protects_step False do that) goes to the bypass buffer, not a slot.
+            reads = [
+                Admission(a.key, None, a.evicted, False)
+                if a.slot is not None and a.key not in state
+                else a
+                for a in reads
+            ]
         for part in touched:
             part.policy.end_step(t, keys)
         return StepResult(t, tuple(keys), tuple(hit), tuple(late), reads)
@@ -272,8 +302,12 @@ class ExpertCache:
         part = self.partition_of(key)
         layer = key // self.n_experts
         evicted: int | None = None
+        part.policy.prepare_admit(key)
         if part.resident >= part.capacity:
-            protected = self._protected(step_keys if part.policy.protects_step else ())
+            if part.policy.protects_step or prefetch:
+                protected: Container[int] = _Protected(step_keys, self.pinned, self.inflight)
+            else:
+                protected = _ProtectedNoStep(self.pinned, self.inflight, self.step_reads)
             victim = part.policy.victim(protected)
             if victim is None and not prefetch and part.policy.protects_step:
                 victim = self._step_victim(part, step_keys, rank)
@@ -287,15 +321,14 @@ class ExpertCache:
         part.resident += 1
         self.state[key] = IN_FLIGHT
         self.inflight.add(key)
+        if not prefetch:
+            self.step_reads.add(key)
         self.slot_of[key] = slot
         part.policy.on_insert(key)
         if prefetch:
             self.inflight_prefetch.add(key)
             self.stats.prefetch_issued[layer] += 1
         return Admission(key, slot, evicted, prefetch)
-
-    def _protected(self, step_keys: Sequence[int]) -> _Protected:
-        return _Protected(step_keys, self.pinned, self.inflight)
 
     def _step_victim(self, part: _Partition, step_keys: Sequence[int], rank: int) -> int | None:
         """A cache smaller than the step: the worst-ranked resident step key ranked below `rank`."""
@@ -315,7 +348,9 @@ class ExpertCache:
         slot = self.slot_of.pop(key)
         if slot is not None:
             part.free_slots.append(slot)
-        del self.state[key]
+        if self.state.pop(key) == IN_FLIGHT:  # a read of this very step, evicted again
+            self.inflight.discard(key)
+            self.step_reads.discard(key)
         layer = key // self.n_experts
         self.stats.evictions[layer] += 1
         if key in self.prefetched_unused:

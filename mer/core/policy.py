@@ -43,8 +43,16 @@ class EvictionPolicy(ABC):
     def attach_future(self, steps: np.ndarray) -> None:
         """Offline policies get the whole (n_steps, k) key matrix once, before replay."""
 
+    def attach_keyspace(self, n_keys: int) -> None:
+        """The number of keys this partition can ever see (all keys in scope
+        `global`, one layer's experts in `per-layer`); called once, before replay."""
+
     def begin_step(self, t: int, keys: Sequence[int]) -> None:
         """Called before the step's lookups (t = step index in replay order)."""
+
+    def prepare_admit(self, key: int) -> None:
+        """`key` is about to be admitted: called before `victim()` (if the partition
+        is full) and `on_insert`. ARC needs the incoming key to pick its victim."""
 
     def on_hit(self, key: int) -> None:
         """A lookup found `key` resident."""

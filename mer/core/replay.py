@@ -17,12 +17,12 @@ when prefetch is off.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
-from mer.core.cache import Admission, CacheStats, ExpertCache, StepResult
+from mer.core.cache import READY, Admission, CacheStats, ExpertCache, StepResult
 from mer.core.predictor import Predictor, ReplayContext, make_predictor
 from mer.errors import BadInput
 
@@ -116,6 +116,17 @@ class Replay:
     def from_trace(cls, trace: Any, config: ReplayConfig) -> Replay:
         """Build from a `traces.format.Trace`, honouring config.phase."""
         tr = trace.select_phase(config.phase)
+        epl = (getattr(tr.meta, "extra", None) or {}).get("experts_per_layer")
+        if (
+            config.policy == "seed-lru-locality"
+            and epl
+            and "experts_per_layer" not in config.policy_params
+        ):
+            # Flat seed ids carry the real geometry in the metadata; the policy's
+            # locality window depends on it.
+            config = replace(
+                config, policy_params={**config.policy_params, "experts_per_layer": int(epl)}
+            )
         if config.tokens is not None:
             if config.tokens < 1:
                 raise BadInput(f"--tokens must be >= 1, got {config.tokens}.")
@@ -179,12 +190,17 @@ class Replay:
         self.cache.complete(key)
 
 
-def replay_counts(replay: Replay) -> CacheStats:
+def replay_counts(replay: Replay, *, fast: bool = True) -> CacheStats:
     """Replay with no clock: every read completes the moment it is issued.
 
     With prefetch on this is the "infinitely fast SSD" limit; with prefetch off
-    it is exactly what the simulator and the engine must reproduce.
+    it is exactly what the simulator and the engine must reproduce. With
+    prefetch off and a fresh replay, a lean loop (`_counts_no_prefetch`) makes
+    the same policy calls in the same order without building per-step result
+    objects; `fast=False` forces the general path (tests hold the two equal).
     """
+    if fast and _lean_ok(replay):
+        return _counts_no_prefetch(replay)
     for t in range(replay.n_steps):
         res = replay.step(t)
         for adm in res.reads:
@@ -192,3 +208,109 @@ def replay_counts(replay: Replay) -> CacheStats:
         for adm in replay.prefetch(t):
             replay.complete(adm.key)
     return replay.stats
+
+
+def _lean_ok(replay: Replay) -> bool:
+    cfg = replay.config
+    cache = replay.cache
+    if (cfg.prefetch_on and cfg.pipeline_depth > 0) or cache.state or cache.stats.lookups:
+        return False
+    if replay.n_steps == 0:
+        return True
+    # Every step's keys must fall in one partition (true for traces: a step is one layer).
+    if cache.scope == "per-layer":
+        layers = replay.steps // replay.n_experts
+        return bool((layers == layers[:, :1]).all())
+    return True
+
+
+def _counts_no_prefetch(replay: Replay) -> CacheStats:
+    """The prefetch-off replay as one tight loop with the cache's exact semantics.
+
+    Same calls, same order as `ExpertCache.access_step` + immediate completion:
+    begin_step; lookups (on_hit for hits, in rank order); each miss in rank
+    order: prepare_admit, then if full victim(protected) (protected = the
+    step's keys and the static pins, or only the pins for policies without
+    step protection, since in a clockless replay the only reads in flight are
+    this step's), the worst-ranked resident step key below it as a last resort,
+    else bypass; on_remove / on_insert; end_step.
+    """
+    cache = replay.cache
+    stats = cache.stats
+    n_exp = cache.n_experts
+    n_layers = cache.n_layers
+    glob = cache.scope == "global"
+    pinned = cache.pinned
+    parts = cache.partitions
+    pols = [p.policy for p in parts]
+    caps = [p.capacity for p in parts]
+    residents: list[set[int]] = [set() for _ in parts]
+    hits = [0] * n_layers
+    misses = [0] * n_layers
+    evictions = [0] * n_layers
+    bypass = [0] * n_layers
+    steps = replay._keys_list
+    for t, keys in enumerate(steps):
+        layer = keys[0] // n_exp
+        pi = 0 if glob else layer
+        pol = pols[pi]
+        res = residents[pi]
+        cap = caps[pi]
+        pol.begin_step(t, keys)
+        missed = []
+        for key in keys:
+            if key in res:
+                pol.on_hit(key)
+            else:
+                missed.append(key)
+        nm = len(missed)
+        hits[layer] += len(keys) - nm
+        if nm:
+            misses[layer] += nm
+            protects = pol.protects_step
+            for key in missed:
+                pol.prepare_admit(key)
+                if len(res) >= cap:
+                    if protects:
+                        prot: Any = _StepPins(keys, pinned) if pinned else keys
+                    else:
+                        prot = pinned
+                    v = pol.victim(prot)
+                    if v is None and protects:
+                        rank = keys.index(key)
+                        for r in range(len(keys) - 1, rank, -1):
+                            k2 = keys[r]
+                            if k2 in res and k2 not in missed and k2 not in pinned:
+                                v = k2
+                                break
+                    if v is None:
+                        bypass[layer] += 1
+                        continue
+                    pol.on_remove(v)
+                    res.discard(v)
+                    evictions[v // n_exp] += 1
+                res.add(key)
+                pol.on_insert(key)
+        pol.end_step(t, keys)
+    stats.hits += np.asarray(hits, dtype=np.int64)
+    stats.misses += np.asarray(misses, dtype=np.int64)
+    stats.evictions += np.asarray(evictions, dtype=np.int64)
+    stats.bypass += np.asarray(bypass, dtype=np.int64)
+    # Leave the cache as the general path would (everything read is resident).
+    for pi, res in enumerate(residents):
+        part = parts[pi]
+        for key in sorted(res):
+            cache.state[key] = READY
+            cache.slot_of[key] = part.free_slots.pop()
+        part.resident = len(res)
+    return stats
+
+
+class _StepPins:
+    __slots__ = ("keys", "pinned")
+
+    def __init__(self, keys: list[int], pinned: frozenset[int]) -> None:
+        self.keys, self.pinned = keys, pinned
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.keys or key in self.pinned
