@@ -405,12 +405,13 @@ def test_round_trip(tmp_path: Path, spec: dict[str, Any]) -> None:
         assert all((v is not None) == (r == 0) for v, r in zip(col, ranks, strict=True))
 
 
-def test_partial_lookahead_reads_as_minus_one() -> None:
+def test_partial_lookahead_is_not_offered() -> None:
     meta = TraceMeta(model="la", n_layers=2, n_experts=4, top_k=1)
     t = from_arrays(np.array([[[1], [2]]]), meta, lookahead=np.array([[[0], [3]]]))
-    t.df.loc[t.df["layer"] == 0, "lookahead"] = None  # layer 0 has nothing to predict from
-    la = Trace(t.df, meta).lookahead()
-    assert la is not None and la.tolist() == [[[-1], [3]]]
+    t.df.loc[t.df["layer"] == 0, "lookahead"] = None
+    partial = Trace(t.df, meta)
+    assert partial.lookahead() is None
+    assert partial.df["lookahead"].notna().sum() == 1
 
 
 # -- atomic write -----------------------------------------------------------------------

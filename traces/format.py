@@ -186,14 +186,14 @@ class Trace:
         return self._grid("weight", np.float32)
 
     def lookahead(self) -> np.ndarray | None:
-        """int16 (tokens, layers, top_k) recorded lookahead experts, or None if absent.
+        """int16 (tokens, layers, top_k) recorded lookahead experts, or None.
 
-        Where some rows lack a prediction (layer 0 has no previous layer to
-        predict from), those entries are -1.
+        None unless every row has one: replay turns these into cache keys, so a
+        partial prediction must not pass for a whole one.
         """
-        if self.df["lookahead"].isna().all():
+        if self.df["lookahead"].isna().any():
             return None
-        return self._grid("lookahead", np.int16, fill=-1)
+        return self._grid("lookahead", np.int16)
 
     def token_table(self) -> pd.DataFrame:
         """One row per replayed token: seq, token, phase (replay order)."""
