@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from mer.errors import BadInput, RuntimeFailure
 from traces.record.families import Family, find_family
@@ -29,11 +29,16 @@ class LoadedModel:
 
 
 def _not_found(model_id: str, exc: Exception) -> BadInput:
-    offline = os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True") or os.environ.get(
-        "TRANSFORMERS_OFFLINE"
-    ) in ("1", "true", "True")
-    where = (
-        f"{model_id} is not a directory" if not Path(model_id).exists() else f"{model_id} exists"
+    reason = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+    if Path(model_id).exists():
+        return BadInput(
+            f"cannot load model {model_id!r}: the local path exists but is not a loadable "
+            f"transformers model ({reason}). Point --model at the directory that holds "
+            "config.json, the tokenizer files and the weights."
+        )
+    offline = any(
+        os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
+        for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
     )
     hint = (
         "HF_HUB_OFFLINE is set, so only local directories and the local Hugging Face cache are "
@@ -42,10 +47,10 @@ def _not_found(model_id: str, exc: Exception) -> BadInput:
         else ""
     )
     return BadInput(
-        f"cannot load model {model_id!r}: {where} with a config.json, and it could not be found "
-        f"in the Hugging Face cache or hub ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). "
-        f"{hint}Pass a local model directory, or download it first on a connected machine "
-        f"(`hf download {model_id}`) and copy the cache (~/.cache/huggingface)."
+        f"cannot load model {model_id!r}: it is not a local directory and was not found in the "
+        f"Hugging Face cache or on the hub ({reason}). {hint}Pass a local model directory, or "
+        f"download it first on a connected machine (`hf download {model_id}`) and copy the "
+        "cache (~/.cache/huggingface)."
     )
 
 
@@ -103,7 +108,7 @@ def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto") -> L
             "docs/recording.md for 4-bit loading."
         ) from exc
     if dev == "cpu":
-        model = model.to("cpu")
+        model = cast(Any, model).to("cpu")
     model.eval()
     family = find_family(model, model_id)
     revision = getattr(model.config, "_commit_hash", None) or getattr(config, "_commit_hash", None)
