@@ -440,3 +440,54 @@ def test_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
         fmt.write_trace(t, dest)
     assert dest.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["out.parquet"]
+
+
+# -- logits -----------------------------------------------------------------------------
+
+
+def _logits_trace(tmp_path: Path) -> tuple[Path, np.ndarray]:
+    meta = TraceMeta(model="lg", n_layers=2, n_experts=3, top_k=2)
+    experts = np.array([[[0, 1], [2, 0]], [[1, 2], [0, 2]], [[2, 1], [1, 0]]])
+    t = from_arrays(experts, meta)
+    logits = np.arange(3 * 2 * 3, dtype=np.float32).reshape(3, 2, 3)
+    t.logits = logits
+    path = tmp_path / "lg.parquet"
+    fmt.write_trace(t, path)
+    return path, logits
+
+
+def test_logits_follow_rows_written_out_of_order(tmp_path: Path) -> None:
+    path, logits = _logits_trace(tmp_path)
+    table = pq.read_table(path)
+    shuffled = table.take(np.random.default_rng(1).permutation(table.num_rows))
+    pq.write_table(shuffled, path)  # schema metadata (mer.trace) travels with the table
+    back = read_trace(path, with_logits=True)
+    assert back.logits is not None and np.array_equal(back.logits, logits)
+
+
+def test_logits_of_wrong_length(tmp_path: Path) -> None:
+    path, _ = _logits_trace(tmp_path)
+    table = pq.read_table(path)
+    col = table.column("logits").to_pylist()
+    col[0] = [1.0, 2.0]  # 2 values where n_experts is 3
+    i = table.schema.get_field_index("logits")
+    table = table.set_column(i, table.schema.field(i), pa.array(col, pa.list_(pa.float32())))
+    bad = tmp_path / "lg_short.parquet"
+    pq.write_table(table, bad)
+    with pytest.raises(TraceError, match=r"lg_short\.parquet: router logits have 2 values"):
+        read_trace(bad, with_logits=True)
+
+
+def test_logits_on_a_rank_1_row(tmp_path: Path) -> None:
+    path, _ = _logits_trace(tmp_path)
+    table = pq.read_table(path)
+    col = table.column("logits").to_pylist()
+    col[1] = [0.0, 0.0, 0.0]  # row 1 is rank 1
+    i = table.schema.get_field_index("logits")
+    table = table.set_column(i, table.schema.field(i), pa.array(col, pa.list_(pa.float32())))
+    bad = tmp_path / "lg_rank1.parquet"
+    pq.write_table(table, bad)
+    with pytest.raises(
+        TraceError, match=r"lg_rank1\.parquet: 'logits' must be set on every rank-0"
+    ):
+        read_trace(bad, with_logits=True)

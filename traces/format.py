@@ -550,6 +550,39 @@ def read_meta(path: str | os.PathLike[str]) -> TraceMeta:
     return TraceMeta.from_json(raw, where)
 
 
+def _read_logits(table: pa.Table, meta: TraceMeta, where: str) -> np.ndarray:
+    """(tokens, layers, n_experts) logits in replay order, from the rank-0 rows."""
+    if not pa.types.is_list(table.schema.field("logits").type) and not pa.types.is_large_list(
+        table.schema.field("logits").type
+    ):
+        raise TraceError(f"{where}: column 'logits' must be a list of floats.")
+    missing = [k for k in SORT_KEYS if k not in table.column_names]
+    if missing:
+        raise TraceError(f"{where}: missing column(s) {', '.join(missing)}.")
+    # Replay order, whatever order the writer used.
+    table = table.sort_by([(k, "ascending") for k in SORT_KEYS])
+    col = table.column("logits").combine_chunks()
+    rank0 = np.asarray(table.column("rank").combine_chunks()) == 0
+    present = np.asarray(col.is_valid())
+    if not np.array_equal(present, rank0):
+        rows = np.flatnonzero(present != rank0)[:5].tolist()
+        raise TraceError(
+            f"{where}: 'logits' must be set on every rank-0 row and only there (sorted rows {rows})."
+        )
+    valid = col.drop_null()
+    lengths = np.asarray(valid.value_lengths())
+    if len(lengths) and (lengths != meta.n_experts).any():
+        bad = int(np.flatnonzero(lengths != meta.n_experts)[0])
+        raise TraceError(
+            f"{where}: router logits have {lengths[bad]} values at (token, layer) #{bad}, "
+            f"expected n_experts {meta.n_experts}."
+        )
+    flat = np.asarray(valid.flatten(), np.float32)
+    if len(valid) % meta.n_layers:
+        raise TraceError(f"{where}: logits rows ({len(valid)}) are not whole tokens.")
+    return flat.reshape(-1, meta.n_layers, meta.n_experts)
+
+
 def read_trace(path: str | os.PathLike[str], *, with_logits: bool = False) -> Trace:
     """Read and validate a trace file; every problem is a TraceError naming the file."""
     path = Path(path)
@@ -592,9 +625,7 @@ def read_trace(path: str | os.PathLike[str], *, with_logits: bool = False) -> Tr
             raise TraceError(f"{where}: column {name!r} has type {actual}, expected {typ}.")
     logits = None
     if with_logits and "logits" in table.column_names:
-        col = table.column("logits").combine_chunks()
+        logits = _read_logits(table, meta, where)
         table = table.drop_columns(["logits"])
-        valid = col.drop_null()
-        logits = np.asarray(valid.flatten(), np.float32).reshape(-1, meta.n_layers, meta.n_experts)
     df = table.to_pandas()
     return Trace(df, meta, logits=logits, name=path.name)
