@@ -97,7 +97,9 @@ def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto") -> L
         model = AutoModelForCausalLM.from_pretrained(model_id, **kwargs)
     except OSError as exc:
         raise _not_found(model_id, exc) from exc
-    except ImportError as exc:
+    except (ImportError, ValueError) as exc:
+        if "accelerate" not in str(exc) and isinstance(exc, ValueError):
+            raise RuntimeFailure(f"cannot load model {model_id!r}: {exc}") from exc
         raise RuntimeFailure(
             f"loading {model_id} needs a missing package: {exc}. For --device cuda install "
             "`accelerate` (device_map='auto')."

@@ -17,6 +17,7 @@ class RecordProgress:
         self._progress: Any = None
         self._prompts: Any = None
         self._tokens: Any = None
+        self._index = 0
 
     def start(self, n_prompts: int, already_done: int) -> None:
         if not self.enabled:
@@ -48,6 +49,7 @@ class RecordProgress:
     def prompt(self, index: int, max_new_tokens: int) -> None:
         if self._progress is None:
             return
+        self._index = index
         self._progress.reset(
             self._tokens, total=1 + max_new_tokens, description=f"prompt {index}: prefill"
         )
@@ -56,7 +58,7 @@ class RecordProgress:
         if self._progress is None:
             return
         self._progress.advance(self._tokens)
-        self._progress.update(self._tokens, description=f"{phase}")
+        self._progress.update(self._tokens, description=f"prompt {self._index}: {phase}")
 
     def prompt_done(self) -> None:
         if self._progress is None:
