@@ -288,15 +288,15 @@ def from_arrays(
         "layer": np.tile(np.repeat(np.arange(n_layers, dtype=np.int16), k), t),
         "rank": np.tile(np.arange(k, dtype=np.int8), t * n_layers),
         "expert": experts.reshape(-1).astype(np.int16),
-        "weight": (
-            pd.array(np.asarray(weights, np.float32).reshape(-1), dtype="Float32")
-            if weights is not None
-            else pd.array([None] * (t * per_token), dtype="Float32")
+        "weight": _nullable(
+            np.asarray(weights, np.float32).reshape(-1) if weights is not None else None,
+            np.float32,
+            t * per_token,
         ),
-        "lookahead": (
-            pd.array(np.asarray(lookahead).reshape(-1).astype(np.int16), dtype="Int16")
-            if lookahead is not None
-            else pd.array([None] * (t * per_token), dtype="Int16")
+        "lookahead": _nullable(
+            np.asarray(lookahead).reshape(-1) if lookahead is not None else None,
+            np.int16,
+            t * per_token,
         ),
     }
     return Trace(pd.DataFrame(data), meta, name=name)
@@ -330,18 +330,53 @@ def _normalise_frame(df: pd.DataFrame, where: str) -> pd.DataFrame:
             )
         out[name] = values.astype(target)
     out["phase"] = _phase_categorical(df["phase"], where)
-    if not (pd.api.types.is_float_dtype(df["weight"].dtype) or df["weight"].isna().all()):
-        raise TraceError(f"{where}: column 'weight' must be float, found {df['weight'].dtype}.")
-    out["weight"] = pd.array(
-        df["weight"].to_numpy(dtype=np.float64, na_value=np.nan), dtype="Float32"
-    )
-    if not (pd.api.types.is_integer_dtype(df["lookahead"].dtype) or df["lookahead"].isna().all()):
+    weight = df["weight"]
+    if not (pd.api.types.is_float_dtype(weight.dtype) or weight.isna().all()):
+        raise TraceError(f"{where}: column 'weight' must be float, found {weight.dtype}.")
+    wv = weight.to_numpy(dtype=np.float64, na_value=np.nan)
+    out["weight"] = pd.arrays.FloatingArray(wv.astype(np.float32), np.isnan(wv))
+    la = df["lookahead"]
+    if not (pd.api.types.is_integer_dtype(la.dtype) or la.isna().all()):
+        raise TraceError(f"{where}: column 'lookahead' must be integer, found {la.dtype}.")
+    la_mask = la.isna().to_numpy(dtype=bool)
+    lv = la.to_numpy(dtype=np.int64, na_value=0) if len(la) else np.zeros(0, np.int64)
+    info = np.iinfo(np.int16)
+    over = (lv < info.min) | (lv > info.max)
+    if over.any():
+        rows = np.flatnonzero(over)[:5].tolist()
         raise TraceError(
-            f"{where}: column 'lookahead' must be integer, found {df['lookahead'].dtype}."
+            f"{where}: column 'lookahead' has values outside the int16 range (rows {rows})."
         )
-    out["lookahead"] = pd.array(df["lookahead"].to_numpy(dtype=object), dtype="Int16")
-    out = out[list(COLUMNS)].sort_values(SORT_KEYS, kind="stable").reset_index(drop=True)
+    out["lookahead"] = pd.arrays.IntegerArray(lv.astype(np.int16), la_mask)
+    out = out[list(COLUMNS)]
+    if not _is_sorted(out):
+        out = out.sort_values(SORT_KEYS, kind="stable").reset_index(drop=True)
     return out
+
+
+def _is_sorted(df: pd.DataFrame) -> bool:
+    """Whether rows are already in (seq, token, layer, rank) order (the usual case)."""
+    if len(df) < 2:
+        return True
+    eq = np.ones(len(df) - 1, bool)  # row i+1 == row i on the keys compared so far
+    lt_any = np.zeros(len(df) - 1, bool)
+    for k in SORT_KEYS:
+        v = df[k].to_numpy()
+        a, b = v[:-1], v[1:]
+        lt_any |= eq & (b < a)
+        eq &= b == a
+    return not lt_any.any()
+
+
+def _nullable(values: np.ndarray | None, dtype: Any, n: int) -> Any:
+    """A pandas masked array (Float32 / Int16), all null when values is None."""
+    if values is None:
+        data, mask = np.zeros(n, dtype), np.ones(n, bool)
+    else:
+        data, mask = values.astype(dtype), np.zeros(n, bool)
+    if np.dtype(dtype).kind == "f":
+        return pd.arrays.FloatingArray(data, mask)
+    return pd.arrays.IntegerArray(data, mask)
 
 
 def _phase_categorical(col: pd.Series, where: str) -> Any:
@@ -374,6 +409,19 @@ def _fail(where: str, what: str, rows: pd.DataFrame, fix: str) -> TraceError:
     )
 
 
+def _adjacent_duplicates(df: pd.DataFrame, keys: list[str]) -> np.ndarray:
+    """Rows equal to a neighbour on `keys` (df sorted by them): like duplicated(keep=False)."""
+    n = len(df)
+    same_next = np.ones(max(n - 1, 0), bool)
+    for k in keys:
+        v = df[k].to_numpy()
+        same_next &= v[1:] == v[:-1]
+    out = np.zeros(n, bool)
+    out[:-1] |= same_next
+    out[1:] |= same_next
+    return out
+
+
 def validate_frame(df: pd.DataFrame, meta: TraceMeta, where: str = "trace") -> None:
     """Check a normalised frame against its metadata; raise TraceError on the first problem."""
     if len(df) == 0:
@@ -401,12 +449,12 @@ def validate_frame(df: pd.DataFrame, meta: TraceMeta, where: str = "trace") -> N
             bad,
             "top_k in the metadata must match the rows.",
         )
-    dup = df.duplicated(SORT_KEYS, keep=False)
+    dup = _adjacent_duplicates(df, SORT_KEYS)
     if dup.any():
         raise _fail(
             where,
             "duplicate (seq, token, layer, rank)",
-            df[dup.to_numpy()],
+            df[dup],
             "Each routed expert must appear once.",
         )
     # Completeness: every (seq, token) must have all layers x ranks.
@@ -427,12 +475,15 @@ def validate_frame(df: pd.DataFrame, meta: TraceMeta, where: str = "trace") -> N
             rows,
             "Every token needs all layers and all top_k ranks; drop incomplete tokens when importing.",
         )
-    dup_e = df.duplicated(["seq", "token", "layer", "expert"], keep=False)
+    # Complete and sorted now: each (token, layer) is top_k consecutive rows.
+    ex = np.sort(df["expert"].to_numpy().reshape(-1, meta.top_k), axis=1)
+    same = (ex[:, 1:] == ex[:, :-1]).any(axis=1)
+    dup_e = np.repeat(same, meta.top_k)
     if dup_e.any():
         raise _fail(
             where,
             "the same expert twice in one (token, layer)",
-            df[dup_e.to_numpy()],
+            df[dup_e],
             "Top-k experts must be distinct.",
         )
     w = df["weight"]
