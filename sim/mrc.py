@@ -1,0 +1,364 @@
+"""Miss-ratio curves: hit rate at every cache size, per policy and scope, no prefetch.
+
+LRU and OPT are stack algorithms over steps (docs/policies.md): the cache of C
+slots always holds the top C entries of one ordering of the keys, so one pass
+over the trace gives every size at once.
+
+- LRU: the stack is recency; after a step its keys sit on top in rank order
+  (rank 0 on top). A key hits at size C iff its depth at the step's start is
+  < C, so the curve is the cumulative histogram of depths.
+- OPT: the stack keeps, for every C, exactly the keys the core's `opt` policy
+  holds at C slots. After a step with keys K, size C < k holds K[:C]; size
+  C >= k holds K plus the C - k keys with the nearest next use among the keys
+  the C-cache held before (outside K). Walking the old stack downwards with a
+  small pool of carried keys (Mattson's OPT stack, generalised to k misses per
+  step) yields a new ordering whose every prefix is that set.
+
+Other policies are replayed once per size (`replay_counts`), in up to two
+processes. Scope `per-layer` uses the core's split (`split_slots`): the curve
+at C total slots is the sum of each layer's own curve at its share.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from mer.atomic import atomic_path
+from mer.core import Replay, ReplayConfig, policy_names, replay_counts, split_slots
+from mer.core.policies import INF, next_positions
+from mer.errors import BadInput
+
+SCOPES = ("global", "per-layer")
+ONE_PASS = ("lru", "opt")
+COLUMNS = ["policy", "scope", "cache_slots", "hits", "misses", "hit_rate"]
+
+
+# -- one-pass LRU ----------------------------------------------------------------------
+
+
+def lru_depths(steps: Sequence[Sequence[int]]) -> np.ndarray:
+    """Stack depth at step start of every lookup (flattened), -1 for a first use."""
+    stack: list[int] = []  # top first
+    seen: set[int] = set()
+    out: list[int] = []
+    for keys in steps:
+        for key in keys:
+            if key in seen:
+                out.append(stack.index(key))
+            else:
+                out.append(-1)
+        for key in keys:
+            if key in seen:
+                stack.remove(key)
+            else:
+                seen.add(key)
+        stack[0:0] = keys
+    return np.asarray(out, dtype=np.int64)
+
+
+def hits_from_depths(depths: np.ndarray, max_size: int) -> np.ndarray:
+    """hits[C] for C = 0..max_size: lookups whose depth is < C."""
+    finite = depths[depths >= 0]
+    hist = np.bincount(np.minimum(finite, max_size), minlength=max_size + 1)
+    out = np.zeros(max_size + 1, dtype=np.int64)
+    out[1:] = np.cumsum(hist[:max_size])
+    return out
+
+
+def lru_hits(steps: Sequence[Sequence[int]], max_size: int) -> np.ndarray:
+    return hits_from_depths(lru_depths(steps), max_size)
+
+
+# -- one-pass OPT ----------------------------------------------------------------------
+
+
+def opt_hits(steps: Sequence[Sequence[int]], next_pos: Sequence[int], max_size: int) -> np.ndarray:
+    """hits[C] for C = 0..max_size under the core's `opt` policy, in one pass.
+
+    `next_pos[i]` is the global position of the next use of the key at flat
+    position i (t * k + rank), INF if none; it orders the keys exactly as the
+    `opt` policy does (never-used-again keys: the largest key is evicted first).
+    """
+    stack: list[int] = []  # top first
+    seen: set[int] = set()
+    val: dict[int, int] = {}
+    hist = np.zeros(max_size + 2, dtype=np.int64)
+    pos = 0
+    cap = max_size + 1
+    for keys in steps:
+        k = len(keys)
+        kset = set(keys)
+        depths = []
+        for key in keys:
+            if key in seen:
+                d = stack.index(key)
+                depths.append(d)
+                hist[min(d, cap)] += 1
+            else:
+                seen.add(key)
+                depths.append(INF)
+        for key in keys:
+            n = next_pos[pos]
+            pos += 1
+            val[key] = n if n < INF else INF + key
+        # j values (C - k) at which the number of step keys still below drops by one.
+        drops = sorted(d - k + 1 for d in depths if k <= d < INF)
+        m = sum(1 for d in depths if d >= k)
+        n_old = len(stack)
+        if m == 0:  # every step key was in the top k: they just move to the top
+            for key in keys:
+                stack.remove(key)
+            stack[0:0] = keys
+            continue
+        i = 0
+        pool: list[int] = []
+        while len(pool) < m and i < n_old:
+            x = stack[i]
+            i += 1
+            if x not in kset:
+                pool.append(x)
+        out: list[int] = []
+        j = 0
+        di = 0
+        nd = len(drops)
+        while True:
+            if di < nd and drops[di] == j + 1:
+                m_next = m - 1
+                di += 1
+            else:
+                m_next = m
+                while i < n_old:
+                    x = stack[i]
+                    i += 1
+                    if x not in kset:
+                        pool.append(x)
+                        break
+            if not pool:
+                break
+            if len(pool) == 1:
+                best = pool.pop()
+            else:
+                best = min(pool, key=val.__getitem__)
+                pool.remove(best)
+            out.append(best)
+            m = m_next
+            j += 1
+            if m == 0 and not pool:
+                break
+        tail = stack[i:]
+        if any(d >= i for d in depths if d < INF):
+            tail = [x for x in tail if x not in kset]
+        stack = list(keys) + out + tail
+    out_hits = np.zeros(max_size + 1, dtype=np.int64)
+    out_hits[1:] = np.cumsum(hist[:max_size])
+    return out_hits
+
+
+# -- curves per scope ---------------------------------------------------------------------
+
+
+def _layer_split(steps: np.ndarray, n_experts: int) -> list[np.ndarray]:
+    """Indices of each layer's steps, in replay order."""
+    layers = steps[:, 0] // n_experts
+    return [np.flatnonzero(layers == layer) for layer in range(int(layers.max()) + 1)]
+
+
+def one_pass_hits(
+    policy: str, steps: np.ndarray, n_layers: int, n_experts: int, scope: str
+) -> np.ndarray:
+    """hits[C] for C = 0..n_layers * n_experts, LRU or OPT, one pass per partition."""
+    n_total = n_layers * n_experts
+    steps = np.ascontiguousarray(steps, dtype=np.int64)
+    k = steps.shape[1]
+    nxt = next_positions(steps.reshape(-1)) if policy == "opt" else None
+
+    def part_hits(idx: np.ndarray | None, size: int) -> np.ndarray:
+        sub = steps if idx is None else steps[idx]
+        rows = sub.tolist()
+        if policy == "lru":
+            return lru_hits(rows, size)
+        assert nxt is not None
+        flat_idx = (np.arange(len(steps)) if idx is None else idx)[:, None] * k + np.arange(k)
+        return opt_hits(rows, nxt[flat_idx.reshape(-1)].tolist(), size)
+
+    if scope == "global":
+        return part_hits(None, n_total)
+    per_layer = [part_hits(idx, n_experts + 1) for idx in _layer_split(steps, n_experts)]
+    out = np.zeros(n_total + 1, dtype=np.int64)
+    for c in range(1, n_total + 1):
+        shares = split_slots(c, n_layers)
+        out[c] = sum(int(h[min(s, len(h) - 1)]) for h, s in zip(per_layer, shares, strict=False))
+    return out
+
+
+def _replay_one(args: tuple[np.ndarray, int, int, str, str, int, dict[str, Any]]) -> int:
+    steps, n_layers, n_experts, policy, scope, size, params = args
+    cfg = ReplayConfig(policy=policy, cache_slots=size, scope=scope, policy_params=params)
+    stats = replay_counts(Replay(steps, n_layers=n_layers, n_experts=n_experts, config=cfg))
+    return stats.total("hits")
+
+
+def replay_hits(
+    policy: str,
+    steps: np.ndarray,
+    n_layers: int,
+    n_experts: int,
+    scope: str,
+    sizes: Sequence[int],
+    *,
+    params: dict[str, Any] | None = None,
+    processes: int = 2,
+    progress: Callable[[int], None] | None = None,
+) -> dict[int, int]:
+    """Total hits per cache size by replaying the core once per size."""
+    jobs = [(steps, n_layers, n_experts, policy, scope, s, params or {}) for s in sizes]
+    out: dict[int, int] = {}
+    if processes <= 1 or len(jobs) < 4:
+        for job in jobs:
+            out[job[5]] = _replay_one(job)
+            if progress:
+                progress(1)
+        return out
+    with ProcessPoolExecutor(max_workers=min(processes, 2)) as pool:
+        for size, hits in zip(sizes, pool.map(_replay_one, jobs, chunksize=4), strict=True):
+            out[size] = hits
+            if progress:
+                progress(1)
+    return out
+
+
+@dataclass
+class MRCRequest:
+    policies: list[str]
+    scopes: list[str] = field(default_factory=lambda: list(SCOPES))
+    sizes: list[int] | None = None  # None: 1 .. all keys
+    processes: int = 2
+    policy_params: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def default_policies(n_layers: int) -> list[str]:
+    """All registered policies; the public engine's only on flat (1-layer) traces."""
+    names = policy_names()
+    return [p for p in names if p != "seed-lru-locality" or n_layers == 1]
+
+
+def compute_mrc(
+    steps: np.ndarray,
+    n_layers: int,
+    n_experts: int,
+    req: MRCRequest,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> pd.DataFrame:
+    """The tidy curve frame: (policy, scope, cache_slots, hits, misses, hit_rate)."""
+    steps = np.ascontiguousarray(steps, dtype=np.int32)
+    n_total = n_layers * n_experts
+    lookups = int(steps.size)
+    sizes = req.sizes or list(range(1, n_total + 1))
+    bad = [s for s in sizes if not 1 <= s <= n_total]
+    if bad:
+        raise BadInput(f"cache sizes {bad[:5]} outside 1..{n_total} (all keys of this trace).")
+    known = policy_names()
+    for p in req.policies:
+        if p not in known:
+            raise BadInput(f"unknown policy {p!r}; choose from: {', '.join(known)}.")
+    for s in req.scopes:
+        if s not in SCOPES:
+            raise BadInput(f"unknown scope {s!r}; choose global or per-layer.")
+    rows = []
+    for scope in req.scopes:
+        for policy in req.policies:
+            params = req.policy_params.get(policy, {})
+            if policy in ONE_PASS and not params:
+                curve = one_pass_hits(policy, steps, n_layers, n_experts, scope)
+                hits = {s: int(curve[s]) for s in sizes}
+                if progress:
+                    progress(f"{policy} {scope}", len(sizes), len(sizes))
+            else:
+                done = [0]
+
+                def tick(n: int, label: str = f"{policy} {scope}") -> None:
+                    done[0] += n
+                    if progress:
+                        progress(label, done[0], len(sizes))
+
+                hits = replay_hits(
+                    policy,
+                    steps,
+                    n_layers,
+                    n_experts,
+                    scope,
+                    sizes,
+                    params=params,
+                    processes=req.processes,
+                    progress=tick,
+                )
+            for s in sizes:
+                h = hits[s]
+                rows.append((policy, scope, s, h, lookups - h, h / lookups if lookups else 0.0))
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    return df.astype({"cache_slots": "int32", "hits": "int64", "misses": "int64"})
+
+
+def write_mrc(df: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        df.to_parquet(tmp, index=False)
+    return path
+
+
+def plot_mrc(
+    df: pd.DataFrame, path: str | os.PathLike[str], *, title: str, n_total: int
+) -> Path:
+    """One panel per scope, hit rate vs cache size, OPT drawn as the shaded ceiling."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scopes = [s for s in SCOPES if s in set(df["scope"])]
+    fig, axes = plt.subplots(
+        1, len(scopes), figsize=(6.2 * len(scopes), 4.6), sharey=True, squeeze=False
+    )
+    policies = sorted(set(df["policy"]) - {"opt"})
+    cmap = plt.get_cmap("tab10")
+    for ax, scope in zip(axes[0], scopes, strict=True):
+        sub = df[df["scope"] == scope]
+        opt = sub[sub["policy"] == "opt"].sort_values("cache_slots")
+        if len(opt):
+            x = opt["cache_slots"].to_numpy()
+            y = 100 * opt["hit_rate"].to_numpy()
+            ax.fill_between(x, y, 100, color="0.9", label="_nolegend_")
+            ax.plot(x, y, color="black", lw=2.2, label="OPT (Belady): ceiling")
+        for i, pol in enumerate(policies):
+            cur = sub[sub["policy"] == pol].sort_values("cache_slots")
+            style = "--" if pol == "lru" else "-"
+            ax.plot(
+                cur["cache_slots"],
+                100 * cur["hit_rate"],
+                style,
+                color=cmap(i % 10),
+                lw=1.3,
+                label=pol,
+            )
+        ax.set_title(f"scope: {scope}")
+        ax.set_xlabel(f"cache size (expert slots, of {n_total} experts)")
+        ax.set_xlim(0, n_total)
+        ax.set_ylim(0, 100)
+        ax.grid(True, alpha=0.3)
+    axes[0][0].set_ylabel("hit rate (% of expert lookups)")
+    axes[0][-1].legend(loc="lower right", fontsize=8, framealpha=0.9)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    return path
