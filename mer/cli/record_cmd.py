@@ -108,7 +108,11 @@ def run(args: argparse.Namespace) -> int:
     from traces.record.progress import RecordProgress
     from traces.record.session import RecordOptions, record_run
 
-    if not args.quiet:
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    else:
         note(f"loading {args.model} ...")
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     fam = loaded.family
