@@ -228,6 +228,18 @@ def _read_parquet(path: Path, what: str) -> Any:
         raise BadInput(f"{what} {path}: not a parquet file ({exc}).") from exc
 
 
+def _source_name(df: Any, path: Path) -> str:
+    """What a results table is of, for a default title: its trace and model columns
+    when it has them, else the file name."""
+    parts = []
+    for col in ("trace", "model"):
+        if col in df.columns and df[col].nunique() == 1:
+            parts.append(Path(str(df[col].iloc[0])).name)
+    if not parts:
+        return path.name
+    return parts[0] + (f" ({', '.join(parts[1:])})" if len(parts) > 1 else "")
+
+
 def _done(paths: list[Path]) -> int:
     for p in paths:
         print(p)
@@ -243,7 +255,7 @@ def cmd_plot_mrc(args: argparse.Namespace) -> int:
         raise BadInput(
             f"{args.mrc}: not a miss-ratio-curve table (needs columns {sorted(need)}); write one with `mer mrc -o`."
         )
-    title = args.title or f"Miss-ratio curves: {args.mrc.stem}"
+    title = args.title or f"Miss-ratio curves (no prefetch): {_source_name(df, args.mrc)}"
     return _done(
         plot_mrc(df, args.output, title=title, claim=None if args.no_claim else SEED_CLAIM)
     )
@@ -299,7 +311,10 @@ def cmd_plot_sweep(args: argparse.Namespace) -> int:
             bounds, curves = bandwidth_bounds(shape, hw, mrc, layers, top_k)
         except BadInput as exc:
             note(f"mer: bounds not drawn: {exc}")
-    title = args.title or f"Simulated tokens/s: {args.sweep.stem} (shape {shape}, hardware {hw})"
+    title = (
+        args.title
+        or f"Simulated tokens/s: {_source_name(df, args.sweep)}, shape {shape}, hardware {hw}"
+    )
     return _done(
         plot_sweep_tokens_per_s(df, args.output, title=title, bounds=bounds, curves=curves)
     )
@@ -330,7 +345,8 @@ def cmd_plot_io_share(args: argparse.Namespace) -> int:
             "tokens_per_s",
         },
     )
-    title = args.title or f"Where a token's time goes: {args.sweep.stem}"
+    hw = str(df["hardware"].iloc[0]) if "hardware" in df.columns else "hardware not recorded"
+    title = args.title or f"Where a token's time goes: {_source_name(df, args.sweep)}, {hw}"
     return _done(plot_io_share(df, args.output, title=title))
 
 
