@@ -19,7 +19,12 @@ from mer.errors import BadInput
 from traces.format import PHASES, Trace, read_trace, write_trace
 from traces.importers import IMPORTERS, ImportOptions, import_trace
 
-FORMATS_HELP = "; ".join(f"{name}: {imp.summary}" for name, imp in IMPORTERS.items())
+FORMATS_HELP = "\n".join(f"  {name:<19} {imp.summary}" for name, imp in IMPORTERS.items())
+IMPORT_EXAMPLE = """example:
+  mer trace import mixtral-offloading active_experts.txt -o h39s.parquet
+  mer trace import speculative-moe humaneval_2_routing.jsonl -o he.parquet --json
+  mer trace import seed-jsonl replay.jsonl -o seed.parquet --model seed-flat-256 \\
+      --experts-per-layer 8"""
 
 
 def register(tsub: argparse._SubParsersAction) -> None:
@@ -27,11 +32,13 @@ def register(tsub: argparse._SubParsersAction) -> None:
         "import",
         help="convert a published or foreign routing file to trace format v1",
         description=(
-            "Convert routing recorded elsewhere into a validated trace (format v1, parquet). "
-            "What the source lacks (prefill per-token routing, gate weights, incomplete "
-            "tokens) is dropped and counted, never invented; see docs/trace-format.md. "
-            f"Formats: {FORMATS_HELP}."
+            "Convert routing recorded elsewhere into a validated trace (format v1, parquet).\n"
+            "What the source lacks (per-token prefill routing, gate weights, whole tokens) is\n"
+            "dropped and counted on stderr and in --json, never invented; details per format\n"
+            f"in docs/trace-format.md.\n\nformats:\n{FORMATS_HELP}"
         ),
+        epilog=IMPORT_EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("format", metavar="FORMAT", choices=list(IMPORTERS), help=", ".join(IMPORTERS))
     p.add_argument("src", metavar="SRC", type=Path, help="the file to import")

@@ -28,7 +28,7 @@ from traces.importers.common import (
 )
 
 NAME = "mixtral-offloading"
-SUMMARY = "active_experts.txt of mixtral-offloading (line i = layer i mod 32; prefill sets dropped)"
+SUMMARY = "active_experts.txt (line i = layer i mod 32); prefill sets dropped"
 
 # The file in ../shared/data/external/mixtral-offloading-h39s, identified by content.
 KNOWN_SOURCES: dict[str, dict[str, str]] = {

@@ -28,9 +28,7 @@ from traces.importers.common import (
 )
 
 NAME = "seed-jsonl"
-SUMMARY = (
-    'public engine replay JSON Lines {"token", "layer", "experts"} (+ "weights", "seq", "phase")'
-)
+SUMMARY = 'replay JSON Lines {"token", "layer", "experts"} (+ "weights")'
 
 
 def load(src: Path, options: ImportOptions) -> ImportResult:

@@ -40,7 +40,7 @@ from traces.importers.common import (
 )
 
 NAME = "speculative-moe"
-SUMMARY = "speculative-moe JSON Lines (dataset, problem_id, layer, experts, gating_probs, token_idx|token_pos)"
+SUMMARY = "vLLM JSON Lines (problem_id, layer, experts, gating_probs, token_idx)"
 
 Record = tuple[int, int, list[int], list[float], int]  # line, layer, experts, probs, position
 

@@ -29,7 +29,7 @@ from traces.importers.common import (
 )
 
 NAME = "csv"
-SUMMARY = "tidy CSV with columns seq,token,layer,rank,expert (+ phase, weight, lookahead)"
+SUMMARY = "tidy rows: seq,token,layer,rank,expert (+ phase, weight, lookahead)"
 REQUIRED = ("seq", "token", "layer", "rank", "expert")
 OPTIONAL = ("phase", "weight", "lookahead")
 
