@@ -501,3 +501,34 @@ def test_missing_model_offline(
     assert rc == 2, err
     assert "cannot load model 'no-such-org/no-such-moe'" in err
     assert "HF_HUB_OFFLINE" in err and "Traceback" not in err
+
+
+@pytest.mark.record
+def test_recorded_trace_feeds_the_other_commands(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The Done-when: trace stats, mrc and simulate accept a recorded trace.
+
+    Commands another part of mer has not registered yet are skipped, not failed.
+    """
+    _torch()
+    from mer.cli import build_parser
+
+    out = tmp_path / "t.parquet"
+    _run_api(_build("mixtral"), out, PROMPTS, lookahead=True, logits=True)
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    commands = set(sub.choices or {})  # type: ignore[attr-defined]
+    runs = [
+        ("trace", ["trace", "validate", str(out)]),
+        ("trace", ["trace", "stats", str(out)]),
+        ("mrc", ["mrc", str(out), "-o", str(tmp_path / "mrc.parquet")]),
+        ("simulate", ["simulate", str(out), "--policy", "lru", "--cache-slots", "8", "--json"]),
+    ]
+    ran = 0
+    for command, argv in runs:
+        if command not in commands:
+            continue
+        assert _cli(*argv) == 0, capsys.readouterr().err
+        ran += 1
+    if not ran:
+        pytest.skip("no consumer command registered yet")
