@@ -235,6 +235,18 @@ def replay_hits(
     return out
 
 
+class _Ticker:
+    """Counts finished sizes and forwards them to a (label, done, total) callback."""
+
+    def __init__(self, cb: Callable[[str, int, int], None] | None, label: str, total: int):
+        self.cb, self.label, self.total, self.done = cb, label, total, 0
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        if self.cb:
+            self.cb(self.label, self.done, self.total)
+
+
 @dataclass
 class MRCRequest:
     policies: list[str]
@@ -282,13 +294,6 @@ def compute_mrc(
                 if progress:
                     progress(f"{policy} {scope}", len(sizes), len(sizes))
             else:
-                done = [0]
-
-                def tick(n: int, label: str = f"{policy} {scope}") -> None:
-                    done[0] += n
-                    if progress:
-                        progress(label, done[0], len(sizes))
-
                 hits = replay_hits(
                     policy,
                     steps,
@@ -298,11 +303,11 @@ def compute_mrc(
                     sizes,
                     params=params,
                     processes=req.processes,
-                    progress=tick,
+                    progress=_Ticker(progress, f"{policy} {scope}", len(sizes)),
                 )
-            for s in sizes:
-                h = hits[s]
-                rows.append((policy, scope, s, h, lookups - h, h / lookups if lookups else 0.0))
+            for size in sizes:
+                h = hits[size]
+                rows.append((policy, scope, size, h, lookups - h, h / lookups if lookups else 0.0))
     df = pd.DataFrame(rows, columns=COLUMNS)
     return df.astype({"cache_slots": "int32", "hits": "int64", "misses": "int64"})
 
@@ -314,9 +319,7 @@ def write_mrc(df: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
     return path
 
 
-def plot_mrc(
-    df: pd.DataFrame, path: str | os.PathLike[str], *, title: str, n_total: int
-) -> Path:
+def plot_mrc(df: pd.DataFrame, path: str | os.PathLike[str], *, title: str, n_total: int) -> Path:
     """One panel per scope, hit rate vs cache size, OPT drawn as the shaded ceiling."""
     import matplotlib
 

@@ -1,0 +1,201 @@
+"""`mer mrc` (miss-ratio curves) and `mer predict-eval` (predictor precision/recall)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from mer.cli.common import add_phase_arg, emit, int_list, note, str_list
+from mer.errors import BadInput
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "mrc",
+        help="miss-ratio curves: hit rate at every cache size, per policy and scope",
+        description=(
+            "Hit rate for every cache size from 1 slot to all experts (n_layers x n_experts), "
+            "per eviction policy and cache scope, without prefetch, from an empty cache. "
+            "LRU and OPT (Belady, the ceiling) come from exact one-pass stack algorithms; "
+            "other policies are replayed once per size. Writes a tidy parquet "
+            "(policy, scope, cache_slots, hits, misses, hit_rate)."
+        ),
+    )
+    p.add_argument("trace", type=Path, help="trace file (.parquet, format v1)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="output curves (.parquet)")
+    p.add_argument("--plot", type=Path, default=None, help="also write a PNG plot here")
+    p.add_argument(
+        "--policies",
+        type=str_list,
+        default=None,
+        help="comma-separated policies (default: all registered; seed-lru-locality only "
+        "on 1-layer traces; opt is always added as the ceiling)",
+    )
+    p.add_argument(
+        "--scopes",
+        type=str_list,
+        default=["global", "per-layer"],
+        help="comma-separated cache scopes: global, per-layer (default: both)",
+    )
+    p.add_argument(
+        "--sizes",
+        type=int_list,
+        default=None,
+        help="only these cache sizes, comma-separated (default: every size 1..all experts)",
+    )
+    p.add_argument(
+        "--processes", type=int, default=2, help="processes for per-size replays (max 2)"
+    )
+    add_phase_arg(p)
+    p.add_argument("--json", action="store_true", help="print one JSON summary object on stdout")
+    p.set_defaults(func=run_mrc)
+
+    q = sub.add_parser(
+        "predict-eval",
+        help="precision and recall of expert predictors on a trace",
+        description=(
+            "Replays the trace through each predictor (observe step t, then predict steps "
+            "t+1..t+depth) and scores its top-k guesses: precision = predicted keys that are "
+            "in the true set / predicted keys; recall = true keys predicted / true keys."
+        ),
+    )
+    q.add_argument("trace", type=Path, help="trace file (.parquet, format v1)")
+    q.add_argument(
+        "--predictors",
+        type=str_list,
+        default=None,
+        help="comma-separated predictors (default: all that apply to this trace)",
+    )
+    q.add_argument("--depth", type=int, default=1, help="how many steps ahead to score (default 1)")
+    add_phase_arg(q)
+    q.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    q.add_argument("-o", "--output", type=Path, default=None, help="write the table (.parquet)")
+    q.set_defaults(func=run_predict_eval)
+
+
+def _load(path: Path, phase: str) -> Any:
+    from traces.format import read_trace
+
+    return read_trace(path).select_phase(phase)
+
+
+def run_mrc(args: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from sim.mrc import MRCRequest, compute_mrc, default_policies, plot_mrc, write_mrc
+
+    if not 1 <= args.processes <= 2:
+        raise BadInput(f"--processes must be 1 or 2, got {args.processes}.")
+    tr = _load(args.trace, args.phase)
+    steps = tr.keys().reshape(-1, tr.top_k)
+    policies = args.policies or default_policies(tr.n_layers)
+    if "opt" not in policies:
+        policies = [*policies, "opt"]
+    params: dict[str, dict[str, Any]] = {}
+    epl = (tr.meta.extra or {}).get("experts_per_layer")
+    if "seed-lru-locality" in policies and epl:
+        params["seed-lru-locality"] = {"experts_per_layer": int(epl)}
+    req = MRCRequest(
+        policies=policies,
+        scopes=args.scopes,
+        sizes=args.sizes,
+        processes=args.processes,
+        policy_params=params,
+    )
+    t0 = time.perf_counter()
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} sizes"),
+        TimeElapsedColumn(),
+        transient=True,
+    ) as prog:
+        tasks: dict[str, Any] = {}
+
+        def progress(label: str, done: int, total: int) -> None:
+            if label not in tasks:
+                tasks[label] = prog.add_task(label, total=total)
+            prog.update(tasks[label], completed=done)
+
+        df = compute_mrc(steps, tr.n_layers, tr.n_experts, req, progress=progress)
+    seconds = time.perf_counter() - t0
+    write_mrc(df, args.output)
+    note(f"wrote {args.output}")
+    n_total = tr.n_layers * tr.n_experts
+    if args.plot:
+        title = (
+            f"Miss-ratio curves, no prefetch: {args.trace.name} ({tr.meta.model}, "
+            f"{tr.n_layers} layers x {tr.n_experts} experts, top-{tr.top_k}, "
+            f"{tr.n_lookups:,} lookups, phase {args.phase})"
+        )
+        plot_mrc(df, args.plot, title=title, n_total=n_total)
+        note(f"wrote {args.plot}")
+    marks = sorted({max(1, n_total // 8), max(1, n_total // 4), max(1, n_total // 2), n_total})
+    summary = {
+        "trace": str(args.trace),
+        "output": str(args.output),
+        "plot": str(args.plot) if args.plot else None,
+        "model": tr.meta.model,
+        "lookups": int(steps.size),
+        "phase": args.phase,
+        "policies": policies,
+        "scopes": args.scopes,
+        "rows": len(df),
+        "seconds": round(seconds, 3),
+        "at": {
+            f"{scope}/{pol}": {
+                int(r.cache_slots): round(float(r.hit_rate), 6)
+                for r in df[(df.policy == pol) & (df.scope == scope)].itertuples()
+                if int(r.cache_slots) in marks
+            }
+            for scope in args.scopes
+            for pol in policies
+        },
+    }
+    lines = [f"hit rate at {', '.join(str(m) for m in marks)} slots ({seconds:.1f} s):"]
+    for key, vals in summary["at"].items():
+        lines.append(f"  {key:28s} " + "  ".join(f"{100 * v:6.2f}%" for v in vals.values()))
+    emit(args, summary, "\n".join(lines))
+    return 0
+
+
+def run_predict_eval(args: argparse.Namespace) -> int:
+    import numpy as np
+    import pandas as pd
+
+    from mer.atomic import atomic_path
+    from mer.core import ReplayContext, make_predictor, predictor_names
+    from mer.core.predictors import evaluate
+
+    if args.depth < 1:
+        raise BadInput(f"--depth must be >= 1, got {args.depth}.")
+    tr = _load(args.trace, args.phase)
+    steps = tr.keys().reshape(-1, tr.top_k).astype(np.int32)
+    la = tr.lookahead()
+    la_keys = None
+    if la is not None:
+        layer = np.arange(tr.n_layers, dtype=np.int32)[None, :, None]
+        la_keys = (layer * tr.n_experts + la.astype(np.int32)).reshape(-1, tr.top_k)
+    ctx = ReplayContext(tr.n_layers, tr.n_experts, tr.top_k, steps, la_keys)
+    names = args.predictors or [
+        n for n in predictor_names() if n != "none" and (n != "lookahead" or la is not None)
+    ]
+    rows: list[dict[str, Any]] = []
+    for name in names:
+        res = evaluate(make_predictor(name, ctx), steps, args.depth)
+        rows.extend({"predictor": name, **r} for r in res)
+    df = pd.DataFrame(rows)
+    if args.output:
+        with atomic_path(args.output) as tmp:
+            df.to_parquet(tmp, index=False)
+        note(f"wrote {args.output}")
+    lines = [f"{'predictor':16s} {'dist':>4s} {'precision':>9s} {'recall':>7s}"]
+    for r in rows:
+        lines.append(
+            f"{r['predictor']:16s} {r['distance']:4d} {100 * r['precision']:8.2f}% "
+            f"{100 * r['recall']:6.2f}%"
+        )
+    emit(args, {"trace": str(args.trace), "depth": args.depth, "results": rows}, "\n".join(lines))
+    return 0
