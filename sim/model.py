@@ -462,6 +462,8 @@ def simulate(
     opts = options or SimOptions()
     opts.validate()
     tr = trace.select_phase(config.phase)
+    if config.tokens is not None and config.tokens < tr.n_tokens:
+        tr = tr.head(max(config.tokens, 1))
     shape: ModelShape = get_shape(
         opts.shape or default_shape_for(tr.n_layers, tr.n_experts, tr.top_k)
     )

@@ -1,0 +1,279 @@
+"""`mer simulate` and `mer sweep`: the simpy model on one configuration or a grid."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from mer.cli.common import (
+    add_output_args,
+    add_replay_args,
+    emit,
+    int_list,
+    note,
+    positive_int,
+    replay_config_from_args,
+    require_file,
+    str_list,
+)
+from mer.errors import BadInput
+
+SEED_HARDWARE = "seed-g2-standard-32"
+DEFAULT_HARDWARE = "nvme-desktop"
+
+
+def _hardware_help() -> str:
+    from sim.hardware import bundled_profiles
+
+    return (
+        "hardware profile: a bundled name ("
+        + ", ".join(bundled_profiles())
+        + ") or a JSON file written by `mer probe` "
+        f"(default {DEFAULT_HARDWARE}; {SEED_HARDWARE} with --mode seed)"
+    )
+
+
+def _shape_help() -> str:
+    from mer.shapes import SHAPES
+
+    return (
+        "model shape for bytes per expert and dense size: "
+        + ", ".join(SHAPES)
+        + " (default: the shape matching the trace geometry: mixtral-8x7b for 32x8 top-2, "
+        "seed-flat-256 for the flat 1x256 seed stream)"
+    )
+
+
+def _add_timing_args(p: argparse.ArgumentParser, *, sweep: bool) -> None:
+    if sweep:
+        p.add_argument(
+            "--hardware",
+            type=str_list,
+            default=None,
+            help="comma-separated hardware profiles (names or JSON files); " + _hardware_help(),
+        )
+    else:
+        p.add_argument("--hardware", default=None, help=_hardware_help())
+    p.add_argument("--shape", default=None, help=_shape_help())
+    p.add_argument(
+        "--mode",
+        choices=("model", "seed"),
+        default="model",
+        help="model: whole tokens with dense time and overlapped reads/FFNs; seed: the public "
+        "engine's benchmark (one iteration = one layer step, no dense time, FFNs after the "
+        "step's reads)",
+    )
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "simulate",
+        help="predict hit rate and tokens/s of one configuration with the simpy model",
+        description=(
+            "Replay TRACE through the shared decision core against a hardware profile, on "
+            "simpy's virtual clock: SSD reads split into chunks on parallel channels "
+            "(foreground before prefetch), FFNs on compute workers. Prints the run summary "
+            "laid out like the public engine's log (or --json); -o writes the per-token table."
+        ),
+    )
+    p.add_argument("trace", type=Path, help="trace parquet (trace format v1)")
+    add_replay_args(p)
+    _add_timing_args(p, sweep=False)
+    p.add_argument(
+        "--engine",
+        choices=("fast", "simpy"),
+        default="fast",
+        help="fast: the analytic SSD/compute solution (default); simpy: one simpy process "
+        "per chunk and FFN (the literal model, slow, for checking)",
+    )
+    add_output_args(p)
+    p.add_argument(
+        "--summary", type=Path, default=None, help="also write the summary JSON to this file"
+    )
+    p.set_defaults(func=cmd_simulate)
+
+    s = sub.add_parser(
+        "sweep",
+        help="simulate a grid of configurations in parallel and name the winner",
+        description=(
+            "Every combination of --policies x --cache-slots x --predictors x --scopes x "
+            "--hardware, simulated in parallel processes (or on a Dask cluster). Results are "
+            "rewritten atomically to -o after each configuration; rerunning the same command "
+            "resumes, skipping configurations already present."
+        ),
+    )
+    s.add_argument("trace", type=Path, help="trace parquet (trace format v1)")
+    s.add_argument(
+        "--policies", type=str_list, default=["lru"], help="comma-separated eviction policies"
+    )
+    s.add_argument(
+        "--cache-slots",
+        type=int_list,
+        default=[64],
+        help="comma-separated total slot counts (e.g. 16,32,64)",
+    )
+    s.add_argument(
+        "--predictors", type=str_list, default=["none"], help="comma-separated predictors"
+    )
+    s.add_argument(
+        "--scopes",
+        type=str_list,
+        default=["global"],
+        help="comma-separated scopes: global, per-layer",
+    )
+    add_replay_args(s, sweep=True)
+    _add_timing_args(s, sweep=True)
+    s.add_argument(
+        "-o", "--output", type=Path, required=True, help="results parquet (one row per config)"
+    )
+    s.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    s.add_argument(
+        "--jobs", type=positive_int, default=None, help="parallel worker processes (default 2)"
+    )
+    s.add_argument("--backend", choices=("local", "dask"), default="local", help="where to run")
+    s.add_argument("--scheduler", default=None, help="dask scheduler address (--backend dask)")
+    s.add_argument(
+        "--best",
+        choices=("tokens_per_s", "hit_rate", "tokens_per_s_per_gib"),
+        default="tokens_per_s",
+        help="objective that names the winner (default tokens_per_s)",
+    )
+    s.add_argument(
+        "--experts",
+        default="EXPERTS.gguf",
+        help="expert file to name in the printed `mer run` command (default EXPERTS.gguf)",
+    )
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_sweep)
+
+
+def _load(trace_path: Path) -> Any:
+    from traces.format import read_trace
+
+    require_file(trace_path, "trace")
+    return read_trace(trace_path)
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from mer.shapes import get_shape
+    from mer.summary import trace_digest, write_token_table
+    from sim.hardware import load_profile
+    from sim.model import SimOptions, default_shape_for, simulate
+
+    trace = _load(args.trace)
+    shape_name = args.shape or default_shape_for(trace.n_layers, trace.n_experts, trace.top_k)
+    shape = get_shape(shape_name)
+    config = replay_config_from_args(args, shape.bytes_per_expert)
+    hw = load_profile(args.hardware or (SEED_HARDWARE if args.mode == "seed" else DEFAULT_HARDWARE))
+    if (shape.n_layers, shape.n_experts) != (trace.n_layers, trace.n_experts):
+        note(
+            f"note: shape {shape.name} is {shape.n_layers}x{shape.n_experts}, the trace "
+            f"{trace.n_layers}x{trace.n_experts}; only its bytes per expert and dense size are used."
+        )
+    res = simulate(
+        trace,
+        config,
+        hw,
+        SimOptions(mode=args.mode, engine=args.engine, shape=shape_name),
+        trace_path=str(args.trace),
+        trace_digest=trace_digest(args.trace),
+    )
+    summary = res.summary
+    if not summary.extra.get("cache_fits_ram", True):
+        note(
+            f"warning: {config.cache_slots} slots need {summary.extra['cache_bytes'] / 2**30:.1f} "
+            f"GiB, more than the profile's RAM ({hw.memory.ram_bytes / 2**30:.1f} GiB)."
+        )
+    if args.output:
+        write_token_table(res.tokens, args.output, summary)
+    if args.summary:
+        summary.save(args.summary)
+    emit(args, summary.to_dict(), summary.format_text())
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from mer.core import policy_names, predictor_names
+    from mer.summary import trace_digest
+    from sim.hardware import load_profile
+    from sim.sweep import SweepSpec, best_row, check_names, default_jobs, run_command, run_sweep
+
+    trace = _load(args.trace)
+    check_names("policy", args.policies, policy_names())
+    check_names("predictor", args.predictors, predictor_names())
+    check_names("scope", args.scopes, ("global", "per-layer"))
+    hardware = args.hardware or [SEED_HARDWARE if args.mode == "seed" else DEFAULT_HARDWARE]
+    for hw in hardware:
+        load_profile(hw)  # fail early, with the profile's own message
+    if args.shape:
+        from mer.shapes import get_shape
+
+        get_shape(args.shape)
+    if trace.n_tokens == 0:
+        raise BadInput(f"{args.trace}: the trace has no tokens.")
+    base = replay_config_from_args(args).to_dict()
+    spec = SweepSpec(
+        trace=str(args.trace),
+        policies=args.policies,
+        cache_slots=args.cache_slots,
+        predictors=args.predictors,
+        scopes=args.scopes,
+        hardware=hardware,
+        mode=args.mode,
+        shape=args.shape,
+        base=base,
+    )
+    outcome = run_sweep(
+        spec,
+        args.output,
+        trace_digest=trace_digest(args.trace),
+        jobs=args.jobs or default_jobs(),
+        backend=args.backend,
+        scheduler=args.scheduler,
+        progress=not args.no_progress and not args.json,
+    )
+    df = outcome.results
+    for h, msg in outcome.failed:
+        note(f"config {h} failed: {msg}")
+    best = best_row(df, args.best) if len(df) else None
+    command = run_command(best, args.experts) if best else None
+    out: dict[str, Any] = {
+        "results": str(args.output),
+        "configs": len(df),
+        "ran": outcome.ran,
+        "skipped": outcome.skipped,
+        "failed": [{"config_hash": h, "error": m} for h, m in outcome.failed],
+        "objective": args.best,
+        "best": best,
+        "command": command,
+    }
+    lines = [
+        f"sweep of {args.trace}: {len(df)} configurations in {args.output} "
+        f"({outcome.ran} run now, {outcome.skipped} already done, {len(outcome.failed)} failed)"
+    ]
+    if len(df):
+        cols = [
+            "policy",
+            "scope",
+            "predictor",
+            "cache_slots",
+            "hardware",
+            "hit_rate",
+            "tokens_per_s",
+            "io_wait_share",
+            "tokens_per_s_per_gib",
+        ]
+        top = df.sort_values(args.best, ascending=False, kind="stable").head(10)
+        lines.append(f"top 10 by {args.best}:")
+        lines.append(top[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    if best:
+        lines.append(
+            f"winner ({args.best}): policy {best['policy']} ({best['scope']}), "
+            f"{int(best['cache_slots'])} slots, predictor {best['predictor']}, hardware "
+            f"{best['hardware']}: hit rate {best['hit_rate'] * 100:.2f}%, "
+            f"{best['tokens_per_s']:.3f} tokens/s"
+        )
+        lines.append(f"run it for real:\n  {command}")
+    emit(args, out, "\n".join(lines))
+    return 1 if outcome.failed else 0

@@ -1,0 +1,402 @@
+"""Sweeps: one simulation per point of a grid, in parallel, resumable, with a winner.
+
+Each configuration is a flat dict (policy, cache_slots, scope, predictor,
+hardware, mode, shape and the shared replay options) named by a hash of its
+content and of the trace's digest. Finished rows are written to the results
+parquet atomically after every configuration, so an interrupted sweep keeps
+what it finished and a rerun skips every configuration already present.
+
+Backends: `local` runs a ProcessPoolExecutor (or in-process with one job);
+`dask` submits the same function to a dask.distributed scheduler.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from mer.atomic import atomic_path
+from mer.errors import BadInput, RuntimeFailure
+from mer.summary import RunSummary
+
+OBJECTIVES = ("tokens_per_s", "hit_rate", "tokens_per_s_per_gib")
+BACKENDS = ("local", "dask")
+#: Replay options every configuration carries (besides the grid axes).
+BASE_KEYS = (
+    "pipeline_depth",
+    "prefetch_top_n",
+    "prefetch_min_prob",
+    "prefetch_inflight",
+    "pin",
+    "phase",
+    "tokens",
+    "policy_params",
+    "predictor_params",
+)
+
+
+@dataclass
+class SweepSpec:
+    """The grid: every combination of the list fields, with `base` replay options."""
+
+    trace: str
+    policies: list[str]
+    cache_slots: list[int]
+    predictors: list[str] = field(default_factory=lambda: ["none"])
+    scopes: list[str] = field(default_factory=lambda: ["global"])
+    hardware: list[str] = field(default_factory=lambda: ["nvme-desktop"])
+    mode: str = "model"
+    shape: str | None = None
+    base: dict[str, Any] = field(default_factory=dict)
+
+    def configs(self, trace_digest: str) -> list[dict[str, Any]]:
+        out = []
+        for hw in self.hardware:
+            for scope in self.scopes:
+                for predictor in self.predictors:
+                    for policy in self.policies:
+                        for slots in self.cache_slots:
+                            cfg: dict[str, Any] = {
+                                "trace": self.trace,
+                                "trace_digest": trace_digest,
+                                "policy": policy,
+                                "cache_slots": int(slots),
+                                "scope": scope,
+                                "predictor": predictor,
+                                "hardware": hw,
+                                "mode": self.mode,
+                                "shape": self.shape,
+                            }
+                            for key in BASE_KEYS:
+                                if key in self.base:
+                                    cfg[key] = self.base[key]
+                            cfg["config_hash"] = config_hash(cfg)
+                            out.append(cfg)
+        return out
+
+
+def config_hash(cfg: dict[str, Any]) -> str:
+    """Content hash of a configuration (the trace by digest, not by path)."""
+    ident = {k: v for k, v in cfg.items() if k not in ("config_hash", "trace")}
+    text = json.dumps(ident, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@lru_cache(maxsize=4)
+def _load_trace(path: str) -> Any:
+    from traces.format import read_trace
+
+    return read_trace(path)
+
+
+def run_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Simulate one configuration; the flat result row (runs in a worker process)."""
+    from mer.core import ReplayConfig
+    from sim.hardware import load_profile
+    from sim.model import SimOptions, simulate
+
+    trace = _load_trace(cfg["trace"])
+    replay_keys = set(ReplayConfig.__dataclass_fields__)
+    rc = ReplayConfig(**{k: v for k, v in cfg.items() if k in replay_keys})
+    hw = load_profile(cfg["hardware"])
+    res = simulate(
+        trace,
+        rc,
+        hw,
+        SimOptions(mode=cfg["mode"], shape=cfg.get("shape")),
+        trace_path=cfg["trace"],
+        trace_digest=cfg["trace_digest"],
+    )
+    return flatten(cfg, res.summary)
+
+
+def flatten(cfg: dict[str, Any], s: RunSummary) -> dict[str, Any]:
+    """Config columns + the summary's fields as scalar columns."""
+    row: dict[str, Any] = {k: _scalar(v) for k, v in cfg.items()}
+    row["shape"] = s.shape
+    for name in (
+        "tokens",
+        "layers",
+        "top_k",
+        "hits",
+        "misses",
+        "hit_rate",
+        "bytes_read",
+        "wall_s",
+        "tokens_per_s",
+        "layer_iterations_per_s",
+        "io_wait_s",
+        "compute_s",
+        "dense_s",
+        "io_wait_share",
+    ):
+        row[name] = getattr(s, name)
+    row["lookups"] = s.lookups
+    for name, value in s.prefetch.items():
+        row[f"prefetch_{name}"] = value
+    for block, stats in s.latency.items():
+        for p in ("p50", "p95", "p99", "max"):
+            row[f"{block}_{p}_s"] = stats.get(p, 0.0)
+    ex = s.extra
+    row["cache_bytes"] = ex.get("cache_bytes")
+    gib = (ex.get("cache_bytes") or 0) / (1 << 30)
+    row["tokens_per_s_per_gib"] = s.tokens_per_s / gib if gib > 0 else 0.0
+    row["bound_compute_tokens_per_s"] = ex.get("bound_compute_tokens_per_s")
+    row["evictions"] = ex.get("evictions")
+    row["bypass"] = ex.get("bypass")
+    row["sim_seconds"] = ex.get("sim_seconds")
+    return row
+
+
+def _scalar(v: Any) -> Any:
+    if isinstance(v, dict):
+        return json.dumps(v, sort_keys=True)
+    return v
+
+
+def read_results(path: str | Path) -> pd.DataFrame:
+    p = Path(path)
+    if not p.exists():
+        return pd.DataFrame()
+    try:
+        return pd.read_parquet(p)
+    except Exception as exc:
+        raise BadInput(
+            f"{p}: exists but is not a sweep results parquet ({exc}); choose another -o path."
+        ) from exc
+
+
+def write_results(df: pd.DataFrame, path: str | Path) -> None:
+    with atomic_path(path) as tmp:
+        df.to_parquet(tmp, index=False)
+
+
+@dataclass
+class SweepOutcome:
+    results: pd.DataFrame
+    ran: int
+    skipped: int
+    failed: list[tuple[str, str]]
+
+
+def run_sweep(
+    spec: SweepSpec,
+    out: str | Path,
+    *,
+    trace_digest: str,
+    jobs: int = 2,
+    backend: str = "local",
+    scheduler: str | None = None,
+    progress: bool = True,
+) -> SweepOutcome:
+    """Run every configuration not yet in `out`; rewrite `out` after each one."""
+    if backend not in BACKENDS:
+        raise BadInput(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}.")
+    configs = spec.configs(trace_digest)
+    existing = read_results(out)
+    done = set(existing["config_hash"]) if "config_hash" in existing.columns else set()
+    todo = [c for c in configs if c["config_hash"] not in done]
+    rows: list[dict[str, Any]] = (
+        [{str(k): v for k, v in r.items()} for r in existing.to_dict("records")]
+        if len(existing)
+        else []
+    )
+    failed: list[tuple[str, str]] = []
+
+    def finished(row: dict[str, Any]) -> None:
+        rows.append(row)
+        write_results(pd.DataFrame(rows), out)
+
+    def failure(cfg: dict[str, Any], exc: BaseException) -> None:
+        failed.append((cfg["config_hash"], f"{type(exc).__name__}: {exc}"))
+
+    if todo:
+        with _progress(progress, len(todo), len(configs) - len(todo)) as advance:
+            if backend == "dask":
+                _run_dask(todo, scheduler, finished, failure, advance)
+            elif jobs <= 1:
+                for cfg in todo:
+                    try:
+                        finished(run_config(cfg))
+                    except Exception as exc:
+                        failure(cfg, exc)
+                    advance()
+            else:
+                _run_local(todo, jobs, finished, failure, advance)
+    df = pd.DataFrame(rows)
+    if len(df):
+        order = {c["config_hash"]: i for i, c in enumerate(configs)}
+        df = df.assign(_o=df["config_hash"].map(order).fillna(len(order)))
+        df = df.sort_values("_o", kind="stable").drop(columns="_o").reset_index(drop=True)
+        write_results(df, out)
+    return SweepOutcome(df, len(todo) - len(failed), len(configs) - len(todo), failed)
+
+
+def _run_local(
+    todo: list[dict[str, Any]],
+    jobs: int,
+    finished: Callable[[dict[str, Any]], None],
+    failure: Callable[[dict[str, Any], BaseException], None],
+    advance: Callable[[], None],
+) -> None:
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        futures = {pool.submit(run_config, cfg): cfg for cfg in todo}
+        try:
+            for fut in as_completed(futures):
+                try:
+                    finished(fut.result())
+                except Exception as exc:
+                    failure(futures[fut], exc)
+                advance()
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+
+
+def _run_dask(
+    todo: list[dict[str, Any]],
+    scheduler: str | None,
+    finished: Callable[[dict[str, Any]], None],
+    failure: Callable[[dict[str, Any], BaseException], None],
+    advance: Callable[[], None],
+) -> None:
+    if not scheduler:
+        raise BadInput("--backend dask needs --scheduler ADDRESS (e.g. tcp://127.0.0.1:8786).")
+    try:
+        from dask.distributed import Client, as_completed
+    except ImportError as exc:  # pragma: no cover - dask is a dependency
+        raise RuntimeFailure(f"--backend dask needs dask.distributed ({exc}).") from exc
+    try:
+        client = Client(scheduler, timeout=10)
+    except OSError as exc:
+        raise RuntimeFailure(
+            f"cannot reach the dask scheduler at {scheduler} ({exc}); start one with "
+            "`dask scheduler` or use --backend local."
+        ) from exc
+    try:
+        futures = {client.submit(run_config, cfg, pure=False): cfg for cfg in todo}
+        for fut in as_completed(list(futures)):
+            try:
+                finished(fut.result())
+            except Exception as exc:
+                failure(futures[fut], exc)
+            advance()
+    finally:
+        client.close()
+
+
+class _progress:
+    """A rich progress bar on stderr (or nothing), yielding an advance() callable."""
+
+    def __init__(self, enabled: bool, total: int, skipped: int) -> None:
+        self.enabled = enabled and total > 0
+        self.total = total
+        self.skipped = skipped
+        self._bar: Any = None
+
+    def __enter__(self) -> Callable[[], None]:
+        if not self.enabled:
+            return lambda: None
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self._bar = Progress(
+            TextColumn("sweep"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=Console(file=sys.stderr),
+            transient=False,
+        )
+        self._bar.start()
+        desc = f"sweep ({self.skipped} already done)" if self.skipped else "sweep"
+        task = self._bar.add_task(desc, total=self.total)
+        return lambda: self._bar.advance(task)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+def best_row(df: pd.DataFrame, objective: str) -> dict[str, Any]:
+    """The configuration that maximises `objective` (ties: the earlier row)."""
+    if objective not in OBJECTIVES:
+        raise BadInput(f"--best must be one of {', '.join(OBJECTIVES)}, got {objective!r}.")
+    if not len(df):
+        raise RuntimeFailure("the sweep has no results to choose from.")
+    pos = int(df[objective].astype(float).to_numpy().argmax())
+    return {str(k): v for k, v in df.iloc[pos].to_dict().items()}
+
+
+def run_command(row: dict[str, Any], experts: str = "EXPERTS.gguf") -> str:
+    """The `mer run` command that executes a configuration on the real engine."""
+    parts = [
+        "mer run",
+        _quote(str(row["trace"])),
+        f"--experts {experts}",
+        f"--policy {row['policy']}",
+        f"--cache-slots {int(row['cache_slots'])}",
+        f"--scope {row['scope']}",
+        f"--predictor {row['predictor']}",
+        f"--pipeline-depth {int(row.get('pipeline_depth', 1))}",
+    ]
+    for key, flag in (
+        ("prefetch_inflight", "--prefetch-inflight"),
+        ("prefetch_top_n", "--prefetch-top-n"),
+        ("pin", "--pin"),
+    ):
+        value = row.get(key)
+        default = {"prefetch_inflight": 8, "prefetch_top_n": None, "pin": 0}[key]
+        if value is not None and not _isnan(value) and value != default:
+            parts.append(f"{flag} {int(value)}")
+    phase = row.get("phase")
+    if phase and phase != "all":
+        parts.append(f"--phase {phase}")
+    return " ".join(parts)
+
+
+def _isnan(v: Any) -> bool:
+    try:
+        return bool(v != v)
+    except Exception:  # pragma: no cover
+        return False
+
+
+def _quote(text: str) -> str:
+    import shlex
+
+    return shlex.quote(text)
+
+
+def check_names(kind: str, names: Iterable[str], known: Iterable[str]) -> None:
+    known_set = set(known)
+    bad = [n for n in names if n not in known_set]
+    if bad:
+        raise BadInput(
+            f"unknown {kind} {', '.join(repr(b) for b in bad)}; choose from: "
+            f"{', '.join(sorted(known_set))}."
+        )
+
+
+def default_jobs() -> int:
+    return max(1, min(2, os.cpu_count() or 1))
