@@ -86,7 +86,8 @@ def calibrate(run: RunSummary, profile: HardwareProfile) -> Calibration:
         new.compute.dense_s_per_layer = dense
     read_p50 = run.latency.get("read", {}).get("p50", 0.0)
     if run.misses > 0 and read_p50 > 0:
-        bw = _solve_bandwidth(profile, shape.bytes_per_expert, read_p50)
+        # The engine reads (and the simulator models) whole 4 KiB-aligned slots.
+        bw = _solve_bandwidth(profile, shape.slot_bytes, read_p50)
         if bw is not None:
             record("ssd.bandwidth_bytes_per_s", profile.ssd.bandwidth_bytes_per_s, bw)
             new.ssd.bandwidth_bytes_per_s = bw

@@ -1,0 +1,138 @@
+"""calibrate: each fitted field against its closed form, the SSD fit checked by
+evaluating the fitted profile's own read_time, and refusal of simulated runs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from analysis.calibrate import calibrate
+from mer.errors import BadInput
+from mer.shapes import get_shape
+from mer.summary import RunSummary
+from sim.hardware import load_profile
+
+SHAPE = "mixtral-tiny"
+TOKENS, LAYERS, TOP_K = 10, 32, 2
+HITS, MISSES = 400, 240
+COMPUTE_S, DENSE_S, READ_P50 = 0.64, 0.16, 2.0e-3
+
+
+def _measured(**over: object) -> RunSummary:
+    base: dict[str, object] = dict(
+        kind="measured",
+        trace="t.parquet",
+        trace_digest="abc",
+        model="mixtral-8x7b",
+        shape=SHAPE,
+        mode="model",
+        policy="lru",
+        scope="global",
+        cache_slots=64,
+        predictor="none",
+        pipeline_depth=1,
+        phase="all",
+        hardware="this machine",
+        tokens=TOKENS,
+        layers=LAYERS,
+        top_k=TOP_K,
+        hits=HITS,
+        misses=MISSES,
+        hit_rate=HITS / (HITS + MISSES),
+        bytes_read=MISSES * 86016,
+        wall_s=2.0,
+        tokens_per_s=5.0,
+        layer_iterations_per_s=160.0,
+        io_wait_s=0.5,
+        compute_s=COMPUTE_S,
+        dense_s=DENSE_S,
+        io_wait_share=0.25,
+        prefetch={"issued": 0, "used": 0, "late": 0, "wasted": 0},
+        latency={"read": {"p50": READ_P50, "p99": 0.004}, "token": {"p50": 0.2, "p99": 0.3}},
+    )
+    base.update(over)
+    return RunSummary(**base)  # type: ignore[arg-type]
+
+
+def test_ffn_throughput_closed_form() -> None:
+    before = load_profile("ci-tiny")
+    cal = calibrate(_measured(), before)
+    bpe = get_shape(SHAPE).bytes_per_expert
+    expected = bpe * (HITS + MISSES) / COMPUTE_S  # every routed expert computed once
+    assert cal.profile.compute.ffn_bytes_per_s == pytest.approx(expected, rel=1e-12)
+    m = cal.moved["compute.ffn_bytes_per_s"]
+    assert m["before"] == before.compute.ffn_bytes_per_s and m["after"] == pytest.approx(expected)
+    assert m["rel"] == pytest.approx(expected / before.compute.ffn_bytes_per_s - 1)
+    # and the fitted profile's own ffn_time reproduces the measured mean per expert
+    assert cal.profile.compute.ffn_time(bpe) == pytest.approx(COMPUTE_S / (HITS + MISSES))
+
+
+def test_dense_time_closed_form() -> None:
+    cal = calibrate(_measured(), load_profile("ci-tiny"))
+    per_layer = DENSE_S / (TOKENS * LAYERS)
+    assert cal.profile.compute.dense_s_per_layer == pytest.approx(per_layer)
+    dense_bytes = get_shape(SHAPE).dense_bytes_per_layer
+    assert cal.profile.compute.dense_time(dense_bytes) == pytest.approx(per_layer)
+
+
+def test_ssd_bandwidth_reproduces_the_measured_read() -> None:
+    before = load_profile("ci-tiny")
+    cal = calibrate(_measured(), before)
+    ssd = cal.profile.ssd
+    # untouched: what one run cannot separate
+    assert (ssd.latency_s, ssd.channels, ssd.chunk_bytes) == (
+        before.ssd.latency_s,
+        before.ssd.channels,
+        before.ssd.chunk_bytes,
+    )
+    # the engine reads whole slots; the fitted profile must predict the measured p50
+    slot = get_shape(SHAPE).slot_bytes
+    assert ssd.read_time(slot) == pytest.approx(READ_P50, rel=1e-9)
+    # closed form for this geometry, written out independently
+    chunks = math.ceil(slot / before.ssd.chunk_bytes)
+    waves = math.ceil(chunks / before.ssd.channels)
+    per_chunk_transfer = READ_P50 / waves - before.ssd.latency_s
+    bw = (slot / chunks) / per_chunk_transfer * before.ssd.channels
+    assert ssd.bandwidth_bytes_per_s == pytest.approx(bw, rel=1e-12)
+    assert cal.moved["ssd.bandwidth_bytes_per_s"]["after"] == pytest.approx(bw)
+
+
+def test_other_fields_kept_and_name_says_calibrated() -> None:
+    before = load_profile("ci-tiny")
+    cal = calibrate(_measured(), before)
+    assert cal.profile.name == "ci-tiny-calibrated"
+    assert cal.profile.memory == before.memory
+    assert cal.profile.compute.dense_bytes_per_s == before.compute.dense_bytes_per_s
+    assert set(cal.moved) == {
+        "compute.ffn_bytes_per_s",
+        "compute.dense_s_per_layer",
+        "ssd.bandwidth_bytes_per_s",
+    }
+    text = cal.format_text()
+    for name in cal.moved:
+        assert name in text
+    # the input profile is not modified in place
+    assert before == load_profile("ci-tiny")
+
+
+def test_read_faster_than_latency_leaves_bandwidth_alone() -> None:
+    before = load_profile("ci-tiny")
+    cal = calibrate(_measured(latency={"read": {"p50": before.ssd.latency_s / 2}}), before)
+    assert "ssd.bandwidth_bytes_per_s" not in cal.moved
+    assert cal.profile.ssd.bandwidth_bytes_per_s == before.ssd.bandwidth_bytes_per_s
+
+
+def test_no_misses_no_ssd_fit() -> None:
+    cal = calibrate(_measured(hits=640, misses=0), load_profile("ci-tiny"))
+    assert "ssd.bandwidth_bytes_per_s" not in cal.moved
+
+
+def test_refuses_a_simulated_run() -> None:
+    with pytest.raises(BadInput, match="measured run"):
+        calibrate(_measured(kind="simulated"), load_profile("ci-tiny"))
+
+
+def test_refuses_a_run_without_tokens() -> None:
+    with pytest.raises(BadInput, match="no tokens"):
+        calibrate(_measured(tokens=0), load_profile("ci-tiny"))
