@@ -532,3 +532,26 @@ def test_recorded_trace_feeds_the_other_commands(
         ran += 1
     if not ran:
         pytest.skip("no consumer command registered yet")
+
+
+@pytest.mark.record
+def test_model_failure_is_one_clear_error_and_keeps_parts(tmp_path: Path) -> None:
+    _torch()
+    from mer.errors import RuntimeFailure
+
+    model = _build("mixtral")
+    calls = {"n": 0}
+
+    def fail_in_second_prompt(module: Any, args: Any) -> None:
+        calls["n"] += 1
+        if calls["n"] > 1 + N_NEW:  # prompt 0 = 1 prefill pass + N_NEW decode passes
+            raise RuntimeError("simulated out of memory")
+
+    handle = model.model.layers[0].register_forward_pre_hook(fail_in_second_prompt)
+    try:
+        with pytest.raises(RuntimeFailure, match=r"prompt 1 failed.*simulated out of memory"):
+            _run_api(model, tmp_path / "t.parquet", PROMPTS)
+    finally:
+        handle.remove()
+    parts = sorted(p.name for p in (tmp_path / "t.parquet.parts").glob("part-*.parquet"))
+    assert parts == ["part-000000.parquet"]

@@ -114,5 +114,8 @@ def load_model(model_id: str, *, device: str = "auto", dtype: str = "auto") -> L
     model.eval()
     family = find_family(model, model_id)
     revision = getattr(model.config, "_commit_hash", None) or getattr(config, "_commit_hash", None)
+    local = Path(model_id)
+    if revision is None and local.parent.name == "snapshots":  # a path into the HF cache
+        revision = local.resolve().name
     resolved_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     return LoadedModel(model, tokenizer, family, revision, dev, resolved_dtype)

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from mer.atomic import write_json_atomic
-from mer.errors import BadInput
+from mer.errors import BadInput, RuntimeFailure
 from traces.format import Trace, TraceMeta, from_arrays, read_trace, write_trace
 from traces.record.families import Family
 from traces.record.generate import GenerationSettings, PromptRouting, record_prompt
@@ -215,15 +215,26 @@ def record_run(
                 continue
             if progress is not None:
                 progress.prompt(i, opts.generation.max_new_tokens)
-            routing = record_prompt(
-                model,
-                tokenizer,
-                text,
-                tap,
-                opts.generation,
-                prompt_index=i,
-                on_token=progress.token if progress is not None else None,
-            )
+            try:
+                routing = record_prompt(
+                    model,
+                    tokenizer,
+                    text,
+                    tap,
+                    opts.generation,
+                    prompt_index=i,
+                    on_token=progress.token if progress is not None else None,
+                )
+            except RuntimeError as exc:  # torch errors (OOM, too long for the model, ...)
+                if progress is not None:
+                    progress.stop()
+                first = (str(exc).splitlines() or [""])[0][:300]
+                raise RuntimeFailure(
+                    f"prompt {i} failed in the model forward ({type(exc).__name__}: {first}). "
+                    f"The {len(list(pdir.glob('part-*.parquet')))} finished prompt(s) are kept in "
+                    f"{pdir}; fix the cause (shorter prompt, fewer --max-new-tokens, "
+                    "more memory) and rerun to resume."
+                ) from exc
             part_meta.extra["per_prompt"] = [_prompt_summary(i, routing)]
             trace = _prompt_trace(routing, i, part_meta, f"prompt {i}")
             write_trace(trace, pdir / f"part-{i:06d}.parquet")
