@@ -11,14 +11,13 @@ import pandas as pd
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_core_policies import traces
 
 from mer.cli import main
 from mer.core import Replay, ReplayConfig, policy_names, replay_counts
 from mer.core.policy import POLICIES
 from sim.mrc import MRCRequest, compute_mrc, one_pass_hits
 from traces.format import TraceMeta, from_arrays, write_trace
-
-from test_core_policies import traces
 
 
 def replay_hits(steps, n_layers, n_experts, policy, cap, scope):
