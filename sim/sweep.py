@@ -369,6 +369,9 @@ def run_command(row: dict[str, Any], experts: str = "EXPERTS.gguf") -> str:
         default = {"prefetch_inflight": 8, "prefetch_top_n": None, "pin": 0}[key]
         if value is not None and not _isnan(value) and value != default:
             parts.append(f"{flag} {int(value)}")
+    tokens = row.get("tokens")
+    if tokens is not None and not _isnan(tokens):
+        parts.append(f"--tokens {int(tokens)}")
     phase = row.get("phase")
     if phase and phase != "all":
         parts.append(f"--phase {phase}")
