@@ -59,7 +59,7 @@ def test_missing_field_and_unknown_name(tmp_path) -> None:
     del d["ssd"]["latency_s"]
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(d))
-    with pytest.raises(BadInput, match="ssd.latency_s"):
+    with pytest.raises(BadInput, match=r"ssd\.latency_s"):
         load_profile(path)
     with pytest.raises(BadInput, match="unknown hardware profile"):
         load_profile("no-such-machine")

@@ -20,7 +20,7 @@ SHAPE = get_shape("mixtral-tiny")
 
 
 def make_trace(experts: np.ndarray, n_experts: int) -> Any:
-    t, layers, k = experts.shape
+    _tokens, layers, k = experts.shape
     meta = TraceMeta(model="test", n_layers=layers, n_experts=n_experts, top_k=k)
     return from_arrays(experts, meta, name="test")
 
@@ -104,7 +104,7 @@ def test_oracle_prefetch_with_ample_bandwidth_reaches_the_compute_bound() -> Non
         tokens, layers, 2
     )
     hw = profile(bw=5e10, latency=1e-6, channels=8, chunk=16384)
-    read, c, dense = times(hw)
+    _read, c, dense = times(hw)
     s = run(
         make_trace(experts.astype(np.int16), 8),
         hw,
