@@ -37,10 +37,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "record",
         help="record router traces from a real transformers MoE model",
         description=(
-            "Run prompts through a Hugging Face transformers MoE model (batch size 1, KV cache) "
-            "and record, for every prompt token (phase prefill) and generated token (decode) and "
-            "every MoE layer, the top-k experts in rank order with their normalised gate weights, "
-            "into trace format v1."
+            "Run prompts through a Hugging Face transformers MoE model (batch size 1, KV cache)\n"
+            "and record, for every prompt token (phase prefill), every generated token (decode)\n"
+            "and every MoE layer, the top-k experts in rank order with their normalised gate\n"
+            "weights, into trace format v1 (-o OUT.parquet)."
         ),
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -66,7 +66,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens"
     )
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="cuda loads with device_map='auto' over all visible GPUs (needs accelerate); "
+        "auto: cuda if available (default)",
+    )
     p.add_argument(
         "--dtype",
         choices=("auto", "float32", "bfloat16", "float16"),

@@ -178,8 +178,8 @@ def find_family(model: Any, model_id: str = "model") -> Family:
         notes.append("the model also runs an always-on shared expert, which is not routed")
     if not already:
         notes.append(
-            "the model weights experts by unnormalised top-k probabilities; the trace's weight "
-            "column is those values renormalised to sum to 1 (raw values: use --logits)"
+            "the model's top-k expert weights do not sum to 1; the trace's weight column is "
+            "those values renormalised to sum to 1 (raw router logits: use --logits)"
         )
     if model_type not in _NORMALISATION:
         notes.append(
