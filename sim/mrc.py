@@ -171,23 +171,57 @@ def _layer_split(steps: np.ndarray, n_experts: int) -> list[np.ndarray]:
     return [np.flatnonzero(layers == layer) for layer in range(int(layers.max()) + 1)]
 
 
+def _cum(hist: np.ndarray, size: int) -> np.ndarray:
+    out = np.zeros(size + 1, dtype=np.int64)
+    out[1:] = np.cumsum(hist[:size])
+    return out
+
+
 def one_pass_hits(
-    policy: str, steps: np.ndarray, n_layers: int, n_experts: int, scope: str
+    policy: str,
+    steps: np.ndarray,
+    n_layers: int,
+    n_experts: int,
+    scope: str,
+    *,
+    engine: str = "auto",
 ) -> np.ndarray:
-    """hits[C] for C = 0..n_layers * n_experts, LRU or OPT, one pass per partition."""
+    """hits[C] for C = 0..n_layers * n_experts, LRU or OPT, one pass per partition.
+
+    engine: "c" (the compiled loops of `mer.core.stackdist`), "python", or
+    "auto" (C when it builds, else Python). Both compute the same stacks.
+    """
+    from mer.core import stackdist
+
+    if policy not in ONE_PASS:
+        raise BadInput(f"no one-pass curve for policy {policy!r} (only {', '.join(ONE_PASS)}).")
     n_total = n_layers * n_experts
     steps = np.ascontiguousarray(steps, dtype=np.int64)
     k = steps.shape[1]
     nxt = next_positions(steps.reshape(-1)) if policy == "opt" else None
+    if engine == "c" and stackdist.load() is None:
+        raise BadInput("the compiled stack-distance kernels are unavailable (no C compiler?).")
+    use_c = engine != "python"
 
     def part_hits(idx: np.ndarray | None, size: int) -> np.ndarray:
         sub = steps if idx is None else steps[idx]
+        nval: np.ndarray | None = None
+        if nxt is not None:
+            flat_idx = (np.arange(len(steps)) if idx is None else idx)[:, None] * k + np.arange(k)
+            nv = nxt[flat_idx.reshape(-1)]
+            nval = np.where(nv >= INF, INF + sub.reshape(-1), nv)
+        if use_c:
+            hist = (
+                stackdist.lru_hist(sub, size)
+                if nval is None
+                else stackdist.opt_hist(sub, nval, size)
+            )
+            if hist is not None:
+                return _cum(hist, size)
         rows = sub.tolist()
-        if policy == "lru":
+        if nval is None:
             return lru_hits(rows, size)
-        assert nxt is not None
-        flat_idx = (np.arange(len(steps)) if idx is None else idx)[:, None] * k + np.arange(k)
-        return opt_hits(rows, nxt[flat_idx.reshape(-1)].tolist(), size)
+        return opt_hits(rows, np.where(nval >= INF, INF, nval).tolist(), size)
 
     if scope == "global":
         return part_hits(None, n_total)

@@ -26,12 +26,19 @@ def replay_hits(steps, n_layers, n_experts, policy, cap, scope):
     return replay_counts(rep, fast=False).total("hits")
 
 
+def _engines():
+    from mer.core import stackdist
+
+    return ["python", "c"] if stackdist.load() is not None else ["python"]
+
+
+@pytest.mark.parametrize("engine", _engines())
 @pytest.mark.parametrize("policy", ["lru", "opt"])
 @settings(max_examples=40, deadline=None)
 @given(tr=traces(max_steps=60), scope=st.sampled_from(["global", "per-layer"]))
-def test_one_pass_equals_per_size_replay(policy, tr, scope):
+def test_one_pass_equals_per_size_replay(policy, engine, tr, scope):
     steps, n_layers, n_experts = tr
-    curve = one_pass_hits(policy, steps, n_layers, n_experts, scope)
+    curve = one_pass_hits(policy, steps, n_layers, n_experts, scope, engine=engine)
     for cap in range(1, n_layers * n_experts + 1):
         assert curve[cap] == replay_hits(steps, n_layers, n_experts, policy, cap, scope), cap
 
