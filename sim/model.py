@@ -286,7 +286,8 @@ def _run_fast(replay: Replay, tm: _Timing, rec: _Recorder) -> tuple[int, list[in
     r_late, r_pf, r_reads = rec.late, rec.pf, rec.reads
 
     def finish_reads(t: int) -> None:
-        commit(t)
+        if ssd.queued_chunks:  # else commit would only move idle channels; issue() does that
+            commit(t)
         if done and done[0][0] <= t:
             for r in ssd.pop_done(t):
                 read_lat.append(r.finish - r.issued)
