@@ -17,12 +17,15 @@ when prefetch is off.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from mer.core.cache import READY, Admission, CacheStats, ExpertCache, StepResult
+from mer.core.policies import FIFO
+from mer.core.policy import LRU, EvictionPolicy
 from mer.core.predictor import Predictor, ReplayContext, make_predictor
 from mer.errors import BadInput
 
@@ -236,7 +239,6 @@ def _counts_no_prefetch(replay: Replay) -> CacheStats:
     else bypass; on_remove / on_insert; end_step.
     """
     cache = replay.cache
-    stats = cache.stats
     n_exp = cache.n_experts
     n_layers = cache.n_layers
     glob = cache.scope == "global"
@@ -250,17 +252,34 @@ def _counts_no_prefetch(replay: Replay) -> CacheStats:
     evictions = [0] * n_layers
     bypass = [0] * n_layers
     steps = replay._keys_list
+    k = replay.top_k
+    name = cache.policy_name
+    if (
+        name in _FUSED
+        and not pinned
+        and min(caps) >= k
+        and all(type(p) is _FUSED[name] for p in pols)
+    ):
+        return _fused_lru_fifo(replay, name == "lru")
+    base = EvictionPolicy
+    # Hooks a policy leaves at the base class do nothing: skip their calls.
+    has_begin = any(type(p).begin_step is not base.begin_step for p in pols)
+    has_hit = any(type(p).on_hit is not base.on_hit for p in pols)
+    has_end = any(type(p).end_step is not base.end_step for p in pols)
+    has_prep = any(type(p).prepare_admit is not base.prepare_admit for p in pols)
     for t, keys in enumerate(steps):
         layer = keys[0] // n_exp
         pi = 0 if glob else layer
         pol = pols[pi]
         res = residents[pi]
         cap = caps[pi]
-        pol.begin_step(t, keys)
+        if has_begin:
+            pol.begin_step(t, keys)
         missed = []
         for key in keys:
             if key in res:
-                pol.on_hit(key)
+                if has_hit:
+                    pol.on_hit(key)
             else:
                 missed.append(key)
         nm = len(missed)
@@ -269,7 +288,8 @@ def _counts_no_prefetch(replay: Replay) -> CacheStats:
             misses[layer] += nm
             protects = pol.protects_step
             for key in missed:
-                pol.prepare_admit(key)
+                if has_prep:
+                    pol.prepare_admit(key)
                 if len(res) >= cap:
                     if protects:
                         prot: Any = _StepPins(keys, pinned) if pinned else keys
@@ -291,7 +311,22 @@ def _counts_no_prefetch(replay: Replay) -> CacheStats:
                     evictions[v // n_exp] += 1
                 res.add(key)
                 pol.on_insert(key)
-        pol.end_step(t, keys)
+        if has_end:
+            pol.end_step(t, keys)
+    return _finish(replay, residents, hits, misses, evictions, bypass)
+
+
+def _finish(
+    replay: Replay,
+    residents: list[set[int]],
+    hits: list[int],
+    misses: list[int],
+    evictions: list[int],
+    bypass: list[int],
+) -> CacheStats:
+    cache = replay.cache
+    stats = cache.stats
+    parts = cache.partitions
     stats.hits += np.asarray(hits, dtype=np.int64)
     stats.misses += np.asarray(misses, dtype=np.int64)
     stats.evictions += np.asarray(evictions, dtype=np.int64)
@@ -306,6 +341,9 @@ def _counts_no_prefetch(replay: Replay) -> CacheStats:
     return stats
 
 
+_FUSED: dict[str, type[EvictionPolicy]] = {"lru": LRU, "fifo": FIFO}
+
+
 class _StepPins:
     __slots__ = ("keys", "pinned")
 
@@ -314,3 +352,48 @@ class _StepPins:
 
     def __contains__(self, key: object) -> bool:
         return key in self.keys or key in self.pinned
+
+
+def _fused_lru_fifo(replay: Replay, lru: bool) -> CacheStats:
+    """LRU / FIFO with every hook inlined (no pins, every partition >= k slots).
+
+    With at least k slots a non-step victim always exists, so no step victim or
+    bypass can occur. For LRU the in-step refresh of hits is subsumed by the
+    end-of-step reorder (step keys are protected meanwhile), so a hit costs one
+    membership test. The policies' orders are handed back to them at the end.
+    """
+    cache = replay.cache
+    n_exp = cache.n_experts
+    n_layers = cache.n_layers
+    glob = cache.scope == "global"
+    parts = cache.partitions
+    caps = [p.capacity for p in parts]
+    orders: list[OrderedDict[int, None]] = [OrderedDict() for _ in parts]
+    hits = [0] * n_layers
+    misses = [0] * n_layers
+    evictions = [0] * n_layers
+    for keys in replay._keys_list:
+        layer = keys[0] // n_exp
+        pi = 0 if glob else layer
+        od = orders[pi]
+        nh = 0
+        for key in keys:
+            if key in od:
+                nh += 1
+            else:
+                if len(od) >= caps[pi]:
+                    for v in od:
+                        if v not in keys:
+                            break
+                    del od[v]
+                    evictions[v // n_exp] += 1
+                od[key] = None
+        hits[layer] += nh
+        misses[layer] += len(keys) - nh
+        if lru:
+            for key in reversed(keys):
+                od.move_to_end(key)
+    for part, od in zip(parts, orders, strict=True):
+        part.policy._order = od  # type: ignore[attr-defined]
+    residents = [set(od) for od in orders]
+    return _finish(replay, residents, hits, misses, evictions, [0] * n_layers)
