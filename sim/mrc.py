@@ -373,7 +373,9 @@ def plot_mrc(df: pd.DataFrame, path: str | os.PathLike[str], *, title: str, n_to
             x = opt["cache_slots"].to_numpy()
             y = 100 * opt["hit_rate"].to_numpy()
             ax.fill_between(x, y, 100, color="0.9", label="_nolegend_")
-            ax.plot(x, y, color="black", lw=2.2, label="OPT (Belady): ceiling")
+            ax.plot(
+                x, y, color="black", lw=2.2, label="OPT (Belady): ceiling; shaded = unreachable"
+            )
         for i, pol in enumerate(policies):
             cur = sub[sub["policy"] == pol].sort_values("cache_slots")
             style = "--" if pol == "lru" else "-"

@@ -82,6 +82,7 @@ def _load(path: Path, phase: str) -> Any:
 
 
 def run_mrc(args: argparse.Namespace) -> int:
+    from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from sim.mrc import MRCRequest, compute_mrc, default_policies, plot_mrc, write_mrc
@@ -111,6 +112,7 @@ def run_mrc(args: argparse.Namespace) -> int:
         TextColumn("{task.completed}/{task.total} sizes"),
         TimeElapsedColumn(),
         transient=True,
+        console=Console(stderr=True),
     ) as prog:
         tasks: dict[str, Any] = {}
 
