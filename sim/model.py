@@ -115,6 +115,8 @@ class AnalyticSSD:
         self.fg: deque[_Read] = deque()
         self.bg: deque[_Read] = deque()
         self.queued_chunks = 0
+        self.fg_chunks = 0  # undispatched foreground chunks
+        self.fg_finish = 0  # finish of the latest foreground read (final at issue)
         self.done: list[tuple[int, int, _Read]] = []  # dispatched reads by finish time
         self._seq = 0
 
@@ -131,6 +133,8 @@ class AnalyticSSD:
         """
         free = self.free
         rel = a - self.shift
+        if rel < free[0]:
+            return  # every channel busy past `a`: nothing starts, nothing idles
         if self.queued_chunks:
             C, d = self.C, self.d
             fmax = free[-1]
@@ -166,6 +170,7 @@ class AnalyticSSD:
                 self.shift += rounds * d
                 rel = a - self.shift
                 self.queued_chunks -= k
+                self.fg_chunks -= min(k, self.fg_chunks)  # foreground chunks go first
         if free[0] < rel:
             i = bisect_left(free, rel)
             free[:i] = [rel] * i
@@ -173,8 +178,14 @@ class AnalyticSSD:
     def issue(self, key: int, fg: bool, a: int, registered: bool) -> _Read:
         self.commit(a)
         r = _Read(key, fg, a, self.m, registered)
-        (self.fg if fg else self.bg).append(r)
         self.queued_chunks += self.m
+        if fg:
+            self.fg.append(r)
+            self.fg_chunks += self.m
+            # a foreground read is only ever preceded by foreground chunks: its finish is final
+            self.fg_finish = self._start(self.fg_chunks - 1) + self.d
+        else:
+            self.bg.append(r)
         return r
 
     def finish_of(self, read: _Read) -> int:
@@ -295,9 +306,16 @@ def _run_fast(replay: Replay, tm: _Timing, rec: _Recorder) -> tuple[int, list[in
                     del inflight[r.key]
                     complete(r.key)
 
+    n_layers = replay.n_layers
+
     def run() -> Any:
+        # The clock advances once per token (one simpy timeout for all its layers);
+        # within a token `now` carries the step instants. Nothing else waits on simpy
+        # events in this engine, so the order of decisions is the same.
+        now = int(env.now)
+        token_start = now
         for t in range(replay.n_steps):
-            t0 = int(env.now)
+            t0 = now
             t1 = t0 + dense
             finish_reads(t1)
             res = step(t)
@@ -311,7 +329,8 @@ def _run_fast(replay: Replay, tm: _Timing, rec: _Recorder) -> tuple[int, list[in
                     r = issue(adm.key, True, t1, registered)
                     if registered:
                         inflight[adm.key] = r
-                    ready[keys.index(adm.key)] = finish_of(r)
+                    ready[keys.index(adm.key)] = ssd.fg_finish
+
                 pfs = prefetch(t)
                 for adm in pfs:
                     inflight[adm.key] = issue(adm.key, False, t1, True)
@@ -348,7 +367,10 @@ def _run_fast(replay: Replay, tm: _Timing, rec: _Recorder) -> tuple[int, list[in
             r_pf.append(n_pf)
             r_reads.append(len(reads) + n_pf)
             r_iter.append(t2 - t0)
-            yield timeout(t2 - t0)
+            now = t2
+            if (t + 1) % n_layers == 0 or t + 1 == replay.n_steps:
+                yield timeout(now - token_start)
+                token_start = now
 
     env.process(run())
     env.run()
