@@ -58,7 +58,11 @@ def test_rows_equal_single_simulations(trace_path: Path, tmp_path: Path) -> None
     for row in df.itertuples():
         s = simulate(
             tr,
-            ReplayConfig(policy=row.policy, cache_slots=row.cache_slots, predictor=row.predictor),
+            ReplayConfig(
+                policy=str(row.policy),
+                cache_slots=int(row.cache_slots),  # type: ignore[arg-type]
+                predictor=str(row.predictor),
+            ),
             load_profile("ci-tiny"),
             SimOptions(shape="mixtral-tiny"),
         ).summary
