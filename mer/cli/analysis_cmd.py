@@ -55,7 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("plot", help="figures (PNG and SVG) from traces, curves, sweeps and runs")
     psub = p.add_subparsers(dest="plot_kind", metavar="KIND")
-    p.set_defaults(func=lambda a: p.print_help() or 2)
+    p.set_defaults(func=lambda a, p=p: p.print_help() or 2)
 
     q = psub.add_parser("mrc", help="miss-ratio curves (from `mer mrc -o`), OPT as the ceiling")
     q.add_argument("mrc", type=Path)
@@ -123,7 +123,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("report", help="self-contained Markdown + HTML reports")
     rsub = p.add_subparsers(dest="report_kind", metavar="KIND")
-    p.set_defaults(func=lambda a: p.print_help() or 2)
+    p.set_defaults(func=lambda a, p=p: p.print_help() or 2)
     q = rsub.add_parser(
         "claim-check", help="what the public engine's 97.46%% / 21 TPS claim is made of"
     )
