@@ -1,0 +1,158 @@
+"""The analysis commands through `mer` itself: exit codes and messages of the CLI contract."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from mer.cli import build_parser, main
+from mer.summary import RunSummary
+from traces.bundled import bundled_trace_path
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _summary(path: Path, **over: object) -> Path:
+    base: dict[str, object] = dict(
+        kind="simulated",
+        trace="t.parquet",
+        trace_digest="abc",
+        model="m",
+        shape="mixtral-tiny",
+        mode="model",
+        policy="lru",
+        scope="global",
+        cache_slots=64,
+        predictor="none",
+        pipeline_depth=1,
+        phase="all",
+        hardware="hw",
+        tokens=10,
+        layers=32,
+        top_k=2,
+        hits=400,
+        misses=240,
+        hit_rate=400 / 640,
+        bytes_read=240 * 1000,
+        wall_s=2.0,
+        tokens_per_s=5.0,
+        layer_iterations_per_s=160.0,
+        io_wait_s=0.5,
+        compute_s=1.0,
+        dense_s=0.5,
+        io_wait_share=0.25,
+        prefetch={"issued": 0, "used": 0, "late": 0, "wasted": 0},
+        latency={"read": {"p50": 0.001}, "token": {"p50": 0.2}},
+    )
+    base.update(over)
+    RunSummary(**base).save(path)  # type: ignore[arg-type]
+    return path
+
+
+def _commands() -> set[str]:
+    parser = build_parser()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return set(action.choices)
+    return set()
+
+
+def test_compare_refuses_mismatched_runs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    sim = _summary(tmp_path / "sim.json")
+    run = _summary(tmp_path / "run.json", kind="measured", policy="fifo", cache_slots=32)
+    assert main(["compare", str(sim), str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mer: error:")
+    assert "policy" in err and "cache_slots" in err and "Traceback" not in err
+
+
+def test_compare_matching_runs_json(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    sim = _summary(tmp_path / "sim.json")
+    run = _summary(tmp_path / "run.json", kind="measured", tokens_per_s=4.0)
+    out = tmp_path / "cmp.json"
+    assert main(["compare", str(sim), str(run), "--json", "-o", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed == json.loads(out.read_text())
+
+
+def test_compare_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    sim = _summary(tmp_path / "sim.json")
+    assert main(["compare", str(sim), str(tmp_path / "nope.json")]) == 2
+    assert "nope.json" in capsys.readouterr().err
+
+
+def test_plot_mrc_rejects_a_non_mrc_parquet(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    rc = main(["plot", "mrc", str(bundled_trace_path()), "-o", str(tmp_path / "m")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "not a miss-ratio-curve table" in err and "mer mrc" in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_plot_mrc_rejects_a_non_parquet(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    bad = tmp_path / "x.parquet"
+    bad.write_text("not parquet")
+    assert main(["plot", "mrc", str(bad), "-o", str(tmp_path / "m")]) == 2
+    assert "not a parquet file" in capsys.readouterr().err
+
+
+def test_plot_mrc_writes_png_and_svg_with_trace_in_title(tmp_path: Path) -> None:
+    rows = [
+        ("opt", "global", s, min(1.0, s / 100), "trace-X.parquet", "model-Y") for s in (8, 16, 32)
+    ] + [("lru", "global", s, s / 200, "trace-X.parquet", "model-Y") for s in (8, 16, 32)]
+    mrc = tmp_path / "mrc.parquet"
+    pd.DataFrame(
+        rows, columns=["policy", "scope", "cache_slots", "hit_rate", "trace", "model"]
+    ).to_parquet(mrc)
+    out = tmp_path / "fig" / "mrc"
+    out.parent.mkdir()
+    assert main(["plot", "mrc", str(mrc), "-o", str(out)]) == 0
+    assert out.with_suffix(".png").read_bytes()[:8] == PNG_MAGIC
+    svg = out.with_suffix(".svg").read_text()
+    assert "trace-X.parquet (model-Y)" in svg
+
+
+def test_plot_sweep_names_missing_columns(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    bad = tmp_path / "sweep.parquet"
+    pd.DataFrame({"policy": ["lru"], "cache_slots": [8]}).to_parquet(bad)
+    assert main(["plot", "sweep", str(bad), "-o", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert "predictor" in err and "tokens_per_s" in err
+
+
+def test_calibrate_refuses_simulated(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    sim = _summary(tmp_path / "sim.json")
+    rc = main(["calibrate", str(sim), "--hardware", "ci-tiny", "-o", str(tmp_path / "hw.json")])
+    assert rc == 2
+    assert "measured run" in capsys.readouterr().err
+    assert not (tmp_path / "hw.json").exists()
+
+
+def test_plot_and_report_without_kind_print_their_own_help(capsys: pytest.CaptureFixture) -> None:
+    assert main(["plot"]) == 2
+    out = capsys.readouterr().out
+    assert out.startswith("usage: mer plot")
+    for kind in ("mrc", "sweep", "io-share", "predicted-vs-measured", "layer-hits"):
+        assert kind in out
+    assert main(["report"]) == 2
+    out = capsys.readouterr().out
+    assert out.startswith("usage: mer report") and "claim-check" in out
+
+
+@pytest.mark.slow
+def test_report_claim_check_end_to_end(tmp_path: Path) -> None:
+    missing = {"mrc", "simulate"} - _commands()
+    if missing:
+        pytest.skip(f"mer {' and mer '.join(sorted(missing))} not built yet")
+    out = tmp_path / "claim"
+    assert main(["report", "claim-check", "-o", str(out)]) == 0
+    md = (out / "claim-check.md").read_text()
+    assert "97.46%" in md and "whole-model tokens/s" in md
+    assert (out / "claim-check.html").exists()
+    figures = sorted(p.name for p in (out / "figures").iterdir())
+    assert "claim-mrc.png" in figures and "claim-mrc.svg" in figures
+    assert "figures/claim-mrc.png" in md
