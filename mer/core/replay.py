@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from mer.core.cache import READY, Admission, CacheStats, ExpertCache, StepResult
-from mer.core.policies import FIFO
+from mer.core.policies import FIFO, Clock
 from mer.core.policy import LRU, EvictionPolicy
 from mer.core.predictor import Predictor, ReplayContext, make_predictor
 from mer.errors import BadInput
@@ -260,7 +260,7 @@ def _counts_no_prefetch(replay: Replay) -> CacheStats:
         and min(caps) >= k
         and all(type(p) is _FUSED[name] for p in pols)
     ):
-        return _fused_lru_fifo(replay, name == "lru")
+        return _fused_clock(replay) if name == "clock" else _fused_lru_fifo(replay, name == "lru")
     base = EvictionPolicy
     # Hooks a policy leaves at the base class do nothing: skip their calls.
     has_begin = any(type(p).begin_step is not base.begin_step for p in pols)
@@ -341,7 +341,7 @@ def _finish(
     return stats
 
 
-_FUSED: dict[str, type[EvictionPolicy]] = {"lru": LRU, "fifo": FIFO}
+_FUSED: dict[str, type[EvictionPolicy]] = {"lru": LRU, "fifo": FIFO, "clock": Clock}
 
 
 class _StepPins:
@@ -396,4 +396,57 @@ def _fused_lru_fifo(replay: Replay, lru: bool) -> CacheStats:
     for part, od in zip(parts, orders, strict=True):
         part.policy._order = od  # type: ignore[attr-defined]
     residents = [set(od) for od in orders]
+    return _finish(replay, residents, hits, misses, evictions, [0] * n_layers)
+
+
+def _fused_clock(replay: Replay) -> CacheStats:
+    """CLOCK with its hooks inlined (no pins, every partition >= k slots).
+
+    The ring is an OrderedDict whose front is under the hand; passing a key
+    moves it to the back (clearing its bit unless it is one of the step's keys),
+    which is exactly the plan `Clock.victim` computes and `on_remove` commits.
+    """
+    cache = replay.cache
+    n_exp = cache.n_experts
+    n_layers = cache.n_layers
+    glob = cache.scope == "global"
+    parts = cache.partitions
+    caps = [p.capacity for p in parts]
+    rings: list[OrderedDict[int, bool]] = [OrderedDict() for _ in parts]
+    hits = [0] * n_layers
+    misses = [0] * n_layers
+    evictions = [0] * n_layers
+    for keys in replay._keys_list:
+        layer = keys[0] // n_exp
+        pi = 0 if glob else layer
+        ring = rings[pi]
+        missed = []
+        for key in keys:
+            if key in ring:
+                ring[key] = True
+            else:
+                missed.append(key)
+        nm = len(missed)
+        hits[layer] += len(keys) - nm
+        if not nm:
+            continue
+        misses[layer] += nm
+        cap = caps[pi]
+        for key in missed:
+            if len(ring) >= cap:
+                while True:
+                    v = next(iter(ring))
+                    if v in keys:
+                        ring.move_to_end(v)
+                    elif ring[v]:
+                        ring[v] = False
+                        ring.move_to_end(v)
+                    else:
+                        del ring[v]
+                        evictions[v // n_exp] += 1
+                        break
+            ring[key] = False
+    for part, ring in zip(parts, rings, strict=True):
+        part.policy._ring = ring  # type: ignore[attr-defined]
+    residents = [set(r) for r in rings]
     return _finish(replay, residents, hits, misses, evictions, [0] * n_layers)
