@@ -121,8 +121,10 @@ def run_config(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def flatten(cfg: dict[str, Any], s: RunSummary) -> dict[str, Any]:
     """Config columns + the summary's fields as scalar columns."""
-    row: dict[str, Any] = {k: _scalar(v) for k, v in cfg.items()}
+    row: dict[str, Any] = {k: _scalar(v) for k, v in cfg.items() if k != "tokens"}
+    row["replay_tokens"] = cfg.get("tokens")  # the --tokens limit; `tokens` is the count run
     row["shape"] = s.shape
+    row["offline"] = is_offline(str(cfg["policy"]), str(cfg["predictor"]))
     for name in (
         "tokens",
         "layers",
@@ -338,10 +340,26 @@ class _progress:
             self._bar.stop()
 
 
-def best_row(df: pd.DataFrame, objective: str) -> dict[str, Any]:
-    """The configuration that maximises `objective` (ties: the earlier row)."""
+def is_offline(policy: str, predictor: str) -> bool:
+    """True when the policy or the predictor reads the trace's future (OPT, oracle):
+    an upper bound, not something a deployment can run."""
+    from mer.core.policy import POLICIES, policy_names
+    from mer.core.predictor import PREDICTORS, predictor_names
+
+    policy_names()
+    predictor_names()  # load the registries
+    pol = POLICIES.get(policy)
+    pred = PREDICTORS.get(predictor)
+    return bool((pol is not None and pol.needs_future) or (pred is not None and pred.offline))
+
+
+def best_row(df: pd.DataFrame, objective: str, *, online: bool = False) -> dict[str, Any]:
+    """The configuration that maximises `objective` (ties: the earlier row); `online`
+    skips configurations that read the future (OPT, oracle)."""
     if objective not in OBJECTIVES:
         raise BadInput(f"--best must be one of {', '.join(OBJECTIVES)}, got {objective!r}.")
+    if online and "offline" in df.columns:
+        df = df[~df["offline"].astype(bool)]
     if not len(df):
         raise RuntimeFailure("the sweep has no results to choose from.")
     pos = int(df[objective].astype(float).to_numpy().argmax())
@@ -369,7 +387,7 @@ def run_command(row: dict[str, Any], experts: str = "EXPERTS.gguf") -> str:
         default = {"prefetch_inflight": 8, "prefetch_top_n": None, "pin": 0}[key]
         if value is not None and not _isnan(value) and value != default:
             parts.append(f"{flag} {int(value)}")
-    tokens = row.get("tokens")
+    tokens = row.get("replay_tokens")
     if tokens is not None and not _isnan(tokens):
         parts.append(f"--tokens {int(tokens)}")
     phase = row.get("phase")

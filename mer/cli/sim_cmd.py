@@ -17,7 +17,7 @@ from mer.cli.common import (
     require_file,
     str_list,
 )
-from mer.errors import BadInput
+from mer.errors import BadInput, RuntimeFailure
 
 SEED_HARDWARE = "seed-g2-standard-32"
 DEFAULT_HARDWARE = "nvme-desktop"
@@ -238,6 +238,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         note(f"config {h} failed: {msg}")
     best = best_row(df, args.best) if len(df) else None
     command = run_command(best, args.experts) if best else None
+    online = None
+    if best and best.get("offline"):
+        try:
+            online = best_row(df, args.best, online=True)
+        except RuntimeFailure:
+            online = None
     out: dict[str, Any] = {
         "results": str(args.output),
         "configs": len(df),
@@ -247,6 +253,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         "objective": args.best,
         "best": best,
         "command": command,
+        "best_online": online,
+        "command_online": run_command(online, args.experts) if online else None,
     }
     lines = [
         f"sweep of {args.trace}: {len(df)} configurations in {args.output} "
@@ -275,5 +283,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             f"{best['tokens_per_s']:.3f} tokens/s"
         )
         lines.append(f"run it for real:\n  {command}")
+    if online:
+        lines.append(
+            f"(the winner reads the trace's future: an upper bound) best online configuration: "
+            f"policy {online['policy']} ({online['scope']}), {int(online['cache_slots'])} slots, "
+            f"predictor {online['predictor']}: hit rate {online['hit_rate'] * 100:.2f}%, "
+            f"{online['tokens_per_s']:.3f} tokens/s\n  {run_command(online, args.experts)}"
+        )
     emit(args, out, "\n".join(lines))
     return 1 if outcome.failed else 0
