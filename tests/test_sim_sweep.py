@@ -223,3 +223,20 @@ def test_cli_errors(trace_path: Path, capsys) -> None:
     assert main(["simulate", "/no/such.parquet"]) == 2
     assert main(["sweep", str(trace_path), "--policies", "zzz", "-o", "/tmp/x.parquet"]) == 2
     assert "unknown policy" in capsys.readouterr().err
+
+
+def test_offline_flag_and_online_best(trace_path: Path, tmp_path: Path) -> None:
+    res = run_sweep(
+        spec(trace_path, policies=["lru", "opt"], cache_slots=[48], base={"tokens": 20}),
+        tmp_path / "o.parquet",
+        trace_digest="d",
+        jobs=1,
+        progress=False,
+    )
+    df = res.results
+    expected = (df["policy"] == "opt") | (df["predictor"] == "oracle")
+    assert df["offline"].tolist() == expected.tolist()
+    assert (df["tokens"] == 20).all() and (df["replay_tokens"] == 20).all()
+    online = best_row(df, "hit_rate", online=True)
+    assert online["policy"] == "lru" and online["predictor"] == "none"
+    assert run_command(online).endswith("--pipeline-depth 1 --tokens 20")
