@@ -144,15 +144,31 @@ def test_plot_and_report_without_kind_print_their_own_help(capsys: pytest.Captur
 
 
 @pytest.mark.slow
-def test_report_claim_check_end_to_end(tmp_path: Path) -> None:
+def test_report_claim_check_end_to_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """The whole report through `mer report claim-check`, on a 40-token cut of the
+    bundled trace and a shorter regenerated stream so it runs in seconds."""
     missing = {"mrc", "simulate"} - _commands()
     if missing:
         pytest.skip(f"mer {' and mer '.join(sorted(missing))} not built yet")
+    import analysis.claim as claim
+    import analysis.claim_report as claim_report
+    from traces.format import read_trace, write_trace
+
+    small = write_trace(read_trace(bundled_trace_path()).head(40), tmp_path / "small.parquet")
+    monkeypatch.setattr(claim_report, "bundled_trace_path", lambda: small)
+    monkeypatch.setitem(claim.PUBLISHED, "iterations", 300)
+    monkeypatch.setitem(claim.PUBLISHED, "scaling_iterations", 600)
     out = tmp_path / "claim"
-    assert main(["report", "claim-check", "-o", str(out)]) == 0
+    assert main(["report", "claim-check", "-o", str(out), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     md = (out / "claim-check.md").read_text()
+    assert result["markdown"] == str(out / "claim-check.md")
     assert "97.46%" in md and "whole-model tokens/s" in md
     assert (out / "claim-check.html").exists()
     figures = sorted(p.name for p in (out / "figures").iterdir())
-    assert "claim-mrc.png" in figures and "claim-mrc.svg" in figures
+    assert figures == ["claim-mrc.png", "claim-mrc.svg"]
     assert "figures/claim-mrc.png" in md
+    # the headline misses are the distinct ids of the regenerated stream
+    assert result["check"]["headline"]["misses"] == result["check"]["headline"]["distinct_ids"]
