@@ -286,6 +286,9 @@ class MRCRequest:
     policies: list[str]
     scopes: list[str] = field(default_factory=lambda: list(SCOPES))
     sizes: list[int] | None = None  # None: 1 .. all keys
+    # Replayed (not one-pass) policies only at every replay_step-th size (and the
+    # largest): their cost is one replay per size, the one-pass curves are free.
+    replay_step: int = 1
     processes: int = 2
     policy_params: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -328,18 +331,23 @@ def compute_mrc(
                 if progress:
                     progress(f"{policy} {scope}", len(sizes), len(sizes))
             else:
+                policy_sizes = sizes
+                if req.replay_step > 1:
+                    policy_sizes = sorted({*sizes[:: req.replay_step], sizes[-1]})
                 hits = replay_hits(
                     policy,
                     steps,
                     n_layers,
                     n_experts,
                     scope,
-                    sizes,
+                    policy_sizes,
                     params=params,
                     processes=req.processes,
-                    progress=_Ticker(progress, f"{policy} {scope}", len(sizes)),
+                    progress=_Ticker(progress, f"{policy} {scope}", len(policy_sizes)),
                 )
             for size in sizes:
+                if size not in hits:
+                    continue
                 h = hits[size]
                 rows.append((policy, scope, size, h, lookups - h, h / lookups if lookups else 0.0))
     df = pd.DataFrame(rows, columns=COLUMNS)

@@ -173,3 +173,25 @@ def test_predict_eval_cli_json(tmp_path, capsys):
     assert by[("oracle", 1)]["precision"] == 1.0 and by[("oracle", 2)]["recall"] == 1.0
     assert ("lookahead", 1) not in by  # no lookahead column in this trace
     assert main(["predict-eval", str(path), "--predictors", "lookahead"]) == 2
+
+
+def test_replay_step_keeps_one_pass_curves_whole_and_replays_a_subset() -> None:
+    rng = np.random.default_rng(3)
+    steps = np.stack([rng.choice(8, 2, replace=False) for _ in range(4 * 60)]).astype(np.int32)
+    steps += (np.arange(len(steps)) % 4)[:, None].astype(np.int32) * 8  # 4 layers x 8 experts
+    full = compute_mrc(
+        steps, 4, 8, MRCRequest(policies=["lru", "fifo"], scopes=["global"], processes=1)
+    )
+    part = compute_mrc(
+        steps,
+        4,
+        8,
+        MRCRequest(policies=["lru", "fifo"], scopes=["global"], processes=1, replay_step=5),
+    )
+    # LRU is one-pass: every size is kept.
+    assert list(part[part.policy == "lru"].cache_slots) == list(range(1, 33))
+    # FIFO is replayed at 1, 6, 11, ... and the largest size, with the same values as the full run.
+    fifo = part[part.policy == "fifo"].set_index("cache_slots")["hits"]
+    assert list(fifo.index) == [*range(1, 33, 5), 32]
+    full_fifo = full[full.policy == "fifo"].set_index("cache_slots")["hits"]
+    assert all(fifo[s] == full_fifo[s] for s in fifo.index)
