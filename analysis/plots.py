@@ -164,7 +164,7 @@ def plot_mrc(
                     d["cache_slots"],
                     d["hit_rate"],
                     lw=1.4,
-                    marker="o",
+                    marker="o" if len(d) <= 40 else None,  # dense curves: markers smear
                     ms=2.5,
                     color=colors[policy],
                 )
