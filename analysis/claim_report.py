@@ -35,7 +35,7 @@ def write_claim_report(
 
     with tempfile.TemporaryDirectory() as tmp:
         mrc_path = Path(tmp) / "mrc.parquet"
-        mer("mrc", bundled, "-o", mrc_path)
+        mer("mrc", bundled, "-o", mrc_path, "--replay-step", 16)
         mrc = pd.read_parquet(mrc_path)
     fig = plot_mrc(
         mrc,

@@ -118,7 +118,7 @@ def run_demo(
 
     _say("2. exact miss-ratio curves, every cache size, OPT as the ceiling")
     mrc = out / "mrc.parquet"
-    mer("mrc", trace, "-o", mrc)
+    mer("mrc", trace, "-o", mrc, "--replay-step", 32 if quick else 8)
 
     _say(f"3. a scaled expert file ({shape}: Mixtral's 32 x 8 geometry, real q4_0 GGUF layout)")
     experts = out / f"experts-{shape}.gguf"
