@@ -151,10 +151,10 @@ def write_run_report(
         bounds: dict[str, float] = {}
         bcurves: dict[str, tuple[list[float], list[float]]] = {}
         if hw and shape:
-            from mer.cli.analysis_cmd import bandwidth_bounds
+            from analysis.bounds import tokens_per_s_bounds
 
             with contextlib.suppress(BadInput):
-                bounds, bcurves = bandwidth_bounds(
+                bounds, bcurves = tokens_per_s_bounds(
                     shape, hw, pd.read_parquet(mrc) if mrc else None, tr.n_layers, tr.top_k
                 )
         fig(

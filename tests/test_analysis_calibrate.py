@@ -136,3 +136,28 @@ def test_refuses_a_simulated_run() -> None:
 def test_refuses_a_run_without_tokens() -> None:
     with pytest.raises(BadInput, match="no tokens"):
         calibrate(_measured(tokens=0), load_profile("ci-tiny"))
+
+
+def test_tokens_per_s_bounds_closed_forms() -> None:
+    """The bounds drawn on tokens/s plots, recomputed from the profile by hand."""
+    from analysis.bounds import tokens_per_s_bounds
+    from mer.shapes import get_shape
+    from sim.hardware import load_profile
+
+    hw = load_profile("nvme-desktop")
+    shape = get_shape("mixtral-small")
+    bounds, curves = tokens_per_s_bounds("mixtral-small", "nvme-desktop", None, 32, 2)
+    assert curves == {}
+    mem = hw.memory.read_bandwidth_bytes_per_s / (
+        32 * (2 * shape.bytes_per_expert + shape.dense_bytes_per_layer)
+    )
+    ffn = shape.bytes_per_expert / hw.compute.ffn_bytes_per_s
+    dense = (
+        hw.compute.dense_s_per_layer
+        if hw.compute.dense_s_per_layer is not None
+        else shape.dense_bytes_per_layer / hw.compute.dense_bytes_per_s
+    )
+    compute = 1 / (32 * (dense + 2 * ffn / min(hw.compute.workers, 2)))
+    ssd = hw.ssd.bandwidth_bytes_per_s / (32 * 2 * shape.bytes_per_expert)
+    values = sorted(bounds.values())
+    assert values == pytest.approx(sorted([mem, compute, ssd]))

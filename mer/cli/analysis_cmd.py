@@ -261,40 +261,8 @@ def cmd_plot_mrc(args: argparse.Namespace) -> int:
     )
 
 
-def bandwidth_bounds(
-    shape_name: str, hardware: str, mrc: Any | None, layers: int, top_k: int
-) -> tuple[dict[str, float], dict[str, tuple[list[float], list[float]]]]:
-    """Memory-bandwidth bound (every expert read from RAM once per use) and the SSD
-    bound at OPT's miss rate for each cache size (or with every lookup missing)."""
-    from mer.shapes import get_shape
-    from sim.hardware import load_profile
-
-    shape = get_shape(shape_name)
-    hw = load_profile(hardware)
-    per_token_bytes = layers * (top_k * shape.bytes_per_expert + shape.dense_bytes_per_layer)
-    bounds = {
-        f"memory-bandwidth bound ({hw.name})": hw.memory.read_bandwidth_bytes_per_s
-        / per_token_bytes
-    }
-    curves: dict[str, tuple[list[float], list[float]]] = {}
-    miss_bytes = layers * top_k * shape.bytes_per_expert
-    if mrc is not None:
-        opt = mrc[(mrc["policy"] == "opt") & (mrc["scope"] == "global")].sort_values("cache_slots")
-        if len(opt):
-            xs = opt["cache_slots"].astype(float).tolist()
-            ys = [
-                hw.ssd.bandwidth_bytes_per_s / (max(1 - h, 1e-6) * miss_bytes)
-                for h in opt["hit_rate"].tolist()
-            ]
-            curves[f"SSD bound at OPT's miss rate ({hw.name})"] = (xs, ys)
-    if not curves:
-        bounds[f"SSD bound, every lookup a miss ({hw.name})"] = (
-            hw.ssd.bandwidth_bytes_per_s / miss_bytes
-        )
-    return bounds, curves
-
-
 def cmd_plot_sweep(args: argparse.Namespace) -> int:
+    from analysis.bounds import tokens_per_s_bounds
     from analysis.plots import plot_sweep_tokens_per_s
 
     df = _read_parquet(args.sweep, "sweep results")
@@ -308,7 +276,7 @@ def cmd_plot_sweep(args: argparse.Namespace) -> int:
         layers = int(df["layers"].iloc[0]) if "layers" in df.columns else 32
         top_k = int(df["top_k"].iloc[0]) if "top_k" in df.columns else 2
         try:
-            bounds, curves = bandwidth_bounds(shape, hw, mrc, layers, top_k)
+            bounds, curves = tokens_per_s_bounds(shape, hw, mrc, layers, top_k)
         except BadInput as exc:
             note(f"mer: bounds not drawn: {exc}")
     title = (
