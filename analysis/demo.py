@@ -96,7 +96,7 @@ def run_demo(
     out_dir: str | Path = "out/demo",
     *,
     shape: str = "mixtral-small",
-    tokens: int = 160,
+    tokens: int = 96,
     quick: bool = False,
 ) -> Path:
     t0 = time.perf_counter()
@@ -146,6 +146,8 @@ def run_demo(
         hardware,
         "--shape",
         shape,
+        "--tokens",
+        96 if quick else 256,
         "-o",
         sweep,
         "--best",
@@ -156,7 +158,7 @@ def run_demo(
     print(f"winner: {winner}", file=sys.stderr)
 
     _say("6. execute the winner with the real engine, and the same policy without prefetch")
-    n_tok = 48 if quick else tokens
+    n_tok = 24 if quick else tokens
     pairs = [_run_pair(trace, experts, hardware, shape, winner, n_tok, out, "winner")]
     if winner["predictor"] != "none":
         pairs.append(

@@ -333,7 +333,8 @@ def compute_mrc(
             else:
                 policy_sizes = sizes
                 if req.replay_step > 1:
-                    policy_sizes = sorted({*sizes[:: req.replay_step], sizes[-1]})
+                    step = req.replay_step
+                    policy_sizes = sorted({sizes[0], *sizes[step - 1 :: step], sizes[-1]})
                 hits = replay_hits(
                     policy,
                     steps,

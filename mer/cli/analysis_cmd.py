@@ -174,8 +174,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--tokens",
         type=int,
-        default=160,
-        help="tokens of the trace the real engine executes (default 160)",
+        default=96,
+        help="tokens of the trace the real engine executes (default 96)",
     )
     p.add_argument("--quick", action="store_true", help="smaller sweep and run (for tests)")
     p.set_defaults(func=cmd_demo)

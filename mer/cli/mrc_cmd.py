@@ -49,8 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--replay-step",
         type=positive_int,
         default=1,
-        help="replay the policies without a one-pass curve only at every N-th size (and the "
-        "largest); LRU and OPT keep every size. Each replayed size costs one full replay, so "
+        help="replay the policies without a one-pass curve only at every N-th size (N, 2N, ..., "
+        "plus the smallest and largest); LRU and OPT keep every size. Each replayed size costs one full replay, so "
         "N=8 makes a 256-size run about 8x faster (default 1: every size)",
     )
     p.add_argument(
