@@ -72,11 +72,51 @@ SHAPES: dict[str, ModelShape] = {
     s.name: s
     for s in (
         ModelShape("mixtral-8x7b", 32, 8, 2, 4096, 14336, description="the real Mixtral 8x7B"),
-        ModelShape("mixtral-tiny", 32, 8, 2, 128, 384, n_heads=4, n_kv_heads=2, description="for tests"),
-        ModelShape("mixtral-small", 32, 8, 2, 512, 1792, n_heads=8, n_kv_heads=2, description="for the demo"),
-        ModelShape("mixtral-medium", 32, 8, 2, 1024, 3584, n_heads=16, n_kv_heads=4, description="mid-size runs"),
-        ModelShape("mixtral-quarter", 32, 8, 2, 2048, 7168, n_heads=16, n_kv_heads=4, description="a quarter of Mixtral's width"),
-        ModelShape("seed-flat-256", 1, 256, 2, 4096, 14336, description="the public engine's flat 256-id benchmark (one pseudo-layer)"),
+        ModelShape(
+            "mixtral-tiny", 32, 8, 2, 128, 384, n_heads=4, n_kv_heads=2, description="for tests"
+        ),
+        ModelShape(
+            "mixtral-small",
+            32,
+            8,
+            2,
+            512,
+            1792,
+            n_heads=8,
+            n_kv_heads=2,
+            description="for the demo",
+        ),
+        ModelShape(
+            "mixtral-medium",
+            32,
+            8,
+            2,
+            1024,
+            3584,
+            n_heads=16,
+            n_kv_heads=4,
+            description="mid-size runs",
+        ),
+        ModelShape(
+            "mixtral-quarter",
+            32,
+            8,
+            2,
+            2048,
+            7168,
+            n_heads=16,
+            n_kv_heads=4,
+            description="a quarter of Mixtral's width",
+        ),
+        ModelShape(
+            "seed-flat-256",
+            1,
+            256,
+            2,
+            4096,
+            14336,
+            description="the public engine's flat 256-id benchmark (one pseudo-layer)",
+        ),
     )
 }
 
@@ -85,7 +125,9 @@ def get_shape(name: str) -> ModelShape:
     try:
         return SHAPES[name]
     except KeyError:
-        raise BadInput(f"unknown model shape {name!r}; choose one of: {', '.join(SHAPES)}.") from None
+        raise BadInput(
+            f"unknown model shape {name!r}; choose one of: {', '.join(SHAPES)}."
+        ) from None
 
 
 def shape_help() -> str:

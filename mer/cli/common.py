@@ -193,7 +193,12 @@ def add_replay_args(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
         metavar="KEY=VALUE",
         help="predictor parameter, repeatable",
     )
-    p.add_argument("--tokens", type=positive_int, default=None, help="replay only the first N tokens (after --phase; default all)")
+    p.add_argument(
+        "--tokens",
+        type=positive_int,
+        default=None,
+        help="replay only the first N tokens (after --phase; default all)",
+    )
     add_phase_arg(p)
 
 
