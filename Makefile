@@ -6,6 +6,7 @@ PY := $(VENV)/bin/python
 BASE_STAMP := $(VENV)/.base-installed
 FULL_STAMP := $(VENV)/.full-installed
 PIP := $(PY) -m pip install -q --disable-pip-version-check
+PY_DIRS := mer sim traces analysis tests bench setup.py
 
 .PHONY: demo test lint format bench clean install
 
@@ -32,13 +33,13 @@ test: $(FULL_STAMP)
 	$(PY) -m pytest -q
 
 lint: $(FULL_STAMP)
-	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check $(PY_DIRS)
+	$(VENV)/bin/ruff format --check $(PY_DIRS)
 	$(VENV)/bin/mypy
 
 format: $(FULL_STAMP)
-	$(VENV)/bin/ruff format .
-	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format $(PY_DIRS)
+	$(VENV)/bin/ruff check --fix $(PY_DIRS)
 
 bench: $(FULL_STAMP)
 	$(PY) bench/run_all.py
