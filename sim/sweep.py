@@ -184,10 +184,17 @@ def write_results(df: pd.DataFrame, path: str | Path) -> None:
 
 @dataclass
 class SweepOutcome:
-    results: pd.DataFrame
+    results: pd.DataFrame  # every row of the results file (earlier grids included)
     ran: int
     skipped: int
     failed: list[tuple[str, str]]
+    hashes: list[str] = field(default_factory=list)  # this grid's configurations
+
+    def grid(self) -> pd.DataFrame:
+        """Only this grid's rows: a results file may also hold earlier, other grids."""
+        if not len(self.results) or not self.hashes:
+            return self.results
+        return self.results[self.results["config_hash"].isin(self.hashes)].reset_index(drop=True)
 
 
 def run_sweep(
@@ -240,7 +247,13 @@ def run_sweep(
         df = df.assign(_o=df["config_hash"].map(order).fillna(len(order)))
         df = df.sort_values("_o", kind="stable").drop(columns="_o").reset_index(drop=True)
         write_results(df, out)
-    return SweepOutcome(df, len(todo) - len(failed), len(configs) - len(todo), failed)
+    return SweepOutcome(
+        df,
+        len(todo) - len(failed),
+        len(configs) - len(todo),
+        failed,
+        [c["config_hash"] for c in configs],
+    )
 
 
 def _run_local(

@@ -240,3 +240,19 @@ def test_offline_flag_and_online_best(trace_path: Path, tmp_path: Path) -> None:
     online = best_row(df, "hit_rate", online=True)
     assert online["policy"] == "lru" and online["predictor"] == "none"
     assert run_command(online).endswith("--pipeline-depth 1 --tokens 20")
+
+
+def test_grid_excludes_rows_of_earlier_grids_in_the_same_file(
+    trace_path: Path, tmp_path: Path
+) -> None:
+    """A results file can hold other grids; --best must choose within this one."""
+    out = tmp_path / "r.parquet"
+    run_sweep(spec(trace_path, cache_slots=[200]), out, trace_digest="d", jobs=1, progress=False)
+    res = run_sweep(spec(trace_path), out, trace_digest="d", jobs=1, progress=False)
+    assert len(res.results) == 12  # the file keeps both grids
+    grid = res.grid()
+    assert len(grid) == 8 and set(grid["cache_slots"]) == {16, 48}
+    best = best_row(grid, "tokens_per_s")
+    assert best["cache_slots"] in (16, 48)
+    # Independently: the best of this grid is the max over its 8 rows.
+    assert best["tokens_per_s"] == grid["tokens_per_s"].max()

@@ -233,7 +233,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         scheduler=args.scheduler,
         progress=not args.no_progress and not args.json,
     )
-    df = outcome.results
+    df = outcome.grid()  # --best and the summary speak of this grid only
     for h, msg in outcome.failed:
         note(f"config {h} failed: {msg}")
     best = best_row(df, args.best) if len(df) else None
