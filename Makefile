@@ -30,7 +30,7 @@ demo: $(BASE_STAMP)
 	$(PY) -m mer demo
 
 test: $(FULL_STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest
 
 lint: $(FULL_STAMP)
 	$(VENV)/bin/ruff check $(PY_DIRS)
