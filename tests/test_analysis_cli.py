@@ -8,48 +8,17 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from test_analysis_compare import _summary as make_summary
 
 from mer.cli import build_parser, main
-from mer.summary import RunSummary
 from traces.bundled import bundled_trace_path
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def _summary(path: Path, **over: object) -> Path:
-    base: dict[str, object] = dict(
-        kind="simulated",
-        trace="t.parquet",
-        trace_digest="abc",
-        model="m",
-        shape="mixtral-tiny",
-        mode="model",
-        policy="lru",
-        scope="global",
-        cache_slots=64,
-        predictor="none",
-        pipeline_depth=1,
-        phase="all",
-        hardware="hw",
-        tokens=10,
-        layers=32,
-        top_k=2,
-        hits=400,
-        misses=240,
-        hit_rate=400 / 640,
-        bytes_read=240 * 1000,
-        wall_s=2.0,
-        tokens_per_s=5.0,
-        layer_iterations_per_s=160.0,
-        io_wait_s=0.5,
-        compute_s=1.0,
-        dense_s=0.5,
-        io_wait_share=0.25,
-        prefetch={"issued": 0, "used": 0, "late": 0, "wasted": 0},
-        latency={"read": {"p50": 0.001}, "token": {"p50": 0.2}},
-    )
-    base.update(over)
-    RunSummary(**base).save(path)  # type: ignore[arg-type]
+    """The same hand-made summary as test_analysis_compare, saved as JSON."""
+    make_summary(**over).save(path)
     return path
 
 
