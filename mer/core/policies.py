@@ -64,6 +64,28 @@ class FIFO(EvictionPolicy):
 
 
 @register_policy
+class LRU(FIFO):
+    """Least recently used, at step granularity: FIFO's queue, refreshed by use.
+
+    Keys of one step are used together, so at the end of a step they become the
+    most recent in rank order (rank 0 most recent), whether they hit or missed.
+    This makes LRU a stack algorithm over steps, which the one-pass miss-ratio
+    curve relies on.
+    """
+
+    name = "lru"
+
+    def on_hit(self, key: int) -> None:
+        self._order.move_to_end(key)
+
+    def end_step(self, t: int, keys: Sequence[int]) -> None:
+        order = self._order
+        for key in reversed(keys):
+            if key in order:
+                order.move_to_end(key)
+
+
+@register_policy
 class LFU(EvictionPolicy):
     """Least frequently used (in-cache counts), optionally with exponential decay.
 

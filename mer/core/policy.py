@@ -15,7 +15,6 @@ keys, which the engine needs resident to compute the layer).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections import OrderedDict
 from collections.abc import Container, Sequence
 from typing import Any, ClassVar
 
@@ -118,44 +117,3 @@ def _load_builtin_policies() -> None:
         except ModuleNotFoundError as exc:
             if exc.name != mod:
                 raise
-
-
-# -- the reference policy -----------------------------------------------------------
-
-
-@register_policy
-class LRU(EvictionPolicy):
-    """Least recently used, at step granularity.
-
-    Keys of one step are used together, so at the end of a step they become the
-    most recent in rank order (rank 0 most recent), whether they hit or missed.
-    This makes LRU a stack algorithm over steps, which the one-pass miss-ratio
-    curve relies on.
-    """
-
-    name = "lru"
-
-    def __init__(self, capacity: int, **params: Any) -> None:
-        super().__init__(capacity, **params)
-        self._order: OrderedDict[int, None] = OrderedDict()  # oldest first
-
-    def on_hit(self, key: int) -> None:
-        self._order.move_to_end(key)
-
-    def on_insert(self, key: int) -> None:
-        self._order[key] = None
-
-    def on_remove(self, key: int) -> None:
-        del self._order[key]
-
-    def victim(self, protected: Container[int]) -> int | None:
-        for key in self._order:
-            if key not in protected:
-                return key
-        return None
-
-    def end_step(self, t: int, keys: Sequence[int]) -> None:
-        order = self._order
-        for key in reversed(keys):
-            if key in order:
-                order.move_to_end(key)

@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 
 from mer.core.cache import READY, Admission, CacheStats, ExpertCache, StepResult
-from mer.core.policies import FIFO, Clock
-from mer.core.policy import LRU, EvictionPolicy
+from mer.core.policies import FIFO, LRU, Clock
+from mer.core.policy import EvictionPolicy
 from mer.core.predictor import Predictor, ReplayContext, make_predictor
 from mer.errors import BadInput
 
