@@ -244,12 +244,16 @@ def plot_sweep_tokens_per_s(
         )
         values += [float(v) for v in d["tokens_per_s"]]
     bound_handles = []
+    # Bounds are black/grey/maroon, thick, and never share a line style with a predictor.
+    bound_colors = iter(["black", "0.45", "maroon", "darkgoldenrod"])
     for name, (xs, ys) in (curves or {}).items():
-        (line,) = ax.plot(xs, ys, color="0.3", lw=1.8, ls=(0, (6, 2, 1, 2)), label=name)
+        (line,) = ax.plot(xs, ys, color="teal", lw=2.2, ls=(0, (8, 2, 1, 2, 1, 2)), label=name)
         bound_handles.append(line)
         values += [float(y) for y in ys]
     for name, value in (bounds or {}).items():
-        line = ax.axhline(value, color="0.55", lw=1.4, ls="--", label=name)
+        line = ax.axhline(
+            value, color=next(bound_colors, "0.3"), lw=2.0, ls=(0, (1, 1.5)), label=name
+        )
         bound_handles.append(line)
         values.append(float(value))
     positive = [v for v in values if v > 0]
