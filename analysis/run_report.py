@@ -145,6 +145,7 @@ def write_run_report(
             "",
             md_table(cols, rows),
             "",
+            *_sweep_reading(res),
         ]
         hw = hardware or (str(res["hardware"].iloc[0]) if "hardware" in res.columns else None)
         shape = str(res["shape"].iloc[0]) if "shape" in res.columns else None
@@ -245,3 +246,25 @@ def write_run_report(
         "figures": figures,
         "compare": comparison.to_dict() if comparison else None,
     }
+
+
+def _sweep_reading(res: pd.DataFrame) -> list[str]:
+    """One sentence on what bounds the winner, from the sweep's own columns."""
+    ranked = res.sort_values("tokens_per_s", ascending=False)
+    best = float(ranked["tokens_per_s"].iloc[0])
+    top5 = ranked["tokens_per_s"].head(5).astype(float)
+    spread = (best - float(top5.min())) / best if best else 0.0
+    out = [f"The 5 fastest configurations are within {spread * 100:.1f}% of each other."]
+    if "bound_compute_tokens_per_s" in res.columns:
+        bound = float(ranked["bound_compute_tokens_per_s"].iloc[0])
+        if bound > 0:
+            share = best / bound
+            out[0] += (
+                f" The fastest reaches {share * 100:.0f}% of the compute bound (every lookup a hit)"
+            )
+            out[0] += (
+                ": on this machine the expert FFN, not the SSD, decides tokens/s, so the policy matters little here."
+                if share > 0.9
+                else ": the remaining gap is I/O the policy and predictor did not hide."
+            )
+    return [*out, ""]

@@ -123,3 +123,18 @@ def test_write_report_atomic_and_overwrites(tmp_path: Path) -> None:
     assert sorted(p.name for p in out.iterdir()) == ["r.html", "r.md"]  # no temporaries left
     assert md_path.read_text() == "# Two\n"
     assert [t for _, t in _parse(html_path.read_text()).find("h1")] == ["Two"]
+
+
+def test_sweep_reading_names_the_compute_bound() -> None:
+    import pandas as pd
+
+    from analysis.run_report import _sweep_reading
+
+    res = pd.DataFrame(
+        {"tokens_per_s": [2.0, 1.9, 1.8, 1.7, 1.6, 0.5], "bound_compute_tokens_per_s": [2.1] * 6}
+    )
+    text = _sweep_reading(res)[0]
+    assert "within 20.0%" in text  # (2.0 - 1.6) / 2.0
+    assert "95% of the compute bound" in text and "expert FFN" in text
+    io_bound = _sweep_reading(res.assign(bound_compute_tokens_per_s=4.0))[0]
+    assert "50% of the compute bound" in io_bound and "I/O" in io_bound
