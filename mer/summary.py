@@ -97,6 +97,52 @@ class RunSummary:
     def lookups(self) -> int:
         return self.hits + self.misses
 
+    @classmethod
+    def from_replay(
+        cls,
+        *,
+        kind: str,
+        replay_config: Any,  # mer.core.ReplayConfig
+        stats: Any,  # mer.core.CacheStats
+        tokens: int,
+        layers: int,
+        wall_s: float,
+        io_wait_s: float,
+        **fields: Any,
+    ) -> RunSummary:
+        """The summary of a replay, with every derived figure computed here, once.
+
+        The simulator and the engine both end with this call, so hit counts,
+        prefetch counts, rates and the I/O share are defined in one place.
+        `fields` are the remaining RunSummary fields (identity, bytes, times).
+        """
+        return cls(
+            kind=kind,
+            policy=replay_config.policy,
+            scope=replay_config.scope,
+            cache_slots=replay_config.cache_slots,
+            predictor=replay_config.predictor,
+            pipeline_depth=replay_config.pipeline_depth,
+            phase=replay_config.phase,
+            tokens=tokens,
+            layers=layers,
+            hits=stats.total("hits"),
+            misses=stats.total("misses"),
+            hit_rate=stats.hit_rate,
+            wall_s=wall_s,
+            tokens_per_s=tokens / wall_s if wall_s > 0 else 0.0,
+            layer_iterations_per_s=tokens * layers / wall_s if wall_s > 0 else 0.0,
+            io_wait_s=io_wait_s,
+            io_wait_share=io_wait_s / wall_s if wall_s > 0 else 0.0,
+            prefetch={
+                "issued": stats.total("prefetch_issued"),
+                "used": stats.total("prefetch_used"),
+                "late": stats.total("late"),
+                "wasted": stats.total("prefetch_wasted"),
+            },
+            **fields,
+        )
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["lookups"] = self.lookups
