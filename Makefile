@@ -32,10 +32,16 @@ demo: $(BASE_STAMP)
 test: $(FULL_STAMP)
 	$(PY) -m pytest
 
+# mypy needs the installed layout (sim/ -> mer/sim, ...): a tree of symlinks gives it that.
+TYPECHECK := build/typecheck
+
 lint: $(FULL_STAMP)
 	$(VENV)/bin/ruff check $(PY_DIRS)
 	$(VENV)/bin/ruff format --check $(PY_DIRS)
-	$(VENV)/bin/mypy
+	rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK)/mer
+	for f in mer/*; do ln -s "$(CURDIR)/$$f" $(TYPECHECK)/mer/; done
+	for d in sim traces analysis; do ln -s "$(CURDIR)/$$d" $(TYPECHECK)/mer/$$d; done
+	cd $(TYPECHECK) && $(CURDIR)/$(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml -p mer
 
 format: $(FULL_STAMP)
 	$(VENV)/bin/ruff format $(PY_DIRS)

@@ -1,44 +1,61 @@
-"""Build hook for the optional io_uring cffi extension (see mer/engine/uring_build.py).
+"""Package layout and the compiled kernels (everything else is in pyproject.toml).
 
-The extension is compiled at install time against the kernel's UAPI header
-<linux/io_uring.h> (no liburing). If no compiler or header is available the
-install still succeeds: at run time mer.engine.uring tries to build it into a
-user cache directory, and failing that the engine falls back to a thread pool
-of preadv, saying so once.
+Layout: the repository keeps sim/, traces/ and analysis/ at the top level and
+installs them as mer.sim, mer.traces and mer.analysis, so no generic top-level
+names (`sim`, `traces`, `analysis`) are installed.
+
+Kernels: every C source is in mer/native/ and is built by the one builder in
+mer/native/build.py, listed here as cffi modules. They are optional: without a
+compiler or a header the install still succeeds, `mer.native.load` tries again
+at first use (into the user cache), and failing that each kernel's Python
+reference runs, which mer says once.
 """
 
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 from setuptools.command.build_ext import build_ext
+
+MAPPED = ("sim", "traces", "analysis")
 
 
 class OptionalBuildExt(build_ext):
-    """build_ext that warns instead of failing: the io_uring extension is optional."""
+    """build_ext that warns instead of failing: every compiled kernel has a Python fallback."""
 
     def run(self) -> None:
         try:
             super().run()
         except Exception as exc:  # no compiler, no header, no Python.h ...
-            self._skip(exc)
+            self._skip("the compiled kernels", exc)
 
     def build_extension(self, ext) -> None:  # type: ignore[no-untyped-def]
         try:
             super().build_extension(ext)
         except Exception as exc:
-            self._skip(exc)
+            self._skip(ext.name, exc)
 
     @staticmethod
-    def _skip(exc: Exception) -> None:
+    def _skip(what: str, exc: Exception) -> None:
         print(
-            f"WARNING: the optional io_uring extension was not built ({exc}); mer will try "
-            "to build it at run time, else read with a preadv thread pool.",
+            f"WARNING: {what} not built ({exc}); mer will try to build it at first use, "
+            "else run its Python reference.",
             file=sys.stderr,
         )
 
 
-kwargs = {}
-if sys.platform.startswith("linux"):
-    kwargs["cffi_modules"] = ["mer/engine/uring_build.py:ffibuilder"]
+packages = find_packages(include=["mer", "mer.*"])
+package_dir = {"mer": "mer"}
+for top in MAPPED:
+    packages += [f"mer.{p}" for p in find_packages(include=[top, f"{top}.*"])]
+    package_dir[f"mer.{top}"] = top
 
-setup(cmdclass={"build_ext": OptionalBuildExt}, **kwargs)
+kernels = ["stackdist"] + (["uring"] if sys.platform.startswith("linux") else [])
+
+setup(
+    packages=packages,
+    package_dir=package_dir,
+    package_data={"mer.native": ["*.c", "*.h"]},
+    include_package_data=False,
+    cffi_modules=[f"mer/native/build.py:{k}_builder" for k in kernels],
+    cmdclass={"build_ext": OptionalBuildExt},
+)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from mer.shapes import get_shape
-from sim.hardware import load_profile
+from mer.sim.hardware import load_profile
 
 Curves = dict[str, tuple[list[float], list[float]]]
 

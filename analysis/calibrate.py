@@ -17,8 +17,8 @@ from typing import Any
 
 from mer.errors import BadInput
 from mer.shapes import get_shape
+from mer.sim.hardware import HardwareProfile
 from mer.summary import RunSummary
-from sim.hardware import HardwareProfile
 
 
 @dataclass

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from mer.core import Replay, ReplayConfig, policy_names, replay_counts
-from traces.format import Trace
+from mer.traces.format import Trace
 
 #: The public engine's own published figures (shared/specs/seed-engine.md).
 PUBLISHED: dict[str, Any] = {
@@ -81,7 +81,7 @@ def _row(workload: str, trace: Trace, policy: str, slots: int, scope: str = "glo
 
 
 def seed_workload(iterations: int) -> Trace:
-    from traces.synth.seed_skewed import SeedSkewed, SkewedParams
+    from mer.traces.synth.seed_skewed import SeedSkewed, SkewedParams
 
     return SeedSkewed(SkewedParams(iterations=iterations)).generate()
 

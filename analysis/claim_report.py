@@ -8,14 +8,14 @@ from typing import Any
 
 import pandas as pd
 
-from analysis.claim import PUBLISHED, format_markdown, run_claim_check
-from analysis.pipeline import mer
-from analysis.plots import SEED_CLAIM, plot_mrc
-from analysis.report import write_report
+from mer.analysis.claim import PUBLISHED, format_markdown, run_claim_check
+from mer.analysis.pipeline import mer
+from mer.analysis.plots import SEED_CLAIM, plot_mrc
+from mer.analysis.report import write_report
 from mer.errors import MerError
 from mer.shapes import get_shape
-from traces.bundled import bundled_trace_path
-from traces.format import read_trace
+from mer.traces.bundled import bundled_trace_path
+from mer.traces.format import read_trace
 
 
 def write_claim_report(

@@ -21,10 +21,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from analysis.pipeline import mer
-from analysis.run_report import write_run_report
+from mer.analysis.pipeline import mer
+from mer.analysis.run_report import write_run_report
 from mer.shapes import get_shape
-from traces.bundled import bundled_trace_path
+from mer.traces.bundled import bundled_trace_path
 
 SHARED_SOURCE = (
     Path("..") / "shared" / "data" / "external" / "mixtral-offloading-h39s" / "active_experts.txt"

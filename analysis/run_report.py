@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from analysis.compare import compare
-from analysis.plots import (
+from mer.analysis.compare import compare
+from mer.analysis.plots import (
     plot_io_share,
     plot_layer_hit_rates,
     plot_mrc,
@@ -19,12 +19,12 @@ from analysis.plots import (
     plot_repetition,
     plot_sweep_tokens_per_s,
 )
-from analysis.report import md_table, write_report
+from mer.analysis.report import md_table, write_report
 from mer.core import Replay, ReplayConfig, replay_counts
 from mer.errors import BadInput
 from mer.summary import RunSummary, read_token_table
-from traces.format import read_trace
-from traces.stats import trace_stats
+from mer.traces.format import read_trace
+from mer.traces.stats import trace_stats
 
 SIZES_SHOWN = (16, 32, 64, 96, 128, 192, 256)
 
@@ -152,7 +152,7 @@ def write_run_report(
         bounds: dict[str, float] = {}
         bcurves: dict[str, tuple[list[float], list[float]]] = {}
         if hw and shape:
-            from analysis.bounds import tokens_per_s_bounds
+            from mer.analysis.bounds import tokens_per_s_bounds
 
             with contextlib.suppress(BadInput):
                 bounds, bcurves = tokens_per_s_bounds(

@@ -19,8 +19,9 @@ import time
 
 import numpy as np
 
-from mer.core import Replay, ReplayConfig, policy_names, replay_counts, stackdist
-from sim.mrc import one_pass_hits
+from mer import native
+from mer.core import Replay, ReplayConfig, policy_names, replay_counts
+from mer.sim.mrc import one_pass_hits
 
 
 def mixtral_like(n_lookups: int, seed: int = 0) -> np.ndarray:
@@ -55,7 +56,7 @@ def main() -> int:
     )
     print(
         f"machine: {platform.processor() or platform.machine()}, Python {sys.version.split()[0]}, "
-        f"C kernels: {'yes' if stackdist.load() is not None else 'no'}"
+        f"C kernels: {'yes' if native.load('stackdist') is not None else 'no'}"
     )
     print()
     print("| policy | slots | lookups | hit rate | wall s | CPU s | lookups/s (CPU) |")

@@ -23,10 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mer.core import ReplayConfig, policy_names  # noqa: E402
-from sim.hardware import load_profile  # noqa: E402
-from sim.model import SimOptions, simulate  # noqa: E402
-from sim.sweep import SweepSpec, run_sweep  # noqa: E402
-from traces.format import Trace, TraceMeta, from_arrays, read_trace, write_trace  # noqa: E402
+from mer.sim.hardware import load_profile  # noqa: E402
+from mer.sim.model import SimOptions, simulate  # noqa: E402
+from mer.sim.sweep import SweepSpec, run_sweep  # noqa: E402
+from mer.traces.format import Trace, TraceMeta, from_arrays, read_trace, write_trace  # noqa: E402
 
 BUNDLED = ROOT / "traces" / "data" / "mixtral-offloading-h39s.parquet"
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 
-from traces.synth.seed_skewed import SeedSkewed, SkewedParams, generate_ids
+from mer.traces.synth.seed_skewed import SeedSkewed, SkewedParams, generate_ids
 
 CONFIGS = {
     "mixtral n=256 k=2 10k it": SkewedParams(),

@@ -50,8 +50,8 @@ from mer.core.cache import CacheStats
 from mer.core.replay import Replay, ReplayConfig
 from mer.errors import BadInput
 from mer.shapes import SHAPES, ModelShape, get_shape
+from mer.sim.hardware import HardwareProfile
 from mer.summary import RunSummary, percentiles
-from sim.hardware import HardwareProfile
 
 MODES = ("model", "seed")
 #: The engines count time in integer picoseconds: instants that coincide in the

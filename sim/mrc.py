@@ -35,131 +35,11 @@ from mer.atomic import atomic_path
 from mer.core import Replay, ReplayConfig, policy_names, replay_counts, split_slots
 from mer.core.policies import INF, next_positions
 from mer.errors import BadInput
+from mer.native.stackdist import lru_hits, opt_hits
 
 SCOPES = ("global", "per-layer")
 ONE_PASS = ("lru", "opt")
 COLUMNS = ["policy", "scope", "cache_slots", "hits", "misses", "hit_rate"]
-
-
-# -- one-pass LRU ----------------------------------------------------------------------
-
-
-def lru_depths(steps: Sequence[Sequence[int]]) -> np.ndarray:
-    """Stack depth at step start of every lookup (flattened), -1 for a first use."""
-    stack: list[int] = []  # top first
-    seen: set[int] = set()
-    out: list[int] = []
-    for keys in steps:
-        for key in keys:
-            if key in seen:
-                out.append(stack.index(key))
-            else:
-                out.append(-1)
-        for key in keys:
-            if key in seen:
-                stack.remove(key)
-            else:
-                seen.add(key)
-        stack[0:0] = keys
-    return np.asarray(out, dtype=np.int64)
-
-
-def hits_from_depths(depths: np.ndarray, max_size: int) -> np.ndarray:
-    """hits[C] for C = 0..max_size: lookups whose depth is < C."""
-    finite = depths[depths >= 0]
-    hist = np.bincount(np.minimum(finite, max_size), minlength=max_size + 1)
-    out = np.zeros(max_size + 1, dtype=np.int64)
-    out[1:] = np.cumsum(hist[:max_size])
-    return out
-
-
-def lru_hits(steps: Sequence[Sequence[int]], max_size: int) -> np.ndarray:
-    return hits_from_depths(lru_depths(steps), max_size)
-
-
-# -- one-pass OPT ----------------------------------------------------------------------
-
-
-def opt_hits(steps: Sequence[Sequence[int]], next_pos: Sequence[int], max_size: int) -> np.ndarray:
-    """hits[C] for C = 0..max_size under the core's `opt` policy, in one pass.
-
-    `next_pos[i]` is the global position of the next use of the key at flat
-    position i (t * k + rank), INF if none; it orders the keys exactly as the
-    `opt` policy does (never-used-again keys: the largest key is evicted first).
-    """
-    stack: list[int] = []  # top first
-    seen: set[int] = set()
-    val: dict[int, int] = {}
-    hist = np.zeros(max_size + 2, dtype=np.int64)
-    pos = 0
-    cap = max_size + 1
-    for keys in steps:
-        k = len(keys)
-        kset = set(keys)
-        depths = []
-        for key in keys:
-            if key in seen:
-                d = stack.index(key)
-                depths.append(d)
-                hist[min(d, cap)] += 1
-            else:
-                seen.add(key)
-                depths.append(INF)
-        for key in keys:
-            n = next_pos[pos]
-            pos += 1
-            val[key] = n if n < INF else INF + key
-        # j values (C - k) at which the number of step keys still below drops by one.
-        drops = sorted(d - k + 1 for d in depths if k <= d < INF)
-        m = sum(1 for d in depths if d >= k)
-        n_old = len(stack)
-        if m == 0:  # every step key was in the top k: they just move to the top
-            for key in keys:
-                stack.remove(key)
-            stack[0:0] = keys
-            continue
-        i = 0
-        pool: list[int] = []
-        while len(pool) < m and i < n_old:
-            x = stack[i]
-            i += 1
-            if x not in kset:
-                pool.append(x)
-        out: list[int] = []
-        j = 0
-        di = 0
-        nd = len(drops)
-        while True:
-            if di < nd and drops[di] == j + 1:
-                m_next = m - 1
-                di += 1
-            else:
-                m_next = m
-                while i < n_old:
-                    x = stack[i]
-                    i += 1
-                    if x not in kset:
-                        pool.append(x)
-                        break
-            if not pool:
-                break
-            if len(pool) == 1:
-                best = pool.pop()
-            else:
-                best = min(pool, key=val.__getitem__)
-                pool.remove(best)
-            out.append(best)
-            m = m_next
-            j += 1
-            if m == 0 and not pool:
-                break
-        tail = stack[i:]
-        if any(d >= i for d in depths if d < INF):
-            tail = [x for x in tail if x not in kset]
-        stack = list(keys) + out + tail
-    out_hits = np.zeros(max_size + 1, dtype=np.int64)
-    out_hits[1:] = np.cumsum(hist[:max_size])
-    return out_hits
 
 
 # -- curves per scope ---------------------------------------------------------------------
@@ -188,10 +68,11 @@ def one_pass_hits(
 ) -> np.ndarray:
     """hits[C] for C = 0..n_layers * n_experts, LRU or OPT, one pass per partition.
 
-    engine: "c" (the compiled loops of `mer.core.stackdist`), "python", or
+    engine: "c" (the compiled loops of `mer.native.stackdist`), "python", or
     "auto" (C when it builds, else Python). Both compute the same stacks.
     """
-    from mer.core import stackdist
+    from mer import native
+    from mer.native import stackdist
 
     if policy not in ONE_PASS:
         raise BadInput(f"no one-pass curve for policy {policy!r} (only {', '.join(ONE_PASS)}).")
@@ -199,7 +80,7 @@ def one_pass_hits(
     steps = np.ascontiguousarray(steps, dtype=np.int64)
     k = steps.shape[1]
     nxt = next_positions(steps.reshape(-1)) if policy == "opt" else None
-    if engine == "c" and stackdist.load() is None:
+    if engine == "c" and native.load("stackdist") is None:
         raise BadInput("the compiled stack-distance kernels are unavailable (no C compiler?).")
     use_c = engine != "python"
 

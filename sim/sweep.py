@@ -93,7 +93,7 @@ def config_hash(cfg: dict[str, Any]) -> str:
 
 @lru_cache(maxsize=4)
 def _load_trace(path: str) -> Any:
-    from traces.format import read_trace
+    from mer.traces.format import read_trace
 
     return read_trace(path)
 
@@ -101,8 +101,8 @@ def _load_trace(path: str) -> Any:
 def run_config(cfg: dict[str, Any]) -> dict[str, Any]:
     """Simulate one configuration; the flat result row (runs in a worker process)."""
     from mer.core import ReplayConfig
-    from sim.hardware import load_profile
-    from sim.model import SimOptions, simulate
+    from mer.sim.hardware import load_profile
+    from mer.sim.model import SimOptions, simulate
 
     trace = _load_trace(cfg["trace"])
     replay_keys = set(ReplayConfig.__dataclass_fields__)

@@ -7,11 +7,11 @@ import math
 
 import pytest
 
-from analysis.calibrate import calibrate
+from mer.analysis.calibrate import calibrate
 from mer.errors import BadInput
 from mer.shapes import get_shape
+from mer.sim.hardware import load_profile
 from mer.summary import RunSummary
-from sim.hardware import load_profile
 
 SHAPE = "mixtral-tiny"
 TOKENS, LAYERS, TOP_K = 10, 32, 2
@@ -140,9 +140,9 @@ def test_refuses_a_run_without_tokens() -> None:
 
 def test_tokens_per_s_bounds_closed_forms() -> None:
     """The bounds drawn on tokens/s plots, recomputed from the profile by hand."""
-    from analysis.bounds import tokens_per_s_bounds
+    from mer.analysis.bounds import tokens_per_s_bounds
     from mer.shapes import get_shape
-    from sim.hardware import load_profile
+    from mer.sim.hardware import load_profile
 
     hw = load_profile("nvme-desktop")
     shape = get_shape("mixtral-small")

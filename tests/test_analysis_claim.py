@@ -11,10 +11,10 @@ from collections import OrderedDict
 
 import pytest
 
-import analysis.claim as claim
-from traces.bundled import bundled_trace_path
-from traces.format import Trace, read_trace
-from traces.synth.seed_skewed import SeedSkewed, SkewedParams
+import mer.analysis.claim as claim
+from mer.traces.bundled import bundled_trace_path
+from mer.traces.format import Trace, read_trace
+from mer.traces.synth.seed_skewed import SeedSkewed, SkewedParams
 
 HEAD_ITERS = 300
 SCALING_ITERS = 600

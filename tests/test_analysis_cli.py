@@ -11,7 +11,7 @@ import pytest
 from test_analysis_compare import _summary as make_summary
 
 from mer.cli import build_parser, main
-from traces.bundled import bundled_trace_path
+from mer.traces.bundled import bundled_trace_path
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -121,9 +121,9 @@ def test_report_claim_check_end_to_end(
     missing = {"mrc", "simulate"} - _commands()
     if missing:
         pytest.skip(f"mer {' and mer '.join(sorted(missing))} not built yet")
-    import analysis.claim as claim
-    import analysis.claim_report as claim_report
-    from traces.format import read_trace, write_trace
+    import mer.analysis.claim as claim
+    import mer.analysis.claim_report as claim_report
+    from mer.traces.format import read_trace, write_trace
 
     small = write_trace(read_trace(bundled_trace_path()).head(40), tmp_path / "small.parquet")
     monkeypatch.setattr(claim_report, "bundled_trace_path", lambda: small)

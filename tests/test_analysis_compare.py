@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from analysis.compare import compare
+from mer.analysis.compare import compare
 from mer.errors import BadInput
 from mer.summary import RunSummary
 

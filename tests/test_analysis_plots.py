@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis import plots
+from mer.analysis import plots
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

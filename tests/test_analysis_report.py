@@ -5,7 +5,7 @@ from __future__ import annotations
 from html.parser import HTMLParser
 from pathlib import Path
 
-from analysis.report import markdown_to_html, md_table, write_report
+from mer.analysis.report import markdown_to_html, md_table, write_report
 
 
 class _Tree(HTMLParser):
@@ -128,7 +128,7 @@ def test_write_report_atomic_and_overwrites(tmp_path: Path) -> None:
 def test_sweep_reading_names_the_compute_bound() -> None:
     import pandas as pd
 
-    from analysis.run_report import _sweep_reading
+    from mer.analysis.run_report import _sweep_reading
 
     res = pd.DataFrame(
         {"tokens_per_s": [2.0, 1.9, 1.8, 1.7, 1.6, 0.5], "bound_compute_tokens_per_s": [2.1] * 6}

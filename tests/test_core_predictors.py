@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from mer.core import ReplayContext, make_predictor
 from mer.core.predictors import evaluate
 from mer.errors import BadInput
-from traces.format import TraceMeta, from_arrays, write_trace
+from mer.traces.format import TraceMeta, from_arrays, write_trace
 
 
 def ctx_for(steps, n_layers, n_experts, lookahead=None):

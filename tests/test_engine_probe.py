@@ -12,7 +12,7 @@ import pytest
 
 from mer.engine.io import _fs_type
 from mer.engine.probe import ProbeResult, ReadPoint, is_memory_fs
-from sim.hardware import SSDProfile, load_profile
+from mer.sim.hardware import SSDProfile, load_profile
 
 
 def _model_points(

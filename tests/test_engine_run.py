@@ -23,7 +23,7 @@ from mer.engine.gguf_synth import synth_gguf
 from mer.engine.store import ExpertStore
 from mer.errors import BadInput
 from mer.shapes import get_shape
-from traces.format import TraceMeta, from_arrays, write_trace
+from mer.traces.format import TraceMeta, from_arrays, write_trace
 
 SHAPE = get_shape("mixtral-tiny")
 BUNDLED = (
@@ -111,7 +111,7 @@ def test_prefetch_off_counts_equal_replay_counts(
 
 
 def read_bundled(n: int):
-    from traces.format import read_trace
+    from mer.traces.format import read_trace
 
     return read_trace(BUNDLED).head(n)
 

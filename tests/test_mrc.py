@@ -16,8 +16,8 @@ from test_core_policies import traces
 from mer.cli import main
 from mer.core import Replay, ReplayConfig, policy_names, replay_counts
 from mer.core.policy import POLICIES
-from sim.mrc import MRCRequest, compute_mrc, one_pass_hits
-from traces.format import TraceMeta, from_arrays, write_trace
+from mer.sim.mrc import MRCRequest, compute_mrc, one_pass_hits
+from mer.traces.format import TraceMeta, from_arrays, write_trace
 
 
 def replay_hits(steps, n_layers, n_experts, policy, cap, scope):
@@ -27,9 +27,9 @@ def replay_hits(steps, n_layers, n_experts, policy, cap, scope):
 
 
 def _engines():
-    from mer.core import stackdist
+    from mer import native
 
-    return ["python", "c"] if stackdist.load() is not None else ["python"]
+    return ["python", "c"] if native.load("stackdist") is not None else ["python"]
 
 
 @pytest.mark.parametrize("engine", _engines())
@@ -102,7 +102,7 @@ def test_mrc_cli_writes_tidy_frame_and_plot(tmp_path):
 
 
 def _seed_trace():
-    synth = pytest.importorskip("traces.synth.seed_skewed")
+    synth = pytest.importorskip("mer.traces.synth.seed_skewed")
     return synth.SeedSkewed(synth.SkewedParams()).generate()
 
 

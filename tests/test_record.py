@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from mer.errors import BadInput
-from traces.record.prompts import load_prompts
+from mer.traces.record.prompts import load_prompts
 
 PROMPTS = ["the cat sat on the mat", "a big red house", "dog ran fast"]
 WORDS = [
@@ -308,7 +308,7 @@ def test_cli_record_matches_reference(
     kind: str, saved_models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     _, tf = _torch()
-    from traces.format import read_trace
+    from mer.traces.format import read_trace
 
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in PROMPTS) + "\n")
@@ -352,9 +352,9 @@ def test_cli_record_matches_reference(
 
 
 def _run_api(model: Any, out: Path, prompts: list[str], **kw: Any) -> Any:
-    from traces.format import read_trace
-    from traces.record import GenerationSettings, RecordOptions, find_family, record_run
-    from traces.record.prompts import Prompts
+    from mer.traces.format import read_trace
+    from mer.traces.record import GenerationSettings, RecordOptions, find_family, record_run
+    from mer.traces.record.prompts import Prompts
 
     family = find_family(model)
     opts = RecordOptions(

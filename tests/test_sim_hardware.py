@@ -7,7 +7,7 @@ import json
 import pytest
 
 from mer.errors import BadInput
-from sim.hardware import HardwareProfile, bundled_profiles, load_profile
+from mer.sim.hardware import HardwareProfile, bundled_profiles, load_profile
 
 
 def test_bundled_profiles_load() -> None:

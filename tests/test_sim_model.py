@@ -12,9 +12,9 @@ import pytest
 from mer.core import Replay, ReplayConfig, policy_names, replay_counts
 from mer.errors import BadInput
 from mer.shapes import get_shape
-from sim.hardware import HardwareProfile, load_profile
-from sim.model import TICKS_PER_S, AnalyticSSD, SimOptions, simulate
-from traces.format import TraceMeta, from_arrays
+from mer.sim.hardware import HardwareProfile, load_profile
+from mer.sim.model import TICKS_PER_S, AnalyticSSD, SimOptions, simulate
+from mer.traces.format import TraceMeta, from_arrays
 
 SHAPE = get_shape("mixtral-tiny")
 

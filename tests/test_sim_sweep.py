@@ -11,11 +11,11 @@ import pytest
 
 from mer.cli import main
 from mer.core import ReplayConfig
+from mer.sim.hardware import load_profile
+from mer.sim.model import SimOptions, simulate
+from mer.sim.sweep import SweepSpec, best_row, run_command, run_sweep
 from mer.summary import read_token_table, trace_digest
-from sim.hardware import load_profile
-from sim.model import SimOptions, simulate
-from sim.sweep import SweepSpec, best_row, run_command, run_sweep
-from traces.format import TraceMeta, from_arrays, write_trace
+from mer.traces.format import TraceMeta, from_arrays, write_trace
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def test_rows_equal_single_simulations(trace_path: Path, tmp_path: Path) -> None
     res = run_sweep(spec(trace_path), out, trace_digest="d", jobs=1, progress=False)
     df = res.results
     assert len(df) == 8 and res.ran == 8 and not res.failed
-    from traces.format import read_trace
+    from mer.traces.format import read_trace
 
     tr = read_trace(trace_path)
     for row in df.itertuples():

@@ -19,8 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mer.cli import main
-from traces import format as fmt
-from traces.format import Trace, TraceError, TraceMeta, from_arrays, read_meta, read_trace
+from mer.traces import format as fmt
+from mer.traces.format import Trace, TraceError, TraceMeta, from_arrays, read_meta, read_trace
 
 N_LAYERS, N_EXPERTS, TOP_K, N_TOKENS = 3, 4, 2, 4
 

@@ -13,9 +13,9 @@ import pytest
 
 from mer.cli import main
 from mer.errors import BadInput
-from traces.bundled import bundled_trace_path, load_bundled
-from traces.format import read_trace
-from traces.importers import IMPORTERS, ImportOptions, import_trace
+from mer.traces.bundled import bundled_trace_path, load_bundled
+from mer.traces.format import read_trace
+from mer.traces.importers import IMPORTERS, ImportOptions, import_trace
 
 EXTERNAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "external"
 H39S = EXTERNAL / "mixtral-offloading-h39s" / "active_experts.txt"

@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mer.cli import main
-from traces.format import TraceMeta, from_arrays, write_trace
-from traces.stats import (
+from mer.traces.format import TraceMeta, from_arrays, write_trace
+from mer.traces.stats import (
     random_baselines,
     ranks_look_sorted,
     reuse_distances,

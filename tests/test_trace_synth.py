@@ -11,12 +11,12 @@ import pytest
 
 from mer.cli import main
 from mer.errors import BadInput
-from traces.format import TraceMeta, from_arrays, read_trace
-from traces.stats import normalise_rows, popularity_counts, repetition_shares, transition_counts
-from traces.synth import GENERATORS
-from traces.synth.fitted import fit
-from traces.synth.seed_clustered import ClusteredParams, SeedClustered, generate_experts
-from traces.synth.seed_skewed import SeedSkewed, SkewedParams, generate_ids, splitmix64_block
+from mer.traces.format import TraceMeta, from_arrays, read_trace
+from mer.traces.stats import normalise_rows, popularity_counts, repetition_shares, transition_counts
+from mer.traces.synth import GENERATORS
+from mer.traces.synth.fitted import fit
+from mer.traces.synth.seed_clustered import ClusteredParams, SeedClustered, generate_experts
+from mer.traces.synth.seed_skewed import SeedSkewed, SkewedParams, generate_ids, splitmix64_block
 
 M = 2**64 - 1
 

@@ -14,14 +14,14 @@ from importlib import resources
 from pathlib import Path
 
 from mer.errors import RuntimeFailure
-from traces.format import Trace, read_trace
+from mer.traces.format import Trace, read_trace
 
 BUNDLED_NAME = "mixtral-offloading-h39s.parquet"
 
 
 def bundled_trace_path() -> Path:
     """Filesystem path of the bundled parquet (the package is installed unzipped)."""
-    res = resources.files("traces").joinpath("data", BUNDLED_NAME)
+    res = resources.files("mer.traces").joinpath("data", BUNDLED_NAME)
     path = Path(str(res))
     if not path.is_file():
         raise RuntimeFailure(

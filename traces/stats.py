@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from traces.format import Trace
+from mer.traces.format import Trace
 
 QUANTILES = (0.5, 0.9, 0.95, 0.99)
 

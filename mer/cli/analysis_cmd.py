@@ -193,7 +193,7 @@ def _plot_common(q: argparse.ArgumentParser, func: Any) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from analysis.compare import compare
+    from mer.analysis.compare import compare
 
     c = compare(load_summary(args.sim), load_summary(args.run))
     if args.output:
@@ -205,8 +205,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from analysis.calibrate import calibrate
-    from sim.hardware import load_profile
+    from mer.analysis.calibrate import calibrate
+    from mer.sim.hardware import load_profile
 
     cal = calibrate(load_summary(args.run), load_profile(args.hardware))
     cal.profile.save(args.output)
@@ -247,7 +247,7 @@ def _done(paths: list[Path]) -> int:
 
 
 def cmd_plot_mrc(args: argparse.Namespace) -> int:
-    from analysis.plots import SEED_CLAIM, plot_mrc
+    from mer.analysis.plots import SEED_CLAIM, plot_mrc
 
     df = _read_parquet(args.mrc, "miss-ratio curves")
     need = {"policy", "scope", "cache_slots", "hit_rate"}
@@ -262,8 +262,8 @@ def cmd_plot_mrc(args: argparse.Namespace) -> int:
 
 
 def cmd_plot_sweep(args: argparse.Namespace) -> int:
-    from analysis.bounds import tokens_per_s_bounds
-    from analysis.plots import plot_sweep_tokens_per_s
+    from mer.analysis.bounds import tokens_per_s_bounds
+    from mer.analysis.plots import plot_sweep_tokens_per_s
 
     df = _read_parquet(args.sweep, "sweep results")
     _require_cols(df, args.sweep, {"policy", "predictor", "cache_slots", "tokens_per_s"})
@@ -296,7 +296,7 @@ def _require_cols(df: Any, path: Path, need: set[str]) -> None:
 
 
 def cmd_plot_io_share(args: argparse.Namespace) -> int:
-    from analysis.plots import plot_io_share
+    from mer.analysis.plots import plot_io_share
 
     df = _read_parquet(args.sweep, "sweep results")
     _require_cols(
@@ -319,7 +319,7 @@ def cmd_plot_io_share(args: argparse.Namespace) -> int:
 
 
 def cmd_plot_pvm(args: argparse.Namespace) -> int:
-    from analysis.plots import plot_predicted_vs_measured
+    from mer.analysis.plots import plot_predicted_vs_measured
 
     pairs = []
     token_times = None
@@ -340,9 +340,9 @@ def cmd_plot_pvm(args: argparse.Namespace) -> int:
 
 
 def cmd_plot_layer_hits(args: argparse.Namespace) -> int:
-    from analysis.plots import plot_layer_hit_rates
+    from mer.analysis.plots import plot_layer_hit_rates
     from mer.core import Replay, ReplayConfig, replay_counts
-    from traces.format import read_trace
+    from mer.traces.format import read_trace
 
     trace = read_trace(args.trace)
     rates = {}
@@ -363,9 +363,9 @@ def cmd_plot_layer_hits(args: argparse.Namespace) -> int:
 def cmd_plot_popularity(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from analysis.plots import plot_popularity_heatmap
-    from traces.format import read_trace
-    from traces.stats import trace_stats
+    from mer.analysis.plots import plot_popularity_heatmap
+    from mer.traces.format import read_trace
+    from mer.traces.stats import trace_stats
 
     trace = read_trace(args.trace)
     stats = trace_stats(trace, matrices=False)
@@ -378,9 +378,9 @@ def cmd_plot_popularity(args: argparse.Namespace) -> int:
 
 
 def cmd_plot_repetition(args: argparse.Namespace) -> int:
-    from analysis.plots import plot_repetition
-    from traces.format import read_trace
-    from traces.stats import trace_stats
+    from mer.analysis.plots import plot_repetition
+    from mer.traces.format import read_trace
+    from mer.traces.stats import trace_stats
 
     trace = read_trace(args.trace)
     stats = trace_stats(trace, matrices=False)
@@ -401,7 +401,7 @@ def cmd_plot_repetition(args: argparse.Namespace) -> int:
 
 
 def cmd_report_claim(args: argparse.Namespace) -> int:
-    from analysis.claim_report import write_claim_report
+    from mer.analysis.claim_report import write_claim_report
 
     result = write_claim_report(args.output, extra_traces=args.trace, hardware=args.hardware)
     emit(
@@ -413,7 +413,7 @@ def cmd_report_claim(args: argparse.Namespace) -> int:
 
 
 def cmd_report_run(args: argparse.Namespace) -> int:
-    from analysis.run_report import write_run_report
+    from mer.analysis.run_report import write_run_report
 
     result = write_run_report(
         args.output,
@@ -433,7 +433,7 @@ def cmd_report_run(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from analysis.demo import run_demo
+    from mer.analysis.demo import run_demo
 
     run_demo(args.output, shape=args.shape, tokens=args.tokens, quick=args.quick)
     return 0

@@ -84,7 +84,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _load(path: Path, phase: str) -> Any:
-    from traces.format import read_trace
+    from mer.traces.format import read_trace
 
     return read_trace(path).select_phase(phase)
 
@@ -93,7 +93,7 @@ def run_mrc(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from sim.mrc import MRCRequest, compute_mrc, default_policies, plot_mrc, write_mrc
+    from mer.sim.mrc import MRCRequest, compute_mrc, default_policies, plot_mrc, write_mrc
 
     if not 1 <= args.processes <= 2:
         raise BadInput(f"--processes must be 1 or 2, got {args.processes}.")

@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         raise BadInput("mer record needs -o OUT.parquet (where to write the trace).")
     if args.sample and not args.temperature > 0:
         raise BadInput(f"--temperature must be > 0, got {args.temperature}.")
-    from traces.record.prompts import load_prompts
+    from mer.traces.record.prompts import load_prompts
 
     prompts = load_prompts(args.prompts)  # check cheap inputs before loading a model
     try:
@@ -107,12 +107,12 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise RuntimeFailure(
             f"mer record needs torch and transformers ({exc}); install the extra: "
-            "pip install 'mer[record]'."
+            "pip install 'mer-moe[record]'."
         ) from exc
-    from traces.record.generate import GenerationSettings
-    from traces.record.loader import load_model
-    from traces.record.progress import RecordProgress
-    from traces.record.session import RecordOptions, record_run
+    from mer.traces.record.generate import GenerationSettings
+    from mer.traces.record.loader import load_model
+    from mer.traces.record.progress import RecordProgress
+    from mer.traces.record.session import RecordOptions, record_run
 
     if args.quiet:
         from transformers.utils import logging as hf_logging

@@ -164,7 +164,7 @@ def _open_store(path: Path) -> Any:
 def cmd_run(args: argparse.Namespace) -> int:
     from mer.engine.executor import EngineConfig, Executor
     from mer.summary import trace_digest, write_token_table
-    from traces.format import read_trace
+    from mer.traces.format import read_trace
 
     require_file(args.trace, "trace")
     trace = read_trace(args.trace)

@@ -24,7 +24,7 @@ DEFAULT_HARDWARE = "nvme-desktop"
 
 
 def _hardware_help() -> str:
-    from sim.hardware import bundled_profiles
+    from mer.sim.hardware import bundled_profiles
 
     return (
         "hardware profile: a bundled name ("
@@ -149,7 +149,7 @@ def register(sub: Any) -> None:
 
 
 def _load(trace_path: Path) -> Any:
-    from traces.format import read_trace
+    from mer.traces.format import read_trace
 
     require_file(trace_path, "trace")
     return read_trace(trace_path)
@@ -157,9 +157,9 @@ def _load(trace_path: Path) -> Any:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from mer.shapes import get_shape
+    from mer.sim.hardware import load_profile
+    from mer.sim.model import SimOptions, default_shape_for, simulate
     from mer.summary import trace_digest, write_token_table
-    from sim.hardware import load_profile
-    from sim.model import SimOptions, default_shape_for, simulate
 
     trace = _load(args.trace)
     shape_name = args.shape or default_shape_for(trace.n_layers, trace.n_experts, trace.top_k)
@@ -195,9 +195,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from mer.core import policy_names, predictor_names
+    from mer.sim.hardware import load_profile
+    from mer.sim.sweep import SweepSpec, best_row, check_names, default_jobs, run_command, run_sweep
     from mer.summary import trace_digest
-    from sim.hardware import load_profile
-    from sim.sweep import SweepSpec, best_row, check_names, default_jobs, run_command, run_sweep
 
     trace = _load(args.trace)
     check_names("policy", args.policies, policy_names())

@@ -16,8 +16,8 @@ import pyarrow.parquet as pq
 
 from mer.cli.common import emit, note, positive_int
 from mer.errors import BadInput
-from traces.format import PHASES, Trace, read_trace, write_trace
-from traces.importers import IMPORTERS, ImportOptions, import_trace
+from mer.traces.format import PHASES, Trace, read_trace, write_trace
+from mer.traces.importers import IMPORTERS, ImportOptions, import_trace
 
 FORMATS_HELP = "\n".join(f"  {name:<19} {imp.summary}" for name, imp in IMPORTERS.items())
 IMPORT_EXAMPLE = """example:

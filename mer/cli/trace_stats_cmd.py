@@ -38,8 +38,8 @@ def register(tsub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from traces.format import read_trace
-    from traces.stats import format_stats, trace_stats
+    from mer.traces.format import read_trace
+    from mer.traces.stats import format_stats, trace_stats
 
     trace = read_trace(require_file(args.trace, "trace"))
     stats = trace_stats(trace, args.phase, matrices=not args.no_matrices)

@@ -14,7 +14,7 @@ from mer.cli.common import emit, note
 
 
 def register(tsub: argparse._SubParsersAction) -> None:
-    from traces.synth import GENERATORS
+    from mer.traces.synth import GENERATORS
 
     p = tsub.add_parser(
         "synth",
@@ -36,7 +36,7 @@ def register(tsub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from traces.format import write_trace
+    from mer.traces.format import write_trace
 
     cls = args.generator_cls
     gen = cls.from_args(args)

@@ -61,7 +61,7 @@ class MarkovPredictor(Predictor):
             self._out[ka] += c
 
     def _warm(self, path: str) -> None:
-        from traces.format import read_trace
+        from mer.traces.format import read_trace
 
         tr = read_trace(path)
         ctx = self.ctx

@@ -43,12 +43,12 @@ from __future__ import annotations
 import contextlib
 import errno as errno_mod
 import os
-import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
+from mer import notes
 from mer.engine.aligned import ALIGN, buffer_address
 from mer.errors import BadInput, RuntimeFailure
 
@@ -57,7 +57,7 @@ DEFAULT_CHUNK_BYTES = 512 * 1024
 KINDS = ("auto", "uring", "pread")
 
 
-class IOFallbackWarning(UserWarning):
+class IOFallbackWarning(notes.MerNote):
     """Issued once per cause when the engine reads in a slower mode than asked for."""
 
 
@@ -100,23 +100,14 @@ class ReadRequest(NamedTuple):
     tag: Hashable
 
 
-_NOTED: set[str] = set()
-
-
 def note_once(key: str, message: str) -> None:
-    """Warn (to stderr by default) the first time `key` is seen in this process.
-
-    A fallback is worth saying once, not once per read or per reader.
-    """
-    if key in _NOTED:
-        return
-    _NOTED.add(key)
-    warnings.warn(message, IOFallbackWarning, stacklevel=3)
+    """Say a fallback once per process (an `IOFallbackWarning`, see mer.notes)."""
+    notes.note_once(key, message, IOFallbackWarning)
 
 
 def reset_notes() -> None:
     """Forget which notes were given (tests)."""
-    _NOTED.clear()
+    notes.reset_notes()
 
 
 def _fs_type(path: str) -> str:

@@ -377,7 +377,7 @@ def run_probe(cfg: ProbeConfig, log: Callable[[str], None] | None = None) -> Pro
 
 def to_profile(result: ProbeResult, name: str | None = None) -> Any:
     """The simulator's HardwareProfile for this measurement."""
-    from sim.hardware import ComputeProfile, HardwareProfile, MemoryProfile, SSDProfile
+    from mer.sim.hardware import ComputeProfile, HardwareProfile, MemoryProfile, SSDProfile
 
     fit = result.fit_ssd()
     host = platform.node() or "this-machine"

@@ -12,17 +12,10 @@ completions arrive. Each chunk's user_data is its slot in the in-flight table.
 from __future__ import annotations
 
 import errno as errno_mod
-import hashlib
-import importlib
-import importlib.util
 import os
-import sys
-import sysconfig
-import tempfile
 from bisect import bisect_right
 from collections import deque
 from collections.abc import Sequence
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -49,49 +42,16 @@ class UringUnavailable(RuntimeFailure):
     """io_uring can not be used here (extension missing, ENOSYS, EPERM, disabled)."""
 
 
-def _cache_dir() -> Path:
-    base = os.environ.get("MER_CACHE_DIR") or os.environ.get("XDG_CACHE_HOME")
-    root = Path(base) if base else Path.home() / ".cache"
-    return (root / "mer") if not os.environ.get("MER_CACHE_DIR") else root
-
-
-def _runtime_build(reason: str) -> ModuleType:
-    """Compile the extension into a per-user cache directory and import it from there."""
-    from mer.engine import uring_build
-
-    key = hashlib.sha256(
-        (uring_build.CDEF + uring_build.C_SOURCE + sys.version + sysconfig.get_platform()).encode()
-    ).hexdigest()[:16]
-    name = "_mer_uring_cffi"
-    target_dir = _cache_dir() / f"uring-{key}"
-    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
-    target = target_dir / f"{name}{suffix}"
-    if not target.exists():
-        target_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target_dir) as tmp:
-            builder = uring_build.make_ffibuilder(name)
-            try:
-                built = builder.compile(tmpdir=tmp, verbose=False)
-            except Exception as exc:  # any compiler/header failure means "no extension"
-                raise UringUnavailable(
-                    f"the io_uring extension is not installed ({reason}) and building it "
-                    f"failed ({type(exc).__name__}: {str(exc).strip().splitlines()[-1:]})"
-                ) from exc
-            os.replace(built, target)
-    spec = importlib.util.spec_from_file_location(name, target)
-    if spec is None or spec.loader is None:
-        raise UringUnavailable(f"cannot load the io_uring extension from {target}")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def load_extension() -> ModuleType:
-    """The compiled cffi module: installed, else built at run time into the user cache."""
-    try:
-        return importlib.import_module("mer.engine._uring_cffi")
-    except ImportError as exc:
-        return _runtime_build(f"{type(exc).__name__}: {exc}")
+    """The compiled cffi module (`mer.native`: installed, else built into the user cache)."""
+    from mer import native
+
+    mod = native.load("uring", quiet=True)
+    if mod is None:
+        raise UringUnavailable(
+            f"the io_uring extension is unavailable: {native.why_unavailable('uring')}"
+        )
+    return mod
 
 
 def _disabled_reason(err: int) -> str:

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mer.errors import BadInput
-from traces.importers import mixtral_offloading, seed_jsonl, speculative_moe, tidy_csv
-from traces.importers.common import ImportOptions, ImportResult
+from mer.traces.importers import mixtral_offloading, seed_jsonl, speculative_moe, tidy_csv
+from mer.traces.importers.common import ImportOptions, ImportResult
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from mer.errors import BadInput
-from traces.format import PHASES, Trace, TraceMeta, from_arrays
+from mer.traces.format import PHASES, Trace, TraceMeta, from_arrays
 
 
 @dataclass

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from mer.errors import BadInput
-from traces.format import PHASES
-from traces.importers.common import (
+from mer.traces.format import PHASES
+from mer.traces.importers.common import (
     ImportOptions,
     ImportResult,
     TokenAssembler,

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from mer.errors import BadInput
-from traces.importers.common import (
+from mer.traces.importers.common import (
     ImportOptions,
     ImportResult,
     TokenAssembler,

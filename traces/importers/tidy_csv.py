@@ -19,8 +19,8 @@ import numpy as np
 import pandas as pd
 
 from mer.errors import BadInput
-from traces.format import PHASES, Trace
-from traces.importers.common import (
+from mer.traces.format import PHASES, Trace
+from mer.traces.importers.common import (
     ImportOptions,
     ImportResult,
     check_source,

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from mer.errors import BadInput
-from traces.record.recorder import RouterTap, StepRouting
+from mer.traces.record.recorder import RouterTap, StepRouting
 
 
 @dataclass

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from mer.errors import BadInput, RuntimeFailure
-from traces.record.families import Family, find_family
+from mer.traces.record.families import Family, find_family
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")

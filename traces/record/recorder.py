@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from mer.errors import RuntimeFailure
-from traces.record.families import Family
+from mer.traces.record.families import Family
 
 
 @dataclass

@@ -24,11 +24,11 @@ import pandas as pd
 
 from mer.atomic import write_json_atomic
 from mer.errors import BadInput, RuntimeFailure
-from traces.format import Trace, TraceMeta, from_arrays, read_trace, write_trace
-from traces.record.families import Family
-from traces.record.generate import GenerationSettings, PromptRouting, record_prompt
-from traces.record.prompts import Prompts
-from traces.record.recorder import RouterTap
+from mer.traces.format import Trace, TraceMeta, from_arrays, read_trace, write_trace
+from mer.traces.record.families import Family
+from mer.traces.record.generate import GenerationSettings, PromptRouting, record_prompt
+from mer.traces.record.prompts import Prompts
+from mer.traces.record.recorder import RouterTap
 
 LOOKAHEAD_DEFINITION = (
     "lookahead[token, L, r] = rank-r expert of MoE layer L's router applied to the hidden state "

@@ -7,10 +7,10 @@ builds its subcommands from this dict.
 
 from __future__ import annotations
 
-from traces.synth.base import Generator
-from traces.synth.fitted import Fitted
-from traces.synth.seed_clustered import SeedClustered
-from traces.synth.seed_skewed import SeedSkewed
+from mer.traces.synth.base import Generator
+from mer.traces.synth.fitted import Fitted
+from mer.traces.synth.seed_clustered import SeedClustered
+from mer.traces.synth.seed_skewed import SeedSkewed
 
 GENERATORS: dict[str, type[Generator]] = {
     SeedSkewed.name: SeedSkewed,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from typing import Any, ClassVar, Protocol
 
-from traces.format import Trace
+from mer.traces.format import Trace
 
 
 class Generator(Protocol):

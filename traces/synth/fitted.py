@@ -38,8 +38,8 @@ from typing import Any, ClassVar
 import numpy as np
 
 from mer.errors import BadInput
-from traces.format import Trace, TraceMeta, from_arrays, read_trace
-from traces.stats import consecutive_pairs, ranks_look_sorted, repetition_shares
+from mer.traces.format import Trace, TraceMeta, from_arrays, read_trace
+from mer.traces.stats import consecutive_pairs, ranks_look_sorted, repetition_shares
 
 CALIBRATION_TOKENS = 6000
 CALIBRATION_ROUNDS = 5

@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from mer.errors import BadInput
-from traces.format import Trace, TraceMeta, from_arrays
+from mer.traces.format import Trace, TraceMeta, from_arrays
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from mer.errors import BadInput
-from traces.format import Trace, TraceMeta, from_arrays
+from mer.traces.format import Trace, TraceMeta, from_arrays
 
 MASK64 = (1 << 64) - 1
 GOLDEN = 0x9E3779B97F4A7C15

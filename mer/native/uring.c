@@ -1,52 +1,3 @@
-"""cffi build script for the io_uring extension `mer.engine._uring_cffi`.
-
-Built against the kernel's UAPI header <linux/io_uring.h> only (no liburing): the
-C helpers below do the three syscalls, map the rings and expose batch calls that
-take arrays, so that Python keeps the logic (chunking, tags, errors) while the
-per-SQE cost stays a few array stores.
-
-Used three ways:
-- at install time through `cffi_modules` in setup.py (optional: no compiler, no
-  extension, the engine falls back to preadv);
-- at run time by `mer.engine.uring.load_extension`, which compiles into a user
-  cache directory when the installed module is missing;
-- by hand: `python mer/engine/uring_build.py` builds next to this file.
-"""
-
-from __future__ import annotations
-
-from cffi import FFI
-
-MODULE_NAME = "mer.engine._uring_cffi"
-
-CDEF = """
-typedef struct mer_ring mer_ring;
-
-int mer_ring_init(mer_ring **out, unsigned entries, unsigned flags);
-void mer_ring_free(mer_ring *r);
-unsigned mer_ring_sq_entries(mer_ring *r);
-unsigned mer_ring_cq_entries(mer_ring *r);
-unsigned mer_ring_features(mer_ring *r);
-unsigned mer_ring_setup_flags(mer_ring *r);
-unsigned mer_ring_sq_space(mer_ring *r);
-unsigned mer_ring_unsubmitted(mer_ring *r);
-int mer_ring_taskrun_pending(mer_ring *r);
-
-int mer_ring_register_buffers(mer_ring *r, const uint64_t *addrs, const uint64_t *lens,
-                              unsigned n);
-int mer_ring_unregister_buffers(mer_ring *r);
-
-unsigned mer_ring_prep_reads(mer_ring *r, unsigned n, const int32_t *fds,
-                             const uint64_t *offsets, const uint64_t *addrs,
-                             const uint32_t *lens, const int32_t *buf_index,
-                             const uint64_t *user_data);
-int mer_ring_enter(mer_ring *r, unsigned min_complete, int wait);
-unsigned mer_ring_reap(mer_ring *r, uint64_t *user_data, int32_t *res, unsigned max);
-
-int mer_probe_io_uring(void);
-"""
-
-C_SOURCE = r"""
 #include <linux/io_uring.h>
 #include <sys/syscall.h>
 #include <sys/mman.h>
@@ -56,6 +7,8 @@ C_SOURCE = r"""
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "uring.h"
 
 #ifndef IORING_SETUP_COOP_TASKRUN
 #define IORING_SETUP_COOP_TASKRUN (1U << 8)
@@ -294,22 +247,3 @@ int mer_probe_io_uring(void) {
     close(fd);
     return 0;
 }
-"""
-
-
-def make_ffibuilder(module_name: str = MODULE_NAME) -> FFI:
-    """An FFI builder for the extension under `module_name`."""
-    builder = FFI()
-    builder.cdef(CDEF)
-    builder.set_source(module_name, C_SOURCE, extra_compile_args=["-O2"])
-    return builder
-
-
-ffibuilder = make_ffibuilder()
-
-if __name__ == "__main__":
-    import os
-
-    here = os.path.dirname(os.path.abspath(__file__))
-    root = os.path.dirname(os.path.dirname(here))
-    ffibuilder.compile(tmpdir=root, verbose=True)
