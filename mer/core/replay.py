@@ -96,6 +96,15 @@ class Replay:
         self.config = config
         if config.pipeline_depth < 0:
             raise BadInput("--pipeline-depth must be >= 0.")
+        n_keys = n_layers * n_experts
+        if config.cache_slots > n_keys:
+            # As `mer mrc` does: a cache larger than the key space is not a
+            # configuration, and results above n_keys would repeat n_keys's.
+            raise BadInput(
+                f"--cache-slots {config.cache_slots} is more than the trace's {n_keys} expert "
+                f"keys ({n_layers} layers x {n_experts} experts); at {n_keys} slots every expert "
+                f"is resident already. Use at most {n_keys}."
+            )
         self.cache = ExpertCache(
             n_layers=n_layers,
             n_experts=n_experts,
