@@ -17,6 +17,7 @@ when prefetch is off.
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -25,7 +26,7 @@ import numpy as np
 
 from mer.core.cache import READY, Admission, CacheStats, ExpertCache, StepResult
 from mer.core.policies import FIFO, LRU, Clock
-from mer.core.policy import EvictionPolicy
+from mer.core.policy import POLICIES, EvictionPolicy
 from mer.core.predictor import Predictor, ReplayContext, make_predictor
 from mer.errors import BadInput
 
@@ -113,7 +114,11 @@ class Replay:
         self.rule = PrefetchRule(
             config.prefetch_top_n, config.prefetch_min_prob, config.prefetch_inflight
         )
-        self._keys_list = steps.tolist()
+
+    @functools.cached_property
+    def _keys_list(self) -> list[list[int]]:
+        # Built on first use: the compiled replay never needs it.
+        return self.steps.tolist()
 
     @classmethod
     def from_trace(cls, trace: Any, config: ReplayConfig) -> Replay:
@@ -193,17 +198,35 @@ class Replay:
         self.cache.complete(key)
 
 
-def replay_counts(replay: Replay, *, fast: bool = True) -> CacheStats:
+ENGINES = ("auto", "c", "python")
+
+
+def replay_counts(replay: Replay, *, fast: bool = True, engine: str = "auto") -> CacheStats:
     """Replay with no clock: every read completes the moment it is issued.
 
     With prefetch on this is the "infinitely fast SSD" limit; with prefetch off
     it is exactly what the simulator and the engine must reproduce. With
-    prefetch off and a fresh replay, a lean loop (`_counts_no_prefetch`) makes
-    the same policy calls in the same order without building per-step result
-    objects; `fast=False` forces the general path (tests hold the two equal).
+    prefetch off and a fresh replay, the policy's compiled loop
+    (`mer.native.replay`, engine "c") runs when it builds; else a lean Python
+    loop (`_counts_no_prefetch`, engine "python") makes the same policy calls in
+    the same order without building per-step result objects. `fast=False`
+    forces the general path. Tests hold all three equal.
     """
+    if engine not in ENGINES:
+        raise BadInput(f"replay engine must be one of {', '.join(ENGINES)}, got {engine!r}.")
     if fast and _lean_ok(replay):
+        if engine != "python":
+            stats = _counts_compiled(replay)
+            if stats is not None:
+                return stats
+            if engine == "c":
+                raise BadInput(
+                    f"policy {replay.cache.policy_name!r} has no compiled replay here "
+                    "(no C compiler, or no compiled loop for it)."
+                )
         return _counts_no_prefetch(replay)
+    if engine == "c":
+        raise BadInput("the compiled replay needs prefetch off and a fresh replay.")
     for t in range(replay.n_steps):
         res = replay.step(t)
         for adm in res.reads:
@@ -225,6 +248,47 @@ def _lean_ok(replay: Replay) -> bool:
         layers = replay.steps // replay.n_experts
         return bool((layers == layers[:, :1]).all())
     return True
+
+
+def compiled_policy(replay: Replay) -> Any:
+    """The compiled twin of the replay's policy (`mer.native.replay.CompiledPolicy`), or
+    None: no compiler, no C loop for this policy, or a class that is not the one
+    registered under its name (a plugin's subclass runs in Python)."""
+    from mer.native import replay as native_replay
+
+    cache = replay.cache
+    name = cache.policy_name
+    cls = POLICIES.get(name)
+    if cls is None or any(type(p.policy) is not cls for p in cache.partitions):
+        return None
+    return native_replay.lookup(name)
+
+
+def _counts_compiled(replay: Replay) -> CacheStats | None:
+    """`_counts_no_prefetch` run by the policy's compiled loop; None if it has none."""
+    from mer.native import replay as native_replay
+
+    pol = compiled_policy(replay)
+    if pol is None:
+        return None
+    cache = replay.cache
+    n_layers = cache.n_layers
+    parts = native_replay.split_partitions(
+        replay.steps, n_layers, cache.n_experts, cache.scope, sorted(cache.pinned)
+    )
+    counts = np.zeros((4, n_layers), dtype=np.int64)
+    residents: list[set[int]] = []
+    for part, cpart in zip(parts, cache.partitions, strict=True):
+        params = np.asarray([native_replay.policy_params(pol, cpart.policy)], dtype=np.float64)
+        res = native_replay.run_pass(pol, part, [cpart.capacity], params, resident=True)
+        if part.layer is None:
+            counts += res.counts[0]
+        else:
+            counts[:, part.layer] += res.counts[0][:, 0]
+        assert res.resident is not None
+        residents.append(set((np.flatnonzero(res.resident[0]) + part.key_base).tolist()))
+    hits, misses, evictions, bypass = (row.tolist() for row in counts)
+    return _finish(replay, residents, hits, misses, evictions, bypass)
 
 
 def _counts_no_prefetch(replay: Replay) -> CacheStats:
