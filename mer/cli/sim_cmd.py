@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -270,7 +271,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         )
     if trace.n_tokens == 0:
         raise BadInput(f"{args.trace}: the trace has no tokens.")
-    base = replay_config_from_args(args).to_dict()
+    from mer.core.replay import check_cache_fits_keys
+
+    base_config = replay_config_from_args(args)
+    for slots in args.cache_slots:
+        check_cache_fits_keys(
+            replace(base_config, cache_slots=slots), trace.n_layers, trace.n_experts
+        )
+    base = base_config.to_dict()
     spec = SweepSpec(
         trace=str(args.trace),
         policies=args.policies,

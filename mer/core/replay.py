@@ -86,6 +86,18 @@ def popular_keys(steps: np.ndarray, n: int) -> list[int]:
     return [int(k) for k in order[:n] if counts[k] > 0]
 
 
+def check_cache_fits_keys(config: ReplayConfig, n_layers: int, n_experts: int) -> None:
+    """Refuse a cache larger than the trace's key space, as `mer mrc` does: at n_keys
+    slots every expert is resident already, so a bigger size is not another configuration."""
+    n_keys = n_layers * n_experts
+    if config.cache_slots > n_keys:
+        raise BadInput(
+            f"--cache-slots {config.cache_slots} is more than the trace's {n_keys} expert "
+            f"keys ({n_layers} layers x {n_experts} experts); at {n_keys} slots every expert "
+            f"is resident already. Use at most {n_keys}."
+        )
+
+
 class Replay:
     def __init__(
         self,
@@ -111,15 +123,6 @@ class Replay:
         self._live_la: dict[int, np.ndarray] = {}
         if config.pipeline_depth < 0:
             raise BadInput("--pipeline-depth must be >= 0.")
-        n_keys = n_layers * n_experts
-        if config.cache_slots > n_keys:
-            # As `mer mrc` does: a cache larger than the key space is not a
-            # configuration, and results above n_keys would repeat n_keys's.
-            raise BadInput(
-                f"--cache-slots {config.cache_slots} is more than the trace's {n_keys} expert "
-                f"keys ({n_layers} layers x {n_experts} experts); at {n_keys} slots every expert "
-                f"is resident already. Use at most {n_keys}."
-            )
         self.cache = ExpertCache(
             n_layers=n_layers,
             n_experts=n_experts,
@@ -153,6 +156,7 @@ class Replay:
     @classmethod
     def from_trace(cls, trace: Any, config: ReplayConfig) -> Replay:
         """Build from a `traces.format.Trace`, honouring config.phase."""
+        check_cache_fits_keys(config, trace.n_layers, trace.n_experts)
         tr = trace.select_phase(config.phase)
         epl = (getattr(tr.meta, "extra", None) or {}).get("experts_per_layer")
         if (
