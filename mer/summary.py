@@ -161,14 +161,10 @@ class RunSummary:
         return f"tokens/s (NOT whole-model: {'; '.join(why)})"
 
     def hit_rate_definition(self) -> str:
-        """Granularity, scope and start of this hit rate (docs/policies.md, 'Hit rates')."""
+        """Granularity, scope and start of this hit rate (docs/policies.md, "Hit rates"):
+        a step is one (token, layer) whose top-k are looked up together."""
         granularity = str(self.config.get("granularity", "step"))
-        what = (
-            "per step: a (token, layer)'s top-k looked up together"
-            if granularity == "step"
-            else "per lookup, one at a time"
-        )
-        return f"{granularity} granularity ({what}), {self.scope} scope, cold start (empty cache)"
+        return f"{granularity} granularity, {self.scope} scope, cold start"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

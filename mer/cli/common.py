@@ -94,6 +94,17 @@ def str_list(text: str) -> list[str]:
     return [x for x in text.replace(" ", "").split(",") if x]
 
 
+def resolve_names(kind: str, names: list[str]) -> list[str]:
+    """Load policy or predictor names now (a plugin's `module:Class` included), so that a
+    bad one is one clear error before any work starts and worker processes find it."""
+    from mer.core import policy_class, predictor_class
+
+    load = policy_class if kind == "policy" else predictor_class
+    for name in names:
+        load(name)
+    return names
+
+
 def require_file(path: Path, what: str) -> Path:
     if not path.exists():
         raise BadInput(f"{what} {path}: no such file.")
@@ -124,7 +135,8 @@ def add_replay_args(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
         p.add_argument(
             "--policy",
             default="lru",
-            help=f"eviction policy: {', '.join(policy_names())} (default lru)",
+            help=f"eviction policy: {', '.join(policy_names())}, or your own class as "
+            "package.module:ClassName (default: lru)",
         )
         g = p.add_mutually_exclusive_group()
         g.add_argument(
@@ -148,7 +160,8 @@ def add_replay_args(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
         p.add_argument(
             "--predictor",
             default="none",
-            help=f"prefetch predictor: {', '.join(predictor_names())} (default none)",
+            help=f"prefetch predictor: {', '.join(predictor_names())}, or your own class as "
+            "package.module:ClassName (default: none)",
         )
     p.add_argument(
         "--pipeline-depth", type=int, default=1, help="prefetch for the next N layers (default 1)"
@@ -220,6 +233,8 @@ def replay_config_from_args(
             raise BadInput(
                 f"--cache-gib {gib} holds no expert of {bytes_per_expert:,} bytes; give more memory."
             )
+    resolve_names("policy", [getattr(args, "policy", "lru")])
+    resolve_names("predictor", [getattr(args, "predictor", "none")])
     values: dict[str, Any] = dict(
         policy=getattr(args, "policy", "lru"),
         cache_slots=slots if slots is not None else 64,

@@ -7,7 +7,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mer.cli.common import add_phase_arg, emit, int_list, note, positive_int, str_list
+from mer.cli.common import (
+    add_phase_arg,
+    emit,
+    int_list,
+    note,
+    positive_int,
+    resolve_names,
+    str_list,
+)
 from mer.errors import BadInput
 
 
@@ -91,7 +99,7 @@ def _load(path: Path, phase: str) -> Any:
 
 def mrc_definition(granularity: str = "step") -> str:
     """What every figure of `mer mrc` is (docs/policies.md, "Hit rates")."""
-    return f"{granularity} granularity, no prefetch, cold start (empty cache)"
+    return f"{granularity} granularity, no prefetch, cold start"
 
 
 def summary_sizes(sizes: list[int] | None, n_total: int) -> list[int]:
@@ -112,7 +120,7 @@ def run_mrc(args: argparse.Namespace) -> int:
         raise BadInput(f"--processes must be 1 or 2, got {args.processes}.")
     tr = _load(args.trace, args.phase)
     steps = tr.keys().reshape(-1, tr.top_k)
-    policies = args.policies or default_policies(tr.n_layers)
+    policies = resolve_names("policy", args.policies or default_policies(tr.n_layers))
     if "opt" not in policies:
         policies = [*policies, "opt"]
     params: dict[str, dict[str, Any]] = {}

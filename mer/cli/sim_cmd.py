@@ -16,6 +16,7 @@ from mer.cli.common import (
     positive_int,
     replay_config_from_args,
     require_file,
+    resolve_names,
     str_list,
 )
 from mer.errors import BadInput, RuntimeFailure
@@ -113,7 +114,10 @@ def register(sub: Any) -> None:
     )
     s.add_argument("trace", type=Path, help="trace parquet (trace format v1)")
     s.add_argument(
-        "--policies", type=str_list, default=["lru"], help="comma-separated eviction policies"
+        "--policies",
+        type=str_list,
+        default=["lru"],
+        help="comma-separated eviction policies (package.module:ClassName loads your own)",
     )
     s.add_argument(
         "--cache-slots",
@@ -122,7 +126,10 @@ def register(sub: Any) -> None:
         help="comma-separated total slot counts (e.g. 16,32,64)",
     )
     s.add_argument(
-        "--predictors", type=str_list, default=["none"], help="comma-separated predictors"
+        "--predictors",
+        type=str_list,
+        default=["none"],
+        help="comma-separated predictors (package.module:ClassName loads your own)",
     )
     s.add_argument(
         "--scopes",
@@ -243,8 +250,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from mer.summary import trace_digest
 
     trace = _load(args.trace)
-    check_names("policy", args.policies, policy_names())
-    check_names("predictor", args.predictors, predictor_names())
+    check_names("policy", resolve_names("policy", args.policies), policy_names())
+    check_names("predictor", resolve_names("predictor", args.predictors), predictor_names())
     check_names("scope", args.scopes, ("global", "per-layer"))
     hardware = args.hardware or [SEED_HARDWARE if args.mode == "seed" else DEFAULT_HARDWARE]
     shape_name = args.shape

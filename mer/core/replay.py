@@ -190,20 +190,18 @@ class Replay:
         Same cache, policy, predictor and prefetch rule as a trace replay; only
         what needs the future is refused, with the reason.
         """
-        from mer.core.policy import POLICIES, _load_builtin_policies
-        from mer.core.predictor import PREDICTORS, _load_builtin_predictors
+        from mer.core.policy import policy_class
+        from mer.core.predictor import predictor_class
 
-        _load_builtin_policies()
-        _load_builtin_predictors()
-        pol = POLICIES.get(config.policy)
-        if pol is not None and pol.needs_future:
+        pol = policy_class(config.policy)  # a plugin's module:Class included
+        if pol.needs_future:
             raise BadInput(
                 f"policy {config.policy!r} needs the future of a trace, which a live run does "
                 "not have; record the routing (-o TRACE.parquet) and replay it with `mer simulate` "
                 "or `mer run`, or pick an online policy."
             )
-        pred = PREDICTORS.get(config.predictor)
-        if pred is not None and pred.offline:
+        pred = predictor_class(config.predictor)
+        if pred.offline:
             raise BadInput(
                 f"predictor {config.predictor!r} reads the future of a trace, which a live run "
                 "does not have; record the routing and replay it, or pick an online predictor."
