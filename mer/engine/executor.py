@@ -49,6 +49,7 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
+from mer.core.cache import physical_slots
 from mer.core.replay import Replay, ReplayConfig
 from mer.engine.aligned import aligned_empty
 from mer.engine.dense import DenseBlock, rmsnorm
@@ -56,6 +57,7 @@ from mer.engine.ffn import ExpertFFN
 from mer.engine.io import DEFAULT_CHUNK_BYTES, DEFAULT_QUEUE_DEPTH, Reader, open_reader
 from mer.errors import BadInput
 from mer.summary import RunSummary, percentiles
+from mer.validate import check_memory
 
 F32 = npt.NDArray[np.float32]
 MODES = ("model", "seed")
@@ -209,12 +211,20 @@ class Executor:
         self.top_k = self.trace.top_k
         if replay_config.cache_slots < 1:
             raise BadInput(f"--cache-slots must be at least 1, got {replay_config.cache_slots}.")
+        self.n_slot_buffers = physical_slots(
+            replay_config.cache_slots, replay_config.scope, self.n_layers, self.n_experts
+        )
+        check_memory(
+            (self.n_slot_buffers + self.top_k) * int(store.slot_bytes),
+            f"--cache-slots {replay_config.cache_slots} ({self.n_slot_buffers} slot buffers of "
+            f"{int(store.slot_bytes):,} bytes)",
+        )
 
     # ---- set-up ------------------------------------------------------------------------
     def _allocate(self) -> None:
         slot_bytes = int(self.store.slot_bytes)
         self.slot_bytes = slot_bytes
-        n = self.rcfg.cache_slots
+        n = self.n_slot_buffers
         self.rss_before_buffers = current_rss_bytes()
         self.cache_buf = aligned_empty(n * slot_bytes)
         self.scratch_buf = aligned_empty(self.top_k * slot_bytes)
