@@ -16,8 +16,10 @@ from typing import Any
 
 from mer.errors import BadInput
 
-#: The largest count mer accepts anywhere (slots, tokens, items): 2**40.
+#: The largest count mer accepts anywhere (tokens, items): 2**40.
 MAX_COUNT = 1 << 40
+#: Cache slots: the compiled replays count in int32 (and no model has 2**31 experts).
+MAX_SLOTS = (1 << 31) - 1
 
 
 def _is_number(v: Any) -> bool:

@@ -15,6 +15,7 @@ from mer.cli.common import (
     output_dir,
     output_file,
     positive_int,
+    slot_count,
     str_list,
 )
 from mer.errors import BadInput
@@ -128,7 +129,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     q.add_argument("trace", type=input_file)
     q.add_argument("--policies", type=str_list, default=["lru", "opt"])
-    q.add_argument("--cache-slots", type=positive_int, default=64)
+    q.add_argument("--cache-slots", type=slot_count, default=64)
     q.add_argument("--scope", choices=("global", "per-layer"), default="global")
     _plot_common(q, cmd_plot_layer_hits)
 

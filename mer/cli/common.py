@@ -30,6 +30,7 @@ from mer.cli.values import (  # noqa: F401  (re-exported for command modules)
     positive_int,
     probability,
     seed_int,
+    slot_count,
 )
 from mer.errors import BadInput
 from mer.guard import (  # noqa: F401  (re-exported for command modules)
@@ -139,7 +140,7 @@ def add_replay_args(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
         g = p.add_mutually_exclusive_group()
         g.add_argument(
             "--cache-slots",
-            type=positive_int,
+            type=slot_count,
             default=None,
             help="total expert slots (any scope; default 64)",
         )

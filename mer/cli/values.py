@@ -23,7 +23,7 @@ import argparse
 import math
 from collections.abc import Callable
 
-from mer.validate import MAX_COUNT
+from mer.validate import MAX_COUNT, MAX_SLOTS
 
 MAX_SEED = (1 << 63) - 1
 
@@ -60,6 +60,7 @@ def int_range(lo: int, hi: int, what: str | None = None) -> Callable[[str], int]
 
 
 positive_int = int_range(1, MAX_COUNT, "a positive integer")
+slot_count = int_range(1, MAX_SLOTS, "a positive number of slots")
 non_negative_int = int_range(0, MAX_COUNT, "an integer >= 0")
 seed_int = int_range(0, MAX_SEED, f"a seed from 0 to {MAX_SEED}")
 
