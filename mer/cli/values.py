@@ -100,16 +100,18 @@ non_negative_float = float_range(0.0, None, what="a finite number >= 0")
 
 
 def int_list(text: str) -> list[int]:
-    """'16,32,64' -> [16, 32, 64]; each a positive integer, at least one."""
+    """'16,32,64' -> [16, 32, 64]; each a positive integer (at most 2**31-1), at least one."""
     parts = [x for x in text.replace(" ", "").split(",") if x]
     if not parts:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated positive integers, got {text!r}"
         )
+    if len(parts) > 100_000:
+        raise argparse.ArgumentTypeError(f"expected at most 100,000 values, got {len(parts):,}")
     out = []
     for x in parts:
         try:
-            out.append(positive_int(x))
+            out.append(slot_count(x))
         except argparse.ArgumentTypeError:
             raise argparse.ArgumentTypeError(
                 f"expected comma-separated positive integers, got {text!r}"
