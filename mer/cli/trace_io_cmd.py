@@ -15,8 +15,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from mer.cli.common import emit, note, positive_int
-from mer.errors import BadInput
+from mer.cli.common import emit, input_file, note, output_file, positive_int
 from mer.traces.format import PHASES, Trace, read_trace, write_trace
 from mer.traces.importers import IMPORTERS, ImportOptions, import_trace
 
@@ -42,9 +41,9 @@ def register(tsub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("format", metavar="FORMAT", choices=list(IMPORTERS), help=", ".join(IMPORTERS))
-    p.add_argument("src", metavar="SRC", type=Path, help="the file to import")
+    p.add_argument("src", metavar="SRC", type=input_file, help="the file to import")
     p.add_argument(
-        "-o", "--output", type=Path, required=True, help="trace file to write (.parquet)"
+        "-o", "--output", type=output_file, required=True, help="trace file to write (.parquet)"
     )
     p.add_argument("--model", help="model name for the metadata (default: the format's)")
     p.add_argument(
@@ -84,7 +83,7 @@ def register(tsub: argparse._SubParsersAction) -> None:
             "installed path is printed."
         ),
     )
-    p.add_argument("-o", "--output", type=Path, default=None, help="copy it here (.parquet)")
+    p.add_argument("-o", "--output", type=output_file, default=None, help="copy it here (.parquet)")
     p.add_argument(
         "--json", action="store_true", help="print one JSON object on stdout instead of text"
     )
@@ -98,7 +97,7 @@ def register(tsub: argparse._SubParsersAction) -> None:
             "the first problem (naming the file and the offending rows) and exits with 2."
         ),
     )
-    p.add_argument("file", metavar="FILE", type=Path, help="trace file (.parquet)")
+    p.add_argument("file", metavar="FILE", type=input_file, help="trace file (.parquet)")
     p.add_argument(
         "--json", action="store_true", help="print one JSON object on stdout instead of text"
     )
@@ -113,7 +112,7 @@ def register(tsub: argparse._SubParsersAction) -> None:
             "lookahead and router logits."
         ),
     )
-    p.add_argument("file", metavar="FILE", type=Path, help="trace file (.parquet)")
+    p.add_argument("file", metavar="FILE", type=input_file, help="trace file (.parquet)")
     p.add_argument(
         "--json", action="store_true", help="print one JSON object on stdout instead of text"
     )
@@ -130,8 +129,6 @@ def cmd_import(args: argparse.Namespace) -> int:
         provenance=args.provenance,
         licence=args.licence,
     )
-    if args.output.exists() and args.output.is_dir():
-        raise BadInput(f"-o {args.output}: is a directory; give a .parquet file name.")
     result = import_trace(args.format, args.src, options)
     for msg in result.notes:
         note(f"note: {msg}")
@@ -160,8 +157,6 @@ def cmd_bundled(args: argparse.Namespace) -> int:
     info = {"bundled": str(src), "output": None, "licence": "MIT (mixtral-offloading)"}
     text = str(src)
     if args.output is not None:
-        if args.output.is_dir():
-            raise BadInput(f"-o {args.output}: is a directory; give a .parquet file name.")
         with atomic_path(args.output) as tmp:
             shutil.copyfile(src, tmp)
             umask = os.umask(0)  # a trace is data to share: honour the umask as open() does
