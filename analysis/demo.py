@@ -9,13 +9,12 @@ the demo doubles as the worked example of the README:
     execute it with the real engine (and the same policy without prefetch) ->
     simulate the same runs -> compare -> calibrate -> report.
 
-The probe runs before the sweep (the issue lists it after) so that the sweep
-predicts this machine and the comparison is like for like.
+The probe runs before the sweep so that the sweep predicts this machine and
+the comparison is like for like.
 """
 
 from __future__ import annotations
 
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -24,14 +23,19 @@ from typing import Any
 from mer.analysis.pipeline import mer
 from mer.analysis.run_report import write_run_report
 from mer.shapes import get_shape
-from mer.traces.bundled import bundled_trace_path
 
-SHARED_SOURCE = (
-    Path("..") / "shared" / "data" / "external" / "mixtral-offloading-h39s" / "active_experts.txt"
-)
 POLICIES = "lru,fifo,lfu,clock,sieve,s3fifo,arc"
 PREDICTORS = "none,previous-token,markov"
 QUICK_POLICIES = "lru,fifo,clock,sieve,s3fifo,arc"
+
+
+def _describe(row: dict[str, Any]) -> str:
+    """One line naming a sweep row's configuration and its predicted figures."""
+    return (
+        f"policy {row['policy']} ({row['scope']}), {int(row['cache_slots'])} slots, predictor "
+        f"{row['predictor']}, hardware {Path(str(row['hardware'])).name}: predicted hit rate "
+        f"{float(row['hit_rate']):.2%}, {float(row['tokens_per_s']):.3f} tokens/s"
+    )
 
 
 def _say(msg: str) -> None:
@@ -106,14 +110,7 @@ def run_demo(
 
     _say("1. the real trace (Mixtral 8x7B routing published by mixtral-offloading, MIT)")
     trace = out / "trace.parquet"
-    if SHARED_SOURCE.exists():
-        mer("trace", "import", "mixtral-offloading", SHARED_SOURCE, "-o", trace)
-    else:
-        shutil.copyfile(bundled_trace_path(), trace)
-        print(
-            f"(source file not found at {SHARED_SOURCE}; using the bundled conversion)",
-            file=sys.stderr,
-        )
+    mer("trace", "bundled", "-o", trace)
     mer("trace", "stats", trace)
 
     _say("2. exact miss-ratio curves, every cache size, OPT as the ceiling")
@@ -160,7 +157,7 @@ def run_demo(
         if best["best"].get("offline") and best.get("best_online")
         else best["best"]
     )
-    print(f"winner: {winner}", file=sys.stderr)
+    print(f"winner: {_describe(winner)}", file=sys.stderr)
 
     _say("6. execute the winner with the real engine, and the same policy without prefetch")
     n_tok = 24 if quick else tokens

@@ -128,7 +128,8 @@ def write_run_report(
             ),
             "miss-ratio curves",
         )
-        sizes = [s for s in SIZES_SHOWN if s <= curves["cache_slots"].max()]
+        present = set(curves["cache_slots"].astype(int))  # `mer mrc --sizes` may give a few
+        sizes = [s for s in SIZES_SHOWN if s in present] or sorted(present)[:8]
         g = curves[(curves["scope"] == "global") & (curves["cache_slots"].isin(sizes))]
         pivot = g.pivot_table(index="policy", columns="cache_slots", values="hit_rate")
         rows = [[p, *[float(pivot.loc[p, s]) * 100 for s in sizes]] for p in pivot.index]

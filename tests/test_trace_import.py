@@ -35,8 +35,17 @@ def jsonl(path: Path, records: list[dict[str, Any]]) -> Path:
     return write(path, [json.dumps(r) for r in records])
 
 
-def test_registry_has_the_four_formats() -> None:
-    assert set(IMPORTERS) == {"mixtral-offloading", "speculative-moe", "seed-jsonl", "csv"}
+def test_registry_has_every_format() -> None:
+    assert set(IMPORTERS) == {
+        "mixtral-offloading",
+        "speculative-moe",
+        "seed-jsonl",
+        "csv",
+        "nunspark",
+        "bigrig",
+        "libcachesim-txt",
+        "libcachesim-csv",
+    }
 
 
 # -- mixtral-offloading ---------------------------------------------------------------------

@@ -43,6 +43,25 @@ from mer.guard import (  # noqa: F401  (re-exported for command modules)
 )
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Adds "(default: X)" to an option's help, unless the help already says its default
+    or there is none worth saying (None, False, an empty list)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (
+            "default" in text.lower()
+            or not action.option_strings
+            or default is None
+            or default is False
+            or default == []
+            or default is argparse.SUPPRESS
+        ):
+            return text
+        return text + " (default: %(default)s)"
+
+
 def add_output_args(p: argparse.ArgumentParser, *, parquet: bool = True) -> None:
     p.add_argument(
         "--json", action="store_true", help="print one JSON object on stdout instead of text"

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from mer.cli.common import (
+    DefaultsHelpFormatter,
     FinalWrites,
     add_output_args,
     add_replay_args,
@@ -67,7 +68,7 @@ def register(sub: Any) -> None:
             "computed and combined with the trace's gate weights. Prints the same summary as "
             "`mer simulate` (kind 'measured'). Make an expert file with `mer experts synth`."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     p.add_argument("trace", type=input_file, help="trace parquet (trace format v1)")
     p.add_argument(
@@ -141,7 +142,7 @@ def register(sub: Any) -> None:
             "kernel `mer run` uses (native where built); the memory read bandwidth beside it. Writes a hardware profile (the simulator's schema) so "
             "`mer simulate --hardware FILE` predicts this machine."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     q.add_argument(
         "--dir",

@@ -17,14 +17,17 @@ import pyarrow.parquet as pq
 
 from mer.cli.common import emit, input_file, note, output_file, positive_int
 from mer.traces.format import PHASES, Trace, read_trace, write_trace
-from mer.traces.importers import IMPORTERS, ImportOptions, import_trace
+from mer.traces.importers import EXPORTERS, IMPORTERS, ImportOptions, import_trace
 
 FORMATS_HELP = "\n".join(f"  {name:<19} {imp.summary}" for name, imp in IMPORTERS.items())
 IMPORT_EXAMPLE = """example:
   mer trace import mixtral-offloading active_experts.txt -o h39s.parquet
   mer trace import speculative-moe humaneval_2_routing.jsonl -o he.parquet --json
   mer trace import seed-jsonl replay.jsonl -o seed.parquet --model seed-flat-256 \\
-      --experts-per-layer 8"""
+      --experts-per-layer 8
+  mer trace import nunspark expert-trace.jsonl -o nun.parquet --n-experts 128 --model qwen3-30b-a3b
+  mer trace import bigrig qwen3_full.npz -o qwen3.parquet --n-experts 128 --top-k 8
+  mer trace import libcachesim-txt keys.txt -o keys.parquet --n-layers 32 --n-experts 8 --top-k 2"""
 
 
 def register(tsub: argparse._SubParsersAction) -> None:
@@ -66,12 +69,55 @@ def register(tsub: argparse._SubParsersAction) -> None:
         type=positive_int,
         help="record the real geometry of a flat-id trace (seed-jsonl) in the metadata",
     )
+    p.add_argument(
+        "--as-phase",
+        choices=("prefill", "decode"),
+        default=None,
+        help="phase of every token, for sources that do not record it (nunspark, bigrig, "
+        "libCacheSim; default: decode)",
+    )
+    p.add_argument(
+        "--key-column",
+        default=None,
+        help="libcachesim-csv: the column holding the object id (a header name or "
+        "libCacheSim's 1-based obj-id-col; default: obj_id / id / key, or the only column)",
+    )
     p.add_argument("--provenance", help="provenance text for the metadata (default: derived)")
     p.add_argument("--licence", help="licence of the source data for the metadata")
     p.add_argument(
         "--json", action="store_true", help="print one JSON object on stdout instead of text"
     )
     p.set_defaults(func=cmd_import)
+
+    p = tsub.add_parser(
+        "export",
+        help="write a trace as another tool's trace (libCacheSim's txt or csv)",
+        description=(
+            "Write the trace's lookup stream (global keys layer * n_experts + expert, in replay "
+            "order, rank order within a step) in a libCacheSim trace format, so libCacheSim's "
+            "cachesim replays the same requests, one lookup at a time. libcachesim-txt: one key "
+            "per line. libcachesim-csv: time (the step), obj_id (the key), obj_size (bytes per "
+            "expert of --shape). `mer trace import` reads both back (pass the geometry)."
+        ),
+    )
+    p.add_argument("format", metavar="FORMAT", choices=list(EXPORTERS), help=", ".join(EXPORTERS))
+    p.add_argument("trace", metavar="TRACE", type=input_file, help="trace file (.parquet)")
+    p.add_argument("-o", "--output", type=output_file, required=True, help="file to write")
+    p.add_argument(
+        "--phase",
+        choices=("prefill", "decode", "all"),
+        default="all",
+        help="export only prompt tokens, only generated tokens, or all (default: all)",
+    )
+    p.add_argument(
+        "--shape",
+        default=None,
+        help="model shape for obj_size in the CSV (default: the one matching the trace)",
+    )
+    p.add_argument(
+        "--json", action="store_true", help="print one JSON object on stdout instead of text"
+    )
+    p.set_defaults(func=cmd_export)
 
     p = tsub.add_parser(
         "bundled",
@@ -128,6 +174,8 @@ def cmd_import(args: argparse.Namespace) -> int:
         experts_per_layer=args.experts_per_layer,
         provenance=args.provenance,
         licence=args.licence,
+        phase=args.as_phase,
+        key_column=args.key_column,
     )
     result = import_trace(args.format, args.src, options)
     for msg in result.notes:
@@ -144,6 +192,38 @@ def cmd_import(args: argparse.Namespace) -> int:
         f"weights {'yes' if summary['has_weights'] else 'no'}; dropped: {dropped}"
     )
     emit(args, summary, text)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from mer.atomic import atomic_path
+    from mer.shapes import get_shape
+    from mer.sim.model import default_shape_for
+    from mer.traces.importers.libcachesim import cachesim_command
+
+    trace = read_trace(args.trace).select_phase(args.phase)
+    shape = get_shape(args.shape or default_shape_for(trace.n_layers, trace.n_experts, trace.top_k))
+    with atomic_path(args.output) as tmp:
+        info = EXPORTERS[args.format](trace, Path(tmp), obj_size=shape.bytes_per_expert)
+    info = {
+        "output": str(args.output),
+        "format": args.format,
+        "trace": str(args.trace),
+        "phase": args.phase,
+        "n_layers": trace.n_layers,
+        "n_experts": trace.n_experts,
+        "top_k": trace.top_k,
+        **info,
+        "cachesim": cachesim_command(args.format, args.output),
+    }
+    text = (
+        f"wrote {args.output}: {info['lookups']:,} lookups ({trace.n_tokens} tokens x "
+        f"{trace.n_layers} layers x top-{trace.top_k}), key = layer * {trace.n_experts} + expert\n"
+        f"replay with libCacheSim (one lookup at a time): {info['cachesim']}\n"
+        f"read back: mer trace import {args.format} {args.output} -o TRACE.parquet "
+        f"--n-layers {trace.n_layers} --n-experts {trace.n_experts} --top-k {trace.top_k}"
+    )
+    emit(args, info, text)
     return 0
 
 

@@ -12,7 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mer.errors import BadInput
-from mer.traces.importers import mixtral_offloading, seed_jsonl, speculative_moe, tidy_csv
+from mer.traces.importers import (
+    bigrig,
+    libcachesim,
+    mixtral_offloading,
+    nunspark,
+    seed_jsonl,
+    speculative_moe,
+    tidy_csv,
+)
 from mer.traces.importers.common import ImportOptions, ImportResult
 
 
@@ -25,8 +33,16 @@ class Importer:
 
 IMPORTERS: dict[str, Importer] = {
     m.NAME: Importer(m.NAME, m.SUMMARY, m.load)
-    for m in (mixtral_offloading, speculative_moe, seed_jsonl, tidy_csv)
+    for m in (mixtral_offloading, speculative_moe, seed_jsonl, tidy_csv, nunspark, bigrig)
 }
+IMPORTERS[libcachesim.TXT] = Importer(
+    libcachesim.TXT, libcachesim.TXT_SUMMARY, libcachesim.load_txt
+)
+IMPORTERS[libcachesim.CSV] = Importer(
+    libcachesim.CSV, libcachesim.CSV_SUMMARY, libcachesim.load_csv
+)
+#: Formats `mer trace export` writes: name -> writer(trace, path, **options) -> info.
+EXPORTERS = dict(libcachesim.EXPORTERS)
 
 
 def get_importer(name: str) -> Importer:
@@ -43,4 +59,12 @@ def import_trace(fmt: str, src: str | Path, options: ImportOptions | None = None
     return get_importer(fmt).load(Path(src), options or ImportOptions())
 
 
-__all__ = ["IMPORTERS", "ImportOptions", "ImportResult", "Importer", "get_importer", "import_trace"]
+__all__ = [
+    "EXPORTERS",
+    "IMPORTERS",
+    "ImportOptions",
+    "ImportResult",
+    "Importer",
+    "get_importer",
+    "import_trace",
+]

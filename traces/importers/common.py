@@ -34,6 +34,8 @@ class ImportOptions:
     experts_per_layer: int | None = None
     provenance: str | None = None
     licence: str | None = None
+    phase: str | None = None  # for sources that do not record it (default decode)
+    key_column: str | None = None  # CSV key streams: header name or 1-based column
 
 
 @dataclass

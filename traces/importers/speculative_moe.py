@@ -8,13 +8,18 @@ One record per (problem, layer, token) with `experts` in rank order and their
 * `token_pos` (routing_raw.jsonl): the position inside the forward batch. The
   file starts with the prompt's prefill pass (for each layer, positions 0..P-1),
   which is imported as prefill tokens (token = token_pos). After it come the
-  decode steps, one record per layer per step, all at position 0 and with some
-  records missing. They carry no step number, and the records cannot be
-  attributed to steps reliably: checked against the same problem's
-  humaneval_2_routing.jsonl (which has token_idx), splitting them where the
-  layer number stops increasing misattributes 12.5% of them (some layers' records
-  arrive a step late). So they are dropped and counted; import the token_idx
-  file for that problem's decode tokens.
+  decode steps: one record per layer per step, all at position 0, with no step
+  number. Their order cannot be recovered, for two reasons measured on the
+  published file (problem 0, whose 2,579 decode records all appear, with the
+  same gate probabilities, in humaneval_2_routing.jsonl, which numbers them):
+  records are lost (splitting where the layer number restarts gives 83 steps,
+  but 2,579 records instead of 83 x 32 = 2,656), and 364 records (14%) sit in a
+  later step's run than their own, one or two steps late. Inside the file a
+  late record looks exactly like a lost one followed by an on-time one, so a
+  layer's records can be placed only until its first gap; layer 2 loses its
+  very first record, so no step has all 32 layers placed and no decode token
+  can be recovered. They are dropped and counted; import the token_idx file
+  of the same problem for its decode tokens.
 
 Each (dataset, problem_id) is one sequence, numbered in order of first appearance.
 Weights are the gate probabilities renormalised over the top-k (the published
@@ -24,6 +29,7 @@ Tokens that miss a layer are dropped and counted per phase.
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -74,13 +80,16 @@ def load(src: Path, options: ImportOptions) -> ImportResult:
     asm = TokenAssembler(src)
     sequences: list[dict[str, Any]] = []
     unplaced = 0
+    steps = 0
     for seq, ((dataset, problem), recs) in enumerate(problems.items()):
         sequences.append({"seq": seq, "dataset": dataset, "problem_id": problem})
         if layout == "token_idx":
             for line, layer, experts, probs, pos in recs:
                 asm.add(seq, pos, "decode", layer, experts, probs, line)
         else:
-            unplaced += _add_positional(asm, seq, recs)
+            n_dropped, n_steps = _add_positional(asm, seq, recs)
+            unplaced += n_dropped
+            steps += n_steps
 
     digest = sha256_of(src)
     meta: dict[str, Any] = {
@@ -109,7 +118,10 @@ def load(src: Path, options: ImportOptions) -> ImportResult:
         trace.meta.source["decode_records_without_position_dropped"] = unplaced
         notes.append(
             f"dropped {unplaced} decode record(s) of the token_pos layout: they carry no step "
-            "number and cannot be attributed to tokens reliably (use the token_idx files)"
+            f"number, and {steps} decode steps would need {steps * 32} records, so records are "
+            "lost; a late record cannot be told from a lost one, so no step can be placed "
+            "whole (docs/trace-format.md explains; import the token_idx file of the same "
+            "problem instead)"
         )
     incomplete = {k: v for k, v in dropped.items() if k.startswith("incomplete_")}
     total = sum(incomplete.values())
@@ -123,8 +135,9 @@ def load(src: Path, options: ImportOptions) -> ImportResult:
     return ImportResult(trace, dropped, notes)
 
 
-def _add_positional(asm: TokenAssembler, seq: int, recs: list[Record]) -> int:
-    """token_pos layout: import the prefill block; return how many decode records were dropped.
+def _add_positional(asm: TokenAssembler, seq: int, recs: list[Record]) -> tuple[int, int]:
+    """token_pos layout: import the prefill block; return (decode records dropped, decode
+    steps found by splitting where the layer number restarts).
 
     Records up to the last one with token_pos > 0 are the prefill pass; all
     later records are decode steps at position 0 with no step number.
@@ -132,4 +145,6 @@ def _add_positional(asm: TokenAssembler, seq: int, recs: list[Record]) -> int:
     last_prefill = max((i for i, r in enumerate(recs) if r[4] > 0), default=-1)
     for line, layer, experts, probs, pos in recs[: last_prefill + 1]:
         asm.add(seq, pos, "prefill", layer, experts, probs, line)
-    return len(recs) - (last_prefill + 1)
+    decode = recs[last_prefill + 1 :]
+    steps = sum(1 for a, b in itertools.pairwise(decode) if b[1] <= a[1]) + (1 if decode else 0)
+    return len(decode), steps

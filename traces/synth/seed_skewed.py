@@ -169,11 +169,14 @@ def generate_ids(p: SkewedParams) -> np.ndarray:
 
 
 class SeedSkewed:
-    """Registry entry for `mer trace synth seed-skewed`."""
+    """The public engine's synthetic benchmark stream (Zipf popularity over flat ids,
+    with a probability of repeating the previous top-k set), regenerated bit-exactly:
+    the same seed gives the same ids as the engine's own generator. Flat ids, one
+    pseudo-layer; the real geometry is kept in the metadata (experts_per_layer)."""
 
     name: ClassVar[str] = "seed-skewed"
     help: ClassVar[str] = (
-        "the seed engine's Zipf + correlation stream, bit-exact to specs/seed-engine.md "
+        "the public engine's Zipf + correlation benchmark stream, bit-exact "
         "(flat ids, n_layers = 1)"
     )
 
@@ -243,7 +246,7 @@ class SeedSkewed:
             top_k=p.top_k,
             source={
                 "generator": self.name,
-                "spec": "shared/specs/seed-engine.md",
+                "spec": "the public engine's benchmark generator (skewed workload)",
                 **self.parameters(),
             },
             extra={
