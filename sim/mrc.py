@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ from mer.core import Replay, ReplayConfig, policy_names, replay_counts, split_sl
 from mer.core.policies import INF, next_positions
 from mer.errors import BadInput, RuntimeFailure
 from mer.native.stackdist import lru_hits, opt_hits
+from mer.workers import process_pool
 
 SCOPES = ("global", "per-layer")
 ONE_PASS = ("lru", "opt")
@@ -477,19 +477,12 @@ def _run_processes(
     from concurrent.futures import as_completed
 
     order = sorted(range(len(jobs)), key=lambda i: -costs[i])  # longest first
-    with ProcessPoolExecutor(
-        max_workers=min(processes, len(jobs)),
-        initializer=_init_worker,
-        initargs=(steps, n_layers, n_experts),
+    with process_pool(
+        min(processes, len(jobs)), initializer=_init_worker, initargs=(steps, n_layers, n_experts)
     ) as pool:
         futures = {pool.submit(_worker_job, jobs[i]): jobs[i] for i in order}
-        try:
-            for fut in as_completed(futures):
-                done(futures[fut], fut.result(), 0.0)
-        except BaseException:
-            for f in futures:
-                f.cancel()
-            raise
+        for fut in as_completed(futures):
+            done(futures[fut], fut.result(), 0.0)
 
 
 def _run_dask(

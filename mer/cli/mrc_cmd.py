@@ -7,7 +7,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mer.cli.common import add_phase_arg, emit, int_list, note, positive_int, str_list
+from mer.cli.common import (
+    FinalWrites,
+    add_phase_arg,
+    emit,
+    input_file,
+    int_list,
+    int_range,
+    note,
+    output_file,
+    positive_int,
+    str_list,
+)
 from mer.errors import BadInput
 
 
@@ -26,9 +37,11 @@ def register(sub: argparse._SubParsersAction) -> None:
             "(policy, scope, cache_slots, hits, misses, hit_rate)."
         ),
     )
-    p.add_argument("trace", type=Path, help="trace file (.parquet, format v1)")
-    p.add_argument("-o", "--output", type=Path, required=True, help="output curves (.parquet)")
-    p.add_argument("--plot", type=Path, default=None, help="also write a PNG plot here")
+    p.add_argument("trace", type=input_file, help="trace file (.parquet, format v1)")
+    p.add_argument(
+        "-o", "--output", type=output_file, required=True, help="output curves (.parquet)"
+    )
+    p.add_argument("--plot", type=output_file, default=None, help="also write a PNG plot here")
     p.add_argument(
         "--policies",
         type=str_list,
@@ -93,17 +106,24 @@ def register(sub: argparse._SubParsersAction) -> None:
             "in the true set / predicted keys; recall = true keys predicted / true keys."
         ),
     )
-    q.add_argument("trace", type=Path, help="trace file (.parquet, format v1)")
+    q.add_argument("trace", type=input_file, help="trace file (.parquet, format v1)")
     q.add_argument(
         "--predictors",
         type=str_list,
         default=None,
         help="comma-separated predictors (default: all that apply to this trace)",
     )
-    q.add_argument("--depth", type=int, default=1, help="how many steps ahead to score (default 1)")
+    q.add_argument(
+        "--depth",
+        type=int_range(1, 1024),
+        default=1,
+        help="how many steps ahead to score (default 1)",
+    )
     add_phase_arg(q)
     q.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    q.add_argument("-o", "--output", type=Path, default=None, help="write the table (.parquet)")
+    q.add_argument(
+        "-o", "--output", type=output_file, default=None, help="write the table (.parquet)"
+    )
     q.set_defaults(func=run_predict_eval)
 
 
@@ -193,27 +213,27 @@ def run_mrc(args: argparse.Namespace) -> int:
                 f"({lost[0]}..{lost[-1]} slots): libCacheSim's implementation aborted there "
                 "(caches too small for its internal queues)."
             )
-    write_mrc(
-        df,
-        args.output,
-        meta={
-            "trace": str(args.trace),
-            "granularity": granularity,
-            "backend": args.backend,
-            "phase": args.phase,
-        },
-    )
-    note(f"wrote {args.output}")
     n_total = tr.n_layers * tr.n_experts
-    if args.plot:
-        title = (
-            f"Miss-ratio curves, no prefetch: {args.trace.name} ({tr.meta.model}, "
-            f"{tr.n_layers} layers x {tr.n_experts} experts, top-{tr.top_k}, "
-            f"{tr.n_lookups:,} lookups, phase {args.phase})"
-        )
-        plot_mrc(df, args.plot, title=title, n_total=n_total)
-        note(f"wrote {args.plot}")
+    title = (
+        f"Miss-ratio curves, no prefetch: {args.trace.name} ({tr.meta.model}, "
+        f"{tr.n_layers} layers x {tr.n_experts} experts, top-{tr.top_k}, "
+        f"{tr.n_lookups:,} lookups, phase {args.phase})"
+    )
+    writes = FinalWrites()
+    meta = {
+        "trace": str(args.trace),
+        "granularity": granularity,
+        "backend": args.backend,
+        "phase": args.phase,
+    }
+    writes.add(args.output, lambda p: write_mrc(df, p, meta=meta), "curves")
+    writes.add(args.plot, lambda p: plot_mrc(df, p, title=title, n_total=n_total), "plot")
+    writes.run()
+    for p in writes.written:
+        note(f"wrote {p}")
     marks = sorted({max(1, n_total // 8), max(1, n_total // 4), max(1, n_total // 2), n_total})
+    if args.sizes:
+        marks = sorted(set(args.sizes))[:8]
     summary = {
         "trace": str(args.trace),
         "output": str(args.output),
@@ -244,7 +264,7 @@ def run_mrc(args: argparse.Namespace) -> int:
     for key, vals in summary["at"].items():
         lines.append(f"  {key:28s} " + "  ".join(f"{100 * v:6.2f}%" for v in vals.values()))
     emit(args, summary, "\n".join(lines))
-    return 0
+    return writes.finish()
 
 
 def run_predict_eval(args: argparse.Namespace) -> int:
@@ -273,10 +293,16 @@ def run_predict_eval(args: argparse.Namespace) -> int:
         res = evaluate(make_predictor(name, ctx), steps, args.depth)
         rows.extend({"predictor": name, **r} for r in res)
     df = pd.DataFrame(rows)
-    if args.output:
-        with atomic_path(args.output) as tmp:
+
+    def write(path: Path) -> None:
+        with atomic_path(path) as tmp:
             df.to_parquet(tmp, index=False)
-        note(f"wrote {args.output}")
+
+    writes = FinalWrites()
+    writes.add(args.output, write, "table")
+    writes.run()
+    for p in writes.written:
+        note(f"wrote {p}")
     lines = [f"{'predictor':16s} {'dist':>4s} {'precision':>9s} {'recall':>7s}"]
     for r in rows:
         lines.append(
@@ -284,4 +310,4 @@ def run_predict_eval(args: argparse.Namespace) -> int:
             f"{100 * r['recall']:6.2f}%"
         )
     emit(args, {"trace": str(args.trace), "depth": args.depth, "results": rows}, "\n".join(lines))
-    return 0
+    return writes.finish()
