@@ -35,7 +35,7 @@ import pandas as pd
 
 from mer.core.replay import Replay, ReplayConfig
 from mer.engine.dense import DenseBlock, rmsnorm
-from mer.engine.ffn import ExpertFFN
+from mer.engine.expert_types import make_expert_ffn
 from mer.engine.streaming import (
     EngineConfig,
     ExpertStreamer,
@@ -229,7 +229,7 @@ class Executor:
         else:
             gate_w = weights.reshape(-1, K).astype(np.float32)
         threads = max(1, int(cfg.threads))
-        ffn = ExpertFFN(self.shape, threads)
+        ffn = make_expert_ffn(getattr(self.store, "expert_dtype", "Q4_0"), self.shape, threads)
         dense = (
             DenseBlock(self.shape, seed=cfg.seed + 1, threads=threads, pool=ffn._pool)
             if cfg.mode == "model"

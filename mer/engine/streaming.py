@@ -49,7 +49,6 @@ import numpy.typing as npt
 
 from mer.core.replay import Replay
 from mer.engine.aligned import aligned_empty
-from mer.engine.ffn import ExpertFFN
 from mer.engine.io import DEFAULT_CHUNK_BYTES, DEFAULT_QUEUE_DEPTH, Reader, open_reader
 
 F32 = npt.NDArray[np.float32]
@@ -173,7 +172,7 @@ class ExpertStreamer:
         replay: Replay,
         cfg: EngineConfig,
         *,
-        ffn: ExpertFFN,
+        ffn: Any,
         seed_cycle: bool = False,
     ) -> None:
         self.store = store

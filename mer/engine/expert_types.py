@@ -1,0 +1,106 @@
+"""The expert FFN for each expert type a GGUF may store.
+
+q4_0 is the engine's kernel (`mer.engine.ffn.ExpertFFN`, numpy now, native
+where built). q8_0, f16 and f32 experts are computed here, from the same
+slot bytes, with the same interface (`ffn(x, gate, up, down)`, `close()`):
+q8_0 tile by tile (int8 codes times the block scale, one gemv per tile),
+f16 widened to f32 per call, f32 as a zero-copy view. They exist so that a
+model converted without quantisation (the test models, an f16 or q8_0 file)
+runs on the same streaming path; q4_0 is the one built for speed.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from mer.engine.ffn import ExpertFFN, FFNDims
+from mer.shapes import ModelShape
+
+F32 = npt.NDArray[np.float32]
+Q8_BLOCK, Q8_BLOCK_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.Q8_0]
+Q8_TILE_BYTES = 64 << 10  # q8_0 bytes per tile of rows (its f32 image stays in L2)
+
+
+def q8_0_matvec(raw: Any, cols: int, x: F32) -> F32:
+    """W x for q8_0 rows (fp16 scale + 32 int8 codes per block); x (cols,) or (n, cols)."""
+    nb = cols // Q8_BLOCK
+    rb = nb * Q8_BLOCK_BYTES
+    a = raw if isinstance(raw, np.ndarray) else np.frombuffer(raw, dtype=np.uint8)
+    w = a.reshape(-1, rb)
+    rows = w.shape[0]
+    x2 = np.asarray(x, dtype=np.float32).reshape(-1, cols).T  # (cols, n)
+    out = np.empty((rows, x2.shape[1]), dtype=np.float32)
+    tile = max(1, Q8_TILE_BYTES // rb)
+    for r0 in range(0, rows, tile):
+        r1 = min(rows, r0 + tile)
+        blocks = w[r0:r1].reshape(r1 - r0, nb, Q8_BLOCK_BYTES)
+        d = np.ascontiguousarray(blocks[:, :, :2]).view(np.float16).astype(np.float32)
+        q = blocks[:, :, 2:].view(np.int8).astype(np.float32)
+        q *= d
+        out[r0:r1] = q.reshape(r1 - r0, cols) @ x2
+    return out[:, 0] if np.ndim(x) == 1 else np.ascontiguousarray(out.T)
+
+
+def float_matrix(raw: Any, rows: int, cols: int, dtype: str) -> F32:
+    """An f32 (view) or f16 (widened) matrix of `rows` x `cols` from its bytes."""
+    a = raw if isinstance(raw, np.ndarray) else np.frombuffer(raw, dtype=np.uint8)
+    np_type = np.float32 if dtype == "F32" else np.float16
+    m = a.view(np_type).reshape(rows, cols)
+    return m if dtype == "F32" else m.astype(np.float32)
+
+
+def _silu_mul(g: F32, u: F32) -> F32:
+    with np.errstate(over="ignore"):
+        return np.asarray((g / (np.float32(1) + np.exp(-g))) * u, dtype=np.float32)
+
+
+class TypedExpertFFN:
+    """y = down(silu(gate x) * up x) for q8_0, f16 or f32 expert bytes."""
+
+    def __init__(self, dims: ModelShape | FFNDims | tuple[int, int], dtype: str, threads: int = 1):
+        if dtype not in ("Q8_0", "F16", "F32"):
+            raise ValueError(f"TypedExpertFFN computes q8_0, f16 or f32 experts, not {dtype}")
+        self.dims = FFNDims.of(dims)
+        self.dtype = dtype
+        self.threads = max(1, int(threads))
+        self._pool = (
+            ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="mer-ffn")
+            if self.threads > 1
+            else None
+        )
+
+    def _mv(self, raw: Any, rows: int, cols: int, x: F32) -> F32:
+        if self.dtype == "Q8_0":
+            return q8_0_matvec(raw, cols, x)
+        return float_matrix(raw, rows, cols, self.dtype) @ x
+
+    def __call__(self, x: npt.ArrayLike, gate: Any, up: Any, down: Any) -> F32:
+        d, f = self.dims.d_model, self.dims.d_ff
+        xv = np.asarray(x, dtype=np.float32)
+        h = _silu_mul(self._mv(gate, f, d, xv), self._mv(up, f, d, xv))
+        return np.asarray(self._mv(down, d, f, h), dtype=np.float32)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def __enter__(self) -> TypedExpertFFN:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def make_expert_ffn(
+    dtype: str, dims: ModelShape | FFNDims | tuple[int, int], threads: int
+) -> ExpertFFN | TypedExpertFFN:
+    """The FFN for experts stored as `dtype` (a store's `expert_dtype`)."""
+    if dtype == "Q4_0":
+        return ExpertFFN(dims, threads)
+    return TypedExpertFFN(dims, dtype, threads)
