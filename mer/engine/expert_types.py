@@ -51,7 +51,7 @@ def float_matrix(raw: Any, rows: int, cols: int, dtype: str) -> F32:
     a = raw if isinstance(raw, np.ndarray) else np.frombuffer(raw, dtype=np.uint8)
     np_type = np.float32 if dtype == "F32" else np.float16
     m = a.view(np_type).reshape(rows, cols)
-    return m if dtype == "F32" else m.astype(np.float32)
+    return np.asarray(m, dtype=np.float32)
 
 
 def _silu_mul(g: F32, u: F32) -> F32:

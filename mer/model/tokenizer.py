@@ -38,9 +38,24 @@ def _values(reader: Any, key: str) -> Any:
     return conv(f.parts[f.data[0]], f.types[0])
 
 
+def _gguf_builders() -> tuple[dict[str, dict[str, str]], Any]:
+    """transformers' GGUF key mapping and builder (5.x module, or 4.x's integrations.ggml)."""
+    try:
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+            GGUF_TOKENIZER_MAPPING,
+            convert_gguf_tokenizer,
+        )
+    except ImportError:
+        from transformers.integrations.ggml import (  # type: ignore[no-redef,attr-defined]
+            GGUF_TOKENIZER_MAPPING,
+            convert_gguf_tokenizer,
+        )
+    return GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
+
+
 def read_tokenizer_metadata(reader: Any, where: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
     """(architecture, tokenizer dict, tokenizer config) as transformers' GGUF builders take them."""
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING
+    GGUF_TOKENIZER_MAPPING, _ = _gguf_builders()
 
     arch = _values(reader, "general.architecture") or "llama"
     groups: dict[str, dict[str, Any]] = {}
@@ -76,7 +91,8 @@ def load_tokenizer(path: str | Path) -> Any:
     """A transformers fast tokenizer built from the GGUF's own metadata."""
     try:
         from transformers import PreTrainedTokenizerFast
-        from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
+
+        _, convert_gguf_tokenizer = _gguf_builders()
     except ImportError as exc:
         raise RuntimeFailure(
             f"mer generate needs transformers and tokenizers for the GGUF's tokenizer ({exc}); "

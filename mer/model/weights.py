@@ -71,7 +71,7 @@ def read_raw(fh: BinaryIO, offset: int, n_bytes: int) -> npt.NDArray[np.uint8]:
     """n_bytes of the file at offset, into an owned array (not a map: RSS is what we hold)."""
     out = np.empty(n_bytes, dtype=np.uint8)
     fh.seek(offset)
-    view = memoryview(out)
+    view = memoryview(out)  # type: ignore[arg-type]
     got = 0
     while got < n_bytes:
         n = fh.readinto(view[got:])  # type: ignore[attr-defined]
@@ -94,11 +94,11 @@ def load_matrix(
     qt = GGMLQuantizationType[dtype]
     rb = raw_row_bytes(dtype, cols)
     if dtype == "F32":
-        data = read_raw(fh, offset, rows * rb).view(np.float32).reshape(rows, cols)
-        return Matrix(name, "F32", rows, cols, data)
+        floats = read_raw(fh, offset, rows * rb).view(np.float32).reshape(rows, cols)
+        return Matrix(name, "F32", rows, cols, floats)
     if dtype in ("Q4_0", "Q8_0") or keep_rows:
-        data = read_raw(fh, offset, rows * rb).reshape(rows, rb)
-        return Matrix(name, dtype, rows, cols, data)
+        raw = read_raw(fh, offset, rows * rb).reshape(rows, rb)
+        return Matrix(name, dtype, rows, cols, raw)
     out = np.empty((rows, cols), dtype=np.float32)
     chunk = max(1, DEQUANT_CHUNK_BYTES // rb)
     for a in range(0, rows, chunk):
