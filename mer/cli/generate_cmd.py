@@ -11,15 +11,19 @@ from __future__ import annotations
 
 import argparse
 import warnings
-from pathlib import Path
 from typing import Any
 
 from mer.cli.common import (
+    FinalWrites,
     add_replay_args,
     emit,
+    input_file,
+    non_negative_int,
     note,
+    output_file,
+    positive_float,
     replay_config_from_args,
-    require_file,
+    seed_int,
 )
 from mer.cli.run_cmd import GiB, add_engine_args, engine_config_from_args
 
@@ -37,16 +41,6 @@ same command to resume. See docs/generate.md.
 """
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
-    return v
-
-
 def register(sub: Any) -> None:
     p = sub.add_parser(
         "generate",
@@ -62,23 +56,30 @@ def register(sub: Any) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", type=Path, required=True, help="a GGUF model file (Q4_0 experts)")
+    p.add_argument(
+        "--model", type=input_file, required=True, help="a GGUF model file (Q4_0 experts)"
+    )
     p.add_argument(
         "--prompts",
-        type=Path,
+        type=input_file,
         required=True,
         help='text file (one prompt per line) or JSON Lines with a "prompt" field',
     )
     p.add_argument(
         "--max-new-tokens",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=32,
         help="decode tokens per prompt (default 32; fewer if the model ends early)",
     )
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (prompt i uses seed + i)")
     p.add_argument(
-        "--temperature", type=float, default=1.0, help="sampling temperature (with --sample)"
+        "--seed", type=seed_int, default=0, help="sampling seed (prompt i uses seed + i)"
+    )
+    p.add_argument(
+        "--temperature",
+        type=positive_float,
+        default=1.0,
+        help="sampling temperature (with --sample)",
     )
     p.add_argument(
         "--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens"
@@ -86,7 +87,7 @@ def register(sub: Any) -> None:
     p.add_argument(
         "-o",
         "--output",
-        type=Path,
+        type=output_file,
         default=None,
         help="write the routing taken as a trace (format v1 parquet)",
     )
@@ -99,9 +100,14 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--keep-parts", action="store_true", help="keep OUT.parts/ (per-prompt files) at the end"
     )
-    p.add_argument("--summary", type=Path, default=None, help="write the measured summary (JSON)")
     p.add_argument(
-        "--token-table", type=Path, default=None, help="write the per-token timing table (parquet)"
+        "--summary", type=output_file, default=None, help="write the measured summary (JSON)"
+    )
+    p.add_argument(
+        "--token-table",
+        type=output_file,
+        default=None,
+        help="write the per-token timing table (parquet)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -120,9 +126,6 @@ def run(args: argparse.Namespace) -> int:
 
     if (args.logits or args.lookahead or args.keep_parts) and args.output is None:
         raise BadInput("--logits, --lookahead and --keep-parts describe the trace: give -o.")
-    if args.sample and not args.temperature > 0:
-        raise BadInput(f"--temperature must be > 0, got {args.temperature}.")
-    require_file(args.model, "model")
     prompts = load_prompts(args.prompts)
     model = MoeModel.open(args.model)
     tokenizer = load_tokenizer(args.model)
@@ -168,11 +171,15 @@ def run(args: argparse.Namespace) -> int:
             model, tokenizer, prompts, rcfg, ecfg, opts, out=args.output, on_text=show
         )
     summary = result.summary
+    writes = FinalWrites()
     if summary is not None:
-        if args.summary is not None:
-            summary.save(args.summary)
-        if args.token_table is not None:
-            write_token_table(result.tokens, args.token_table, summary)
+        writes.add(args.summary, summary.save, "summary")
+        writes.add(
+            args.token_table,
+            lambda p: write_token_table(result.tokens, p, summary),
+            "per-token table",
+        )
+    writes.run()
     lines = []
     if result.trace_path is not None:
         lines.append(f"trace: {result.trace_path}")
@@ -188,4 +195,4 @@ def run(args: argparse.Namespace) -> int:
     else:
         lines.append("every prompt was already decoded (resumed); nothing measured.")
     emit(args, result.to_dict(), "\n".join(lines))
-    return 0
+    return writes.finish()

@@ -3,24 +3,33 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import warnings
 from pathlib import Path
 from typing import Any
 
 from mer.cli.common import (
+    FinalWrites,
     add_output_args,
     add_replay_args,
     emit,
+    float_range,
+    input_file,
+    input_path,
+    int_range,
     note,
-    positive_int,
+    output_dir,
+    output_file,
     replay_config_from_args,
     require_file,
+    seed_int,
 )
 from mer.errors import BadInput
 
 KiB = 1 << 10
 GiB = 1 << 30
+MAX_CHUNK_BYTES = 64 << 20
 
 
 def _size(text: str) -> int:
@@ -32,17 +41,22 @@ def _size(text: str) -> int:
             t, mult = t[:-1], m
             break
     try:
-        v = int(float(t) * mult)
+        f = float(t) * mult
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a size like 512K or 1M, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive size, got {text!r}")
+    if not math.isfinite(f) or f < 1 or f > MAX_CHUNK_BYTES:
+        raise argparse.ArgumentTypeError(
+            f"expected a size from 4K to {MAX_CHUNK_BYTES >> 20}M, got {text!r}"
+        )
+    v = int(f)
+    if v % 4096:
+        raise argparse.ArgumentTypeError(f"expected a multiple of 4096 bytes (4K), got {text!r}")
     return v
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> Any:
     """How the engine reads and computes (shared by `mer run` and `mer generate`)."""
-    from mer.engine.io import DEFAULT_CHUNK_BYTES, DEFAULT_QUEUE_DEPTH
+    from mer.engine.io import DEFAULT_CHUNK_BYTES, DEFAULT_QUEUE_DEPTH, MAX_QUEUE_DEPTH
 
     g = p.add_argument_group("engine")
     g.add_argument(
@@ -52,7 +66,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> Any:
         help="reader: io_uring (auto falls back to a preadv thread pool, saying why once)",
     )
     g.add_argument(
-        "--queue-depth", type=positive_int, default=DEFAULT_QUEUE_DEPTH, help="reads in flight"
+        "--queue-depth",
+        type=int_range(1, MAX_QUEUE_DEPTH),
+        default=DEFAULT_QUEUE_DEPTH,
+        help=f"reads in flight (1..{MAX_QUEUE_DEPTH})",
     )
     g.add_argument(
         "--chunk-bytes",
@@ -62,7 +79,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> Any:
     )
     g.add_argument(
         "--threads",
-        type=positive_int,
+        type=int_range(1, 1024),
         default=os.cpu_count() or 1,
         help="compute threads for the FFN and dense block",
     )
@@ -90,6 +107,7 @@ def engine_config_from_args(args: argparse.Namespace, **overrides: Any) -> Any:
 
 
 def register(sub: Any) -> None:
+
     p = sub.add_parser(
         "run",
         help="replay a trace on real expert weights (io_uring, O_DIRECT, numpy q4_0 FFN)",
@@ -102,10 +120,10 @@ def register(sub: Any) -> None:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("trace", type=Path, help="trace parquet (trace format v1)")
+    p.add_argument("trace", type=input_file, help="trace parquet (trace format v1)")
     p.add_argument(
         "--experts",
-        type=Path,
+        type=input_path,
         required=True,
         help="expert weights: a GGUF file (stacked or per-expert layout) or a packed directory",
     )
@@ -118,9 +136,13 @@ def register(sub: Any) -> None:
         help="model: run the resident dense (attention-sized) block every layer, so tokens/s is "
         "whole-model; seed: experts only, as the public engine's benchmark",
     )
-    g.add_argument("--seed", type=int, default=0, help="seed of the hidden vector and dense block")
+    g.add_argument(
+        "--seed", type=seed_int, default=0, help="seed of the hidden vector and dense block"
+    )
     add_output_args(p)
-    p.add_argument("--summary", type=Path, default=None, help="also write the summary as JSON")
+    p.add_argument(
+        "--summary", type=output_file, default=None, help="also write the summary as JSON"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=cmd_run)
 
@@ -138,13 +160,13 @@ def register(sub: Any) -> None:
     )
     q.add_argument(
         "--dir",
-        type=Path,
+        type=output_dir,
         default=None,
         help="directory on the disk to measure (default: the current directory; never tmpfs)",
     )
     q.add_argument(
         "--size-gib",
-        type=float,
+        type=float_range(1 / 1024, 1024, what="a size in GiB from 1/1024 to 1024"),
         default=None,
         help="probe file size in GiB (default 2, quick 1/16)",
     )
@@ -157,7 +179,7 @@ def register(sub: Any) -> None:
     q.add_argument("--io", choices=("auto", "uring", "pread"), default="auto", help="reader")
     q.add_argument(
         "--threads",
-        type=positive_int,
+        type=int_range(1, 1024),
         default=os.cpu_count() or 1,
         help="compute threads (as `mer run --threads`)",
     )
@@ -167,7 +189,11 @@ def register(sub: Any) -> None:
     q.add_argument("--name", default=None, help="profile name (default probe-HOSTNAME)")
     q.add_argument("--json", action="store_true", help="print the profile as one JSON object")
     q.add_argument(
-        "-o", "--output", type=Path, default=None, help="write the hardware profile JSON here"
+        "-o",
+        "--output",
+        type=output_file,
+        default=None,
+        help="write the hardware profile JSON here",
     )
     q.set_defaults(func=cmd_probe)
 
@@ -205,11 +231,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
         result = ex.run()
     summary = result.summary
-    if args.output is not None:
-        write_token_table(result.tokens, args.output, summary)
+    writes = FinalWrites()
+    writes.add(
+        args.output, lambda p: write_token_table(result.tokens, p, summary), "per-token table"
+    )
+    writes.add(args.summary, summary.save, "summary")
+    writes.run()
+    if args.output in writes.written:
         note(f"per-token table: {args.output}")
-    if args.summary is not None:
-        summary.save(args.summary)
     text = summary.format_text()
     ex_ = summary.extra
     text += (
@@ -219,7 +248,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"{' O_DIRECT' if ex_['io']['direct'] else ' buffered'}"
     )
     emit(args, summary.to_dict(), text)
-    return 0
+    return writes.finish()
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
@@ -237,8 +266,10 @@ def cmd_probe(args: argparse.Namespace) -> int:
         warnings.simplefilter("default")
         result = run_probe(cfg, log=note)
     profile = to_profile(result, args.name)
-    if args.output is not None:
-        profile.save(args.output)
+    writes = FinalWrites()
+    writes.add(args.output, profile.save, "hardware profile")
+    writes.run()
+    if writes.written:
         note(f"hardware profile: {args.output} (use: mer simulate --hardware {args.output})")
     s = profile.ssd
     c = profile.compute
@@ -255,4 +286,4 @@ def cmd_probe(args: argparse.Namespace) -> int:
         ]
     )
     emit(args, profile.to_dict(), text)
-    return 0
+    return writes.finish()

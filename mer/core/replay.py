@@ -25,6 +25,7 @@ when prefetch is off.
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -34,7 +35,7 @@ import numpy as np
 
 from mer.core.cache import READY, Admission, CacheStats, ExpertCache, StepResult
 from mer.core.policies import FIFO, LRU, Clock
-from mer.core.policy import EvictionPolicy
+from mer.core.policy import POLICIES, EvictionPolicy
 from mer.core.predictor import Predictor, ReplayContext, make_predictor
 from mer.errors import BadInput
 
@@ -75,6 +76,49 @@ class ReplayConfig:
     def prefetch_on(self) -> bool:
         return self.predictor != "none"
 
+    def validate(self) -> ReplayConfig:
+        """Refuse values no replay can use, naming the command-line flag (BadInput)."""
+        import math
+
+        from mer.validate import MAX_COUNT, MAX_SLOTS
+
+        def count(
+            flag: str, v: Any, lo: int, hi: int = MAX_COUNT, *, none_ok: bool = False
+        ) -> None:
+            if v is None and none_ok:
+                return
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not lo <= v <= hi:
+                raise BadInput(f"{flag} must be an integer from {lo} to {hi:,}, got {v!r}.")
+
+        count("--cache-slots", self.cache_slots, 1, MAX_SLOTS)
+        count("--pipeline-depth", self.pipeline_depth, 0, 1024)
+        count("--prefetch-top-n", self.prefetch_top_n, 1, none_ok=True)
+        count("--prefetch-inflight", self.prefetch_inflight, 1)
+        count("--pin", self.pin, 0)
+        count("--tokens", self.tokens, 1, none_ok=True)
+        p = self.prefetch_min_prob
+        if (
+            isinstance(p, bool)
+            or not isinstance(p, (int, float))
+            or not math.isfinite(p)
+            or not 0 <= p <= 1
+        ):
+            raise BadInput(f"--prefetch-min-prob must be a probability from 0 to 1, got {p!r}.")
+        if self.scope not in ("global", "per-layer"):
+            raise BadInput(f"--scope must be global or per-layer, got {self.scope!r}.")
+        if self.phase not in ("prefill", "decode", "all"):
+            raise BadInput(f"--phase must be prefill, decode or all, got {self.phase!r}.")
+        for flag, params in (
+            ("--policy-param", self.policy_params),
+            ("--predictor-param", self.predictor_params),
+        ):
+            if not isinstance(params, dict):
+                raise BadInput(f"{flag}: expected KEY=VALUE pairs, got {params!r}.")
+            for k, v in params.items():
+                if isinstance(v, float) and not math.isfinite(v):
+                    raise BadInput(f"{flag} {k}={v}: must be a finite number.")
+        return self
+
 
 def popular_keys(steps: np.ndarray, n: int) -> list[int]:
     """The n most frequent keys (ties: smaller key first), for static pinning."""
@@ -103,13 +147,11 @@ class Replay:
         self.n_layers = n_layers
         self.n_experts = n_experts
         self.top_k = steps.shape[1]
-        self.config = config
+        self.config = config.validate()
         self.is_live = live
         self._live_t = -1  # live: the step just looked up, and its keys
         self._live_keys: list[int] = []
         self._live_la: dict[int, np.ndarray] = {}
-        if config.pipeline_depth < 0:
-            raise BadInput("--pipeline-depth must be >= 0.")
         self.cache = ExpertCache(
             n_layers=n_layers,
             n_experts=n_experts,
@@ -134,7 +176,11 @@ class Replay:
         self.rule = PrefetchRule(
             config.prefetch_top_n, config.prefetch_min_prob, config.prefetch_inflight
         )
-        self._keys_list = steps.tolist()
+
+    @functools.cached_property
+    def _keys_list(self) -> list[list[int]]:
+        # Built on first use: the compiled replay never needs it.
+        return self.steps.tolist()
 
     @classmethod
     def from_trace(cls, trace: Any, config: ReplayConfig) -> Replay:
@@ -274,17 +320,35 @@ class Replay:
         self.cache.complete(key)
 
 
-def replay_counts(replay: Replay, *, fast: bool = True) -> CacheStats:
+ENGINES = ("auto", "c", "python")
+
+
+def replay_counts(replay: Replay, *, fast: bool = True, engine: str = "auto") -> CacheStats:
     """Replay with no clock: every read completes the moment it is issued.
 
     With prefetch on this is the "infinitely fast SSD" limit; with prefetch off
     it is exactly what the simulator and the engine must reproduce. With
-    prefetch off and a fresh replay, a lean loop (`_counts_no_prefetch`) makes
-    the same policy calls in the same order without building per-step result
-    objects; `fast=False` forces the general path (tests hold the two equal).
+    prefetch off and a fresh replay, the policy's compiled loop
+    (`mer.native.replay`, engine "c") runs when it builds; else a lean Python
+    loop (`_counts_no_prefetch`, engine "python") makes the same policy calls in
+    the same order without building per-step result objects. `fast=False`
+    forces the general path. Tests hold all three equal.
     """
+    if engine not in ENGINES:
+        raise BadInput(f"replay engine must be one of {', '.join(ENGINES)}, got {engine!r}.")
     if fast and _lean_ok(replay):
+        if engine != "python":
+            stats = _counts_compiled(replay)
+            if stats is not None:
+                return stats
+            if engine == "c":
+                raise BadInput(
+                    f"policy {replay.cache.policy_name!r} has no compiled replay here "
+                    "(no C compiler, or no compiled loop for it)."
+                )
         return _counts_no_prefetch(replay)
+    if engine == "c":
+        raise BadInput("the compiled replay needs prefetch off and a fresh replay.")
     for t in range(replay.n_steps):
         res = replay.step(t)
         for adm in res.reads:
@@ -306,6 +370,47 @@ def _lean_ok(replay: Replay) -> bool:
         layers = replay.steps // replay.n_experts
         return bool((layers == layers[:, :1]).all())
     return True
+
+
+def compiled_policy(replay: Replay) -> Any:
+    """The compiled twin of the replay's policy (`mer.native.replay.CompiledPolicy`), or
+    None: no compiler, no C loop for this policy, or a class that is not the one
+    registered under its name (a plugin's subclass runs in Python)."""
+    from mer.native import replay as native_replay
+
+    cache = replay.cache
+    name = cache.policy_name
+    cls = POLICIES.get(name)
+    if cls is None or any(type(p.policy) is not cls for p in cache.partitions):
+        return None
+    return native_replay.lookup(name)
+
+
+def _counts_compiled(replay: Replay) -> CacheStats | None:
+    """`_counts_no_prefetch` run by the policy's compiled loop; None if it has none."""
+    from mer.native import replay as native_replay
+
+    pol = compiled_policy(replay)
+    if pol is None:
+        return None
+    cache = replay.cache
+    n_layers = cache.n_layers
+    parts = native_replay.split_partitions(
+        replay.steps, n_layers, cache.n_experts, cache.scope, sorted(cache.pinned)
+    )
+    counts = np.zeros((4, n_layers), dtype=np.int64)
+    residents: list[set[int]] = []
+    for part, cpart in zip(parts, cache.partitions, strict=True):
+        params = np.asarray([native_replay.policy_params(pol, cpart.policy)], dtype=np.float64)
+        res = native_replay.run_pass(pol, part, [cpart.capacity], params, resident=True)
+        if part.layer is None:
+            counts += res.counts[0]
+        else:
+            counts[:, part.layer] += res.counts[0][:, 0]
+        assert res.resident is not None
+        residents.append(set((np.flatnonzero(res.resident[0]) + part.key_base).tolist()))
+    hits, misses, evictions, bypass = (row.tolist() for row in counts)
+    return _finish(replay, residents, hits, misses, evictions, bypass)
 
 
 def _counts_no_prefetch(replay: Replay) -> CacheStats:

@@ -47,9 +47,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from mer.core.cache import physical_slots
 from mer.core.replay import Replay
 from mer.engine.aligned import aligned_empty
 from mer.engine.io import DEFAULT_CHUNK_BYTES, DEFAULT_QUEUE_DEPTH, Reader, open_reader
+from mer.validate import check_memory
 
 F32 = npt.NDArray[np.float32]
 POLL_INTERVAL_S = 0.0005  # how often completions are reaped while an expert computes
@@ -232,7 +234,14 @@ class ExpertStreamer:
     def _allocate(self) -> None:
         slot_bytes = int(self.store.slot_bytes)
         self.slot_bytes = slot_bytes
-        n = self.replay.config.cache_slots
+        cfg = self.replay.config
+        # Only the slots the cache can ever fill (a cache larger than all experts fills
+        # n_layers x n_experts), and only if they fit in the memory available now.
+        n = physical_slots(cfg.cache_slots, cfg.scope, self.replay.n_layers, self.n_experts)
+        check_memory(
+            (n + self.top_k) * slot_bytes,
+            f"--cache-slots {cfg.cache_slots} ({n} slot buffers of {slot_bytes:,} bytes)",
+        )
         self.rss_before_buffers = current_rss_bytes()
         self.cache_buf = aligned_empty(n * slot_bytes)
         self.scratch_buf = aligned_empty(self.top_k * slot_bytes)

@@ -72,6 +72,12 @@ KERNELS: dict[str, Kernel] = {
             "the pure-Python stack loops (mer.sim.mrc)",
         ),
         Kernel(
+            "replay",
+            "the compiled policy replays",
+            "the Python policies in the core's lean replay loop",
+            libraries=("m",),
+        ),
+        Kernel(
             "uring",
             "the io_uring reader",
             "a thread pool of preadv",
@@ -108,6 +114,7 @@ def _install_builder(name: str) -> FFI | None:
 
 # setup.py's cffi_modules entries: "mer/native/build.py:<name>_builder"
 stackdist_builder = _install_builder("stackdist")
+replay_builder = _install_builder("replay")
 uring_builder = _install_builder("uring")
 
 if __name__ == "__main__":  # build every kernel in place: python mer/native/build.py
