@@ -23,6 +23,7 @@ read them back with gguf's reader to check them.
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 from pathlib import Path
@@ -267,3 +268,44 @@ def set_hf_experts(model: Any, tensors: dict[str, np.ndarray]) -> None:
             dn = tensors[f"blk.{i}.ffn_down_exps.weight"]
             layer.mlp.experts.gate_up_proj.copy_(torch.from_numpy(np.concatenate([g, u], axis=1)))
             layer.mlp.experts.down_proj.copy_(torch.from_numpy(dn))
+
+
+def q8_activations(model: Any) -> Any:
+    """A copy of `model` whose experts see their inputs as the native kernel does.
+
+    The native q4_0 kernel (ggml's arithmetic) quantises every activation vector
+    to q8_0 per block of 32 before its integer dots: the experts' input x and
+    their hidden silu(gate x) * (up x). This reference applies exactly that
+    quantisation (mer.native.q4_0.quantize_q8_0, the numpy definition the kernel
+    is tested against), then computes the rest in the model's own dtype, so
+    mer's native run can be held to it at float32 precision.
+    """
+    import types
+
+    import torch
+    from torch import nn
+
+    from mer.native import q4_0 as nq
+
+    def q8(x: Any) -> Any:
+        a = x.detach().to(torch.float32).cpu().numpy().reshape(-1, x.shape[-1])
+        q, d, _ = nq.quantize_q8_0(a)
+        deq = q.astype(np.float32).reshape(a.shape[0], -1, 32) * d[:, :, None]
+        return torch.from_numpy(deq.reshape(x.shape)).to(x.dtype)
+
+    def forward(self: Any, hidden_states: Any, top_k_index: Any, top_k_weights: Any) -> Any:
+        out = torch.zeros_like(hidden_states)
+        for t in range(hidden_states.shape[0]):
+            for r in range(top_k_index.shape[1]):
+                e = int(top_k_index[t, r])
+                x = q8(hidden_states[t : t + 1])
+                gate, up = nn.functional.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
+                h = q8(self.act_fn(gate) * up)
+                y = nn.functional.linear(h, self.down_proj[e])
+                out[t] += (y * top_k_weights[t, r])[0].to(out.dtype)
+        return out
+
+    m = copy.deepcopy(model)
+    for layer in m.model.layers:
+        layer.mlp.experts.forward = types.MethodType(forward, layer.mlp.experts)
+    return m

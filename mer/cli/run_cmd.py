@@ -84,6 +84,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> Any:
         help="compute threads for the FFN and dense block",
     )
     g.add_argument(
+        "--ffn",
+        choices=("auto", "native", "numpy"),
+        default="auto",
+        help="expert FFN kernel: native C (ggml's q4_0 x q8_0 arithmetic; auto uses it wherever "
+        "it was built, else numpy, saying so once) or the numpy reference",
+    )
+    g.add_argument(
         "--buffered",
         action="store_true",
         help="read through the page cache instead of O_DIRECT (not a fair measurement)",
@@ -99,6 +106,7 @@ def engine_config_from_args(args: argparse.Namespace, **overrides: Any) -> Any:
         queue_depth=args.queue_depth,
         chunk_bytes=args.chunk_bytes,
         threads=args.threads,
+        ffn=args.ffn,
         direct=not args.buffered,
         progress=not args.no_progress,
     )
@@ -110,7 +118,7 @@ def register(sub: Any) -> None:
 
     p = sub.add_parser(
         "run",
-        help="replay a trace on real expert weights (io_uring, O_DIRECT, numpy q4_0 FFN)",
+        help="replay a trace on real expert weights (io_uring, O_DIRECT, native q4_0 FFN)",
         description=(
             "Replay TRACE through the shared decision core on real q4_0 expert weights: "
             "misses are read from the expert file (io_uring with O_DIRECT, or a preadv pool), "
@@ -152,8 +160,8 @@ def register(sub: Any) -> None:
         description=(
             "Measure, on a temporary file on the target disk (O_DIRECT, deleted afterwards), "
             "the bandwidth of whole-expert reads at queue depths 1..64 and several chunk sizes "
-            "and the 4 KiB read latency; the numpy q4_0 FFN and dense-block throughput; the "
-            "memory read bandwidth. Writes a hardware profile (the simulator's schema) so "
+            "and the 4 KiB read latency; the q4_0 expert FFN and dense-block throughput of the "
+            "kernel `mer run` uses (native where built); the memory read bandwidth beside it. Writes a hardware profile (the simulator's schema) so "
             "`mer simulate --hardware FILE` predicts this machine."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -182,6 +190,12 @@ def register(sub: Any) -> None:
         type=int_range(1, 1024),
         default=os.cpu_count() or 1,
         help="compute threads (as `mer run --threads`)",
+    )
+    q.add_argument(
+        "--ffn",
+        choices=("auto", "native", "numpy"),
+        default="auto",
+        help="expert FFN kernel to measure (as `mer run --ffn`): the one runs will use",
     )
     q.add_argument(
         "--quick", action="store_true", help="a few seconds: small file, small shape, fewer points"
@@ -256,7 +270,12 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
     size = int(args.size_gib * GiB) if args.size_gib is not None else None
     kw: dict[str, Any] = dict(
-        directory=args.dir, size_bytes=size, shape=args.shape, io=args.io, threads=args.threads
+        directory=args.dir,
+        size_bytes=size,
+        shape=args.shape,
+        io=args.io,
+        threads=args.threads,
+        ffn=args.ffn,
     )
     if args.quick:
         cfg = ProbeConfig.quick(**kw)
@@ -279,10 +298,14 @@ def cmd_probe(args: argparse.Namespace) -> int:
             f"ssd: latency {s.latency_s * 1e6:.0f} us, bandwidth {s.bandwidth_bytes_per_s / 1e9:.2f} GB/s, "
             f"channels {s.channels}, chunk {s.chunk_bytes >> 10} KiB "
             f"({result.io_kind}{', O_DIRECT' if result.direct else ', buffered'}, {result.filesystem})",
-            f"compute: expert FFN {c.ffn_bytes_per_s / 1e9:.3f} GB/s, dense "
-            f"{c.dense_bytes_per_s / 1e9:.3f} GB/s of q4_0 weights ({result.threads} threads)",
-            f"memory: {profile.memory.read_bandwidth_bytes_per_s / 1e9:.2f} GB/s read, "
-            f"{profile.memory.ram_bytes / GiB:.1f} GiB RAM",
+            f"compute: expert FFN {c.ffn_bytes_per_s / 1e9:.2f} GB/s of q4_0 weights "
+            f"({result.ffn_kernel}, {result.threads} threads) = "
+            f"{c.ffn_bytes_per_s / profile.memory.read_bandwidth_bytes_per_s:.0%} of memory read "
+            f"{profile.memory.read_bandwidth_bytes_per_s / 1e9:.2f} GB/s; dense block "
+            f"{c.dense_bytes_per_s / 1e9:.2f} GB/s",
+            f"memory: {profile.memory.read_bandwidth_bytes_per_s / 1e9:.2f} GB/s read on "
+            f"{result.threads} threads, {result.memory_read_1thread_bytes_per_s / 1e9:.2f} GB/s on "
+            f"one ({result.memory_read_kind}), {profile.memory.ram_bytes / GiB:.1f} GiB RAM",
         ]
     )
     emit(args, profile.to_dict(), text)

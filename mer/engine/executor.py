@@ -229,9 +229,11 @@ class Executor:
         else:
             gate_w = weights.reshape(-1, K).astype(np.float32)
         threads = max(1, int(cfg.threads))
-        ffn = make_expert_ffn(getattr(self.store, "expert_dtype", "Q4_0"), self.shape, threads)
+        ffn = make_expert_ffn(
+            getattr(self.store, "expert_dtype", "Q4_0"), self.shape, threads, cfg.ffn
+        )
         dense = (
-            DenseBlock(self.shape, seed=cfg.seed + 1, threads=threads, pool=ffn._pool)
+            DenseBlock(self.shape, seed=cfg.seed + 1, threads=threads, kernel=ffn)
             if cfg.mode == "model"
             else None
         )

@@ -1,11 +1,13 @@
 """The expert FFN for each expert type a GGUF may store.
 
-q4_0 is the engine's kernel (`mer.engine.ffn.ExpertFFN`, numpy now, native
-where built). q8_0, f16 and f32 experts are computed here, from the same
-slot bytes, with the same interface (`ffn(x, gate, up, down)`, `close()`):
-q8_0 tile by tile (int8 codes times the block scale, one gemv per tile),
-f16 widened to f32 per call, f32 as a zero-copy view. They exist so that a
-model converted without quantisation (the test models, an f16 or q8_0 file)
+q4_0 and q8_0 are the native kernel's (`mer.native.q4_0`, ggml's arithmetic),
+q4_0 with the numpy reference `mer.engine.ffn.ExpertFFN` where the kernel is
+not built (`mer.engine.ffn.make_ffn` chooses and says so once). Where native
+is not in use, q8_0, and always f16 and f32, are computed here from the same
+slot bytes with the same interface (`ffn(x, gate, up, down)`, `matvec`,
+`close()`): q8_0 tile by tile (int8 codes times the block scale, one gemv per
+tile), f16 widened to f32 per call, f32 as a zero-copy view. They exist so
+that a model converted without quantisation (the test models, an f16 file)
 runs on the same streaming path; q4_0 is the one built for speed.
 """
 
@@ -18,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from mer.engine.ffn import ExpertFFN, FFNDims
+from mer.engine.ffn import FFNDims, make_ffn, q4_matvec, resolve_ffn
 from mer.shapes import ModelShape
 
 F32 = npt.NDArray[np.float32]
@@ -60,7 +62,9 @@ def _silu_mul(g: F32, u: F32) -> F32:
 
 
 class TypedExpertFFN:
-    """y = down(silu(gate x) * up x) for q8_0, f16 or f32 expert bytes."""
+    """y = down(silu(gate x) * up x) for q8_0, f16 or f32 expert bytes (numpy)."""
+
+    kind = "numpy"
 
     def __init__(self, dims: ModelShape | FFNDims | tuple[int, int], dtype: str, threads: int = 1):
         if dtype not in ("Q8_0", "F16", "F32"):
@@ -85,6 +89,10 @@ class TypedExpertFFN:
         h = _silu_mul(self._mv(gate, f, d, xv), self._mv(up, f, d, xv))
         return np.asarray(self._mv(down, d, f, h), dtype=np.float32)
 
+    def matvec(self, raw: Any, n_cols: int, x: npt.ArrayLike) -> F32:
+        """W x for one q4_0 matrix (the dense stand-in's kernel), on this FFN's threads."""
+        return q4_matvec(raw, n_cols, x, self.threads, self._pool)
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
@@ -97,10 +105,38 @@ class TypedExpertFFN:
         self.close()
 
 
+class NativeQ8FFN:
+    """The native kernel's fused FFN on q8_0 experts."""
+
+    kind = "native"
+
+    def __init__(self, dims: FFNDims, threads: int) -> None:
+        self.dims = dims
+        self.threads = max(1, int(threads))
+
+    def __call__(self, x: npt.ArrayLike, gate: Any, up: Any, down: Any) -> F32:
+        from mer.native import q4_0 as nq
+
+        d = self.dims
+        return nq.expert_ffn(
+            x, gate, up, down, d.d_model, d.d_ff, types=(nq.Q8_0,) * 3, threads=self.threads
+        )
+
+    def matvec(self, w: Any, n_cols: int, x: npt.ArrayLike) -> F32:
+        from mer.native import q4_0 as nq
+
+        return nq.matmul(w, x, n_cols, threads=self.threads)
+
+    def close(self) -> None:
+        pass
+
+
 def make_expert_ffn(
-    dtype: str, dims: ModelShape | FFNDims | tuple[int, int], threads: int
-) -> ExpertFFN | TypedExpertFFN:
-    """The FFN for experts stored as `dtype` (a store's `expert_dtype`)."""
+    dtype: str, dims: ModelShape | FFNDims | tuple[int, int], threads: int, kind: str = "auto"
+) -> Any:
+    """The FFN for experts stored as `dtype` (a store's `expert_dtype`); `kind` as --ffn."""
     if dtype == "Q4_0":
-        return ExpertFFN(dims, threads)
+        return make_ffn(dims, threads, kind)
+    if dtype == "Q8_0" and resolve_ffn(kind) == "native":
+        return NativeQ8FFN(FFNDims.of(dims), threads)
     return TypedExpertFFN(dims, dtype, threads)

@@ -107,6 +107,7 @@ class Decoder:
         *,
         threads: int = 1,
         pool: Any = None,
+        native: bool = False,
         record_logits: bool = False,
         record_lookahead: bool = False,
     ) -> None:
@@ -115,6 +116,7 @@ class Decoder:
         self.streamer = streamer
         self.threads = threads
         self.pool = pool
+        self.native = native  # q4_0 / q8_0 dense weights through the native kernel
         self.record_logits = record_logits
         need_la = streamer.replay.config.predictor == "lookahead"
         self.want_lookahead = record_lookahead or need_la
@@ -187,7 +189,7 @@ class Decoder:
         outcomes: list[StepOutcome] = []
         iters: list[float] = []
         dense = 0.0
-        tp = self.threads, self.pool
+        tp = self.threads, self.pool, self.native
         t0 = clock()
         x = model.embedding.row(int(token_id))
         if la_rec is not None:

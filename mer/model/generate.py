@@ -29,6 +29,7 @@ import numpy.typing as npt
 from mer.core.replay import Replay, ReplayConfig
 from mer.engine.executor import TokenRows, _progress, measured_summary
 from mer.engine.expert_types import make_expert_ffn
+from mer.engine.ffn import resolve_ffn
 from mer.engine.streaming import EngineConfig, ExpertStreamer
 from mer.errors import BadInput
 from mer.model.decoder import Decoder, Routing, softmax
@@ -283,7 +284,8 @@ def generate_run(
     todo = [i for i in range(len(prompts)) if i not in done]
     eos = set() if opts.ignore_eos else _eos_ids(tokenizer)
     threads = max(1, int(engine_config.threads))
-    ffn = make_expert_ffn(model.store.expert_dtype, model.store.shape, threads)
+    ffn = make_expert_ffn(model.store.expert_dtype, model.store.shape, threads, engine_config.ffn)
+    native = resolve_ffn(engine_config.ffn) == "native"
     total = sum(len(encoded[i]) + opts.max_new_tokens for i in todo)
     streamer = ExpertStreamer(model.store, replay, engine_config, ffn=ffn)
     clock = time.perf_counter
@@ -294,7 +296,8 @@ def generate_run(
                     model,
                     streamer,
                     threads=threads,
-                    pool=ffn._pool,
+                    pool=getattr(ffn, "_pool", None),
+                    native=native,
                     record_logits=opts.logits and out is not None,
                     record_lookahead=opts.lookahead and out is not None,
                 ),

@@ -51,8 +51,19 @@ class Matrix:
     def nbytes(self) -> int:
         return int(self.data.nbytes)
 
-    def matvec(self, x: F32, threads: int = 1, pool: ThreadPoolExecutor | None = None) -> F32:
-        """W x for x of shape (cols,) or (n, cols)."""
+    def matvec(
+        self,
+        x: F32,
+        threads: int = 1,
+        pool: ThreadPoolExecutor | None = None,
+        native: bool = False,
+    ) -> F32:
+        """W x for x of shape (cols,) or (n, cols); `native`: the C kernel for q4_0 / q8_0."""
+        if self.dtype in ("Q4_0", "Q8_0") and native:
+            from mer.native import q4_0 as nq
+
+            wtype = nq.Q4_0 if self.dtype == "Q4_0" else nq.Q8_0
+            return nq.matmul(self.data, x, self.cols, wtype=wtype, threads=threads)
         if self.dtype == "Q4_0":
             return q4_matvec(self.data, self.cols, x, threads, pool)
         if self.dtype == "Q8_0":
