@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from mer.analysis.report import md_table
@@ -86,7 +87,7 @@ def spread_sentence(sweep: pd.DataFrame) -> str:
         else f"The sweep's best configuration predicts {best:.2f} tokens/s"
     )
     if "bound_compute_tokens_per_s" in sweep.columns:
-        row = sweep.loc[tps.idxmax()]
+        row = sweep.iloc[int(np.argmax(tps.to_numpy()))]
         bound = float(row["bound_compute_tokens_per_s"])
         if bound > 0:
             text += (
