@@ -16,8 +16,9 @@ HTML comment the rendered page hides and its source shows:
 
 - `replace "OLD" "NEW"`: run with OLD replaced by NEW (smaller sizes); OLD must
   occur in the block, so a substitution cannot silently stop applying;
-- `needs NAME`: the test provides file NAME first (see `FIXTURES` in
-  tests/test_docs.py; each says what it stands for);
+- `needs NAME`: the test provides NAME first (see `FIXTURES` in
+  tests/test_docs.py; each says what it stands for): a file, or an optional
+  package, without which this block alone is skipped (logged);
 - `file NAME`: write this block to NAME instead of running it (a module a later
   block imports);
 - `skip REASON`: not run, for the stated reason (e.g. a 90 GB download); it comes
@@ -42,6 +43,11 @@ from pathlib import Path
 FENCE = re.compile(r"^```([\w-]*)\s*$")
 DIRECTIVE = re.compile(r"^<!--\s*doc-test:\s*(.*?)\s*-->\s*$")
 RUNNABLE = ("sh", "python")
+
+
+class SkipBlock(Exception):
+    """Raised by a fixture that cannot be provided here (a missing optional package):
+    that block is skipped, with the reason in the log, and the page goes on."""
 
 
 @dataclass
@@ -215,7 +221,12 @@ def run_page(path: Path, session: Session) -> list[str]:
         if b.lang not in RUNNABLE:
             last_out = None
             continue
-        session.provide(b.needs)
+        try:
+            session.provide(b.needs)
+        except SkipBlock as exc:
+            session.log.append(f"{where} skipped: {exc}")
+            last_out = None
+            continue
         code = b.source()
         t0 = time.perf_counter()
         last_out = (session.run_sh if b.lang == "sh" else session.run_python)(code, where)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from docblocks import Session, parse, run_page
+from docblocks import Session, SkipBlock, parse, run_page
 
 from mer.core import policy as policy_mod
 from mer.core import predictor as predictor_mod
@@ -42,12 +42,21 @@ def _torch(d: Path) -> None:
         importlib.util.find_spec("transformers") is None
         or importlib.util.find_spec("torch") is None
     ):
-        pytest.skip("recording needs torch and transformers (pip install 'mer-moe[record]')")
+        raise SkipBlock("needs torch and transformers (pip install 'mer-moe[record]')")
+
+
+def _libcachesim(d: Path) -> None:
+    """Not a file: the GPL libCacheSim peer, an optional extra."""
+    if importlib.util.find_spec("libcachesim") is None:
+        raise SkipBlock(
+            "needs libCacheSim, the optional peers extra (pip install 'mer-moe[peers]')"
+        )
 
 
 FIXTURES: dict[str, Callable[[Path], None]] = {
     "active_experts.txt": _active_experts,
     "torch": _torch,
+    "libcachesim": _libcachesim,
 }
 
 

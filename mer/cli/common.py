@@ -157,8 +157,11 @@ def _kv(text: str) -> tuple[str, Any]:
     return key.replace("-", "_"), parsed
 
 
-def add_replay_args(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
-    """The options that decide hits and prefetches, shared by simulate, sweep and run."""
+def add_replay_args(p: argparse.ArgumentParser, *, sweep: bool = False, live: bool = False) -> None:
+    """The options that decide hits and prefetches, shared by simulate, sweep and run.
+
+    `live` (mer generate): no --pin, --tokens, --phase, which need a whole trace.
+    """
     from mer.core import policy_names, predictor_names
 
     if not sweep:
@@ -217,12 +220,13 @@ def add_replay_args(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
         default=8,
         help="at most N prefetch reads in flight (default 8)",
     )
-    p.add_argument(
-        "--pin",
-        type=non_negative_int,
-        default=0,
-        help="statically pin the N most popular experts of the trace (offline knowledge; default 0)",
-    )
+    if not live:
+        p.add_argument(
+            "--pin",
+            type=non_negative_int,
+            default=0,
+            help="statically pin the N most popular experts of the trace (offline knowledge; default 0)",
+        )
     p.add_argument(
         "--policy-param",
         type=_kv,
@@ -239,13 +243,22 @@ def add_replay_args(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
         metavar="KEY=VALUE",
         help="predictor parameter, repeatable",
     )
+    if not live:
+        p.add_argument(
+            "--tokens",
+            type=positive_int,
+            default=None,
+            help="replay only the first N tokens (after --phase; default all)",
+        )
+        add_phase_arg(p)
     p.add_argument(
-        "--tokens",
-        type=positive_int,
-        default=None,
-        help="replay only the first N tokens (after --phase; default all)",
+        "--granularity",
+        choices=("step", "lookup"),
+        default="step",
+        help="step: a layer's top-k are looked up together and never evict each other (mer's "
+        "step semantics, default); lookup: every lookup is its own step, request by request "
+        "as in libCacheSim and most papers (the timing still runs a layer's FFNs together)",
     )
-    add_phase_arg(p)
 
 
 def replay_config_from_args(
@@ -282,11 +295,12 @@ def replay_config_from_args(
         prefetch_top_n=args.prefetch_top_n,
         prefetch_min_prob=args.prefetch_min_prob,
         prefetch_inflight=args.prefetch_inflight,
-        pin=args.pin,
-        phase=args.phase,
+        pin=getattr(args, "pin", 0),
+        phase=getattr(args, "phase", "all"),
         tokens=getattr(args, "tokens", None),
         policy_params=dict(args.policy_param),
         predictor_params=dict(args.predictor_param),
+        granularity=getattr(args, "granularity", "step"),
     )
     values.update(overrides)
     return ReplayConfig(**values).validate()
