@@ -843,8 +843,9 @@ static const mer_policy OPT_POLICY = {
 
 typedef struct {
     int32_t *ring;
-    int64_t *counts;
-    int32_t *order, *pos; /* every key by count descending, then id ascending */
+    int32_t *counts; /* window count of every key */
+    int32_t *hist;   /* hist[c]: keys with count c */
+    int32_t *gt;     /* gt[c]: keys with count > c */
     int64_t wsize, wlen, whead;
     int64_t last_t;
     double fraction;
@@ -867,19 +868,23 @@ DEFINE_SIZE_INIT(Seed, SEED_ARRAYS)
 
 static size_t seed_shared_size(const mer_ctx *c) {
     int64_t w = (int64_t)c->p[0];
-    return sizeof(SeedShared) + 16 * 5 + sizeof(int32_t) * (size_t)(w > 0 ? w : 1) +
-           (sizeof(int64_t) + 2 * sizeof(int32_t)) * (size_t)c->n_keys;
+    if (w < 1) w = 1;
+    return sizeof(SeedShared) + 16 * 5 + sizeof(int32_t) * (size_t)w +
+           sizeof(int32_t) * (size_t)c->n_keys + 2 * sizeof(int32_t) * (size_t)(w + 2);
 }
 static void seed_shared_init(SeedShared *sh, const mer_ctx *c) {
     arena a = {(char *)sh, sizeof(SeedShared)};
     int64_t w = (int64_t)c->p[0];
-    sh->ring = take(&a, sizeof(int32_t) * (size_t)(w > 0 ? w : 1));
-    sh->counts = take(&a, sizeof(int64_t) * c->n_keys);
-    sh->order = take(&a, sizeof(int32_t) * c->n_keys);
-    sh->pos = take(&a, sizeof(int32_t) * c->n_keys);
-    memset(sh->counts, 0, sizeof(int64_t) * c->n_keys);
-    for (int32_t i = 0; i < c->n_keys; i++) sh->order[i] = sh->pos[i] = i;
-    sh->wsize = w > 0 ? w : 1;
+    if (w < 1) w = 1;
+    sh->ring = take(&a, sizeof(int32_t) * (size_t)w);
+    sh->counts = take(&a, sizeof(int32_t) * c->n_keys);
+    sh->hist = take(&a, sizeof(int32_t) * (size_t)(w + 2));
+    sh->gt = take(&a, sizeof(int32_t) * (size_t)(w + 2));
+    memset(sh->counts, 0, sizeof(int32_t) * c->n_keys);
+    memset(sh->hist, 0, sizeof(int32_t) * (size_t)(w + 2));
+    memset(sh->gt, 0, sizeof(int32_t) * (size_t)(w + 2));
+    sh->hist[0] = c->n_keys;
+    sh->wsize = w;
     sh->wlen = sh->whead = 0;
     sh->last_t = INT64_MIN;
     sh->fraction = c->p[1];
@@ -896,29 +901,20 @@ static void seed_init(void *sv, const mer_ctx *c) {
     s->sh = c->shared;
     if (!s->sh->ready) seed_shared_init(s->sh, c);
 }
-static inline int seed_ahead(const SeedShared *sh, int32_t a, int32_t b) {
-    return sh->counts[a] > sh->counts[b] || (sh->counts[a] == sh->counts[b] && a < b);
+/* The hot order is every key by count descending, then id ascending; x's place in it
+   is (keys with a larger count) + (keys with its count and a smaller id). Moving one
+   count by one changes one gt[] entry, so an update is O(1). */
+static inline void seed_up(SeedShared *sh, int32_t x) {
+    int32_t c = sh->counts[x]++;
+    sh->hist[c]--;
+    sh->hist[c + 1]++;
+    sh->gt[c]++;
 }
-/* count[x] += d (d = +1 or -1), and x slides to its place in the order */
-static void seed_bump(SeedShared *sh, int32_t x, int d) {
-    int32_t *order = sh->order, *pos = sh->pos;
-    int32_t i = pos[x];
-    sh->counts[x] += d;
-    if (d > 0) {
-        while (i > 0 && seed_ahead(sh, x, order[i - 1])) {
-            order[i] = order[i - 1];
-            pos[order[i]] = i;
-            i--;
-        }
-    } else {
-        while (i + 1 < sh->n_keys && seed_ahead(sh, order[i + 1], x)) {
-            order[i] = order[i + 1];
-            pos[order[i]] = i;
-            i++;
-        }
-    }
-    order[i] = x;
-    pos[x] = i;
+static inline void seed_down(SeedShared *sh, int32_t x) {
+    int32_t c = sh->counts[x]--;
+    sh->hist[c]--;
+    sh->hist[c - 1]++;
+    sh->gt[c - 1]--;
 }
 static void seed_begin(void *sv, int64_t t, const int32_t *keys, const int64_t *nu, int k) {
     SeedShared *sh = ((Seed *)sv)->sh;
@@ -927,16 +923,27 @@ static void seed_begin(void *sv, int64_t t, const int32_t *keys, const int64_t *
     sh->last_t = t;
     for (int r = 0; r < k; r++) {
         int32_t x = keys[r];
-        seed_bump(sh, x, +1);
+        seed_up(sh, x);
         if (sh->wlen < sh->wsize) {
             sh->ring[(sh->whead + sh->wlen) % sh->wsize] = x;
             sh->wlen++;
         } else {
-            seed_bump(sh, sh->ring[sh->whead], -1);
+            seed_down(sh, sh->ring[sh->whead]);
             sh->ring[sh->whead] = x;
             sh->whead = (sh->whead + 1) % sh->wsize;
         }
     }
+}
+/* Is x among the first n_pin keys of the hot order (and hot: count >= thr)? */
+static int seed_pinned(const SeedShared *sh, int32_t x, int32_t n_pin, double thr) {
+    int32_t c = sh->counts[x];
+    if ((double)c < thr) return 0;
+    int32_t before = sh->gt[c];
+    if (before >= n_pin) return 0;
+    if (before + sh->hist[c] <= n_pin) return 1;
+    for (int32_t y = 0; y < x; y++) /* the cut falls among x's ties: rank them by id */
+        if (sh->counts[y] == c && ++before >= n_pin) return 0;
+    return 1;
 }
 static void seed_hit(void *sv, int32_t x) {
     Seed *s = sv;
@@ -951,8 +958,7 @@ static int32_t seed_evict(void *sv, const mer_prot *p) {
     /* pinned: among the first cap - 1 of the order, and hot (count >= threshold) */
     int32_t n_pin = s->cap - 1 > 0 ? s->cap - 1 : 0;
     for (int32_t x = s->nxt[s->S]; x != s->S; x = s->nxt[x]) {
-        int pinned = sh->pos[x] < n_pin && (double)sh->counts[x] >= thr;
-        if (!pinned && !is_prot(p, x)) {
+        if (!is_prot(p, x) && !seed_pinned(sh, x, n_pin, thr)) {
             l_unlink(s->prv, s->nxt, x);
             return x;
         }
