@@ -54,6 +54,7 @@ typedef struct {
     const double *p;      /* this cache's parameter row (see `params`) */
     const uint8_t *pinned; /* static pins (n_keys bytes) or NULL */
     void *shared;         /* one block per pass, for state every cache shares */
+    int n_caches;         /* caches side by side in this pass */
 } mer_ctx;
 
 typedef struct {
@@ -846,6 +847,8 @@ typedef struct {
     int32_t *counts; /* window count of every key */
     int32_t *hist;   /* hist[c]: keys with count c */
     int32_t *gt;     /* gt[c]: keys with count > c */
+    int32_t *order, *pos; /* many caches: every key kept in hot order (rank = pos) */
+    int keep_order;
     int64_t wsize, wlen, whead;
     int64_t last_t;
     double fraction;
@@ -870,7 +873,7 @@ static size_t seed_shared_size(const mer_ctx *c) {
     int64_t w = (int64_t)c->p[0];
     if (w < 1) w = 1;
     return sizeof(SeedShared) + 16 * 5 + sizeof(int32_t) * (size_t)w +
-           sizeof(int32_t) * (size_t)c->n_keys + 2 * sizeof(int32_t) * (size_t)(w + 2);
+           3 * sizeof(int32_t) * (size_t)c->n_keys + 2 * sizeof(int32_t) * (size_t)(w + 2);
 }
 static void seed_shared_init(SeedShared *sh, const mer_ctx *c) {
     arena a = {(char *)sh, sizeof(SeedShared)};
@@ -884,6 +887,12 @@ static void seed_shared_init(SeedShared *sh, const mer_ctx *c) {
     memset(sh->hist, 0, sizeof(int32_t) * (size_t)(w + 2));
     memset(sh->gt, 0, sizeof(int32_t) * (size_t)(w + 2));
     sh->hist[0] = c->n_keys;
+    sh->order = take(&a, sizeof(int32_t) * c->n_keys);
+    sh->pos = take(&a, sizeof(int32_t) * c->n_keys);
+    for (int32_t i = 0; i < c->n_keys; i++) sh->order[i] = sh->pos[i] = i;
+    /* One cache: O(1) counts, and the rare tie at the cut ranked by a scan. Many
+       caches: keeping the order costs once per step and makes every cache's test O(1). */
+    sh->keep_order = c->n_caches > 4;
     sh->wsize = w;
     sh->wlen = sh->whead = 0;
     sh->last_t = INT64_MIN;
@@ -904,17 +913,42 @@ static void seed_init(void *sv, const mer_ctx *c) {
 /* The hot order is every key by count descending, then id ascending; x's place in it
    is (keys with a larger count) + (keys with its count and a smaller id). Moving one
    count by one changes one gt[] entry, so an update is O(1). */
+static inline int seed_ahead(const SeedShared *sh, int32_t a, int32_t b) {
+    return sh->counts[a] > sh->counts[b] || (sh->counts[a] == sh->counts[b] && a < b);
+}
+/* after count[x] moved by d (+1 or -1): x slides to its place in the order */
+static void seed_slide(SeedShared *sh, int32_t x, int d) {
+    int32_t *order = sh->order, *pos = sh->pos;
+    int32_t i = pos[x];
+    if (d > 0) {
+        while (i > 0 && seed_ahead(sh, x, order[i - 1])) {
+            order[i] = order[i - 1];
+            pos[order[i]] = i;
+            i--;
+        }
+    } else {
+        while (i + 1 < sh->n_keys && seed_ahead(sh, order[i + 1], x)) {
+            order[i] = order[i + 1];
+            pos[order[i]] = i;
+            i++;
+        }
+    }
+    order[i] = x;
+    pos[x] = i;
+}
 static inline void seed_up(SeedShared *sh, int32_t x) {
     int32_t c = sh->counts[x]++;
     sh->hist[c]--;
     sh->hist[c + 1]++;
     sh->gt[c]++;
+    if (sh->keep_order) seed_slide(sh, x, +1);
 }
 static inline void seed_down(SeedShared *sh, int32_t x) {
     int32_t c = sh->counts[x]--;
     sh->hist[c]--;
     sh->hist[c - 1]++;
     sh->gt[c - 1]--;
+    if (sh->keep_order) seed_slide(sh, x, -1);
 }
 static void seed_begin(void *sv, int64_t t, const int32_t *keys, const int64_t *nu, int k) {
     SeedShared *sh = ((Seed *)sv)->sh;
@@ -938,6 +972,7 @@ static void seed_begin(void *sv, int64_t t, const int32_t *keys, const int64_t *
 static int seed_pinned(const SeedShared *sh, int32_t x, int32_t n_pin, double thr) {
     int32_t c = sh->counts[x];
     if ((double)c < thr) return 0;
+    if (sh->keep_order) return sh->pos[x] < n_pin;
     int32_t before = sh->gt[c];
     if (before >= n_pin) return 0;
     if (before + sh->hist[c] <= n_pin) return 1;
@@ -1001,7 +1036,7 @@ int mer_replay_protects_step(int i) { return valid(i) ? REGISTRY[i]->protects_st
 int mer_replay_needs_future(int i) { return valid(i) ? REGISTRY[i]->needs_future : 0; }
 int64_t mer_replay_state_bytes(int i, int k, int32_t n_keys) {
     if (!valid(i)) return -1;
-    mer_ctx c = {1, n_keys, 0, k, NULL, NULL, NULL};
+    mer_ctx c = {1, n_keys, 0, k, NULL, NULL, NULL, 1};
     return (int64_t)((REGISTRY[i]->size(&c) + 63) & ~(size_t)63) + n_keys;
 }
 
@@ -1079,7 +1114,7 @@ void *mer_replay_new(int policy, int k, int32_t n_keys, int32_t key_base, int32_
     h->key_base = key_base;
     h->layer_div = layer_div;
     h->n_layers_out = n_layers_out;
-    mer_ctx c0 = {1, n_keys, key_base, k, params, NULL, NULL};
+    mer_ctx c0 = {1, n_keys, key_base, k, params, NULL, NULL, n_caches};
     h->stride = (h->pol->size(&c0) + 63) & ~(size_t)63;
     h->states = aligned_alloc(64, h->stride * (size_t)n_caches);
     h->res = calloc((size_t)n_caches * n_keys, 1);
@@ -1106,7 +1141,7 @@ void *mer_replay_new(int policy, int k, int32_t n_keys, int32_t key_base, int32_
     for (int c = 0; c < n_caches; c++) {
         h->caps[c] = caps[c];
         mer_ctx ctx = {caps[c], n_keys, key_base, k, h->params + (size_t)c * n_params,
-                       h->pinned, h->shared};
+                       h->pinned, h->shared, n_caches};
         h->pol->init(h->states + h->stride * c, &ctx);
     }
     h->stamp = 0;
