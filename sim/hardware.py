@@ -86,6 +86,7 @@ class ComputeProfile:
     dense_bytes_per_s: float  # the dense attention-sized block
     dense_s_per_layer: float | None = None  # fixed override of the dense time
     workers: int = 1  # expert FFNs that run at once
+    kernel: str = ""  # the FFN kernel the figures are of: "native (avx512vnni)", "numpy", ...
 
     def ffn_time(self, bytes_per_expert: int) -> float:
         return bytes_per_expert / self.ffn_bytes_per_s
@@ -144,6 +145,7 @@ class HardwareProfile:
                 dense_bytes_per_s=need("compute", "dense_bytes_per_s"),
                 dense_s_per_layer=d["compute"].get("dense_s_per_layer"),
                 workers=d["compute"].get("workers", 1),
+                kernel=str(d["compute"].get("kernel", "")),
             )
             memory = MemoryProfile(
                 ram_bytes=need("memory", "ram_bytes"),
