@@ -63,7 +63,7 @@ FLAG_CASES: dict[str, dict[str, list[str]]] = {
     "mrc {trace} -o {out}": {
         "--sizes": ["", "0", "-1", "a", "1,,x", "3000000000"],
         "--replay-step": ["0", "-1", "x"],
-        "--processes": ["0", "3", "-1", "x"],
+        "--processes": ["0", "100000", "-1", "x"],
         "--policies": ["", "nosuch"],
         "--scopes": ["", "diagonal"],
         "--phase": ["x"],
