@@ -133,8 +133,8 @@ TYPES = {
 
 def test_decoder_on_mixed_types_equals_transformers_on_the_same_values(tmp_path: Path) -> None:
     """q8_0 experts and attention, q5_0 / f16 tensors dequantised at load, a q5_0 embedding."""
-    import tiny_mixtral as tm
     import test_model_decoder as tmd
+    import tiny_mixtral as tm
 
     tm.deps()
     d = tm.tokenizer_dir(tmp_path)
