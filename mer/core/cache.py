@@ -193,6 +193,7 @@ class ExpertCache:
         for cap in caps:
             pol = factory(cap)
             pol.attach_keyspace(keyspace)
+            pol.attach_geometry(n_layers, n_experts)
             self.partitions.append(_Partition(pol, cap, first))
             first += cap
         per_part_pins = [0] * len(self.partitions)

@@ -46,6 +46,10 @@ class EvictionPolicy(ABC):
         """The number of keys this partition can ever see (all keys in scope
         `global`, one layer's experts in `per-layer`); called once, before replay."""
 
+    def attach_geometry(self, n_layers: int, n_experts: int) -> None:
+        """The model's layout (global key = layer * n_experts + expert), for policies
+        that follow the layer cycle; called once, before replay."""
+
     def begin_step(self, t: int, keys: Sequence[int]) -> None:
         """Called before the step's lookups (t = step index in replay order)."""
 
@@ -111,7 +115,7 @@ def _load_builtin_policies() -> None:
     # Importing the modules runs their @register_policy lines.
     import importlib
 
-    for mod in ("mer.core.policies",):
+    for mod in ("mer.core.policies", "mer.core.cycle"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as exc:
