@@ -7,8 +7,19 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mer.cli.common import add_output_args, emit, note, str_list
+from mer.cli.common import (
+    add_output_args,
+    emit,
+    input_file,
+    note,
+    output_dir,
+    output_file,
+    positive_int,
+    slot_count,
+    str_list,
+)
 from mer.errors import BadInput
+from mer.guard import check_input
 from mer.summary import RunSummary, read_token_table
 
 
@@ -16,6 +27,7 @@ def load_summary(path: Path) -> RunSummary:
     """A run summary from its JSON (--summary / --json output) or a per-token parquet."""
     if not path.exists():
         raise BadInput(f"{path}: no such file (give a summary .json or a per-token .parquet).")
+    check_input(path, "run summary")
     if path.suffix == ".parquet":
         _, summary = read_token_table(path)
         if summary is None:
@@ -30,25 +42,35 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compare", help="hold a simulated and a measured run side by side")
     p.add_argument(
         "sim",
-        type=Path,
+        type=input_file,
         help="simulated run: summary JSON (mer simulate --summary) or per-token parquet",
     )
     p.add_argument(
-        "run", type=Path, help="measured run: summary JSON (mer run --summary) or per-token parquet"
+        "run",
+        type=input_file,
+        help="measured run: summary JSON (mer run --summary) or per-token parquet",
     )
     add_output_args(p, parquet=False)
     p.add_argument(
-        "-o", "--output", type=Path, default=None, help="also write the comparison as JSON here"
+        "-o",
+        "--output",
+        type=output_file,
+        default=None,
+        help="also write the comparison as JSON here",
     )
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("calibrate", help="fit a hardware profile to a measured run")
-    p.add_argument("run", type=Path, help="measured run summary (JSON or per-token parquet)")
+    p.add_argument("run", type=input_file, help="measured run summary (JSON or per-token parquet)")
     p.add_argument(
         "--hardware", required=True, help="the profile to start from (bundled name or JSON path)"
     )
     p.add_argument(
-        "-o", "--output", type=Path, required=True, help="write the calibrated profile here (JSON)"
+        "-o",
+        "--output",
+        type=output_file,
+        required=True,
+        help="write the calibrated profile here (JSON)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_calibrate)
@@ -58,7 +80,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=lambda a, p=p: p.print_help() or 2)
 
     q = psub.add_parser("mrc", help="miss-ratio curves (from `mer mrc -o`), OPT as the ceiling")
-    q.add_argument("mrc", type=Path)
+    q.add_argument("mrc", type=input_file)
     q.add_argument(
         "--no-claim", action="store_true", help="do not mark the public engine's claimed point"
     )
@@ -67,7 +89,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q = psub.add_parser(
         "sweep", help="tokens/s vs cache size per policy/predictor, with bandwidth bounds"
     )
-    q.add_argument("sweep", type=Path, help="results of `mer sweep -o`")
+    q.add_argument("sweep", type=input_file, help="results of `mer sweep -o`")
     q.add_argument(
         "--hardware", default=None, help="profile for the SSD and memory-bandwidth bounds"
     )
@@ -76,7 +98,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     q.add_argument(
         "--mrc",
-        type=Path,
+        type=input_file,
         default=None,
         help="miss-ratio curves: draws the SSD bound at OPT's miss rate",
     )
@@ -85,7 +107,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q = psub.add_parser(
         "io-share", help="I/O wait stacked with compute per configuration (from a sweep)"
     )
-    q.add_argument("sweep", type=Path)
+    q.add_argument("sweep", type=input_file)
     _plot_common(q, cmd_plot_io_share)
 
     q = psub.add_parser(
@@ -95,7 +117,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--pair",
         nargs=2,
         action="append",
-        type=Path,
+        type=input_file,
         required=True,
         metavar=("SIM", "RUN"),
         help="a simulated and a measured run (per-token parquet for the latency panel); repeatable",
@@ -105,20 +127,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     q = psub.add_parser(
         "layer-hits", help="per-layer hit rates of a trace for some policies (no prefetch)"
     )
-    q.add_argument("trace", type=Path)
+    q.add_argument("trace", type=input_file)
     q.add_argument("--policies", type=str_list, default=["lru", "opt"])
-    q.add_argument("--cache-slots", type=int, default=64)
+    q.add_argument("--cache-slots", type=slot_count, default=64)
     q.add_argument("--scope", choices=("global", "per-layer"), default="global")
     _plot_common(q, cmd_plot_layer_hits)
 
     q = psub.add_parser("popularity", help="expert-popularity heatmap (layer x expert) of a trace")
-    q.add_argument("trace", type=Path)
+    q.add_argument("trace", type=input_file)
     _plot_common(q, cmd_plot_popularity)
 
     q = psub.add_parser(
         "repetition", help="consecutive-token repetition per layer beside the Mixtral paper"
     )
-    q.add_argument("trace", type=Path)
+    q.add_argument("trace", type=input_file)
     _plot_common(q, cmd_plot_repetition)
 
     p = sub.add_parser("report", help="self-contained Markdown + HTML reports")
@@ -129,7 +151,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     q.add_argument(
         "--trace",
-        type=Path,
+        type=input_file,
         action="append",
         default=[],
         help="more real traces to hold the claim against (the bundled one is always used)",
@@ -139,21 +161,27 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="seed-g2-standard-32",
         help="profile for the whole-model tokens/s estimate (default: derived from the engine's own run)",
     )
-    q.add_argument("-o", "--output", type=Path, required=True, help="output directory")
+    q.add_argument("-o", "--output", type=output_dir, required=True, help="output directory")
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_report_claim)
     q = rsub.add_parser("run", help="a sweep + run + compare report with its figures")
-    q.add_argument("--trace", type=Path, required=True)
-    q.add_argument("--sweep", type=Path, default=None)
-    q.add_argument("--mrc", type=Path, default=None)
+    q.add_argument("--trace", type=input_file, required=True)
+    q.add_argument("--sweep", type=input_file, default=None)
+    q.add_argument("--mrc", type=input_file, default=None)
     q.add_argument(
-        "--sim", type=Path, default=None, help="simulated winner (per-token parquet or summary)"
+        "--sim",
+        type=input_file,
+        default=None,
+        help="simulated winner (per-token parquet or summary)",
     )
     q.add_argument(
-        "--run", type=Path, default=None, help="measured winner (per-token parquet or summary)"
+        "--run",
+        type=input_file,
+        default=None,
+        help="measured winner (per-token parquet or summary)",
     )
     q.add_argument("--hardware", default=None)
-    q.add_argument("-o", "--output", type=Path, required=True, help="output directory")
+    q.add_argument("-o", "--output", type=output_dir, required=True, help="output directory")
     q.set_defaults(func=cmd_report_run)
 
     p = sub.add_parser(
@@ -162,8 +190,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "-o",
         "--output",
-        type=Path,
-        default=Path("out/demo"),
+        type=output_dir,
+        default=output_dir("out/demo"),
         help="output directory (default out/demo)",
     )
     p.add_argument(
@@ -173,7 +201,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--tokens",
-        type=int,
+        type=positive_int,
         default=96,
         help="tokens of the trace the real engine executes (default 96)",
     )
@@ -183,7 +211,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _plot_common(q: argparse.ArgumentParser, func: Any) -> None:
     q.add_argument(
-        "-o", "--output", type=Path, required=True, help="output path (.png and .svg are written)"
+        "-o",
+        "--output",
+        type=output_file,
+        required=True,
+        help="output path (.png and .svg are written)",
     )
     q.add_argument("--title", default=None, help="figure title (default names the trace and model)")
     q.set_defaults(func=func)
@@ -220,12 +252,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 def _read_parquet(path: Path, what: str) -> Any:
     import pandas as pd
 
-    if not path.exists():
-        raise BadInput(f"{what} {path}: no such file.")
+    check_input(path, what)
     try:
         return pd.read_parquet(path)
     except Exception as exc:
-        raise BadInput(f"{what} {path}: not a parquet file ({exc}).") from exc
+        raise BadInput(f"{what} {path}: not a parquet file ({exc}).") from None
 
 
 def _source_name(df: Any, path: Path) -> str:

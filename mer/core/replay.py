@@ -76,6 +76,49 @@ class ReplayConfig:
     def prefetch_on(self) -> bool:
         return self.predictor != "none"
 
+    def validate(self) -> ReplayConfig:
+        """Refuse values no replay can use, naming the command-line flag (BadInput)."""
+        import math
+
+        from mer.validate import MAX_COUNT, MAX_SLOTS
+
+        def count(
+            flag: str, v: Any, lo: int, hi: int = MAX_COUNT, *, none_ok: bool = False
+        ) -> None:
+            if v is None and none_ok:
+                return
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not lo <= v <= hi:
+                raise BadInput(f"{flag} must be an integer from {lo} to {hi:,}, got {v!r}.")
+
+        count("--cache-slots", self.cache_slots, 1, MAX_SLOTS)
+        count("--pipeline-depth", self.pipeline_depth, 0, 1024)
+        count("--prefetch-top-n", self.prefetch_top_n, 1, none_ok=True)
+        count("--prefetch-inflight", self.prefetch_inflight, 1)
+        count("--pin", self.pin, 0)
+        count("--tokens", self.tokens, 1, none_ok=True)
+        p = self.prefetch_min_prob
+        if (
+            isinstance(p, bool)
+            or not isinstance(p, (int, float))
+            or not math.isfinite(p)
+            or not 0 <= p <= 1
+        ):
+            raise BadInput(f"--prefetch-min-prob must be a probability from 0 to 1, got {p!r}.")
+        if self.scope not in ("global", "per-layer"):
+            raise BadInput(f"--scope must be global or per-layer, got {self.scope!r}.")
+        if self.phase not in ("prefill", "decode", "all"):
+            raise BadInput(f"--phase must be prefill, decode or all, got {self.phase!r}.")
+        for flag, params in (
+            ("--policy-param", self.policy_params),
+            ("--predictor-param", self.predictor_params),
+        ):
+            if not isinstance(params, dict):
+                raise BadInput(f"{flag}: expected KEY=VALUE pairs, got {params!r}.")
+            for k, v in params.items():
+                if isinstance(v, float) and not math.isfinite(v):
+                    raise BadInput(f"{flag} {k}={v}: must be a finite number.")
+        return self
+
 
 def popular_keys(steps: np.ndarray, n: int) -> list[int]:
     """The n most frequent keys (ties: smaller key first), for static pinning."""
@@ -104,13 +147,11 @@ class Replay:
         self.n_layers = n_layers
         self.n_experts = n_experts
         self.top_k = steps.shape[1]
-        self.config = config
+        self.config = config.validate()
         self.is_live = live
         self._live_t = -1  # live: the step just looked up, and its keys
         self._live_keys: list[int] = []
         self._live_la: dict[int, np.ndarray] = {}
-        if config.pipeline_depth < 0:
-            raise BadInput("--pipeline-depth must be >= 0.")
         self.cache = ExpertCache(
             n_layers=n_layers,
             n_experts=n_experts,

@@ -47,13 +47,16 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from mer.core.cache import physical_slots
 from mer.core.replay import Replay
 from mer.engine.aligned import aligned_empty
-from mer.engine.ffn import ExpertFFN
+from mer.engine.ffn import ExpertFFN, ffn_label
 from mer.engine.io import DEFAULT_CHUNK_BYTES, DEFAULT_QUEUE_DEPTH, Reader, open_reader
+from mer.validate import check_memory
 
 F32 = npt.NDArray[np.float32]
 POLL_INTERVAL_S = 0.0005  # how often completions are reaped while an expert computes
+INLINE_FFN_BYTES = 4 << 20  # native FFNs of experts up to this size run on the calling thread
 
 
 @dataclass
@@ -65,6 +68,7 @@ class EngineConfig:
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     mode: str = "model"  # model | seed
+    ffn: str = "auto"  # expert FFN kernel: auto (native where built) | native | numpy
     direct: bool = True
     seed: int = 0
     register_buffers: bool = True
@@ -173,13 +177,18 @@ class ExpertStreamer:
         replay: Replay,
         cfg: EngineConfig,
         *,
-        ffn: ExpertFFN,
+        ffn: ExpertFFN | Any,  # mer.engine.ffn.make_ffn's: native or numpy
         seed_cycle: bool = False,
     ) -> None:
         self.store = store
         self.replay = replay
         self.cfg = cfg
         self.ffn = ffn
+        # A native FFN of a small expert ends sooner than a hop to the compute thread and one
+        # poll interval: run it here and poll after it.
+        self.inline_ffn = (
+            getattr(ffn, "kind", "numpy") == "native" and store.bytes_per_expert <= INLINE_FFN_BYTES
+        )
         self.seed_cycle = seed_cycle
         self.top_k = replay.top_k
         self.n_experts = replay.n_experts
@@ -233,7 +242,14 @@ class ExpertStreamer:
     def _allocate(self) -> None:
         slot_bytes = int(self.store.slot_bytes)
         self.slot_bytes = slot_bytes
-        n = self.replay.config.cache_slots
+        cfg = self.replay.config
+        # Only the slots the cache can ever fill (a cache larger than all experts fills
+        # n_layers x n_experts), and only if they fit in the memory available now.
+        n = physical_slots(cfg.cache_slots, cfg.scope, self.replay.n_layers, self.n_experts)
+        check_memory(
+            (n + self.top_k) * slot_bytes,
+            f"--cache-slots {cfg.cache_slots} ({n} slot buffers of {slot_bytes:,} bytes)",
+        )
         self.rss_before_buffers = current_rss_bytes()
         self.cache_buf = aligned_empty(n * slot_bytes)
         self.scratch_buf = aligned_empty(self.top_k * slot_bytes)
@@ -279,6 +295,10 @@ class ExpertStreamer:
         reads = self.reads
         if not reads.pending:
             return self.ffn(xin, g, u, d)
+        if self.inline_ffn:
+            y = self.ffn(xin, g, u, d)
+            reads.poll()
+            return y
         fut: Future[F32] = self.runner.submit(self.ffn, xin, g, u, d)
         while True:
             done, _ = futures_wait([fut], timeout=POLL_INTERVAL_S)
@@ -389,7 +409,8 @@ class ExpertStreamer:
         io_desc = f"{info.kind}{', O_DIRECT' if self.direct else ', buffered'}"
         return (
             f"this machine ({io_desc}, queue depth {info.queue_depth}, "
-            f"chunk {info.chunk_bytes >> 10} KiB, {self.cfg.threads} threads)"
+            f"chunk {info.chunk_bytes >> 10} KiB, {self.cfg.threads} threads, "
+            f"{ffn_label(self.ffn)} FFN)"
         )
 
     def extra(self) -> dict[str, Any]:
@@ -417,4 +438,5 @@ class ExpertStreamer:
                 "fallback_reason": info.fallback_reason,
             },
             "threads": int(self.cfg.threads),
+            "ffn": ffn_label(self.ffn),
         }

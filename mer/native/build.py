@@ -83,6 +83,14 @@ KERNELS: dict[str, Kernel] = {
             "a thread pool of preadv",
             linux_only=True,
         ),
+        Kernel(
+            "q4_0",
+            "the q4_0/q8_0 matmul and expert FFN kernel",
+            "the numpy q4_0 FFN (mer.engine.ffn)",
+            # exact IEEE steps as written (the numpy emulation's contract); threads for the pool
+            extra_flags=("-ffp-contract=off", "-pthread"),
+            libraries=("m", "pthread"),
+        ),
     )
 }
 
@@ -116,6 +124,7 @@ def _install_builder(name: str) -> FFI | None:
 stackdist_builder = _install_builder("stackdist")
 replay_builder = _install_builder("replay")
 uring_builder = _install_builder("uring")
+q4_0_builder = _install_builder("q4_0")
 
 if __name__ == "__main__":  # build every kernel in place: python mer/native/build.py
     for kname in KERNELS:
