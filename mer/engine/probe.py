@@ -283,7 +283,7 @@ def _timed(fn: Callable[[], Any], min_seconds: float, min_reps: int = 3) -> floa
 
 def _experts(shape: ModelShape, n: int, seed: int) -> list[tuple[np.ndarray, ...]]:
     rng = np.random.default_rng(seed)
-    out = []
+    out: list[tuple[np.ndarray, ...]] = []
     for _ in range(n):
         gate = random_q4_0(rng, shape.d_ff, shape.d_model, 1.0 / np.sqrt(shape.d_model))
         up = random_q4_0(rng, shape.d_ff, shape.d_model, 1.0 / np.sqrt(shape.d_model))
