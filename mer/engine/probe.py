@@ -460,6 +460,8 @@ def to_profile(result: ProbeResult, name: str | None = None) -> Any:
             ram_bytes=result.ram_bytes,
             read_bandwidth_bytes_per_s=result.memory_read_bytes_per_s,
         ),
-        extra={"probe": result.to_dict()},
+        # The shape whose experts were read and computed: FFN bytes/s holds for it only,
+        # and `mer simulate` says so when another shape is simulated with this profile.
+        extra={"measured_shape": result.shape, "probe": result.to_dict()},
     )
     return prof.validate()
