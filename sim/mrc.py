@@ -197,6 +197,7 @@ def compiled_hits(
             for c in caps_g:
                 obj = make_policy(policy, c, **(params or {}))
                 obj.attach_keyspace(keyspace)
+                obj.attach_geometry(n_layers, n_experts)
                 rows.append(native_replay.policy_params(pol, obj))
             par = np.asarray(rows, dtype=np.float64).reshape(len(caps_g), len(pol.params))
             tick = None

@@ -71,7 +71,7 @@ GAP_CAP = 1000
 #: Fitted by `mer tune --policy cycle traces/data/mixtral-offloading-h39s.parquet`
 #: (maximum likelihood over every layer visit of the bundled trace).
 DEFAULT_WEIGHTS = (0.5475, 0.0, 0.0948, 0.0, 0.2109, 0.0, 1.1391)
-TUNED_ON = ("mixtral-offloading-h39s.parquet",)
+TUNED_ON = ({"name": "mixtral-offloading-h39s.parquet", "routing_digest": "f89ee95c2c020bb3"},)
 
 
 @register_policy
@@ -79,9 +79,20 @@ class Cycle(EvictionPolicy):
     """Evict the lowest hit density (log-odds z - log d) over the layer cycle (module doc)."""
 
     name = "cycle"
-    #: Parameters `mer tune` may fit, and the traces the defaults were fitted on.
+    #: Parameters `mer tune` fits (`fit`), and the traces the defaults were fitted on.
     tunable = tuple(f"w{i}" for i in range(len(FEATURES)))
     tuned_on = TUNED_ON
+
+    @classmethod
+    def fit(
+        cls, data: Sequence[tuple[np.ndarray, int, int]], *, features: Sequence[str] = ()
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """`mer tune`: maximum-likelihood weights over the traces' layer visits."""
+        w, diag = fit_weights(data, features=tuple(features) or DEFAULT_FEATURES)
+        diag["method"] = "maximum likelihood over layer visits, terms " + ", ".join(
+            f for f, v in zip(FEATURES, w, strict=True) if v or f == "bias"
+        )
+        return {f"w{i}": v for i, v in enumerate(w)}, diag
 
     def __init__(self, capacity: int, **params: Any) -> None:
         params = dict(params)
@@ -108,6 +119,10 @@ class Cycle(EvictionPolicy):
         self._k = 0
 
     # -- geometry and state --------------------------------------------------------------
+    def attach_keyspace(self, n_keys: int) -> None:
+        if not self.n_experts:  # until the geometry is known: one layer of n_keys experts
+            self.attach_geometry(1, n_keys)
+
     def attach_geometry(self, n_layers: int, n_experts: int) -> None:
         self.n_layers = n_layers
         self.n_experts = n_experts

@@ -95,6 +95,7 @@ class LFU(EvictionPolicy):
     """
 
     name = "lfu"
+    tune_grid = {"decay": (1.0, 0.999, 0.995, 0.99, 0.95, 0.9)}
 
     def __init__(self, capacity: int, **params: Any) -> None:
         params = dict(params)
@@ -306,6 +307,7 @@ class S3FIFO(EvictionPolicy):
     """
 
     name = "s3fifo"
+    tune_grid = {"small_ratio": (0.05, 0.1, 0.2, 0.3), "move_threshold": (1, 2)}
 
     def __init__(self, capacity: int, **params: Any) -> None:
         params = dict(params)

@@ -32,6 +32,12 @@ class EvictionPolicy(ABC):
     protects_step: ClassVar[bool] = True
     #: True for offline policies that need `attach_future` (OPT).
     needs_future: ClassVar[bool] = False
+    #: For `mer tune`: candidate values per parameter (grid search; `fit` wins if defined),
+    #: the parameters whose defaults were fitted, and the traces they were fitted on
+    #: ({"name", "routing_digest"}), so that defaults obey the held-out protocol too.
+    tune_grid: ClassVar[dict[str, tuple[Any, ...]]] = {}
+    tunable: ClassVar[tuple[str, ...]] = ()
+    tuned_on: ClassVar[tuple[dict[str, str], ...]] = ()
 
     def __init__(self, capacity: int, **params: Any) -> None:
         if params:

@@ -1051,8 +1051,9 @@ static int32_t cy_L(const mer_ctx *c) {
 }
 static size_t cycle_shared_size(const mer_ctx *c) {
     size_t nk = (size_t)c->n_keys, nl = (size_t)cy_nl(c), E = (size_t)cy_E(c);
+    size_t L = (size_t)(cy_L(c) > cy_nl(c) ? cy_L(c) : cy_nl(c));
     return sizeof(CycleShared) + 16 * 16 + sizeof(double) * 5 * nk + sizeof(int64_t) * 3 * nk +
-           nk + sizeof(double) * (size_t)(cy_L(c) + 1) +
+           nk + sizeof(double) * (L + 1) +
            sizeof(int64_t) * nl + sizeof(int64_t) * nl * E * E + sizeof(int32_t) * nl * (c->k + 1) +
            (sizeof(int32_t) + sizeof(double)) * (size_t)(c->k + 1);
 }
@@ -1066,7 +1067,7 @@ static void cycle_shared_init(CycleShared *sh, const mer_ctx *c) {
     sh->rp = take(&a, sizeof(double) * nk);
     sh->gap = take(&a, sizeof(int64_t) * nk);
     sh->pok = take(&a, nk);
-    sh->invd = take(&a, sizeof(double) * (size_t)(cy_L(c) + 1));
+    sh->invd = take(&a, sizeof(double) * (size_t)((cy_L(c) > nl ? cy_L(c) : nl) + 1));
     sh->last = take(&a, sizeof(int64_t) * nk);
     sh->rcount = take(&a, sizeof(int64_t) * nk);
     sh->visits = take(&a, sizeof(int64_t) * nl);
@@ -1080,7 +1081,7 @@ static void cycle_shared_init(CycleShared *sh, const mer_ctx *c) {
     sh->rm = c->p[CY_NW + 1];
     sh->rs = c->p[CY_NW + 2];
     sh->prior = c->p[CY_NW + 3];
-    sh->L = cy_L(c);
+    sh->L = cy_L(c) > nl ? cy_L(c) : nl; /* a partition never holds more layers than L */
     sh->invd[0] = 0.0;
     for (int32_t d = 1; d <= sh->L; d++) sh->invd[d] = log((double)d);
     sh->E = E;
@@ -1227,7 +1228,7 @@ static int32_t cycle_best(CycleShared *sh, CySet *set, const mer_prot *prot,
             cand = set->cand[ll];
         }
         if (cand < 0) continue;
-        int32_t d = sh->layer0 + ll - sh->cur; /* steps until layer ll comes round */
+        int32_t d = (sh->layer0 + ll - sh->cur) % L; /* steps until layer ll comes round */
         if (d <= 0) d += L;
         double val = sh->p[cand] - sh->invd[d];
         if (best < 0 || val < best_v) {
