@@ -67,7 +67,9 @@ def test_tuned_cycle_scores_what_a_replay_scores(tmp_path):
     for row in tuned.train:
         tr = dict(traces)[tmp_path / row["trace"]]
         steps = tr.keys().reshape(-1, K)
-        cfg = ReplayConfig(policy="cycle", cache_slots=row["cache_slots"], policy_params=tuned.params)
+        cfg = ReplayConfig(
+            policy="cycle", cache_slots=row["cache_slots"], policy_params=tuned.params
+        )
         hits = replay_counts(Replay(steps, n_layers=L, n_experts=E, config=cfg)).total("hits")
         lru = one_pass_hits("lru", steps, L, E, "global")[row["cache_slots"]]
         opt = one_pass_hits("opt", steps, L, E, "global")[row["cache_slots"]]
@@ -147,15 +149,33 @@ def test_cli_tune_writes_the_file_and_refuses_bad_input(tmp_path):
     for i in range(2):
         write_trace(_trace(i), tmp_path / f"t{i}.parquet")
     out = tmp_path / "tuned.json"
-    res = _cli("tune", "--policy", "cycle", tmp_path / "t0.parquet", tmp_path / "t1.parquet",
-               "--sizes", "8,12", "-o", out, "--json")
+    res = _cli(
+        "tune",
+        "--policy",
+        "cycle",
+        tmp_path / "t0.parquet",
+        tmp_path / "t1.parquet",
+        "--sizes",
+        "8,12",
+        "-o",
+        out,
+        "--json",
+    )
     obj = json.loads(res.stdout)
     assert obj["policy"] == "cycle" and len(obj["tuned_on"]) == 2
     assert TunedPolicy.load(out).params == obj["params"]
     assert len(pd.DataFrame(obj["train"])) == 4
     for args in (
         ("--policy", "lru", tmp_path / "t0.parquet", "-o", tmp_path / "x.json"),
-        ("--policy", "lfu", "--features", "bias", tmp_path / "t0.parquet", "-o", tmp_path / "x.json"),
+        (
+            "--policy",
+            "lfu",
+            "--features",
+            "bias",
+            tmp_path / "t0.parquet",
+            "-o",
+            tmp_path / "x.json",
+        ),
         ("--policy", "nope", tmp_path / "t0.parquet", "-o", tmp_path / "x.json"),
     ):
         res = _cli("tune", *args, check=False)

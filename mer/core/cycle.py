@@ -88,7 +88,8 @@ class Cycle(EvictionPolicy):
         cls, data: Sequence[tuple[np.ndarray, int, int]], *, features: Sequence[str] = ()
     ) -> tuple[dict[str, Any], dict[str, Any]]:
         """`mer tune`: maximum-likelihood weights over the traces' layer visits."""
-        w, diag = fit_weights(data, features=tuple(features) or DEFAULT_FEATURES)
+        w, fitted = fit_weights(data, features=tuple(features) or DEFAULT_FEATURES)
+        diag: dict[str, Any] = dict(fitted)
         diag["method"] = "maximum likelihood over layer visits, terms " + ", ".join(
             f for f, v in zip(FEATURES, w, strict=True) if v or f == "bias"
         )
