@@ -16,6 +16,7 @@ Python class stays the one place that sets and validates them.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -206,7 +207,7 @@ def run_pass(
         cut = None if split is None else max(0, min(int(split), n))
         bounds = sorted({*range(0, n, CHUNK_STEPS), *(() if cut is None else (cut,)), n})
         before = None
-        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        for a, b in itertools.pairwise(bounds):
             if a == cut:
                 before = _read_counts(lib, h, n_caches, part.n_layers_out)
             rc = lib.mer_replay_feed(
