@@ -140,37 +140,47 @@ def mrc(
     scopes: Sequence[str] = ("global", "per-layer"),
     sizes: Sequence[int] | None = None,
     phase: str = "all",
-    replay_step: int = 1,
-    processes: int = 1,
     output: PathLike | None = None,
+    **options: Any,
 ) -> pd.DataFrame:
-    """`mer mrc`: the tidy curve frame (policy, scope, cache_slots, hits, misses, hit_rate)
-    at step granularity, no prefetch, cold start; OPT is always added."""
-    from mer.core import policy_class
-    from mer.sim.mrc import MRCRequest, compute_mrc, default_policies, write_mrc
+    """`mer mrc`: the tidy curve frame `-o` writes (policy, scope, cache_slots, hits,
+    misses, hit_rate, and the command's further columns), step granularity, no
+    prefetch, cold start; OPT is always added. It runs the command itself, so every
+    option of `mer mrc --help` is a keyword (`granularity="lookup"`, `warmup=100`,
+    `replay_step=8`, `processes=2`, `backend="dask"`, ...)."""
+    import pandas as pd
 
-    tr = _trace(trace).select_phase(phase)
-    names = list(policies) if policies else default_policies(tr.n_layers)
-    for name in names:
-        policy_class(name)
-    if "opt" not in names:
-        names.append("opt")
-    params: dict[str, dict[str, Any]] = {}
-    epl = (tr.meta.extra or {}).get("experts_per_layer")
-    if "seed-lru-locality" in names and epl:
-        params["seed-lru-locality"] = {"experts_per_layer": int(epl)}
-    req = MRCRequest(
-        policies=names,
-        scopes=list(scopes),
-        sizes=list(sizes) if sizes else None,
-        replay_step=replay_step,
-        processes=processes,
-        policy_params=params,
-    )
-    df = compute_mrc(tr.keys().reshape(-1, tr.top_k), tr.n_layers, tr.n_experts, req)
-    if output is not None:
-        write_mrc(df, output)
-    return df
+    with tempfile.TemporaryDirectory(prefix="mer-mrc-") as tmp:
+        src = _as_file(trace, Path(tmp), "trace")
+        dest = Path(output) if output is not None else Path(tmp) / "curves.parquet"
+        argv = ["mrc", src, "-o", str(dest), "--no-progress", "--json", "--phase", phase]
+        argv += ["--scopes", ",".join(scopes)]
+        if policies:
+            argv += ["--policies", ",".join(policies)]
+        if sizes:
+            argv += ["--sizes", ",".join(str(int(c)) for c in sizes)]
+        _cli(argv + _flags(options))
+        return pd.read_parquet(dest)
+
+
+def _flags(options: dict[str, Any]) -> list[str]:
+    """Keyword arguments as command-line flags (`replay_step=8` -> `--replay-step 8`)."""
+    argv: list[str] = []
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        elif value is False or value is None:
+            continue
+        elif isinstance(value, list | tuple):
+            if key == "tuned":
+                for v in value:
+                    argv += [flag, str(v)]
+            else:
+                argv += [flag, ",".join(map(str, value))]
+        else:
+            argv += [flag, str(value)]
+    return argv
 
 
 def hardware_profile(name_or_path: PathLike) -> HardwareProfile:
@@ -470,17 +480,7 @@ def plot(kind: str, data: Any, output: PathLike, **options: Any) -> list[Path]:
                 ]
         else:
             argv.append(_as_file(data, Path(tmp), "data"))
-        argv += ["-o", str(output)]
-        for key, value in options.items():
-            flag = "--" + key.replace("_", "-")
-            if value is True:
-                argv.append(flag)
-            elif value is False or value is None:
-                continue
-            elif isinstance(value, list | tuple):
-                argv += [flag, ",".join(map(str, value))]
-            else:
-                argv += [flag, str(value)]
+        argv += ["-o", str(output), *_flags(options)]
         out = _cli(argv)
     return [Path(line) for line in out.splitlines() if line.strip()]
 
