@@ -7,7 +7,8 @@ the demo doubles as the worked example of the README:
     scaled expert GGUF -> probe this machine -> sweep policies x predictors x
     cache sizes in the simulator on the probed profile -> pick the winner ->
     execute it with the real engine (and the same policy without prefetch) ->
-    simulate the same runs -> compare -> calibrate -> report.
+    simulate the same runs -> compare -> calibrate and predict again -> report
+    (with a fitted synthetic trace's curves against the real ones).
 
 The probe runs before the sweep (the issue lists it after) so that the sweep
 predicts this machine and the comparison is like for like.
@@ -23,6 +24,7 @@ from typing import Any
 
 from mer.analysis.pipeline import mer
 from mer.analysis.run_report import write_run_report
+from mer.analysis.sections import RunPair
 from mer.shapes import get_shape
 from mer.traces.bundled import bundled_trace_path
 
@@ -120,6 +122,13 @@ def run_demo(
     mrc = out / "mrc.parquet"
     mer("mrc", trace, "-o", mrc, "--replay-step", 32 if quick else 8)
 
+    # A fitted synthetic trace of the same length, for the report's real-vs-synthetic overlay.
+    synth = out / "synthetic-fitted.parquet"
+    n_trace = int(mer("trace", "info", trace, capture_json=True, echo=False)["tokens"])
+    mer("trace", "synth", "fitted", "--from", trace, "--tokens", n_trace, "-o", synth)
+    synth_mrc = out / "mrc-synthetic.parquet"
+    mer("mrc", synth, "--policies", "lru", "--scopes", "global", "-o", synth_mrc)
+
     _say(f"3. a scaled expert file ({shape}: Mixtral's 32 x 8 geometry, real q4_0 GGUF layout)")
     experts = out / f"experts-{shape}.gguf"
     if not experts.exists():
@@ -164,20 +173,12 @@ def run_demo(
 
     _say("6. execute the winner with the real engine, and the same policy without prefetch")
     n_tok = 24 if quick else tokens
-    pairs = [_run_pair(trace, experts, hardware, shape, winner, n_tok, out, "winner")]
+    configs = {"winner": winner}
     if winner["predictor"] != "none":
-        pairs.append(
-            _run_pair(
-                trace,
-                experts,
-                hardware,
-                shape,
-                {**winner, "predictor": "none"},
-                n_tok,
-                out,
-                "no-prefetch",
-            )
-        )
+        configs["no-prefetch"] = {**winner, "predictor": "none"}
+    pairs = [
+        _run_pair(trace, experts, hardware, shape, c, n_tok, out, tag) for tag, c in configs.items()
+    ]
 
     _say("7. predicted vs measured, and a calibrated profile")
     for sim_tokens, run_tokens in pairs:
@@ -188,17 +189,35 @@ def run_demo(
             "-o",
             sim_tokens.with_name(sim_tokens.stem.replace("sim-", "compare-") + ".json"),
         )
-    mer("calibrate", pairs[0][1], "--hardware", hardware, "-o", out / "hardware-calibrated.json")
-    pvm_args: list[object] = []
-    for s, r in pairs:
-        pvm_args += ["--pair", s, r]
-    mer(
-        "plot",
-        "predicted-vs-measured",
-        *pvm_args,
-        "-o",
-        out / "figures" / "predicted-vs-measured-all",
-    )
+    calibrated = out / "hardware-calibrated.json"
+    mer("calibrate", pairs[0][1], "--hardware", hardware, "-o", calibrated)
+    # The same runs predicted again on the calibrated profile: in-sample for the run it was
+    # fitted on, held out for the others.
+    cal_sims = {}
+    for tag, c in configs.items():
+        cal_sims[tag] = out / f"sim-calibrated-{tag}.json"
+        mer(
+            "simulate",
+            trace,
+            "--policy",
+            c["policy"],
+            "--cache-slots",
+            c["cache_slots"],
+            "--scope",
+            c["scope"],
+            "--predictor",
+            c["predictor"],
+            "--pipeline-depth",
+            c.get("pipeline_depth", 1),
+            "--tokens",
+            n_tok,
+            "--hardware",
+            calibrated,
+            "--shape",
+            shape,
+            "--summary",
+            cal_sims[tag],
+        )
 
     _say("8. the report")
     result = write_run_report(
@@ -206,9 +225,13 @@ def run_demo(
         trace=trace,
         sweep=sweep,
         mrc=mrc,
-        sim=pairs[0][0],
-        run=pairs[0][1],
+        pairs=[
+            RunPair(s, r, tag.replace("-", " "), cal_sims[tag])
+            for (s, r), tag in zip(pairs, configs, strict=True)
+        ],
         hardware=str(hardware),
+        calibrated=calibrated,
+        synthetic_mrc=synth_mrc,
     )
     elapsed = time.perf_counter() - t0
     print(

@@ -128,7 +128,7 @@ def test_write_report_atomic_and_overwrites(tmp_path: Path) -> None:
 def test_sweep_reading_names_the_compute_bound() -> None:
     import pandas as pd
 
-    from mer.analysis.run_report import _sweep_reading
+    from mer.analysis.sections.sweep import sweep_reading as _sweep_reading
 
     res = pd.DataFrame(
         {"tokens_per_s": [2.0, 1.9, 1.8, 1.7, 1.6, 0.5], "bound_compute_tokens_per_s": [2.1] * 6}

@@ -25,7 +25,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("trace", type=Path, help="trace file (.parquet, format v1)")
     p.add_argument("-o", "--output", type=Path, required=True, help="output curves (.parquet)")
-    p.add_argument("--plot", type=Path, default=None, help="also write a PNG plot here")
+    p.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        help="also draw the curves here (PNG, SVG and PDF; the same figure as `mer plot mrc`)",
+    )
     p.add_argument(
         "--policies",
         type=str_list,
@@ -93,7 +98,7 @@ def run_mrc(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from mer.sim.mrc import MRCRequest, compute_mrc, default_policies, plot_mrc, write_mrc
+    from mer.sim.mrc import MRCRequest, compute_mrc, default_policies, write_mrc
 
     if not 1 <= args.processes <= 2:
         raise BadInput(f"--processes must be 1 or 2, got {args.processes}.")
@@ -136,13 +141,14 @@ def run_mrc(args: argparse.Namespace) -> int:
     note(f"wrote {args.output}")
     n_total = tr.n_layers * tr.n_experts
     if args.plot:
+        from mer.analysis.plots import plot_mrc
+
         title = (
-            f"Miss-ratio curves, no prefetch: {args.trace.name} ({tr.meta.model}, "
-            f"{tr.n_layers} layers x {tr.n_experts} experts, top-{tr.top_k}, "
-            f"{tr.n_lookups:,} lookups, phase {args.phase})"
+            f"Hit rate vs cache size, no prefetch: {args.trace.name} ({tr.meta.model}, "
+            f"{tr.n_tokens:,} tokens, phase {args.phase})"
         )
-        plot_mrc(df, args.plot, title=title, n_total=n_total)
-        note(f"wrote {args.plot}")
+        for path in plot_mrc(df, args.plot, title=title):
+            note(f"wrote {path}")
     marks = sorted({max(1, n_total // 8), max(1, n_total // 4), max(1, n_total // 2), n_total})
     summary = {
         "trace": str(args.trace),
