@@ -13,7 +13,8 @@ Units (DESIGN.md): `tokens_per_s` counts whole-model tokens (all layers);
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import pandas as pd
 
 from mer.atomic import atomic_path, write_json_atomic
 from mer.errors import BadInput
+from mer.guard import check_input, load_json_input, parse_json
 
 PERCENTILES = (50, 95, 99)
 
@@ -149,9 +151,47 @@ class RunSummary:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> RunSummary:
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in d.items() if k in known})
+    def from_dict(cls, d: Any, where: str = "run summary") -> RunSummary:
+        """Build from a JSON object, checking every field's presence and type (BadInput)."""
+        hint = "write one with `mer simulate` or `mer run` (--summary or --json)"
+        if not isinstance(d, dict):
+            raise BadInput(
+                f"{where}: not a mer run summary (a JSON {type(d).__name__}, not an object); {hint}."
+            )
+        fields_ = cls.__dataclass_fields__
+        required = [
+            k for k, f in fields_.items() if f.default is MISSING and f.default_factory is MISSING
+        ]  # type: ignore[misc]
+        missing = [k for k in required if k not in d]
+        if missing:
+            shown = ", ".join(missing[:6]) + (
+                f" and {len(missing) - 6} more" if len(missing) > 6 else ""
+            )
+            raise BadInput(f"{where}: not a mer run summary (no {shown}); {hint}.")
+        kw: dict[str, Any] = {}
+        for k, f in fields_.items():
+            if k not in d:
+                continue
+            v = d[k]
+            t = str(f.type)
+            ok = (
+                (t == "str" and isinstance(v, str))
+                or (t == "int" and isinstance(v, int) and not isinstance(v, bool))
+                or (
+                    t == "float"
+                    and isinstance(v, (int, float))
+                    and not isinstance(v, bool)
+                    and not math.isnan(v)
+                )
+                or (t.startswith("dict") and isinstance(v, dict))
+            )
+            if not ok:
+                raise BadInput(
+                    f"{where}: field {k} must be {t.split('[')[0].replace('dict', 'an object')}, "
+                    f"got {v!r:.60}; {hint}."
+                )
+            kw[k] = v
+        return cls(**kw)
 
     def save(self, path: str | Path) -> None:
         write_json_atomic(path, self.to_dict())
@@ -159,14 +199,7 @@ class RunSummary:
     @classmethod
     def load(cls, path: str | Path) -> RunSummary:
         p = Path(path)
-        try:
-            return cls.from_dict(json.loads(p.read_text()))
-        except FileNotFoundError:
-            raise BadInput(f"{p}: no such summary file.") from None
-        except (json.JSONDecodeError, TypeError) as exc:
-            raise BadInput(
-                f"{p}: not a mer run summary ({exc}); write one with --json or --summary."
-            ) from exc
+        return cls.from_dict(load_json_input(p, "run summary"), where=str(p))
 
     def format_text(self) -> str:
         """The text block, laid out like the public engine's run summary."""
@@ -206,6 +239,7 @@ def trace_digest(path: str | Path) -> str:
     import hashlib
 
     h = hashlib.sha256()
+    check_input(path, "trace")
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
@@ -233,10 +267,16 @@ def write_token_table(rows: pd.DataFrame, path: str | Path, summary: RunSummary)
 def read_token_table(path: str | Path) -> tuple[pd.DataFrame, RunSummary | None]:
     import pyarrow.parquet as pq
 
+    check_input(path, "per-token table")
     try:
         table = pq.read_table(path)
+        df = table.to_pandas()
     except Exception as exc:
-        raise BadInput(f"{path}: not a per-token parquet ({exc}).") from exc
+        raise BadInput(f"{path}: not a per-token parquet ({exc}).") from None
     raw = (table.schema.metadata or {}).get(b"mer.summary")
-    summary = RunSummary.from_dict(json.loads(raw)) if raw else None
-    return table.to_pandas(), summary
+    summary = (
+        RunSummary.from_dict(parse_json(raw, f"{path}: metadata 'mer.summary'"), where=str(path))
+        if raw
+        else None
+    )
+    return df, summary

@@ -10,36 +10,44 @@ bundled profiles' derivations are in docs/hardware-profile.md.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mer import validate
 from mer.atomic import write_json_atomic
 from mer.errors import BadInput
+from mer.guard import check_input, parse_json
 
 PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
 SCHEMA_VERSION = 1
 
 
-def _positive(where: str, name: str, value: Any, *, integer: bool = False) -> float:
-    """A strictly positive finite number (an int where `integer`), or BadInput naming the field."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise BadInput(f"{where}: field {name} must be a number, got {value!r}.")
-    if integer and not float(value).is_integer():
-        raise BadInput(f"{where}: field {name} must be an integer, got {value!r}.")
-    if not math.isfinite(value) or value <= 0:
-        raise BadInput(f"{where}: field {name} must be > 0, got {value!r}.")
-    return value
+# Plausible ranges: wide enough for any real machine, narrow enough that a typo
+# (1e-300 B/s, 1e30 workers) is refused instead of simulated for hours.
+RATE = (1e3, 1e15)  # bytes per second
+LIMITS: dict[str, tuple[float, float]] = {
+    "ssd.latency_s": (0.0, 10.0),
+    "ssd.bandwidth_bytes_per_s": RATE,
+    "ssd.channels": (1, 65536),
+    "ssd.chunk_bytes": (512, 1 << 30),
+    "compute.ffn_bytes_per_s": RATE,
+    "compute.dense_bytes_per_s": RATE,
+    "compute.dense_s_per_layer": (0.0, 3600.0),
+    "compute.workers": (1, 4096),
+    "memory.ram_bytes": (1 << 20, 1 << 50),
+    "memory.read_bandwidth_bytes_per_s": RATE,
+}
+INTEGER_FIELDS = ("ssd.channels", "ssd.chunk_bytes", "compute.workers", "memory.ram_bytes")
 
 
-def _non_negative(where: str, name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise BadInput(f"{where}: field {name} must be a number, got {value!r}.")
-    if not math.isfinite(value) or value < 0:
-        raise BadInput(f"{where}: field {name} must be >= 0, got {value!r}.")
-    return value
+def _field(where: str, name: str, value: Any) -> Any:
+    """A field checked against LIMITS (an int for INTEGER_FIELDS), or BadInput naming it."""
+    lo, hi = LIMITS[name]
+    if name in INTEGER_FIELDS:
+        return validate.integer(where, name, value, lo=int(lo), hi=int(hi))
+    return validate.number(where, name, value, lo=lo, hi=hi)
 
 
 @dataclass
@@ -78,6 +86,7 @@ class ComputeProfile:
     dense_bytes_per_s: float  # the dense attention-sized block
     dense_s_per_layer: float | None = None  # fixed override of the dense time
     workers: int = 1  # expert FFNs that run at once
+    kernel: str = ""  # the FFN kernel the figures are of: "native (avx512vnni)", "numpy", ...
 
     def ffn_time(self, bytes_per_expert: int) -> float:
         return bytes_per_expert / self.ffn_bytes_per_s
@@ -136,6 +145,7 @@ class HardwareProfile:
                 dense_bytes_per_s=need("compute", "dense_bytes_per_s"),
                 dense_s_per_layer=d["compute"].get("dense_s_per_layer"),
                 workers=d["compute"].get("workers", 1),
+                kernel=str(d["compute"].get("kernel", "")),
             )
             memory = MemoryProfile(
                 ram_bytes=need("memory", "ram_bytes"),
@@ -143,15 +153,23 @@ class HardwareProfile:
             )
         except TypeError as exc:  # pragma: no cover - guarded by need()
             raise BadInput(f"{where}: {exc}") from exc
+        version = d.get("schema_version", SCHEMA_VERSION)
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise BadInput(
+                f"{where}: field schema_version must be the integer {SCHEMA_VERSION}, "
+                f"got {version!r}."
+            )
+        for key in ("name", "description", "source"):
+            validate.text(where, key, d.get(key), optional=True)
         prof = cls(
             name=str(d.get("name") or where),
-            description=str(d.get("description", "")),
-            source=str(d.get("source", "")),
+            description=str(d.get("description") or ""),
+            source=str(d.get("source") or ""),
             ssd=ssd,
             compute=compute,
             memory=memory,
-            schema_version=int(d.get("schema_version", SCHEMA_VERSION)),
-            extra=dict(d.get("extra") or {}),
+            schema_version=version,
+            extra=dict(validate.obj(where, "extra", d.get("extra"))),
         )
         prof.validate(where)
         return prof
@@ -163,17 +181,27 @@ class HardwareProfile:
                 f"{w}: field schema_version is {self.schema_version}, this mer reads "
                 f"{SCHEMA_VERSION}; re-run `mer probe` or edit the file."
             )
-        _non_negative(w, "ssd.latency_s", self.ssd.latency_s)
-        _positive(w, "ssd.bandwidth_bytes_per_s", self.ssd.bandwidth_bytes_per_s)
-        _positive(w, "ssd.channels", self.ssd.channels, integer=True)
-        _positive(w, "ssd.chunk_bytes", self.ssd.chunk_bytes, integer=True)
-        _positive(w, "compute.ffn_bytes_per_s", self.compute.ffn_bytes_per_s)
-        _positive(w, "compute.dense_bytes_per_s", self.compute.dense_bytes_per_s)
+        self.ssd.latency_s = _field(w, "ssd.latency_s", self.ssd.latency_s)
+        self.ssd.bandwidth_bytes_per_s = _field(
+            w, "ssd.bandwidth_bytes_per_s", self.ssd.bandwidth_bytes_per_s
+        )
+        self.ssd.channels = _field(w, "ssd.channels", self.ssd.channels)
+        self.ssd.chunk_bytes = _field(w, "ssd.chunk_bytes", self.ssd.chunk_bytes)
+        self.compute.ffn_bytes_per_s = _field(
+            w, "compute.ffn_bytes_per_s", self.compute.ffn_bytes_per_s
+        )
+        self.compute.dense_bytes_per_s = _field(
+            w, "compute.dense_bytes_per_s", self.compute.dense_bytes_per_s
+        )
         if self.compute.dense_s_per_layer is not None:
-            _non_negative(w, "compute.dense_s_per_layer", self.compute.dense_s_per_layer)
-        _positive(w, "compute.workers", self.compute.workers, integer=True)
-        _positive(w, "memory.ram_bytes", self.memory.ram_bytes, integer=True)
-        _positive(w, "memory.read_bandwidth_bytes_per_s", self.memory.read_bandwidth_bytes_per_s)
+            self.compute.dense_s_per_layer = _field(
+                w, "compute.dense_s_per_layer", self.compute.dense_s_per_layer
+            )
+        self.compute.workers = _field(w, "compute.workers", self.compute.workers)
+        self.memory.ram_bytes = _field(w, "memory.ram_bytes", self.memory.ram_bytes)
+        self.memory.read_bandwidth_bytes_per_s = _field(
+            w, "memory.read_bandwidth_bytes_per_s", self.memory.read_bandwidth_bytes_per_s
+        )
         self.ssd.channels = int(self.ssd.channels)
         self.ssd.chunk_bytes = int(self.ssd.chunk_bytes)
         self.compute.workers = int(self.compute.workers)
@@ -203,13 +231,24 @@ def load_profile(name_or_path: str | Path) -> HardwareProfile:
                 f"unknown hardware profile {text!r}: not a file and not one of the bundled "
                 f"profiles ({', '.join(bundled_profiles())}); write one with `mer probe -o FILE`."
             )
+    check_input(path, "hardware profile")
+    size = path.stat().st_size
+    if size > 1 << 20:
+        raise BadInput(
+            f"hardware profile {path}: {size:,} bytes is far larger than a profile; "
+            "is it the right file?"
+        )
     try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise BadInput(f"hardware profile {path}: no such file.") from None
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadInput(f"hardware profile {path}: not readable JSON ({exc}).") from exc
-    return HardwareProfile.from_dict(data, where=f"hardware profile {path}")
+        data = path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise BadInput(f"hardware profile {path}: cannot be read ({exc.strerror}).") from None
+    except UnicodeDecodeError as exc:
+        raise BadInput(
+            f"hardware profile {path}: not UTF-8 text (byte {exc.start}); give a JSON file."
+        ) from None
+    return HardwareProfile.from_dict(
+        parse_json(data, f"hardware profile {path}"), where=f"hardware profile {path}"
+    )
 
 
 # Short aliases used across the project.

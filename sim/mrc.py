@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ from mer.core import Replay, ReplayConfig, policy_names, replay_counts, split_sl
 from mer.core.policies import INF, next_positions
 from mer.errors import BadInput
 from mer.native.stackdist import lru_hits, opt_hits
+from mer.workers import process_pool
 
 SCOPES = ("global", "per-layer")
 ONE_PASS = ("lru", "opt")
@@ -142,7 +142,7 @@ def replay_hits(
             if progress:
                 progress(1)
         return out
-    with ProcessPoolExecutor(max_workers=min(processes, 2)) as pool:
+    with process_pool(min(processes, 2)) as pool:
         for size, hits in zip(sizes, pool.map(_replay_one, jobs, chunksize=4), strict=True):
             out[size] = hits
             if progress:

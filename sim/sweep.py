@@ -5,6 +5,9 @@ hardware, mode, shape and the shared replay options) named by a hash of its
 content and of the trace's digest. Finished rows are written to the results
 parquet atomically after every configuration, so an interrupted sweep keeps
 what it finished and a rerun skips every configuration already present.
+Each write merges under a lock (`mer.guard.locked`): it re-reads the file,
+keeps every row another sweep wrote there meanwhile and adds its own, so two
+sweeps into one results file lose nothing.
 
 Backends: `local` runs a ProcessPoolExecutor (or in-process with one job);
 `dask` submits the same function to a dask.distributed scheduler.
@@ -26,6 +29,7 @@ import pandas as pd
 
 from mer.atomic import atomic_path
 from mer.errors import BadInput, RuntimeFailure
+from mer.guard import check_input, locked
 from mer.summary import RunSummary
 
 OBJECTIVES = ("tokens_per_s", "hit_rate", "tokens_per_s_per_gib")
@@ -169,17 +173,41 @@ def read_results(path: str | Path) -> pd.DataFrame:
     p = Path(path)
     if not p.exists():
         return pd.DataFrame()
+    check_input(p, "sweep results")
     try:
-        return pd.read_parquet(p)
+        df = pd.read_parquet(p)
     except Exception as exc:
         raise BadInput(
             f"{p}: exists but is not a sweep results parquet ({exc}); choose another -o path."
         ) from exc
+    if len(df) and "config_hash" not in df.columns:
+        raise BadInput(
+            f"{p}: exists but is not a sweep results parquet (no config_hash column); "
+            "choose another -o path."
+        )
+    return df
 
 
 def write_results(df: pd.DataFrame, path: str | Path) -> None:
     with atomic_path(path) as tmp:
         df.to_parquet(tmp, index=False)
+
+
+def merge_results(rows: list[dict[str, Any]], path: str | Path) -> pd.DataFrame:
+    """Write `rows` plus every row already in the file that they do not replace, under
+    the results file's lock; returns what was written (rows first, in their order)."""
+    with locked(path):
+        on_disk = read_results(path)
+        mine = pd.DataFrame(rows)
+        if len(on_disk) and len(mine):
+            others = on_disk[~on_disk["config_hash"].isin(set(mine["config_hash"]))]
+            df = pd.concat([mine, others], ignore_index=True) if len(others) else mine
+        elif len(on_disk):
+            df = on_disk
+        else:
+            df = mine
+        write_results(df, path)
+    return df
 
 
 @dataclass
@@ -223,7 +251,14 @@ def run_sweep(
 
     def finished(row: dict[str, Any]) -> None:
         rows.append(row)
-        write_results(pd.DataFrame(rows), out)
+        try:
+            merge_results(rows, out)
+        except OSError as exc:
+            raise RuntimeFailure(
+                f"could not write the sweep results to {out} ({exc.strerror or exc}); "
+                f"{len(rows)} configuration(s) finished, those already in the file are kept "
+                "there; free space and rerun the same command to resume."
+            ) from None
 
     def failure(cfg: dict[str, Any], exc: BaseException) -> None:
         failed.append((cfg["config_hash"], f"{type(exc).__name__}: {exc}"))
@@ -235,18 +270,26 @@ def run_sweep(
             elif jobs <= 1:
                 for cfg in todo:
                     try:
-                        finished(run_config(cfg))
+                        row = run_config(cfg)
                     except Exception as exc:
                         failure(cfg, exc)
+                    else:
+                        finished(row)
                     advance()
             else:
                 _run_local(todo, jobs, finished, failure, advance)
     df = pd.DataFrame(rows)
     if len(df):
         order = {c["config_hash"]: i for i, c in enumerate(configs)}
-        df = df.assign(_o=df["config_hash"].map(order).fillna(len(order)))
-        df = df.sort_values("_o", kind="stable").drop(columns="_o").reset_index(drop=True)
-        write_results(df, out)
+        with locked(out):
+            on_disk = read_results(out)
+            if len(on_disk):
+                extra = on_disk[~on_disk["config_hash"].isin(set(df["config_hash"]))]
+                if len(extra):
+                    df = pd.concat([df, extra], ignore_index=True)
+            df = df.assign(_o=df["config_hash"].map(order).fillna(len(order)))
+            df = df.sort_values("_o", kind="stable").drop(columns="_o").reset_index(drop=True)
+            write_results(df, out)
     return SweepOutcome(
         df,
         len(todo) - len(failed),
@@ -263,21 +306,20 @@ def _run_local(
     failure: Callable[[dict[str, Any], BaseException], None],
     advance: Callable[[], None],
 ) -> None:
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures import as_completed
 
-    with ProcessPoolExecutor(max_workers=jobs) as pool:
+    from mer.workers import process_pool
+
+    with process_pool(jobs) as pool:
         futures = {pool.submit(run_config, cfg): cfg for cfg in todo}
-        try:
-            for fut in as_completed(futures):
-                try:
-                    finished(fut.result())
-                except Exception as exc:
-                    failure(futures[fut], exc)
-                advance()
-        except BaseException:
-            for f in futures:
-                f.cancel()
-            raise
+        for fut in as_completed(futures):
+            try:
+                row = fut.result()
+            except Exception as exc:
+                failure(futures[fut], exc)
+            else:
+                finished(row)
+            advance()
 
 
 def _run_dask(
@@ -304,9 +346,11 @@ def _run_dask(
         futures = {client.submit(run_config, cfg, pure=False): cfg for cfg in todo}
         for fut in as_completed(list(futures)):
             try:
-                finished(fut.result())
+                row = fut.result()
             except Exception as exc:
                 failure(futures[fut], exc)
+            else:
+                finished(row)
             advance()
     finally:
         client.close()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from mer.engine.ffn import native_available
 from mer.engine.io import _fs_type
 from mer.engine.probe import ProbeResult, ReadPoint, is_memory_fs
 from mer.sim.hardware import SSDProfile, load_profile
@@ -122,6 +123,11 @@ def test_quick_probe_writes_a_loadable_profile_and_deletes_its_file(tmp_path: Pa
         if p["queue_depth"] == prof.ssd.channels and p["chunk_bytes"] == prof.ssd.chunk_bytes
     ) * (1 - 1e-9)
     assert prof.compute.ffn_bytes_per_s > 0 and prof.memory.read_bandwidth_bytes_per_s > 0
+    # the kernel that runs is the one measured, and it is reported next to memory
+    want = "native" if native_available() else "numpy"
+    assert prof.compute.kernel.startswith(want) and probe["ffn_kernel"] == prof.compute.kernel
+    assert probe["memory_read_1thread_bytes_per_s"] > 0
+    assert "of the memory read bandwidth" in proc.stderr
     assert list(work.iterdir()) == []  # the probe file is gone
 
 

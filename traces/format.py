@@ -18,10 +18,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mer.atomic import atomic_path
 from mer.errors import BadInput
+from mer.guard import check_input
 
 SCHEMA_VERSION = 1
 META_KEY = b"mer.trace"
@@ -53,6 +55,11 @@ _INT_TARGETS = {
 }
 # float32 rounding of a normalised weight may land a hair above 1.
 WEIGHT_BOUND_TOL = 1e-6
+# What the columns' types hold (expert int16, rank int8), and the key space mer replays.
+MAX_LAYERS = 1 << 15
+MAX_EXPERTS = 1 << 15
+MAX_TOP_K = 127
+MAX_KEYS = 1 << 22
 
 
 class TraceError(BadInput):
@@ -82,13 +89,17 @@ class TraceMeta:
     def from_json(cls, text: str | bytes, where: str = "trace") -> TraceMeta:
         try:
             raw = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise TraceError(f"{where}: metadata 'mer.trace' is not valid JSON ({exc}).") from exc
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise TraceError(f"{where}: metadata 'mer.trace' is not valid JSON ({exc}).") from None
+        except RecursionError:
+            raise TraceError(f"{where}: metadata 'mer.trace' is nested too deeply.") from None
         if not isinstance(raw, dict):
             raise TraceError(f"{where}: metadata 'mer.trace' must be a JSON object.")
         version = raw.get("schema_version")
-        if not isinstance(version, int):
-            raise TraceError(f"{where}: metadata has no integer schema_version.")
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise TraceError(f"{where}: metadata has no integer schema_version (got {version!r}).")
+        if version < 1:
+            raise TraceError(f"{where}: metadata schema_version must be >= 1, got {version}.")
         if version > SCHEMA_VERSION:
             raise TraceError(
                 f"{where}: trace schema_version {version} is newer than this mer understands "
@@ -97,19 +108,52 @@ class TraceMeta:
         missing = [k for k in ("model", "n_layers", "n_experts", "top_k") if k not in raw]
         if missing:
             raise TraceError(f"{where}: metadata lacks {', '.join(missing)}.")
-        known = {f for f in cls.__dataclass_fields__}
-        extra = dict(raw.get("extra") or {})
-        extra.update({k: v for k, v in raw.items() if k not in known})
-        kwargs = {k: v for k, v in raw.items() if k in known and k != "extra"}
-        meta = cls(**kwargs, extra=extra)
-        for name in ("n_layers", "n_experts", "top_k"):
-            value = getattr(meta, name)
-            if not isinstance(value, int) or value < 1:
+        for name, hi in (
+            ("n_layers", MAX_LAYERS),
+            ("n_experts", MAX_EXPERTS),
+            ("top_k", MAX_TOP_K),
+        ):
+            value = raw[name]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise TraceError(
                     f"{where}: metadata {name} must be a positive integer, got {value!r}."
                 )
+            if value > hi:
+                raise TraceError(
+                    f"{where}: metadata {name} is {value:,}, more than format v1 holds ({hi:,}); "
+                    "the file is corrupt or not a router trace."
+                )
+        if raw["n_layers"] * raw["n_experts"] > MAX_KEYS:
+            raise TraceError(
+                f"{where}: metadata n_layers x n_experts is {raw['n_layers'] * raw['n_experts']:,}, "
+                f"more than mer replays ({MAX_KEYS:,} expert keys)."
+            )
+        if not isinstance(raw["model"], str):
+            raise TraceError(f"{where}: metadata model must be a string, got {raw['model']!r}.")
+        for name in ("source", "extra"):
+            if raw.get(name) is not None and not isinstance(raw[name], dict):
+                raise TraceError(
+                    f"{where}: metadata {name} must be a JSON object, got "
+                    f"{type(raw[name]).__name__}."
+                )
+        for name in ("provenance", "licence", "created"):
+            if raw.get(name) is not None and not isinstance(raw[name], str):
+                raise TraceError(
+                    f"{where}: metadata {name} must be a string, got {type(raw[name]).__name__}."
+                )
+        known = {f for f in cls.__dataclass_fields__}
+        extra = dict(raw.get("extra") or {})
+        extra.update({k: v for k, v in raw.items() if k not in known})
+        kwargs = {k: v for k, v in raw.items() if k in known and k != "extra" and v is not None}
+        meta = cls(**kwargs, extra=extra)
         if meta.top_k > meta.n_experts:
             raise TraceError(f"{where}: metadata top_k {meta.top_k} > n_experts {meta.n_experts}.")
+        epl = meta.extra.get("experts_per_layer")
+        if epl is not None and (isinstance(epl, bool) or not isinstance(epl, int) or epl < 1):
+            raise TraceError(
+                f"{where}: metadata extra.experts_per_layer must be a positive integer, "
+                f"got {epl!r}."
+            )
         return meta
 
 
@@ -129,6 +173,9 @@ class Trace:
         validate: bool = True,
     ) -> None:
         self.name = name
+        if validate:
+            # The same checks as a file's metadata: a producer's TraceMeta is no more trusted.
+            TraceMeta.from_json(meta.to_json(), name)
         self.meta = meta
         self.df = _normalise_frame(df, name)
         self.logits = logits
@@ -313,11 +360,14 @@ def _normalise_frame(df: pd.DataFrame, where: str) -> pd.DataFrame:
     out = pd.DataFrame(index=range(len(df)))
     for name in ("seq", "token", "layer", "rank", "expert"):
         col = df[name]
-        if not pd.api.types.is_integer_dtype(col.dtype):
-            raise TraceError(f"{where}: column {name!r} must be integer, found {col.dtype}.")
         if col.isna().any():
             bad = np.flatnonzero(col.isna().to_numpy())[:5].tolist()
-            raise TraceError(f"{where}: column {name!r} has nulls (rows {bad}).")
+            raise TraceError(
+                f"{where}: column {name!r} has nulls (rows {bad}); every routed expert needs "
+                f"a {name}."
+            )
+        if not pd.api.types.is_integer_dtype(col.dtype):
+            raise TraceError(f"{where}: column {name!r} must be integer, found {col.dtype}.")
         target = np.dtype(_INT_TARGETS[name])
         values = col.to_numpy(dtype=np.int64)
         info = np.iinfo(target)
@@ -577,12 +627,8 @@ def write_trace(trace: Trace, path: str | os.PathLike[str]) -> Path:
     metadata.pop(b"pandas", None)
     metadata[META_KEY] = trace.meta.to_json().encode()
     table = table.replace_schema_metadata(metadata)
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:  # permissions: the umask's, like open() (mer.atomic)
         pq.write_table(table, tmp, compression="zstd")
-        # mkstemp creates 0600; a trace is data to share, so honour the umask like open() does.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
     return path
 
 
@@ -590,9 +636,13 @@ def read_meta(path: str | os.PathLike[str]) -> TraceMeta:
     """Only the metadata (cheap: reads the footer)."""
     where = str(path)
     try:
+        check_input(path, "trace")
+    except BadInput as exc:
+        raise TraceError(str(exc)) from None
+    try:
         schema = pq.read_schema(path)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise TraceError(f"{where}: not a parquet file ({exc}).") from exc
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise TraceError(f"{where}: not a parquet file ({exc}).") from None
     raw = (schema.metadata or {}).get(META_KEY)
     if raw is None:
         raise TraceError(
@@ -638,19 +688,17 @@ def read_trace(path: str | os.PathLike[str], *, with_logits: bool = False) -> Tr
     """Read and validate a trace file; every problem is a TraceError naming the file."""
     path = Path(path)
     where = str(path)
-    if not path.exists():
-        raise TraceError(f"{where}: no such file.")
-    if path.is_dir():
-        raise TraceError(f"{where}: is a directory, expected a trace .parquet file.")
+    try:
+        check_input(path, "trace")
+    except BadInput as exc:
+        raise TraceError(str(exc)) from None
     try:
         pf = pq.ParquetFile(path)
         schema = pf.schema_arrow
-        columns = [c for c in schema.names if c != "logits" or with_logits]
-        table = pf.read(columns=columns)
-    except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
+    except (pa.ArrowException, OSError, ValueError) as exc:
         raise TraceError(
             f"{where}: not a parquet file ({exc}). Convert it with `mer trace import`."
-        ) from exc
+        ) from None
     raw_meta = (schema.metadata or {}).get(META_KEY)
     if raw_meta is None:
         raise TraceError(
@@ -658,6 +706,13 @@ def read_trace(path: str | os.PathLike[str], *, with_logits: bool = False) -> Tr
             "Convert it with `mer trace import csv` or write it with traces.format.write_trace."
         )
     meta = TraceMeta.from_json(raw_meta, where)
+    try:
+        columns = [c for c in schema.names if c != "logits" or with_logits]
+        table = pf.read(columns=columns)
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise TraceError(
+            f"{where}: the parquet data cannot be read ({exc}); the file is corrupt or truncated."
+        ) from None
     for name, typ in COLUMNS.items():
         if name not in schema.names:
             continue
@@ -674,9 +729,30 @@ def read_trace(path: str | os.PathLike[str], *, with_logits: bool = False) -> Tr
             ok = pa.types.is_integer(actual) or (name == "lookahead" and pa.types.is_null(actual))
         if not ok:
             raise TraceError(f"{where}: column {name!r} has type {actual}, expected {typ}.")
+    if "logits" in schema.names:
+        lt = schema.field("logits").type
+        if not (
+            (pa.types.is_list(lt) or pa.types.is_large_list(lt))
+            and pa.types.is_floating(lt.value_type)
+        ):
+            raise TraceError(
+                f"{where}: column 'logits' has type {lt}, expected a list of float32 "
+                "(router logits)."
+            )
+    if "weight" in table.column_names and pa.types.is_floating(table.schema.field("weight").type):
+        nan = pc.is_nan(table.column("weight"))
+        if pc.any(nan).as_py():
+            rows = np.flatnonzero(nan.to_numpy(zero_copy_only=False) == True)[:5].tolist()  # noqa: E712
+            raise TraceError(
+                f"{where}: column 'weight' holds NaN (rows {rows}); a gate weight is a number "
+                "in [0, 1], or null when the source lacks it."
+            )
     logits = None
     if with_logits and "logits" in table.column_names:
         logits = _read_logits(table, meta, where)
         table = table.drop_columns(["logits"])
-    df = table.to_pandas()
+    try:
+        df = table.to_pandas()
+    except (pa.ArrowException, ValueError, TypeError) as exc:
+        raise TraceError(f"{where}: the columns cannot be converted ({exc}).") from None
     return Trace(df, meta, logits=logits, name=path.name)

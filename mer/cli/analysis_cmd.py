@@ -7,8 +7,20 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mer.cli.common import add_output_args, emit, int_list, note, str_list
+from mer.cli.common import (
+    add_output_args,
+    emit,
+    input_file,
+    int_list,
+    note,
+    output_dir,
+    output_file,
+    positive_int,
+    slot_count,
+    str_list,
+)
 from mer.errors import BadInput
+from mer.guard import check_input
 from mer.summary import RunSummary, read_token_table
 
 
@@ -16,6 +28,7 @@ def load_summary(path: Path) -> RunSummary:
     """A run summary from its JSON (--summary / --json output) or a per-token parquet."""
     if not path.exists():
         raise BadInput(f"{path}: no such file (give a summary .json or a per-token .parquet).")
+    check_input(path, "run summary")
     if path.suffix == ".parquet":
         _, summary = read_token_table(path)
         if summary is None:
@@ -30,25 +43,35 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compare", help="hold a simulated and a measured run side by side")
     p.add_argument(
         "sim",
-        type=Path,
+        type=input_file,
         help="simulated run: summary JSON (mer simulate --summary) or per-token parquet",
     )
     p.add_argument(
-        "run", type=Path, help="measured run: summary JSON (mer run --summary) or per-token parquet"
+        "run",
+        type=input_file,
+        help="measured run: summary JSON (mer run --summary) or per-token parquet",
     )
     add_output_args(p, parquet=False)
     p.add_argument(
-        "-o", "--output", type=Path, default=None, help="also write the comparison as JSON here"
+        "-o",
+        "--output",
+        type=output_file,
+        default=None,
+        help="also write the comparison as JSON here",
     )
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("calibrate", help="fit a hardware profile to a measured run")
-    p.add_argument("run", type=Path, help="measured run summary (JSON or per-token parquet)")
+    p.add_argument("run", type=input_file, help="measured run summary (JSON or per-token parquet)")
     p.add_argument(
         "--hardware", required=True, help="the profile to start from (bundled name or JSON path)"
     )
     p.add_argument(
-        "-o", "--output", type=Path, required=True, help="write the calibrated profile here (JSON)"
+        "-o",
+        "--output",
+        type=output_file,
+        required=True,
+        help="write the calibrated profile here (JSON)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_calibrate)
@@ -71,7 +94,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument(
         "inputs",
         nargs="+",
-        type=Path,
+        type=input_file,
         metavar="CURVES_OR_TRACE",
         help="`mer mrc -o` tables or traces",
     )
@@ -124,7 +147,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument(
         "sweep",
         nargs="+",
-        type=Path,
+        type=input_file,
         help="results of `mer sweep -o` (several: overlaid, e.g. machines)",
     )
     q.add_argument(
@@ -138,7 +161,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     q.add_argument(
         "--mrc",
-        type=Path,
+        type=input_file,
         default=None,
         help="miss-ratio curves: draws the SSD bound at OPT's miss rate",
     )
@@ -148,7 +171,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "io-share",
         help="I/O wait as a share of token time per swept configuration (only when it differs)",
     )
-    q.add_argument("sweep", type=Path, help="results of `mer sweep -o`")
+    q.add_argument("sweep", type=input_file, help="results of `mer sweep -o`")
     q.add_argument(
         "--force",
         action="store_true",
@@ -163,7 +186,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--pair",
         nargs=2,
         action="append",
-        type=Path,
+        type=input_file,
         required=True,
         metavar=("SIM", "RUN"),
         help="a simulated and a measured run (summary JSON or per-token parquet); repeatable",
@@ -177,7 +200,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--pair",
         nargs=2,
         action="append",
-        type=Path,
+        type=input_file,
         required=True,
         metavar=("SIM", "RUN"),
         help="a simulated and a measured per-token table (`-o` of simulate and run); repeatable",
@@ -187,20 +210,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     q = psub.add_parser(
         "layer-hits", help="per-layer hit rates of a trace for some policies (no prefetch)"
     )
-    q.add_argument("trace", type=Path)
+    q.add_argument("trace", type=input_file)
     q.add_argument("--policies", type=str_list, default=["lru", "opt"])
-    q.add_argument("--cache-slots", type=int, default=64)
+    q.add_argument("--cache-slots", type=slot_count, default=64)
     q.add_argument("--scope", choices=("global", "per-layer"), default="global")
     _plot_common(q, cmd_plot_layer_hits)
 
     q = psub.add_parser("popularity", help="expert-popularity heatmap (layer x expert) of a trace")
-    q.add_argument("trace", type=Path)
+    q.add_argument("trace", type=input_file)
     _plot_common(q, cmd_plot_popularity)
 
     q = psub.add_parser(
         "repetition", help="consecutive-token repetition per layer beside the Mixtral paper"
     )
-    q.add_argument("trace", type=Path)
+    q.add_argument("trace", type=input_file)
     _plot_common(q, cmd_plot_repetition)
 
     p = sub.add_parser("report", help="self-contained Markdown + HTML reports")
@@ -211,7 +234,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     q.add_argument(
         "--trace",
-        type=Path,
+        type=input_file,
         action="append",
         default=[],
         help="more real traces to hold the claim against (the bundled one is always used)",
@@ -221,7 +244,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="seed-g2-standard-32",
         help="profile for the whole-model tokens/s estimate (default: derived from the engine's own run)",
     )
-    q.add_argument("-o", "--output", type=Path, required=True, help="output directory")
+    q.add_argument("-o", "--output", type=output_dir, required=True, help="output directory")
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_report_claim)
     q = rsub.add_parser(
@@ -232,20 +255,26 @@ def register(sub: argparse._SubParsersAction) -> None:
             "when its inputs are given and states the token window its numbers come from."
         ),
     )
-    q.add_argument("--trace", type=Path, required=True)
-    q.add_argument("--sweep", type=Path, default=None, help="results of `mer sweep -o`")
-    q.add_argument("--mrc", type=Path, default=None, help="curves of `mer mrc -o`")
+    q.add_argument("--trace", type=input_file, required=True)
+    q.add_argument("--sweep", type=input_file, default=None, help="results of `mer sweep -o`")
+    q.add_argument("--mrc", type=input_file, default=None, help="curves of `mer mrc -o`")
     q.add_argument(
-        "--sim", type=Path, default=None, help="simulated winner (per-token parquet or summary)"
+        "--sim",
+        type=input_file,
+        default=None,
+        help="simulated winner (per-token parquet or summary)",
     )
     q.add_argument(
-        "--run", type=Path, default=None, help="measured winner (per-token parquet or summary)"
+        "--run",
+        type=input_file,
+        default=None,
+        help="measured winner (per-token parquet or summary)",
     )
     q.add_argument(
         "--pair",
         nargs=2,
         action="append",
-        type=Path,
+        type=input_file,
         default=[],
         metavar=("SIM", "RUN"),
         help="a simulated and a measured run of one configuration; repeatable (the first is the winner)",
@@ -259,7 +288,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--hardware", default=None, help="the profile the sweep and simulations used")
     q.add_argument(
         "--calibrated",
-        type=Path,
+        type=input_file,
         default=None,
         help="the profile `mer calibrate` fitted to the first run",
     )
@@ -271,11 +300,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     q.add_argument(
         "--synthetic-mrc",
-        type=Path,
+        type=input_file,
         default=None,
         help="curves of a fitted synthetic trace, overlaid on --mrc",
     )
-    q.add_argument("-o", "--output", type=Path, required=True, help="output directory")
+    q.add_argument("-o", "--output", type=output_dir, required=True, help="output directory")
     q.add_argument("--json", action="store_true", help="print one JSON object")
     q.set_defaults(func=cmd_report_run)
 
@@ -285,8 +314,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "-o",
         "--output",
-        type=Path,
-        default=Path("out/demo"),
+        type=output_dir,
+        default=output_dir("out/demo"),
         help="output directory (default out/demo)",
     )
     p.add_argument(
@@ -296,7 +325,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--tokens",
-        type=int,
+        type=positive_int,
         default=96,
         help="tokens of the trace the real engine executes (default 96)",
     )
@@ -313,7 +342,7 @@ def _plot_common(q: argparse.ArgumentParser, func: Any) -> None:
     q.add_argument(
         "-o",
         "--output",
-        type=Path,
+        type=output_file,
         required=True,
         help="output path; .png, .svg and .pdf are written (a .png/.svg/.pdf suffix is replaced)",
     )

@@ -1,16 +1,46 @@
-"""Shared CLI plumbing: --json / -o handling and common options."""
+"""Shared CLI plumbing: --json / -o handling and common options.
+
+Paths and values: use the types of `mer.guard` (input_file, input_path,
+output_file, output_dir; FinalWrites for writes after the work) and of
+`mer.cli.values` (positive_int, probability, int_range, ...), re-exported
+here, so that every bad path or value is one message and exit 2 before the
+work starts. See those modules' docstrings.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from mer.cli.values import (  # noqa: F401  (re-exported for command modules)
+    finite_float,
+    float_range,
+    int_list,
+    int_range,
+    name_list,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    probability,
+    seed_int,
+    slot_count,
+)
 from mer.errors import BadInput
+from mer.guard import (  # noqa: F401  (re-exported for command modules)
+    FinalWrites,
+    check_input,
+    input_file,
+    input_path,
+    output_dir,
+    output_file,
+)
 
 
 def add_output_args(p: argparse.ArgumentParser, *, parquet: bool = True) -> None:
@@ -21,7 +51,7 @@ def add_output_args(p: argparse.ArgumentParser, *, parquet: bool = True) -> None
         p.add_argument(
             "-o",
             "--output",
-            type=Path,
+            type=output_file,
             default=None,
             help="write the detailed result to this file (parquet)",
         )
@@ -67,43 +97,22 @@ def note(msg: str) -> None:
     print(msg, file=sys.stderr)
 
 
-def positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
-
-
-def int_list(text: str) -> list[int]:
-    """'16,32,64' -> [16, 32, 64]."""
-    try:
-        out = [int(x) for x in text.replace(" ", "").split(",") if x]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
-    if not out or min(out) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return out
-
-
 def str_list(text: str) -> list[str]:
-    return [x for x in text.replace(" ", "").split(",") if x]
+    """'lru,arc' -> ['lru', 'arc']; at least one name (an empty list runs nothing)."""
+    return name_list(text)
 
 
 def require_file(path: Path, what: str) -> Path:
-    if not path.exists():
-        raise BadInput(f"{what} {path}: no such file.")
-    return path
+    """A readable regular file (mer.guard.check_input), else BadInput naming `what`."""
+    return check_input(path, what)
 
 
 def _kv(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     key, value = text.split("=", 1)
+    if not key.strip() or not key.replace("-", "_").isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE with a name as KEY, got {text!r}")
     parsed: Any = value
     for conv in (int, float):
         try:
@@ -111,6 +120,8 @@ def _kv(text: str) -> tuple[str, Any]:
             break
         except ValueError:
             continue
+    if isinstance(parsed, float) and not math.isfinite(parsed):
+        raise argparse.ArgumentTypeError(f"expected a finite value, got {text!r}")
     if value.lower() in ("true", "false"):
         parsed = value.lower() == "true"
     return key.replace("-", "_"), parsed
@@ -129,13 +140,13 @@ def add_replay_args(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
         g = p.add_mutually_exclusive_group()
         g.add_argument(
             "--cache-slots",
-            type=positive_int,
+            type=slot_count,
             default=None,
             help="total expert slots (any scope; default 64)",
         )
         g.add_argument(
             "--cache-gib",
-            type=float,
+            type=positive_float,
             default=None,
             help="cache size in GiB, converted through the shape's bytes per expert",
         )
@@ -151,17 +162,20 @@ def add_replay_args(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
             help=f"prefetch predictor: {', '.join(predictor_names())} (default none)",
         )
     p.add_argument(
-        "--pipeline-depth", type=int, default=1, help="prefetch for the next N layers (default 1)"
+        "--pipeline-depth",
+        type=int_range(0, 1024),
+        default=1,
+        help="prefetch for the next N layers (default 1)",
     )
     p.add_argument(
         "--prefetch-top-n",
-        type=int,
+        type=positive_int,
         default=None,
         help="prefetch at most N predicted experts per future layer (default top_k)",
     )
     p.add_argument(
         "--prefetch-min-prob",
-        type=float,
+        type=probability,
         default=0.0,
         help="only prefetch predictions with probability >= P (default 0)",
     )
@@ -173,7 +187,7 @@ def add_replay_args(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
     )
     p.add_argument(
         "--pin",
-        type=int,
+        type=non_negative_int,
         default=0,
         help="statically pin the N most popular experts of the trace (offline knowledge; default 0)",
     )
@@ -207,8 +221,11 @@ def replay_config_from_args(
 ) -> Any:
     """ReplayConfig from add_replay_args options (--cache-gib needs bytes_per_expert)."""
     from mer.core import ReplayConfig
+    from mer.validate import MAX_COUNT
 
     slots = getattr(args, "cache_slots", None)
+    if isinstance(slots, list):  # a sweep's grid axis: the base config is checked per size
+        slots = max(slots)
     gib = getattr(args, "cache_gib", None)
     if gib is not None:
         if not bytes_per_expert:
@@ -216,6 +233,8 @@ def replay_config_from_args(
                 "--cache-gib needs a model shape (--shape) to convert GiB to expert slots."
             )
         slots = int(gib * (1 << 30) // bytes_per_expert)
+        if slots > MAX_COUNT:
+            raise BadInput(f"--cache-gib {gib} is more memory than any machine has.")
         if slots < 1:
             raise BadInput(
                 f"--cache-gib {gib} holds no expert of {bytes_per_expert:,} bytes; give more memory."
@@ -236,4 +255,4 @@ def replay_config_from_args(
         predictor_params=dict(args.predictor_param),
     )
     values.update(overrides)
-    return ReplayConfig(**values)
+    return ReplayConfig(**values).validate()

@@ -12,9 +12,16 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
-from mer.cli.common import emit, note
+from mer.cli.common import (
+    emit,
+    input_file,
+    input_path,
+    int_range,
+    note,
+    output_dir,
+    output_file,
+)
 from mer.shapes import SHAPES, shape_help
 
 
@@ -45,8 +52,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="NAME",
         help="model shape (see above)",
     )
-    s.add_argument("-o", "--output", type=Path, required=True, help="output .gguf file")
-    s.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
+    s.add_argument("-o", "--output", type=output_file, required=True, help="output .gguf file")
+    s.add_argument(
+        "--seed",
+        type=int_range(0, (1 << 32) - 1, "a seed from 0 to 4294967295"),
+        default=0,
+        help="weight seed (default 0; stored as uint32 in the GGUF)",
+    )
     s.add_argument(
         "--layout",
         choices=("stacked", "per-expert"),
@@ -71,8 +83,8 @@ def register(sub: argparse._SubParsersAction) -> None:
             "digest). `mer run --experts DIR` then reads each expert with one O_DIRECT read."
         ),
     )
-    k.add_argument("file", type=Path, metavar="FILE.gguf", help="source GGUF")
-    k.add_argument("-o", "--output", type=Path, required=True, help="output directory")
+    k.add_argument("file", type=input_file, metavar="FILE.gguf", help="source GGUF")
+    k.add_argument("-o", "--output", type=output_dir, required=True, help="output directory")
     k.add_argument("--json", action="store_true", help="print one JSON summary object on stdout")
     k.set_defaults(func=run_pack)
 
@@ -81,7 +93,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="shape, layout, bytes per expert, alignment of a GGUF or packed dir",
         description="Describe an expert file as the executor will read it.",
     )
-    i.add_argument("file", type=Path, metavar="FILE", help="a .gguf file or a packed dir")
+    i.add_argument("file", type=input_path, metavar="FILE", help="a .gguf file or a packed dir")
     i.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     i.set_defaults(func=run_info)
 
@@ -108,10 +120,13 @@ def _progress(label: str, unit_bytes: bool) -> Iterator[Callable[[int, int], Non
 
 
 def run_synth(args: argparse.Namespace) -> int:
-    from mer.engine.gguf_synth import synth_gguf
+    from mer.engine.gguf_synth import plan_tensors, synth_gguf
+    from mer.guard import check_free_space
     from mer.shapes import get_shape
 
     shape = get_shape(args.shape)
+    need = sum(s.n_bytes for s in plan_tensors(shape, args.layout, args.dense))
+    check_free_space(args.output, need, "-o")
     t0 = time.perf_counter()
     with _progress(f"synth {shape.name}", True) as prog:
         res = synth_gguf(args.output, shape, args.seed, args.layout, args.dense, prog)

@@ -7,7 +7,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mer.cli.common import add_phase_arg, emit, int_list, note, positive_int, str_list
+from mer.cli.common import (
+    FinalWrites,
+    add_phase_arg,
+    emit,
+    input_file,
+    int_list,
+    int_range,
+    note,
+    output_file,
+    positive_int,
+    str_list,
+)
 from mer.errors import BadInput
 
 
@@ -23,11 +34,13 @@ def register(sub: argparse._SubParsersAction) -> None:
             "(policy, scope, cache_slots, hits, misses, hit_rate)."
         ),
     )
-    p.add_argument("trace", type=Path, help="trace file (.parquet, format v1)")
-    p.add_argument("-o", "--output", type=Path, required=True, help="output curves (.parquet)")
+    p.add_argument("trace", type=input_file, help="trace file (.parquet, format v1)")
+    p.add_argument(
+        "-o", "--output", type=output_file, required=True, help="output curves (.parquet)"
+    )
     p.add_argument(
         "--plot",
-        type=Path,
+        type=output_file,
         default=None,
         help="also draw the curves here (PNG, SVG and PDF; the same figure as `mer plot mrc`)",
     )
@@ -59,7 +72,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "N=8 makes a 256-size run about 8x faster (default 1: every size)",
     )
     p.add_argument(
-        "--processes", type=int, default=2, help="processes for per-size replays (max 2)"
+        "--processes",
+        type=int_range(1, 2),
+        default=2,
+        help="processes for per-size replays (max 2)",
     )
     add_phase_arg(p)
     p.add_argument("--json", action="store_true", help="print one JSON summary object on stdout")
@@ -74,17 +90,24 @@ def register(sub: argparse._SubParsersAction) -> None:
             "in the true set / predicted keys; recall = true keys predicted / true keys."
         ),
     )
-    q.add_argument("trace", type=Path, help="trace file (.parquet, format v1)")
+    q.add_argument("trace", type=input_file, help="trace file (.parquet, format v1)")
     q.add_argument(
         "--predictors",
         type=str_list,
         default=None,
         help="comma-separated predictors (default: all that apply to this trace)",
     )
-    q.add_argument("--depth", type=int, default=1, help="how many steps ahead to score (default 1)")
+    q.add_argument(
+        "--depth",
+        type=int_range(1, 1024),
+        default=1,
+        help="how many steps ahead to score (default 1)",
+    )
     add_phase_arg(q)
     q.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    q.add_argument("-o", "--output", type=Path, default=None, help="write the table (.parquet)")
+    q.add_argument(
+        "-o", "--output", type=output_file, default=None, help="write the table (.parquet)"
+    )
     q.set_defaults(func=run_predict_eval)
 
 
@@ -100,8 +123,6 @@ def run_mrc(args: argparse.Namespace) -> int:
 
     from mer.sim.mrc import MRCRequest, compute_mrc, default_policies, write_mrc
 
-    if not 1 <= args.processes <= 2:
-        raise BadInput(f"--processes must be 1 or 2, got {args.processes}.")
     tr = _load(args.trace, args.phase)
     steps = tr.keys().reshape(-1, tr.top_k)
     policies = args.policies or default_policies(tr.n_layers)
@@ -137,19 +158,27 @@ def run_mrc(args: argparse.Namespace) -> int:
 
         df = compute_mrc(steps, tr.n_layers, tr.n_experts, req, progress=progress)
     seconds = time.perf_counter() - t0
-    write_mrc(df, args.output)
-    note(f"wrote {args.output}")
     n_total = tr.n_layers * tr.n_experts
-    if args.plot:
+    title = (
+        f"Hit rate vs cache size, no prefetch: {args.trace.name} ({tr.meta.model}, "
+        f"{tr.n_tokens:,} tokens, phase {args.phase})"
+    )
+
+    def draw(path: Path) -> None:
         from mer.analysis.plots import plot_mrc
 
-        title = (
-            f"Hit rate vs cache size, no prefetch: {args.trace.name} ({tr.meta.model}, "
-            f"{tr.n_tokens:,} tokens, phase {args.phase})"
-        )
-        for path in plot_mrc(df, args.plot, title=title):
-            note(f"wrote {path}")
+        for p in plot_mrc(df, path, title=title)[1:]:
+            note(f"wrote {p}")
+
+    writes = FinalWrites()
+    writes.add(args.output, lambda p: write_mrc(df, p), "curves")
+    writes.add(args.plot, draw, "plot")
+    writes.run()
+    for p in writes.written:
+        note(f"wrote {p}")
     marks = sorted({max(1, n_total // 8), max(1, n_total // 4), max(1, n_total // 2), n_total})
+    if args.sizes:
+        marks = sorted(set(args.sizes))[:8]
     summary = {
         "trace": str(args.trace),
         "output": str(args.output),
@@ -175,7 +204,7 @@ def run_mrc(args: argparse.Namespace) -> int:
     for key, vals in summary["at"].items():
         lines.append(f"  {key:28s} " + "  ".join(f"{100 * v:6.2f}%" for v in vals.values()))
     emit(args, summary, "\n".join(lines))
-    return 0
+    return writes.finish()
 
 
 def run_predict_eval(args: argparse.Namespace) -> int:
@@ -204,10 +233,16 @@ def run_predict_eval(args: argparse.Namespace) -> int:
         res = evaluate(make_predictor(name, ctx), steps, args.depth)
         rows.extend({"predictor": name, **r} for r in res)
     df = pd.DataFrame(rows)
-    if args.output:
-        with atomic_path(args.output) as tmp:
+
+    def write(path: Path) -> None:
+        with atomic_path(path) as tmp:
             df.to_parquet(tmp, index=False)
-        note(f"wrote {args.output}")
+
+    writes = FinalWrites()
+    writes.add(args.output, write, "table")
+    writes.run()
+    for p in writes.written:
+        note(f"wrote {p}")
     lines = [f"{'predictor':16s} {'dist':>4s} {'precision':>9s} {'recall':>7s}"]
     for r in rows:
         lines.append(
@@ -215,4 +250,4 @@ def run_predict_eval(args: argparse.Namespace) -> int:
             f"{100 * r['recall']:6.2f}%"
         )
     emit(args, {"trace": str(args.trace), "depth": args.depth, "results": rows}, "\n".join(lines))
-    return 0
+    return writes.finish()

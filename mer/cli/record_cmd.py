@@ -6,9 +6,8 @@ Thin CLI over traces.record: parse, load, record (resumable), report.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from mer.cli.common import add_output_args, emit, note
+from mer.cli.common import add_output_args, emit, float_range, input_file, int_range, note, seed_int
 from mer.errors import BadInput, RuntimeFailure
 
 EPILOG = """\
@@ -49,19 +48,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--prompts",
         required=True,
-        type=Path,
+        type=input_file,
         help='text file (one prompt per line) or JSON Lines with a "prompt" field',
     )
     p.add_argument(
         "--max-new-tokens",
-        type=_non_negative_int,
+        type=int_range(0, 1 << 20, "an integer from 0 to 1,048,576"),
         default=32,
         help="decode tokens recorded per prompt (default 32; fewer if the model ends early)",
     )
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (prompt i uses seed + i)")
     p.add_argument(
-        "--temperature", type=float, default=1.0, help="sampling temperature (with --sample)"
+        "--seed", type=seed_int, default=0, help="sampling seed (prompt i uses seed + i)"
+    )
+    p.add_argument(
+        "--temperature",
+        type=float_range(0.0, 100.0, lo_open=True, what="a temperature > 0 and <= 100"),
+        default=1.0,
+        help="sampling temperature (with --sample)",
     )
     p.add_argument(
         "--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens"

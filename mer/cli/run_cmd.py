@@ -3,24 +3,33 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import warnings
 from pathlib import Path
 from typing import Any
 
 from mer.cli.common import (
+    FinalWrites,
     add_output_args,
     add_replay_args,
     emit,
+    float_range,
+    input_file,
+    input_path,
+    int_range,
     note,
-    positive_int,
+    output_dir,
+    output_file,
     replay_config_from_args,
     require_file,
+    seed_int,
 )
 from mer.errors import BadInput
 
 KiB = 1 << 10
 GiB = 1 << 30
+MAX_CHUNK_BYTES = 64 << 20
 
 
 def _size(text: str) -> int:
@@ -32,20 +41,25 @@ def _size(text: str) -> int:
             t, mult = t[:-1], m
             break
     try:
-        v = int(float(t) * mult)
+        f = float(t) * mult
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a size like 512K or 1M, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive size, got {text!r}")
+    if not math.isfinite(f) or f < 1 or f > MAX_CHUNK_BYTES:
+        raise argparse.ArgumentTypeError(
+            f"expected a size from 4K to {MAX_CHUNK_BYTES >> 20}M, got {text!r}"
+        )
+    v = int(f)
+    if v % 4096:
+        raise argparse.ArgumentTypeError(f"expected a multiple of 4096 bytes (4K), got {text!r}")
     return v
 
 
 def register(sub: Any) -> None:
-    from mer.engine.io import DEFAULT_CHUNK_BYTES, DEFAULT_QUEUE_DEPTH
+    from mer.engine.io import DEFAULT_CHUNK_BYTES, DEFAULT_QUEUE_DEPTH, MAX_QUEUE_DEPTH
 
     p = sub.add_parser(
         "run",
-        help="replay a trace on real expert weights (io_uring, O_DIRECT, numpy q4_0 FFN)",
+        help="replay a trace on real expert weights (io_uring, O_DIRECT, native q4_0 FFN)",
         description=(
             "Replay TRACE through the shared decision core on real q4_0 expert weights: "
             "misses are read from the expert file (io_uring with O_DIRECT, or a preadv pool), "
@@ -55,10 +69,10 @@ def register(sub: Any) -> None:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("trace", type=Path, help="trace parquet (trace format v1)")
+    p.add_argument("trace", type=input_file, help="trace parquet (trace format v1)")
     p.add_argument(
         "--experts",
-        type=Path,
+        type=input_path,
         required=True,
         help="expert weights: a GGUF file (stacked or per-expert layout) or a packed directory",
     )
@@ -71,7 +85,10 @@ def register(sub: Any) -> None:
         help="reader: io_uring (auto falls back to a preadv thread pool, saying why once)",
     )
     g.add_argument(
-        "--queue-depth", type=positive_int, default=DEFAULT_QUEUE_DEPTH, help="reads in flight"
+        "--queue-depth",
+        type=int_range(1, MAX_QUEUE_DEPTH),
+        default=DEFAULT_QUEUE_DEPTH,
+        help=f"reads in flight (1..{MAX_QUEUE_DEPTH})",
     )
     g.add_argument(
         "--chunk-bytes",
@@ -81,9 +98,16 @@ def register(sub: Any) -> None:
     )
     g.add_argument(
         "--threads",
-        type=positive_int,
+        type=int_range(1, 1024),
         default=os.cpu_count() or 1,
         help="compute threads for the FFN and dense block",
+    )
+    g.add_argument(
+        "--ffn",
+        choices=("auto", "native", "numpy"),
+        default="auto",
+        help="expert FFN kernel: native C (ggml's q4_0 x q8_0 arithmetic; auto uses it wherever "
+        "it was built, else numpy, saying so once) or the numpy reference",
     )
     g.add_argument(
         "--mode",
@@ -97,9 +121,13 @@ def register(sub: Any) -> None:
         action="store_true",
         help="read through the page cache instead of O_DIRECT (not a fair measurement)",
     )
-    g.add_argument("--seed", type=int, default=0, help="seed of the hidden vector and dense block")
+    g.add_argument(
+        "--seed", type=seed_int, default=0, help="seed of the hidden vector and dense block"
+    )
     add_output_args(p)
-    p.add_argument("--summary", type=Path, default=None, help="also write the summary as JSON")
+    p.add_argument(
+        "--summary", type=output_file, default=None, help="also write the summary as JSON"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=cmd_run)
 
@@ -109,21 +137,21 @@ def register(sub: Any) -> None:
         description=(
             "Measure, on a temporary file on the target disk (O_DIRECT, deleted afterwards), "
             "the bandwidth of whole-expert reads at queue depths 1..64 and several chunk sizes "
-            "and the 4 KiB read latency; the numpy q4_0 FFN and dense-block throughput; the "
-            "memory read bandwidth. Writes a hardware profile (the simulator's schema) so "
+            "and the 4 KiB read latency; the q4_0 expert FFN and dense-block throughput of the "
+            "kernel `mer run` uses (native where built); the memory read bandwidth beside it. Writes a hardware profile (the simulator's schema) so "
             "`mer simulate --hardware FILE` predicts this machine."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     q.add_argument(
         "--dir",
-        type=Path,
+        type=output_dir,
         default=None,
         help="directory on the disk to measure (default: the current directory; never tmpfs)",
     )
     q.add_argument(
         "--size-gib",
-        type=float,
+        type=float_range(1 / 1024, 1024, what="a size in GiB from 1/1024 to 1024"),
         default=None,
         help="probe file size in GiB (default 2, quick 1/16)",
     )
@@ -136,9 +164,15 @@ def register(sub: Any) -> None:
     q.add_argument("--io", choices=("auto", "uring", "pread"), default="auto", help="reader")
     q.add_argument(
         "--threads",
-        type=positive_int,
+        type=int_range(1, 1024),
         default=os.cpu_count() or 1,
         help="compute threads (as `mer run --threads`)",
+    )
+    q.add_argument(
+        "--ffn",
+        choices=("auto", "native", "numpy"),
+        default="auto",
+        help="expert FFN kernel to measure (as `mer run --ffn`): the one runs will use",
     )
     q.add_argument(
         "--quick", action="store_true", help="a few seconds: small file, small shape, fewer points"
@@ -146,7 +180,11 @@ def register(sub: Any) -> None:
     q.add_argument("--name", default=None, help="profile name (default probe-HOSTNAME)")
     q.add_argument("--json", action="store_true", help="print the profile as one JSON object")
     q.add_argument(
-        "-o", "--output", type=Path, default=None, help="write the hardware profile JSON here"
+        "-o",
+        "--output",
+        type=output_file,
+        default=None,
+        help="write the hardware profile JSON here",
     )
     q.set_defaults(func=cmd_probe)
 
@@ -176,6 +214,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         chunk_bytes=args.chunk_bytes,
         threads=args.threads,
         mode=args.mode,
+        ffn=args.ffn,
         direct=not args.buffered,
         seed=args.seed,
         progress=not args.no_progress,
@@ -193,11 +232,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
         result = ex.run()
     summary = result.summary
-    if args.output is not None:
-        write_token_table(result.tokens, args.output, summary)
+    writes = FinalWrites()
+    writes.add(
+        args.output, lambda p: write_token_table(result.tokens, p, summary), "per-token table"
+    )
+    writes.add(args.summary, summary.save, "summary")
+    writes.run()
+    if args.output in writes.written:
         note(f"per-token table: {args.output}")
-    if args.summary is not None:
-        summary.save(args.summary)
     text = summary.format_text()
     ex_ = summary.extra
     text += (
@@ -207,7 +249,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"{' O_DIRECT' if ex_['io']['direct'] else ' buffered'}"
     )
     emit(args, summary.to_dict(), text)
-    return 0
+    return writes.finish()
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
@@ -215,7 +257,12 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
     size = int(args.size_gib * GiB) if args.size_gib is not None else None
     kw: dict[str, Any] = dict(
-        directory=args.dir, size_bytes=size, shape=args.shape, io=args.io, threads=args.threads
+        directory=args.dir,
+        size_bytes=size,
+        shape=args.shape,
+        io=args.io,
+        threads=args.threads,
+        ffn=args.ffn,
     )
     if args.quick:
         cfg = ProbeConfig.quick(**kw)
@@ -225,8 +272,10 @@ def cmd_probe(args: argparse.Namespace) -> int:
         warnings.simplefilter("default")
         result = run_probe(cfg, log=note)
     profile = to_profile(result, args.name)
-    if args.output is not None:
-        profile.save(args.output)
+    writes = FinalWrites()
+    writes.add(args.output, profile.save, "hardware profile")
+    writes.run()
+    if writes.written:
         note(f"hardware profile: {args.output} (use: mer simulate --hardware {args.output})")
     s = profile.ssd
     c = profile.compute
@@ -236,11 +285,15 @@ def cmd_probe(args: argparse.Namespace) -> int:
             f"ssd: latency {s.latency_s * 1e6:.0f} us, bandwidth {s.bandwidth_bytes_per_s / 1e9:.2f} GB/s, "
             f"channels {s.channels}, chunk {s.chunk_bytes >> 10} KiB "
             f"({result.io_kind}{', O_DIRECT' if result.direct else ', buffered'}, {result.filesystem})",
-            f"compute: expert FFN {c.ffn_bytes_per_s / 1e9:.3f} GB/s, dense "
-            f"{c.dense_bytes_per_s / 1e9:.3f} GB/s of q4_0 weights ({result.threads} threads)",
-            f"memory: {profile.memory.read_bandwidth_bytes_per_s / 1e9:.2f} GB/s read, "
-            f"{profile.memory.ram_bytes / GiB:.1f} GiB RAM",
+            f"compute: expert FFN {c.ffn_bytes_per_s / 1e9:.2f} GB/s of q4_0 weights "
+            f"({result.ffn_kernel}, {result.threads} threads) = "
+            f"{c.ffn_bytes_per_s / profile.memory.read_bandwidth_bytes_per_s:.0%} of memory read "
+            f"{profile.memory.read_bandwidth_bytes_per_s / 1e9:.2f} GB/s; dense block "
+            f"{c.dense_bytes_per_s / 1e9:.2f} GB/s",
+            f"memory: {profile.memory.read_bandwidth_bytes_per_s / 1e9:.2f} GB/s read on "
+            f"{result.threads} threads, {result.memory_read_1thread_bytes_per_s / 1e9:.2f} GB/s on "
+            f"one ({result.memory_read_kind}), {profile.memory.ram_bytes / GiB:.1f} GiB RAM",
         ]
     )
     emit(args, profile.to_dict(), text)
-    return 0
+    return writes.finish()

@@ -7,12 +7,15 @@ from pathlib import Path
 from typing import Any
 
 from mer.cli.common import (
+    FinalWrites,
     add_output_args,
     add_replay_args,
     emit,
+    input_file,
     int_list,
+    int_range,
     note,
-    positive_int,
+    output_file,
     replay_config_from_args,
     require_file,
     str_list,
@@ -77,7 +80,7 @@ def register(sub: Any) -> None:
             "laid out like the public engine's log (or --json); -o writes the per-token table."
         ),
     )
-    p.add_argument("trace", type=Path, help="trace parquet (trace format v1)")
+    p.add_argument("trace", type=input_file, help="trace parquet (trace format v1)")
     add_replay_args(p)
     _add_timing_args(p, sweep=False)
     p.add_argument(
@@ -89,7 +92,7 @@ def register(sub: Any) -> None:
     )
     add_output_args(p)
     p.add_argument(
-        "--summary", type=Path, default=None, help="also write the summary JSON to this file"
+        "--summary", type=output_file, default=None, help="also write the summary JSON to this file"
     )
     p.set_defaults(func=cmd_simulate)
 
@@ -103,7 +106,7 @@ def register(sub: Any) -> None:
             "resumes, skipping configurations already present."
         ),
     )
-    s.add_argument("trace", type=Path, help="trace parquet (trace format v1)")
+    s.add_argument("trace", type=input_file, help="trace parquet (trace format v1)")
     s.add_argument(
         "--policies", type=str_list, default=["lru"], help="comma-separated eviction policies"
     )
@@ -125,11 +128,18 @@ def register(sub: Any) -> None:
     add_replay_args(s, sweep=True)
     _add_timing_args(s, sweep=True)
     s.add_argument(
-        "-o", "--output", type=Path, required=True, help="results parquet (one row per config)"
+        "-o",
+        "--output",
+        type=output_file,
+        required=True,
+        help="results parquet (one row per config; rows of other sweeps in it are kept)",
     )
     s.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     s.add_argument(
-        "--jobs", type=positive_int, default=None, help="parallel worker processes (default 2)"
+        "--jobs",
+        type=int_range(1, 256),
+        default=None,
+        help="parallel worker processes (default 2)",
     )
     s.add_argument("--backend", choices=("local", "dask"), default="local", help="where to run")
     s.add_argument("--scheduler", default=None, help="dask scheduler address (--backend dask)")
@@ -185,12 +195,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             f"warning: {config.cache_slots} slots need {summary.extra['cache_bytes'] / 2**30:.1f} "
             f"GiB, more than the profile's RAM ({hw.memory.ram_bytes / 2**30:.1f} GiB)."
         )
-    if args.output:
-        write_token_table(res.tokens, args.output, summary)
-    if args.summary:
-        summary.save(args.summary)
+    writes = FinalWrites()
+    writes.add(args.output, lambda p: write_token_table(res.tokens, p, summary), "per-token table")
+    writes.add(args.summary, summary.save, "summary")
+    writes.run()
     emit(args, summary.to_dict(), summary.format_text())
-    return 0
+    return writes.finish()
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:

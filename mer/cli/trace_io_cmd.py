@@ -14,8 +14,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from mer.cli.common import emit, note, positive_int
-from mer.errors import BadInput
+from mer.cli.common import emit, input_file, note, output_file, positive_int
 from mer.traces.format import PHASES, Trace, read_trace, write_trace
 from mer.traces.importers import IMPORTERS, ImportOptions, import_trace
 
@@ -41,9 +40,9 @@ def register(tsub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("format", metavar="FORMAT", choices=list(IMPORTERS), help=", ".join(IMPORTERS))
-    p.add_argument("src", metavar="SRC", type=Path, help="the file to import")
+    p.add_argument("src", metavar="SRC", type=input_file, help="the file to import")
     p.add_argument(
-        "-o", "--output", type=Path, required=True, help="trace file to write (.parquet)"
+        "-o", "--output", type=output_file, required=True, help="trace file to write (.parquet)"
     )
     p.add_argument("--model", help="model name for the metadata (default: the format's)")
     p.add_argument(
@@ -81,7 +80,7 @@ def register(tsub: argparse._SubParsersAction) -> None:
             "the first problem (naming the file and the offending rows) and exits with 2."
         ),
     )
-    p.add_argument("file", metavar="FILE", type=Path, help="trace file (.parquet)")
+    p.add_argument("file", metavar="FILE", type=input_file, help="trace file (.parquet)")
     p.add_argument(
         "--json", action="store_true", help="print one JSON object on stdout instead of text"
     )
@@ -96,7 +95,7 @@ def register(tsub: argparse._SubParsersAction) -> None:
             "lookahead and router logits."
         ),
     )
-    p.add_argument("file", metavar="FILE", type=Path, help="trace file (.parquet)")
+    p.add_argument("file", metavar="FILE", type=input_file, help="trace file (.parquet)")
     p.add_argument(
         "--json", action="store_true", help="print one JSON object on stdout instead of text"
     )
@@ -113,8 +112,6 @@ def cmd_import(args: argparse.Namespace) -> int:
         provenance=args.provenance,
         licence=args.licence,
     )
-    if args.output.exists() and args.output.is_dir():
-        raise BadInput(f"-o {args.output}: is a directory; give a .parquet file name.")
     result = import_trace(args.format, args.src, options)
     for msg in result.notes:
         note(f"note: {msg}")

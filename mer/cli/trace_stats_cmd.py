@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from mer.atomic import write_json_atomic
-from mer.cli.common import add_phase_arg, emit, note, require_file
+from mer.cli.common import (
+    FinalWrites,
+    add_phase_arg,
+    emit,
+    input_file,
+    note,
+    output_file,
+    require_file,
+)
 
 
 def register(tsub: argparse._SubParsersAction) -> None:
@@ -21,12 +28,18 @@ def register(tsub: argparse._SubParsersAction) -> None:
             "docs/trace-statistics.md. Transition matrices are in the --json output only."
         ),
     )
-    p.add_argument("trace", type=Path, metavar="FILE", help="trace file (.parquet, format v1)")
+    p.add_argument(
+        "trace", type=input_file, metavar="FILE", help="trace file (.parquet, format v1)"
+    )
     p.add_argument(
         "--json", action="store_true", help="print one JSON object on stdout instead of text"
     )
     p.add_argument(
-        "-o", "--output", type=Path, default=None, help="also write the JSON object to this file"
+        "-o",
+        "--output",
+        type=output_file,
+        default=None,
+        help="also write the JSON object to this file",
     )
     p.add_argument(
         "--no-matrices",
@@ -43,8 +56,10 @@ def run(args: argparse.Namespace) -> int:
 
     trace = read_trace(require_file(args.trace, "trace"))
     stats = trace_stats(trace, args.phase, matrices=not args.no_matrices)
-    if args.output is not None:
-        write_json_atomic(args.output, stats)
-        note(f"wrote {args.output}")
+    writes = FinalWrites()
+    writes.add(args.output, lambda p: write_json_atomic(p, stats), "statistics")
+    writes.run()
+    for p in writes.written:
+        note(f"wrote {p}")
     emit(args, stats, format_stats(stats))
-    return 0
+    return writes.finish()

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
-from mer.cli.common import emit, note
+from mer.cli.common import emit, note, output_file
 
 
 def register(tsub: argparse._SubParsersAction) -> None:
@@ -26,7 +25,7 @@ def register(tsub: argparse._SubParsersAction) -> None:
     for name, cls in GENERATORS.items():
         g = ksub.add_parser(name, help=cls.help, description=(cls.__doc__ or cls.help).strip())
         g.add_argument(
-            "-o", "--output", type=Path, required=True, help="output trace file (.parquet)"
+            "-o", "--output", type=output_file, required=True, help="output trace file (.parquet)"
         )
         g.add_argument(
             "--json", action="store_true", help="print one JSON summary object on stdout"

@@ -138,17 +138,31 @@ class _ProtectedNoStep:
 class _Partition:
     __slots__ = ("capacity", "free_slots", "policy", "resident")
 
-    def __init__(self, policy: EvictionPolicy, capacity: int, first_slot: int) -> None:
+    def __init__(self, policy: EvictionPolicy, capacity: int, first_slot: int, usable: int) -> None:
         self.policy = policy
         self.capacity = capacity
         self.resident = 0
-        self.free_slots = list(range(first_slot + capacity - 1, first_slot - 1, -1))
+        # A partition never holds more keys than its key space, so only that many
+        # slots exist, however large the capacity the policy is told.
+        self.free_slots = list(range(first_slot + usable - 1, first_slot - 1, -1))
 
 
 def split_slots(total: int, n_layers: int) -> list[int]:
     """Per-layer capacities: even split, the remainder to the lowest layers."""
     base, rem = divmod(total, n_layers)
     return [base + (1 if layer < rem else 0) for layer in range(n_layers)]
+
+
+def physical_slots(cache_slots: int, scope: str, n_layers: int, n_experts: int) -> int:
+    """Slot buffers a cache can ever fill: a partition holds at most its key space.
+
+    A cache asked for more slots than there are experts behaves like one with
+    exactly as many (the policy still sees the asked capacity), so the engine
+    allocates only these.
+    """
+    if scope == "global":
+        return min(cache_slots, n_layers * n_experts)
+    return sum(min(c, n_experts) for c in split_slots(cache_slots, n_layers))
 
 
 class ExpertCache:
@@ -193,8 +207,9 @@ class ExpertCache:
         for cap in caps:
             pol = factory(cap)
             pol.attach_keyspace(keyspace)
-            self.partitions.append(_Partition(pol, cap, first))
-            first += cap
+            usable = min(cap, keyspace)
+            self.partitions.append(_Partition(pol, cap, first, usable))
+            first += usable
         per_part_pins = [0] * len(self.partitions)
         for key in self.pinned:
             if not 0 <= key < n_layers * n_experts:

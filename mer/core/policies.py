@@ -562,7 +562,7 @@ class OPT(EvictionPolicy):
         self._k = steps.shape[1]
         flat = steps.reshape(-1).astype(np.int64)
         self._flat = flat
-        self._next_pos = next_positions(flat).tolist()
+        self._next_pos = []  # computed at the first step: a compiled replay never needs it
 
     def _occurrences(self, key: int) -> np.ndarray:
         pos = self._positions.get(key)
@@ -575,6 +575,8 @@ class OPT(EvictionPolicy):
     def begin_step(self, t: int, keys: Sequence[int]) -> None:
         self._t = t
         base = t * self._k
+        if not self._next_pos and self._flat is not None and len(self._flat):
+            self._next_pos = next_positions(self._flat).tolist()
         nxt, res, heap, next_pos = self._nxt, self._resident, self._heap, self._next_pos
         for rank, key in enumerate(keys):
             n = next_pos[base + rank]

@@ -12,6 +12,7 @@ next token's layer 0 after the last layer.
 
 from __future__ import annotations
 
+import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -27,17 +28,33 @@ Prediction = list[tuple[int, float]]  # ranked (key, probability) for one future
 class ReplayContext:
     """What a replay exposes to predictors. Online predictors must only read the
     shape fields; `steps` and `lookahead` are for the oracle and the recorded
-    lookahead signal."""
+    lookahead signal.
+
+    A live replay (a model decoding, its steps arriving one at a time) has no
+    `steps` (an empty array) and no end (`n_steps` is unbounded); its lookahead
+    is a dict step -> keys that the driver fills just before it asks for the
+    prefetches of the step before (`Replay.supply_lookahead`).
+    """
 
     n_layers: int
     n_experts: int
     top_k: int
     steps: np.ndarray  # (n_steps, k) int32 global keys, replay order
-    lookahead: np.ndarray | None = None  # (n_steps, k) int32 global keys, or None
+    lookahead: np.ndarray | dict[int, np.ndarray] | None = None  # (n_steps, k) global keys
+    live: bool = False
 
     @property
     def n_steps(self) -> int:
-        return len(self.steps)
+        return sys.maxsize if self.live else len(self.steps)
+
+    def lookahead_at(self, u: int) -> np.ndarray | None:
+        """The lookahead keys recorded (or supplied live) for step u, or None."""
+        la = self.lookahead
+        if la is None:
+            return None
+        if isinstance(la, dict):
+            return la.get(u)
+        return la[u]
 
 
 class Predictor(ABC):

@@ -171,13 +171,13 @@ class LookaheadPredictor(Predictor):
                 "predictor 'lookahead' needs a trace with a recorded lookahead column; "
                 "this trace has none (record with `mer record`, or pick another predictor)."
             )
-        self._la = ctx.lookahead
 
     def predict(self, t: int, depth: int) -> list[Prediction]:
         horizon = _horizon(self.ctx, t, depth)
         if len(horizon) == 0:
             return []
-        first = [(int(k), 1.0) for k in self._la[t + 1]]
+        row = self.ctx.lookahead_at(t + 1)
+        first = [] if row is None else [(int(k), 1.0) for k in row]
         return [first] + [[] for _ in range(len(horizon) - 1)]
 
 

@@ -10,14 +10,24 @@ real engine - calls, for each step t:
     ...on every read completion: replay.complete(key)...
 
 and finally `replay.stats`. The driver owns time and I/O; it never decides
-what to read, evict or prefetch. `replay_counts` is the driver with no clock
+what to read, evict or prefetch.
+
+A trace fixes every step in advance (`Replay(steps, ...)`, `Replay.from_trace`).
+A model that decodes learns its steps only as it runs: `Replay.live(...)` is
+the same core with no trace behind it; the driver passes each step's keys as
+they come, `replay.step(t, keys)`, in order. Everything that needs the future
+(OPT, the oracle predictor, static pins from trace counts) is refused there,
+and the lookahead predictor reads what the driver supplies
+(`replay.supply_lookahead(t + 1, keys)` before `replay.prefetch(t)`). `replay_counts` is the driver with no clock
 at all (every read completes at once), the reference the other two must match
 when prefetch is off.
 """
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -25,7 +35,7 @@ import numpy as np
 
 from mer.core.cache import READY, Admission, CacheStats, ExpertCache, StepResult
 from mer.core.policies import FIFO, LRU, Clock
-from mer.core.policy import EvictionPolicy
+from mer.core.policy import POLICIES, EvictionPolicy
 from mer.core.predictor import Predictor, ReplayContext, make_predictor
 from mer.errors import BadInput
 
@@ -66,6 +76,49 @@ class ReplayConfig:
     def prefetch_on(self) -> bool:
         return self.predictor != "none"
 
+    def validate(self) -> ReplayConfig:
+        """Refuse values no replay can use, naming the command-line flag (BadInput)."""
+        import math
+
+        from mer.validate import MAX_COUNT, MAX_SLOTS
+
+        def count(
+            flag: str, v: Any, lo: int, hi: int = MAX_COUNT, *, none_ok: bool = False
+        ) -> None:
+            if v is None and none_ok:
+                return
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not lo <= v <= hi:
+                raise BadInput(f"{flag} must be an integer from {lo} to {hi:,}, got {v!r}.")
+
+        count("--cache-slots", self.cache_slots, 1, MAX_SLOTS)
+        count("--pipeline-depth", self.pipeline_depth, 0, 1024)
+        count("--prefetch-top-n", self.prefetch_top_n, 1, none_ok=True)
+        count("--prefetch-inflight", self.prefetch_inflight, 1)
+        count("--pin", self.pin, 0)
+        count("--tokens", self.tokens, 1, none_ok=True)
+        p = self.prefetch_min_prob
+        if (
+            isinstance(p, bool)
+            or not isinstance(p, (int, float))
+            or not math.isfinite(p)
+            or not 0 <= p <= 1
+        ):
+            raise BadInput(f"--prefetch-min-prob must be a probability from 0 to 1, got {p!r}.")
+        if self.scope not in ("global", "per-layer"):
+            raise BadInput(f"--scope must be global or per-layer, got {self.scope!r}.")
+        if self.phase not in ("prefill", "decode", "all"):
+            raise BadInput(f"--phase must be prefill, decode or all, got {self.phase!r}.")
+        for flag, params in (
+            ("--policy-param", self.policy_params),
+            ("--predictor-param", self.predictor_params),
+        ):
+            if not isinstance(params, dict):
+                raise BadInput(f"{flag}: expected KEY=VALUE pairs, got {params!r}.")
+            for k, v in params.items():
+                if isinstance(v, float) and not math.isfinite(v):
+                    raise BadInput(f"{flag} {k}={v}: must be a finite number.")
+        return self
+
 
 def popular_keys(steps: np.ndarray, n: int) -> list[int]:
     """The n most frequent keys (ties: smaller key first), for static pinning."""
@@ -85,6 +138,7 @@ class Replay:
         n_experts: int,
         config: ReplayConfig,
         lookahead: np.ndarray | None = None,
+        live: bool = False,
     ) -> None:
         steps = np.ascontiguousarray(steps, dtype=np.int32)
         if steps.ndim != 2:
@@ -93,9 +147,11 @@ class Replay:
         self.n_layers = n_layers
         self.n_experts = n_experts
         self.top_k = steps.shape[1]
-        self.config = config
-        if config.pipeline_depth < 0:
-            raise BadInput("--pipeline-depth must be >= 0.")
+        self.config = config.validate()
+        self.is_live = live
+        self._live_t = -1  # live: the step just looked up, and its keys
+        self._live_keys: list[int] = []
+        self._live_la: dict[int, np.ndarray] = {}
         self.cache = ExpertCache(
             n_layers=n_layers,
             n_experts=n_experts,
@@ -106,14 +162,25 @@ class Replay:
             pinned=popular_keys(steps, config.pin),
         )
         self.cache.attach_future(steps)
-        self.ctx = ReplayContext(n_layers, n_experts, self.top_k, steps, lookahead)
+        self.ctx = ReplayContext(
+            n_layers,
+            n_experts,
+            self.top_k,
+            steps,
+            self._live_la if live else lookahead,
+            live=live,
+        )
         self.predictor: Predictor = make_predictor(
             config.predictor, self.ctx, **config.predictor_params
         )
         self.rule = PrefetchRule(
             config.prefetch_top_n, config.prefetch_min_prob, config.prefetch_inflight
         )
-        self._keys_list = steps.tolist()
+
+    @functools.cached_property
+    def _keys_list(self) -> list[list[int]]:
+        # Built on first use: the compiled replay never needs it.
+        return self.steps.tolist()
 
     @classmethod
     def from_trace(cls, trace: Any, config: ReplayConfig) -> Replay:
@@ -144,9 +211,44 @@ class Replay:
             keys, n_layers=tr.n_layers, n_experts=tr.n_experts, config=config, lookahead=la_keys
         )
 
+    @classmethod
+    def live(cls, *, n_layers: int, n_experts: int, top_k: int, config: ReplayConfig) -> Replay:
+        """A replay whose steps arrive one at a time from a running model.
+
+        Same cache, policy, predictor and prefetch rule as a trace replay; only
+        what needs the future is refused, with the reason.
+        """
+        from mer.core.policy import POLICIES, _load_builtin_policies
+        from mer.core.predictor import PREDICTORS, _load_builtin_predictors
+
+        _load_builtin_policies()
+        _load_builtin_predictors()
+        pol = POLICIES.get(config.policy)
+        if pol is not None and pol.needs_future:
+            raise BadInput(
+                f"policy {config.policy!r} needs the future of a trace, which a live run does "
+                "not have; record the routing (-o TRACE.parquet) and replay it with `mer simulate` "
+                "or `mer run`, or pick an online policy."
+            )
+        pred = PREDICTORS.get(config.predictor)
+        if pred is not None and pred.offline:
+            raise BadInput(
+                f"predictor {config.predictor!r} reads the future of a trace, which a live run "
+                "does not have; record the routing and replay it, or pick an online predictor."
+            )
+        if config.pin:
+            raise BadInput(
+                "--pin counts expert popularity over a whole trace, which a live run does not "
+                "have; replay a recorded trace to pin, or leave --pin at 0."
+            )
+        if config.tokens is not None or config.phase != "all":
+            raise BadInput("a live run has every token in order: no --tokens, no --phase.")
+        empty = np.zeros((0, top_k), dtype=np.int32)
+        return cls(empty, n_layers=n_layers, n_experts=n_experts, config=config, live=True)
+
     @property
     def n_steps(self) -> int:
-        return len(self.steps)
+        return self._live_t + 1 if self.is_live else len(self.steps)
 
     @property
     def stats(self) -> CacheStats:
@@ -155,11 +257,36 @@ class Replay:
     def layer_of(self, t: int) -> int:
         return t % self.n_layers
 
-    def step(self, t: int) -> StepResult:
-        keys = self._keys_list[t]
-        result = self.cache.access_step(t, keys)
-        self.predictor.observe(t, self.steps[t])
+    def step(self, t: int, keys: Sequence[int] | None = None) -> StepResult:
+        """Step t's lookups; a live replay is given the step's keys (rank order)."""
+        if keys is None:
+            if self.is_live:
+                raise ValueError("a live replay needs each step's keys: step(t, keys)")
+            result = self.cache.access_step(t, self._keys_list[t])
+            self.predictor.observe(t, self.steps[t])
+            return result
+        if not self.is_live:
+            raise ValueError("a trace replay takes its keys from the trace: step(t)")
+        if t != self._live_t + 1:
+            raise ValueError(f"live steps must come in order: got {t} after {self._live_t}")
+        row = [int(k) for k in keys]
+        self._live_t = t
+        self._live_keys = row
+        self._live_la.pop(t, None)  # consumed: the step it predicted is here
+        result = self.cache.access_step(t, row)
+        self.predictor.observe(t, np.asarray(row, dtype=np.int32))
         return result
+
+    def supply_lookahead(self, u: int, keys: Sequence[int]) -> None:
+        """Live: the lookahead prediction of step u (read by the lookahead predictor)."""
+        self._live_la[u] = np.asarray(keys, dtype=np.int32)
+
+    def _step_keys(self, t: int) -> list[int]:
+        if self.is_live:
+            if t != self._live_t:
+                raise ValueError(f"prefetch({t}) must follow step({t}) in a live replay")
+            return self._live_keys
+        return self._keys_list[t]
 
     def prefetch(self, t: int) -> list[Admission]:
         """Background reads for steps t+1 .. t+depth, chosen by the prefetch rule."""
@@ -178,7 +305,7 @@ class Replay:
         if not wanted:
             return []
         # A prefetch never evicts the current step's keys nor another wanted key.
-        protect = self._keys_list[t] + wanted
+        protect = self._step_keys(t) + wanted
         cache = self.cache
         out: list[Admission] = []
         for key in wanted:
@@ -193,17 +320,35 @@ class Replay:
         self.cache.complete(key)
 
 
-def replay_counts(replay: Replay, *, fast: bool = True) -> CacheStats:
+ENGINES = ("auto", "c", "python")
+
+
+def replay_counts(replay: Replay, *, fast: bool = True, engine: str = "auto") -> CacheStats:
     """Replay with no clock: every read completes the moment it is issued.
 
     With prefetch on this is the "infinitely fast SSD" limit; with prefetch off
     it is exactly what the simulator and the engine must reproduce. With
-    prefetch off and a fresh replay, a lean loop (`_counts_no_prefetch`) makes
-    the same policy calls in the same order without building per-step result
-    objects; `fast=False` forces the general path (tests hold the two equal).
+    prefetch off and a fresh replay, the policy's compiled loop
+    (`mer.native.replay`, engine "c") runs when it builds; else a lean Python
+    loop (`_counts_no_prefetch`, engine "python") makes the same policy calls in
+    the same order without building per-step result objects. `fast=False`
+    forces the general path. Tests hold all three equal.
     """
+    if engine not in ENGINES:
+        raise BadInput(f"replay engine must be one of {', '.join(ENGINES)}, got {engine!r}.")
     if fast and _lean_ok(replay):
+        if engine != "python":
+            stats = _counts_compiled(replay)
+            if stats is not None:
+                return stats
+            if engine == "c":
+                raise BadInput(
+                    f"policy {replay.cache.policy_name!r} has no compiled replay here "
+                    "(no C compiler, or no compiled loop for it)."
+                )
         return _counts_no_prefetch(replay)
+    if engine == "c":
+        raise BadInput("the compiled replay needs prefetch off and a fresh replay.")
     for t in range(replay.n_steps):
         res = replay.step(t)
         for adm in res.reads:
@@ -225,6 +370,47 @@ def _lean_ok(replay: Replay) -> bool:
         layers = replay.steps // replay.n_experts
         return bool((layers == layers[:, :1]).all())
     return True
+
+
+def compiled_policy(replay: Replay) -> Any:
+    """The compiled twin of the replay's policy (`mer.native.replay.CompiledPolicy`), or
+    None: no compiler, no C loop for this policy, or a class that is not the one
+    registered under its name (a plugin's subclass runs in Python)."""
+    from mer.native import replay as native_replay
+
+    cache = replay.cache
+    name = cache.policy_name
+    cls = POLICIES.get(name)
+    if cls is None or any(type(p.policy) is not cls for p in cache.partitions):
+        return None
+    return native_replay.lookup(name)
+
+
+def _counts_compiled(replay: Replay) -> CacheStats | None:
+    """`_counts_no_prefetch` run by the policy's compiled loop; None if it has none."""
+    from mer.native import replay as native_replay
+
+    pol = compiled_policy(replay)
+    if pol is None:
+        return None
+    cache = replay.cache
+    n_layers = cache.n_layers
+    parts = native_replay.split_partitions(
+        replay.steps, n_layers, cache.n_experts, cache.scope, sorted(cache.pinned)
+    )
+    counts = np.zeros((4, n_layers), dtype=np.int64)
+    residents: list[set[int]] = []
+    for part, cpart in zip(parts, cache.partitions, strict=True):
+        params = np.asarray([native_replay.policy_params(pol, cpart.policy)], dtype=np.float64)
+        res = native_replay.run_pass(pol, part, [cpart.capacity], params, resident=True)
+        if part.layer is None:
+            counts += res.counts[0]
+        else:
+            counts[:, part.layer] += res.counts[0][:, 0]
+        assert res.resident is not None
+        residents.append(set((np.flatnonzero(res.resident[0]) + part.key_base).tolist()))
+    hits, misses, evictions, bypass = (row.tolist() for row in counts)
+    return _finish(replay, residents, hits, misses, evictions, bypass)
 
 
 def _counts_no_prefetch(replay: Replay) -> CacheStats:

@@ -54,6 +54,10 @@ from mer.errors import BadInput, RuntimeFailure
 
 DEFAULT_QUEUE_DEPTH = 32
 DEFAULT_CHUNK_BYTES = 512 * 1024
+#: Reads in flight: io_uring rings hold at most 32768 entries, and the preadv pool
+#: runs one thread per read in flight, so a few thousand is already far past any SSD.
+MAX_QUEUE_DEPTH = 4096
+MAX_CHUNK_BYTES = 64 << 20
 KINDS = ("auto", "uring", "pread")
 
 
@@ -171,10 +175,16 @@ class Reader(ABC):
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         direct: bool = True,
     ) -> None:
-        if queue_depth < 1:
-            raise BadInput(f"queue depth must be >= 1, got {queue_depth}")
-        if chunk_bytes < ALIGN or chunk_bytes % ALIGN:
-            raise BadInput(f"chunk size must be a positive multiple of {ALIGN}, got {chunk_bytes}")
+        if not 1 <= queue_depth <= MAX_QUEUE_DEPTH:
+            raise BadInput(
+                f"--queue-depth must be from 1 to {MAX_QUEUE_DEPTH} reads in flight, got "
+                f"{queue_depth}."
+            )
+        if chunk_bytes < ALIGN or chunk_bytes % ALIGN or chunk_bytes > MAX_CHUNK_BYTES:
+            raise BadInput(
+                f"--chunk-bytes must be a multiple of {ALIGN} from {ALIGN} to "
+                f"{MAX_CHUNK_BYTES >> 20} MiB, got {chunk_bytes}."
+            )
         self.queue_depth = queue_depth
         self.chunk_bytes = chunk_bytes
         self.direct = direct

@@ -31,7 +31,6 @@ missing expert tensors, a dtype other than q4_0, inconsistent shapes.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -42,7 +41,9 @@ import numpy as np
 import numpy.typing as npt
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
 
+from mer import validate
 from mer.errors import BadInput
+from mer.guard import check_input, load_json_input
 from mer.shapes import ALIGN, SHAPES, ModelShape
 
 U8 = npt.NDArray[np.uint8]
@@ -242,10 +243,11 @@ class ExpertStore:
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> ExpertStore:
         p = Path(path)
+        if not os.path.lexists(p):
+            raise BadInput(f"expert file {p}: no such file; create one with `mer experts synth`.")
+        check_input(p, "expert file", directory_ok=True)
         if p.is_dir():
             return _open_packed(p)
-        if not p.exists():
-            raise BadInput(f"expert file {p}: no such file; create one with `mer experts synth`.")
         return _open_gguf(p)
 
     # ---- the executor's interface ----------------------------------------------------
@@ -362,8 +364,11 @@ def _buffer_pos(plan: list[Read], r: ByteRange) -> int:
 # ---- GGUF ------------------------------------------------------------------------------
 def _open_gguf(p: Path) -> ExpertStore:
     size = p.stat().st_size
-    with open(p, "rb") as fh:
-        magic = fh.read(4)
+    try:
+        with open(p, "rb") as fh:
+            magic = fh.read(4)
+    except OSError as exc:
+        raise BadInput(f"expert file {p}: cannot be read ({exc.strerror}).") from None
     if magic != GGUF_MAGIC:
         raise BadInput(
             f"{p} is not a GGUF file (starts with {magic!r}, expected b'GGUF'); "
@@ -403,6 +408,17 @@ def _open_gguf(p: Path) -> ExpertStore:
             f"{p}: holds both stacked and per-expert expert tensors; cannot tell which to use."
         )
     layout = "stacked" if stacked else "per-expert"
+    for key, value, hi in (
+        (f"{arch}.block_count", meta_layers, 1 << 15),
+        (f"{arch}.expert_count", meta_experts, 1 << 15),
+        (f"{arch}.expert_used_count", top_k, 127),
+    ):
+        if value is not None and (
+            isinstance(value, bool)
+            or not isinstance(value, (int, np.integer))
+            or not 1 <= value <= hi
+        ):
+            raise BadInput(f"{p}: GGUF metadata {key} is {value!r}, expected an integer 1..{hi}.")
     layers_seen = [k[0] for k in (stacked or per_exp)]
     n_layers = int(meta_layers) if meta_layers else max(layers_seen) + 1
     if layout == "stacked":
@@ -500,39 +516,100 @@ def _open_gguf(p: Path) -> ExpertStore:
 
 
 # ---- packed dir ------------------------------------------------------------------------
+def _shape_from_manifest(where: str, s: Any) -> ModelShape:
+    s = validate.obj(where, "shape", s, optional=False)
+    for k in ("name", "n_layers", "n_experts", "top_k", "d_model", "d_ff"):
+        if k not in s:
+            raise BadInput(f"{where}: field shape.{k} is missing; re-run `mer experts pack`.")
+    n_layers = validate.integer(where, "shape.n_layers", s["n_layers"], lo=1, hi=1 << 15)
+    n_experts = validate.integer(where, "shape.n_experts", s["n_experts"], lo=1, hi=1 << 15)
+    top_k = validate.integer(where, "shape.top_k", s["top_k"], lo=1, hi=n_experts)
+    d_model = validate.integer(where, "shape.d_model", s["d_model"], lo=32, hi=1 << 20)
+    d_ff = validate.integer(where, "shape.d_ff", s["d_ff"], lo=32, hi=1 << 20)
+    if d_model % 32 or d_ff % 32:
+        raise BadInput(f"{where}: shape d_model {d_model} and d_ff {d_ff} must be multiples of 32.")
+    return ModelShape(
+        validate.text(where, "shape.name", s["name"], limit=256),
+        n_layers,
+        n_experts,
+        top_k,
+        d_model,
+        d_ff,
+        n_heads=validate.integer(where, "shape.n_heads", s.get("n_heads", 32), lo=1, hi=1 << 12),
+        n_kv_heads=validate.integer(
+            where, "shape.n_kv_heads", s.get("n_kv_heads", 8), lo=1, hi=1 << 12
+        ),
+        description=str(s.get("description") or ""),
+    )
+
+
 def _open_packed(d: Path) -> ExpertStore:
+    """A packed dir; every manifest field is checked against the shape and the file sizes."""
     mpath = d / PACK_MANIFEST
     if not mpath.exists():
         raise BadInput(
             f"{d} is a directory without {PACK_MANIFEST}; make one with `mer experts pack`."
         )
-    try:
-        m = json.loads(mpath.read_text())
-        if m.get("format") != PACK_FORMAT:
-            raise ValueError(f"format is {m.get('format')!r}, expected {PACK_FORMAT!r}")
-        s = m["shape"]
-        fields = (
-            "name",
-            "n_layers",
-            "n_experts",
-            "top_k",
-            "d_model",
-            "d_ff",
-            "n_heads",
-            "n_kv_heads",
-        )
-        shape = ModelShape(**{k: s[k] for k in fields}, description=s.get("description", ""))
-        slot = int(m["slot_bytes"])
-        offs = np.asarray(m["slot_offsets"], dtype=np.int64).reshape(
-            shape.n_layers, shape.n_experts
-        )
-        lens = [int(m["matrix_bytes"][k]) for k in KINDS]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    where = str(mpath)
+    m = load_json_input(mpath, "pack manifest")
+    if not isinstance(m, dict):
+        raise BadInput(f"{where}: not a pack manifest (a JSON object); re-run `mer experts pack`.")
+    if m.get("format") != PACK_FORMAT:
         raise BadInput(
-            f"{mpath}: not a valid pack manifest ({exc}); re-run `mer experts pack`."
-        ) from None
+            f"{where}: not a valid pack manifest (format is {m.get('format')!r}, expected "
+            f"{PACK_FORMAT!r}); re-run `mer experts pack`."
+        )
+    version = m.get("version", PACK_VERSION)
+    if version != PACK_VERSION:
+        raise BadInput(
+            f"{where}: pack version {version!r}, this mer reads {PACK_VERSION}; re-run "
+            "`mer experts pack`."
+        )
+    for key in ("shape", "slot_bytes", "slot_offsets", "matrix_bytes"):
+        if key not in m:
+            raise BadInput(
+                f"{where}: not a valid pack manifest (no {key!r}); re-run `mer experts pack`."
+            )
+    shape = _shape_from_manifest(where, m["shape"])
+    slot = validate.integer(where, "slot_bytes", m["slot_bytes"], lo=ALIGN, hi=1 << 36)
+    if slot % ALIGN:
+        raise BadInput(f"{where}: slot_bytes {slot} is not a multiple of {ALIGN}.")
+    mb = validate.obj(where, "matrix_bytes", m["matrix_bytes"], optional=False)
+    per_matrix = shape.bytes_per_expert // 3
+    lens = []
+    for k in KINDS:
+        if k not in mb:
+            raise BadInput(f"{where}: matrix_bytes has no {k!r}; re-run `mer experts pack`.")
+        n = validate.integer(where, f"matrix_bytes.{k}", mb[k], lo=1, hi=1 << 36)
+        if n != per_matrix:
+            raise BadInput(
+                f"{where}: matrix_bytes.{k} is {n:,}, but shape {shape.name} "
+                f"({shape.d_model}x{shape.d_ff} q4_0) has {per_matrix:,} bytes per matrix."
+            )
+        lens.append(n)
+    if sum(lens) > slot:
+        raise BadInput(
+            f"{where}: an expert ({sum(lens):,} bytes) does not fit slot_bytes {slot:,}."
+        )
+    raw_offs = m["slot_offsets"]
+    n_slots = shape.n_layers * shape.n_experts
+    if not isinstance(raw_offs, list) or len(raw_offs) != n_slots:
+        got = len(raw_offs) if isinstance(raw_offs, list) else type(raw_offs).__name__
+        raise BadInput(
+            f"{where}: slot_offsets must list {n_slots} offsets ({shape.n_layers} layers x "
+            f"{shape.n_experts} experts), got {got}."
+        )
+    for i, v in enumerate(raw_offs):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0 or v % ALIGN:
+            raise BadInput(
+                f"{where}: slot_offsets[{i}] must be a non-negative multiple of {ALIGN}, got {v!r}."
+            )
+    offs = np.asarray(raw_offs, dtype=np.int64).reshape(shape.n_layers, shape.n_experts)
     data = d / PACK_DATA
-    size = data.stat().st_size if data.exists() else 0
+    if not data.exists():
+        raise BadInput(f"{data}: missing; the pack is incomplete, re-run `mer experts pack`.")
+    check_input(data, "packed experts")
+    size = data.stat().st_size
     need = int(offs.max()) + slot
     if size < need:
         raise BadInput(
@@ -546,9 +623,31 @@ def _open_packed(d: Path) -> ExpertStore:
         ranges[:, :, i, 1] = n
         pos += n
     dense: dict[int, dict[str, ByteRange]] = {}
-    for L_str, entry in (m.get("dense") or {}).items():
-        dense[int(L_str)] = {k: ByteRange(int(v[0]), int(v[1])) for k, v in entry.items()}
-    extra = {"slot_bytes_manifest": slot, "source": m.get("source", {})}
+    raw_dense = validate.obj(where, "dense", m.get("dense"))
+    dense_path = d / PACK_DENSE
+    if raw_dense:
+        if not dense_path.exists():
+            raise BadInput(f"{dense_path}: missing but the manifest lists dense tensors.")
+        check_input(dense_path, "packed dense tensors")
+        dsize = dense_path.stat().st_size
+        for key, entry in raw_dense.items():
+            try:
+                layer = int(key)
+            except ValueError:
+                raise BadInput(f"{where}: dense key {key!r} is not a layer number.") from None
+            if not 0 <= layer < shape.n_layers:
+                raise BadInput(f"{where}: dense layer {layer} outside 0..{shape.n_layers - 1}.")
+            entry = validate.obj(where, f"dense.{key}", entry, optional=False)
+            rs = {}
+            for k in DENSE_KINDS:
+                v = entry.get(k)
+                if not (isinstance(v, list) and len(v) == 2):
+                    raise BadInput(f"{where}: dense.{key}.{k} must be [offset, length], got {v!r}.")
+                off = validate.integer(where, f"dense.{key}.{k}[0]", v[0], lo=0, hi=dsize)
+                n = validate.integer(where, f"dense.{key}.{k}[1]", v[1], lo=1, hi=dsize - off)
+                rs[k] = ByteRange(off, n)
+            dense[layer] = rs
+    extra = {"slot_bytes_manifest": slot, "source": validate.obj(where, "source", m.get("source"))}
     return ExpertStore(
-        d, data, "packed", "packed", shape, ranges, size, dense, d / PACK_DENSE, extra=extra
+        d, data, "packed", "packed", shape, ranges, size, dense, dense_path, extra=extra
     )

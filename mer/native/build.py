@@ -72,10 +72,24 @@ KERNELS: dict[str, Kernel] = {
             "the pure-Python stack loops (mer.sim.mrc)",
         ),
         Kernel(
+            "replay",
+            "the compiled policy replays",
+            "the Python policies in the core's lean replay loop",
+            libraries=("m",),
+        ),
+        Kernel(
             "uring",
             "the io_uring reader",
             "a thread pool of preadv",
             linux_only=True,
+        ),
+        Kernel(
+            "q4_0",
+            "the q4_0/q8_0 matmul and expert FFN kernel",
+            "the numpy q4_0 FFN (mer.engine.ffn)",
+            # exact IEEE steps as written (the numpy emulation's contract); threads for the pool
+            extra_flags=("-ffp-contract=off", "-pthread"),
+            libraries=("m", "pthread"),
         ),
     )
 }
@@ -108,7 +122,9 @@ def _install_builder(name: str) -> FFI | None:
 
 # setup.py's cffi_modules entries: "mer/native/build.py:<name>_builder"
 stackdist_builder = _install_builder("stackdist")
+replay_builder = _install_builder("replay")
 uring_builder = _install_builder("uring")
+q4_0_builder = _install_builder("q4_0")
 
 if __name__ == "__main__":  # build every kernel in place: python mer/native/build.py
     for kname in KERNELS:

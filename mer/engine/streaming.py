@@ -1,0 +1,442 @@
+"""Expert streaming: the slots, reads, waits and FFNs of routed experts, step by step.
+
+Both drivers of the real engine use this one class: the trace replay
+(`mer run`, `mer.engine.executor`) and the decoder (`mer generate`,
+`mer.model.decoder`). They differ only in where a step's experts and gate
+weights come from (the trace, or the model's router) and in what runs between
+the steps (a dense stand-in, or real attention). Every decision (hit, miss,
+victim, slot, prefetch) comes from the shared decision core
+(`mer.core.replay.Replay`); this module owns the buffers and the I/O. Per step:
+
+1. `replay.step(t[, keys])`: lookups; the misses come back as Admissions
+   naming the slot to read into. Their reads are submitted first (foreground).
+2. `replay.prefetch(t)`: predicted experts of the next steps, submitted after
+   the demand reads (background), so they queue behind them. A live driver may
+   first hand the core the lookahead prediction of step t + 1.
+3. For each of the step's experts, in rank order: wait for its read if it is
+   not resident (a demand miss, or a late prefetch: wait for the read already
+   in flight), compute the SwiGLU FFN on the slot's q4_0 bytes. While an expert
+   computes, completions are polled so background reads are fed and
+   `replay.complete(key)` is called as soon as each lands.
+4. The outputs are combined with the step's gate weights: y = sum_r w_r FFN_r(x).
+
+`seed=True` is the public engine's cycle: all of a step's reads are waited for
+before its FFNs.
+
+Buffers: `cache_slots` slot buffers of `store.slot_bytes` each, preallocated,
+page aligned and pre-faulted, plus `top_k` scratch buffers. Scratch serves
+two degenerate cases of caches smaller than a step: a bypass read (the core
+found no victim: Admission.slot is None) and a step key that is a hit but
+is chosen as the victim of an earlier-ranked miss of the same step (its
+bytes are copied to scratch before the slot is overwritten, then computed in
+rank order). Nothing else is allocated per step beyond the FFN's own
+activations, so memory stays at cache + a fixed working set.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from mer.core.cache import physical_slots
+from mer.core.replay import Replay
+from mer.engine.aligned import aligned_empty
+from mer.engine.ffn import ExpertFFN, ffn_label
+from mer.engine.io import DEFAULT_CHUNK_BYTES, DEFAULT_QUEUE_DEPTH, Reader, open_reader
+from mer.validate import check_memory
+
+F32 = npt.NDArray[np.float32]
+POLL_INTERVAL_S = 0.0005  # how often completions are reaped while an expert computes
+INLINE_FFN_BYTES = 4 << 20  # native FFNs of experts up to this size run on the calling thread
+
+
+@dataclass
+class EngineConfig:
+    """How the engine runs (not what it decides: that is ReplayConfig)."""
+
+    io: str = "auto"  # auto | uring | pread
+    queue_depth: int = DEFAULT_QUEUE_DEPTH
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    mode: str = "model"  # model | seed
+    ffn: str = "auto"  # expert FFN kernel: auto (native where built) | native | numpy
+    direct: bool = True
+    seed: int = 0
+    register_buffers: bool = True
+    progress: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class StepOutcome:
+    """What one step cost and found (the drivers sum these per token)."""
+
+    hits: int
+    misses: int
+    late: int
+    prefetch_issued: int
+    bytes_read: int
+    io_wait_s: float
+    compute_s: float
+
+
+def current_rss_bytes() -> int:
+    """Resident set size now (from /proc/self/statm)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (ru_maxrss is KiB on Linux)."""
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+class _Reads:
+    """Book-keeping of outstanding expert reads: key -> outstanding tags, and when it began."""
+
+    def __init__(self, reader: Reader, on_landed: Callable[[int, bool, float], None]) -> None:
+        self.reader = reader
+        self.pending: dict[Hashable, set[Hashable]] = {}  # read id -> tags not yet completed
+        self.started: dict[Hashable, float] = {}
+        self.on_landed = on_landed  # (key, into_slot, latency_s)
+
+    def submit(
+        self, rid: Hashable, key: int, plan: list[tuple[int, int, int]], fd: int, buf: Any
+    ) -> int:
+        """Submit the ranges of one expert; returns bytes requested."""
+        reqs = []
+        tags: set[Hashable] = set()
+        total = 0
+        for i, (offset, length, buf_off) in enumerate(plan):
+            tag = (rid, i)
+            tags.add(tag)
+            reqs.append((fd, offset, length, buf[buf_off : buf_off + length], tag))
+            total += length
+        self.pending[rid] = tags
+        self.started[rid] = time.perf_counter()
+        self.reader.submit_reads(reqs)
+        return total
+
+    def _done(self, tag: Hashable) -> None:
+        rid = tag[0]  # type: ignore[index]
+        tags = self.pending.get(rid)
+        if tags is None:
+            return
+        tags.discard(tag)
+        if not tags:
+            del self.pending[rid]
+            lat = time.perf_counter() - self.started.pop(rid)
+            kind, key = rid  # type: ignore[misc]
+            self.on_landed(key, kind == "slot", lat)
+
+    def poll(self) -> None:
+        if self.pending:
+            for tag in self.reader.poll():
+                self._done(tag)
+
+    def wait(self, rid: Hashable) -> None:
+        """Block until every range of read `rid` has landed."""
+        while rid in self.pending:
+            tag = next(iter(self.pending[rid]))
+            self.reader.wait(tag)
+            self._done(tag)
+
+    def drain(self) -> None:
+        while self.pending:
+            rid = next(iter(self.pending))
+            self.wait(rid)
+
+
+class ExpertStreamer:
+    """Routed experts of one run: cache slots, reads and FFNs, driven by `replay`.
+
+    Use as a context manager (buffers, reader and threads are released on exit):
+
+        with ExpertStreamer(store, replay, cfg, ffn=ffn) as streamer:
+            y, outcome = streamer.step(t, x, weights)             # a trace replay
+            y, outcome = streamer.step(t, x, weights, keys=keys)  # a live replay
+    """
+
+    def __init__(
+        self,
+        store: Any,
+        replay: Replay,
+        cfg: EngineConfig,
+        *,
+        ffn: ExpertFFN | Any,  # mer.engine.ffn.make_ffn's: native or numpy
+        seed_cycle: bool = False,
+    ) -> None:
+        self.store = store
+        self.replay = replay
+        self.cfg = cfg
+        self.ffn = ffn
+        # A native FFN of a small expert ends sooner than a hop to the compute thread and one
+        # poll interval: run it here and poll after it.
+        self.inline_ffn = (
+            getattr(ffn, "kind", "numpy") == "native" and store.bytes_per_expert <= INLINE_FFN_BYTES
+        )
+        self.seed_cycle = seed_cycle
+        self.top_k = replay.top_k
+        self.n_experts = replay.n_experts
+        self.slot_of: dict[int, int] = {}  # resident or in-flight key -> slot (mirrors the core)
+        self.read_lat: list[float] = []
+        self.it_compute: list[float] = []
+        self.counters = {"stashed": 0, "bypass_reads": 0, "reads": 0, "payload_bytes": 0}
+        self._open = False
+
+    # ---- set-up ------------------------------------------------------------------------
+    def __enter__(self) -> ExpertStreamer:
+        self._allocate()
+        cfg = self.cfg
+        self.reader = open_reader(
+            kind=cfg.io, queue_depth=cfg.queue_depth, chunk_bytes=cfg.chunk_bytes, direct=cfg.direct
+        )
+        self.runner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mer-compute")
+        try:
+            store = self.store
+            fd = store.open_for(self.reader) if hasattr(store, "open_for") else None
+            self.fd = fd if fd is not None else self.reader.open(store.data_path)
+            self.fixed, self.fixed_note = self._register(self.reader)
+        except BaseException:
+            self._close()
+            raise
+
+        def landed(key: int, into_slot: bool, lat: float) -> None:
+            self.read_lat.append(lat)
+            if into_slot:
+                self.replay.complete(key)
+
+        self.reads = _Reads(self.reader, landed)
+        self._open = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        runner = getattr(self, "runner", None)
+        if runner is not None:
+            runner.shutdown(wait=True)
+        reader = getattr(self, "reader", None)
+        if reader is not None:
+            if self._open:
+                self.info = reader.info()
+                self.direct = reader.is_direct(self.fd)
+            reader.close()
+        self._open = False
+
+    def _allocate(self) -> None:
+        slot_bytes = int(self.store.slot_bytes)
+        self.slot_bytes = slot_bytes
+        cfg = self.replay.config
+        # Only the slots the cache can ever fill (a cache larger than all experts fills
+        # n_layers x n_experts), and only if they fit in the memory available now.
+        n = physical_slots(cfg.cache_slots, cfg.scope, self.replay.n_layers, self.n_experts)
+        check_memory(
+            (n + self.top_k) * slot_bytes,
+            f"--cache-slots {cfg.cache_slots} ({n} slot buffers of {slot_bytes:,} bytes)",
+        )
+        self.rss_before_buffers = current_rss_bytes()
+        self.cache_buf = aligned_empty(n * slot_bytes)
+        self.scratch_buf = aligned_empty(self.top_k * slot_bytes)
+        # Pre-fault every page now, so the run measures reads and compute, not page faults,
+        # and RSS shows the whole preallocation from the start.
+        self.cache_buf[::4096] = 0
+        self.scratch_buf[::4096] = 0
+        self.slots = [self.cache_buf[i * slot_bytes : (i + 1) * slot_bytes] for i in range(n)]
+        self.scratch = [
+            self.scratch_buf[i * slot_bytes : (i + 1) * slot_bytes] for i in range(self.top_k)
+        ]
+
+    def _register(self, reader: Reader) -> tuple[bool, str]:
+        if not self.cfg.register_buffers:
+            return False, "disabled"
+        total = self.cache_buf.nbytes + self.scratch_buf.nbytes
+        soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+        if soft != resource.RLIM_INFINITY and total > soft:
+            return False, (
+                f"{total >> 20} MiB of buffers exceed RLIMIT_MEMLOCK ({soft >> 10} KiB): "
+                "plain reads into page-aligned buffers"
+            )
+        ok = reader.register_buffers([self.cache_buf, self.scratch_buf])
+        return ok, "registered" if ok else "refused by the kernel"
+
+    # ---- one step ----------------------------------------------------------------------
+    def _issue(self, key: int, slot: int | None, rank: int) -> int:
+        layer, expert = divmod(key, self.n_experts)
+        plan = self.store.read_plan(layer, expert)
+        if slot is None:
+            self.counters["bypass_reads"] += 1
+            rid: Hashable = ("bypass", key)
+            buf = self.scratch[rank]
+        else:
+            rid = ("slot", key)
+            buf = self.slots[slot]
+        self.counters["reads"] += 1
+        self.counters["payload_bytes"] += self.store.bytes_per_expert
+        return self.reads.submit(rid, key, plan, self.fd, buf)
+
+    def _compute(self, buf: Any, layer: int, expert: int, xin: F32) -> F32:
+        g, u, d = self.store.views(buf, layer, expert)
+        reads = self.reads
+        if not reads.pending:
+            return self.ffn(xin, g, u, d)
+        if self.inline_ffn:
+            y = self.ffn(xin, g, u, d)
+            reads.poll()
+            return y
+        fut: Future[F32] = self.runner.submit(self.ffn, xin, g, u, d)
+        while True:
+            done, _ = futures_wait([fut], timeout=POLL_INTERVAL_S)
+            reads.poll()
+            if done or not reads.pending:
+                return fut.result()
+
+    def step(
+        self,
+        t: int,
+        x: F32,
+        weights: Sequence[float] | npt.NDArray[np.floating[Any]],
+        *,
+        keys: Sequence[int] | None = None,
+        lookahead: Sequence[int] | None = None,
+    ) -> tuple[F32, StepOutcome]:
+        """y = sum_r weights[r] * FFN_r(x) over step t's experts, reading what misses.
+
+        `keys` (global, rank order) for a live replay, None for a trace replay;
+        `lookahead`: a live driver's prediction of step t + 1's experts.
+        """
+        replay = self.replay
+        clock = time.perf_counter
+        n_exp = self.n_experts
+        res = replay.step(t) if keys is None else replay.step(t, keys)
+        step_keys = res.keys
+        layer = step_keys[0] // n_exp
+        stash: dict[int, int] = {}  # step key -> scratch index holding its bytes
+        bypass: dict[int, int] = {}  # step key -> scratch index of its bypass read
+        rank_of = {k: r for r, k in enumerate(step_keys)}
+        nbytes = 0
+        slot_of = self.slot_of
+        for adm in res.reads:
+            rank = rank_of[adm.key]
+            if adm.evicted is not None:
+                old = slot_of.pop(adm.evicted)
+                if adm.evicted in rank_of:
+                    # A hit of this step chosen as the victim of an earlier-ranked
+                    # miss (cache smaller than a step): keep its bytes in scratch.
+                    r_v = rank_of[adm.evicted]
+                    self.scratch[r_v][:] = self.slots[old]
+                    stash[adm.evicted] = r_v
+                    self.counters["stashed"] += 1
+            if adm.slot is None:
+                bypass[adm.key] = rank
+            else:
+                slot_of[adm.key] = adm.slot
+            nbytes += self._issue(adm.key, adm.slot, rank)
+        if lookahead is not None:
+            replay.supply_lookahead(t + 1, lookahead)
+        pf_n = 0
+        for adm in replay.prefetch(t):
+            if adm.evicted is not None:
+                slot_of.pop(adm.evicted, None)
+            slot_of[adm.key] = adm.slot  # type: ignore[assignment]
+            nbytes += self._issue(adm.key, adm.slot, 0)
+            pf_n += 1
+        reads = self.reads
+        reads.poll()
+        io_wait = 0.0
+        y = np.zeros_like(x)
+        step_comp = 0.0
+        if self.seed_cycle:
+            # The public engine's cycle: all of the step's reads, then its FFNs.
+            w0 = clock()
+            for key in step_keys:
+                reads.wait(("bypass", key) if key in bypass else ("slot", key))
+            io_wait += clock() - w0
+        for rank, key in enumerate(step_keys):
+            expert = key - layer * n_exp
+            if key in stash:
+                buf = self.scratch[stash[key]]
+            elif key in bypass:
+                buf = self.scratch[bypass[key]]
+                w0 = clock()
+                reads.wait(("bypass", key))
+                io_wait += clock() - w0
+            else:
+                buf = self.slots[slot_of[key]]
+                rid = ("slot", key)
+                if rid in reads.pending:
+                    w0 = clock()
+                    reads.wait(rid)
+                    io_wait += clock() - w0
+            c0 = clock()
+            out = self._compute(buf, layer, expert, x)
+            step_comp += clock() - c0
+            y += np.float32(weights[rank]) * out
+        self.it_compute.append(step_comp)
+        outcome = StepOutcome(
+            hits=res.n_hits,
+            misses=res.n_misses,
+            late=sum(res.late),
+            prefetch_issued=pf_n,
+            bytes_read=nbytes,
+            io_wait_s=io_wait,
+            compute_s=step_comp,
+        )
+        return y, outcome
+
+    def drain(self) -> None:
+        """Let background reads still in flight land (call outside the timed region)."""
+        self.reads.drain()
+
+    # ---- what the summary reports --------------------------------------------------------
+    def hardware(self) -> str:
+        info = self.info
+        io_desc = f"{info.kind}{', O_DIRECT' if self.direct else ', buffered'}"
+        return (
+            f"this machine ({io_desc}, queue depth {info.queue_depth}, "
+            f"chunk {info.chunk_bytes >> 10} KiB, {self.cfg.threads} threads, "
+            f"{ffn_label(self.ffn)} FFN)"
+        )
+
+    def extra(self) -> dict[str, Any]:
+        """Engine facts for RunSummary.extra (call after the `with` block)."""
+        info = self.info
+        return {
+            "peak_rss_bytes": peak_rss_bytes(),
+            "rss_before_buffers_bytes": int(self.rss_before_buffers),
+            "cache_buffer_bytes": int(self.cache_buf.nbytes),
+            "scratch_buffer_bytes": int(self.scratch_buf.nbytes),
+            "slot_bytes": int(self.slot_bytes),
+            "bytes_per_expert": int(self.store.bytes_per_expert),
+            "reads": int(self.counters["reads"]),
+            "payload_bytes": int(self.counters["payload_bytes"]),
+            "bypass_reads": int(self.counters["bypass_reads"]),
+            "stashed_step_victims": int(self.counters["stashed"]),
+            "evictions": self.replay.stats.total("evictions"),
+            "io": {
+                "kind": info.kind,
+                "direct": bool(self.direct),
+                "queue_depth": info.queue_depth,
+                "chunk_bytes": info.chunk_bytes,
+                "fixed_buffers": bool(self.fixed),
+                "fixed_buffers_note": self.fixed_note,
+                "fallback_reason": info.fallback_reason,
+            },
+            "threads": int(self.cfg.threads),
+            "ffn": ffn_label(self.ffn),
+        }

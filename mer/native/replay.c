@@ -1,0 +1,1223 @@
+/* Compiled hit-only replays of the core's eviction policies, under the step semantics.
+
+   The Python classes in mer/core/policies.py define every policy; this file
+   restates them for speed and is tested against them (tests/test_replay_native.py)
+   on random traces at every size, both scopes, k = 1, 2 and 8, with static pins
+   and with caches smaller than a step. The driver below is `_counts_no_prefetch`
+   of mer/core/replay.py (the clockless replay with prefetch off) in C:
+
+     begin_step; look all k keys up (hit hooks in rank order); then each miss in
+     rank order: prepare_admit; if the partition is full: evict an unprotected
+     key (protected = static pins and, for step-protecting policies, the step's
+     keys), else the worst-ranked resident step key ranked below the miss
+     (caches smaller than the step), else bypass; insert; end_step.
+
+   Many caches of one policy (one per cache size) run side by side over one read
+   of the trace: that is how `mer mrc` gets a curve for every size of a policy
+   without the stack property.
+
+   HOW TO ADD A POLICY (say the Python class `Foo` registered as "foo"):
+   1. Write its state struct and its hooks below, mirroring the Python hooks:
+      `arrays` (lay out the state's arrays; it serves both `size` and `init`),
+      `init`, and whichever of begin/hit/prepare/end it overrides, plus
+      `evict` (choose the victim among resident keys with `!is_prot(p, key)`,
+      commit whatever the Python victim()'s plan would commit, remove it from
+      the policy's structures and return it; -1 if none), `remove` (forget a
+      named key: the Python on_remove without a plan) and `insert`.
+      The driver guarantees that for step-protecting policies `evict` is only
+      called when some resident key is unprotected.
+   2. Collect them in one `static const mer_policy FOO = {...}` and add `&FOO`
+      to REGISTRY at the bottom: the Python side finds it by name. Parameters
+      are read from the Python policy object's attributes named in `params`
+      (so the Python class stays the one place that sets and checks them).
+   3. Add "foo" to the policies the property tests run (they compare hits,
+      misses, evictions and bypasses with the Python class).
+   Keys are a partition's keys 0..n_keys-1; the global key is key + key_base
+   (per-layer scope: key_base = layer * n_experts), for layer-aware policies. */
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "replay.h"
+
+#define INF_POS ((int64_t)1 << 62) /* "never used again", as mer.core.policies.INF */
+
+/* -- what a policy sees ----------------------------------------------------------- */
+
+typedef struct {
+    int32_t cap;          /* this cache's slots */
+    int32_t n_keys;       /* keys are 0..n_keys-1 */
+    int32_t key_base;     /* global key = key + key_base */
+    int k;                /* keys per step */
+    const double *p;      /* this cache's parameter row (see `params`) */
+    const uint8_t *pinned; /* static pins (n_keys bytes) or NULL */
+    void *shared;         /* one block per pass, for state every cache shares */
+} mer_ctx;
+
+typedef struct {
+    const uint32_t *mark; /* mark[key] == stamp: one of the current step's keys */
+    uint32_t stamp;
+    int step;             /* the step's keys are protected */
+    const uint8_t *pinned;
+} mer_prot;
+
+static inline int is_prot(const mer_prot *p, int32_t key) {
+    return (p->step && p->mark[key] == p->stamp) || (p->pinned && p->pinned[key]);
+}
+
+typedef struct {
+    const char *name;
+    const char *params;
+    int protects_step;
+    int needs_future;
+    size_t (*size)(const mer_ctx *c);
+    size_t (*shared_size)(const mer_ctx *c); /* NULL: no shared block */
+    void (*init)(void *s, const mer_ctx *c);
+    void (*begin)(void *s, int64_t t, const int32_t *keys, const int64_t *next_use, int k);
+    void (*hit)(void *s, int32_t key);
+    void (*prepare)(void *s, int32_t key);
+    int32_t (*evict)(void *s, const mer_prot *p);
+    void (*remove)(void *s, int32_t key);
+    void (*insert)(void *s, int32_t key);
+    void (*end)(void *s, int64_t t, const int32_t *keys, int k);
+} mer_policy;
+
+/* -- layout helper: one function lays out a state's arrays for size() and init() -- */
+
+typedef struct {
+    char *base; /* NULL: only measure */
+    size_t n;
+} arena;
+
+static void *take(arena *a, size_t bytes) {
+    size_t off = (a->n + 15) & ~(size_t)15;
+    a->n = off + bytes;
+    return a->base ? (void *)(a->base + off) : NULL;
+}
+
+#define DEFINE_SIZE_INIT(T, ARRAYS)                                   \
+    static size_t T##_size(const mer_ctx *c) {                        \
+        T tmp;                                                        \
+        arena a = {NULL, sizeof(T)};                                  \
+        ARRAYS(&tmp, &a, c);                                          \
+        return a.n;                                                   \
+    }                                                                 \
+    static void T##_lay(T *s, const mer_ctx *c) {                     \
+        arena a = {(char *)s, sizeof(T)};                             \
+        ARRAYS(s, &a, c);                                             \
+    }
+
+/* -- doubly linked lists over keys; sentinels are nodes n_keys + i --------------- */
+
+static inline void l_init(int32_t *prv, int32_t *nxt, int32_t s) { prv[s] = nxt[s] = s; }
+static inline void l_push(int32_t *prv, int32_t *nxt, int32_t s, int32_t x) {
+    int32_t b = prv[s];
+    nxt[b] = x;
+    prv[x] = b;
+    nxt[x] = s;
+    prv[s] = x;
+}
+static inline void l_unlink(int32_t *prv, int32_t *nxt, int32_t x) {
+    int32_t a = prv[x], b = nxt[x];
+    nxt[a] = b;
+    prv[b] = a;
+    prv[x] = nxt[x] = -1;
+}
+
+/* -- binary heaps of keys with a position index (LFU, OPT) ----------------------- */
+
+typedef struct {
+    int32_t *heap, *pos;
+    int32_t n;
+} kheap;
+
+typedef int (*before_fn)(const void *s, int32_t a, int32_t b);
+
+static void h_up(kheap *h, const void *s, before_fn before, int32_t i) {
+    int32_t x = h->heap[i];
+    while (i > 0) {
+        int32_t par = (i - 1) >> 1;
+        int32_t y = h->heap[par];
+        if (!before(s, x, y)) break;
+        h->heap[i] = y;
+        h->pos[y] = i;
+        i = par;
+    }
+    h->heap[i] = x;
+    h->pos[x] = i;
+}
+static void h_down(kheap *h, const void *s, before_fn before, int32_t i) {
+    int32_t x = h->heap[i];
+    for (;;) {
+        int32_t l = 2 * i + 1;
+        if (l >= h->n) break;
+        int32_t r = l + 1;
+        int32_t m = (r < h->n && before(s, h->heap[r], h->heap[l])) ? r : l;
+        if (!before(s, h->heap[m], x)) break;
+        h->heap[i] = h->heap[m];
+        h->pos[h->heap[i]] = i;
+        i = m;
+    }
+    h->heap[i] = x;
+    h->pos[x] = i;
+}
+static void h_push(kheap *h, const void *s, before_fn before, int32_t x) {
+    h->heap[h->n] = x;
+    h->pos[x] = h->n;
+    h->n++;
+    h_up(h, s, before, h->n - 1);
+}
+static void h_del(kheap *h, const void *s, before_fn before, int32_t x) {
+    int32_t i = h->pos[x];
+    h->pos[x] = -1;
+    h->n--;
+    if (i == h->n) return;
+    int32_t y = h->heap[h->n];
+    h->heap[i] = y;
+    h->pos[y] = i;
+    h_up(h, s, before, i);
+    h_down(h, s, before, h->pos[y]);
+}
+static void h_fix(kheap *h, const void *s, before_fn before, int32_t x) {
+    h_up(h, s, before, h->pos[x]);
+    h_down(h, s, before, h->pos[x]);
+}
+/* The first key in heap order that is not protected, removed from the heap; -1 if none.
+   Protected keys met on the way are popped and pushed back (they are at most k). */
+static int32_t h_take_first(kheap *h, const void *s, before_fn before, const mer_prot *p,
+                            int32_t *tmp) {
+    int n = 0;
+    int32_t found = -1;
+    while (h->n > 0) {
+        int32_t x = h->heap[0];
+        h_del(h, s, before, x);
+        if (is_prot(p, x)) {
+            tmp[n++] = x;
+            continue;
+        }
+        found = x;
+        break;
+    }
+    for (int i = 0; i < n; i++) h_push(h, s, before, tmp[i]);
+    return found;
+}
+
+/* == FIFO and LRU ================================================================== */
+/* FIFO: evict the oldest admission. LRU (step granularity): FIFO's queue, and at
+   the end of a step its resident keys move to the newest end in reverse rank
+   order (rank 0 newest). Hits need no work: the step's keys are protected until
+   the end of the step, so where they sit meanwhile changes no victim. */
+
+typedef struct {
+    int32_t *prv, *nxt;
+    int32_t S;
+} Queue;
+
+#define QUEUE_ARRAYS(s, a, c)                                               \
+    do {                                                                    \
+        (s)->prv = take((a), sizeof(int32_t) * ((c)->n_keys + 1));          \
+        (s)->nxt = take((a), sizeof(int32_t) * ((c)->n_keys + 1));          \
+    } while (0)
+DEFINE_SIZE_INIT(Queue, QUEUE_ARRAYS)
+
+static void queue_init(void *sv, const mer_ctx *c) {
+    Queue *s = sv;
+    Queue_lay(s, c);
+    for (int32_t i = 0; i < c->n_keys; i++) s->prv[i] = s->nxt[i] = -1;
+    s->S = c->n_keys;
+    l_init(s->prv, s->nxt, s->S);
+}
+static void queue_insert(void *sv, int32_t x) {
+    Queue *s = sv;
+    l_push(s->prv, s->nxt, s->S, x);
+}
+static void queue_remove(void *sv, int32_t x) {
+    Queue *s = sv;
+    l_unlink(s->prv, s->nxt, x);
+}
+static int32_t queue_evict(void *sv, const mer_prot *p) {
+    Queue *s = sv;
+    for (int32_t x = s->nxt[s->S]; x != s->S; x = s->nxt[x]) {
+        if (!is_prot(p, x)) {
+            l_unlink(s->prv, s->nxt, x);
+            return x;
+        }
+    }
+    return -1;
+}
+static void lru_end(void *sv, int64_t t, const int32_t *keys, int k) {
+    Queue *s = sv;
+    (void)t;
+    for (int r = k - 1; r >= 0; r--) {
+        int32_t x = keys[r];
+        if (s->prv[x] >= 0) {
+            l_unlink(s->prv, s->nxt, x);
+            l_push(s->prv, s->nxt, s->S, x);
+        }
+    }
+}
+
+static const mer_policy FIFO_POLICY = {
+    "fifo", "", 1, 0, Queue_size, NULL, queue_init, NULL, NULL, NULL,
+    queue_evict, queue_remove, queue_insert, NULL,
+};
+static const mer_policy LRU_POLICY = {
+    "lru", "", 1, 0, Queue_size, NULL, queue_init, NULL, NULL, NULL,
+    queue_evict, queue_remove, queue_insert, lru_end,
+};
+
+/* == LFU (optionally decayed) ======================================================= */
+/* Score 1 on admission, +1 per hit; with decay d every access counts d^(age in
+   steps), stored relative to d^-(t - t0) and renormalised past 1e100 exactly as
+   the Python class does. Victim: lowest (score, tick); pins never enter the heap. */
+
+typedef struct {
+    double *score;
+    int64_t *tick;
+    int32_t *tmp;
+    kheap h;
+    int64_t clock, t0;
+    double w, decay;
+    const uint8_t *pinned;
+    int32_t n_keys;
+} LFU;
+
+#define LFU_ARRAYS(s, a, c)                                                 \
+    do {                                                                    \
+        (s)->score = take((a), sizeof(double) * (c)->n_keys);               \
+        (s)->tick = take((a), sizeof(int64_t) * (c)->n_keys);               \
+        (s)->h.heap = take((a), sizeof(int32_t) * (c)->n_keys);             \
+        (s)->h.pos = take((a), sizeof(int32_t) * (c)->n_keys);              \
+        (s)->tmp = take((a), sizeof(int32_t) * ((c)->k + 1));               \
+    } while (0)
+DEFINE_SIZE_INIT(LFU, LFU_ARRAYS)
+
+static int lfu_before(const void *sv, int32_t a, int32_t b) {
+    const LFU *s = sv;
+    double sa = s->score[a], sb = s->score[b];
+    return sa < sb || (sa == sb && s->tick[a] < s->tick[b]);
+}
+static void lfu_init(void *sv, const mer_ctx *c) {
+    LFU *s = sv;
+    LFU_lay(s, c);
+    for (int32_t i = 0; i < c->n_keys; i++) {
+        s->h.pos[i] = -1;
+        s->score[i] = 0.0;
+        s->tick[i] = 0;
+    }
+    s->h.n = 0;
+    s->clock = 0;
+    s->t0 = 0;
+    s->w = 1.0;
+    s->decay = c->p[0];
+    s->pinned = c->pinned;
+    s->n_keys = c->n_keys;
+}
+static void lfu_begin(void *sv, int64_t t, const int32_t *keys, const int64_t *nu, int k) {
+    LFU *s = sv;
+    (void)keys;
+    (void)nu;
+    (void)k;
+    if (s->decay < 1.0) {
+        double w = pow(s->decay, (double)(s->t0 - t));
+        if (w > 1e100) {
+            double scale = 1.0 / w;
+            for (int32_t i = 0; i < s->n_keys; i++) s->score[i] *= scale;
+            for (int32_t i = s->h.n / 2 - 1; i >= 0; i--) h_down(&s->h, s, lfu_before, i);
+            s->t0 = t;
+            w = 1.0;
+        }
+        s->w = w;
+    }
+}
+static void lfu_hit(void *sv, int32_t x) {
+    LFU *s = sv;
+    s->clock++;
+    s->score[x] = s->score[x] + s->w;
+    s->tick[x] = s->clock;
+    if (s->h.pos[x] >= 0) h_down(&s->h, s, lfu_before, s->h.pos[x]);
+}
+static void lfu_insert(void *sv, int32_t x) {
+    LFU *s = sv;
+    s->clock++;
+    s->score[x] = s->w;
+    s->tick[x] = s->clock;
+    if (!(s->pinned && s->pinned[x])) h_push(&s->h, s, lfu_before, x);
+}
+static void lfu_remove(void *sv, int32_t x) {
+    LFU *s = sv;
+    if (s->h.pos[x] >= 0) h_del(&s->h, s, lfu_before, x);
+}
+static int32_t lfu_evict(void *sv, const mer_prot *p) {
+    LFU *s = sv;
+    return h_take_first(&s->h, s, lfu_before, p, s->tmp);
+}
+
+static const mer_policy LFU_POLICY = {
+    "lfu", "decay", 1, 0, LFU_size, NULL, lfu_init, lfu_begin, lfu_hit, NULL,
+    lfu_evict, lfu_remove, lfu_insert, NULL,
+};
+
+/* == CLOCK ========================================================================= */
+/* A circular list with the hand on the oldest key. New keys enter just behind the
+   hand with bit 0; a hit sets the bit. Evicting walks the hand: protected keys
+   are passed unchanged, set bits are cleared and passed, the first clear bit
+   goes. This literal walk ends where the Python class's plan does. */
+
+typedef struct {
+    int32_t *prv, *nxt;
+    uint8_t *bit;
+    int32_t hand, n;
+} Clock;
+
+#define CLOCK_ARRAYS(s, a, c)                                               \
+    do {                                                                    \
+        (s)->prv = take((a), sizeof(int32_t) * (c)->n_keys);                \
+        (s)->nxt = take((a), sizeof(int32_t) * (c)->n_keys);                \
+        (s)->bit = take((a), (c)->n_keys);                                  \
+    } while (0)
+DEFINE_SIZE_INIT(Clock, CLOCK_ARRAYS)
+
+static void clock_init(void *sv, const mer_ctx *c) {
+    Clock *s = sv;
+    Clock_lay(s, c);
+    memset(s->bit, 0, c->n_keys);
+    s->hand = -1;
+    s->n = 0;
+}
+static void clock_hit(void *sv, int32_t x) { ((Clock *)sv)->bit[x] = 1; }
+static void clock_insert(void *sv, int32_t x) {
+    Clock *s = sv;
+    s->bit[x] = 0;
+    if (s->n == 0) {
+        s->prv[x] = s->nxt[x] = x;
+        s->hand = x;
+    } else {
+        int32_t b = s->prv[s->hand];
+        s->nxt[b] = x;
+        s->prv[x] = b;
+        s->nxt[x] = s->hand;
+        s->prv[s->hand] = x;
+    }
+    s->n++;
+}
+static void clock_remove(void *sv, int32_t x) {
+    Clock *s = sv;
+    if (--s->n == 0) {
+        s->hand = -1;
+        return;
+    }
+    if (s->hand == x) s->hand = s->nxt[x];
+    int32_t a = s->prv[x], b = s->nxt[x];
+    s->nxt[a] = b;
+    s->prv[b] = a;
+}
+static int32_t clock_evict(void *sv, const mer_prot *p) {
+    Clock *s = sv;
+    if (s->n == 0) return -1;
+    int32_t x = s->hand;
+    for (int64_t guard = 2 * (int64_t)s->n + 1; guard > 0; guard--) {
+        if (!is_prot(p, x)) {
+            if (!s->bit[x]) {
+                s->hand = x;
+                clock_remove(s, x);
+                return x;
+            }
+            s->bit[x] = 0;
+        }
+        x = s->nxt[x];
+    }
+    return -1;
+}
+
+static const mer_policy CLOCK_POLICY = {
+    "clock", "", 1, 0, Clock_size, NULL, clock_init, NULL, clock_hit, NULL,
+    clock_evict, clock_remove, clock_insert, NULL,
+};
+
+/* == SIEVE ========================================================================= */
+/* A FIFO from tail (oldest) to head (newest) with visited bits; the hand walks
+   from the tail towards the head clearing bits and evicts the first unvisited
+   key, then rests on the next newer key (none: start at the tail next time). */
+
+typedef struct {
+    int32_t *older, *newer;
+    uint8_t *vis;
+    int32_t head, tail, hand, n;
+} Sieve;
+
+#define SIEVE_ARRAYS(s, a, c)                                               \
+    do {                                                                    \
+        (s)->older = take((a), sizeof(int32_t) * (c)->n_keys);              \
+        (s)->newer = take((a), sizeof(int32_t) * (c)->n_keys);              \
+        (s)->vis = take((a), (c)->n_keys);                                  \
+    } while (0)
+DEFINE_SIZE_INIT(Sieve, SIEVE_ARRAYS)
+
+static void sieve_init(void *sv, const mer_ctx *c) {
+    Sieve *s = sv;
+    Sieve_lay(s, c);
+    memset(s->vis, 0, c->n_keys);
+    s->head = s->tail = s->hand = -1;
+    s->n = 0;
+}
+static void sieve_hit(void *sv, int32_t x) { ((Sieve *)sv)->vis[x] = 1; }
+static void sieve_insert(void *sv, int32_t x) {
+    Sieve *s = sv;
+    s->vis[x] = 0;
+    s->older[x] = s->head;
+    s->newer[x] = -1;
+    if (s->head >= 0) s->newer[s->head] = x;
+    s->head = x;
+    if (s->tail < 0) s->tail = x;
+    s->n++;
+}
+static void sieve_unlink(Sieve *s, int32_t x) {
+    int32_t o = s->older[x], w = s->newer[x];
+    if (o >= 0) s->newer[o] = w; else s->tail = w;
+    if (w >= 0) s->older[w] = o; else s->head = o;
+    s->n--;
+}
+static void sieve_remove(void *sv, int32_t x) {
+    Sieve *s = sv;
+    if (s->hand == x) s->hand = s->newer[x];
+    sieve_unlink(s, x);
+}
+static int32_t sieve_evict(void *sv, const mer_prot *p) {
+    Sieve *s = sv;
+    if (s->tail < 0) return -1;
+    int32_t x = s->hand >= 0 ? s->hand : s->tail;
+    for (int64_t guard = 2 * (int64_t)s->n + 1;; guard--) {
+        if (guard == 0) return -1; /* every key protected (the driver avoids this) */
+        if (!is_prot(p, x)) {
+            if (!s->vis[x]) break;
+            s->vis[x] = 0;
+        }
+        x = s->newer[x] >= 0 ? s->newer[x] : s->tail;
+    }
+    s->hand = s->newer[x];
+    sieve_unlink(s, x);
+    return x;
+}
+
+static const mer_policy SIEVE_POLICY = {
+    "sieve", "", 1, 0, Sieve_size, NULL, sieve_init, NULL, sieve_hit, NULL,
+    sieve_evict, sieve_remove, sieve_insert, NULL,
+};
+
+/* == S3-FIFO ======================================================================= */
+/* Small FIFO S, main FIFO M, ghost FIFO G (keys evicted from S), a capped access
+   counter. The walks move keys between the queues in place; protected keys are
+   passed over and keep their places, which is where the Python class's plan
+   puts them back. s_cap, m_cap and g_cap come from the Python object. */
+
+enum { S3_S = 0, S3_M = 1, S3_G = 2 };
+
+typedef struct {
+    int32_t *prv, *nxt;
+    uint8_t *where; /* 0 none, 1 + queue */
+    uint8_t *freq;
+    int32_t len[3];
+    int32_t S0;
+    int32_t s_cap, m_cap, g_cap, thr, maxf;
+} S3;
+
+#define S3_ARRAYS(s, a, c)                                                  \
+    do {                                                                    \
+        (s)->prv = take((a), sizeof(int32_t) * ((c)->n_keys + 3));          \
+        (s)->nxt = take((a), sizeof(int32_t) * ((c)->n_keys + 3));          \
+        (s)->where = take((a), (c)->n_keys);                                \
+        (s)->freq = take((a), (c)->n_keys);                                 \
+    } while (0)
+DEFINE_SIZE_INIT(S3, S3_ARRAYS)
+
+static void s3_init(void *sv, const mer_ctx *c) {
+    S3 *s = sv;
+    S3_lay(s, c);
+    memset(s->where, 0, c->n_keys);
+    memset(s->freq, 0, c->n_keys);
+    s->S0 = c->n_keys;
+    for (int q = 0; q < 3; q++) {
+        l_init(s->prv, s->nxt, s->S0 + q);
+        s->len[q] = 0;
+    }
+    s->s_cap = (int32_t)c->p[0];
+    s->m_cap = (int32_t)c->p[1];
+    s->g_cap = (int32_t)c->p[2];
+    s->thr = (int32_t)c->p[3];
+    s->maxf = (int32_t)c->p[4];
+}
+static inline void s3_put(S3 *s, int q, int32_t x) {
+    l_push(s->prv, s->nxt, s->S0 + q, x);
+    s->where[x] = (uint8_t)(1 + q);
+    s->len[q]++;
+}
+static inline void s3_out(S3 *s, int32_t x) {
+    s->len[s->where[x] - 1]--;
+    l_unlink(s->prv, s->nxt, x);
+    s->where[x] = 0;
+}
+static void s3_hit(void *sv, int32_t x) {
+    S3 *s = sv;
+    if (s->freq[x] < s->maxf) s->freq[x]++;
+}
+static void s3_insert(void *sv, int32_t x) {
+    S3 *s = sv;
+    s->freq[x] = 0;
+    if (s->where[x] == 1 + S3_G) {
+        s3_out(s, x);
+        s3_put(s, S3_M, x);
+    } else {
+        s3_put(s, S3_S, x);
+    }
+}
+static void s3_remove(void *sv, int32_t x) { s3_out((S3 *)sv, x); }
+
+static int32_t s3_evict_main(S3 *s, const mer_prot *p) {
+    int32_t sent = s->S0 + S3_M;
+    int32_t x = s->nxt[sent];
+    while (x != sent) {
+        int32_t nx = s->nxt[x];
+        if (is_prot(p, x)) {
+            x = nx;
+            continue;
+        }
+        if (s->freq[x] > 0) {
+            s->freq[x]--;
+            l_unlink(s->prv, s->nxt, x);
+            l_push(s->prv, s->nxt, sent, x);
+            x = nx == sent ? x : nx; /* the last key, moved to the back, is next again */
+            continue;
+        }
+        s3_out(s, x);
+        return x;
+    }
+    return -1;
+}
+static int32_t s3_evict_small(S3 *s, const mer_prot *p) {
+    int32_t sent = s->S0 + S3_S;
+    int32_t x = s->nxt[sent];
+    while (x != sent) {
+        int32_t nx = s->nxt[x];
+        if (is_prot(p, x)) {
+            x = nx;
+            continue;
+        }
+        if (s->freq[x] >= s->thr) {
+            s->freq[x] = 0;
+            s3_out(s, x);
+            s3_put(s, S3_M, x);
+            if (s->len[S3_M] > s->m_cap) {
+                int32_t f = s3_evict_main(s, p);
+                if (f >= 0) return f;
+            }
+            x = nx;
+            continue;
+        }
+        s3_out(s, x);
+        s3_put(s, S3_G, x);
+        if (s->len[S3_G] > s->g_cap) s3_out(s, s->nxt[s->S0 + S3_G]);
+        return x;
+    }
+    return -1;
+}
+static int32_t s3_evict(void *sv, const mer_prot *p) {
+    S3 *s = sv;
+    int32_t f;
+    if (s->len[S3_S] >= s->s_cap) {
+        f = s3_evict_small(s, p);
+        if (f < 0) f = s3_evict_main(s, p);
+    } else {
+        f = s3_evict_main(s, p);
+        if (f < 0) f = s3_evict_small(s, p);
+    }
+    return f;
+}
+
+static const mer_policy S3FIFO_POLICY = {
+    "s3fifo", "s_cap m_cap g_cap move_threshold max_freq", 1, 0, S3_size, NULL, s3_init,
+    NULL, s3_hit, NULL, s3_evict, s3_remove, s3_insert, NULL,
+};
+
+/* == ARC =========================================================================== */
+/* T1, T2 and their ghosts B1, B2 as four queues; p adapts on ghost hits in
+   prepare_admit, REPLACE picks the list in evict, exactly as the Python class. */
+
+enum { A_T1 = 0, A_T2 = 1, A_B1 = 2, A_B2 = 3 };
+
+typedef struct {
+    int32_t *prv, *nxt;
+    uint8_t *where; /* 0 none, 1 + list */
+    int32_t len[4];
+    int32_t S0, c;
+    double p;
+    int in_b2, drop_t1;
+} ARC;
+
+#define ARC_ARRAYS(s, a, c)                                                 \
+    do {                                                                    \
+        (s)->prv = take((a), sizeof(int32_t) * ((c)->n_keys + 4));          \
+        (s)->nxt = take((a), sizeof(int32_t) * ((c)->n_keys + 4));          \
+        (s)->where = take((a), (c)->n_keys);                                \
+    } while (0)
+DEFINE_SIZE_INIT(ARC, ARC_ARRAYS)
+
+static void arc_init(void *sv, const mer_ctx *c) {
+    ARC *s = sv;
+    ARC_lay(s, c);
+    memset(s->where, 0, c->n_keys);
+    s->S0 = c->n_keys;
+    for (int q = 0; q < 4; q++) {
+        l_init(s->prv, s->nxt, s->S0 + q);
+        s->len[q] = 0;
+    }
+    s->c = c->cap;
+    s->p = 0.0;
+    s->in_b2 = s->drop_t1 = 0;
+}
+static inline void arc_put(ARC *s, int q, int32_t x) {
+    l_push(s->prv, s->nxt, s->S0 + q, x);
+    s->where[x] = (uint8_t)(1 + q);
+    s->len[q]++;
+}
+static inline void arc_out(ARC *s, int32_t x) {
+    s->len[s->where[x] - 1]--;
+    l_unlink(s->prv, s->nxt, x);
+    s->where[x] = 0;
+}
+static inline void arc_pop_front(ARC *s, int q) { arc_out(s, s->nxt[s->S0 + q]); }
+
+static void arc_hit(void *sv, int32_t x) {
+    ARC *s = sv;
+    arc_out(s, x);
+    arc_put(s, A_T2, x);
+}
+static void arc_prepare(void *sv, int32_t x) {
+    ARC *s = sv;
+    int32_t c = s->c;
+    s->in_b2 = 0;
+    s->drop_t1 = 0;
+    if (s->where[x] == 1 + A_B1) {
+        double r = (double)s->len[A_B2] / (double)s->len[A_B1];
+        double np = s->p + (1.0 > r ? 1.0 : r);
+        s->p = np < (double)c ? np : (double)c;
+    } else if (s->where[x] == 1 + A_B2) {
+        s->in_b2 = 1;
+        double r = (double)s->len[A_B1] / (double)s->len[A_B2];
+        double np = s->p - (1.0 > r ? 1.0 : r);
+        s->p = np > 0.0 ? np : 0.0;
+    } else {
+        int32_t l1 = s->len[A_T1] + s->len[A_B1];
+        if (l1 >= c) {
+            if (s->len[A_T1] < c) {
+                if (s->len[A_B1]) arc_pop_front(s, A_B1);
+            } else {
+                s->drop_t1 = 1;
+            }
+        } else if ((int64_t)l1 + s->len[A_T2] + s->len[A_B2] >= 2 * (int64_t)c &&
+                   s->len[A_B2]) {
+            arc_pop_front(s, A_B2);
+        }
+    }
+}
+static int32_t arc_first(ARC *s, int q, const mer_prot *p) {
+    int32_t sent = s->S0 + q;
+    for (int32_t x = s->nxt[sent]; x != sent; x = s->nxt[x])
+        if (!is_prot(p, x)) return x;
+    return -1;
+}
+static int32_t arc_evict(void *sv, const mer_prot *p) {
+    ARC *s = sv;
+    if (s->drop_t1) {
+        int32_t x = arc_first(s, A_T1, p);
+        if (x >= 0) {
+            arc_out(s, x);
+            return x;
+        }
+    }
+    double l1 = (double)s->len[A_T1];
+    int from_t1 = s->len[A_T1] > 0 && (l1 > s->p || (s->in_b2 && l1 == s->p));
+    int order[2][2] = {{A_T1, A_B1}, {A_T2, A_B2}};
+    for (int i = 0; i < 2; i++) {
+        int j = from_t1 ? i : 1 - i;
+        int32_t x = arc_first(s, order[j][0], p);
+        if (x >= 0) {
+            arc_out(s, x);
+            arc_put(s, order[j][1], x);
+            return x;
+        }
+    }
+    return -1;
+}
+static void arc_remove(void *sv, int32_t x) { arc_out((ARC *)sv, x); }
+static void arc_insert(void *sv, int32_t x) {
+    ARC *s = sv;
+    if (s->where[x] == 1 + A_B1 || s->where[x] == 1 + A_B2) arc_out(s, x), arc_put(s, A_T2, x);
+    else arc_put(s, A_T1, x);
+    int64_t c = s->c;
+    while (s->len[A_T1] + s->len[A_B1] > c && s->len[A_B1]) arc_pop_front(s, A_B1);
+    while ((int64_t)s->len[A_T1] + s->len[A_T2] + s->len[A_B1] + s->len[A_B2] > 2 * c &&
+           s->len[A_B2])
+        arc_pop_front(s, A_B2);
+}
+
+static const mer_policy ARC_POLICY = {
+    "arc", "", 1, 0, ARC_size, NULL, arc_init, NULL, arc_hit, arc_prepare,
+    arc_evict, arc_remove, arc_insert, NULL,
+};
+
+/* == OPT (Belady) ================================================================== */
+/* Victim: the resident key with the farthest next use (a flat position t*k+rank,
+   INF if never again), ties among the never-again keys to the largest key. The
+   driver passes each lookup's next use to begin. Pins never enter the heap. */
+
+typedef struct {
+    int64_t *nv;
+    int32_t *tmp;
+    kheap h;
+    const uint8_t *pinned;
+} OPT;
+
+#define OPT_ARRAYS(s, a, c)                                                 \
+    do {                                                                    \
+        (s)->nv = take((a), sizeof(int64_t) * (c)->n_keys);                 \
+        (s)->h.heap = take((a), sizeof(int32_t) * (c)->n_keys);             \
+        (s)->h.pos = take((a), sizeof(int32_t) * (c)->n_keys);              \
+        (s)->tmp = take((a), sizeof(int32_t) * ((c)->k + 1));               \
+    } while (0)
+DEFINE_SIZE_INIT(OPT, OPT_ARRAYS)
+
+static int opt_before(const void *sv, int32_t a, int32_t b) {
+    const OPT *s = sv;
+    return s->nv[a] > s->nv[b] || (s->nv[a] == s->nv[b] && a > b);
+}
+static void opt_init(void *sv, const mer_ctx *c) {
+    OPT *s = sv;
+    OPT_lay(s, c);
+    for (int32_t i = 0; i < c->n_keys; i++) {
+        s->h.pos[i] = -1;
+        s->nv[i] = INF_POS;
+    }
+    s->h.n = 0;
+    s->pinned = c->pinned;
+}
+static void opt_begin(void *sv, int64_t t, const int32_t *keys, const int64_t *nu, int k) {
+    OPT *s = sv;
+    (void)t;
+    for (int r = 0; r < k; r++) {
+        int32_t x = keys[r];
+        s->nv[x] = nu[r];
+        if (s->h.pos[x] >= 0) h_fix(&s->h, s, opt_before, x);
+    }
+}
+static void opt_insert(void *sv, int32_t x) {
+    OPT *s = sv;
+    if (!(s->pinned && s->pinned[x])) h_push(&s->h, s, opt_before, x);
+}
+static void opt_remove(void *sv, int32_t x) {
+    OPT *s = sv;
+    if (s->h.pos[x] >= 0) h_del(&s->h, s, opt_before, x);
+}
+static int32_t opt_evict(void *sv, const mer_prot *p) {
+    OPT *s = sv;
+    return h_take_first(&s->h, s, opt_before, p, s->tmp);
+}
+
+static const mer_policy OPT_POLICY = {
+    "opt", "", 1, 1, OPT_size, NULL, opt_init, opt_begin, NULL, NULL,
+    opt_evict, opt_remove, opt_insert, NULL,
+};
+
+/* == seed-lru-locality (the public engine's) ======================================= */
+/* One LRU (hits refresh in lookup order, no end-of-step order) whose victim is
+   the oldest key outside the locality-pinned set: the first (cap - 1) hot ids
+   of a sliding window, by count descending then id ascending. The window and
+   the hot order depend on the trace only, so one shared block serves every
+   cache of a pass; each cache cuts the order at its own cap - 1. Not
+   step-protecting: a miss may evict a key of its own step. */
+
+typedef struct {
+    int32_t *ring;
+    int64_t *counts;
+    int32_t *order, *pos; /* every key by count descending, then id ascending */
+    int64_t wsize, wlen, whead;
+    int64_t last_t;
+    double fraction;
+    int32_t n_keys;
+    int ready;
+} SeedShared;
+
+typedef struct {
+    int32_t *prv, *nxt;
+    int32_t S, cap;
+    SeedShared *sh;
+} Seed;
+
+#define SEED_ARRAYS(s, a, c)                                                \
+    do {                                                                    \
+        (s)->prv = take((a), sizeof(int32_t) * ((c)->n_keys + 1));          \
+        (s)->nxt = take((a), sizeof(int32_t) * ((c)->n_keys + 1));          \
+    } while (0)
+DEFINE_SIZE_INIT(Seed, SEED_ARRAYS)
+
+static size_t seed_shared_size(const mer_ctx *c) {
+    int64_t w = (int64_t)c->p[0];
+    return sizeof(SeedShared) + 16 * 5 + sizeof(int32_t) * (size_t)(w > 0 ? w : 1) +
+           (sizeof(int64_t) + 2 * sizeof(int32_t)) * (size_t)c->n_keys;
+}
+static void seed_shared_init(SeedShared *sh, const mer_ctx *c) {
+    arena a = {(char *)sh, sizeof(SeedShared)};
+    int64_t w = (int64_t)c->p[0];
+    sh->ring = take(&a, sizeof(int32_t) * (size_t)(w > 0 ? w : 1));
+    sh->counts = take(&a, sizeof(int64_t) * c->n_keys);
+    sh->order = take(&a, sizeof(int32_t) * c->n_keys);
+    sh->pos = take(&a, sizeof(int32_t) * c->n_keys);
+    memset(sh->counts, 0, sizeof(int64_t) * c->n_keys);
+    for (int32_t i = 0; i < c->n_keys; i++) sh->order[i] = sh->pos[i] = i;
+    sh->wsize = w > 0 ? w : 1;
+    sh->wlen = sh->whead = 0;
+    sh->last_t = INT64_MIN;
+    sh->fraction = c->p[1];
+    sh->n_keys = c->n_keys;
+    sh->ready = 1;
+}
+static void seed_init(void *sv, const mer_ctx *c) {
+    Seed *s = sv;
+    Seed_lay(s, c);
+    for (int32_t i = 0; i < c->n_keys; i++) s->prv[i] = s->nxt[i] = -1;
+    s->S = c->n_keys;
+    l_init(s->prv, s->nxt, s->S);
+    s->cap = c->cap;
+    s->sh = c->shared;
+    if (!s->sh->ready) seed_shared_init(s->sh, c);
+}
+static inline int seed_ahead(const SeedShared *sh, int32_t a, int32_t b) {
+    return sh->counts[a] > sh->counts[b] || (sh->counts[a] == sh->counts[b] && a < b);
+}
+/* count[x] += d (d = +1 or -1), and x slides to its place in the order */
+static void seed_bump(SeedShared *sh, int32_t x, int d) {
+    int32_t *order = sh->order, *pos = sh->pos;
+    int32_t i = pos[x];
+    sh->counts[x] += d;
+    if (d > 0) {
+        while (i > 0 && seed_ahead(sh, x, order[i - 1])) {
+            order[i] = order[i - 1];
+            pos[order[i]] = i;
+            i--;
+        }
+    } else {
+        while (i + 1 < sh->n_keys && seed_ahead(sh, order[i + 1], x)) {
+            order[i] = order[i + 1];
+            pos[order[i]] = i;
+            i++;
+        }
+    }
+    order[i] = x;
+    pos[x] = i;
+}
+static void seed_begin(void *sv, int64_t t, const int32_t *keys, const int64_t *nu, int k) {
+    SeedShared *sh = ((Seed *)sv)->sh;
+    (void)nu;
+    if (sh->last_t == t) return; /* another cache of this pass did it */
+    sh->last_t = t;
+    for (int r = 0; r < k; r++) {
+        int32_t x = keys[r];
+        seed_bump(sh, x, +1);
+        if (sh->wlen < sh->wsize) {
+            sh->ring[(sh->whead + sh->wlen) % sh->wsize] = x;
+            sh->wlen++;
+        } else {
+            seed_bump(sh, sh->ring[sh->whead], -1);
+            sh->ring[sh->whead] = x;
+            sh->whead = (sh->whead + 1) % sh->wsize;
+        }
+    }
+}
+static void seed_hit(void *sv, int32_t x) {
+    Seed *s = sv;
+    l_unlink(s->prv, s->nxt, x);
+    l_push(s->prv, s->nxt, s->S, x);
+}
+static int32_t seed_evict(void *sv, const mer_prot *p) {
+    Seed *s = sv;
+    const SeedShared *sh = s->sh;
+    double thr = sh->fraction * (double)sh->wlen;
+    if (thr < 1.0) thr = 1.0;
+    /* pinned: among the first cap - 1 of the order, and hot (count >= threshold) */
+    int32_t n_pin = s->cap - 1 > 0 ? s->cap - 1 : 0;
+    for (int32_t x = s->nxt[s->S]; x != s->S; x = s->nxt[x]) {
+        int pinned = sh->pos[x] < n_pin && (double)sh->counts[x] >= thr;
+        if (!pinned && !is_prot(p, x)) {
+            l_unlink(s->prv, s->nxt, x);
+            return x;
+        }
+    }
+    return -1;
+}
+
+static void seed_insert(void *sv, int32_t x) {
+    Seed *s = sv;
+    l_push(s->prv, s->nxt, s->S, x);
+}
+static void seed_remove(void *sv, int32_t x) {
+    Seed *s = sv;
+    l_unlink(s->prv, s->nxt, x);
+}
+
+static const mer_policy SEED_POLICY = {
+    "seed-lru-locality", "window_size fraction", 0, 0, Seed_size, seed_shared_size, seed_init,
+    seed_begin, seed_hit, NULL, seed_evict, seed_remove, seed_insert, NULL,
+};
+
+/* == the registry: one line per policy ============================================ */
+
+static const mer_policy *const REGISTRY[] = {
+    &LRU_POLICY, &FIFO_POLICY, &LFU_POLICY, &CLOCK_POLICY, &SIEVE_POLICY,
+    &S3FIFO_POLICY, &ARC_POLICY, &OPT_POLICY, &SEED_POLICY,
+};
+#define N_POLICIES ((int)(sizeof(REGISTRY) / sizeof(REGISTRY[0])))
+
+int mer_replay_n_policies(void) { return N_POLICIES; }
+int mer_replay_policy(const char *name) {
+    for (int i = 0; i < N_POLICIES; i++)
+        if (strcmp(REGISTRY[i]->name, name) == 0) return i;
+    return -1;
+}
+static int valid(int i) { return i >= 0 && i < N_POLICIES; }
+const char *mer_replay_policy_name(int i) { return valid(i) ? REGISTRY[i]->name : ""; }
+const char *mer_replay_param_names(int i) { return valid(i) ? REGISTRY[i]->params : ""; }
+int mer_replay_protects_step(int i) { return valid(i) ? REGISTRY[i]->protects_step : 0; }
+int mer_replay_needs_future(int i) { return valid(i) ? REGISTRY[i]->needs_future : 0; }
+int64_t mer_replay_state_bytes(int i, int k, int32_t n_keys) {
+    if (!valid(i)) return -1;
+    mer_ctx c = {1, n_keys, 0, k, NULL, NULL, NULL};
+    return (int64_t)((REGISTRY[i]->size(&c) + 63) & ~(size_t)63) + n_keys;
+}
+
+/* == next use of every lookup (OPT's order), one backward scan ==================== */
+
+int mer_next_use(const int32_t *keys, int64_t n, int32_t n_keys, int64_t *out) {
+    int64_t *last = malloc(sizeof(int64_t) * (n_keys > 0 ? n_keys : 1));
+    if (!last) return -1;
+    for (int32_t i = 0; i < n_keys; i++) last[i] = INF_POS;
+    for (int64_t i = n - 1; i >= 0; i--) {
+        int32_t x = keys[i];
+        if (x < 0 || x >= n_keys) {
+            free(last);
+            return -3;
+        }
+        out[i] = last[x];
+        last[x] = i;
+    }
+    free(last);
+    return 0;
+}
+
+/* == the driver ==================================================================== */
+
+typedef struct {
+    const mer_policy *pol;
+    int k, n_caches, n_params;
+    int32_t n_keys, key_base, layer_div, n_layers_out;
+    size_t stride;
+    char *states;
+    uint8_t *res;     /* n_caches x n_keys: resident */
+    int32_t *n_res, *pin_res, *caps;
+    int64_t *counts;  /* n_caches x 4 x n_layers_out */
+    uint8_t *pinned;  /* NULL: no pins */
+    uint32_t *mark;
+    uint32_t stamp;
+    double *params;
+    void *shared;
+    int64_t next_t;
+    int32_t *missed;
+    uint8_t *hitf;
+} Handle;
+
+void mer_replay_free(void *hv) {
+    Handle *h = hv;
+    if (!h) return;
+    free(h->states);
+    free(h->res);
+    free(h->n_res);
+    free(h->pin_res);
+    free(h->caps);
+    free(h->counts);
+    free(h->pinned);
+    free(h->mark);
+    free(h->params);
+    free(h->shared);
+    free(h->missed);
+    free(h->hitf);
+    free(h);
+}
+
+void *mer_replay_new(int policy, int k, int32_t n_keys, int32_t key_base, int32_t layer_div,
+                     int32_t n_layers_out, const uint8_t *pinned, int n_caches,
+                     const int32_t *caps, const double *params, int n_params) {
+    if (!valid(policy) || k < 1 || n_keys < 1 || n_caches < 1 || layer_div < 1 ||
+        n_layers_out < 1)
+        return NULL;
+    Handle *h = calloc(1, sizeof(Handle));
+    if (!h) return NULL;
+    h->pol = REGISTRY[policy];
+    h->k = k;
+    h->n_caches = n_caches;
+    h->n_params = n_params;
+    h->n_keys = n_keys;
+    h->key_base = key_base;
+    h->layer_div = layer_div;
+    h->n_layers_out = n_layers_out;
+    mer_ctx c0 = {1, n_keys, key_base, k, params, NULL, NULL};
+    h->stride = (h->pol->size(&c0) + 63) & ~(size_t)63;
+    h->states = aligned_alloc(64, h->stride * (size_t)n_caches);
+    h->res = calloc((size_t)n_caches * n_keys, 1);
+    h->n_res = calloc(n_caches, sizeof(int32_t));
+    h->pin_res = calloc(n_caches, sizeof(int32_t));
+    h->caps = malloc(sizeof(int32_t) * n_caches);
+    h->counts = calloc((size_t)n_caches * 4 * n_layers_out, sizeof(int64_t));
+    h->mark = calloc(n_keys, sizeof(uint32_t));
+    h->params = malloc(sizeof(double) * (size_t)(n_params > 0 ? n_params : 1) * n_caches);
+    h->missed = malloc(sizeof(int32_t) * k);
+    h->hitf = malloc(k);
+    if (pinned) {
+        h->pinned = malloc(n_keys);
+        if (h->pinned) memcpy(h->pinned, pinned, n_keys);
+    }
+    if (h->pol->shared_size) h->shared = calloc(1, h->pol->shared_size(&c0));
+    if (!h->states || !h->res || !h->n_res || !h->pin_res || !h->caps || !h->counts ||
+        !h->mark || !h->params || !h->missed || !h->hitf || (pinned && !h->pinned) ||
+        (h->pol->shared_size && !h->shared)) {
+        mer_replay_free(h);
+        return NULL;
+    }
+    if (n_params > 0) memcpy(h->params, params, sizeof(double) * (size_t)n_params * n_caches);
+    for (int c = 0; c < n_caches; c++) {
+        h->caps[c] = caps[c];
+        mer_ctx ctx = {caps[c], n_keys, key_base, k, h->params + (size_t)c * n_params,
+                       h->pinned, h->shared};
+        h->pol->init(h->states + h->stride * c, &ctx);
+    }
+    h->stamp = 0;
+    h->next_t = 0;
+    return h;
+}
+
+int mer_replay_feed(void *hv, const int32_t *keys_all, const int64_t *tidx,
+                    const int64_t *next_use, int64_t n_steps, int8_t *outcome) {
+    Handle *h = hv;
+    const mer_policy *pol = h->pol;
+    const int k = h->k, nc = h->n_caches, L = h->n_layers_out;
+    const int32_t nk = h->n_keys;
+    const uint8_t *pinned = h->pinned;
+    const int protects = pol->protects_step;
+    if (pol->needs_future && !next_use) return -1;
+    if (outcome && nc != 1) return -2;
+    mer_prot prot = {h->mark, 0, protects, pinned};
+    int32_t *missed = h->missed;
+    uint8_t *hitf = h->hitf;
+    for (int64_t i = 0; i < n_steps; i++) {
+        const int32_t *keys = keys_all + i * k;
+        const int64_t t = tidx ? tidx[i] : h->next_t;
+        h->next_t = t + 1;
+        const int64_t *nu = next_use ? next_use + i * k : NULL;
+        for (int r = 0; r < k; r++)
+            if (keys[r] < 0 || keys[r] >= nk) return -3;
+        if (++h->stamp == 0) {
+            memset(h->mark, 0, sizeof(uint32_t) * nk);
+            h->stamp = 1;
+        }
+        for (int r = 0; r < k; r++) h->mark[keys[r]] = h->stamp;
+        prot.stamp = h->stamp;
+        int layer = keys[0] / h->layer_div;
+        if (layer >= L) layer = L - 1;
+        int8_t *out = outcome ? outcome + i * k : NULL;
+        for (int c = 0; c < nc; c++) {
+            void *s = h->states + h->stride * c;
+            uint8_t *res = h->res + (size_t)c * nk;
+            int64_t *cnt = h->counts + (size_t)c * 4 * L;
+            const int32_t cap = h->caps[c];
+            if (pol->begin) pol->begin(s, t, keys, nu, k);
+            int nm = 0;
+            for (int r = 0; r < k; r++) {
+                int32_t x = keys[r];
+                if (res[x]) {
+                    hitf[r] = 1;
+                    if (pol->hit) pol->hit(s, x);
+                } else {
+                    hitf[r] = 0;
+                    missed[nm++] = r;
+                }
+            }
+            cnt[layer] += k - nm;
+            cnt[L + layer] += nm;
+            for (int mi = 0; mi < nm; mi++) {
+                const int r = missed[mi];
+                const int32_t x = keys[r];
+                if (pol->prepare) pol->prepare(s, x);
+                if (h->n_res[c] >= cap) {
+                    int32_t v = -1;
+                    if (protects) {
+                        int32_t held = h->pin_res[c]; /* protected residents */
+                        for (int r2 = 0; r2 < k; r2++) {
+                            int32_t y = keys[r2];
+                            if (res[y] && !(pinned && pinned[y])) held++;
+                        }
+                        if (h->n_res[c] > held) {
+                            v = pol->evict(s, &prot);
+                        } else {
+                            /* a cache smaller than the step: the worst-ranked resident
+                               step key (a hit of this step) ranked below this miss */
+                            for (int r2 = k - 1; r2 > r; r2--) {
+                                int32_t y = keys[r2];
+                                if (res[y] && hitf[r2] && !(pinned && pinned[y])) {
+                                    v = y;
+                                    pol->remove(s, y);
+                                    break;
+                                }
+                            }
+                        }
+                    } else {
+                        v = pol->evict(s, &prot);
+                    }
+                    if (v < 0) {
+                        cnt[3 * L + layer]++;
+                        if (out) out[r] = 2;
+                        continue;
+                    }
+                    res[v] = 0;
+                    h->n_res[c]--;
+                    if (pinned && pinned[v]) h->pin_res[c]--;
+                    int vl = v / h->layer_div;
+                    cnt[2 * L + (vl < L ? vl : L - 1)]++;
+                }
+                res[x] = 1;
+                h->n_res[c]++;
+                if (pinned && pinned[x]) h->pin_res[c]++;
+                pol->insert(s, x);
+                if (out) out[r] = 0;
+            }
+            if (pol->end) pol->end(s, t, keys, k);
+            if (out) {
+                for (int r = 0; r < k; r++) {
+                    if (hitf[r]) out[r] = 1;
+                    else if (out[r] == 0 && !res[keys[r]]) out[r] = 2; /* evicted again */
+                }
+            }
+        }
+    }
+    return 0;
+}
+
+void mer_replay_counts(void *hv, int c, int64_t *out) {
+    Handle *h = hv;
+    memcpy(out, h->counts + (size_t)c * 4 * h->n_layers_out,
+           sizeof(int64_t) * 4 * h->n_layers_out);
+}
+
+void mer_replay_resident(void *hv, int c, uint8_t *out) {
+    Handle *h = hv;
+    memcpy(out, h->res + (size_t)c * h->n_keys, h->n_keys);
+}
