@@ -92,5 +92,7 @@ def calibrate(run: RunSummary, profile: HardwareProfile) -> Calibration:
             record("ssd.bandwidth_bytes_per_s", profile.ssd.bandwidth_bytes_per_s, bw)
             new.ssd.bandwidth_bytes_per_s = bw
     new.extra = {**profile.extra, "calibration": {"run": asdict(run)["trace"], "moved": moved}}
+    if "compute.ffn_bytes_per_s" in moved:
+        new.extra["measured_shape"] = run.shape  # the FFN rate now holds for this shape
     new.validate()
     return Calibration(new, moved)

@@ -44,6 +44,7 @@ def build_study_report(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     study = Study(inputs, out)
+    check_inputs(study)
     sections = build_sections(study) + list(extra_sections or [])
     sections.sort(key=lambda s: s.order)
     title = f"mer report: {study.name}"
@@ -62,6 +63,21 @@ def build_study_report(
         "compare": comparison,
     }
     return result, sections
+
+
+def check_inputs(study: Study) -> None:
+    """Every input must come from the report's trace, and each run pair be one experiment."""
+    from mer.analysis.compare import check_same_experiment, check_study
+    from mer.traces.format import content_digest
+
+    digest = content_digest(study.trace)
+    check_study(digest, str(study.inputs.trace), sweep=study.sweep)
+    for p in study.pairs:
+        check_study(digest, str(study.inputs.trace), sim=p.sim, run=p.run)
+        if p.calibrated is not None:
+            check_same_experiment(
+                p.calibrated, p.run, f"the calibrated simulation and the measured run ({p.role})"
+            )
 
 
 def write_run_report(

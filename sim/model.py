@@ -226,7 +226,9 @@ class SimOptions:
 
     mode: str = "model"
     engine: str = "fast"
-    shape: str | None = None  # default from the trace geometry
+    shape: str | ModelShape | None = (
+        None  # a name or a shape (e.g. an expert file's); None: from the trace geometry
+    )
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -487,8 +489,10 @@ def simulate(
     tr = trace.select_phase(config.phase)
     if config.tokens is not None and config.tokens < tr.n_tokens:
         tr = tr.head(max(config.tokens, 1))
-    shape: ModelShape = get_shape(
-        opts.shape or default_shape_for(tr.n_layers, tr.n_experts, tr.top_k)
+    shape: ModelShape = (
+        opts.shape
+        if isinstance(opts.shape, ModelShape)
+        else get_shape(opts.shape or default_shape_for(tr.n_layers, tr.n_experts, tr.top_k))
     )
     seed = opts.mode == "seed"
     read_bytes = shape.slot_bytes  # O_DIRECT reads whole 4 KiB-aligned slots
@@ -593,6 +597,8 @@ def simulate(
             "cache_fits_ram": config.cache_slots * read_bytes <= hardware.memory.ram_bytes,
             "sim_seconds": sim_seconds,
             "sim_lookups_per_s": lookups / sim_seconds if sim_seconds > 0 else None,
+            # The shape the profile's FFN rate was measured on (None: not recorded).
+            "hardware_measured_shape": (hardware.extra or {}).get("measured_shape"),
         },
     )
     return SimResult(summary, tokens, stats, read_lat, sim_seconds)

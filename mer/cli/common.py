@@ -102,6 +102,17 @@ def str_list(text: str) -> list[str]:
     return name_list(text)
 
 
+def resolve_names(kind: str, names: list[str]) -> list[str]:
+    """Load policy or predictor names now (a plugin's `module:Class` included), so that a
+    bad one is one clear error before any work starts and worker processes find it."""
+    from mer.core import policy_class, predictor_class
+
+    load = policy_class if kind == "policy" else predictor_class
+    for name in names:
+        load(name)
+    return names
+
+
 def require_file(path: Path, what: str) -> Path:
     """A readable regular file (mer.guard.check_input), else BadInput naming `what`."""
     return check_input(path, what)
@@ -135,7 +146,8 @@ def add_replay_args(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
         p.add_argument(
             "--policy",
             default="lru",
-            help=f"eviction policy: {', '.join(policy_names())} (default lru)",
+            help=f"eviction policy: {', '.join(policy_names())}, or your own class as "
+            "package.module:ClassName (default: lru)",
         )
         g = p.add_mutually_exclusive_group()
         g.add_argument(
@@ -159,7 +171,8 @@ def add_replay_args(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
         p.add_argument(
             "--predictor",
             default="none",
-            help=f"prefetch predictor: {', '.join(predictor_names())} (default none)",
+            help=f"prefetch predictor: {', '.join(predictor_names())}, or your own class as "
+            "package.module:ClassName (default: none)",
         )
     p.add_argument(
         "--pipeline-depth",
@@ -239,6 +252,8 @@ def replay_config_from_args(
             raise BadInput(
                 f"--cache-gib {gib} holds no expert of {bytes_per_expert:,} bytes; give more memory."
             )
+    resolve_names("policy", [getattr(args, "policy", "lru")])
+    resolve_names("predictor", [getattr(args, "predictor", "none")])
     values: dict[str, Any] = dict(
         policy=getattr(args, "policy", "lru"),
         cache_slots=slots if slots is not None else 64,

@@ -153,13 +153,20 @@ def register(sub: Any) -> None:
         "--size-gib",
         type=float_range(1 / 1024, 1024, what="a size in GiB from 1/1024 to 1024"),
         default=None,
-        help="probe file size in GiB (default 2, quick 1/16)",
+        help="probe file size in GiB (default: 2; 1/16 with --quick)",
     )
     q.add_argument(
         "--shape",
         default=None,
-        help="model shape whose expert size is read and computed (default mixtral-8x7b; "
-        "quick: mixtral-small)",
+        help="model shape whose experts are read and computed: measure the shape you will "
+        "run, since FFN bytes/s differs between shapes (default: mixtral-8x7b; mixtral-small "
+        "with --quick)",
+    )
+    q.add_argument(
+        "--experts",
+        type=input_path,
+        default=None,
+        help="measure the shape of this expert file (the one `mer run --experts` will read)",
     )
     q.add_argument("--io", choices=("auto", "uring", "pread"), default="auto", help="reader")
     q.add_argument(
@@ -227,7 +234,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             rcfg,
             ecfg,
             trace_name=args.trace.name,
-            trace_digest=trace_digest(args.trace),
+            trace_digest=trace_digest(trace),
             store_path=str(args.experts),
         )
         result = ex.run()
@@ -256,10 +263,26 @@ def cmd_probe(args: argparse.Namespace) -> int:
     from mer.engine.probe import ProbeConfig, run_probe, to_profile
 
     size = int(args.size_gib * GiB) if args.size_gib is not None else None
+    shape = args.shape
+    if args.experts is not None:
+        store = _open_store(args.experts)
+        if shape and shape != store.shape.name:
+            raise BadInput(
+                f"--shape {shape} disagrees with the expert file {args.experts}, which is "
+                f"{store.shape.name}; give one of them."
+            )
+        shape = store.shape.name
+        from mer.shapes import SHAPES
+
+        if shape not in SHAPES:
+            raise BadInput(
+                f"the expert file {args.experts} has shape {shape}, which mer probe cannot "
+                f"synthesise; pass --shape with a registered shape ({', '.join(SHAPES)})."
+            )
     kw: dict[str, Any] = dict(
         directory=args.dir,
         size_bytes=size,
-        shape=args.shape,
+        shape=shape,
         io=args.io,
         threads=args.threads,
         ffn=args.ffn,
@@ -289,7 +312,9 @@ def cmd_probe(args: argparse.Namespace) -> int:
             f"({result.ffn_kernel}, {result.threads} threads) = "
             f"{c.ffn_bytes_per_s / profile.memory.read_bandwidth_bytes_per_s:.0%} of memory read "
             f"{profile.memory.read_bandwidth_bytes_per_s / 1e9:.2f} GB/s; dense block "
-            f"{c.dense_bytes_per_s / 1e9:.2f} GB/s",
+            f"{c.dense_bytes_per_s / 1e9:.2f} GB/s; measured on {result.shape} experts: simulate "
+            "that shape with this profile (another shape's FFN runs at another rate; probe it "
+            "with --shape or --experts)",
             f"memory: {profile.memory.read_bandwidth_bytes_per_s / 1e9:.2f} GB/s read on "
             f"{result.threads} threads, {result.memory_read_1thread_bytes_per_s / 1e9:.2f} GB/s on "
             f"one ({result.memory_read_kind}), {profile.memory.ram_bytes / GiB:.1f} GiB RAM",

@@ -283,7 +283,7 @@ def _timed(fn: Callable[[], Any], min_seconds: float, min_reps: int = 3) -> floa
 
 def _experts(shape: ModelShape, n: int, seed: int) -> list[tuple[np.ndarray, ...]]:
     rng = np.random.default_rng(seed)
-    out = []
+    out: list[tuple[np.ndarray, ...]] = []
     for _ in range(n):
         gate = random_q4_0(rng, shape.d_ff, shape.d_model, 1.0 / np.sqrt(shape.d_model))
         up = random_q4_0(rng, shape.d_ff, shape.d_model, 1.0 / np.sqrt(shape.d_model))
@@ -460,6 +460,8 @@ def to_profile(result: ProbeResult, name: str | None = None) -> Any:
             ram_bytes=result.ram_bytes,
             read_bandwidth_bytes_per_s=result.memory_read_bytes_per_s,
         ),
-        extra={"probe": result.to_dict()},
+        # The shape whose experts were read and computed: FFN bytes/s holds for it only,
+        # and `mer simulate` says so when another shape is simulated with this profile.
+        extra={"measured_shape": result.shape, "probe": result.to_dict()},
     )
     return prof.validate()
