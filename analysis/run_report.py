@@ -80,6 +80,23 @@ def check_inputs(study: Study) -> None:
             )
 
 
+def _refuse_lone_run(trace: Path, sim: Path | None, run: Path | None) -> None:
+    """A simulated or measured run without its partner: say what is wrong with it first."""
+    from mer.analysis.compare import check_study
+    from mer.analysis.sections import load_run
+    from mer.errors import BadInput
+    from mer.traces.format import content_digest, read_trace
+
+    check_study(
+        content_digest(read_trace(trace)), str(trace), sim=load_run(sim)[0], run=load_run(run)[0]
+    )
+    given, missing = ("--sim", "--run") if sim is not None else ("--run", "--sim")
+    raise BadInput(
+        f"{given} needs {missing}: the report holds a measured run against its simulation "
+        "(same trace and configuration); give both, or --pair SIM RUN."
+    )
+
+
 def write_run_report(
     out_dir: str | Path,
     *,
@@ -103,6 +120,8 @@ def write_run_report(
     all_pairs = list(pairs or [])
     if sim is not None and run is not None:
         all_pairs.insert(0, RunPair(sim, run, "winner" if all_pairs else ""))
+    elif sim is not None or run is not None:
+        _refuse_lone_run(trace, sim, run)
     inputs = StudyInputs(
         trace=trace,
         mrc=mrc,
