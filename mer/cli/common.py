@@ -138,8 +138,11 @@ def _kv(text: str) -> tuple[str, Any]:
     return key.replace("-", "_"), parsed
 
 
-def add_replay_args(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
-    """The options that decide hits and prefetches, shared by simulate, sweep and run."""
+def add_replay_args(p: argparse.ArgumentParser, *, sweep: bool = False, live: bool = False) -> None:
+    """The options that decide hits and prefetches, shared by simulate, sweep and run.
+
+    `live` (mer generate): no --pin, --tokens, --phase, which need a whole trace.
+    """
     from mer.core import policy_names, predictor_names
 
     if not sweep:
@@ -198,12 +201,13 @@ def add_replay_args(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
         default=8,
         help="at most N prefetch reads in flight (default 8)",
     )
-    p.add_argument(
-        "--pin",
-        type=non_negative_int,
-        default=0,
-        help="statically pin the N most popular experts of the trace (offline knowledge; default 0)",
-    )
+    if not live:
+        p.add_argument(
+            "--pin",
+            type=non_negative_int,
+            default=0,
+            help="statically pin the N most popular experts of the trace (offline knowledge; default 0)",
+        )
     p.add_argument(
         "--policy-param",
         type=_kv,
@@ -220,13 +224,14 @@ def add_replay_args(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
         metavar="KEY=VALUE",
         help="predictor parameter, repeatable",
     )
-    p.add_argument(
-        "--tokens",
-        type=positive_int,
-        default=None,
-        help="replay only the first N tokens (after --phase; default all)",
-    )
-    add_phase_arg(p)
+    if not live:
+        p.add_argument(
+            "--tokens",
+            type=positive_int,
+            default=None,
+            help="replay only the first N tokens (after --phase; default all)",
+        )
+        add_phase_arg(p)
 
 
 def replay_config_from_args(
@@ -263,8 +268,8 @@ def replay_config_from_args(
         prefetch_top_n=args.prefetch_top_n,
         prefetch_min_prob=args.prefetch_min_prob,
         prefetch_inflight=args.prefetch_inflight,
-        pin=args.pin,
-        phase=args.phase,
+        pin=getattr(args, "pin", 0),
+        phase=getattr(args, "phase", "all"),
         tokens=getattr(args, "tokens", None),
         policy_params=dict(args.policy_param),
         predictor_params=dict(args.predictor_param),

@@ -54,29 +54,10 @@ def _size(text: str) -> int:
     return v
 
 
-def register(sub: Any) -> None:
+def add_engine_args(p: argparse.ArgumentParser) -> Any:
+    """How the engine reads and computes (shared by `mer run` and `mer generate`)."""
     from mer.engine.io import DEFAULT_CHUNK_BYTES, DEFAULT_QUEUE_DEPTH, MAX_QUEUE_DEPTH
 
-    p = sub.add_parser(
-        "run",
-        help="replay a trace on real expert weights (io_uring, O_DIRECT, native q4_0 FFN)",
-        description=(
-            "Replay TRACE through the shared decision core on real q4_0 expert weights: "
-            "misses are read from the expert file (io_uring with O_DIRECT, or a preadv pool), "
-            "predicted experts are prefetched in the background, every expert's SwiGLU FFN is "
-            "computed and combined with the trace's gate weights. Prints the same summary as "
-            "`mer simulate` (kind 'measured'). Make an expert file with `mer experts synth`."
-        ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("trace", type=input_file, help="trace parquet (trace format v1)")
-    p.add_argument(
-        "--experts",
-        type=input_path,
-        required=True,
-        help="expert weights: a GGUF file (stacked or per-expert layout) or a packed directory",
-    )
-    add_replay_args(p)
     g = p.add_argument_group("engine")
     g.add_argument(
         "--io",
@@ -110,16 +91,58 @@ def register(sub: Any) -> None:
         "it was built, else numpy, saying so once) or the numpy reference",
     )
     g.add_argument(
+        "--buffered",
+        action="store_true",
+        help="read through the page cache instead of O_DIRECT (not a fair measurement)",
+    )
+    return g
+
+
+def engine_config_from_args(args: argparse.Namespace, **overrides: Any) -> Any:
+    from mer.engine.streaming import EngineConfig
+
+    values: dict[str, Any] = dict(
+        io=args.io,
+        queue_depth=args.queue_depth,
+        chunk_bytes=args.chunk_bytes,
+        threads=args.threads,
+        ffn=args.ffn,
+        direct=not args.buffered,
+        progress=not args.no_progress,
+    )
+    values.update(overrides)
+    return EngineConfig(**values)
+
+
+def register(sub: Any) -> None:
+
+    p = sub.add_parser(
+        "run",
+        help="replay a trace on real expert weights (io_uring, O_DIRECT, native q4_0 FFN)",
+        description=(
+            "Replay TRACE through the shared decision core on real q4_0 expert weights: "
+            "misses are read from the expert file (io_uring with O_DIRECT, or a preadv pool), "
+            "predicted experts are prefetched in the background, every expert's SwiGLU FFN is "
+            "computed and combined with the trace's gate weights. Prints the same summary as "
+            "`mer simulate` (kind 'measured'). Make an expert file with `mer experts synth`."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("trace", type=input_file, help="trace parquet (trace format v1)")
+    p.add_argument(
+        "--experts",
+        type=input_path,
+        required=True,
+        help="expert weights: a GGUF file (stacked or per-expert layout) or a packed directory",
+    )
+    add_replay_args(p)
+    g = add_engine_args(p)
+    g.add_argument(
         "--mode",
         choices=("model", "seed"),
         default="model",
         help="model: run the resident dense (attention-sized) block every layer, so tokens/s is "
         "whole-model; seed: experts only, as the public engine's benchmark",
-    )
-    g.add_argument(
-        "--buffered",
-        action="store_true",
-        help="read through the page cache instead of O_DIRECT (not a fair measurement)",
     )
     g.add_argument(
         "--seed", type=seed_int, default=0, help="seed of the hidden vector and dense block"
@@ -207,7 +230,7 @@ def _open_store(path: Path) -> Any:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from mer.engine.executor import EngineConfig, Executor
+    from mer.engine.executor import Executor
     from mer.summary import trace_digest, write_token_table
     from mer.traces.format import read_trace
 
@@ -215,17 +238,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     trace = read_trace(args.trace)
     store = _open_store(args.experts)
     rcfg = replay_config_from_args(args, bytes_per_expert=store.bytes_per_expert)
-    ecfg = EngineConfig(
-        io=args.io,
-        queue_depth=args.queue_depth,
-        chunk_bytes=args.chunk_bytes,
-        threads=args.threads,
-        mode=args.mode,
-        ffn=args.ffn,
-        direct=not args.buffered,
-        seed=args.seed,
-        progress=not args.no_progress,
-    )
+    ecfg = engine_config_from_args(args, mode=args.mode, seed=args.seed)
     with warnings.catch_warnings():
         warnings.simplefilter("default")
         ex = Executor(

@@ -35,7 +35,7 @@ import pandas as pd
 
 from mer.core.replay import Replay, ReplayConfig
 from mer.engine.dense import DenseBlock, rmsnorm
-from mer.engine.ffn import make_ffn
+from mer.engine.expert_types import make_expert_ffn
 from mer.engine.streaming import (
     EngineConfig,
     ExpertStreamer,
@@ -229,7 +229,9 @@ class Executor:
         else:
             gate_w = weights.reshape(-1, K).astype(np.float32)
         threads = max(1, int(cfg.threads))
-        ffn = make_ffn(self.shape, threads, cfg.ffn)
+        ffn = make_expert_ffn(
+            getattr(self.store, "expert_dtype", "Q4_0"), self.shape, threads, cfg.ffn
+        )
         dense = (
             DenseBlock(self.shape, seed=cfg.seed + 1, threads=threads, kernel=ffn)
             if cfg.mode == "model"
