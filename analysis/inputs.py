@@ -66,6 +66,8 @@ def detect_kind(path: Path) -> str | None:
         return "trace"
     if b"mer.summary" in meta:
         return "tokens"
+    if b"mer.mrc" in meta:
+        return "mrc"
     cols = set(schema.names)
     if "tokens_per_s" in cols and {"policy", "cache_slots"} <= cols:
         return "sweep"
@@ -96,3 +98,20 @@ def require(path: Path, accepted: tuple[str, ...], command: str) -> str:
     raise BadInput(
         f"{path} is {DESCRIBE[kind]}; `{command}` takes {takes}. To draw this file use `{PLOT_FOR[kind]}`."
     )
+
+
+def mrc_meta(path: Path) -> dict[str, object]:
+    """What `mer mrc` recorded about its curves (granularity, backend, phase); {} if nothing."""
+    try:
+        import pyarrow.parquet as pq
+
+        raw = (pq.read_schema(path).metadata or {}).get(b"mer.mrc")
+        obj = json.loads(raw) if raw else {}
+    except (OSError, ValueError):
+        return {}
+    return obj if isinstance(obj, dict) else {}
+
+
+def granularity_note(meta: dict[str, object]) -> str:
+    """', lookup by lookup' for curves replayed with libCacheSim's semantics, else ''."""
+    return ", lookup by lookup" if meta.get("granularity") == "lookup" else ""

@@ -56,8 +56,16 @@ def curves_section(study: Study) -> Section | None:
         f"were all computed ({', '.join(exact) or 'none'} at every size); points stand alone where "
         "only some sizes were replayed, and nothing is drawn between them."
     )
+    from mer.analysis.inputs import granularity_note, mrc_meta
+
+    how = granularity_note(mrc_meta(study.inputs.mrc)) if study.inputs.mrc else ""
+    if how:
+        sec.text(
+            "These curves replay lookup by lookup (`--granularity lookup`, libCacheSim's "
+            "semantics), not step by step as the engine does."
+        )
     mid = _mid_size(curves)
-    title = f"Hit rate vs cache size, no prefetch: {tr.name} ({tr.meta.model})"
+    title = f"Hit rate vs cache size, no prefetch{how}: {tr.name} ({tr.meta.model})"
     lru, opt = _at(curves, "lru", "global", mid), _at(curves, "opt", "global", mid)
     gap = (
         f": at {mid} slots LRU gets {lru:.1f}%, OPT {opt:.1f}%"

@@ -491,12 +491,17 @@ def cmd_plot_mrc(args: argparse.Namespace) -> int:
         bpe = get_shape(args.shape).bytes_per_expert
     metric = METRICS[args.metric]
     what = "Hit rate" if metric.name == "hit rate" else "Miss ratio"
+    from mer.analysis.inputs import granularity_note, mrc_meta
+
+    how = "".join(sorted({granularity_note(mrc_meta(p)) for p, _ in sources}))
     if args.title:
         title = args.title
     elif len(sources) == 1:
-        title = f"{what} vs cache size, no prefetch: {_source_name(sources[0][1], sources[0][0])}"
+        title = (
+            f"{what} vs cache size, no prefetch{how}: {_source_name(sources[0][1], sources[0][0])}"
+        )
     else:
-        title = f"{what} vs cache size, no prefetch: " + " vs ".join(labels)
+        title = f"{what} vs cache size, no prefetch{how}: " + " vs ".join(labels)
     frames = (
         sources[0][1]
         if len(sources) == 1
