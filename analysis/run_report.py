@@ -18,6 +18,7 @@ from mer.analysis.sections import (
     Study,
     StudyInputs,
     build_sections,
+    markdown_section,
     render,
 )
 
@@ -45,7 +46,13 @@ def build_study_report(
     out.mkdir(parents=True, exist_ok=True)
     study = Study(inputs, out)
     check_inputs(study)
-    sections = build_sections(study) + list(extra_sections or [])
+    extra = list(extra_sections or [])
+    if study.pairs:
+        from mer.analysis.sections.runs import run_window
+
+        for sec in extra:
+            sec.window = sec.window or run_window(study)
+    sections = build_sections(study) + extra
     sections.sort(key=lambda s: s.order)
     title = f"mer report: {study.name}"
     md_path, html_path = write_report(out, name, render(study, sections, title=title), title)
@@ -110,12 +117,15 @@ def write_run_report(
     calibrated: Path | None = None,
     synthetic_mrc: Path | None = None,
     extra: dict[str, Path] | None = None,
+    extra_sections: list[str] | list[Section] | None = None,
     name: str = "report",
 ) -> dict[str, Any]:
     """The study report from paths (`mer report run` and `mer demo` call this).
 
     `sim` / `run`: one simulated and one measured run (the winner); `pairs`:
     several, each with a role ("winner", "no prefetch", ...); both may be given.
+    `extra_sections`: Sections, or one section's Markdown lines (beginning `## title`),
+    placed after the runs.
     """
     all_pairs = list(pairs or [])
     if sim is not None and run is not None:
@@ -132,4 +142,9 @@ def write_run_report(
         synthetic_mrc=synthetic_mrc,
         extra=dict(extra or {}),
     )
-    return write_study_report(out_dir, inputs, name=name)
+    more: list[Section] = []
+    if extra_sections and isinstance(extra_sections[0], str):
+        more = [markdown_section([str(x) for x in extra_sections], key="faceoff")]
+    elif extra_sections:
+        more = [s for s in extra_sections if isinstance(s, Section)]
+    return write_study_report(out_dir, inputs, name=name, extra_sections=more)

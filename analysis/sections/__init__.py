@@ -221,6 +221,26 @@ class Section:
         return self
 
 
+def markdown_section(lines: list[str], *, key: str = "extra", order: int = 42) -> Section:
+    """A section from Markdown lines that start with its `## title` (for code that writes
+    Markdown itself, e.g. the demo's face-off); a section with no window is about the runs."""
+    body = list(lines)
+    title = "More"
+    while body and not body[0].strip():
+        body.pop(0)
+    if body and body[0].startswith("## "):
+        title = body.pop(0)[3:].strip()
+    sec = Section(title, key=key, order=order)
+    block: list[str] = []
+    for line in [*body, ""]:
+        if line.strip():
+            block.append(line)
+        elif block:
+            sec.blocks.append("\n".join(block))
+            block = []
+    return sec
+
+
 Builder = Callable[[Study], "Section | None"]
 _REGISTRY: dict[str, tuple[int, Builder]] = {}
 
