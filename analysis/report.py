@@ -220,7 +220,7 @@ def _cell(c: object) -> str:
     if isinstance(c, float):
         if c != c:
             return "-"
-        return f"{c:,.4g}" if abs(c) < 1e5 else f"{c:,.0f}"
+        return f"{c:,.4g}" if abs(c) < 1e3 else f"{c:,.0f}"
     if isinstance(c, int):
         return f"{c:,}"
     return str(c)

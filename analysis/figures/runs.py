@@ -26,7 +26,8 @@ BANDS = (0.10, 0.25)
 
 
 def pair_label(summary: Mapping[str, Any]) -> str:
-    return f"{summary['policy']} / {summary['predictor']} / {summary['cache_slots']} slots"
+    scope = f" ({summary['scope']})" if summary.get("scope") else ""
+    return f"{summary['policy']}{scope} / {summary['predictor']} / {summary['cache_slots']} slots"
 
 
 def _rel(p: float, m: float) -> str:

@@ -25,12 +25,18 @@ BOUND_REACH = 1.35
 IO_SHARE_SPREAD = 0.02
 
 
+#: Columns that, when they vary, split a policy's points into variants (marker fill).
+VARIANT_COLUMNS = ("source", "hardware", "scope")
+
+
 def _sources(results: pd.DataFrame) -> tuple[str | None, list[str]]:
-    """The column that tells overlaid sources apart (`source`, or several `hardware`)."""
-    for col in ("source", "hardware"):
-        if col in results.columns and results[col].nunique() > 1:
-            return col, sorted(results[col].astype(str).unique())
-    return None, []
+    """The variants of each policy's points: the values of whichever of `VARIANT_COLUMNS`
+    vary (sweep files overlaid, machines, cache scopes), joined, and their header."""
+    cols = [c for c in VARIANT_COLUMNS if c in results.columns and results[c].nunique() > 1]
+    if not cols:
+        return None, []
+    results["_variant"] = results[cols].astype(str).agg(" / ".join, axis=1)
+    return " / ".join(cols), sorted(results["_variant"].unique())
 
 
 def _predictors(results: pd.DataFrame) -> list[str]:
@@ -105,7 +111,7 @@ def dot_panels(
             for j, src in enumerate(srcs or [None]):
                 rows = part[part["policy"] == policy]
                 if src is not None:
-                    rows = rows[rows[src_col].astype(str) == src]
+                    rows = rows[rows["_variant"] == src]
                 offset = -width / 2 + step * (g + 0.5)
                 g += 1
                 if rows.empty:
@@ -125,7 +131,7 @@ def dot_panels(
                     mew=0.7,
                     zorder=3,
                 )
-                style.tag_series(a, policy=policy, **({"source": src} if src is not None else {}))
+                style.tag_series(a, policy=policy, **({"variant": src} if src is not None else {}))
         for kind, bval in drawn_bounds.values():
             if isinstance(bval, list):
                 b = style.BOUND_STYLES[kind]
@@ -158,29 +164,23 @@ def dot_panels(
     else:
         ax0.set_ylim(0, limit * 1.08 if limit > 0 else 1)
 
-    entries = [style.policy_entry(p, ls="none") for p in policies]
-    for name, (kind, _) in drawn_bounds.items():
-        entries.append(style.bound_entry(kind, name))
+    pol = [style.policy_entry(p, ls="none") for p in policies]
+    bounds = [style.bound_entry(kind, name) for name, (kind, _) in drawn_bounds.items()]
+    variants: list[LegendEntry] = []
     if srcs:
-        entries.append(style.header_entry(f"{src_col} (marker fill)"))
+        variants.append(style.header_entry(f"{src_col} (marker fill)"))
         for j, src in enumerate(srcs):
             hollow = style.SOURCE_FILLS[j % len(style.SOURCE_FILLS)] == "none"
-            entries.append(
-                LegendEntry(
-                    "source",
-                    src,
-                    src,
-                    Line2D(
-                        [], [], ls="none", marker="o", color="0.3", mfc="white" if hollow else "0.3"
-                    ),
-                )
+            handle = Line2D(
+                [], [], ls="none", marker="o", color="0.3", mfc="white" if hollow else "0.3"
             )
-    style.legend(
-        fig,
-        entries,
-        ncol=4,
-        notes=["Not drawn, above the data: " + "; ".join(notes)] if notes else [],
-    )
+            variants.append(LegendEntry("variant", src, src, handle))
+    footer = ["Not drawn, above the data: " + "; ".join(notes)] if notes else []
+    if variants or bounds:
+        half = (len(pol) + 1) // 2
+        style.legend_columns(fig, [pol[:half], pol[half:], bounds, variants], notes=footer)
+    else:
+        style.legend(fig, pol, ncol=4, notes=footer)
     style.title(fig, title)
     return style.save(fig, out, notes=notes)
 

@@ -287,7 +287,7 @@ def render(study: Study, sections: list[Section], *, title: str) -> str:
     windows: dict[str, list[str]] = {}
     for s in sections:
         if s.window:
-            windows.setdefault(s.window, []).append(s.title.lower())
+            windows.setdefault(s.window, []).append(s.title[:1].lower() + s.title[1:])
     if len(windows) > 1:
         md += [
             "The sections do not all use the same tokens, so one configuration can show different "

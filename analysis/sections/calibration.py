@@ -40,7 +40,12 @@ def calibration_section(study: Study) -> Section | None:
         for name, m in moved.items():
             label, unit, scale = FIELDS.get(name, (name, "as stored", 1.0))
             rows.append(
-                [f"{label} ({unit})", m["before"] * scale, m["after"] * scale, m["rel"] * 100]
+                [
+                    f"{label} ({unit})",
+                    m["before"] * scale,
+                    m["after"] * scale,
+                    signed(m["rel"] * 100),
+                ]
             )
         sec.table(["profile field", "before", "after", "change (%)"], rows)
     else:

@@ -172,7 +172,7 @@ def prefetch_section(study: Study) -> Section | None:
             ):
                 found.append((p, q))
     if not found:
-        return None
+        return _prefetch_in_sweep(study)
     sec = Section("Prefetch or not", window=run_window(study))
     rows = []
     for p, q in found:
@@ -212,6 +212,64 @@ def prefetch_section(study: Study) -> Section | None:
         f"and the hit rate by {(p.run.hit_rate - q.run.hit_rate) * 100:+.1f} points; of "
         f"{pf.get('issued', 0):,} prefetches issued, {pf.get('used', 0):,} were used, {pf.get('late', 0):,} "
         f"arrived late and {pf.get('wasted', 0):,} were wasted."
+    )
+    return sec
+
+
+def _prefetch_in_sweep(study: Study) -> Section | None:
+    """No measured pair differs only in prefetching: what the sweep predicts it does at the
+    first run's cache (every predictor the sweep tried, against none)."""
+    res = study.sweep
+    if res is None or not study.pairs or res["predictor"].nunique() < 2:
+        return None
+    r = study.pairs[0].run
+    same = res[
+        (res["policy"] == r.policy)
+        & (res["scope"] == r.scope)
+        & (res["cache_slots"] == r.cache_slots)
+    ]
+    base = same[same["predictor"] == "none"]
+    if same.empty or base.empty:
+        return None
+    from mer.analysis.sections.sweep import sweep_window
+
+    b = base.iloc[0]
+    sec = Section("Prefetch or not", window=sweep_window(res, study))
+    rows = []
+    for _, row in same.sort_values("tokens_per_s", ascending=False).iterrows():
+        rows.append(
+            [
+                str(row["predictor"]),
+                float(row["tokens_per_s"]),
+                signed(_rel(float(row["tokens_per_s"]), float(b["tokens_per_s"]))),
+                float(row["hit_rate"]) * 100,
+                float(row["io_wait_share"]) * 100,
+            ]
+        )
+    others = same[same["predictor"] != "none"].sort_values("tokens_per_s", ascending=False)
+    changes = ", ".join(
+        f"{row['predictor']} {_rel(float(row['tokens_per_s']), float(b['tokens_per_s'])):+.1f}%"
+        for _, row in others.iterrows()
+    )
+    run_pf = (
+        f"The {study.pairs[0].role or 'first'} run does not prefetch"
+        if r.predictor == "none"
+        else f"No run here differs from the {study.pairs[0].role or 'first'} one only in prefetching"
+    )
+    sec.text(
+        f"{run_pf}, so this comparison is the simulator's: at its cache "
+        f"({_config(r).rsplit(' / ', 2)[0]}, {r.cache_slots} slots) prefetching changes predicted "
+        f"tokens/s against no prefetch by: {changes}."
+    )
+    sec.table(
+        [
+            "predictor",
+            "predicted tokens/s",
+            "change against none (%)",
+            "hit rate (%)",
+            "I/O wait (% of time)",
+        ],
+        rows,
     )
     return sec
 
