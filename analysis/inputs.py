@@ -78,8 +78,9 @@ def detect_kind(path: Path) -> str | None:
 
 def require(path: Path, accepted: tuple[str, ...], command: str) -> str:
     """The kind of `path` if `command` accepts it; else one BadInput saying what to give."""
-    if not path.exists():
-        raise BadInput(f"{path}: no such file.")
+    from mer.guard import check_input
+
+    check_input(path, "input")  # exists, a regular file (never a FIFO that would block)
     kind = detect_kind(path)
     takes = " or ".join(DESCRIBE[k] for k in accepted)
     if kind in accepted:
