@@ -102,6 +102,7 @@ def plot_mrc(
     sizes: Sequence[int] | None = None,
     claim: dict[str, Any] | None = None,
     bytes_per_expert: int | None = None,
+    show_gap: bool | None = None,
 ) -> Written:
     """Curves per policy, OPT as the ceiling, one panel per scope (stacked).
 
@@ -128,13 +129,22 @@ def plot_mrc(
             "nothing to draw: no rows left for the scopes, policies and sizes asked for."
         )
     above = not metric.invert  # the side of OPT no policy reaches
-    fig, axes = style.figure(
-        len(panels),
-        1,
-        height=0.55 + 1.95 * len(panels) + (0.35 if bytes_per_expert else 0),
-        sharex=True,
-        sharey=True,
+    # the share of the LRU->OPT gap closed (when `mer mrc` wrote it): a row under each scope
+    gap = (
+        show_gap is not False
+        and not metric.invert
+        and all("gap_closed" in d.columns and d["gap_closed"].notna().any() for _, d in frames)
     )
+    ratios = [1.95, 1.15] * len(panels) if gap else [1.95] * len(panels)
+    fig, grid = style.figure(
+        len(ratios),
+        1,
+        height=0.55 + sum(ratios) + (0.35 if bytes_per_expert else 0),
+        sharex=True,
+        gridspec_kw={"height_ratios": ratios},
+    )
+    axes = grid[0::2] if gap else grid
+    gap_axes = grid[1::2] if gap else None
     xmax = max(int(d["cache_slots"].max()) for _, d in frames if len(d))
     all_policies = style.policy_order(set().union(*(set(d["policy"]) for _, d in frames)))
     notes: list[str] = []
@@ -215,7 +225,10 @@ def plot_mrc(
                 "top", functions=(lambda s, b=b: s * b / 2**30, lambda g, b=b: g * 2**30 / b)
             )
             sec.set_xlabel("cache size (GiB of q4_0 experts)")
-    axes[-1, 0].set_xlabel(style.CACHE_SLOTS)
+    if gap_axes is not None:
+        for gax, scope in zip(gap_axes[:, 0], panels, strict=True):
+            _gap_panel(gax, frames, scope, all_policies, overlay)
+    grid[-1, 0].set_xlabel(style.CACHE_SLOTS)
 
     entries: list[LegendEntry] = []
     if shaded:
@@ -270,6 +283,35 @@ def plot_mrc(
         style.legend(fig, entries, ncol=3, notes=footer)
     style.title(fig, title)
     return style.save(fig, out, notes=notes)
+
+
+def _gap_panel(
+    ax: Any,
+    frames: list[tuple[str, pd.DataFrame]],
+    scope: str,
+    policies: Sequence[str],
+    overlay: bool,
+) -> None:
+    """Each policy's share of the LRU->OPT gap closed at each size: LRU is 0, OPT 100."""
+    lo = 0.0
+    for i, (label, d) in enumerate(frames):
+        part = d[(d["scope"] == scope) & d["gap_closed"].notna()]
+        ls = style.source_linestyle(i) if overlay else "-"
+        fill = style.SOURCE_FILLS[i % len(style.SOURCE_FILLS)] if overlay else "full"
+        keys = {"source": label} if overlay else {}
+        for p in policies:
+            c = part[part["policy"] == p]
+            if c.empty:
+                continue
+            y = c["gap_closed"].to_numpy(dtype=float) * 100
+            lo = min(lo, float(np.nanmin(y)))
+            style.draw_policy_curve(
+                ax, c["cache_slots"].to_numpy(), y, p, linestyle=ls, fill=fill, keys=keys
+            )
+    ax.set_ylim(max(-100.0, min(-10.0, lo * 1.1)), 105)
+    ax.set_title("share of the LRU→OPT gap closed", fontsize=7.5)
+    ax.set_ylabel("gap closed (%; LRU 0, OPT 100)", fontsize=7)
+    style.grid(ax)
 
 
 def _panel_note(ax: Any, text: str, *, bottom: bool) -> None:
