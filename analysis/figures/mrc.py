@@ -32,6 +32,8 @@ SEED_CLAIM = {
 NEAR_POINTS = 1.0
 #: ... and all curves of a panel closer than this are said to be one band.
 ALL_NEAR_POINTS = 2.0
+#: The gap-closed panel stops here (a tiny LRU->OPT gap makes the share explode).
+GAP_FLOOR = -100.0
 CLAIM_COLOR = "#E31A1C"
 SCOPE_TITLES = {
     "global": "global cache (one pool for all layers)",
@@ -74,13 +76,29 @@ def _closeness(part: pd.DataFrame, policies: Sequence[str], metric: Metric) -> s
     worst = max(gap(a, b) for i, a in enumerate(names) for b in names[i + 1 :])
     if worst <= ALL_NEAR_POINTS:
         return f"all {len(names)} policies within {worst:.1f} points of each other at every size"
-    close = [
-        f"{a} and {b} within {gap(a, b):.1f} points"
+    # the largest group whose members all lie within ALL_NEAR_POINTS of each other
+    group: list[str] = []
+    for seed in names:
+        g = [seed]
+        for other in names:
+            if other != seed and all(gap(other, m) <= ALL_NEAR_POINTS for m in g):
+                g.append(other)
+        if len(g) > len(group):
+            group = g
+    if len(group) >= 3:
+        spread = max(gap(a, b) for i, a in enumerate(group) for b in group[i + 1 :])
+        return f"{', '.join(sorted(group))} within {spread:.1f} points of each other at every size"
+    close = sorted(
+        (gap(a, b), a, b)
         for i, a in enumerate(names)
         for b in names[i + 1 :]
         if 0 < gap(a, b) <= NEAR_POINTS
-    ]
-    return "; ".join(close) + " at every size" if close else None
+    )[:2]
+    return (
+        "; ".join(f"{a} and {b} within {g:.1f} points" for g, a, b in close)
+        + (" at every size" if close else "")
+        or None
+    )
 
 
 def _x_ticks(ax: Any, xmax: int) -> None:
@@ -226,8 +244,15 @@ def plot_mrc(
             )
             sec.set_xlabel("cache size (GiB of q4_0 experts)")
     if gap_axes is not None:
-        for gax, scope in zip(gap_axes[:, 0], panels, strict=True):
-            _gap_panel(gax, frames, scope, all_policies, overlay)
+        cut = [
+            _gap_panel(g, frames, sc, all_policies, overlay)
+            for g, sc in zip(gap_axes[:, 0], panels, strict=True)
+        ]
+        if any(cut):
+            notes.append(
+                f"gap closed below {GAP_FLOOR:.0f}% (sizes where LRU and OPT nearly agree, so "
+                "the gap is tiny) is cut off"
+            )
     grid[-1, 0].set_xlabel(style.CACHE_SLOTS)
 
     entries: list[LegendEntry] = []
@@ -276,7 +301,7 @@ def plot_mrc(
     if same_as:
         pairs = ", ".join(f"{p} = {q}" for p, q in same_as.items())
         notes.append(f"identical curves ({pairs}): the later is drawn hollow over the earlier")
-    footer = [n for n in notes if n.startswith("the published point")]
+    footer = [n for n in notes if n.startswith(("the published point", "gap closed below"))]
     if overlay:
         style.legend_columns(fig, [entries, sources_col], notes=footer)
     else:
@@ -291,8 +316,9 @@ def _gap_panel(
     scope: str,
     policies: Sequence[str],
     overlay: bool,
-) -> None:
-    """Each policy's share of the LRU->OPT gap closed at each size: LRU is 0, OPT 100."""
+) -> bool:
+    """Each policy's share of the LRU->OPT gap closed at each size: LRU is 0, OPT 100.
+    Returns whether some values fall below the panel's floor (and are cut off)."""
     lo = 0.0
     for i, (label, d) in enumerate(frames):
         part = d[(d["scope"] == scope) & d["gap_closed"].notna()]
@@ -308,10 +334,11 @@ def _gap_panel(
             style.draw_policy_curve(
                 ax, c["cache_slots"].to_numpy(), y, p, linestyle=ls, fill=fill, keys=keys
             )
-    ax.set_ylim(max(-100.0, min(-10.0, lo * 1.1)), 105)
-    ax.set_title("share of the LRU→OPT gap closed", fontsize=7.5)
-    ax.set_ylabel("gap closed (%; LRU 0, OPT 100)", fontsize=7)
+    ax.set_ylim(max(GAP_FLOOR, min(-10.0, lo * 1.1)), 105)
+    ax.set_title("LRU→OPT gap closed (LRU 0%, OPT 100%)")
+    ax.set_ylabel("gap closed (%)")
     style.grid(ax)
+    return lo < GAP_FLOOR
 
 
 def _panel_note(ax: Any, text: str, *, bottom: bool) -> None:
