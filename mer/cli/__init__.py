@@ -43,6 +43,7 @@ COMMAND_MODULES = (
     "mer.cli.experts_cmd",
     "mer.cli.run_cmd",
     "mer.cli.analysis_cmd",
+    "mer.cli.validate_cmd",
 )
 
 

@@ -66,6 +66,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--hardware", required=True, help="the profile to start from (bundled name or JSON path)"
     )
     p.add_argument(
+        "--trace",
+        type=input_file,
+        default=None,
+        help="the run's trace: the SSD bandwidth is then fitted by simulating the run until "
+        "its I/O wait matches (without it, from the median read alone)",
+    )
+    p.add_argument(
         "-o",
         "--output",
         type=output_file,
@@ -240,7 +247,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from mer.analysis.calibrate import calibrate
     from mer.sim.hardware import load_profile
 
-    cal = calibrate(load_summary(args.run), load_profile(args.hardware))
+    trace = None
+    if args.trace is not None:
+        from mer.traces.format import read_trace
+
+        trace = read_trace(args.trace)
+    cal = calibrate(load_summary(args.run), load_profile(args.hardware), trace=trace)
     cal.profile.save(args.output)
     emit(args, cal.to_dict(), cal.format_text() + f"\nwrote {args.output}")
     return 0
