@@ -148,7 +148,7 @@ def calibrate(run: RunSummary, profile: HardwareProfile, *, trace: Any = None) -
             "rel": (after - before) / before if before else 0.0,
         }
 
-    drv = (run.extra or {}).get("driver") or {}
+    drv = (run.extra or {}).get("driver_time") or {}
     bpe = shape.bytes_per_expert
     if drv.get("ffn_direct_n", 0) > 0 and drv.get("ffn_direct_s", 0) > 0:
         direct = drv["ffn_direct_s"] / drv["ffn_direct_n"]
@@ -199,5 +199,7 @@ def calibrate(run: RunSummary, profile: HardwareProfile, *, trace: Any = None) -
         **profile.extra,
         "calibration": {"run": run.trace, "moved": moved, "notes": notes},
     }
+    if "compute.ffn_bytes_per_s" in moved:
+        new.extra["measured_shape"] = run.shape  # the FFN rate now holds for this shape
     new.validate()
     return Calibration(new, moved, notes)

@@ -1,7 +1,9 @@
 """Predicted against measured: one simulated and one measured run side by side.
 
-The two must describe the same experiment (trace, policy, scope, cache, predictor,
-phase, depth); otherwise the comparison is meaningless and is refused. With
+The two must describe the same experiment (the trace's content, the model and
+its expert shape, the timing mode, policy, scope, cache, predictor, phase, depth,
+tokens); otherwise the comparison is meaningless and is refused, naming every
+field that differs and how to make them agree. With
 prefetch off the hit counts must agree exactly (same decision core), so any
 difference there is a bug, not a modelling error, and the verdict says so.
 """
@@ -16,6 +18,9 @@ from mer.summary import RunSummary
 
 IDENTITY = (
     "trace_digest",
+    "model",
+    "shape",
+    "mode",
     "policy",
     "scope",
     "cache_slots",
@@ -24,6 +29,15 @@ IDENTITY = (
     "phase",
     "tokens",
 )
+#: How to make a differing field agree, for the refusal message.
+FIXES = {
+    "trace_digest": "replay the same trace file (same routing rows) in both",
+    "model": "use traces of the same model",
+    "shape": "simulate with the run's expert file (`mer simulate --experts FILE`) or its "
+    "--shape, so both use the same bytes per expert",
+    "mode": "use the same --mode in both",
+    "tokens": "use the same --tokens and --phase in both",
+}
 #: (label, getter) rows of the comparison table.
 METRICS: tuple[tuple[str, str], ...] = (
     ("hit rate", "hit_rate"),
@@ -110,19 +124,54 @@ def _fmt(v: float) -> str:
     return f"{v:.4g}"
 
 
-def check_same_experiment(sim: RunSummary, run: RunSummary) -> None:
+def check_same_experiment(sim: RunSummary, run: RunSummary, what: str = "these two runs") -> None:
     """Refuse runs of different experiments, naming every field that differs."""
     diffs = []
+    fixes = []
     for name in IDENTITY:
         a, b = getattr(sim, name), getattr(run, name)
         if a != b:
-            diffs.append(f"{name}: {a!r} vs {b!r}")
+            label = "trace content" if name == "trace_digest" else name
+            diffs.append(f"{label}: {a!r} vs {b!r}")
+            if name in FIXES:
+                fixes.append(FIXES[name])
     if diffs:
+        fixes.append("`mer sweep --best` prints the run command of its winner")
         raise BadInput(
-            "these two runs are not the same experiment, so they cannot be compared ("
+            f"{what} are not the same experiment, so they cannot be compared ("
             + "; ".join(diffs)
-            + "). Simulate with the same trace and configuration as the run (`mer sweep --best` prints it)."
+            + "). To fix: "
+            + "; ".join(fixes)
+            + "."
         )
+
+
+def check_study(
+    trace_digest: str,
+    trace_name: str,
+    *,
+    sweep: Any = None,
+    sim: RunSummary | None = None,
+    run: RunSummary | None = None,
+) -> None:
+    """A report's inputs must all come from its trace, and its simulated and measured
+    runs must be one experiment; refuse otherwise, naming what differs."""
+    for what, s in (("simulated run (--sim)", sim), ("measured run (--run)", run)):
+        if s is not None and s.trace_digest != trace_digest:
+            raise BadInput(
+                f"the {what} replayed another trace ({s.trace}, content {s.trace_digest}) "
+                f"than the report's {trace_name} (content {trace_digest}); give the trace "
+                "it was run on, or rerun it on this one."
+            )
+    if sweep is not None and "trace_digest" in getattr(sweep, "columns", ()):
+        other = sorted(set(map(str, sweep["trace_digest"])) - {trace_digest})
+        if other:
+            raise BadInput(
+                f"the sweep (--sweep) holds results of another trace (content {other[0]}) than "
+                f"the report's {trace_name} (content {trace_digest}); give the trace it swept."
+            )
+    if sim is not None and run is not None:
+        check_same_experiment(sim, run, "the simulated (--sim) and measured (--run) runs")
 
 
 def compare(sim: RunSummary, run: RunSummary) -> Comparison:
@@ -148,6 +197,12 @@ def compare(sim: RunSummary, run: RunSummary) -> Comparison:
             f"hit rate {'matches' if equal else f'differs by {hr * 100:+.1f}%'} (prefetch on: timing decides late prefetches)"
             if hr is not None
             else "hit rate not comparable"
+        )
+    measured_on = (sim.extra or {}).get("hardware_measured_shape")
+    if measured_on and measured_on != run.shape:
+        parts.append(
+            f"the profile {sim.hardware!r} measured the FFN on {measured_on} experts, not "
+            f"{run.shape}: probe with --shape {run.shape} (or calibrate) before trusting tokens/s"
         )
     if tps is None:
         parts.append("tokens/s not comparable")

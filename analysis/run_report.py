@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mer.analysis.compare import compare
+from mer.analysis.compare import check_study, compare
 from mer.analysis.plots import (
     plot_io_share,
     plot_layer_hit_rates,
@@ -23,7 +23,7 @@ from mer.analysis.report import md_table, write_report
 from mer.core import Replay, ReplayConfig, replay_counts
 from mer.errors import BadInput
 from mer.summary import RunSummary, read_token_table
-from mer.traces.format import read_trace
+from mer.traces.format import content_digest, read_trace
 from mer.traces.stats import trace_stats
 
 SIZES_SHOWN = (16, 32, 64, 96, 128, 192, 256)
@@ -38,6 +38,17 @@ def _summary(path: Path | None) -> tuple[RunSummary | None, pd.DataFrame | None]
             raise BadInput(f"{path}: per-token parquet without a summary.")
         return s, df
     return RunSummary.load(path), None
+
+
+def _sweep_table(path: Path | None) -> pd.DataFrame | None:
+    if path is None:
+        return None
+    try:
+        return pd.read_parquet(path)
+    except (OSError, ValueError) as exc:
+        raise BadInput(
+            f"sweep results {path}: cannot be read ({exc}); give `mer sweep -o`'s file."
+        ) from exc
 
 
 def write_run_report(
@@ -56,6 +67,13 @@ def write_run_report(
     fig_dir = out / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
     tr = read_trace(trace)
+    check_study(
+        content_digest(tr),
+        str(trace),
+        sweep=_sweep_table(sweep),
+        sim=_summary(sim)[0],
+        run=_summary(run)[0],
+    )
     st = trace_stats(tr, matrices=False)
     figures: list[str] = []
     md: list[str] = [

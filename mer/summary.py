@@ -177,9 +177,34 @@ class RunSummary:
             **fields,
         )
 
+    @property
+    def whole_model(self) -> bool:
+        """Whether tokens_per_s counts whole-model tokens: timed with the dense block
+        (--mode model) over a trace of more than one layer."""
+        return self.mode == "model" and self.layers > 1
+
+    def tokens_per_s_label(self) -> str:
+        """What tokens/s counts here, said where it is printed (never 'whole model' when not)."""
+        if self.whole_model:
+            return "tokens/s (whole model)"
+        why = []
+        if self.mode != "model":
+            why.append(f"--mode {self.mode}: expert reads and FFNs only, no dense time")
+        if self.layers <= 1:
+            why.append("a 1-layer trace: one token is one layer iteration")
+        return f"tokens/s (NOT whole-model: {'; '.join(why)})"
+
+    def hit_rate_definition(self) -> str:
+        """Granularity, scope and start of this hit rate (docs/policies.md, "Hit rates"):
+        a step is one (token, layer) whose top-k are looked up together."""
+        granularity = str(self.config.get("granularity", "step"))
+        return f"{granularity} granularity, {self.scope} scope, cold start"
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["lookups"] = self.lookups
+        d["hit_rate_definition"] = self.hit_rate_definition()
+        d["tokens_per_s_whole_model"] = self.whole_model
         return d
 
     @classmethod
@@ -248,7 +273,8 @@ class RunSummary:
             f"policy {self.policy} ({self.scope}), cache {self.cache_slots} slots, predictor {self.predictor} "
             f"(depth {self.pipeline_depth}), phase {self.phase}, hardware {self.hardware}",
             f"tokens: {self.tokens:,}   layer iterations: {iters:,}   lookups: {self.lookups:,}",
-            f"hits: {self.hits:,}   misses: {self.misses:,}   hit rate: {self.hit_rate * 100:.2f}%",
+            f"hits: {self.hits:,}   misses: {self.misses:,}   hit rate: {self.hit_rate * 100:.2f}% "
+            f"({self.hit_rate_definition()})",
             f"prefetch: issued {pf.get('issued', 0):,}, used {pf.get('used', 0):,}, "
             f"late {pf.get('late', 0):,}, wasted {pf.get('wasted', 0):,}",
             f"prefetch bytes: used {pf.get('used_bytes', 0) / mib:,.1f} MiB, late "
@@ -256,7 +282,7 @@ class RunSummary:
             f"read time hidden behind compute: {self.hidden_read_share * 100:.1f}% of "
             f"{self.read_busy_s:.3f} s with reads in flight",
             f"bytes read: {self.bytes_read / mib:,.0f} MiB   wall: {self.wall_s:.3f} s",
-            f"tokens/s (whole model): {self.tokens_per_s:.3f}   "
+            f"{self.tokens_per_s_label()}: {self.tokens_per_s:.3f}   "
             f"layer iterations/s (the seed's sustained_tps): {self.layer_iterations_per_s:.2f}",
             f"per-read latency: p50 {ms('read', 'p50')}, p95 {ms('read', 'p95')}, p99 {ms('read', 'p99')}",
             f"compute per iteration: p50 {ms('compute', 'p50')}, p95 {ms('compute', 'p95')}, p99 {ms('compute', 'p99')}",
@@ -270,16 +296,19 @@ class RunSummary:
         return "\n".join(lines)
 
 
-def trace_digest(path: str | Path) -> str:
-    """Short content digest naming the trace a result came from."""
-    import hashlib
+def trace_digest(trace: Any) -> str:
+    """Content digest naming the trace a result came from (a path or a read `Trace`).
 
-    h = hashlib.sha256()
-    check_input(path, "trace")
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
+    It covers the routing rows and the geometry, never the file's bytes: the
+    metadata holds the import time, so two imports of one file would otherwise
+    count as different experiments (see `mer.traces.format.content_digest`).
+    """
+    from mer.traces.format import Trace, content_digest, read_trace
+
+    if not isinstance(trace, Trace):
+        check_input(trace, "trace")
+        trace = read_trace(trace)
+    return content_digest(trace)
 
 
 def write_token_table(rows: pd.DataFrame, path: str | Path, summary: RunSummary) -> None:

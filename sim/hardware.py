@@ -125,6 +125,7 @@ class ComputeProfile:
     dense_bytes_per_s: float  # the dense attention-sized block
     dense_s_per_layer: float | None = None  # fixed override of the dense time
     workers: int = 1  # expert FFNs that run at once
+    kernel: str = ""  # the FFN kernel the figures are of: "native (avx512vnni)", "numpy", ...
     # The driver's own CPU time, on the thread that also submits and reaps reads
     # (0 in the bundled profiles; `mer probe` measures them, `mer calibrate` refits):
     step_overhead_s: float = 0.0  # per step: lookups, decisions, bookkeeping
@@ -189,6 +190,7 @@ class HardwareProfile:
                 dense_bytes_per_s=need("compute", "dense_bytes_per_s"),
                 dense_s_per_layer=d["compute"].get("dense_s_per_layer"),
                 workers=d["compute"].get("workers", 1),
+                kernel=str(d["compute"].get("kernel", "")),
                 step_overhead_s=d["compute"].get("step_overhead_s", 0.0),
                 read_submit_s=d["compute"].get("read_submit_s", 0.0),
                 ffn_busy_overhead_s=d["compute"].get("ffn_busy_overhead_s", 0.0),

@@ -246,7 +246,9 @@ class SimOptions:
 
     mode: str = "model"
     engine: str = "fast"
-    shape: str | None = None  # default from the trace geometry
+    shape: str | ModelShape | None = (
+        None  # a name or a shape (e.g. an expert file's); None: from the trace geometry
+    )
     read_ranges: tuple[int, ...] | None = None
     queue_depth: int | None = None
     chunk_bytes: int | None = None
@@ -708,6 +710,7 @@ def timing_of(
     """The model's durations for `hardware` running `shape` as `opts` says, and the bytes
     of one expert read. Shared by both engines (and by `mer validate`'s checks)."""
     from mer.engine.io import POLL_INTERVAL_S
+    from mer.engine.streaming import INLINE_FFN_BYTES
 
     seed = opts.mode == "seed"
     ssd = hardware.ssd
@@ -730,7 +733,11 @@ def timing_of(
         step=ticks(comp.step_overhead_s),
         submit=ticks(comp.read_submit_s),
         ffn_busy=ticks(comp.ffn_busy_overhead_s),
-        poll=ticks(POLL_INTERVAL_S),
+        # the engine runs a native kernel's FFN of a small expert inline (reaping only after
+        # it), else hands it to a thread and reaps every POLL_INTERVAL_S meanwhile
+        poll=0
+        if comp.kernel.startswith("native") and shape.bytes_per_expert <= INLINE_FFN_BYTES
+        else ticks(POLL_INTERVAL_S),
     )
     return tm, read_bytes
 
@@ -750,8 +757,10 @@ def simulate(
     tr = trace.select_phase(config.phase)
     if config.tokens is not None and config.tokens < tr.n_tokens:
         tr = tr.head(max(config.tokens, 1))
-    shape: ModelShape = get_shape(
-        opts.shape or default_shape_for(tr.n_layers, tr.n_experts, tr.top_k)
+    shape: ModelShape = (
+        opts.shape
+        if isinstance(opts.shape, ModelShape)
+        else get_shape(opts.shape or default_shape_for(tr.n_layers, tr.n_experts, tr.top_k))
     )
     tm, read_bytes = timing_of(hardware, shape, opts)
     ssd = hardware.ssd
@@ -856,7 +865,7 @@ def simulate(
             "dense_s_per_layer": dense_s,
             "overhead_s": overhead,
             # the engine's driver figures (mer.engine.streaming), as the model spends them
-            "driver": {
+            "driver_time": {
                 "ffn_direct_s": (n_steps * k - n_busy) * tm.ffn * sec,
                 "ffn_direct_n": n_steps * k - n_busy,
                 "ffn_busy_s": n_busy * (tm.ffn + tm.ffn_busy) * sec,
@@ -874,6 +883,8 @@ def simulate(
             "cache_fits_ram": config.cache_slots * read_bytes <= hardware.memory.ram_bytes,
             "sim_seconds": sim_seconds,
             "sim_lookups_per_s": lookups / sim_seconds if sim_seconds > 0 else None,
+            # The shape the profile's FFN rate was measured on (None: not recorded).
+            "hardware_measured_shape": (hardware.extra or {}).get("measured_shape"),
         },
     )
     return SimResult(summary, tokens, stats, read_lat, sim_seconds)

@@ -100,3 +100,54 @@ def test_wrong_sizes_raise() -> None:
         ffn.expert_ffn(x, g[:-1], u, d, (32, 64))
     with pytest.raises(ValueError, match="x"):
         ffn.expert_ffn(np.zeros(33, np.float32), g, u, d, (32, 64))
+
+
+# ---- the choice of kernel (--ffn) ----------------------------------------------------------
+
+
+def test_make_ffn_gives_the_kernel_asked_for_and_says_once_when_it_falls_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from mer import native
+    from mer.errors import BadInput, RuntimeFailure
+    from mer.notes import reset_notes
+
+    shape = SHAPES["mixtral-tiny"]
+    with ffn.make_ffn(shape, 2, "numpy") as f:
+        assert f.kind == "numpy" and ffn.ffn_label(f) == "numpy"
+    if ffn.native_available():
+        with ffn.make_ffn(shape, 2, "auto") as f:
+            assert f.kind == "native" and ffn.ffn_label(f).startswith("native (")
+    with pytest.raises(BadInput):
+        ffn.resolve_ffn("fast")
+    monkeypatch.setenv("MER_NO_NATIVE", "1")
+    native.reset()
+    reset_notes()
+    try:
+        with pytest.warns(Warning, match="numpy") as rec:
+            assert ffn.resolve_ffn("auto") == "numpy"
+            assert ffn.resolve_ffn("auto") == "numpy"
+        assert len([w for w in rec if "numpy" in str(w.message)]) <= 1
+        with pytest.raises(RuntimeFailure, match="--ffn numpy"):
+            ffn.resolve_ffn("native")
+    finally:
+        monkeypatch.delenv("MER_NO_NATIVE")
+        native.reset()
+
+
+@pytest.mark.skipif(not ffn.native_available(), reason="the q4_0 kernel is not compiled here")
+def test_native_and_numpy_kernels_agree_to_the_activation_rounding() -> None:
+    """Both compute the same FFN; the native one on q8_0 activations (about 1% noise)."""
+    shape = SHAPES["mixtral-small"]
+    g, u, d = _weights(3, shape.d_model, shape.d_ff)
+    x = np.random.default_rng(4).standard_normal(shape.d_model).astype(np.float32)
+    ref = _ref_ffn(x[None], g, u, d)[0]
+    with ffn.make_ffn(shape, 2, "native") as fn, ffn.make_ffn(shape, 2, "numpy") as fp:
+        yn, yp = fn(x, g, u, d), fp(x, g, u, d)
+        mn, mp = fn.matvec(g, shape.d_model, x), fp.matvec(g, shape.d_model, x)
+    rel = float(np.sqrt(np.mean((yn - ref) ** 2) / np.mean(ref**2)))
+    assert rel < 0.03
+    _close(yp, ref)
+    gf = gg_dequantize(g, Q).astype(np.float64) @ x.astype(np.float64)
+    _close(mp, gf)
+    assert float(np.sqrt(np.mean((mn - gf) ** 2) / np.mean(gf**2))) < 0.03

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mer.engine.ffn import native_available
 from mer.engine.io import _fs_type
 from mer.engine.probe import BURSTS, BurstPoint, ProbeResult, ReadPoint, fit_channels, is_memory_fs
 from mer.sim.hardware import SSDProfile, load_profile
@@ -158,6 +159,11 @@ def test_quick_probe_writes_a_loadable_profile_and_deletes_its_file(tmp_path: Pa
     )
     assert prof.compute.ffn_bytes_per_s > 0 and prof.memory.read_bandwidth_bytes_per_s > 0
     assert prof.compute.read_submit_s > 0 and prof.compute.step_overhead_s > 0
+    # the kernel that runs is the one measured, and it is reported next to memory
+    want = "native" if native_available() else "numpy"
+    assert prof.compute.kernel.startswith(want) and probe["ffn_kernel"] == prof.compute.kernel
+    assert probe["memory_read_1thread_bytes_per_s"] > 0
+    assert "of the memory read bandwidth" in proc.stderr
     assert list(work.iterdir()) == []  # the probe file is gone
 
 

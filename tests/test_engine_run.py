@@ -19,6 +19,7 @@ from gguf.quants import dequantize
 
 from mer.core import Replay, ReplayConfig, replay_counts
 from mer.engine.executor import EngineConfig, Executor, initial_hidden
+from mer.engine.ffn import native_available
 from mer.engine.gguf_synth import synth_gguf
 from mer.engine.store import ExpertStore
 from mer.errors import BadInput
@@ -26,6 +27,7 @@ from mer.shapes import get_shape
 from mer.traces.format import TraceMeta, from_arrays, write_trace
 
 SHAPE = get_shape("mixtral-tiny")
+FFN_KINDS = ["numpy"] + (["native"] if native_available() else [])
 BUNDLED = (
     Path(__file__).resolve().parents[1] / "traces" / "data" / "mixtral-offloading-h39s.parquet"
 )
@@ -161,15 +163,24 @@ def _reference_hidden(trace, gguf_path: Path, seed: int) -> np.ndarray:
         ("global", 16, "previous-token", "pread"),
     ],
 )
+@pytest.mark.parametrize("ffn", FFN_KINDS)
 def test_hidden_vector_matches_a_float64_reference(
-    gguf_file: Path, scope: str, slots: int, predictor: str, io: str
+    gguf_file: Path, scope: str, slots: int, predictor: str, io: str, ffn: str
 ) -> None:
     tr = _trace(4, seed=11, weights=True)
     store = ExpertStore.open(gguf_file)
     rcfg = ReplayConfig(cache_slots=slots, scope=scope, predictor=predictor, pipeline_depth=2)
-    res = _run(tr, store, rcfg, io=io, seed=5)
+    res = _run(tr, store, rcfg, io=io, seed=5, ffn=ffn)
+    assert res.summary.extra["ffn"].startswith(ffn)
     ref = _reference_hidden(tr, gguf_file, seed=5)
-    np.testing.assert_allclose(res.hidden, ref, rtol=2e-3, atol=2e-3)
+    if ffn == "numpy":  # float32 on the dequantised weights: the data flow to fp32 rounding
+        np.testing.assert_allclose(res.hidden, ref, rtol=2e-3, atol=2e-3)
+    else:
+        # The native kernel multiplies q8_0-quantised activations (ggml's arithmetic): each
+        # expert output carries ~1% rounding noise (docs/engine.md), and the hidden vector
+        # (unit rms) that noise; a wrong expert, slot or gate weight moves it by > 0.1.
+        assert float(np.sqrt(np.mean((res.hidden - ref) ** 2))) < 1e-2
+        np.testing.assert_allclose(res.hidden, ref, atol=5e-2)
     if scope == "per-layer":
         assert res.summary.extra["bypass_reads"] > 0
         assert res.summary.extra["stashed_step_victims"] > 0

@@ -224,7 +224,16 @@ def test_wrong_dtype(tmp_path: Path) -> None:
         for s in specs
     ]
     write_gguf(p, SMALL, specs)
-    _bad(p, "blk.1.ffn_up_exps.weight", "Q8_0", "q4_0")
+    _bad(p, "mix types", "Q4_0, Q8_0")
+    p2 = tmp_path / "k.gguf"
+    specs = [
+        type(s)(s.name, s.shape, GGMLQuantizationType.Q5_0, s.layer, s.kind)
+        if s.kind in ("gate", "up", "down")
+        else s
+        for s in plan_tensors(SMALL)
+    ]
+    write_gguf(p2, SMALL, specs)
+    _bad(p2, "ffn_gate_exps.weight is Q5_0", "q4_0")
 
 
 def test_inconsistent_shapes(tmp_path: Path) -> None:

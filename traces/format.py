@@ -595,6 +595,40 @@ def validate_frame(df: pd.DataFrame, meta: TraceMeta, where: str = "trace") -> N
         )
 
 
+# -- identity ----------------------------------------------------------------------
+
+DIGEST_COLUMNS = ("seq", "token", "phase", "layer", "rank", "expert", "weight", "lookahead")
+
+
+def content_digest(trace: Trace) -> str:
+    """A 16-hex-digit digest of what a replay sees: the routing rows and the geometry.
+
+    Two files with the same routing have the same digest whatever their creation
+    time, source, provenance or model name (those are metadata about the rows,
+    and `mer compare` checks the model separately), so re-importing a file names
+    the same experiment and a resumed sweep skips what it already ran.
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    m = trace.meta
+    h.update(f"mer-trace-v1 {m.n_layers} {m.n_experts} {m.top_k} {len(trace.df)}\n".encode())
+    df = trace.df
+    for name in DIGEST_COLUMNS:
+        col = df[name]
+        h.update(name.encode())
+        if name == "phase":
+            h.update(np.ascontiguousarray(col.cat.codes.to_numpy(dtype=np.int8)).tobytes())
+            continue
+        if name in NULLABLE:
+            mask = col.isna().to_numpy(dtype=bool)
+            h.update(np.packbits(mask).tobytes())
+            h.update(col.to_numpy(dtype=np.float64, na_value=0.0).tobytes())
+        else:
+            h.update(np.ascontiguousarray(col.to_numpy(dtype=np.int64)).tobytes())
+    return h.hexdigest()[:16]
+
+
 # -- I/O ---------------------------------------------------------------------------
 
 

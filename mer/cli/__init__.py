@@ -42,6 +42,7 @@ COMMAND_MODULES = (
     "mer.cli.sim_cmd",
     "mer.cli.experts_cmd",
     "mer.cli.run_cmd",
+    "mer.cli.generate_cmd",
     "mer.cli.analysis_cmd",
     "mer.cli.validate_cmd",
 )

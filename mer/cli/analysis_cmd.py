@@ -79,6 +79,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         required=True,
         help="write the calibrated profile here (JSON)",
     )
+    p.add_argument(
+        "--sim",
+        type=input_file,
+        default=None,
+        help="the prediction made with --hardware for this run (summary JSON or per-token "
+        "parquet): refused unless it is the same experiment on that profile",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_calibrate)
 
@@ -247,12 +254,24 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from mer.analysis.calibrate import calibrate
     from mer.sim.hardware import load_profile
 
+    run = load_summary(args.run)
+    profile = load_profile(args.hardware)
+    if args.sim is not None:
+        from mer.analysis.compare import check_same_experiment
+
+        sim = load_summary(args.sim)
+        check_same_experiment(sim, run, f"the simulation {args.sim} and the run {args.run}")
+        if sim.hardware != profile.name:
+            raise BadInput(
+                f"the simulation {args.sim} used hardware {sim.hardware!r}, not --hardware "
+                f"{args.hardware} ({profile.name!r}); calibrate the profile it was made with."
+            )
     trace = None
     if args.trace is not None:
         from mer.traces.format import read_trace
 
         trace = read_trace(args.trace)
-    cal = calibrate(load_summary(args.run), load_profile(args.hardware), trace=trace)
+    cal = calibrate(run, profile, trace=trace)
     cal.profile.save(args.output)
     emit(args, cal.to_dict(), cal.format_text() + f"\nwrote {args.output}")
     return 0

@@ -102,6 +102,17 @@ def str_list(text: str) -> list[str]:
     return name_list(text)
 
 
+def resolve_names(kind: str, names: list[str]) -> list[str]:
+    """Load policy or predictor names now (a plugin's `module:Class` included), so that a
+    bad one is one clear error before any work starts and worker processes find it."""
+    from mer.core import policy_class, predictor_class
+
+    load = policy_class if kind == "policy" else predictor_class
+    for name in names:
+        load(name)
+    return names
+
+
 def require_file(path: Path, what: str) -> Path:
     """A readable regular file (mer.guard.check_input), else BadInput naming `what`."""
     return check_input(path, what)
@@ -127,15 +138,19 @@ def _kv(text: str) -> tuple[str, Any]:
     return key.replace("-", "_"), parsed
 
 
-def add_replay_args(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
-    """The options that decide hits and prefetches, shared by simulate, sweep and run."""
+def add_replay_args(p: argparse.ArgumentParser, *, sweep: bool = False, live: bool = False) -> None:
+    """The options that decide hits and prefetches, shared by simulate, sweep and run.
+
+    `live` (mer generate): no --pin, --tokens, --phase, which need a whole trace.
+    """
     from mer.core import policy_names, predictor_names
 
     if not sweep:
         p.add_argument(
             "--policy",
             default="lru",
-            help=f"eviction policy: {', '.join(policy_names())} (default lru)",
+            help=f"eviction policy: {', '.join(policy_names())}, or your own class as "
+            "package.module:ClassName (default: lru)",
         )
         g = p.add_mutually_exclusive_group()
         g.add_argument(
@@ -159,7 +174,8 @@ def add_replay_args(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
         p.add_argument(
             "--predictor",
             default="none",
-            help=f"prefetch predictor: {', '.join(predictor_names())} (default none)",
+            help=f"prefetch predictor: {', '.join(predictor_names())}, or your own class as "
+            "package.module:ClassName (default: none)",
         )
     p.add_argument(
         "--pipeline-depth",
@@ -185,12 +201,13 @@ def add_replay_args(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
         default=8,
         help="at most N prefetch reads in flight (default 8)",
     )
-    p.add_argument(
-        "--pin",
-        type=non_negative_int,
-        default=0,
-        help="statically pin the N most popular experts of the trace (offline knowledge; default 0)",
-    )
+    if not live:
+        p.add_argument(
+            "--pin",
+            type=non_negative_int,
+            default=0,
+            help="statically pin the N most popular experts of the trace (offline knowledge; default 0)",
+        )
     p.add_argument(
         "--policy-param",
         type=_kv,
@@ -207,13 +224,14 @@ def add_replay_args(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
         metavar="KEY=VALUE",
         help="predictor parameter, repeatable",
     )
-    p.add_argument(
-        "--tokens",
-        type=positive_int,
-        default=None,
-        help="replay only the first N tokens (after --phase; default all)",
-    )
-    add_phase_arg(p)
+    if not live:
+        p.add_argument(
+            "--tokens",
+            type=positive_int,
+            default=None,
+            help="replay only the first N tokens (after --phase; default all)",
+        )
+        add_phase_arg(p)
 
 
 def replay_config_from_args(
@@ -239,6 +257,8 @@ def replay_config_from_args(
             raise BadInput(
                 f"--cache-gib {gib} holds no expert of {bytes_per_expert:,} bytes; give more memory."
             )
+    resolve_names("policy", [getattr(args, "policy", "lru")])
+    resolve_names("predictor", [getattr(args, "predictor", "none")])
     values: dict[str, Any] = dict(
         policy=getattr(args, "policy", "lru"),
         cache_slots=slots if slots is not None else 64,
@@ -248,8 +268,8 @@ def replay_config_from_args(
         prefetch_top_n=args.prefetch_top_n,
         prefetch_min_prob=args.prefetch_min_prob,
         prefetch_inflight=args.prefetch_inflight,
-        pin=args.pin,
-        phase=args.phase,
+        pin=getattr(args, "pin", 0),
+        phase=getattr(args, "phase", "all"),
         tokens=getattr(args, "tokens", None),
         policy_params=dict(args.policy_param),
         predictor_params=dict(args.predictor_param),

@@ -71,6 +71,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="also write q4_0 attention tensors blk.N.attn_{q,k,v,output}.weight of the true size",
     )
+    s.add_argument(
+        "--full",
+        action="store_true",
+        help="a whole model for `mer generate`: also token embedding, norms, attention, output "
+        "head, rope/norm hyperparameters and a small sentencepiece-style vocabulary (same experts "
+        "as without --full, so `mer run --experts` reads the file too)",
+    )
+    s.add_argument(
+        "--vocab",
+        type=int,
+        default=512,
+        help="vocabulary size with --full (default 512: the head stays small)",
+    )
     s.add_argument("--json", action="store_true", help="print one JSON summary object on stdout")
     s.set_defaults(func=run_synth)
 
@@ -120,16 +133,34 @@ def _progress(label: str, unit_bytes: bool) -> Iterator[Callable[[int, int], Non
 
 
 def run_synth(args: argparse.Namespace) -> int:
-    from mer.engine.gguf_synth import plan_tensors, synth_gguf
+    from mer.engine.gguf_synth import plan_full_tensors, plan_tensors, synth_gguf
+    from mer.errors import BadInput
     from mer.guard import check_free_space
     from mer.shapes import get_shape
 
     shape = get_shape(args.shape)
-    need = sum(s.n_bytes for s in plan_tensors(shape, args.layout, args.dense))
-    check_free_space(args.output, need, "-o")
+    if args.full and args.vocab < 300:
+        raise BadInput(
+            f"--vocab must be at least 300 (bytes, specials, letters), got {args.vocab}."
+        )
+    specs = (
+        plan_full_tensors(shape, args.vocab, args.layout)
+        if args.full
+        else plan_tensors(shape, args.layout, args.dense)
+    )
+    check_free_space(args.output, sum(s.n_bytes for s in specs), "-o")
     t0 = time.perf_counter()
     with _progress(f"synth {shape.name}", True) as prog:
-        res = synth_gguf(args.output, shape, args.seed, args.layout, args.dense, prog)
+        res = synth_gguf(
+            args.output,
+            shape,
+            args.seed,
+            args.layout,
+            args.dense,
+            prog,
+            full=args.full,
+            vocab_size=args.vocab,
+        )
     secs = time.perf_counter() - t0
     out = {**res.to_dict(), "seconds": round(secs, 3)}
     note(f"wrote {args.output}")
@@ -137,7 +168,9 @@ def run_synth(args: argparse.Namespace) -> int:
         args,
         out,
         f"{shape.name}: {shape.n_layers} layers x {shape.n_experts} experts, {args.layout} layout"
-        f"{' + dense attention' if args.dense else ''}, {res.file_bytes / 2**20:.1f} MiB "
+        f"{' + dense attention' if args.dense and not args.full else ''}"
+        f"{f' + the whole model (vocabulary {args.vocab})' if args.full else ''}, "
+        f"{res.file_bytes / 2**20:.1f} MiB "
         f"in {secs:.1f} s ({res.file_bytes / 2**20 / max(secs, 1e-9):.0f} MiB/s) -> {args.output}",
     )
     return 0

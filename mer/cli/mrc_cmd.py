@@ -17,6 +17,7 @@ from mer.cli.common import (
     note,
     output_file,
     positive_int,
+    resolve_names,
     str_list,
 )
 from mer.errors import BadInput
@@ -112,6 +113,19 @@ def _load(path: Path, phase: str) -> Any:
     return read_trace(path).select_phase(phase)
 
 
+def mrc_definition(granularity: str = "step") -> str:
+    """What every figure of `mer mrc` is (docs/policies.md, "Hit rates")."""
+    return f"{granularity} granularity, no prefetch, cold start"
+
+
+def summary_sizes(sizes: list[int] | None, n_total: int) -> list[int]:
+    """The sizes the summary shows: the ones asked for with --sizes (the first 8), else
+    1/8, 1/4, 1/2 and all of the key space."""
+    if sizes:
+        return sorted(set(sizes))[:8]  # a line per policy stays readable
+    return sorted({max(1, n_total // 8), max(1, n_total // 4), max(1, n_total // 2), n_total})
+
+
 def run_mrc(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -120,7 +134,7 @@ def run_mrc(args: argparse.Namespace) -> int:
 
     tr = _load(args.trace, args.phase)
     steps = tr.keys().reshape(-1, tr.top_k)
-    policies = args.policies or default_policies(tr.n_layers)
+    policies = resolve_names("policy", args.policies or default_policies(tr.n_layers))
     if "opt" not in policies:
         policies = [*policies, "opt"]
     params: dict[str, dict[str, Any]] = {}
@@ -165,9 +179,7 @@ def run_mrc(args: argparse.Namespace) -> int:
     writes.run()
     for p in writes.written:
         note(f"wrote {p}")
-    marks = sorted({max(1, n_total // 8), max(1, n_total // 4), max(1, n_total // 2), n_total})
-    if args.sizes:
-        marks = sorted(set(args.sizes))[:8]
+    marks = summary_sizes(args.sizes, n_total)
     summary = {
         "trace": str(args.trace),
         "output": str(args.output),
@@ -189,9 +201,18 @@ def run_mrc(args: argparse.Namespace) -> int:
             for pol in policies
         },
     }
-    lines = [f"hit rate at {', '.join(str(m) for m in marks)} slots ({seconds:.1f} s):"]
+    summary["at_sizes"] = marks
+    definition = mrc_definition(getattr(args, "granularity", "step"))
+    summary["hit_rate_definition"] = definition
+    lines = [
+        f"hit rate ({definition}) in {seconds:.1f} s:",
+        f"  {'scope/policy':28s} " + "  ".join(f"{m:>7d}" for m in marks) + "  slots",
+    ]
     for key, vals in summary["at"].items():
-        lines.append(f"  {key:28s} " + "  ".join(f"{100 * v:6.2f}%" for v in vals.values()))
+        lines.append(
+            f"  {key:28s} "
+            + "  ".join(f"{100 * vals[m]:6.2f}%" if m in vals else f"{'-':>7s}" for m in marks)
+        )
     emit(args, summary, "\n".join(lines))
     return writes.finish()
 

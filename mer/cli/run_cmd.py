@@ -54,29 +54,10 @@ def _size(text: str) -> int:
     return v
 
 
-def register(sub: Any) -> None:
+def add_engine_args(p: argparse.ArgumentParser) -> Any:
+    """How the engine reads and computes (shared by `mer run` and `mer generate`)."""
     from mer.engine.io import DEFAULT_CHUNK_BYTES, DEFAULT_QUEUE_DEPTH, MAX_QUEUE_DEPTH
 
-    p = sub.add_parser(
-        "run",
-        help="replay a trace on real expert weights (io_uring, O_DIRECT, numpy q4_0 FFN)",
-        description=(
-            "Replay TRACE through the shared decision core on real q4_0 expert weights: "
-            "misses are read from the expert file (io_uring with O_DIRECT, or a preadv pool), "
-            "predicted experts are prefetched in the background, every expert's SwiGLU FFN is "
-            "computed and combined with the trace's gate weights. Prints the same summary as "
-            "`mer simulate` (kind 'measured'). Make an expert file with `mer experts synth`."
-        ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("trace", type=input_file, help="trace parquet (trace format v1)")
-    p.add_argument(
-        "--experts",
-        type=input_path,
-        required=True,
-        help="expert weights: a GGUF file (stacked or per-expert layout) or a packed directory",
-    )
-    add_replay_args(p)
     g = p.add_argument_group("engine")
     g.add_argument(
         "--io",
@@ -103,16 +84,65 @@ def register(sub: Any) -> None:
         help="compute threads for the FFN and dense block",
     )
     g.add_argument(
-        "--mode",
-        choices=("model", "seed"),
-        default="model",
-        help="model: run the resident dense (attention-sized) block every layer, so tokens/s is "
-        "whole-model; seed: experts only, as the public engine's benchmark",
+        "--ffn",
+        choices=("auto", "native", "numpy"),
+        default="auto",
+        help="expert FFN kernel: native C (ggml's q4_0 x q8_0 arithmetic; auto uses it wherever "
+        "it was built, else numpy, saying so once) or the numpy reference",
     )
     g.add_argument(
         "--buffered",
         action="store_true",
         help="read through the page cache instead of O_DIRECT (not a fair measurement)",
+    )
+    return g
+
+
+def engine_config_from_args(args: argparse.Namespace, **overrides: Any) -> Any:
+    from mer.engine.streaming import EngineConfig
+
+    values: dict[str, Any] = dict(
+        io=args.io,
+        queue_depth=args.queue_depth,
+        chunk_bytes=args.chunk_bytes,
+        threads=args.threads,
+        ffn=args.ffn,
+        direct=not args.buffered,
+        progress=not args.no_progress,
+    )
+    values.update(overrides)
+    return EngineConfig(**values)
+
+
+def register(sub: Any) -> None:
+
+    p = sub.add_parser(
+        "run",
+        help="replay a trace on real expert weights (io_uring, O_DIRECT, native q4_0 FFN)",
+        description=(
+            "Replay TRACE through the shared decision core on real q4_0 expert weights: "
+            "misses are read from the expert file (io_uring with O_DIRECT, or a preadv pool), "
+            "predicted experts are prefetched in the background, every expert's SwiGLU FFN is "
+            "computed and combined with the trace's gate weights. Prints the same summary as "
+            "`mer simulate` (kind 'measured'). Make an expert file with `mer experts synth`."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("trace", type=input_file, help="trace parquet (trace format v1)")
+    p.add_argument(
+        "--experts",
+        type=input_path,
+        required=True,
+        help="expert weights: a GGUF file (stacked or per-expert layout) or a packed directory",
+    )
+    add_replay_args(p)
+    g = add_engine_args(p)
+    g.add_argument(
+        "--mode",
+        choices=("model", "seed"),
+        default="model",
+        help="model: run the resident dense (attention-sized) block every layer, so tokens/s is "
+        "whole-model; seed: experts only, as the public engine's benchmark",
     )
     g.add_argument(
         "--seed", type=seed_int, default=0, help="seed of the hidden vector and dense block"
@@ -130,8 +160,8 @@ def register(sub: Any) -> None:
         description=(
             "Measure, on a temporary file on the target disk (O_DIRECT, deleted afterwards), "
             "the bandwidth of whole-expert reads at queue depths 1..64 and several chunk sizes "
-            "and the 4 KiB read latency; the numpy q4_0 FFN and dense-block throughput; the "
-            "memory read bandwidth. Writes a hardware profile (the simulator's schema) so "
+            "and the 4 KiB read latency; the q4_0 expert FFN and dense-block throughput of the "
+            "kernel `mer run` uses (native where built); the memory read bandwidth beside it. Writes a hardware profile (the simulator's schema) so "
             "`mer simulate --hardware FILE` predicts this machine."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -146,13 +176,20 @@ def register(sub: Any) -> None:
         "--size-gib",
         type=float_range(1 / 1024, 1024, what="a size in GiB from 1/1024 to 1024"),
         default=None,
-        help="probe file size in GiB (default 2, quick 1/16)",
+        help="probe file size in GiB (default: 2; 1/16 with --quick)",
     )
     q.add_argument(
         "--shape",
         default=None,
-        help="model shape whose expert size is read and computed (default mixtral-8x7b; "
-        "quick: mixtral-small)",
+        help="model shape whose experts are read and computed: measure the shape you will "
+        "run, since FFN bytes/s differs between shapes (default: mixtral-8x7b; mixtral-small "
+        "with --quick)",
+    )
+    q.add_argument(
+        "--experts",
+        type=input_path,
+        default=None,
+        help="measure the shape of this expert file (the one `mer run --experts` will read)",
     )
     q.add_argument("--io", choices=("auto", "uring", "pread"), default="auto", help="reader")
     q.add_argument(
@@ -160,6 +197,12 @@ def register(sub: Any) -> None:
         type=int_range(1, 1024),
         default=os.cpu_count() or 1,
         help="compute threads (as `mer run --threads`)",
+    )
+    q.add_argument(
+        "--ffn",
+        choices=("auto", "native", "numpy"),
+        default="auto",
+        help="expert FFN kernel to measure (as `mer run --ffn`): the one runs will use",
     )
     q.add_argument(
         "--quick", action="store_true", help="a few seconds: small file, small shape, fewer points"
@@ -187,7 +230,7 @@ def _open_store(path: Path) -> Any:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from mer.engine.executor import EngineConfig, Executor
+    from mer.engine.executor import Executor
     from mer.summary import trace_digest, write_token_table
     from mer.traces.format import read_trace
 
@@ -195,16 +238,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     trace = read_trace(args.trace)
     store = _open_store(args.experts)
     rcfg = replay_config_from_args(args, bytes_per_expert=store.bytes_per_expert)
-    ecfg = EngineConfig(
-        io=args.io,
-        queue_depth=args.queue_depth,
-        chunk_bytes=args.chunk_bytes,
-        threads=args.threads,
-        mode=args.mode,
-        direct=not args.buffered,
-        seed=args.seed,
-        progress=not args.no_progress,
-    )
+    ecfg = engine_config_from_args(args, mode=args.mode, seed=args.seed)
     with warnings.catch_warnings():
         warnings.simplefilter("default")
         ex = Executor(
@@ -213,7 +247,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             rcfg,
             ecfg,
             trace_name=args.trace.name,
-            trace_digest=trace_digest(args.trace),
+            trace_digest=trace_digest(trace),
             store_path=str(args.experts),
         )
         result = ex.run()
@@ -242,8 +276,29 @@ def cmd_probe(args: argparse.Namespace) -> int:
     from mer.engine.probe import ProbeConfig, run_probe, to_profile
 
     size = int(args.size_gib * GiB) if args.size_gib is not None else None
+    shape = args.shape
+    if args.experts is not None:
+        store = _open_store(args.experts)
+        if shape and shape != store.shape.name:
+            raise BadInput(
+                f"--shape {shape} disagrees with the expert file {args.experts}, which is "
+                f"{store.shape.name}; give one of them."
+            )
+        shape = store.shape.name
+        from mer.shapes import SHAPES
+
+        if shape not in SHAPES:
+            raise BadInput(
+                f"the expert file {args.experts} has shape {shape}, which mer probe cannot "
+                f"synthesise; pass --shape with a registered shape ({', '.join(SHAPES)})."
+            )
     kw: dict[str, Any] = dict(
-        directory=args.dir, size_bytes=size, shape=args.shape, io=args.io, threads=args.threads
+        directory=args.dir,
+        size_bytes=size,
+        shape=shape,
+        io=args.io,
+        threads=args.threads,
+        ffn=args.ffn,
     )
     if args.quick:
         cfg = ProbeConfig.quick(**kw)
@@ -266,10 +321,16 @@ def cmd_probe(args: argparse.Namespace) -> int:
             f"ssd: latency {s.latency_s * 1e6:.0f} us, bandwidth {s.bandwidth_bytes_per_s / 1e9:.2f} GB/s, "
             f"channels {s.channels}, chunk {s.chunk_bytes >> 10} KiB "
             f"({result.io_kind}{', O_DIRECT' if result.direct else ', buffered'}, {result.filesystem})",
-            f"compute: expert FFN {c.ffn_bytes_per_s / 1e9:.3f} GB/s, dense "
-            f"{c.dense_bytes_per_s / 1e9:.3f} GB/s of q4_0 weights ({result.threads} threads)",
-            f"memory: {profile.memory.read_bandwidth_bytes_per_s / 1e9:.2f} GB/s read, "
-            f"{profile.memory.ram_bytes / GiB:.1f} GiB RAM",
+            f"compute: expert FFN {c.ffn_bytes_per_s / 1e9:.2f} GB/s of q4_0 weights "
+            f"({result.ffn_kernel}, {result.threads} threads) = "
+            f"{c.ffn_bytes_per_s / profile.memory.read_bandwidth_bytes_per_s:.0%} of memory read "
+            f"{profile.memory.read_bandwidth_bytes_per_s / 1e9:.2f} GB/s; dense block "
+            f"{c.dense_bytes_per_s / 1e9:.2f} GB/s; measured on {result.shape} experts: simulate "
+            "that shape with this profile (another shape's FFN runs at another rate; probe it "
+            "with --shape or --experts)",
+            f"memory: {profile.memory.read_bandwidth_bytes_per_s / 1e9:.2f} GB/s read on "
+            f"{result.threads} threads, {result.memory_read_1thread_bytes_per_s / 1e9:.2f} GB/s on "
+            f"one ({result.memory_read_kind}), {profile.memory.ram_bytes / GiB:.1f} GiB RAM",
         ]
     )
     emit(args, profile.to_dict(), text)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +13,14 @@ from mer.cli.common import (
     add_replay_args,
     emit,
     input_file,
+    input_path,
     int_list,
     int_range,
     note,
     output_file,
     replay_config_from_args,
     require_file,
+    resolve_names,
     str_list,
 )
 from mer.errors import BadInput, RuntimeFailure
@@ -84,6 +87,13 @@ def register(sub: Any) -> None:
     add_replay_args(p)
     _add_timing_args(p, sweep=False)
     p.add_argument(
+        "--experts",
+        type=input_path,
+        default=None,
+        help="the expert file `mer run` will use (GGUF or packed directory): the simulation "
+        "takes its shape from it, so the prediction and the run read the same bytes",
+    )
+    p.add_argument(
         "--engine",
         choices=("fast", "simpy"),
         default="fast",
@@ -108,7 +118,10 @@ def register(sub: Any) -> None:
     )
     s.add_argument("trace", type=input_file, help="trace parquet (trace format v1)")
     s.add_argument(
-        "--policies", type=str_list, default=["lru"], help="comma-separated eviction policies"
+        "--policies",
+        type=str_list,
+        default=["lru"],
+        help="comma-separated eviction policies (package.module:ClassName loads your own)",
     )
     s.add_argument(
         "--cache-slots",
@@ -117,7 +130,10 @@ def register(sub: Any) -> None:
         help="comma-separated total slot counts (e.g. 16,32,64)",
     )
     s.add_argument(
-        "--predictors", type=str_list, default=["none"], help="comma-separated predictors"
+        "--predictors",
+        type=str_list,
+        default=["none"],
+        help="comma-separated predictors (package.module:ClassName loads your own)",
     )
     s.add_argument(
         "--scopes",
@@ -152,7 +168,8 @@ def register(sub: Any) -> None:
     s.add_argument(
         "--experts",
         default="EXPERTS.gguf",
-        help="expert file to name in the printed `mer run` command (default EXPERTS.gguf)",
+        help="the expert file the winner will run on: named in the printed `mer run` command "
+        "and, when it exists, the shape every configuration is simulated with",
     )
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_sweep)
@@ -165,17 +182,50 @@ def _load(trace_path: Path) -> Any:
     return read_trace(trace_path)
 
 
-def cmd_simulate(args: argparse.Namespace) -> int:
+def shape_for(args: argparse.Namespace, trace: Any) -> Any:
+    """The model shape of a simulation: from --experts (the file the run will read), else
+    --shape, else the shape matching the trace's geometry. Both given must agree."""
     from mer.shapes import get_shape
+    from mer.sim.model import default_shape_for
+
+    experts = getattr(args, "experts", None)
+    if experts is not None:
+        from mer.engine.executor import check_geometry
+        from mer.engine.store import ExpertStore
+
+        store = ExpertStore.open(experts)
+        check_geometry(trace, store, str(args.trace), str(experts))
+        if args.shape and get_shape(args.shape) != store.shape:
+            raise BadInput(
+                f"--shape {args.shape} disagrees with the expert file {experts}, which is "
+                f"{store.shape.name}; drop --shape (the file decides) or use a file of that shape."
+            )
+        return store.shape
+    return get_shape(args.shape or default_shape_for(trace.n_layers, trace.n_experts, trace.top_k))
+
+
+def note_measured_shape(hw: Any, shape: str) -> None:
+    """Say so when a profile's FFN throughput was measured on experts of another shape:
+    bytes/s does not carry over (smaller matrices run at a lower rate)."""
+    measured = (hw.extra or {}).get("measured_shape")
+    if measured and measured != shape:
+        note(
+            f"note: hardware profile {hw.name!r} measured the expert FFN on {measured} experts; "
+            f"this simulation uses {shape} experts, whose throughput may differ. For a "
+            f"prediction of this shape, probe it: `mer probe --shape {shape}` (or --experts FILE)."
+        )
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
     from mer.sim.hardware import load_profile
-    from mer.sim.model import SimOptions, default_shape_for, simulate
+    from mer.sim.model import SimOptions, simulate
     from mer.summary import trace_digest, write_token_table
 
     trace = _load(args.trace)
-    shape_name = args.shape or default_shape_for(trace.n_layers, trace.n_experts, trace.top_k)
-    shape = get_shape(shape_name)
+    shape = shape_for(args, trace)
     config = replay_config_from_args(args, shape.bytes_per_expert)
     hw = load_profile(args.hardware or (SEED_HARDWARE if args.mode == "seed" else DEFAULT_HARDWARE))
+    note_measured_shape(hw, shape.name)
     if (shape.n_layers, shape.n_experts) != (trace.n_layers, trace.n_experts):
         note(
             f"note: shape {shape.name} is {shape.n_layers}x{shape.n_experts}, the trace "
@@ -185,9 +235,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         trace,
         config,
         hw,
-        SimOptions(mode=args.mode, engine=args.engine, shape=shape_name),
+        SimOptions(mode=args.mode, engine=args.engine, shape=shape),
         trace_path=str(args.trace),
-        trace_digest=trace_digest(args.trace),
+        trace_digest=trace_digest(trace),
     )
     summary = res.summary
     if not summary.extra.get("cache_fits_ram", True):
@@ -206,23 +256,47 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from mer.core import policy_names, predictor_names
     from mer.sim.hardware import load_profile
+    from mer.sim.model import default_shape_for
     from mer.sim.sweep import SweepSpec, best_row, check_names, default_jobs, run_command, run_sweep
     from mer.summary import trace_digest
 
     trace = _load(args.trace)
-    check_names("policy", args.policies, policy_names())
-    check_names("predictor", args.predictors, predictor_names())
+    check_names("policy", resolve_names("policy", args.policies), policy_names())
+    check_names("predictor", resolve_names("predictor", args.predictors), predictor_names())
     check_names("scope", args.scopes, ("global", "per-layer"))
     hardware = args.hardware or [SEED_HARDWARE if args.mode == "seed" else DEFAULT_HARDWARE]
-    for hw in hardware:
-        load_profile(hw)  # fail early, with the profile's own message
-    if args.shape:
+    shape_name = args.shape
+    if Path(args.experts).exists():  # the file the winner will run on decides the shape
+        from mer.shapes import SHAPES
+
+        shape = shape_for(
+            argparse.Namespace(**{**vars(args), "experts": Path(args.experts)}), trace
+        )
+        if shape.name not in SHAPES:
+            raise BadInput(
+                f"the expert file {args.experts} has shape {shape.name}, which a sweep cannot "
+                f"name; pass --shape with a registered shape ({', '.join(SHAPES)})."
+            )
+        shape_name = shape.name
+    elif args.shape:
         from mer.shapes import get_shape
 
         get_shape(args.shape)
+    for hw in hardware:
+        profile = load_profile(hw)  # fail early, with the profile's own message
+        note_measured_shape(
+            profile, shape_name or default_shape_for(trace.n_layers, trace.n_experts, trace.top_k)
+        )
     if trace.n_tokens == 0:
         raise BadInput(f"{args.trace}: the trace has no tokens.")
-    base = replay_config_from_args(args).to_dict()
+    from mer.core.replay import check_cache_fits_keys
+
+    base_config = replay_config_from_args(args)
+    for slots in args.cache_slots:
+        check_cache_fits_keys(
+            replace(base_config, cache_slots=slots), trace.n_layers, trace.n_experts
+        )
+    base = base_config.to_dict()
     spec = SweepSpec(
         trace=str(args.trace),
         policies=args.policies,
@@ -231,13 +305,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         scopes=args.scopes,
         hardware=hardware,
         mode=args.mode,
-        shape=args.shape,
+        shape=shape_name,
         base=base,
     )
     outcome = run_sweep(
         spec,
         args.output,
-        trace_digest=trace_digest(args.trace),
+        trace_digest=trace_digest(trace),
         jobs=args.jobs or default_jobs(),
         backend=args.backend,
         scheduler=args.scheduler,

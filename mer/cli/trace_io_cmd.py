@@ -9,6 +9,7 @@ so a file they accept is a file the simulator and the engine accept.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,22 @@ def register(tsub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_import)
 
     p = tsub.add_parser(
+        "bundled",
+        help="write the bundled real Mixtral trace to a file (or print where it is installed)",
+        description=(
+            "mer ships one real trace: Mixtral-8x7B decode routing published by the "
+            "mixtral-offloading project (MIT; 773 tokens x 32 layers, top-2). With -o it is "
+            "copied there, so every example in the docs can start from it; without, its "
+            "installed path is printed."
+        ),
+    )
+    p.add_argument("-o", "--output", type=output_file, default=None, help="copy it here (.parquet)")
+    p.add_argument(
+        "--json", action="store_true", help="print one JSON object on stdout instead of text"
+    )
+    p.set_defaults(func=cmd_bundled)
+
+    p = tsub.add_parser(
         "validate",
         help="check a trace file against format v1 (exit 2 with the first problem)",
         description=(
@@ -127,6 +144,30 @@ def cmd_import(args: argparse.Namespace) -> int:
         f"weights {'yes' if summary['has_weights'] else 'no'}; dropped: {dropped}"
     )
     emit(args, summary, text)
+    return 0
+
+
+def cmd_bundled(args: argparse.Namespace) -> int:
+    import shutil
+
+    from mer.atomic import atomic_path
+    from mer.traces.bundled import bundled_trace_path
+
+    src = bundled_trace_path()
+    info = {"bundled": str(src), "output": None, "licence": "MIT (mixtral-offloading)"}
+    text = str(src)
+    if args.output is not None:
+        with atomic_path(args.output) as tmp:
+            shutil.copyfile(src, tmp)
+            umask = os.umask(0)  # a trace is data to share: honour the umask as open() does
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
+        info["output"] = str(args.output)
+        text = (
+            f"wrote {args.output}: Mixtral-8x7B routing from mixtral-offloading (MIT), "
+            "773 decode tokens x 32 layers, top-2"
+        )
+    emit(args, info, text)
     return 0
 
 

@@ -5,11 +5,18 @@ engine (`mer.engine`) both drive `mer.core.replay.Replay`.
 """
 
 from mer.core.cache import Admission, CacheStats, ExpertCache, StepResult, split_slots
-from mer.core.policy import EvictionPolicy, make_policy, policy_names, register_policy
+from mer.core.policy import (
+    EvictionPolicy,
+    make_policy,
+    policy_class,
+    policy_names,
+    register_policy,
+)
 from mer.core.predictor import (
     Predictor,
     ReplayContext,
     make_predictor,
+    predictor_class,
     predictor_names,
     register_predictor,
 )
@@ -28,8 +35,10 @@ __all__ = [
     "StepResult",
     "make_policy",
     "make_predictor",
+    "policy_class",
     "policy_names",
     "popular_keys",
+    "predictor_class",
     "predictor_names",
     "register_policy",
     "register_predictor",

@@ -91,18 +91,31 @@ def register_policy(cls: type[EvictionPolicy]) -> type[EvictionPolicy]:
     return cls
 
 
-def make_policy(name: str, capacity: int, **params: Any) -> EvictionPolicy:
+def policy_class(name: str) -> type[EvictionPolicy]:
+    """The class of a policy name: registered, `module:Class`, or an installed entry point
+    (see `mer.core.plugins`). A loaded plugin is registered under `name`."""
     _load_builtin_policies()
-    try:
-        cls = POLICIES[name]
-    except KeyError:
-        raise BadInput(
-            f"unknown policy {name!r}; choose one of: {', '.join(sorted(POLICIES))}."
-        ) from None
-    return cls(capacity, **params)
+    cls = POLICIES.get(name)
+    if cls is not None:
+        return cls
+    from mer.core import plugins
+
+    if plugins.is_spec(name):
+        cls = plugins.load_class(name, EvictionPolicy, "policy")
+        POLICIES[name] = cls
+        return cls
+    raise BadInput(
+        f"unknown policy {name!r}; choose one of: {', '.join(sorted(POLICIES))}, or load your "
+        f"own class with package.module:ClassName ({plugins.GUIDE})."
+    )
+
+
+def make_policy(name: str, capacity: int, **params: Any) -> EvictionPolicy:
+    return policy_class(name)(capacity, **params)
 
 
 def policy_names() -> list[str]:
+    """Registered names, installed plugins' included (and any `module:Class` loaded so far)."""
     _load_builtin_policies()
     return sorted(POLICIES)
 
@@ -117,3 +130,9 @@ def _load_builtin_policies() -> None:
         except ModuleNotFoundError as exc:
             if exc.name != mod:
                 raise
+    from mer.core import plugins
+
+    for name, cls in plugins.entry_point_classes(
+        plugins.POLICY_GROUP, EvictionPolicy, "policy"
+    ).items():
+        POLICIES.setdefault(name, cls)

@@ -88,18 +88,31 @@ def register_predictor(cls: type[Predictor]) -> type[Predictor]:
     return cls
 
 
-def make_predictor(name: str, ctx: ReplayContext, **params: Any) -> Predictor:
+def predictor_class(name: str) -> type[Predictor]:
+    """The class of a predictor name: registered, `module:Class`, or an installed entry
+    point (see `mer.core.plugins`). A loaded plugin is registered under `name`."""
     _load_builtin_predictors()
-    try:
-        cls = PREDICTORS[name]
-    except KeyError:
-        raise BadInput(
-            f"unknown predictor {name!r}; choose one of: {', '.join(sorted(PREDICTORS))}."
-        ) from None
-    return cls(ctx, **params)
+    cls = PREDICTORS.get(name)
+    if cls is not None:
+        return cls
+    from mer.core import plugins
+
+    if plugins.is_spec(name):
+        cls = plugins.load_class(name, Predictor, "predictor")
+        PREDICTORS[name] = cls
+        return cls
+    raise BadInput(
+        f"unknown predictor {name!r}; choose one of: {', '.join(sorted(PREDICTORS))}, or load "
+        f"your own class with package.module:ClassName ({plugins.GUIDE})."
+    )
+
+
+def make_predictor(name: str, ctx: ReplayContext, **params: Any) -> Predictor:
+    return predictor_class(name)(ctx, **params)
 
 
 def predictor_names() -> list[str]:
+    """Registered names, installed plugins' included (and any `module:Class` loaded so far)."""
     _load_builtin_predictors()
     return sorted(PREDICTORS)
 
@@ -113,6 +126,12 @@ def _load_builtin_predictors() -> None:
         except ModuleNotFoundError as exc:
             if exc.name != mod:
                 raise
+    from mer.core import plugins
+
+    for name, cls in plugins.entry_point_classes(
+        plugins.PREDICTOR_GROUP, Predictor, "predictor"
+    ).items():
+        PREDICTORS.setdefault(name, cls)
 
 
 def _horizon(ctx: ReplayContext, t: int, depth: int) -> range:

@@ -129,6 +129,18 @@ def popular_keys(steps: np.ndarray, n: int) -> list[int]:
     return [int(k) for k in order[:n] if counts[k] > 0]
 
 
+def check_cache_fits_keys(config: ReplayConfig, n_layers: int, n_experts: int) -> None:
+    """Refuse a cache larger than the trace's key space, as `mer mrc` does: at n_keys
+    slots every expert is resident already, so a bigger size is not another configuration."""
+    n_keys = n_layers * n_experts
+    if config.cache_slots > n_keys:
+        raise BadInput(
+            f"--cache-slots {config.cache_slots} is more than the trace's {n_keys} expert "
+            f"keys ({n_layers} layers x {n_experts} experts); at {n_keys} slots every expert "
+            f"is resident already. Use at most {n_keys}."
+        )
+
+
 class Replay:
     def __init__(
         self,
@@ -185,6 +197,7 @@ class Replay:
     @classmethod
     def from_trace(cls, trace: Any, config: ReplayConfig) -> Replay:
         """Build from a `traces.format.Trace`, honouring config.phase."""
+        check_cache_fits_keys(config, trace.n_layers, trace.n_experts)
         tr = trace.select_phase(config.phase)
         epl = (getattr(tr.meta, "extra", None) or {}).get("experts_per_layer")
         if (
@@ -218,20 +231,18 @@ class Replay:
         Same cache, policy, predictor and prefetch rule as a trace replay; only
         what needs the future is refused, with the reason.
         """
-        from mer.core.policy import POLICIES, _load_builtin_policies
-        from mer.core.predictor import PREDICTORS, _load_builtin_predictors
+        from mer.core.policy import policy_class
+        from mer.core.predictor import predictor_class
 
-        _load_builtin_policies()
-        _load_builtin_predictors()
-        pol = POLICIES.get(config.policy)
-        if pol is not None and pol.needs_future:
+        pol = policy_class(config.policy)  # a plugin's module:Class included
+        if pol.needs_future:
             raise BadInput(
                 f"policy {config.policy!r} needs the future of a trace, which a live run does "
                 "not have; record the routing (-o TRACE.parquet) and replay it with `mer simulate` "
                 "or `mer run`, or pick an online policy."
             )
-        pred = PREDICTORS.get(config.predictor)
-        if pred is not None and pred.offline:
+        pred = predictor_class(config.predictor)
+        if pred.offline:
             raise BadInput(
                 f"predictor {config.predictor!r} reads the future of a trace, which a live run "
                 "does not have; record the routing and replay it, or pick an online predictor."

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -76,7 +77,11 @@ class DenseBlock:
         seed: int = 0,
         threads: int = 1,
         pool: ThreadPoolExecutor | None = None,
+        kernel: Any = None,
     ) -> None:
+        """`kernel`: the expert FFN object of `mer.engine.ffn.make_ffn`, whose matvec (native or
+        numpy) the block then uses; default the numpy matvec on `threads` / `pool`."""
+        self.kernel = kernel
         self.shape = shape
         self.geom = DenseGeometry.of(shape)
         if (
@@ -104,6 +109,10 @@ class DenseBlock:
         """The dense work of `layer` on hidden vector x; returns the new (normalised) x."""
         i = layer % self.n_layers
         d = self.geom.d_model
-        qkv = q4_matvec(self.qkv[i], d, x, self.threads, self.pool)
-        h = q4_matvec(self.o[i], d, qkv[:d], self.threads, self.pool)
+        if self.kernel is not None:
+            qkv = self.kernel.matvec(self.qkv[i], d, x)
+            h = self.kernel.matvec(self.o[i], d, qkv[:d])
+        else:
+            qkv = q4_matvec(self.qkv[i], d, x, self.threads, self.pool)
+            h = q4_matvec(self.o[i], d, qkv[:d], self.threads, self.pool)
         return rmsnorm(x + h)

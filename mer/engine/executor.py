@@ -35,7 +35,7 @@ import pandas as pd
 
 from mer.core.replay import Replay, ReplayConfig
 from mer.engine.dense import DenseBlock, rmsnorm
-from mer.engine.ffn import ExpertFFN
+from mer.engine.expert_types import make_expert_ffn
 from mer.engine.streaming import (
     EngineConfig,
     ExpertStreamer,
@@ -161,8 +161,8 @@ def measured_summary(
     span = np.asarray(streamer.read_span, dtype=np.float64).reshape(-1, 2)
     iters = len(it_times)
     accounted = float(rows[["io_wait_s", "compute_s", "dense_s"]].to_numpy().sum())
-    extra["driver"] = {
-        **extra.get("driver", {}),
+    extra["driver_time"] = {
+        **extra.get("driver_time", {}),
         "steps": iters,
         # per-step time outside reads, FFNs and dense: lookups, submissions, bookkeeping
         "overhead_s": float(np.sum(it_times)) - accounted,
@@ -240,9 +240,11 @@ class Executor:
         else:
             gate_w = weights.reshape(-1, K).astype(np.float32)
         threads = max(1, int(cfg.threads))
-        ffn = ExpertFFN(self.shape, threads)
+        ffn = make_expert_ffn(
+            getattr(self.store, "expert_dtype", "Q4_0"), self.shape, threads, cfg.ffn
+        )
         dense = (
-            DenseBlock(self.shape, seed=cfg.seed + 1, threads=threads, pool=ffn._pool)
+            DenseBlock(self.shape, seed=cfg.seed + 1, threads=threads, kernel=ffn)
             if cfg.mode == "model"
             else None
         )

@@ -1,6 +1,14 @@
-"""The SwiGLU expert FFN computed directly on q4_0 weights, in numpy.
+"""The SwiGLU expert FFN on q4_0 weights: the choice of kernel, and the numpy reference.
 
-Interface for the executor:
+Two kernels compute it, chosen with `--ffn native|numpy` (`make_ffn(kind=...)`):
+- native (the default wherever it was built): the C kernel of `mer.native.q4_0`, ggml's
+  q4_0 x q8_0 integer arithmetic at memory speed (see docs/engine.md);
+- numpy (the reference and the fallback): this module, float32 dequantised tiles.
+`make_ffn` returns either behind one interface: `ffn(x, gate, up, down)`, `ffn.matvec(raw,
+n_cols, x)` (the dense block's), `ffn.kind`, `ffn.close()`. Without a compiled kernel the
+default says once that numpy is used; an explicit `native` then refuses.
+
+The numpy path, for the executor:
 
     expert_ffn(x, gate, up, down, shape_dims, threads=1, pool=None) -> y
         x: float32 (d_model,) or (n_tokens, d_model)
@@ -270,6 +278,8 @@ def expert_ffn(
 class ExpertFFN:
     """expert_ffn with a persistent pool of `threads` workers (no per-call thread start)."""
 
+    kind = "numpy"
+
     def __init__(self, shape_dims: ModelShape | FFNDims | tuple[int, int], threads: int = 1):
         self.dims = FFNDims.of(shape_dims)
         self.threads = max(1, int(threads))
@@ -282,6 +292,10 @@ class ExpertFFN:
     def __call__(self, x: npt.ArrayLike, gate: Any, up: Any, down: Any) -> F32:
         return expert_ffn(x, gate, up, down, self.dims, self.threads, self._pool)
 
+    def matvec(self, raw: Any, n_cols: int, x: npt.ArrayLike) -> F32:
+        """W x for one q4_0 matrix on this FFN's threads (the dense block's kernel)."""
+        return q4_matvec(raw, n_cols, x, self.threads, self._pool)
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
@@ -292,3 +306,62 @@ class ExpertFFN:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# ---- the choice of kernel ------------------------------------------------------------------
+
+FFN_KINDS = ("native", "numpy")
+
+
+def native_available() -> bool:
+    from mer.native import q4_0 as nq
+
+    return nq.available()
+
+
+def resolve_ffn(kind: str | None = "auto") -> str:
+    """'auto' -> 'native' where the kernel is built, else 'numpy' (said once); an explicit
+    'native' without the kernel is a RuntimeFailure (exit 1) naming why."""
+    from mer import native
+    from mer.errors import BadInput, RuntimeFailure
+    from mer.notes import note_once
+
+    k = "auto" if kind is None else kind
+    if k not in ("auto", *FFN_KINDS):
+        raise BadInput(f"--ffn must be auto, native or numpy, got {kind!r}")
+    if k == "numpy":
+        return "numpy"
+    if native.load("q4_0", quiet=True) is not None:
+        return "native"
+    why = native.why_unavailable("q4_0")
+    if k == "native":
+        raise RuntimeFailure(
+            f"--ffn native: the q4_0 kernel is not compiled here ({why}); install a C compiler "
+            "(gcc or clang) and run again, or pass --ffn numpy."
+        )
+    note_once(
+        "ffn:numpy",
+        f"mer: the native q4_0 kernel is not compiled here ({why}); the expert FFN runs in numpy, several times slower.",
+    )
+    return "numpy"
+
+
+def make_ffn(
+    shape_dims: ModelShape | FFNDims | tuple[int, int], threads: int = 1, kind: str | None = "auto"
+) -> Any:
+    """The expert FFN of kernel `kind` (auto | native | numpy); see the module docstring."""
+    dims = FFNDims.of(shape_dims)
+    if resolve_ffn(kind) == "native":
+        from mer.native.q4_0 import NativeFFN
+
+        return NativeFFN(dims.d_model, dims.d_ff, threads)
+    return ExpertFFN(dims, threads)
+
+
+def ffn_label(ffn: Any) -> str:
+    """'native (avx512vnni)' or 'numpy': what the summaries and the probe report."""
+    if getattr(ffn, "kind", "numpy") == "native":
+        from mer.native import q4_0 as nq
+
+        return f"native ({nq.isa()})"
+    return "numpy"

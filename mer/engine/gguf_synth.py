@@ -13,6 +13,13 @@ with `dense=True`, the q4_0 attention projections `blk.N.attn_{q,k,v,output}.wei
 at their true per-layer size. Metadata is arch "llama" as llama.cpp writes it for
 Mixtral (expert_count, expert_used_count, block_count, ...), plus `mer.*` keys.
 
+`full=True` (`mer experts synth --full`) writes a whole model `mer generate`
+decodes: also the token embedding, the norms, the output head, rope and
+norm hyperparameters and a small sentencepiece-style ("llama") vocabulary in
+llama.cpp's tokenizer keys. Its experts are byte for byte those of the
+experts-only file of the same shape and seed, so one file serves `mer run
+--experts` and `mer generate --model`.
+
 Writing streams: gguf's GGUFWriter takes every tensor's info first
 (`add_tensor_info`), writes header, metadata and tensor infos, then the data one
 tensor at a time (`write_tensor_data`), so memory stays at one tensor (one
@@ -37,7 +44,22 @@ from mer.shapes import ALIGN, ModelShape
 
 LAYOUTS = ("stacked", "per-expert")
 EXPERT_KINDS = ("gate", "up", "down")
-_KIND_ID = {"gate": 0, "up": 1, "down": 2, "router": 3, "q": 4, "k": 5, "v": 6, "output": 7}
+_KIND_ID = {
+    "gate": 0,
+    "up": 1,
+    "down": 2,
+    "router": 3,
+    "q": 4,
+    "k": 5,
+    "v": 6,
+    "output": 7,
+    "embed": 8,
+    "head": 9,
+    "norm": 10,
+}
+DEFAULT_VOCAB = 512
+ROPE_BASE = 1e6  # Mixtral's
+RMS_EPS = 1e-5
 Q4_0 = GGMLQuantizationType.Q4_0
 
 
@@ -131,12 +153,195 @@ def plan_tensors(
     return specs
 
 
+def plan_full_tensors(
+    shape: ModelShape, vocab_size: int = DEFAULT_VOCAB, layout: str = "stacked"
+) -> list[TensorSpec]:
+    """Every tensor of a whole model, in llama.cpp's order: embedding, layers, norm, head."""
+    f32 = GGMLQuantizationType.F32
+    d = shape.d_model
+    specs = [TensorSpec("token_embd.weight", (vocab_size, d), Q4_0, 0, "embed")]
+    for spec in plan_tensors(shape, layout, dense=True):
+        if spec.kind == "q":
+            specs.append(
+                TensorSpec(f"blk.{spec.layer}.attn_norm.weight", (d,), f32, spec.layer, "norm")
+            )
+        if spec.kind == "router":
+            specs.append(
+                TensorSpec(f"blk.{spec.layer}.ffn_norm.weight", (d,), f32, spec.layer, "norm")
+            )
+        specs.append(spec)
+    specs.append(TensorSpec("output_norm.weight", (d,), f32, shape.n_layers, "norm"))
+    specs.append(TensorSpec("output.weight", (vocab_size, d), Q4_0, 0, "head"))
+    return specs
+
+
+def synthetic_vocab(vocab_size: int) -> tuple[list[str], list[float], list[int]]:
+    """A sentencepiece-style vocabulary as llama.cpp stores Mixtral's: tokens, scores, types.
+
+    <unk>, <s>, </s>, the 256 byte-fallback tokens <0xNN>, then "▁" and letters,
+    then English words built prefix by prefix ("▁t", "▁th", "▁the") so every
+    piece has a merge; scores fall with rank, as a BPE sentencepiece model's do.
+    """
+    if vocab_size < 300:
+        raise ValueError(f"a synthetic vocabulary needs at least 300 tokens, got {vocab_size}")
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    types = [2, 3, 3] + [6] * 256  # UNKNOWN, CONTROL, CONTROL, BYTE
+    pieces: list[str] = ["\u2581", *"etaoinshrdlcumwfgypbvkjxqz"]
+    pieces += list("ETAOINSHRDLCUMWFGYPBVKJXQZ0123456789.,!?'-:;")
+    words = [
+        "the",
+        "of",
+        "and",
+        "to",
+        "in",
+        "is",
+        "was",
+        "that",
+        "for",
+        "it",
+        "as",
+        "with",
+        "be",
+        "on",
+        "by",
+        "at",
+        "this",
+        "had",
+        "not",
+        "are",
+        "but",
+        "from",
+        "or",
+        "have",
+        "an",
+        "they",
+        "which",
+        "one",
+        "you",
+        "were",
+        "all",
+        "we",
+        "her",
+        "she",
+        "there",
+        "would",
+        "their",
+        "will",
+        "when",
+        "who",
+        "him",
+        "been",
+        "has",
+        "more",
+        "if",
+        "no",
+        "out",
+        "do",
+        "so",
+        "can",
+        "what",
+        "up",
+        "said",
+        "about",
+        "other",
+        "into",
+        "than",
+        "its",
+        "time",
+        "only",
+        "could",
+        "new",
+        "them",
+        "man",
+        "some",
+        "these",
+        "then",
+        "two",
+        "first",
+        "may",
+        "any",
+        "like",
+        "now",
+        "my",
+        "such",
+        "make",
+        "over",
+        "our",
+        "even",
+        "most",
+        "me",
+        "state",
+        "after",
+        "also",
+        "made",
+        "many",
+        "did",
+        "must",
+        "before",
+        "back",
+        "see",
+        "through",
+        "way",
+        "where",
+        "get",
+        "much",
+        "go",
+        "well",
+        "your",
+        "know",
+        "should",
+        "down",
+        "work",
+        "year",
+        "because",
+        "come",
+        "people",
+        "just",
+        "say",
+        "each",
+        "those",
+        "take",
+        "day",
+        "good",
+        "how",
+        "long",
+        "little",
+        "very",
+        "world",
+        "own",
+        "still",
+        "here",
+        "great",
+        "old",
+        "life",
+        "end",
+    ]
+    seen = set(pieces)
+    for w in words:
+        for j in range(1, len(w) + 1):
+            piece = "\u2581" + w[:j]
+            if piece not in seen:
+                seen.add(piece)
+                pieces.append(piece)
+    n = vocab_size - len(tokens)
+    tokens += pieces[:n]
+    types += [1] * min(n, len(pieces))  # NORMAL
+    while len(tokens) < vocab_size:  # pad as the converter does
+        tokens.append(f"[PAD{len(tokens)}]")
+        types.append(5)  # UNUSED
+    scores = [0.0] * 259 + [-float(i) for i in range(vocab_size - 259)]
+    return tokens, scores, types
+
+
 def _rng(seed: int, layer: int, expert: int, kind: str) -> np.random.Generator:
     return np.random.default_rng([seed, layer, expert, _KIND_ID[kind]])
 
 
 def tensor_data(spec: TensorSpec, seed: int) -> np.ndarray:
     """The bytes of one tensor (uint8 for quantised types), deterministic in (seed, spec)."""
+    if spec.kind == "norm":  # RMSNorm gains near 1, as in a trained model
+        rng = _rng(seed, spec.layer, 0, spec.kind)
+        return (1.0 + 0.05 * rng.standard_normal(spec.shape)).astype(np.float32)
     if spec.dtype == GGMLQuantizationType.F32:
         rng = _rng(seed, spec.layer, spec.expert or 0, spec.kind)
         std = float(spec.shape[-1]) ** -0.5
@@ -169,43 +374,30 @@ class SynthResult:
     n_tensors: int
     file_bytes: int
     expert_bytes: int
+    full: bool = False
 
     def to_dict(self) -> dict[str, object]:
         return dict(self.__dict__)
 
 
-def write_gguf(
+def write_gguf_file(
     path: str | os.PathLike[str],
-    shape: ModelShape,
     specs: list[TensorSpec],
-    seed: int = 0,
-    layout: str = "stacked",
+    data: Callable[[TensorSpec], np.ndarray],
+    metadata: Callable[[GGUFWriter], None],
     progress: Callable[[int, int], None] | None = None,
-    metadata: dict[str, int] | None = None,
+    arch: str = "llama",
 ) -> int:
-    """Write `specs` (data from `tensor_data`) to `path` atomically; returns file size.
+    """mer's GGUF writer: `specs` with bytes from `data(spec)`, keys from `metadata(writer)`.
 
-    The file is padded to a multiple of 4096 bytes so that an aligned read of the
-    last expert never runs past the end of the file.
+    Atomic (temporary file, then rename) and streaming (one tensor in memory at a
+    time). The file is padded to a multiple of 4096 bytes so that an aligned read
+    of the last expert never runs past the end of the file. Returns the file size.
     """
     total = sum(s.n_bytes for s in specs)
     with atomic_path(path) as tmp:
-        w = GGUFWriter(str(tmp), arch="llama")
-        w.add_name(f"mer synthetic {shape.name}")
-        w.add_context_length(4096)
-        w.add_embedding_length(shape.d_model)
-        w.add_feed_forward_length(shape.d_ff)
-        w.add_block_count(shape.n_layers)
-        w.add_head_count(shape.n_heads)
-        w.add_head_count_kv(shape.n_kv_heads)
-        w.add_expert_count(shape.n_experts)
-        w.add_expert_used_count(shape.top_k)
-        w.add_file_type(LlamaFileType.MOSTLY_Q4_0)
-        w.add_string("mer.shape", shape.name)
-        w.add_string("mer.layout", layout)
-        w.add_uint32("mer.seed", seed)
-        for key, value in (metadata or {}).items():
-            w.add_uint32(key, value)
+        w = GGUFWriter(str(tmp), arch=arch)
+        metadata(w)
         for s in specs:
             if s.dtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
                 w.add_tensor_info(
@@ -221,8 +413,7 @@ def write_gguf(
         w.write_ti_data_to_file()
         done = 0
         for s in specs:
-            data = tensor_data(s, seed)
-            w.write_tensor_data(data)
+            w.write_tensor_data(data(s))
             done += s.n_bytes
             if progress is not None:
                 progress(done, total)
@@ -236,6 +427,41 @@ def write_gguf(
     return size
 
 
+def _shape_keys(w: GGUFWriter, shape: ModelShape, seed: int, layout: str) -> None:
+    w.add_name(f"mer synthetic {shape.name}")
+    w.add_context_length(4096)
+    w.add_embedding_length(shape.d_model)
+    w.add_feed_forward_length(shape.d_ff)
+    w.add_block_count(shape.n_layers)
+    w.add_head_count(shape.n_heads)
+    w.add_head_count_kv(shape.n_kv_heads)
+    w.add_expert_count(shape.n_experts)
+    w.add_expert_used_count(shape.top_k)
+    w.add_file_type(LlamaFileType.MOSTLY_Q4_0)
+    w.add_string("mer.shape", shape.name)
+    w.add_string("mer.layout", layout)
+    w.add_uint32("mer.seed", seed)
+
+
+def write_gguf(
+    path: str | os.PathLike[str],
+    shape: ModelShape,
+    specs: list[TensorSpec],
+    seed: int = 0,
+    layout: str = "stacked",
+    progress: Callable[[int, int], None] | None = None,
+    metadata: dict[str, int] | None = None,
+) -> int:
+    """Write `specs` (data from `tensor_data`) to `path` atomically; returns file size."""
+
+    def keys(w: GGUFWriter) -> None:
+        _shape_keys(w, shape, seed, layout)
+        for key, value in (metadata or {}).items():
+            w.add_uint32(key, value)
+
+    return write_gguf_file(path, specs, lambda s: tensor_data(s, seed), keys, progress)
+
+
 def synth_gguf(
     path: str | os.PathLike[str],
     shape: ModelShape,
@@ -243,19 +469,46 @@ def synth_gguf(
     layout: str = "stacked",
     dense: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    full: bool = False,
+    vocab_size: int = DEFAULT_VOCAB,
 ) -> SynthResult:
-    """`mer experts synth`: a Mixtral-shaped q4_0 GGUF for `shape`."""
-    specs = plan_tensors(shape, layout, dense)
-    size = write_gguf(path, shape, specs, seed, layout, progress)
+    """`mer experts synth`: a Mixtral-shaped q4_0 GGUF for `shape` (`full`: a whole model)."""
+    if not full:
+        specs = plan_tensors(shape, layout, dense)
+        size = write_gguf(path, shape, specs, seed, layout, progress)
+    else:
+        specs = plan_full_tensors(shape, vocab_size, layout)
+        tokens, scores, types = synthetic_vocab(vocab_size)
+
+        def keys(w: GGUFWriter) -> None:
+            _shape_keys(w, shape, seed, layout)
+            w.add_vocab_size(vocab_size)
+            w.add_rope_dimension_count(shape.d_model // shape.n_heads)
+            w.add_rope_freq_base(ROPE_BASE)
+            w.add_layer_norm_rms_eps(RMS_EPS)
+            w.add_tokenizer_model("llama")
+            w.add_tokenizer_pre("default")
+            w.add_token_list(tokens)
+            w.add_token_scores(scores)
+            w.add_token_types(types)
+            w.add_unk_token_id(0)
+            w.add_bos_token_id(1)
+            w.add_eos_token_id(2)
+            w.add_add_bos_token(True)
+            w.add_add_eos_token(False)
+            w.add_bool("mer.full", True)
+
+        size = write_gguf_file(path, specs, lambda s: tensor_data(s, seed), keys, progress)
     return SynthResult(
         path=str(Path(path)),
         shape=shape.name,
         layout=layout,
-        dense=dense,
+        dense=dense or full,
         seed=seed,
         n_tensors=len(specs),
         file_bytes=size,
         expert_bytes=shape.bytes_per_expert * shape.n_keys,
+        full=full,
     )
 
 
@@ -266,8 +519,11 @@ __all__ = [
     "TensorSpec",
     "attention_dims",
     "expert_tensor_name",
+    "plan_full_tensors",
     "plan_tensors",
     "synth_gguf",
+    "synthetic_vocab",
     "tensor_data",
     "write_gguf",
+    "write_gguf_file",
 ]

@@ -73,7 +73,7 @@ def pack_experts(
     if out.exists() and not out.is_dir():
         raise BadInput(f"-o {out}: exists and is not a directory.")
     out.mkdir(parents=True, exist_ok=True)
-    slot = shape.slot_bytes
+    slot = align_up(store.bytes_per_expert, ALIGN)
     n = store.n_layers * store.n_experts
     digest = hashlib.sha256()
     offsets: list[int] = []
@@ -112,6 +112,7 @@ def pack_experts(
         "alignment": ALIGN,
         "slot_bytes": slot,
         "bytes_per_expert": store.bytes_per_expert,
+        "expert_dtype": store.expert_dtype,
         "matrix_bytes": lens,
         "order": "slot = layer * n_experts + expert; gate|up|down within a slot",
         "slot_offsets": offsets,

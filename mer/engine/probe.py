@@ -8,9 +8,13 @@ with the engine's own code paths, on the disk and CPU the engine will run on:
   the shape's size at random expert-aligned offsets, one expert at a time (as a
   demand miss is), for queue depths 1..64 and a few chunk sizes; plus 4 KiB
   reads at queue depth 1 for the per-request latency.
-- CPU: the q4_0 SwiGLU expert FFN (`mer.engine.ffn`) on a synthesised expert of
-  the shape, and the dense block (`mer.engine.dense`), in bytes of weights/s.
-- Memory: numpy read bandwidth (a sum over a large array, split over threads).
+- CPU: the q4_0 SwiGLU expert FFN with the kernel `mer run` uses (`--ffn`: the
+  native C kernel wherever it is built, else numpy; `mer.engine.ffn.make_ffn`), on
+  synthesised experts of the shape taken in turn from a working set larger than
+  the CPU caches (as a run's slots are), and the dense block, in bytes of weights/s.
+- Memory: the streaming read bandwidth on the same threads and on one (the C
+  kernel module's wide loads, else a numpy sum): the physical limit of the FFN,
+  reported next to it.
 
 The simulator's SSD model (`sim.hardware.SSDProfile`) says: `channels` chunks are
 served at once, each taking latency + chunk / (bandwidth / channels), so k chunks
@@ -50,7 +54,7 @@ import numpy as np
 
 from mer.engine.aligned import ALIGN, aligned_empty
 from mer.engine.dense import DenseBlock
-from mer.engine.ffn import ExpertFFN
+from mer.engine.ffn import ffn_label, make_ffn
 from mer.engine.io import _fs_type, open_reader
 from mer.engine.q4_0 import random_q4_0
 from mer.errors import BadInput, RuntimeFailure
@@ -78,6 +82,8 @@ class ProbeConfig:
     seconds_per_point: float = 1.0  # budget of each (queue depth, chunk) point
     latency_reads: int = 300
     memory_bytes: int = 1 * GiB
+    ffn: str = "auto"  # the expert FFN kernel: auto | native | numpy (as `mer run --ffn`)
+    ffn_working_set_bytes: int = 512 * MiB  # experts cycled through, to defeat the CPU caches
     seed: int = 0
     engine_chunk_bytes: int = 512 * KiB  # the chunk size the model is fitted at
     engine_queue_depth: int = 32
@@ -94,6 +100,7 @@ class ProbeConfig:
             seconds_per_point=0.15,
             latency_reads=50,
             memory_bytes=64 * MiB,
+            ffn_working_set_bytes=96 * MiB,
             burst_repeats=9,
         )
         base.update({k: v for k, v in kw.items() if v is not None})
@@ -169,13 +176,15 @@ class ProbeResult:
     memory_read_bytes_per_s: float
     threads: int
     ram_bytes: int
+    ffn_kernel: str = "numpy"  # "native (avx512vnni)" | "numpy": what was measured
+    memory_read_1thread_bytes_per_s: float = 0.0
+    memory_read_kind: str = "numpy"  # "native" (the C module's loads) | "numpy"
     bursts: list[BurstPoint] = field(default_factory=list)
     engine_chunk_bytes: int = 512 * KiB
     engine_queue_depth: int = 32
     read_submit_s: float = 0.0
     ffn_busy_overhead_s: float = 0.0
     step_overhead_s: float = 0.0
-    ffn_hot_bytes_per_s: float = 0.0
 
     def best(self) -> ReadPoint:
         return max(self.points, key=lambda p: p.bandwidth)
@@ -361,24 +370,53 @@ def _timed(fn: Callable[[], Any], min_seconds: float, min_reps: int = 3) -> floa
             return el / reps
 
 
-def measure_ffn(shape: ModelShape, threads: int, seconds: float, seed: int = 0) -> float:
-    """q4_0 SwiGLU FFN throughput, bytes of expert weights per second."""
+def _experts(shape: ModelShape, n: int, seed: int) -> list[tuple[np.ndarray, ...]]:
     rng = np.random.default_rng(seed)
-    gate = random_q4_0(rng, shape.d_ff, shape.d_model, 1.0 / np.sqrt(shape.d_model))
-    up = random_q4_0(rng, shape.d_ff, shape.d_model, 1.0 / np.sqrt(shape.d_model))
-    down = random_q4_0(rng, shape.d_model, shape.d_ff, 1.0 / np.sqrt(shape.d_ff))
-    x = rng.standard_normal(shape.d_model).astype(np.float32)
-    nbytes = gate.nbytes + up.nbytes + down.nbytes
-    with ExpertFFN(shape, threads) as ffn:
-        per = _timed(lambda: ffn(x, gate, up, down), seconds)
-    return nbytes / per
+    out: list[tuple[np.ndarray, ...]] = []
+    for _ in range(n):
+        gate = random_q4_0(rng, shape.d_ff, shape.d_model, 1.0 / np.sqrt(shape.d_model))
+        up = random_q4_0(rng, shape.d_ff, shape.d_model, 1.0 / np.sqrt(shape.d_model))
+        down = random_q4_0(rng, shape.d_model, shape.d_ff, 1.0 / np.sqrt(shape.d_ff))
+        out.append((gate, up, down))
+    return out
 
 
-def measure_dense(shape: ModelShape, threads: int, seconds: float, seed: int = 0) -> float:
+def measure_ffn(
+    shape: ModelShape,
+    threads: int,
+    seconds: float,
+    seed: int = 0,
+    kind: str = "auto",
+    working_set_bytes: int = 512 * MiB,
+) -> tuple[float, str]:
+    """(bytes of expert weights per second, kernel label) of the SwiGLU FFN `mer run` uses.
+
+    The experts are cycled through a working set of at least two and ~`working_set_bytes`,
+    so each call reads its weights from memory as a run's cache slots are, not from cache.
+    """
+    n = max(2, -(-working_set_bytes // shape.bytes_per_expert))
+    experts = _experts(shape, n, seed)
+    x = np.random.default_rng(seed + 1).standard_normal(shape.d_model).astype(np.float32)
+    nbytes = sum(a.nbytes for a in experts[0])
+    i = [0]
+    with make_ffn(shape, threads, kind) as ffn:
+        label = ffn_label(ffn)
+
+        def one() -> None:
+            ffn(x, *experts[i[0] % n])
+            i[0] += 1
+
+        per = _timed(one, seconds, min_reps=n)
+    return nbytes / per, label
+
+
+def measure_dense(
+    shape: ModelShape, threads: int, seconds: float, seed: int = 0, kind: str = "auto"
+) -> float:
     """Dense block throughput (bytes of resident attention weights per second)."""
-    pool = ThreadPoolExecutor(threads) if threads > 1 else None
-    try:
-        block = DenseBlock(shape, n_layers=4, seed=seed, threads=threads, pool=pool)
+    with make_ffn(shape, threads, kind) as kernel:
+        n_layers = min(shape.n_layers, max(4, (256 * MiB) // max(1, shape.dense_bytes_per_layer)))
+        block = DenseBlock(shape, n_layers=n_layers, seed=seed, threads=threads, kernel=kernel)
         x = np.random.default_rng(seed).standard_normal(shape.d_model).astype(np.float32)
         layer = [0]
         hidden = [x]
@@ -387,15 +425,20 @@ def measure_dense(shape: ModelShape, threads: int, seconds: float, seed: int = 0
             hidden[0] = block(layer[0], hidden[0])
             layer[0] += 1
 
-        per = _timed(one, seconds, min_reps=4)
-    finally:
-        if pool is not None:
-            pool.shutdown()
+        per = _timed(one, seconds, min_reps=max(4, n_layers))
     return block.bytes_per_layer / per
 
 
-def measure_memory(nbytes: int, threads: int) -> float:
-    """numpy read bandwidth: a float64 sum over `nbytes`, split over `threads`, best of 3."""
+def measure_memory(nbytes: int, threads: int) -> tuple[float, str]:
+    """Streaming read bandwidth over `nbytes` on `threads`, best of 3: (bytes/s, how).
+
+    The C module's read (wide loads, software prefetch: what the kernel can at best do) when
+    it is compiled, else a numpy float64 sum split over the threads.
+    """
+    from mer.native import q4_0 as nq
+
+    if nq.available():
+        return nq.memory_read_gbs(nbytes, threads, repeats=3) * 1e9, "native"
     a = np.ones(max(1, nbytes // 8), dtype=np.float64)
     parts = np.array_split(a, max(1, threads))
     best = 0.0
@@ -405,7 +448,7 @@ def measure_memory(nbytes: int, threads: int) -> float:
             list(pool.map(np.sum, parts))
             el = time.perf_counter() - t0
             best = max(best, a.nbytes / el)
-    return best
+    return best, "numpy"
 
 
 def measure_bursts(
@@ -489,29 +532,15 @@ def measure_submit(
     return float(np.median(times[1:]))
 
 
-def _cold_weights(shape: ModelShape, seed: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Enough experts' q4_0 weights that cycling through them defeats the CPU caches."""
-    rng = np.random.default_rng(seed)
-    one = random_q4_0(rng, shape.d_ff, shape.d_model, 1.0 / np.sqrt(shape.d_model))
-    n = max(2, min(64, -(-COLD_BYTES // max(1, shape.bytes_per_expert))))
-    out = []
-    for i in range(n):
-        g = one if i == 0 else one.copy()
-        u = one.copy()
-        d = random_q4_0(rng, shape.d_model, shape.d_ff, 1.0 / np.sqrt(shape.d_ff))
-        out.append((g, u, d))
-    return out
-
-
 def measure_ffn_paths(
     path: Path, shape: ModelShape, cfg: ProbeConfig, seconds: float
 ) -> tuple[float, float]:
     """(direct, busy) seconds per FFN on cold weights: called directly, and handed to a
     thread while this one reaps completions of a read in flight (the streamer's path).
     Alternated, so that load on the machine weighs on both alike."""
-    from mer.engine.streaming import _Reads, compute_polling
+    from mer.engine.streaming import _Reads, ffn_while_reading, runs_inline
 
-    weights = _cold_weights(shape, cfg.seed)
+    weights = _experts(shape, max(2, -(-COLD_BYTES // max(1, shape.bytes_per_expert))), cfg.seed)
     x = np.random.default_rng(cfg.seed).standard_normal(shape.d_model).astype(np.float32)
     chunk = cfg.engine_chunk_bytes
     size = path.stat().st_size
@@ -522,12 +551,13 @@ def measure_ffn_paths(
     busy: list[float] = []
     rng = np.random.default_rng(cfg.seed + 1)
     with (
-        ExpertFFN(shape, cfg.threads) as ffn,
+        make_ffn(shape, cfg.threads, cfg.ffn) as ffn,
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="mer-compute") as runner,
         open_reader(kind=cfg.io, queue_depth=cfg.engine_queue_depth, chunk_bytes=chunk) as reader,
     ):
         fd = reader.open(path)
         reads = _Reads(reader, lambda *_a: None)
+        inline = runs_inline(ffn, shape.bytes_per_expert)
         i = 0
         t_end = time.perf_counter() + seconds
         while i < 8 or time.perf_counter() < t_end:
@@ -539,7 +569,7 @@ def measure_ffn_paths(
                 t0 = time.perf_counter()
                 reads.poll()
                 if reads.pending:
-                    compute_polling(runner, reads, ffn, x, g, u, d)
+                    ffn_while_reading(runner, reads, inline, ffn, x, g, u, d)
                     busy.append(time.perf_counter() - t0)
             else:
                 t0 = time.perf_counter()
@@ -633,18 +663,20 @@ def run_probe(cfg: ProbeConfig, log: Callable[[str], None] | None = None) -> Pro
                     f"whole-expert reads ({read_bytes >> 10} KiB), chunk {chunk >> 10} KiB, "
                     f"QD {qd}: {pt.bandwidth / 1e9:.2f} GB/s ({pt.reads} reads)"
                 )
-    ffn_hot = measure_ffn(shape, cfg.threads, compute_s, cfg.seed)
-    ffn_bps = shape.bytes_per_expert / ffn_direct
+    mem_bps, mem_kind = measure_memory(cfg.memory_bytes, cfg.threads)
+    mem1 = mem_bps if cfg.threads == 1 else measure_memory(cfg.memory_bytes, 1)[0]
+    ffn_bps, label = measure_ffn(
+        shape, cfg.threads, compute_s, cfg.seed, cfg.ffn, cfg.ffn_working_set_bytes
+    )
     say(
-        f"q4_0 expert FFN ({cfg.threads} threads): {ffn_bps / 1e9:.3f} GB/s of weights "
-        f"(cold), {ffn_hot / 1e9:.3f} GB/s (hot in cache)"
+        f"q4_0 expert FFN, {label}, {cfg.threads} threads: {ffn_bps / 1e9:.2f} GB/s of weights, "
+        f"{ffn_bps / mem_bps:.0%} of the memory read bandwidth ({mem_bps / 1e9:.2f} GB/s on "
+        f"{cfg.threads} threads, {mem1 / 1e9:.2f} GB/s on one)"
     )
     step_s = measure_step_overhead(shape, min(compute_s, 0.5), cfg.seed)
     say(f"decision core and hidden update per step: {step_s * 1e6:.1f} us")
-    dense_bps = measure_dense(shape, cfg.threads, compute_s, cfg.seed)
+    dense_bps = measure_dense(shape, cfg.threads, compute_s, cfg.seed, cfg.ffn)
     say(f"dense block: {dense_bps / 1e9:.3f} GB/s of weights")
-    mem_bps = measure_memory(cfg.memory_bytes, cfg.threads)
-    say(f"memory read bandwidth (numpy, {cfg.threads} threads): {mem_bps / 1e9:.2f} GB/s")
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return ProbeResult(
         shape=shape.name,
@@ -661,13 +693,15 @@ def run_probe(cfg: ProbeConfig, log: Callable[[str], None] | None = None) -> Pro
         memory_read_bytes_per_s=mem_bps,
         threads=cfg.threads,
         ram_bytes=int(ram),
+        ffn_kernel=label,
+        memory_read_1thread_bytes_per_s=mem1,
+        memory_read_kind=mem_kind,
         bursts=bursts,
         engine_chunk_bytes=cfg.engine_chunk_bytes,
         engine_queue_depth=cfg.engine_queue_depth,
         read_submit_s=submit_s,
         ffn_busy_overhead_s=max(0.0, ffn_busy - ffn_direct),
         step_overhead_s=step_s,
-        ffn_hot_bytes_per_s=ffn_hot,
     )
 
 
@@ -682,7 +716,7 @@ def to_profile(result: ProbeResult, name: str | None = None) -> Any:
         description=(
             f"measured by mer probe on {host}: {result.io_kind}"
             f"{' O_DIRECT' if result.direct else ' buffered'} reads of whole "
-            f"{result.shape} experts on {result.filesystem}; numpy q4_0 FFN on "
+            f"{result.shape} experts on {result.filesystem}; {result.ffn_kernel} q4_0 FFN on "
             f"{result.threads} threads"
         ),
         source=f"mer probe, {datetime.now(UTC).isoformat(timespec='seconds')}",
@@ -698,6 +732,7 @@ def to_profile(result: ProbeResult, name: str | None = None) -> Any:
             dense_bytes_per_s=result.dense_bytes_per_s,
             dense_s_per_layer=None,
             workers=1,  # the engine computes one expert at a time, on all threads
+            kernel=result.ffn_kernel,
             step_overhead_s=result.step_overhead_s,
             read_submit_s=result.read_submit_s,
             ffn_busy_overhead_s=result.ffn_busy_overhead_s,
@@ -706,7 +741,9 @@ def to_profile(result: ProbeResult, name: str | None = None) -> Any:
             ram_bytes=result.ram_bytes,
             read_bandwidth_bytes_per_s=result.memory_read_bytes_per_s,
         ),
-        extra={"probe": result.to_dict()},
+        # The shape whose experts were read and computed: FFN bytes/s holds for it only,
+        # and `mer simulate` says so when another shape is simulated with this profile.
+        extra={"measured_shape": result.shape, "probe": result.to_dict()},
     )
     return prof.validate()
 
@@ -719,6 +756,7 @@ def pulse(
     chunk_bytes: int = 512 * KiB,
     experts: int = 12,
     seed: int = 0,
+    ffn: str = "auto",
 ) -> dict[str, float]:
     """A short check of this machine's speed now, on an expert file (about a second):
     the median expert-FFN time over experts read from it (direct calls), the median
@@ -779,18 +817,16 @@ def pulse(
                 bursts.append(time.perf_counter() - t0)
     x = rng.standard_normal(shape.d_model).astype(np.float32)
     ffn_t = []
-    with ExpertFFN(shape, threads) as ffn:
+    with make_ffn(shape, threads, ffn) as kernel:
         for rep in range(3):
             for key, buf in zip(picks, bufs, strict=True):
                 layer, expert = divmod(int(key), store.n_experts)
                 g, u, d = store.views(buf, layer, expert)
                 t0 = time.perf_counter()
-                ffn(x, g, u, d)
+                kernel(x, g, u, d)
                 if rep:
                     ffn_t.append(time.perf_counter() - t0)
-    pool = ThreadPoolExecutor(threads) if threads > 1 else None
-    try:
-        block = DenseBlock(shape, n_layers=4, seed=seed, threads=threads, pool=pool)
+        block = DenseBlock(shape, n_layers=4, seed=seed, threads=threads, kernel=kernel)
         dense_t = []
         h = x
         for i in range(24):
@@ -798,9 +834,6 @@ def pulse(
             h = block(i % 4, h)
             if i >= 4:
                 dense_t.append(time.perf_counter() - t0)
-    finally:
-        if pool is not None:
-            pool.shutdown()
     return {
         "ffn_s": float(np.median(ffn_t)),
         "dense_s": float(np.median(dense_t)),

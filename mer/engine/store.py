@@ -1,9 +1,10 @@
-"""Where every expert's q4_0 bytes live on disk, and how to read them with O_DIRECT.
+"""Where every expert's bytes live on disk, and how to read them with O_DIRECT.
 
 Interface for the executor:
 
     store = ExpertStore.open(PATH)        # a .gguf file, or a dir written by `mer experts pack`
     store.shape, store.n_layers, store.n_experts, store.bytes_per_expert
+    store.expert_dtype                    Q4_0 (the engine's kernel), Q8_0, F16 or F32
     store.data_path                       # the file every read_plan offset refers to
     store.read_plan(layer, expert) -> list[Read(offset, length, buf_offset)]
         aligned reads (offset, length multiples of 4096) that together cover the
@@ -11,8 +12,8 @@ Interface for the executor:
         (reads are laid back to back from 0).
     store.bytes_needed  (== store.slot_bytes)   buffer size that fits any expert's plan
     store.views(buffer, layer, expert) -> (gate, up, down)
-        zero-copy uint8 arrays over `buffer` holding the q4_0 bytes, ready for
-        ffn.expert_ffn(x, gate, up, down, store.shape, threads).
+        zero-copy uint8 arrays over `buffer` holding the expert's bytes, ready for
+        the FFN of its type (`mer.engine.expert_types.make_expert_ffn`).
     store.expert_ranges(layer, expert)  the three exact byte ranges (gate, up, down)
     store.aligned_span(layer, expert)   the aligned reads as ByteRange(start, length)
     store.dense_ranges(layer)           attn_{q,k,v,output} ranges when the file has them
@@ -26,7 +27,8 @@ holds one 4 KiB-aligned slot per expert (gate|up|down), one read each.
 The GGUF is opened with gguf's reader for the metadata and tensor table only;
 tensor data is never touched here (the reader memory-maps, nothing is read).
 Bad files raise one BadInput each: not GGUF, unparsable header, truncated data,
-missing expert tensors, a dtype other than q4_0, inconsistent shapes.
+missing expert tensors, an expert type the engine cannot compute (anything
+but q4_0, q8_0, f16, f32) or a mix of types, inconsistent shapes.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ from mer.shapes import ALIGN, SHAPES, ModelShape
 
 U8 = npt.NDArray[np.uint8]
 KINDS = ("gate", "up", "down")
+#: Expert tensor types the engine streams and computes (q4_0 is the fast path).
+EXPERT_DTYPES = ("Q4_0", "Q8_0", "F16", "F32")
 DENSE_KINDS = ("q", "k", "v", "output")
 PACK_FORMAT = "mer-packed-experts"
 PACK_VERSION = 1
@@ -228,7 +232,9 @@ class ExpertStore:
         dense: dict[int, dict[str, ByteRange]] | None = None,
         dense_path: Path | None = None,
         extra: dict[str, Any] | None = None,
+        expert_dtype: str = "Q4_0",
     ) -> None:
+        self.expert_dtype = expert_dtype
         self.path = path
         self.data_path = data_path
         self.kind = kind  # "gguf" | "packed"
@@ -265,7 +271,8 @@ class ExpertStore:
     # ---- the executor's interface ----------------------------------------------------
     @property
     def bytes_per_expert(self) -> int:
-        return self.shape.bytes_per_expert
+        """Bytes of gate + up + down of one expert in the file's type."""
+        return int(self._ranges[0, 0, :, 1].sum())
 
     @property
     def slot_bytes(self) -> int:
@@ -301,7 +308,7 @@ class ExpertStore:
         return [ByteRange(r.offset, r.length) for r in self.read_plan(layer, expert)]
 
     def views(self, buffer: Any, layer: int, expert: int) -> tuple[U8, U8, U8]:
-        """gate, up, down q4_0 bytes inside `buffer` filled by read_plan (no copy)."""
+        """gate, up, down bytes inside `buffer` filled by read_plan (no copy)."""
         key = self._key(layer, expert)
         buf = _u8(buffer)
         need = sum(r.length for r in self._plans[key])
@@ -344,6 +351,7 @@ class ExpertStore:
             "n_layers": self.n_layers,
             "n_experts": self.n_experts,
             "bytes_per_expert": self.bytes_per_expert,
+            "expert_dtype": self.expert_dtype,
             "alignment": self.alignment,
             "bytes_needed": self.bytes_needed,
             "reads_per_expert": max(plans),
@@ -455,11 +463,19 @@ def _open_gguf(p: Path) -> ExpertStore:
         )
     experts = list(stacked.values()) if stacked else list(per_exp.values())
     for t in sorted(experts, key=lambda t: t.offset):
-        if t.dtype != "Q4_0":
+        if t.dtype not in EXPERT_DTYPES:
             raise BadInput(
-                f"{p}: expert tensor {t.name} is {t.dtype}, but only q4_0 is supported; "
-                "re-quantise the model to Q4_0 (llama-quantize ... Q4_0)."
+                f"{p}: expert tensor {t.name} is {t.dtype}; the engine streams experts in "
+                f"{', '.join(d.lower() for d in EXPERT_DTYPES)} only (q4_0 is the fast one). "
+                "Use a Q4_0 file (llama-quantize FILE OUT.gguf Q4_0)."
             )
+    dtypes = sorted({t.dtype for t in experts})
+    if len(dtypes) > 1:
+        raise BadInput(
+            f"{p}: expert tensors mix types ({', '.join(dtypes)}); the engine needs one type for "
+            "all experts. Use a Q4_0 file (llama-quantize FILE OUT.gguf Q4_0)."
+        )
+    expert_dtype = dtypes[0]
     if len(ref.ne) < 2:
         raise BadInput(
             f"{p}: inconsistent shapes: {ref.name} has ne {list(ref.ne)}, expected 2+ dims."
@@ -492,11 +508,11 @@ def _open_gguf(p: Path) -> ExpertStore:
         _field_value(reader, "mer.shape"),
     )
     ranges = np.zeros((n_layers, n_experts, 3, 2), dtype=np.int64)
-    per_matrix = shape.bytes_per_expert // 3
     for L in range(n_layers):
         for i, k in enumerate(KINDS):
             if layout == "stacked":
                 t = stacked[(L, k)]
+                per_matrix = t.n_bytes // n_experts
                 ranges[L, :, i, 0] = t.offset + np.arange(n_experts) * per_matrix
                 ranges[L, :, i, 1] = per_matrix
             else:
@@ -524,6 +540,7 @@ def _open_gguf(p: Path) -> ExpertStore:
         size,
         dense,
         extra={"arch": arch, "tensors": len(by_name)},
+        expert_dtype=expert_dtype,
     )
 
 
@@ -587,7 +604,11 @@ def _open_packed(d: Path) -> ExpertStore:
     if slot % ALIGN:
         raise BadInput(f"{where}: slot_bytes {slot} is not a multiple of {ALIGN}.")
     mb = validate.obj(where, "matrix_bytes", m["matrix_bytes"], optional=False)
-    per_matrix = shape.bytes_per_expert // 3
+    dtype = str(m.get("expert_dtype", "Q4_0"))
+    if dtype not in EXPERT_DTYPES:
+        raise BadInput(f"{where}: expert_dtype {dtype!r} unknown; re-run `mer experts pack`.")
+    block, size_b = GGML_QUANT_SIZES[GGMLQuantizationType[dtype]]
+    per_matrix = shape.d_model * shape.d_ff // block * size_b
     lens = []
     for k in KINDS:
         if k not in mb:
@@ -596,7 +617,7 @@ def _open_packed(d: Path) -> ExpertStore:
         if n != per_matrix:
             raise BadInput(
                 f"{where}: matrix_bytes.{k} is {n:,}, but shape {shape.name} "
-                f"({shape.d_model}x{shape.d_ff} q4_0) has {per_matrix:,} bytes per matrix."
+                f"({shape.d_model}x{shape.d_ff} {dtype.lower()}) has {per_matrix:,} bytes per matrix."
             )
         lens.append(n)
     if sum(lens) > slot:
@@ -661,5 +682,15 @@ def _open_packed(d: Path) -> ExpertStore:
             dense[layer] = rs
     extra = {"slot_bytes_manifest": slot, "source": validate.obj(where, "source", m.get("source"))}
     return ExpertStore(
-        d, data, "packed", "packed", shape, ranges, size, dense, dense_path, extra=extra
+        d,
+        data,
+        "packed",
+        "packed",
+        shape,
+        ranges,
+        size,
+        dense,
+        dense_path,
+        extra=extra,
+        expert_dtype=dtype,
     )

@@ -50,7 +50,7 @@ import numpy.typing as npt
 from mer.core.cache import physical_slots
 from mer.core.replay import Replay
 from mer.engine.aligned import aligned_empty
-from mer.engine.ffn import ExpertFFN
+from mer.engine.ffn import ExpertFFN, ffn_label
 from mer.engine.io import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_QUEUE_DEPTH,
@@ -62,6 +62,7 @@ from mer.engine.store import typical_read_ranges
 from mer.validate import check_memory
 
 F32 = npt.NDArray[np.float32]
+INLINE_FFN_BYTES = 4 << 20  # native FFNs of experts up to this size run on the calling thread
 
 
 @dataclass
@@ -73,6 +74,7 @@ class EngineConfig:
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     mode: str = "model"  # model | seed
+    ffn: str = "auto"  # expert FFN kernel: auto (native where built) | native | numpy
     direct: bool = True
     seed: int = 0
     register_buffers: bool = True
@@ -178,10 +180,23 @@ class _Reads:
             self.wait(rid)
 
 
-def compute_polling(runner: ThreadPoolExecutor, reads: _Reads, fn: Any, *args: Any) -> Any:
-    """fn(*args) on `runner` while this thread reaps completions every POLL_INTERVAL_S
-    (so prefetches land and queued chunks are fed during long FFNs). `mer probe`
-    times this very path to measure what it costs over a direct call."""
+def runs_inline(ffn: Any, bytes_per_expert: int) -> bool:
+    """Whether FFNs run on the driver's thread even with reads in flight (a native kernel
+    on experts small enough that a hand-off costs more than the polls it allows)."""
+    return getattr(ffn, "kind", "numpy") == "native" and bytes_per_expert <= INLINE_FFN_BYTES
+
+
+def ffn_while_reading(
+    runner: ThreadPoolExecutor, reads: _Reads, inline: bool, fn: Any, *args: Any
+) -> Any:
+    """fn(*args) while reads are in flight: inline then one reap, or on `runner` while
+    this thread reaps completions every POLL_INTERVAL_S (so prefetches land and queued
+    chunks are fed during long FFNs). `mer probe` times this very path against a
+    direct call."""
+    if inline:
+        y = fn(*args)
+        reads.poll()
+        return y
     fut = runner.submit(fn, *args)
     while True:
         done, _ = futures_wait([fut], timeout=POLL_INTERVAL_S)
@@ -206,13 +221,16 @@ class ExpertStreamer:
         replay: Replay,
         cfg: EngineConfig,
         *,
-        ffn: ExpertFFN,
+        ffn: ExpertFFN | Any,  # mer.engine.ffn.make_ffn's: native or numpy
         seed_cycle: bool = False,
     ) -> None:
         self.store = store
         self.replay = replay
         self.cfg = cfg
         self.ffn = ffn
+        # A native FFN of a small expert ends sooner than a hop to the compute thread and one
+        # poll interval: run it here and poll after it.
+        self.inline_ffn = runs_inline(ffn, store.bytes_per_expert)
         self.seed_cycle = seed_cycle
         self.top_k = replay.top_k
         self.n_experts = replay.n_experts
@@ -344,7 +362,7 @@ class ExpertStreamer:
             tm["ffn_direct_s"] += time.perf_counter() - t0
             tm["ffn_direct_n"] += 1
             return out
-        out = compute_polling(self.runner, reads, self.ffn, xin, g, u, d)
+        out = ffn_while_reading(self.runner, reads, self.inline_ffn, self.ffn, xin, g, u, d)
         tm["ffn_busy_s"] += time.perf_counter() - t0
         tm["ffn_busy_n"] += 1
         return out
@@ -468,7 +486,8 @@ class ExpertStreamer:
         io_desc = f"{info.kind}{', O_DIRECT' if self.direct else ', buffered'}"
         return (
             f"this machine ({io_desc}, queue depth {info.queue_depth}, "
-            f"chunk {info.chunk_bytes >> 10} KiB, {self.cfg.threads} threads)"
+            f"chunk {info.chunk_bytes >> 10} KiB, {self.cfg.threads} threads, "
+            f"{ffn_label(self.ffn)} FFN)"
         )
 
     def extra(self) -> dict[str, Any]:
@@ -483,7 +502,7 @@ class ExpertStreamer:
             "bytes_per_expert": int(self.store.bytes_per_expert),
             "reads": int(self.counters["reads"]),
             "payload_bytes": int(self.counters["payload_bytes"]),
-            "driver": {k: float(v) for k, v in self.timing.items()},
+            "driver_time": {k: float(v) for k, v in self.timing.items()},
             "read_ranges": list(typical_read_ranges(self.store)),
             "bypass_reads": int(self.counters["bypass_reads"]),
             "stashed_step_victims": int(self.counters["stashed"]),
@@ -498,4 +517,5 @@ class ExpertStreamer:
                 "fallback_reason": info.fallback_reason,
             },
             "threads": int(self.cfg.threads),
+            "ffn": ffn_label(self.ffn),
         }

@@ -142,7 +142,7 @@ def build_meta(
     )
 
 
-def _prompt_trace(r: PromptRouting, seq: int, meta: TraceMeta, name: str) -> Trace:
+def prompt_trace(r: PromptRouting, seq: int, meta: TraceMeta, name: str) -> Trace:
     n = len(r.phase)
     trace = from_arrays(
         r.experts,
@@ -198,14 +198,8 @@ def record_run(
     after prompt i's part is safely on disk (tests use it to interrupt a run).
     """
     out = Path(out)
-    pdir = parts_dir(out)
-    fingerprint = opts.fingerprint(family, prompts)
-    if pdir.exists():
-        _check_settings(pdir, fingerprint)
-    pdir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(pdir / "settings.json", fingerprint)
+    pdir, done = prepare_parts(out, opts.fingerprint(family, prompts), len(prompts))
     part_meta = build_meta(family, prompts, opts, [])
-    done = {i for i in range(len(prompts)) if (pdir / f"part-{i:06d}.parquet").exists()}
     resumed = len(done)
     if progress is not None:
         progress.start(len(prompts), resumed)
@@ -236,8 +230,8 @@ def record_run(
                     "more memory) and rerun to resume."
                 ) from exc
             part_meta.extra["per_prompt"] = [_prompt_summary(i, routing)]
-            trace = _prompt_trace(routing, i, part_meta, f"prompt {i}")
-            write_trace(trace, pdir / f"part-{i:06d}.parquet")
+            trace = prompt_trace(routing, i, part_meta, f"prompt {i}")
+            write_trace(trace, part_path(pdir, i))
             if progress is not None:
                 progress.prompt_done()
             if on_prompt_done is not None:
@@ -251,26 +245,66 @@ def _prompt_summary(i: int, r: PromptRouting) -> dict[str, int]:
     return {"seq": i, "prompt_tokens": r.prompt_tokens, "decode_tokens": r.decode_tokens}
 
 
+def part_path(pdir: Path, i: int) -> Path:
+    return pdir / f"part-{i:06d}.parquet"
+
+
+def prepare_parts(out: Path, fingerprint: dict[str, Any], n_prompts: int) -> tuple[Path, set[int]]:
+    """The parts dir of `out` (checked against `fingerprint`, created) and the prompts done."""
+    pdir = parts_dir(out)
+    if pdir.exists():
+        _check_settings(pdir, fingerprint)
+    pdir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(pdir / "settings.json", fingerprint)
+    return pdir, {i for i in range(n_prompts) if part_path(pdir, i).exists()}
+
+
+def assemble_parts(
+    pdir: Path,
+    out: Path,
+    n_prompts: int,
+    meta_for: Callable[[list[dict[str, Any]]], TraceMeta],
+    *,
+    logits: bool,
+    keep_parts: bool,
+) -> Trace:
+    """Concatenate the per-prompt parts into `out` (atomically); remove the parts unless kept.
+
+    `meta_for(per_prompt)` makes the final metadata from the parts' per-prompt summaries.
+    """
+    frames: list[pd.DataFrame] = []
+    logit_parts: list[np.ndarray] = []
+    per_prompt: list[dict[str, Any]] = []
+    for i in range(n_prompts):
+        part = read_trace(part_path(pdir, i), with_logits=logits)
+        frames.append(part.df)
+        if logits:
+            if part.logits is None:
+                raise BadInput(f"{pdir}: part {i} has no logits although the run records them.")
+            logit_parts.append(part.logits)
+        per_prompt.extend(part.meta.extra.get("per_prompt", []))
+    meta = meta_for(per_prompt)
+    df = pd.concat(frames, ignore_index=True)
+    trace = Trace(
+        df, meta, logits=np.concatenate(logit_parts) if logit_parts else None, name=out.name
+    )
+    write_trace(trace, out)
+    if not keep_parts:
+        shutil.rmtree(pdir)
+    return trace
+
+
 def _assemble(
     pdir: Path, out: Path, family: Family, prompts: Prompts, opts: RecordOptions, resumed: int
 ) -> RecordResult:
-    frames: list[pd.DataFrame] = []
-    logits: list[np.ndarray] = []
-    per_prompt: list[dict[str, int]] = []
-    for i in range(len(prompts)):
-        part = read_trace(pdir / f"part-{i:06d}.parquet", with_logits=opts.logits)
-        frames.append(part.df)
-        if opts.logits:
-            if part.logits is None:
-                raise BadInput(f"{pdir}: part {i} has no logits although the run records them.")
-            logits.append(part.logits)
-        per_prompt.extend(part.meta.extra.get("per_prompt", []))
-    meta = build_meta(family, prompts, opts, per_prompt)
-    df = pd.concat(frames, ignore_index=True)
-    trace = Trace(df, meta, logits=np.concatenate(logits) if logits else None, name=out.name)
-    write_trace(trace, out)
-    if not opts.keep_parts:
-        shutil.rmtree(pdir)
+    trace = assemble_parts(
+        pdir,
+        out,
+        len(prompts),
+        lambda per_prompt: build_meta(family, prompts, opts, per_prompt),
+        logits=opts.logits,
+        keep_parts=opts.keep_parts,
+    )
     phase = trace.token_table()["phase"].astype(str)
     return RecordResult(
         path=out,
