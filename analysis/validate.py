@@ -65,7 +65,7 @@ class EngineMachine:
     def __init__(
         self, trace: Any, trace_path: Path, experts: Path, engine: Any, *, digest: str = ""
     ) -> None:
-        from mer.engine.store import ExpertStore, typical_read_ranges
+        from mer.engine.store import ExpertStore, read_bytes_by_key, typical_read_ranges
 
         self.trace = trace
         self.trace_path = trace_path
@@ -74,6 +74,7 @@ class EngineMachine:
         self.engine = engine  # EngineConfig: the defaults every configuration starts from
         self.digest = digest
         self.read_ranges = typical_read_ranges(self.store)
+        self.key_bytes = read_bytes_by_key(self.store)
         self.description = (
             f"this machine, expert file {experts.name} ({self.store.shape.name}), "
             f"{engine.io} reads, queue depth {engine.queue_depth}, chunk "
@@ -116,6 +117,7 @@ class EngineMachine:
         return SimOptions(
             shape=self.store.shape.name,
             read_ranges=self.read_ranges,
+            key_read_bytes=self.key_bytes,
             queue_depth=cfg.queue_depth or self.engine.queue_depth,
             chunk_bytes=cfg.chunk_bytes or self.engine.chunk_bytes,
         )

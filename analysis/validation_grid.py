@@ -165,7 +165,14 @@ def _config_from(where: str, d: Any, i: int) -> GridConfig:
         raise BadInput(f"{w}: name {cfg.name!r} must be a plain label (it names files).")
     if cfg.chunk_bytes is not None and cfg.chunk_bytes % 4096:
         raise BadInput(f"{w}: chunk_bytes {cfg.chunk_bytes} is not a multiple of 4096.")
-    cfg.replay_config(tokens=1)  # policy, scope, predictor names checked by the core
+    from mer.core import policy_class, predictor_class
+
+    try:
+        policy_class(cfg.policy)
+        predictor_class(cfg.predictor)
+        cfg.replay_config(tokens=1)
+    except BadInput as exc:
+        raise BadInput(f"{w}: {exc}") from None
     return cfg
 
 

@@ -10,7 +10,7 @@ same predictions before calibration.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -52,12 +52,13 @@ def plot_validation(table: pd.DataFrame, summary: dict[str, Any], out: str | Pat
             zorder=3,
             label="before calibration (probe only)",
         )
-    for i, r in enumerate(cal.itertuples(index=False)):
-        color = POLICY_COLORS.get(str(r.policy), f"C{i % 10}")
+    for i, r in enumerate(cast(list[dict[str, Any]], cal.to_dict("records"))):
+        m, p = float(r["measured"]), float(r["predicted"])
+        color = POLICY_COLORS.get(str(r["policy"]), f"C{i % 10}")
         ax.errorbar(
-            [r.measured],
-            [r.predicted],
-            xerr=[[r.measured - r.measured_min], [r.measured_max - r.measured]],
+            [m],
+            [p],
+            xerr=[[m - float(r["measured_min"])], [float(r["measured_max"]) - m]],
             fmt="o",
             ms=6,
             color=color,
@@ -67,8 +68,8 @@ def plot_validation(table: pd.DataFrame, summary: dict[str, Any], out: str | Pat
             zorder=4,
         )
         ax.annotate(
-            str(r.config),
-            (r.measured, r.predicted),
+            str(r["config"]),
+            (m, p),
             fontsize=6.5,
             xytext=(5, 4),
             textcoords="offset points",

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -170,6 +170,10 @@ def ranking(
     }
 
 
+def _records(df: pd.DataFrame) -> list[dict[str, Any]]:
+    return cast(list[dict[str, Any]], df.to_dict("records"))
+
+
 def _stat(values: pd.Series) -> dict[str, Any]:
     v = values.dropna().to_numpy(dtype=float)
     if v.size == 0:
@@ -195,10 +199,14 @@ def summarize(table: pd.DataFrame, configs: Sequence[GridConfig]) -> dict[str, A
         out["stages"][str(stage)] = per
         tps = st[st["metric"] == "tokens/s"]
         out["ranking"][str(stage)] = ranking(
-            dict(zip(tps["config"], tps["predicted"], strict=True)),
+            {str(r["config"]): float(r["predicted"]) for r in _records(tps)},
             {
-                r.config: (r.measured, r.measured_min, r.measured_max)
-                for r in tps.itertuples(index=False)
+                str(r["config"]): (
+                    float(r["measured"]),
+                    float(r["measured_min"]),
+                    float(r["measured_max"]),
+                )
+                for r in _records(tps)
             },
         )
     cal = "calibrated" if "calibrated" in out["stages"] else next(iter(out["stages"]))
@@ -210,11 +218,12 @@ def summarize(table: pd.DataFrame, configs: Sequence[GridConfig]) -> dict[str, A
         scale_pf = float(issued.iloc[0]) if len(issued) else 0.0
         worst = 0.0
         exact = True
-        for r in g.itertuples(index=False):
+        for r in _records(g):
             # every repeat must equal the prediction exactly when nothing depends on timing
-            exact &= r.measured_min == r.predicted == r.measured_max
-            scale = scale_pf if r.metric in PREFETCH_COUNTS else abs(r.measured)
-            diff = abs(r.predicted - r.measured)
+            p, m = float(r["predicted"]), float(r["measured"])
+            exact = exact and float(r["measured_min"]) == p == float(r["measured_max"])
+            scale = scale_pf if r["metric"] in PREFETCH_COUNTS else abs(m)
+            diff = abs(p - m)
             worst = max(worst, diff / scale if scale else (0.0 if diff == 0 else math.inf))
         counts["configs"][str(name)] = {"prefetch": on, "exact": bool(exact), "worst": worst}
         if on:

@@ -252,6 +252,9 @@ class SimOptions:
     read_ranges: tuple[int, ...] | None = None
     queue_depth: int | None = None
     chunk_bytes: int | None = None
+    #: bytes of each key's read (the file's plans differ by a page here and there when its
+    #: matrices are not page multiples): bytes read are counted exactly; None: read_ranges
+    key_read_bytes: tuple[int, ...] | None = None
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -281,11 +284,13 @@ def options_like(run: RunSummary, engine: str = "fast") -> SimOptions:
     ex = run.extra or {}
     io = ex.get("io") or {}
     ranges = ex.get("read_ranges")
+    keys = ex.get("read_bytes_by_key")
     return SimOptions(
         mode=run.mode,
         engine=engine,
         shape=run.shape,
         read_ranges=tuple(int(r) for r in ranges) if ranges else None,
+        key_read_bytes=tuple(int(b) for b in keys) if keys else None,
         queue_depth=io.get("queue_depth"),
         chunk_bytes=io.get("chunk_bytes"),
     )
@@ -372,7 +377,9 @@ class _Recorder:
         self.late: list[int] = []
         self.pf: list[int] = []  # prefetch reads issued
         self.reads: list[int] = []  # all reads issued (demand + prefetch)
-        self.issued: list[int] = []  # per read: issue instant ...
+        self.issued: list[int] = []  # per read: issue instant, key, step ...
+        self.keys: list[int] = []
+        self.read_step: list[int] = []
         self.finish: list[Any] = []  # ... and something whose .finish is its last chunk's end
         # Instants at which the driver reaps completions, as [a, b] windows (a == b: one
         # poll; a < b: blocked waiting, so every completion in between is seen at once).
@@ -431,7 +438,7 @@ def _run_fast(replay: Replay, tm: _Timing, rec: _Recorder) -> int:
     r_iter, r_io, r_hits, r_comp, r_over = rec.iter_time, rec.io, rec.hits, rec.comp, rec.over
     r_busy = rec.n_busy
     r_late, r_pf, r_reads = rec.late, rec.pf, rec.reads
-    r_issued, r_finish = rec.issued, rec.finish
+    r_issued, r_finish, r_keys, r_step = rec.issued, rec.finish, rec.keys, rec.read_step
     look, ffn_look = rec.look, rec.ffn
 
     def finish_reads(t: int) -> None:
@@ -467,6 +474,8 @@ def _run_fast(replay: Replay, tm: _Timing, rec: _Recorder) -> int:
                 registered = adm.slot is not None
                 r = issue(adm.key, True, at, registered)
                 r_issued.append(at)
+                r_keys.append(adm.key)
+                r_step.append(t)
                 r_finish.append(r)
                 if registered:
                     inflight[adm.key] = r
@@ -476,6 +485,8 @@ def _run_fast(replay: Replay, tm: _Timing, rec: _Recorder) -> int:
                 at += submit
                 r = issue(adm.key, False, at, True)
                 r_issued.append(at)
+                r_keys.append(adm.key)
+                r_step.append(t)
                 r_finish.append(r)
                 inflight[adm.key] = r
             tc = at
@@ -597,9 +608,11 @@ def _run_simpy(replay: Replay, tm: _Timing, rec: _Recorder) -> int:
         if registered:
             landed.append(key)  # the driver completes it when it next reaps (at a lookup)
 
-    def start_read(key: int, fg: bool, registered: bool) -> simpy.Process:
+    def start_read(t: int, key: int, fg: bool, registered: bool) -> simpy.Process:
         log = _Landed()
         rec.issued.append(int(env.now))
+        rec.keys.append(key)
+        rec.read_step.append(t)
         rec.finish.append(log)
         outstanding[0] += 1
         return env.process(read(key, fg, registered, log))
@@ -637,7 +650,7 @@ def _run_simpy(replay: Replay, tm: _Timing, rec: _Recorder) -> int:
                 if tm.submit:
                     yield env.timeout(tm.submit)
                 yield _AfterNow(env)
-                p = start_read(adm.key, True, adm.slot is not None)
+                p = start_read(t, adm.key, True, adm.slot is not None)
                 if adm.slot is not None:
                     inflight[adm.key] = p
                 waits[res.keys.index(adm.key)] = p
@@ -646,7 +659,7 @@ def _run_simpy(replay: Replay, tm: _Timing, rec: _Recorder) -> int:
                 if tm.submit:
                     yield env.timeout(tm.submit)
                 yield _AfterNow(env)
-                inflight[adm.key] = start_read(adm.key, False, True)
+                inflight[adm.key] = start_read(t, adm.key, False, True)
             for i in range(k):
                 if res.late[i]:
                     waits[i] = inflight[res.keys[i]]
@@ -790,6 +803,14 @@ def simulate(
     tok_reads = per_token(rec.reads)
     tok_io = per_token(rec.io) * sec
     tok_comp = per_token(rec.comp) * sec
+    if opts.key_read_bytes is not None:
+        kb = np.asarray(opts.key_read_bytes, dtype=np.int64)
+        per_read = kb[np.asarray(rec.keys, dtype=np.int64)] if rec.keys else np.zeros(0, np.int64)
+        tok_bytes = np.bincount(
+            np.asarray(rec.read_step, dtype=np.int64) // n_layers, weights=per_read, minlength=n_tok
+        ).astype(np.int64)[:n_tok]
+    else:
+        tok_bytes = tok_reads * read_bytes
     issued = np.asarray(rec.issued, dtype=np.int64)
     seen = rec.observed()
     read_lat = (seen - issued) * sec
@@ -810,7 +831,7 @@ def simulate(
             "misses": (n_layers * k - tok_hits).astype(np.int32),
             "late": per_token(rec.late).astype(np.int32),
             "prefetch_issued": per_token(rec.pf).astype(np.int32),
-            "bytes_read": tok_reads * read_bytes,
+            "bytes_read": tok_bytes,
         }
     )
     io_wait = float(tok_io.sum())
@@ -840,7 +861,7 @@ def simulate(
         mode=opts.mode,
         hardware=hardware.name,
         top_k=replay.top_k,
-        bytes_read=n_reads * read_bytes,
+        bytes_read=int(tok_bytes.sum()),
         compute_s=compute,
         dense_s=dense,
         latency={

@@ -100,6 +100,12 @@ def test_all_misses_one_channel_no_prefetch(engine: str, ffn_bps: float) -> None
     assert c < POLL_INTERVAL_S
     seen2 = max(2 * read, read + c)
     assert s.latency["read"]["p50"] == pytest.approx((read + seen2) / 2, rel=1e-6)
+    # reads are in flight from the lookup until read 2 is seen; the step waits R for read
+    # 1 and then max(0, 2R - (R + c)) for read 2: the rest of that time is hidden
+    wait = read + max(0.0, 2 * read - (read + c))
+    assert s.read_busy_s == pytest.approx(tokens * layers * seen2, rel=1e-6)
+    assert s.hidden_read_share == pytest.approx(1 - wait / seen2, rel=1e-6)
+    assert s.prefetch["issued_bytes"] == 0
 
 
 def test_oracle_prefetch_with_ample_bandwidth_reaches_the_compute_bound() -> None:

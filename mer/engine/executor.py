@@ -175,7 +175,8 @@ def measured_summary(
         layers=replay.n_layers,
         wall_s=wall_s,
         io_wait_s=float(rows["io_wait_s"].sum()),
-        bytes_per_read=int(streamer.store.slot_bytes),
+        # prefetch bytes: counts times one read of the file's most common plan (the simulator's)
+        bytes_per_read=int(sum(extra.get("read_ranges") or [streamer.store.slot_bytes])),
         read_busy_s=busy_seconds(span[:, 0], span[:, 1]),
         hardware=streamer.hardware(),
         top_k=replay.top_k,

@@ -118,6 +118,15 @@ def typical_read_ranges(store: Any) -> tuple[int, ...]:
     return plans.most_common(1)[0][0]
 
 
+def read_bytes_by_key(store: Any) -> tuple[int, ...]:
+    """Bytes of each global key's read plan (layer * n_experts + expert)."""
+    return tuple(
+        sum(int(r.length) for r in store.read_plan(layer, expert))
+        for layer in range(store.n_layers)
+        for expert in range(store.n_experts)
+    )
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     """One tensor of the GGUF table: ggml dims (ne[0] first) and absolute data offset."""

@@ -58,7 +58,7 @@ from mer.engine.io import (
     Reader,
     open_reader,
 )
-from mer.engine.store import typical_read_ranges
+from mer.engine.store import read_bytes_by_key, typical_read_ranges
 from mer.validate import check_memory
 
 F32 = npt.NDArray[np.float32]
@@ -462,8 +462,9 @@ class ExpertStreamer:
             out = self._compute(buf, layer, expert, x)
             step_comp += clock() - c0
             outs[rank] = out
-        for rank, out in enumerate(outs):  # summed in rank order, whatever the compute order
-            y += np.float32(weights[rank]) * out
+        for rank, o in enumerate(outs):  # summed in rank order, whatever the compute order
+            assert o is not None
+            y += np.float32(weights[rank]) * o
         self.it_compute.append(step_comp)
         outcome = StepOutcome(
             hits=res.n_hits,
@@ -504,6 +505,7 @@ class ExpertStreamer:
             "payload_bytes": int(self.counters["payload_bytes"]),
             "driver_time": {k: float(v) for k, v in self.timing.items()},
             "read_ranges": list(typical_read_ranges(self.store)),
+            "read_bytes_by_key": list(read_bytes_by_key(self.store)),
             "bypass_reads": int(self.counters["bypass_reads"]),
             "stashed_step_victims": int(self.counters["stashed"]),
             "evictions": self.replay.stats.total("evictions"),
