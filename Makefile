@@ -21,7 +21,7 @@ $(BASE_STAMP): pyproject.toml setup.py | $(PY)
 # torch first, pinned, so that transformers does not pull a CUDA build.
 $(FULL_STAMP): $(BASE_STAMP)
 	$(PIP) torch==2.13.0
-	$(PIP) -e ".[dev,record,generate,dist]"
+	$(PIP) -e ".[dev,record,generate,dist,peers]"
 	touch $@
 
 install: $(BASE_STAMP)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -61,6 +62,7 @@ def main() -> int:
     ap.add_argument("--policy", default="lru")
     ap.add_argument("--predictor", default="none")
     ap.add_argument("--mode", default="model", choices=("model", "seed"))
+    ap.add_argument("--ffn", default="auto", choices=("auto", "native", "numpy"))
     ap.add_argument("--hardware", type=Path, default=None, help="profile (default: probe now)")
     ap.add_argument("--probe-gib", type=float, default=2.0)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
@@ -76,7 +78,7 @@ def main() -> int:
         hw = args.out / "hardware-probe.json"
         p = sh(
             ["probe", "-o", str(hw), "--dir", str(args.experts.resolve().parent),
-             "--size-gib", str(args.probe_gib), "--shape", args.shape]
+             "--size-gib", str(args.probe_gib), "--shape", args.shape, "--ffn", args.ffn]
         )  # fmt: skip
         if p.returncode:
             return p.returncode
@@ -86,7 +88,7 @@ def main() -> int:
         str(TRACE), "--policy", args.policy, "--cache-slots", str(args.cache_slots),
         "--predictor", args.predictor, "--tokens", str(args.tokens), "--mode", args.mode, "--json",
     ]  # fmt: skip
-    run_args = ["run", *common, "--experts", str(args.experts), "--no-progress",
+    run_args = ["run", *common, "--experts", str(args.experts), "--no-progress", "--ffn", args.ffn,
                 "--summary", str(args.out / "engine-run.json")]  # fmt: skip
     p = sh(run_args)
     if p.returncode:
@@ -115,6 +117,25 @@ def main() -> int:
         f"cache buffers {ex['cache_buffer_bytes'] / 2**30:.2f} GiB, dense resident "
         f"{ex['dense_resident_bytes'] / 2**30:.2f} GiB; compute {measured['compute_s']:.1f} s, "
         f"dense {measured['dense_s']:.1f} s, I/O wait {measured['io_wait_s']:.1f} s"
+    )
+    print(f"FFN kernel: {ex.get('ffn', 'numpy')}; load average {os.getloadavg()[0]:.1f} at the end")
+    print()
+    # the targets, as ratios of this run: I/O share, and tokens/s against the numpy engine's
+    # 0.074 and against what the SSD alone allows (bytes read / the probed bandwidth)
+    hw_doc = json.loads(Path(hw).read_text())
+    ssd_bw = float(hw_doc["ssd"]["bandwidth_bytes_per_s"])
+    ssd_bound = measured["tokens"] / (measured["bytes_read"] / ssd_bw)
+    tps = measured["tokens_per_s"]
+    print("| target | this run | met |")
+    print("|---|---|---|")
+    share = measured["io_wait_share"]
+    print(f"| I/O wait share >= 40% | {share:.1%} | {share >= 0.4} |")
+    print(
+        f"| tokens/s >= 3x 0.074 (numpy engine) | {tps:.3f} = {tps / 0.074:.1f}x | {tps >= 0.222} |"
+    )
+    print(
+        f"| (reference) SSD bound: bytes read / probed {ssd_bw / 1e9:.2f} GB/s | "
+        f"{ssd_bound:.3f} tokens/s; measured = {tps / ssd_bound:.0%} of it | |"
     )
     print()
     print("Commands:")

@@ -33,6 +33,7 @@ Two engines implement this same model:
 
 from __future__ import annotations
 
+import functools
 import heapq
 import math
 import time
@@ -384,6 +385,8 @@ class _Recorder:
         # Instants at which the driver reaps completions, as [a, b] windows (a == b: one
         # poll; a < b: blocked waiting, so every completion in between is seen at once).
         self.observe = observe
+        self.read_lat_ticks: np.ndarray | None = None  # set by the array path instead
+        self.read_busy_ticks = 0
         self.obs_a: list[int] = []
         self.obs_b: list[int] = []
 
@@ -416,6 +419,55 @@ class _Recorder:
         return out
 
 
+def _ffn_schedule(
+    tm: _Timing,
+    k: int,
+    ready: list[int],
+    tc: int,
+    busy_until: Any,
+    look: Any,
+    ffn_look: Any,
+) -> tuple[int, list[int]]:
+    """(step end, FFN durations) of one step's k FFNs from tc, in the engine's order, each
+    after its weights are ready (`ready`, clamped to >= tc). `busy_until()` is when the
+    last outstanding read lands: an FFN started before it costs `ffn_busy` more.
+    `look(a, b)` / `ffn_look(s, e, busy, poll)` record when the driver reaps."""
+    ffn, ffn_busy, workers, poll = tm.ffn, tm.ffn_busy, tm.workers, tm.poll
+    if max(ready) == tc and busy_until() <= tc:
+        # everything resident and nothing in flight: FFNs back to back, no polls
+        return tc + _ideal(k, ffn, workers), [ffn] * k
+    durs: list[int] = []
+    if workers == 1:
+        w = tc
+        if tm.seed:
+            r_all = max(ready)
+            if r_all > w:
+                look(w, r_all)
+                w = r_all
+        for i in _compute_order(ready, tc):
+            rt = ready[i]
+            if rt > w:
+                look(w, rt)
+                w = rt
+            busy = busy_until() > w
+            dur = ffn + ffn_busy if busy else ffn
+            ffn_look(w, w + dur, busy, poll)
+            durs.append(dur)
+            w += dur
+        return w, durs
+    r_all = max(ready) if tm.seed else tc
+    wfree = [tc] * workers
+    end = tc
+    for i in _compute_order(ready, tc):
+        wk = heapq.heappop(wfree)
+        st = max(wk, ready[i], r_all)
+        dur = ffn + ffn_busy if busy_until() > st else ffn
+        durs.append(dur)
+        heapq.heappush(wfree, st + dur)
+        end = max(end, st + dur)
+    return end, durs
+
+
 # -- the fast engine -------------------------------------------------------------------
 
 
@@ -424,8 +476,8 @@ def _run_fast(replay: Replay, tm: _Timing, rec: _Recorder) -> int:
     ssd = AnalyticSSD(tm.channels, tm.chunks, tm.chunk, tm.lag)
     inflight: dict[int, _Read] = {}
     k = replay.top_k
-    ffn, workers, dense, seed = tm.ffn, tm.workers, tm.dense, tm.seed
-    step_oh, submit, ffn_busy, poll = tm.step, tm.submit, tm.ffn_busy, tm.poll
+    ffn, workers, dense = tm.ffn, tm.workers, tm.dense
+    step_oh, submit, ffn_busy = tm.step, tm.submit, tm.ffn_busy
     step = replay.step
     prefetch = replay.prefetch
     complete = replay.complete
@@ -440,6 +492,7 @@ def _run_fast(replay: Replay, tm: _Timing, rec: _Recorder) -> int:
     r_late, r_pf, r_reads = rec.late, rec.pf, rec.reads
     r_issued, r_finish, r_keys, r_step = rec.issued, rec.finish, rec.keys, rec.read_step
     look, ffn_look = rec.look, rec.ffn
+    schedule = functools.partial(_ffn_schedule, tm, k)
 
     def finish_reads(t: int) -> None:
         if ssd.queued_chunks:  # else commit would only move idle channels; issue() does that
@@ -500,42 +553,7 @@ def _run_fast(replay: Replay, tm: _Timing, rec: _Recorder) -> int:
             for i in range(k):
                 if ready[i] < tc:
                     ready[i] = tc
-            if max(ready) == tc and busy_until() <= tc:
-                # everything resident and nothing in flight: FFNs back to back, no polls
-                durs = [ffn] * k
-                t2 = tc + _ideal(k, ffn, workers)
-            elif workers == 1:
-                w = tc
-                if seed:
-                    r_all = max(ready)
-                    if r_all > w:
-                        look(w, r_all)
-                        w = r_all
-                durs = []
-                for i in _compute_order(ready, tc):
-                    rt = ready[i]
-                    if rt > w:
-                        look(w, rt)
-                        w = rt
-                    busy = busy_until() > w
-                    dur = ffn + ffn_busy if busy else ffn
-                    ffn_look(w, w + dur, busy, poll)
-                    durs.append(dur)
-                    w += dur
-                t2 = w
-            else:
-                r_all = max(ready) if seed else tc
-                wfree = [tc] * workers
-                durs = []
-                ends = []
-                for i in _compute_order(ready, tc):
-                    wk = heapq.heappop(wfree)
-                    st = max(wk, ready[i], r_all)
-                    dur = ffn + ffn_busy if busy_until() > st else ffn
-                    durs.append(dur)
-                    heapq.heappush(wfree, st + dur)
-                    ends.append(st + dur)
-                t2 = max(ends)
+            t2, durs = schedule(ready, tc, busy_until, look, ffn_look)
             io = t2 - tc - _makespan(durs, workers)
             r_io.append(io if io > 0 else 0)
             r_comp.append(sum(durs))
@@ -558,6 +576,107 @@ def _run_fast(replay: Replay, tm: _Timing, rec: _Recorder) -> int:
     finish_reads(end)
     ssd.drain()
     return end
+
+
+# -- the fast engine, prefetch off: decisions compiled, timing vectorised ---------------
+
+
+@dataclass
+class StepSpan:
+    """The timing of a prefetch-off step with m misses, from its lookup instant t1."""
+
+    span: int  # t1 to step end
+    io: int
+    comp: int
+    over: int
+    n_busy: int
+    read_lat: list[int]  # issue to seen, per read in issue order
+    read_busy: int  # time with a read in flight
+
+
+def step_spans(tm: _Timing, k: int) -> list[StepSpan]:
+    """For m = 0..k misses: the step's timing, by the fast engine's own step on a device
+    that is idle at the lookup. With prefetch off that is every step: each read is its
+    own step's and the step ends only after its last read landed (and was seen). Which
+    ranks missed does not matter: resident experts run first, the others in read order."""
+    out = []
+    for m in range(k + 1):
+        ssd = AnalyticSSD(tm.channels, tm.chunks, tm.chunk, tm.lag)
+        rec = _Recorder(observe=tm.workers == 1)
+        rec.look(0)
+        ready = [0] * k
+        at = tm.step
+        for i in range(m):
+            at += tm.submit
+            r = ssd.issue(i, True, at, False)
+            rec.issued.append(at)
+            rec.finish.append(r)
+            ready[k - m + i] = ssd.fg_finish
+        tc = at
+        rec.look(tc)
+        ready = [r if r > tc else tc for r in ready]
+        t2, durs = _ffn_schedule(tm, k, ready, tc, ssd.busy_until, rec.look, rec.ffn)
+        ssd.drain()
+        issued = np.asarray(rec.issued, dtype=np.int64)
+        seen = rec.observed()
+        out.append(
+            StepSpan(
+                span=t2,
+                io=max(0, t2 - tc - _makespan(durs, tm.workers)),
+                comp=sum(durs),
+                over=tc,
+                n_busy=sum(1 for x in durs if x > tm.ffn) if tm.ffn_busy else 0,
+                read_lat=(seen - issued).tolist(),
+                read_busy=round(busy_seconds(issued, seen)),
+            )
+        )
+    return out
+
+
+def _run_vectorised(replay: Replay, tm: _Timing, rec: _Recorder) -> int | None:
+    """The fast engine with prefetch off, in array operations; None if it does not apply.
+
+    The shared core decides every lookup (its compiled loop, `replay_outcomes`);
+    the timing of each step is then a table lookup on its number of misses
+    (`step_spans`). Tests hold it equal to `_run_fast` and to the literal simpy engine.
+    """
+    from mer.core.replay import replay_outcomes
+
+    outcome = replay_outcomes(replay)
+    if outcome is None:
+        return None
+    k = replay.top_k
+    spans = step_spans(tm, k)
+    missed = outcome != 1
+    misses = missed.sum(axis=1)
+
+    def table(field_: str) -> np.ndarray:
+        return np.asarray([getattr(sp, field_) for sp in spans], dtype=np.int64)[misses]
+
+    span = table("span")
+    rec.iter_time = (span + tm.dense).tolist()
+    rec.io = table("io").tolist()
+    rec.comp = table("comp").tolist()
+    rec.over = table("over").tolist()
+    rec.n_busy = table("n_busy").tolist()
+    rec.hits = (k - misses).tolist()
+    zeros = [0] * len(misses)
+    rec.late = zeros
+    rec.pf = zeros
+    rec.reads = misses.tolist()
+    rows = np.nonzero(missed)[0]
+    rec.keys = replay.steps[missed].tolist()
+    rec.read_step = rows.tolist()
+    counts = np.bincount(misses, minlength=k + 1)
+    lat: list[int] = []
+    busy = 0
+    for m in range(1, k + 1):
+        if counts[m]:
+            lat.extend(spans[m].read_lat * int(counts[m]))
+            busy += spans[m].read_busy * int(counts[m])
+    rec.read_lat_ticks = np.asarray(lat, dtype=np.int64)
+    rec.read_busy_ticks = busy
+    return int(span.sum()) + tm.dense * len(misses)
 
 
 # -- the literal simpy engine ----------------------------------------------------------
@@ -780,8 +899,11 @@ def simulate(
     replay = Replay.from_trace(tr, config)
     rec = _Recorder(observe=tm.workers == 1)
     t_start = time.perf_counter()
-    runner = _run_fast if opts.engine == "fast" else _run_simpy
-    wall_ticks = runner(replay, tm, rec)
+    done = _run_vectorised(replay, tm, rec) if opts.engine == "fast" else None
+    if done is None:
+        runner = _run_fast if opts.engine == "fast" else _run_simpy
+        done = runner(replay, tm, rec)
+    wall_ticks = done
     sim_seconds = time.perf_counter() - t_start
     stats = replay.stats
 
@@ -811,10 +933,14 @@ def simulate(
         ).astype(np.int64)[:n_tok]
     else:
         tok_bytes = tok_reads * read_bytes
-    issued = np.asarray(rec.issued, dtype=np.int64)
-    seen = rec.observed()
-    read_lat = (seen - issued) * sec
-    read_busy = busy_seconds(issued * sec, seen * sec)
+    if rec.read_lat_ticks is not None:
+        read_lat = np.sort(rec.read_lat_ticks) * sec
+        read_busy = rec.read_busy_ticks * sec
+    else:
+        issued = np.asarray(rec.issued, dtype=np.int64)
+        seen = rec.observed()
+        read_lat = np.sort(seen - issued) * sec  # sorted: the same sums whatever the path
+        read_busy = busy_seconds(issued, seen) * sec
     table = tr.token_table()
     tokens = pd.DataFrame(
         {

@@ -33,7 +33,7 @@ import pandas as pd
 from mer.atomic import atomic_path
 from mer.core import Replay, ReplayConfig, policy_names, replay_counts, split_slots
 from mer.core.policies import INF, next_positions
-from mer.errors import BadInput
+from mer.errors import BadInput, RuntimeFailure
 from mer.native.stackdist import lru_hits, opt_hits
 from mer.workers import process_pool
 
@@ -130,36 +130,112 @@ def replay_hits(
     sizes: Sequence[int],
     *,
     params: dict[str, Any] | None = None,
-    processes: int = 2,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[float], None] | None = None,
 ) -> dict[int, int]:
-    """Total hits per cache size by replaying the core once per size."""
-    jobs = [(steps, n_layers, n_experts, policy, scope, s, params or {}) for s in sizes]
+    """Total hits per cache size by replaying the core once per size (the reference)."""
     out: dict[int, int] = {}
-    if processes <= 1 or len(jobs) < 4:
-        for job in jobs:
-            out[job[5]] = _replay_one(job)
+    for s in sizes:
+        out[s] = _replay_one((steps, n_layers, n_experts, policy, scope, s, params or {}))
+        if progress:
+            progress(1.0)
+    return out
+
+
+def _cold_hits(part: Any) -> tuple[int, int]:
+    """(hits, distinct keys) of a partition whose cache never fills: every key misses once."""
+    distinct = len(np.unique(part.keys)) if part.keys.size else 0
+    return int(part.keys.size) - distinct, distinct
+
+
+def compiled_hits(
+    policy: str,
+    steps: np.ndarray,
+    n_layers: int,
+    n_experts: int,
+    scope: str,
+    sizes: Sequence[int],
+    *,
+    params: dict[str, Any] | None = None,
+    progress: Callable[[float], None] | None = None,
+) -> dict[int, int] | None:
+    """Total hits at every size in `sizes`, all caches side by side in compiled passes.
+
+    One read of each partition's steps replays one cache per distinct partition
+    size (scope per-layer: the layer shares `split_slots` gives the requested
+    totals, at most n_experts + 1 of them). A cache with at least as many slots
+    as the partition has distinct keys never evicts: its hits are counted, not
+    replayed. None when the policy has no compiled loop here.
+    `progress(f)` receives fractions of this call's work (they sum to 1).
+    """
+    from mer.core.policy import make_policy
+    from mer.native import replay as native_replay
+
+    pol = native_replay.lookup(policy)
+    if pol is None:
+        return None
+    steps = np.ascontiguousarray(steps, dtype=np.int32)
+    parts = native_replay.split_partitions(steps, n_layers, n_experts, scope)
+    keyspace = n_layers * n_experts if scope == "global" else n_experts
+    if scope == "global":
+        need = [sorted(set(sizes))]
+    else:
+        shares = [split_slots(c, n_layers) for c in sizes]
+        need = [sorted({sh[layer] for sh in shares}) for layer in range(n_layers)]
+    part_hits: list[dict[int, int]] = []
+    plans = []
+    for part, caps in zip(parts, need, strict=True):
+        cold, distinct = _cold_hits(part)
+        run = [c for c in caps if c < distinct]
+        plans.append((part, caps, run, cold, distinct))
+    total = sum(p.n_steps * max(len(run), 1) for p, _, run, _, _ in plans) or 1
+    for part, caps, run, cold, distinct in plans:
+        got = {c: cold for c in caps if c >= distinct}
+        k = part.keys.shape[1] if part.keys.ndim == 2 else 1
+        for grp in native_replay.cache_groups(pol, k, part.n_keys, len(run)):
+            caps_g = [run[i] for i in grp]
+            rows = []
+            for c in caps_g:
+                obj = make_policy(policy, c, **(params or {}))
+                obj.attach_keyspace(keyspace)
+                rows.append(native_replay.policy_params(pol, obj))
+            par = np.asarray(rows, dtype=np.float64).reshape(len(caps_g), len(pol.params))
+            tick = None
             if progress:
-                progress(1)
-        return out
-    with process_pool(min(processes, 2)) as pool:
-        for size, hits in zip(sizes, pool.map(_replay_one, jobs, chunksize=4), strict=True):
-            out[size] = hits
-            if progress:
-                progress(1)
+                w = len(caps_g) / total
+
+                def tick(n: int, w: float = w) -> None:
+                    progress(n * w)
+
+            res = native_replay.run_pass(pol, part, caps_g, par, progress=tick)
+            for i, c in enumerate(caps_g):
+                got[c] = int(res.counts[i, 0].sum())
+        if not run and progress:
+            progress(part.n_steps / total)
+        part_hits.append(got)
+    if scope == "global":
+        return {c: part_hits[0][c] for c in sizes}
+    out = {}
+    for c, sh in zip(sizes, shares, strict=True):
+        out[c] = sum(part_hits[layer][sh[layer]] for layer in range(n_layers))
     return out
 
 
 class _Ticker:
-    """Counts finished sizes and forwards them to a (label, done, total) callback."""
+    """Sums work fractions of one (policy, scope) and forwards them as (label, done, total)."""
 
-    def __init__(self, cb: Callable[[str, int, int], None] | None, label: str, total: int):
-        self.cb, self.label, self.total, self.done = cb, label, total, 0
+    def __init__(self, cb: Callable[[str, float, float], None] | None, label: str, total: float):
+        self.cb, self.label, self.total, self.done = cb, label, total, 0.0
 
-    def __call__(self, n: int) -> None:
-        self.done += n
+    def __call__(self, n: float) -> None:
+        self.done = min(self.total, self.done + n)
         if self.cb:
             self.cb(self.label, self.done, self.total)
+
+
+GRANULARITIES = ("step", "lookup")
+BACKENDS = ("local", "dask", "libcachesim")
+#: Below this much work (cache-steps) a process pool costs more than it saves.
+IN_PROCESS_BELOW = 2e7
 
 
 @dataclass
@@ -167,11 +243,15 @@ class MRCRequest:
     policies: list[str]
     scopes: list[str] = field(default_factory=lambda: list(SCOPES))
     sizes: list[int] | None = None  # None: 1 .. all keys
-    # Replayed (not one-pass) policies only at every replay_step-th size (and the
-    # largest): their cost is one replay per size, the one-pass curves are free.
+    # Policies without a one-pass curve only at every replay_step-th size (and the
+    # smallest and largest).
     replay_step: int = 1
-    processes: int = 2
+    processes: int | None = None  # None: every CPU
     policy_params: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: "step": the step semantics; "lookup": every lookup its own step (libCacheSim's).
+    granularity: str = "step"
+    backend: str = "local"
+    scheduler: str | None = None  # dask scheduler address (backend "dask")
 
 
 def default_policies(n_layers: int) -> list[str]:
@@ -180,53 +260,191 @@ def default_policies(n_layers: int) -> list[str]:
     return [p for p in names if p != "seed-lru-locality" or n_layers == 1]
 
 
+def granular(steps: np.ndarray, granularity: str) -> np.ndarray:
+    """The trace's steps at `granularity`: "lookup" makes every lookup a step of one key."""
+    if granularity not in GRANULARITIES:
+        raise BadInput(f"--granularity must be step or lookup, got {granularity!r}.")
+    steps = np.ascontiguousarray(steps, dtype=np.int32)
+    return steps.reshape(-1, 1) if granularity == "lookup" else steps
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One piece of a curve: a policy, a scope and some sizes, computed one way."""
+
+    policy: str
+    scope: str
+    sizes: tuple[int, ...]
+    kind: str  # "one-pass" | "compiled" | "replay" | "libcachesim"
+    params: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def label(self) -> str:
+        return f"{self.policy} {self.scope}"
+
+
+def _cost(job: _Job, n_steps: int, n_layers: int, n_experts: int) -> float:
+    """Relative work (cache-steps, roughly), to weigh progress and balance processes."""
+    n = len(job.sizes)
+    if job.kind == "one-pass":
+        return 2.0 * n_steps
+    if job.kind == "compiled":
+        per = n if job.scope == "global" else min(n, n_experts + 1)
+        return float(n_steps * per)
+    if job.kind == "libcachesim":
+        return 2.0 * n_steps * (n if job.scope == "global" else min(n, n_experts + 1))
+    return 40.0 * n_steps * n  # the Python per-size replay
+
+
+def run_job(
+    job: _Job,
+    steps: np.ndarray,
+    n_layers: int,
+    n_experts: int,
+    progress: Callable[[float], None] | None = None,
+) -> dict[int, int]:
+    """Hits per size of one job (runs in a worker process, a dask worker, or here)."""
+    params = dict(job.params)
+    sizes = list(job.sizes)
+    if job.kind == "one-pass":
+        curve = one_pass_hits(job.policy, steps, n_layers, n_experts, job.scope)
+        if progress:
+            progress(1.0)
+        return {s: int(curve[s]) for s in sizes}
+    if job.kind == "libcachesim":
+        from mer.sim import peers
+
+        return peers.lcs_hits(
+            job.policy, steps, n_layers, n_experts, job.scope, sizes, progress=progress
+        )
+    if job.kind == "compiled":
+        got = compiled_hits(
+            job.policy,
+            steps,
+            n_layers,
+            n_experts,
+            job.scope,
+            sizes,
+            params=params,
+            progress=progress,
+        )
+        if got is not None:
+            return got
+    n = len(sizes) or 1
+    return replay_hits(
+        job.policy,
+        steps,
+        n_layers,
+        n_experts,
+        job.scope,
+        sizes,
+        params=params,
+        progress=(lambda f: progress(f / n)) if progress else None,
+    )
+
+
+def _jobs(req: MRCRequest, sizes: list[int], n_layers: int, processes: int) -> list[_Job]:
+    from mer.native import replay as native_replay
+
+    jobs = []
+    for scope in req.scopes:
+        for policy in req.policies:
+            params = tuple(sorted(req.policy_params.get(policy, {}).items()))
+            if req.backend == "libcachesim" and policy != "opt":
+                kind = "libcachesim"
+            elif policy in ONE_PASS and not params:
+                jobs.append(_Job(policy, scope, tuple(sizes), "one-pass", params))
+                continue
+            else:
+                kind = "compiled" if native_replay.lookup(policy) is not None else "replay"
+            policy_sizes = sizes
+            if req.replay_step > 1:
+                step = req.replay_step
+                policy_sizes = sorted({sizes[0], *sizes[step - 1 :: step], sizes[-1]})
+            # Split the global sizes over the processes (interleaved: small caches,
+            # which evict most, are spread evenly); per-layer passes are small.
+            n_split = processes if scope == "global" and len(policy_sizes) > 1 else 1
+            if kind == "replay":
+                n_split = min(len(policy_sizes), 4 * processes)
+            for i in range(n_split):
+                part = tuple(policy_sizes[i::n_split])
+                if part:
+                    jobs.append(_Job(policy, scope, part, kind, params))
+    return jobs
+
+
 def compute_mrc(
     steps: np.ndarray,
     n_layers: int,
     n_experts: int,
     req: MRCRequest,
-    progress: Callable[[str, int, int], None] | None = None,
+    progress: Callable[[str, float, float], None] | None = None,
 ) -> pd.DataFrame:
-    """The tidy curve frame: (policy, scope, cache_slots, hits, misses, hit_rate)."""
-    steps = np.ascontiguousarray(steps, dtype=np.int32)
+    """The tidy curve frame: (policy, scope, cache_slots, hits, misses, hit_rate).
+
+    `progress(label, done, total)` is called as each (policy, scope) advances.
+    """
+    steps = granular(steps, req.granularity)
     n_total = n_layers * n_experts
     lookups = int(steps.size)
-    sizes = req.sizes or list(range(1, n_total + 1))
+    sizes = sorted(set(req.sizes or range(1, n_total + 1)))
     bad = [s for s in sizes if not 1 <= s <= n_total]
     if bad:
         raise BadInput(f"cache sizes {bad[:5]} outside 1..{n_total} (all keys of this trace).")
-    known = policy_names()
-    for p in req.policies:
-        if p not in known:
-            raise BadInput(f"unknown policy {p!r}; choose from: {', '.join(known)}.")
+    if req.backend not in BACKENDS:
+        raise BadInput(f"--backend must be one of {', '.join(BACKENDS)}, got {req.backend!r}.")
+    if req.backend == "libcachesim":
+        from mer.sim import peers
+
+        if req.granularity != "lookup":
+            raise BadInput(
+                "libCacheSim replays request by request: use --granularity lookup with "
+                "--backend libcachesim."
+            )
+        peers.check_policies([p for p in req.policies if p != "opt"])
+    else:
+        known = policy_names()
+        for p in req.policies:
+            if p not in known:
+                raise BadInput(f"unknown policy {p!r}; choose from: {', '.join(known)}.")
     for s in req.scopes:
         if s not in SCOPES:
             raise BadInput(f"unknown scope {s!r}; choose global or per-layer.")
+    processes = req.processes or os.cpu_count() or 1
+    if processes < 1:
+        raise BadInput(f"--processes must be at least 1, got {processes}.")
+    jobs = _jobs(req, sizes, n_layers, processes)
+    n_steps = len(steps)
+    costs = [_cost(j, n_steps, n_layers, n_experts) for j in jobs]
+    totals: dict[str, float] = {}
+    for j, c in zip(jobs, costs, strict=True):
+        totals[j.label] = totals.get(j.label, 0.0) + c
+    tickers = {label: _Ticker(progress, label, t) for label, t in totals.items()}
+    results: dict[tuple[str, str], dict[int, int]] = {}
+
+    def done(job: _Job, hits: dict[int, int], already: float) -> None:
+        results.setdefault((job.policy, job.scope), {}).update(hits)
+        rest = _cost(job, n_steps, n_layers, n_experts) - already
+        if rest > 0:
+            tickers[job.label](rest)
+
+    if req.backend == "dask":
+        _run_dask(jobs, steps, n_layers, n_experts, req.scheduler, done)
+    elif processes == 1 or len(jobs) == 1 or sum(costs) < IN_PROCESS_BELOW:
+        for job, cost in zip(jobs, costs, strict=True):
+            seen = [0.0]
+
+            def tick(f: float, job: _Job = job, cost: float = cost, seen: list = seen) -> None:
+                seen[0] += f * cost
+                tickers[job.label](f * cost)
+
+            done(job, run_job(job, steps, n_layers, n_experts, progress=tick), seen[0])
+    else:
+        _run_processes(jobs, costs, steps, n_layers, n_experts, processes, done)
     rows = []
     for scope in req.scopes:
         for policy in req.policies:
-            params = req.policy_params.get(policy, {})
-            if policy in ONE_PASS and not params:
-                curve = one_pass_hits(policy, steps, n_layers, n_experts, scope)
-                hits = {s: int(curve[s]) for s in sizes}
-                if progress:
-                    progress(f"{policy} {scope}", len(sizes), len(sizes))
-            else:
-                policy_sizes = sizes
-                if req.replay_step > 1:
-                    step = req.replay_step
-                    policy_sizes = sorted({sizes[0], *sizes[step - 1 :: step], sizes[-1]})
-                hits = replay_hits(
-                    policy,
-                    steps,
-                    n_layers,
-                    n_experts,
-                    scope,
-                    policy_sizes,
-                    params=params,
-                    processes=req.processes,
-                    progress=_Ticker(progress, f"{policy} {scope}", len(policy_sizes)),
-                )
+            hits = results.get((policy, scope), {})
             for size in sizes:
                 if size not in hits:
                     continue
@@ -236,10 +454,90 @@ def compute_mrc(
     return df.astype({"cache_slots": "int32", "hits": "int64", "misses": "int64"})
 
 
-def write_mrc(df: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(steps: np.ndarray, n_layers: int, n_experts: int) -> None:
+    _WORKER.update(steps=steps, n_layers=n_layers, n_experts=n_experts)
+
+
+def _worker_job(job: _Job) -> dict[int, int]:
+    return run_job(job, _WORKER["steps"], _WORKER["n_layers"], _WORKER["n_experts"])
+
+
+def _run_processes(
+    jobs: list[_Job],
+    costs: list[float],
+    steps: np.ndarray,
+    n_layers: int,
+    n_experts: int,
+    processes: int,
+    done: Callable[[_Job, dict[int, int], float], None],
+) -> None:
+    from concurrent.futures import as_completed
+
+    order = sorted(range(len(jobs)), key=lambda i: -costs[i])  # longest first
+    with process_pool(
+        min(processes, len(jobs)), initializer=_init_worker, initargs=(steps, n_layers, n_experts)
+    ) as pool:
+        futures = {pool.submit(_worker_job, jobs[i]): jobs[i] for i in order}
+        for fut in as_completed(futures):
+            done(futures[fut], fut.result(), 0.0)
+
+
+def _run_dask(
+    jobs: list[_Job],
+    steps: np.ndarray,
+    n_layers: int,
+    n_experts: int,
+    scheduler: str | None,
+    done: Callable[[_Job, dict[int, int], float], None],
+) -> None:
+    if not scheduler:
+        raise BadInput("--backend dask needs --scheduler ADDRESS (e.g. tcp://127.0.0.1:8786).")
+    try:
+        from dask.distributed import Client, as_completed
+    except ImportError as exc:
+        raise BadInput(
+            f"--backend dask needs dask.distributed ({exc}); install it with "
+            "pip install 'mer-moe[dist]'."
+        ) from exc
+    try:
+        client = Client(scheduler, timeout=10)
+    except OSError as exc:
+        raise RuntimeFailure(
+            f"cannot reach the dask scheduler at {scheduler} ({exc}); start one with "
+            "`dask scheduler` or use --backend local."
+        ) from exc
+    try:
+        data = client.scatter(steps, broadcast=True)
+        futures = {
+            client.submit(run_job, job, data, n_layers, n_experts, pure=False): job for job in jobs
+        }
+        for fut in as_completed(list(futures)):
+            done(futures[fut], fut.result(), 0.0)
+    finally:
+        client.close()
+
+
+def write_mrc(
+    df: pd.DataFrame, path: str | os.PathLike[str], meta: dict[str, Any] | None = None
+) -> Path:
+    """Write the curves atomically; `meta` (granularity, backend, ...) goes in the file's
+    metadata under `mer.mrc`, so the tidy columns stay the same for every run."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     path = Path(path)
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    if meta:
+        md = dict(table.schema.metadata or {})
+        md[b"mer.mrc"] = json.dumps(meta).encode()
+        table = table.replace_schema_metadata(md)
     with atomic_path(path) as tmp:
-        df.to_parquet(tmp, index=False)
+        pq.write_table(table, tmp)
     return path
 
 

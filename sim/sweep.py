@@ -45,7 +45,11 @@ BASE_KEYS = (
     "tokens",
     "policy_params",
     "predictor_params",
+    "granularity",
 )
+#: Base keys left out of a configuration at their default, so that results written
+#: before the key existed keep their hashes (and resume).
+OMIT_AT_DEFAULT = {"granularity": "step"}
 
 
 @dataclass
@@ -82,6 +86,8 @@ class SweepSpec:
                             }
                             for key in BASE_KEYS:
                                 if key in self.base:
+                                    if OMIT_AT_DEFAULT.get(key, object()) == self.base[key]:
+                                        continue
                                     cfg[key] = self.base[key]
                             cfg["config_hash"] = config_hash(cfg)
                             out.append(cfg)
@@ -127,6 +133,7 @@ def flatten(cfg: dict[str, Any], s: RunSummary) -> dict[str, Any]:
     """Config columns + the summary's fields as scalar columns."""
     row: dict[str, Any] = {k: _scalar(v) for k, v in cfg.items() if k != "tokens"}
     row["replay_tokens"] = cfg.get("tokens")  # the --tokens limit; `tokens` is the count run
+    row["granularity"] = cfg.get("granularity", "step")
     row["shape"] = s.shape
     row["offline"] = is_offline(str(cfg["policy"]), str(cfg["predictor"]))
     for name in (
@@ -450,6 +457,9 @@ def run_command(row: dict[str, Any], experts: str = "EXPERTS.gguf") -> str:
     phase = row.get("phase")
     if phase and phase != "all":
         parts.append(f"--phase {phase}")
+    gran = row.get("granularity")
+    if isinstance(gran, str) and gran != "step":
+        parts.append(f"--granularity {gran}")
     return " ".join(parts)
 
 

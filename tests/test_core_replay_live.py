@@ -36,7 +36,9 @@ def _drive(replay: Replay, steps: np.ndarray, live: bool, lookahead: np.ndarray 
         res = replay.step(t, keys) if live else replay.step(t)
         if live and lookahead is not None:
             replay.supply_lookahead(t + 1, lookahead[t + 1].tolist())
-        pf = replay.prefetch(t)
+        # A live replay cannot know that the trace ends; the driver knows, and asks for no
+        # prefetch whose horizon passes the last step (the trace replay would cut it short).
+        pf = replay.prefetch(t) if t + replay.config.pipeline_depth < len(steps) else []
         log.append((res.keys, res.hit, res.late, res.reads, pf))
         # Demand reads land now; prefetches land one step later (so some are late).
         for adm in res.reads:

@@ -150,9 +150,9 @@ def test_matmul_equals_the_emulation(
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("wtype", [nq.Q4_0, nq.Q8_0])
 def test_rows_split_over_threads_that_do_not_divide_them(isa: str, wtype: int) -> None:
-    """Big enough to be split (>= 64 KiB per thread): 1531 rows (prime) over 2, 3, 5 threads."""
+    """Big enough to be split (>= 1 MiB per thread): 2311 rows (prime) over 2, 3, 5 threads."""
     rng = np.random.default_rng(3)
-    rows, cols = 1531, 512
+    rows, cols = 2311, 4096
     w = _weights(rng, rows, cols, wtype)
     x = rng.standard_normal((2, cols)).astype(np.float32)
     ye = nq.emulate_matmul(w, x, cols, wtype)
@@ -319,7 +319,7 @@ def test_nan_and_inf_scales_are_carried_not_crashed_on(isa: str, wtype: int) -> 
 
 def test_concurrent_python_threads_get_their_own_results() -> None:
     rng = np.random.default_rng(9)
-    rows, cols = 2048, 512
+    rows, cols = 4096, 1024  # 2.4 MB: each call splits over the pool, or runs inline when busy
     ws = [_weights(rng, rows, cols, nq.Q4_0) for _ in range(3)]
     x = rng.standard_normal(cols).astype(np.float32)
     want = [nq.matmul(w, x, cols) for w in ws]
@@ -338,21 +338,23 @@ def test_concurrent_python_threads_get_their_own_results() -> None:
             np.testing.assert_array_equal(y, want[i])
 
 
-def _child(q) -> None:  # type: ignore[no-untyped-def]
+def _pool_case() -> tuple[np.ndarray, np.ndarray]:
+    """A 2.4 MB q4_0 matrix (split over 2 threads) and an activation."""
     rng = np.random.default_rng(10)
-    w = rng.integers(0, 255, 2048 * 288, dtype=np.uint8)
+    w = rng.integers(0, 255, 1024 * 2304, dtype=np.uint8)
     w.reshape(-1, 18)[:, :2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
-    x = rng.standard_normal(512).astype(np.float32)
-    q.put(float(nq.matmul(w, x, 512, threads=2).sum()))
+    return w, rng.standard_normal(4096).astype(np.float32)
+
+
+def _child(q) -> None:  # type: ignore[no-untyped-def]
+    w, x = _pool_case()
+    q.put(float(nq.matmul(w, x, 4096, threads=2).sum()))
 
 
 def test_a_forked_child_rebuilds_the_pool() -> None:
     """A fork after the pool started (multiprocessing's default on Linux) must not deadlock."""
-    rng = np.random.default_rng(10)
-    w = rng.integers(0, 255, 2048 * 288, dtype=np.uint8)
-    w.reshape(-1, 18)[:, :2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
-    x = rng.standard_normal(512).astype(np.float32)
-    want = float(nq.matmul(w, x, 512, threads=2).sum())
+    w, x = _pool_case()
+    want = float(nq.matmul(w, x, 4096, threads=2).sum())
     assert nq.lib().lib.mer_q_pool_threads() >= 2
     ctx = mp.get_context("fork")
     q = ctx.Queue()

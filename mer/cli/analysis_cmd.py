@@ -216,8 +216,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--tokens",
         type=positive_int,
-        default=96,
-        help="tokens of the trace the real engine executes (default 96)",
+        default=128,
+        help="the trace window (first N tokens) the sweep predicts and the real engine runs",
     )
     p.add_argument("--quick", action="store_true", help="smaller sweep and run (for tests)")
     p.set_defaults(func=cmd_demo)

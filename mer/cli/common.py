@@ -232,6 +232,14 @@ def add_replay_args(p: argparse.ArgumentParser, *, sweep: bool = False, live: bo
             help="replay only the first N tokens (after --phase; default all)",
         )
         add_phase_arg(p)
+    p.add_argument(
+        "--granularity",
+        choices=("step", "lookup"),
+        default="step",
+        help="step: a layer's top-k are looked up together and never evict each other (mer's "
+        "step semantics, default); lookup: every lookup is its own step, request by request "
+        "as in libCacheSim and most papers (the timing still runs a layer's FFNs together)",
+    )
 
 
 def replay_config_from_args(
@@ -273,6 +281,7 @@ def replay_config_from_args(
         tokens=getattr(args, "tokens", None),
         policy_params=dict(args.policy_param),
         predictor_params=dict(args.predictor_param),
+        granularity=getattr(args, "granularity", "step"),
     )
     values.update(overrides)
     return ReplayConfig(**values).validate()

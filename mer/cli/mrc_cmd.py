@@ -31,7 +31,10 @@ def register(sub: argparse._SubParsersAction) -> None:
             "Hit rate for every cache size from 1 slot to all experts (n_layers x n_experts), "
             "per eviction policy and cache scope, without prefetch, from an empty cache. "
             "LRU and OPT (Belady, the ceiling) come from exact one-pass stack algorithms; "
-            "other policies are replayed once per size. Writes a tidy parquet "
+            "every other policy replays all sizes at once in one compiled pass over the "
+            "trace (many caches side by side), split over --processes. --backend "
+            "libcachesim runs libCacheSim's policies instead (optional extra, "
+            "request by request). Writes a tidy parquet "
             "(policy, scope, cache_slots, hits, misses, hit_rate)."
         ),
     )
@@ -63,16 +66,34 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--replay-step",
         type=positive_int,
         default=1,
-        help="replay the policies without a one-pass curve only at every N-th size (N, 2N, ..., "
-        "plus the smallest and largest); LRU and OPT keep every size. Each replayed size costs one full replay, so "
-        "N=8 makes a 256-size run about 8x faster (default 1: every size)",
+        help="compute the policies without a one-pass curve only at every N-th size (N, 2N, "
+        "..., plus the smallest and largest); LRU and OPT keep every size (default 1: every "
+        "size; compiled passes make this rarely worth it)",
     )
     p.add_argument(
-        "--processes",
-        type=int_range(1, 2),
-        default=2,
-        help="processes for per-size replays (max 2)",
+        "--granularity",
+        choices=("step", "lookup"),
+        default=None,
+        help="step: mer's step semantics (a layer's top-k looked up together, never evicted "
+        "for each other); lookup: every lookup its own step, request by request as in "
+        "libCacheSim and most papers (default step; lookup with --backend libcachesim)",
     )
+    p.add_argument(
+        "--backend",
+        choices=("local", "dask", "libcachesim"),
+        default="local",
+        help="local: processes on this machine (default); dask: jobs on a dask cluster "
+        "(--scheduler); libcachesim: libCacheSim's policies (--policies lirs,lecar,...; "
+        "needs pip install 'mer-moe[peers]', GPL), at lookup granularity",
+    )
+    p.add_argument("--scheduler", default=None, help="dask scheduler address (--backend dask)")
+    p.add_argument(
+        "--processes",
+        type=positive_int,
+        default=None,
+        help="worker processes (default: every CPU of this machine)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_phase_arg(p)
     p.add_argument("--json", action="store_true", help="print one JSON summary object on stdout")
     p.set_defaults(func=run_mrc)
@@ -128,13 +149,38 @@ def summary_sizes(sizes: list[int] | None, n_total: int) -> list[int]:
 
 def run_mrc(args: argparse.Namespace) -> int:
     from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        TaskProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from mer.sim.mrc import MRCRequest, compute_mrc, default_policies, plot_mrc, write_mrc
 
+    granularity = args.granularity or ("lookup" if args.backend == "libcachesim" else "step")
+    if args.backend == "libcachesim":
+        from mer.sim import peers
+
+        peers.module()  # the clear message when the extra is missing, before reading anything
+        if granularity != "lookup":
+            raise BadInput(
+                "libCacheSim replays request by request: --backend libcachesim takes "
+                "--granularity lookup (its default)."
+            )
+    if args.scheduler and args.backend != "dask":
+        raise BadInput("--scheduler is for --backend dask.")
     tr = _load(args.trace, args.phase)
     steps = tr.keys().reshape(-1, tr.top_k)
-    policies = resolve_names("policy", args.policies or default_policies(tr.n_layers))
+    if args.backend == "libcachesim":
+        from mer.sim import peers
+
+        policies = [p.lower() for p in (args.policies or list(peers.DEFAULT_POLICIES))]
+        peers.check_policies([p for p in policies if p != "opt"])
+    else:
+        policies = resolve_names("policy", args.policies or default_policies(tr.n_layers))
     if "opt" not in policies:
         policies = [*policies, "opt"]
     params: dict[str, dict[str, Any]] = {}
@@ -148,25 +194,39 @@ def run_mrc(args: argparse.Namespace) -> int:
         replay_step=args.replay_step,
         processes=args.processes,
         policy_params=params,
+        granularity=granularity,
+        backend=args.backend,
+        scheduler=args.scheduler,
     )
     t0 = time.perf_counter()
     with Progress(
-        TextColumn("{task.description}"),
+        TextColumn("{task.description:24s}"),
         BarColumn(),
-        TextColumn("{task.completed}/{task.total} sizes"),
+        TaskProgressColumn(),
         TimeElapsedColumn(),
+        TimeRemainingColumn(),
         transient=True,
         console=Console(stderr=True),
+        disable=args.no_progress or args.json,
     ) as prog:
         tasks: dict[str, Any] = {}
 
-        def progress(label: str, done: int, total: int) -> None:
+        def progress(label: str, done: float, total: float) -> None:
             if label not in tasks:
                 tasks[label] = prog.add_task(label, total=total)
             prog.update(tasks[label], completed=done)
 
         df = compute_mrc(steps, tr.n_layers, tr.n_experts, req, progress=progress)
     seconds = time.perf_counter() - t0
+    want = set(args.sizes or range(1, tr.n_layers * tr.n_experts + 1))
+    for (pol, scope), sub in df.groupby(["policy", "scope"]):
+        lost = sorted(want - set(sub.cache_slots.tolist()))
+        if lost and args.replay_step == 1:
+            note(
+                f"note: {pol} ({scope}) has no result at {len(lost)} size(s) "
+                f"({lost[0]}..{lost[-1]} slots): libCacheSim's implementation aborted there "
+                "(caches too small for its internal queues)."
+            )
     n_total = tr.n_layers * tr.n_experts
     title = (
         f"Miss-ratio curves, no prefetch: {args.trace.name} ({tr.meta.model}, "
@@ -174,7 +234,13 @@ def run_mrc(args: argparse.Namespace) -> int:
         f"{tr.n_lookups:,} lookups, phase {args.phase})"
     )
     writes = FinalWrites()
-    writes.add(args.output, lambda p: write_mrc(df, p), "curves")
+    meta = {
+        "trace": str(args.trace),
+        "granularity": granularity,
+        "backend": args.backend,
+        "phase": args.phase,
+    }
+    writes.add(args.output, lambda p: write_mrc(df, p, meta=meta), "curves")
     writes.add(args.plot, lambda p: plot_mrc(df, p, title=title, n_total=n_total), "plot")
     writes.run()
     for p in writes.written:
@@ -187,6 +253,8 @@ def run_mrc(args: argparse.Namespace) -> int:
         "model": tr.meta.model,
         "lookups": int(steps.size),
         "phase": args.phase,
+        "granularity": granularity,
+        "backend": args.backend,
         "policies": policies,
         "scopes": args.scopes,
         "rows": len(df),
@@ -202,10 +270,10 @@ def run_mrc(args: argparse.Namespace) -> int:
         },
     }
     summary["at_sizes"] = marks
-    definition = mrc_definition(getattr(args, "granularity", "step"))
+    definition = mrc_definition(granularity)
     summary["hit_rate_definition"] = definition
     lines = [
-        f"hit rate ({definition}) in {seconds:.1f} s:",
+        f"hit rate ({definition}, backend {args.backend}) in {seconds:.1f} s:",
         f"  {'scope/policy':28s} " + "  ".join(f"{m:>7d}" for m in marks) + "  slots",
     ]
     for key, vals in summary["at"].items():

@@ -184,6 +184,7 @@ class ExpertCache:
         scope: str = "global",
         pinned: Iterable[int] = (),
         policy_factory: Callable[[int], EvictionPolicy] | None = None,
+        granularity: str = "step",
     ) -> None:
         if scope not in SCOPES:
             raise BadInput(f"--scope must be one of {', '.join(SCOPES)}, got {scope!r}.")
@@ -194,6 +195,10 @@ class ExpertCache:
         self.cache_slots = cache_slots
         self.scope = scope
         self.policy_name = policy
+        # "lookup": each key of a step is looked up and admitted on its own, in rank
+        # order, as its own policy step (t * k + rank), and may evict the reads of the
+        # same step's earlier keys (which then go to the bypass buffer).
+        self.lookup_granularity = granularity == "lookup"
         self.pinned = frozenset(int(k) for k in pinned)
         params = policy_params or {}
         factory = policy_factory or (lambda cap: make_policy(policy, cap, **params))
@@ -260,6 +265,8 @@ class ExpertCache:
     # -- the step ----------------------------------------------------------------------
     def access_step(self, t: int, keys: Sequence[int]) -> StepResult:
         """Look up one step's keys, then admit its misses in rank order."""
+        if self.lookup_granularity:
+            return self._access_lookups(t, keys)
         state = self.state
         parts = self.partitions
         glob = self.scope == "global"
@@ -312,14 +319,67 @@ class ExpertCache:
             part.policy.end_step(t, keys)
         return StepResult(t, tuple(keys), tuple(hit), tuple(late), reads)
 
-    def _admit(self, key: int, step_keys: Sequence[int], rank: int, *, prefetch: bool) -> Admission:
+    def _access_lookups(self, t: int, keys: Sequence[int]) -> StepResult:
+        """Granularity lookup: each key a step of its own (t * k + rank), in rank order."""
+        state = self.state
+        stats = self.stats
+        n_exp = self.n_experts
+        k = len(keys)
+        self.step_reads.clear()
+        hit: list[bool] = []
+        late: list[bool] = []
+        reads: list[Admission] = []
+        for rank, key in enumerate(keys):
+            sub = t * k + rank
+            one = [key]
+            pol = self.partition_of(key).policy
+            pol.begin_step(sub, one)
+            layer = key // n_exp
+            st = state.get(key)
+            if st == READY:
+                hit.append(True)
+                late.append(False)
+                pol.on_hit(key)
+                stats.hits[layer] += 1
+                if key in self.prefetched_unused:
+                    self.prefetched_unused.discard(key)
+                    stats.prefetch_used[layer] += 1
+            else:
+                hit.append(False)
+                late.append(st == IN_FLIGHT)
+                stats.misses[layer] += 1
+                if st == IN_FLIGHT:
+                    if key in self.inflight_prefetch and key not in self.claimed:
+                        stats.late[layer] += 1
+                        self.claimed.add(key)
+                else:
+                    reads.append(self._admit(key, one, 0, prefetch=False, lookup=True))
+            pol.end_step(sub, one)
+        if len(reads) > 1:
+            reads = [
+                Admission(a.key, None, a.evicted, False)
+                if a.slot is not None and a.key not in state
+                else a
+                for a in reads
+            ]
+        return StepResult(t, tuple(keys), tuple(hit), tuple(late), reads)
+
+    def _admit(
+        self,
+        key: int,
+        step_keys: Sequence[int],
+        rank: int,
+        *,
+        prefetch: bool,
+        lookup: bool = False,
+    ) -> Admission:
         """Make room for `key` (evicting if full) and mark it in flight."""
         part = self.partition_of(key)
         layer = key // self.n_experts
         evicted: int | None = None
         part.policy.prepare_admit(key)
         if part.resident >= part.capacity:
-            if part.policy.protects_step or prefetch:
+            if (part.policy.protects_step or prefetch) and not lookup:
                 protected: Container[int] = _Protected(step_keys, self.pinned, self.inflight)
             else:
                 protected = _ProtectedNoStep(self.pinned, self.inflight, self.step_reads)

@@ -39,6 +39,8 @@ from mer.core.policy import POLICIES, EvictionPolicy
 from mer.core.predictor import Predictor, ReplayContext, make_predictor
 from mer.errors import BadInput
 
+GRANULARITIES = ("step", "lookup")
+
 
 @dataclass
 class PrefetchRule:
@@ -68,6 +70,9 @@ class ReplayConfig:
     tokens: int | None = None  # replay only the first N tokens (after the phase filter)
     policy_params: dict[str, Any] = field(default_factory=dict)
     predictor_params: dict[str, Any] = field(default_factory=dict)
+    #: "step": a (token, layer)'s top-k is one step (docs/policies.md); "lookup": every
+    #: lookup is its own step, request by request (libCacheSim's and most papers' semantics).
+    granularity: str = "step"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -164,6 +169,13 @@ class Replay:
         self._live_t = -1  # live: the step just looked up, and its keys
         self._live_keys: list[int] = []
         self._live_la: dict[int, np.ndarray] = {}
+        if config.granularity not in GRANULARITIES:
+            raise BadInput(
+                f"--granularity must be one of {', '.join(GRANULARITIES)}, "
+                f"got {config.granularity!r}."
+            )
+        self.lookup_granularity = config.granularity == "lookup"
+        self.outcome: np.ndarray | None = None  # set by replay_outcomes
         self.cache = ExpertCache(
             n_layers=n_layers,
             n_experts=n_experts,
@@ -172,8 +184,9 @@ class Replay:
             policy_params=config.policy_params,
             scope=config.scope,
             pinned=popular_keys(steps, config.pin),
+            granularity=config.granularity,
         )
-        self.cache.attach_future(steps)
+        self.cache.attach_future(self.decision_steps)
         self.ctx = ReplayContext(
             n_layers,
             n_experts,
@@ -193,6 +206,15 @@ class Replay:
     def _keys_list(self) -> list[list[int]]:
         # Built on first use: the compiled replay never needs it.
         return self.steps.tolist()
+
+    @property
+    def decision_steps(self) -> np.ndarray:
+        """The steps the policy sees: the trace's, or one lookup per step (granularity lookup)."""
+        return self.steps.reshape(-1, 1) if self.lookup_granularity else self.steps
+
+    @functools.cached_property
+    def _decision_keys_list(self) -> list[list[int]]:
+        return self.decision_steps.tolist()
 
     @classmethod
     def from_trace(cls, trace: Any, config: ReplayConfig) -> Replay:
@@ -378,7 +400,7 @@ def _lean_ok(replay: Replay) -> bool:
         return True
     # Every step's keys must fall in one partition (true for traces: a step is one layer).
     if cache.scope == "per-layer":
-        layers = replay.steps // replay.n_experts
+        layers = replay.decision_steps // replay.n_experts
         return bool((layers == layers[:, :1]).all())
     return True
 
@@ -397,8 +419,13 @@ def compiled_policy(replay: Replay) -> Any:
     return native_replay.lookup(name)
 
 
-def _counts_compiled(replay: Replay) -> CacheStats | None:
-    """`_counts_no_prefetch` run by the policy's compiled loop; None if it has none."""
+def _counts_compiled(replay: Replay, outcome: bool = False) -> CacheStats | None:
+    """`_counts_no_prefetch` run by the policy's compiled loop; None if it has none.
+
+    With `outcome`, also keeps every lookup's outcome in `replay.outcome`
+    ((n_steps, k) int8, trace order: 1 hit, 0 miss read into a slot, 2 miss that
+    bypassed the cache), which is all a clock needs to time a prefetch-off run.
+    """
     from mer.native import replay as native_replay
 
     pol = compiled_policy(replay)
@@ -406,22 +433,47 @@ def _counts_compiled(replay: Replay) -> CacheStats | None:
         return None
     cache = replay.cache
     n_layers = cache.n_layers
+    dsteps = replay.decision_steps
     parts = native_replay.split_partitions(
-        replay.steps, n_layers, cache.n_experts, cache.scope, sorted(cache.pinned)
+        dsteps, n_layers, cache.n_experts, cache.scope, sorted(cache.pinned)
     )
     counts = np.zeros((4, n_layers), dtype=np.int64)
     residents: list[set[int]] = []
+    out = np.zeros(dsteps.shape, dtype=np.int8) if outcome else None
     for part, cpart in zip(parts, cache.partitions, strict=True):
         params = np.asarray([native_replay.policy_params(pol, cpart.policy)], dtype=np.float64)
-        res = native_replay.run_pass(pol, part, [cpart.capacity], params, resident=True)
+        res = native_replay.run_pass(
+            pol, part, [cpart.capacity], params, resident=True, outcome=outcome
+        )
         if part.layer is None:
             counts += res.counts[0]
         else:
             counts[:, part.layer] += res.counts[0][:, 0]
         assert res.resident is not None
         residents.append(set((np.flatnonzero(res.resident[0]) + part.key_base).tolist()))
+        if out is not None and res.outcome is not None:
+            if part.tidx is None:
+                out[:] = res.outcome
+            else:
+                out[part.tidx] = res.outcome
+    if out is not None:
+        replay.outcome = out.reshape(replay.steps.shape)
     hits, misses, evictions, bypass = (row.tolist() for row in counts)
     return _finish(replay, residents, hits, misses, evictions, bypass)
+
+
+def replay_outcomes(replay: Replay) -> np.ndarray | None:
+    """Every lookup's outcome of a fresh prefetch-off replay, from its compiled loop.
+
+    (n_steps, k) int8 in trace order: 1 hit, 0 miss read into a slot, 2 miss read
+    into the bypass buffer. Fills `replay.stats` as `replay_counts` does. None when
+    prefetch is on or the policy has no compiled loop here (drive `Replay.step`).
+    """
+    if not _lean_ok(replay) or (replay.config.prefetch_on and replay.config.pipeline_depth):
+        return None
+    if _counts_compiled(replay, outcome=True) is None:
+        return None
+    return replay.outcome
 
 
 def _counts_no_prefetch(replay: Replay) -> CacheStats:
@@ -448,8 +500,8 @@ def _counts_no_prefetch(replay: Replay) -> CacheStats:
     misses = [0] * n_layers
     evictions = [0] * n_layers
     bypass = [0] * n_layers
-    steps = replay._keys_list
-    k = replay.top_k
+    steps = replay._decision_keys_list
+    k = replay.decision_steps.shape[1]
     name = cache.policy_name
     if (
         name in _FUSED
@@ -569,7 +621,7 @@ def _fused_lru_fifo(replay: Replay, lru: bool) -> CacheStats:
     hits = [0] * n_layers
     misses = [0] * n_layers
     evictions = [0] * n_layers
-    for keys in replay._keys_list:
+    for keys in replay._decision_keys_list:
         layer = keys[0] // n_exp
         pi = 0 if glob else layer
         od = orders[pi]
@@ -613,7 +665,7 @@ def _fused_clock(replay: Replay) -> CacheStats:
     hits = [0] * n_layers
     misses = [0] * n_layers
     evictions = [0] * n_layers
-    for keys in replay._keys_list:
+    for keys in replay._decision_keys_list:
         layer = keys[0] // n_exp
         pi = 0 if glob else layer
         ring = rings[pi]

@@ -45,7 +45,7 @@
 #define PF_DIST 8192 /* bytes ahead that weight rows are prefetched (measured best on Zen 5) */
 #endif
 #define TOK_GROUP 4                   /* tokens per pass over a row held in registers */
-#define MIN_BYTES_PER_THREAD (64 << 10) /* below this a matrix is not worth splitting */
+#define MIN_BYTES_PER_THREAD (1 << 20) /* below this per thread, a hand-off costs more than it saves */
 #define TILE_BYTES (256 << 10)          /* weights per row tile when tokens need several passes */
 
 enum { ISA_PORTABLE = 1, ISA_AVX2 = 2, ISA_AVX512 = 3 };

@@ -21,7 +21,8 @@ matrix of n_rows x n_cols is n_rows rows of n_cols / 32 blocks, ggml ne = {n_col
 
 Threads: `threads` splits each matrix's rows over a persistent pthread pool inside the C
 module (created on first use, grown to the largest count asked for); the call releases the
-GIL. A matrix smaller than ~64 KiB per thread uses fewer threads. Calls from several Python
+GIL. A matrix of less than 1 MiB per thread uses fewer threads (a hand-off to another
+thread costs more than it saves there). Calls from several Python
 threads at once are safe (a second concurrent call runs on its own thread, unsplit).
 
 Arithmetic (ggml's, which `emulate_*` below reproduce in numpy): per token and per block of 32
