@@ -934,13 +934,15 @@ def simulate(
     else:
         tok_bytes = tok_reads * read_bytes
     if rec.read_lat_ticks is not None:
-        read_lat = np.sort(rec.read_lat_ticks) * sec
+        lat_ticks = rec.read_lat_ticks
         read_busy = rec.read_busy_ticks * sec
     else:
         issued = np.asarray(rec.issued, dtype=np.int64)
         seen = rec.observed()
-        read_lat = np.sort(seen - issued) * sec  # sorted: the same sums whatever the path
+        lat_ticks = seen - issued
         read_busy = busy_seconds(issued, seen) * sec
+    # sorted: the mean must not depend on the order an engine met the reads in
+    read_lat = np.sort(lat_ticks).astype(np.float64) * sec
     table = tr.token_table()
     tokens = pd.DataFrame(
         {
