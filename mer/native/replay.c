@@ -54,6 +54,7 @@ typedef struct {
     const double *p;      /* this cache's parameter row (see `params`) */
     const uint8_t *pinned; /* static pins (n_keys bytes) or NULL */
     void *shared;         /* one block per pass, for state every cache shares */
+    int n_caches;         /* caches side by side in this pass */
 } mer_ctx;
 
 typedef struct {
@@ -843,8 +844,11 @@ static const mer_policy OPT_POLICY = {
 
 typedef struct {
     int32_t *ring;
-    int64_t *counts;
-    int32_t *order, *pos; /* every key by count descending, then id ascending */
+    int32_t *counts; /* window count of every key */
+    int32_t *hist;   /* hist[c]: keys with count c */
+    int32_t *gt;     /* gt[c]: keys with count > c */
+    int32_t *order, *pos; /* many caches: every key kept in hot order (rank = pos) */
+    int keep_order;
     int64_t wsize, wlen, whead;
     int64_t last_t;
     double fraction;
@@ -867,19 +871,29 @@ DEFINE_SIZE_INIT(Seed, SEED_ARRAYS)
 
 static size_t seed_shared_size(const mer_ctx *c) {
     int64_t w = (int64_t)c->p[0];
-    return sizeof(SeedShared) + 16 * 5 + sizeof(int32_t) * (size_t)(w > 0 ? w : 1) +
-           (sizeof(int64_t) + 2 * sizeof(int32_t)) * (size_t)c->n_keys;
+    if (w < 1) w = 1;
+    return sizeof(SeedShared) + 16 * 5 + sizeof(int32_t) * (size_t)w +
+           3 * sizeof(int32_t) * (size_t)c->n_keys + 2 * sizeof(int32_t) * (size_t)(w + 2);
 }
 static void seed_shared_init(SeedShared *sh, const mer_ctx *c) {
     arena a = {(char *)sh, sizeof(SeedShared)};
     int64_t w = (int64_t)c->p[0];
-    sh->ring = take(&a, sizeof(int32_t) * (size_t)(w > 0 ? w : 1));
-    sh->counts = take(&a, sizeof(int64_t) * c->n_keys);
+    if (w < 1) w = 1;
+    sh->ring = take(&a, sizeof(int32_t) * (size_t)w);
+    sh->counts = take(&a, sizeof(int32_t) * c->n_keys);
+    sh->hist = take(&a, sizeof(int32_t) * (size_t)(w + 2));
+    sh->gt = take(&a, sizeof(int32_t) * (size_t)(w + 2));
+    memset(sh->counts, 0, sizeof(int32_t) * c->n_keys);
+    memset(sh->hist, 0, sizeof(int32_t) * (size_t)(w + 2));
+    memset(sh->gt, 0, sizeof(int32_t) * (size_t)(w + 2));
+    sh->hist[0] = c->n_keys;
     sh->order = take(&a, sizeof(int32_t) * c->n_keys);
     sh->pos = take(&a, sizeof(int32_t) * c->n_keys);
-    memset(sh->counts, 0, sizeof(int64_t) * c->n_keys);
     for (int32_t i = 0; i < c->n_keys; i++) sh->order[i] = sh->pos[i] = i;
-    sh->wsize = w > 0 ? w : 1;
+    /* One cache: O(1) counts, and the rare tie at the cut ranked by a scan. Many
+       caches: keeping the order costs once per step and makes every cache's test O(1). */
+    sh->keep_order = c->n_caches > 4;
+    sh->wsize = w;
     sh->wlen = sh->whead = 0;
     sh->last_t = INT64_MIN;
     sh->fraction = c->p[1];
@@ -896,14 +910,16 @@ static void seed_init(void *sv, const mer_ctx *c) {
     s->sh = c->shared;
     if (!s->sh->ready) seed_shared_init(s->sh, c);
 }
+/* The hot order is every key by count descending, then id ascending; x's place in it
+   is (keys with a larger count) + (keys with its count and a smaller id). Moving one
+   count by one changes one gt[] entry, so an update is O(1). */
 static inline int seed_ahead(const SeedShared *sh, int32_t a, int32_t b) {
     return sh->counts[a] > sh->counts[b] || (sh->counts[a] == sh->counts[b] && a < b);
 }
-/* count[x] += d (d = +1 or -1), and x slides to its place in the order */
-static void seed_bump(SeedShared *sh, int32_t x, int d) {
+/* after count[x] moved by d (+1 or -1): x slides to its place in the order */
+static void seed_slide(SeedShared *sh, int32_t x, int d) {
     int32_t *order = sh->order, *pos = sh->pos;
     int32_t i = pos[x];
-    sh->counts[x] += d;
     if (d > 0) {
         while (i > 0 && seed_ahead(sh, x, order[i - 1])) {
             order[i] = order[i - 1];
@@ -920,6 +936,20 @@ static void seed_bump(SeedShared *sh, int32_t x, int d) {
     order[i] = x;
     pos[x] = i;
 }
+static inline void seed_up(SeedShared *sh, int32_t x) {
+    int32_t c = sh->counts[x]++;
+    sh->hist[c]--;
+    sh->hist[c + 1]++;
+    sh->gt[c]++;
+    if (sh->keep_order) seed_slide(sh, x, +1);
+}
+static inline void seed_down(SeedShared *sh, int32_t x) {
+    int32_t c = sh->counts[x]--;
+    sh->hist[c]--;
+    sh->hist[c - 1]++;
+    sh->gt[c - 1]--;
+    if (sh->keep_order) seed_slide(sh, x, -1);
+}
 static void seed_begin(void *sv, int64_t t, const int32_t *keys, const int64_t *nu, int k) {
     SeedShared *sh = ((Seed *)sv)->sh;
     (void)nu;
@@ -927,16 +957,28 @@ static void seed_begin(void *sv, int64_t t, const int32_t *keys, const int64_t *
     sh->last_t = t;
     for (int r = 0; r < k; r++) {
         int32_t x = keys[r];
-        seed_bump(sh, x, +1);
+        seed_up(sh, x);
         if (sh->wlen < sh->wsize) {
             sh->ring[(sh->whead + sh->wlen) % sh->wsize] = x;
             sh->wlen++;
         } else {
-            seed_bump(sh, sh->ring[sh->whead], -1);
+            seed_down(sh, sh->ring[sh->whead]);
             sh->ring[sh->whead] = x;
             sh->whead = (sh->whead + 1) % sh->wsize;
         }
     }
+}
+/* Is x among the first n_pin keys of the hot order (and hot: count >= thr)? */
+static int seed_pinned(const SeedShared *sh, int32_t x, int32_t n_pin, double thr) {
+    int32_t c = sh->counts[x];
+    if ((double)c < thr) return 0;
+    if (sh->keep_order) return sh->pos[x] < n_pin;
+    int32_t before = sh->gt[c];
+    if (before >= n_pin) return 0;
+    if (before + sh->hist[c] <= n_pin) return 1;
+    for (int32_t y = 0; y < x; y++) /* the cut falls among x's ties: rank them by id */
+        if (sh->counts[y] == c && ++before >= n_pin) return 0;
+    return 1;
 }
 static void seed_hit(void *sv, int32_t x) {
     Seed *s = sv;
@@ -951,8 +993,7 @@ static int32_t seed_evict(void *sv, const mer_prot *p) {
     /* pinned: among the first cap - 1 of the order, and hot (count >= threshold) */
     int32_t n_pin = s->cap - 1 > 0 ? s->cap - 1 : 0;
     for (int32_t x = s->nxt[s->S]; x != s->S; x = s->nxt[x]) {
-        int pinned = sh->pos[x] < n_pin && (double)sh->counts[x] >= thr;
-        if (!pinned && !is_prot(p, x)) {
+        if (!is_prot(p, x) && !seed_pinned(sh, x, n_pin, thr)) {
             l_unlink(s->prv, s->nxt, x);
             return x;
         }
@@ -995,7 +1036,7 @@ int mer_replay_protects_step(int i) { return valid(i) ? REGISTRY[i]->protects_st
 int mer_replay_needs_future(int i) { return valid(i) ? REGISTRY[i]->needs_future : 0; }
 int64_t mer_replay_state_bytes(int i, int k, int32_t n_keys) {
     if (!valid(i)) return -1;
-    mer_ctx c = {1, n_keys, 0, k, NULL, NULL, NULL};
+    mer_ctx c = {1, n_keys, 0, k, NULL, NULL, NULL, 1};
     return (int64_t)((REGISTRY[i]->size(&c) + 63) & ~(size_t)63) + n_keys;
 }
 
@@ -1073,7 +1114,7 @@ void *mer_replay_new(int policy, int k, int32_t n_keys, int32_t key_base, int32_
     h->key_base = key_base;
     h->layer_div = layer_div;
     h->n_layers_out = n_layers_out;
-    mer_ctx c0 = {1, n_keys, key_base, k, params, NULL, NULL};
+    mer_ctx c0 = {1, n_keys, key_base, k, params, NULL, NULL, n_caches};
     h->stride = (h->pol->size(&c0) + 63) & ~(size_t)63;
     h->states = aligned_alloc(64, h->stride * (size_t)n_caches);
     h->res = calloc((size_t)n_caches * n_keys, 1);
@@ -1100,7 +1141,7 @@ void *mer_replay_new(int policy, int k, int32_t n_keys, int32_t key_base, int32_
     for (int c = 0; c < n_caches; c++) {
         h->caps[c] = caps[c];
         mer_ctx ctx = {caps[c], n_keys, key_base, k, h->params + (size_t)c * n_params,
-                       h->pinned, h->shared};
+                       h->pinned, h->shared, n_caches};
         h->pol->init(h->states + h->stride * c, &ctx);
     }
     h->stamp = 0;
