@@ -462,7 +462,7 @@ def calibrate(run: Any, hardware: PathLike | HardwareProfile) -> Calibration:
 
 
 def plot(kind: str, data: Any, output: PathLike, **options: Any) -> list[Path]:
-    """`mer plot KIND`: the same figure (PNG and SVG); returns the files written.
+    """`mer plot KIND`: the same figure (the PNG, SVG and PDF it writes); returns the files.
 
     `data` is what the command reads: a trace (or its path) for `popularity`,
     `repetition` and `layer-hits`, a frame or parquet of `mrc` / `sweep` results for
