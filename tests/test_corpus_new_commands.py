@@ -351,3 +351,97 @@ def test_the_good_commands_still_run(kit: Kit, capsys) -> None:
     )
     r = run_cli(["trace", "bundled", "-o", kit.path("bundled-ok.parquet")], capsys)
     assert r.rc == 0, r.err
+
+
+# -- mer validate ------------------------------------------------------------------------------
+def _grid(configs: Any, **extra: Any) -> str:
+    return json.dumps({"configs": configs, **extra}, allow_nan=True)
+
+
+GOOD_CFG = {"name": "a", "policy": "lru", "cache_slots": 16}
+GRID_CASES: dict[str, str | bytes] = {
+    "empty": "",
+    "not-json": "{configs: []}",
+    "deep": "[" * 100_000 + "]" * 100_000,
+    "binary": b"\xff\xfe\x00\x01",
+    "list": "[]",
+    "configs-missing": json.dumps({"calibration": GOOD_CFG}),
+    "configs-object": _grid({"a": 1}),
+    "configs-empty": _grid([]),
+    "entry-string": _grid(["a"]),
+    "entry-no-name": _grid([{"policy": "lru"}]),
+    "name-path": _grid([{**GOOD_CFG, "name": "../escape"}]),
+    "name-hidden": _grid([{**GOOD_CFG, "name": ".x"}]),
+    "name-number": _grid([{**GOOD_CFG, "name": 5}]),
+    "slots-zero": _grid([{**GOOD_CFG, "cache_slots": 0}]),
+    "slots-nan": _grid([{**GOOD_CFG, "cache_slots": float("nan")}]),
+    "slots-string": _grid([{**GOOD_CFG, "cache_slots": "16"}]),
+    "chunk-misaligned": _grid([{**GOOD_CFG, "chunk_bytes": 5000}]),
+    "queue-huge": _grid([{**GOOD_CFG, "queue_depth": 10**6}]),
+    "policy-unknown": _grid([{**GOOD_CFG, "policy": "nosuch"}]),
+    "predictor-unknown": _grid([{**GOOD_CFG, "predictor": "nosuch"}]),
+    "scope-unknown": _grid([{**GOOD_CFG, "scope": "diagonal"}]),
+    "names-repeat": _grid([GOOD_CFG, GOOD_CFG]),
+    "calibration-string": _grid([GOOD_CFG], calibration="cal"),
+}
+
+
+@pytest.mark.parametrize("name", list(GRID_CASES))
+def test_validate_refuses_bad_grids(kit: Kit, name: str, capsys) -> None:
+    grid = kit.path(f"grid-{name}.json")
+    data = GRID_CASES[name]
+    grid.write_bytes(data if isinstance(data, bytes) else data.encode())
+    out = kit.path("validate-out")
+    assert_bad(
+        [
+            "validate",
+            kit.mix,
+            "--experts",
+            kit.gguf,
+            "--hardware",
+            kit.profile,
+            "--grid",
+            grid,
+            "-o",
+            out,
+        ],
+        capsys,
+    )
+    assert not out.exists()
+
+
+VALIDATE_FLAGS = [
+    ["--tokens", "0"],
+    ["--tokens", "x"],
+    ["--repeats", "0"],
+    ["--repeats", "1000"],
+    ["--drift", "nan"],
+    ["--drift", "-1"],
+    ["--drift", "0"],
+    ["--queue-depth", "100000"],
+    ["--chunk-bytes", "5000"],
+    ["--threads", "0"],
+    ["--io", "x"],
+    ["--grid", "nosuch"],
+    ["--hardware", "nosuch"],
+]
+
+
+@pytest.mark.parametrize("flags", VALIDATE_FLAGS, ids=[" ".join(f) for f in VALIDATE_FLAGS])
+def test_validate_flags(kit: Kit, flags: list[str], capsys) -> None:
+    argv = ["validate", kit.mix, "--experts", kit.gguf, "-o", kit.path("validate-out"), *flags]
+    if flags[0] != "--hardware":
+        argv += ["--hardware", kit.profile]
+    assert_bad(argv, capsys)
+
+
+def test_validate_outputs_and_inputs(kit: Kit, capsys) -> None:
+    base = ["validate", kit.mix, "--hardware", kit.profile]
+    f = kit.path("validate-file")
+    f.write_text("x")
+    for out in (f, Path("/dev/null"), kit.path("plain") / "sub"):
+        if out.parent.name == "plain":
+            out.parent.write_text("x")
+        assert_bad([*base, "--experts", kit.gguf, "-o", out], capsys)
+    for experts in (kit.fifo, Path("/proc/self/mem"), kit.trace):
+        assert_bad([*base, "--experts", experts, "-o", kit.path("validate-out")], capsys)
