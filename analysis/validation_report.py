@@ -15,15 +15,17 @@ from typing import Any, cast
 import numpy as np
 import pandas as pd
 
-from mer.analysis.plots import POLICY_COLORS, _log_axis, _styled, _subplots, save, wrap_title
+from mer.analysis import style
+from mer.analysis.plots import wrap_title
 from mer.analysis.report import md_table
 
 BAND = 0.05
 
 
-@_styled
+@style.styled
 def plot_validation(table: pd.DataFrame, summary: dict[str, Any], out: str | Path) -> list[Path]:
-    fig, ax = _subplots(1, 1, figsize=(7.4, 6.2))
+    fig, axes = style.figure(width="column", height=3.8)
+    ax = axes[0, 0]
     tps = table[table["metric"] == "tokens/s"]
     cal = tps[tps["stage"] == "calibrated"]
     unc = tps[tps["stage"] == "uncalibrated"]
@@ -52,9 +54,9 @@ def plot_validation(table: pd.DataFrame, summary: dict[str, Any], out: str | Pat
             zorder=3,
             label="before calibration (probe only)",
         )
-    for i, r in enumerate(cast(list[dict[str, Any]], cal.to_dict("records"))):
+    for r in cast(list[dict[str, Any]], cal.to_dict("records")):
         m, p = float(r["measured"]), float(r["predicted"])
-        color = POLICY_COLORS.get(str(r["policy"]), f"C{i % 10}")
+        color = style.policy_color(str(r["policy"]))
         ax.errorbar(
             [m],
             [p],
@@ -77,8 +79,8 @@ def plot_validation(table: pd.DataFrame, summary: dict[str, Any], out: str | Pat
     ax.errorbar(
         [], [], xerr=[], fmt="o", color="0.2", capsize=3, label="calibrated (bar: measured min-max)"
     )
-    _log_axis(ax, "x")
-    _log_axis(ax, "y")
+    style.log_axis(ax, "x")
+    style.log_axis(ax, "y")
     ax.set_xlim(lo, hi)
     ax.set_ylim(lo, hi)
     ax.set_aspect("equal", adjustable="box")
@@ -95,7 +97,7 @@ def plot_validation(table: pd.DataFrame, summary: dict[str, Any], out: str | Pat
     if med is not None:
         title += f"\nmedian abs. error of tokens/s {med * 100:.1f}% (calibrated)"
     ax.set_title(wrap_title(title, 80), fontsize=9)
-    return save(fig, out)
+    return style.save(fig, out)
 
 
 def _pct(v: Any) -> str:
