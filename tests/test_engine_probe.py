@@ -69,6 +69,24 @@ def test_fit_recovers_a_device_that_follows_the_model(channels: int) -> None:
     assert fit["latency_s"] == lat
 
 
+def test_channels_are_never_more_than_one_read_can_fill() -> None:
+    """A 1.5 MiB expert in 512 KiB chunks has 3 chunks: deeper queues repeat the QD-4
+    measurement (noise), so their plateau must not become the device's channel count."""
+    read_bytes = 1512 << 10
+    bw = {1: 0.3e9, 2: 0.5e9, 4: 0.6e9, 8: 0.62e9, 16: 0.9e9, 64: 1.0e9}  # noise past QD 4
+    pts = [ReadPoint(q, 512 << 10, 10, 10 * read_bytes, 10 * read_bytes / b) for q, b in bw.items()]
+    fit = _result(pts, 50e-6, read_bytes).fit_ssd()
+    assert fit["channels"] <= 3
+    assert fit["measured_bandwidth_bytes_per_s"] <= 0.6e9
+    # one expert alone takes what was measured for it, as before
+    ssd = SSDProfile(
+        fit["latency_s"], fit["bandwidth_bytes_per_s"], fit["channels"], fit["chunk_bytes"]
+    )
+    assert ssd.read_time(read_bytes) == pytest.approx(
+        read_bytes / fit["measured_bandwidth_bytes_per_s"], rel=1e-9
+    )
+
+
 def test_fitted_profile_reproduces_the_measured_read_time() -> None:
     # Measurements that follow no model: the fit must still make the simulator's
     # read_time of one expert equal the time measured at the chosen queue depth.
@@ -115,13 +133,13 @@ def test_quick_probe_writes_a_loadable_profile_and_deletes_its_file(tmp_path: Pa
     prof = load_profile(out)
     assert prof.name == printed["name"]
     probe = prof.extra["probe"]
-    assert prof.ssd.channels in {p["queue_depth"] for p in probe["points"]}
+    n_chunks = -(-probe["expert_read_bytes"] // prof.ssd.chunk_bytes)
+    assert prof.ssd.channels in {p["queue_depth"] for p in probe["points"]} | {n_chunks}
+    assert prof.ssd.channels <= max(n_chunks, 1)
     assert prof.ssd.chunk_bytes in {p["chunk_bytes"] for p in probe["points"]}
-    assert prof.ssd.bandwidth_bytes_per_s >= max(
-        p["bandwidth_bytes_per_s"]
-        for p in probe["points"]
-        if p["queue_depth"] == prof.ssd.channels and p["chunk_bytes"] == prof.ssd.chunk_bytes
-    ) * (1 - 1e-9)
+    assert prof.ssd.bandwidth_bytes_per_s >= probe["fit"]["measured_bandwidth_bytes_per_s"] * (
+        1 - 1e-9
+    )
     assert prof.compute.ffn_bytes_per_s > 0 and prof.memory.read_bandwidth_bytes_per_s > 0
     # the kernel that runs is the one measured, and it is reported next to memory
     want = "native" if native_available() else "numpy"

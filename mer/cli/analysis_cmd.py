@@ -209,7 +209,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--tokens",
         type=positive_int,
-        default=128,
+        default=96,
         help="the trace window (first N tokens) the sweep predicts and the real engine runs",
     )
     p.add_argument("--quick", action="store_true", help="smaller sweep and run (for tests)")

@@ -19,7 +19,9 @@ with the engine's own code paths, on the disk and CPU the engine will run on:
 It then fits the simulator's SSD model (`sim.hardware.SSDProfile`: a chunk costs
 latency + chunk / (bandwidth / channels)): `latency_s` is the QD1 4 KiB latency,
 `chunk_bytes` the chunk size of the best bandwidth, `channels` the smallest queue
-depth reaching 90% of the best bandwidth, and `bandwidth_bytes_per_s` is chosen
+depth reaching 90% of the best bandwidth (counting only queue depths one read of
+the shape's expert can fill: at most its number of chunks), and
+`bandwidth_bytes_per_s` is chosen
 so that the model reproduces the bandwidth measured at that queue depth. The raw
 grid goes into the profile's `extra` so the fit can be checked.
 """
@@ -128,18 +130,35 @@ class ProbeResult:
     memory_read_1thread_bytes_per_s: float = 0.0
     memory_read_kind: str = "numpy"  # "native" (the C module's loads) | "numpy"
 
+    def observable(self) -> list[ReadPoint]:
+        """The points whose queue depth one read could fill.
+
+        Reads are timed one at a time, so a read of n chunks never has more than n in flight:
+        queue depths beyond the first >= n repeat that measurement and say nothing about how
+        many requests the device serves at once (on small experts they are noise, and taking
+        their plateau as channels credits the device with parallelism nobody saw).
+        """
+        out = []
+        for chunk in {p.chunk_bytes for p in self.points}:
+            n = max(1, -(-self.expert_read_bytes // chunk))
+            qds = sorted(p.queue_depth for p in self.points if p.chunk_bytes == chunk)
+            cap = next((q for q in qds if q >= n), qds[-1])
+            out += [p for p in self.points if p.chunk_bytes == chunk and p.queue_depth <= cap]
+        return out
+
     def best(self) -> ReadPoint:
-        return max(self.points, key=lambda p: p.bandwidth)
+        return max(self.observable(), key=lambda p: p.bandwidth)
 
     def fit_ssd(self) -> dict[str, Any]:
         """latency, chunk, channels and the model bandwidth reproducing the measurement."""
         best = self.best()
         same_chunk = sorted(
-            (p for p in self.points if p.chunk_bytes == best.chunk_bytes),
+            (p for p in self.observable() if p.chunk_bytes == best.chunk_bytes),
             key=lambda p: p.queue_depth,
         )
         sat = next(p for p in same_chunk if p.bandwidth >= SATURATION * best.bandwidth)
-        channels = sat.queue_depth
+        n_chunks = max(1, -(-self.expert_read_bytes // best.chunk_bytes))
+        channels = min(sat.queue_depth, n_chunks)
         chunk = best.chunk_bytes
         lat = self.latency_s
         # One expert alone: ceil(n / C) rounds of (lat + c' C / B), c' = read / n; solve for B.
