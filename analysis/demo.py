@@ -121,9 +121,9 @@ def run_demo(
     rounds: int = ROUNDS,
 ) -> Path:
     t0 = time.perf_counter()
+    get_shape(shape)  # fail early on a bad --shape, before anything is written
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    get_shape(shape)  # fail early on a bad --shape
 
     _say("1. the real trace (Mixtral 8x7B routing published by mixtral-offloading, MIT)")
     trace = out / "trace.parquet"

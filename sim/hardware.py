@@ -125,7 +125,7 @@ class HardwareProfile:
             raise BadInput(f"{where}: expected a JSON object, got {type(d).__name__}.")
         for section in ("ssd", "compute", "memory"):
             if not isinstance(d.get(section), dict):
-                raise BadInput(f"{where}: missing object field {section!r}.")
+                raise BadInput(f"{where}: field {section!r} is missing or not a JSON object.")
 
         def need(section: str, name: str) -> Any:
             sec = d[section]
@@ -223,6 +223,11 @@ def bundled_profiles() -> list[str]:
 def load_profile(name_or_path: str | Path) -> HardwareProfile:
     """A bundled profile by name, or a JSON file by path (`--hardware NAME|PATH`)."""
     text = str(name_or_path)
+    if not text.strip():
+        raise BadInput(
+            "hardware profile: empty name; give a bundled name "
+            f"({', '.join(bundled_profiles())}) or a JSON file from `mer probe -o FILE`."
+        )
     path = Path(text)
     if not path.exists() and not text.endswith(".json") and "/" not in text:
         path = PROFILE_DIR / f"{text}.json"

@@ -604,7 +604,8 @@ def simulate(
     tok_hits = per_token(rec.hits)
     tok_reads = per_token(rec.reads)
     tok_io = per_token(rec.io) * sec
-    read_lat = np.asarray(read_ticks, dtype=np.int64) * sec
+    # sorted: the mean must not depend on the order an engine met the reads in
+    read_lat = np.sort(np.asarray(read_ticks, dtype=np.int64)) * sec
     table = tr.token_table()
     tokens = pd.DataFrame(
         {

@@ -31,9 +31,9 @@ def full(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return p
 
 
-def _prompts(tmp_path: Path) -> Path:
+def _prompts(tmp_path: Path, n: int = 3) -> Path:
     f = tmp_path / "p.txt"
-    f.write_text(PROMPTS)
+    f.write_text("".join(PROMPTS.splitlines(keepends=True)[:n]))
     return f
 
 
@@ -105,8 +105,8 @@ def test_generate_resumes_per_prompt(full: Path, tmp_path: Path) -> None:
 
     model = MoeModel.open(full)
     tok = load_tokenizer(full)
-    prompts = load_prompts(_prompts(tmp_path))
-    opts = GenerateOptions(max_new_tokens=4, sample=True, seed=3, logits=True)
+    prompts = load_prompts(_prompts(tmp_path, 2))
+    opts = GenerateOptions(max_new_tokens=3, sample=True, seed=3, logits=True)
     whole = tmp_path / "whole.parquet"
     cut = tmp_path / "cut.parquet"
     rc, ec = ReplayConfig(cache_slots=16), EngineConfig(threads=1)
@@ -134,7 +134,7 @@ def test_generate_resumes_per_prompt(full: Path, tmp_path: Path) -> None:
     # Other settings must not be mixed into an interrupted run.
     with pytest.raises(Stop):
         generate_run(model, tok, prompts, rc, ec, opts, out=cut, on_prompt_done=stop_after_first)
-    other = GenerateOptions(max_new_tokens=5, sample=True, seed=3, logits=True)
+    other = GenerateOptions(max_new_tokens=4, sample=True, seed=3, logits=True)
     from mer.errors import BadInput
 
     with pytest.raises(BadInput, match="different settings"):
@@ -151,7 +151,7 @@ def test_generate_with_prefetch_runs_live(full: Path, tmp_path: Path) -> None:
 
     model = MoeModel.open(full)
     tok = load_tokenizer(full)
-    prompts = load_prompts(_prompts(tmp_path))
+    prompts = load_prompts(_prompts(tmp_path, 2))
     for pred in ("lookahead", "previous-token"):
         rc = ReplayConfig(cache_slots=24, predictor=pred, pipeline_depth=1)
         res = generate_run(

@@ -363,8 +363,7 @@ def _normalise_frame(df: pd.DataFrame, where: str) -> pd.DataFrame:
         if col.isna().any():
             bad = np.flatnonzero(col.isna().to_numpy())[:5].tolist()
             raise TraceError(
-                f"{where}: column {name!r} has nulls (rows {bad}); every routed expert needs "
-                f"a {name}."
+                f"{where}: column {name!r} has nulls (rows {bad}); every row needs a value there."
             )
         if not pd.api.types.is_integer_dtype(col.dtype):
             raise TraceError(f"{where}: column {name!r} must be integer, found {col.dtype}.")

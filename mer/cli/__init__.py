@@ -94,17 +94,25 @@ def _show_note(
 @contextlib.contextmanager
 def _session() -> Iterator[None]:
     """Notes as plain lines and SIGTERM as an exception, restored afterwards (in-process use)."""
-    old_term = None
+    old: dict[int, Any] = {}
     if threading.current_thread() is threading.main_thread():
-        old_term = signal.signal(signal.SIGTERM, _on_sigterm)
+        old[signal.SIGINT] = signal.getsignal(signal.SIGINT)
+        old[signal.SIGTERM] = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_note
             warnings.simplefilter("always", MerNote)
             yield
     finally:
-        if old_term is not None:
-            signal.signal(signal.SIGTERM, old_term)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def _stop_listening() -> None:
+    """After the first interrupt, cleanup and exit must not be interrupted again."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _unexpected(exc: BaseException) -> int:
@@ -147,9 +155,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"mer: error: {exc}", file=sys.stderr)
             return exc.exit_code
         except KeyboardInterrupt:
+            _stop_listening()
             print("mer: interrupted; finished results were kept, rerun to resume.", file=sys.stderr)
             return 130
         except Terminated:
+            _stop_listening()
             print("mer: terminated; finished results were kept, rerun to resume.", file=sys.stderr)
             return 143
         except BrokenPipeError:

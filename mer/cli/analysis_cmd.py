@@ -315,6 +315,14 @@ def cmd_plot_sweep(args: argparse.Namespace) -> int:
     from mer.analysis.bounds import tokens_per_s_bounds
     from mer.analysis.plots import plot_sweep_tokens_per_s
 
+    if args.hardware:  # asked for by name: a bad one is an error, not a missing bound
+        from mer.sim.hardware import load_profile
+
+        load_profile(args.hardware)
+    if args.shape:
+        from mer.shapes import get_shape
+
+        get_shape(args.shape)
     df = _read_parquet(args.sweep, "sweep results")
     _require_cols(df, args.sweep, {"policy", "predictor", "cache_slots", "tokens_per_s"})
     bounds: dict[str, float] = {}

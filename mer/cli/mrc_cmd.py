@@ -89,7 +89,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scheduler", default=None, help="dask scheduler address (--backend dask)")
     p.add_argument(
         "--processes",
-        type=positive_int,
+        type=int_range(1, 256),
         default=None,
         help="worker processes (default: every CPU of this machine)",
     )

@@ -15,7 +15,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from mer.cli.common import emit, input_file, note, output_file, positive_int
+from mer.cli.common import emit, input_file, int_range, note, output_file
 from mer.traces.format import PHASES, Trace, read_trace, write_trace
 from mer.traces.importers import IMPORTERS, ImportOptions, import_trace
 
@@ -48,22 +48,22 @@ def register(tsub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="model name for the metadata (default: the format's)")
     p.add_argument(
         "--n-layers",
-        type=positive_int,
+        type=int_range(1, 1 << 15),
         help="number of MoE layers (default: the format's, or inferred as max layer + 1)",
     )
     p.add_argument(
         "--n-experts",
-        type=positive_int,
+        type=int_range(1, 1 << 15),
         help="experts per layer (default: the format's, or inferred as max expert + 1)",
     )
     p.add_argument(
         "--top-k",
-        type=positive_int,
+        type=int_range(1, 127),
         help="experts per token and layer (default: the format's, or inferred)",
     )
     p.add_argument(
         "--experts-per-layer",
-        type=positive_int,
+        type=int_range(1, 1 << 15),
         help="record the real geometry of a flat-id trace (seed-jsonl) in the metadata",
     )
     p.add_argument("--provenance", help="provenance text for the metadata (default: derived)")
@@ -201,7 +201,7 @@ def trace_summary(trace: Trace, path: Path) -> dict[str, Any]:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    trace = read_trace(args.file)
+    trace = read_trace(args.file, with_logits=True)  # full validation: logits too
     info = trace_summary(trace, args.file)
     ph = info["tokens_per_phase"]
     text = (

@@ -646,26 +646,31 @@ def _open_packed(d: Path) -> ExpertStore:
     dense: dict[int, dict[str, ByteRange]] = {}
     raw_dense = validate.obj(where, "dense", m.get("dense"))
     dense_path = d / PACK_DENSE
-    if raw_dense:
+    parsed: dict[int, dict[str, list[Any]]] = {}
+    for key, entry in raw_dense.items():
+        try:
+            layer = int(key)
+        except ValueError:
+            raise BadInput(f"{where}: dense key {key!r} is not a layer number.") from None
+        if not 0 <= layer < shape.n_layers:
+            raise BadInput(f"{where}: dense layer {layer} outside 0..{shape.n_layers - 1}.")
+        entry = validate.obj(where, f"dense.{key}", entry, optional=False)
+        for k in DENSE_KINDS:
+            v = entry.get(k)
+            if not (isinstance(v, list) and len(v) == 2):
+                raise BadInput(f"{where}: dense.{key}.{k} must be [offset, length], got {v!r}.")
+        parsed[layer] = entry
+    if parsed:
         if not dense_path.exists():
             raise BadInput(f"{dense_path}: missing but the manifest lists dense tensors.")
         check_input(dense_path, "packed dense tensors")
         dsize = dense_path.stat().st_size
-        for key, entry in raw_dense.items():
-            try:
-                layer = int(key)
-            except ValueError:
-                raise BadInput(f"{where}: dense key {key!r} is not a layer number.") from None
-            if not 0 <= layer < shape.n_layers:
-                raise BadInput(f"{where}: dense layer {layer} outside 0..{shape.n_layers - 1}.")
-            entry = validate.obj(where, f"dense.{key}", entry, optional=False)
+        for layer, entry in parsed.items():
             rs = {}
             for k in DENSE_KINDS:
-                v = entry.get(k)
-                if not (isinstance(v, list) and len(v) == 2):
-                    raise BadInput(f"{where}: dense.{key}.{k} must be [offset, length], got {v!r}.")
-                off = validate.integer(where, f"dense.{key}.{k}[0]", v[0], lo=0, hi=dsize)
-                n = validate.integer(where, f"dense.{key}.{k}[1]", v[1], lo=1, hi=dsize - off)
+                v = entry[k]
+                off = validate.integer(where, f"dense.{layer}.{k}[0]", v[0], lo=0, hi=dsize)
+                n = validate.integer(where, f"dense.{layer}.{k}[1]", v[1], lo=1, hi=dsize - off)
                 rs[k] = ByteRange(off, n)
             dense[layer] = rs
     extra = {"slot_bytes_manifest": slot, "source": validate.obj(where, "source", m.get("source"))}

@@ -24,13 +24,16 @@ victim, slot, prefetch) comes from the shared decision core
 before its FFNs.
 
 Buffers: `cache_slots` slot buffers of `store.slot_bytes` each, preallocated,
-page aligned and pre-faulted, plus `top_k` scratch buffers. Scratch serves
-two degenerate cases of caches smaller than a step: a bypass read (the core
-found no victim: Admission.slot is None) and a step key that is a hit but
-is chosen as the victim of an earlier-ranked miss of the same step (its
-bytes are copied to scratch before the slot is overwritten, then computed in
-rank order). Nothing else is allocated per step beyond the FFN's own
-activations, so memory stays at cache + a fixed working set.
+page aligned, pre-faulted and registered with io_uring, plus `top_k` scratch
+buffers. Scratch serves two degenerate cases of caches smaller than a step: a
+bypass read (the core found no victim: Admission.slot is None) and a step key
+that is a hit but is chosen as the victim of an earlier-ranked miss of the
+same step (its bytes are copied to scratch before the slot is overwritten,
+then computed in rank order). Scratch is mapped but neither pre-faulted nor
+registered: a run that never needs it never holds it (for mixtral-8x7b that
+is 200 MiB), and one that does pays a page fault the first time. Nothing else
+is allocated per step beyond the FFN's own activations, so memory stays at
+cache + a fixed working set.
 """
 
 from __future__ import annotations
@@ -255,8 +258,7 @@ class ExpertStreamer:
         self.scratch_buf = aligned_empty(self.top_k * slot_bytes)
         # Pre-fault every page now, so the run measures reads and compute, not page faults,
         # and RSS shows the whole preallocation from the start.
-        self.cache_buf[::4096] = 0
-        self.scratch_buf[::4096] = 0
+        self.cache_buf[::4096] = 0  # scratch stays untouched until a bypass or stash needs it
         self.slots = [self.cache_buf[i * slot_bytes : (i + 1) * slot_bytes] for i in range(n)]
         self.scratch = [
             self.scratch_buf[i * slot_bytes : (i + 1) * slot_bytes] for i in range(self.top_k)
@@ -265,14 +267,14 @@ class ExpertStreamer:
     def _register(self, reader: Reader) -> tuple[bool, str]:
         if not self.cfg.register_buffers:
             return False, "disabled"
-        total = self.cache_buf.nbytes + self.scratch_buf.nbytes
+        total = self.cache_buf.nbytes
         soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
         if soft != resource.RLIM_INFINITY and total > soft:
             return False, (
                 f"{total >> 20} MiB of buffers exceed RLIMIT_MEMLOCK ({soft >> 10} KiB): "
                 "plain reads into page-aligned buffers"
             )
-        ok = reader.register_buffers([self.cache_buf, self.scratch_buf])
+        ok = reader.register_buffers([self.cache_buf])
         return ok, "registered" if ok else "refused by the kernel"
 
     # ---- one step ----------------------------------------------------------------------

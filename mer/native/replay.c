@@ -213,6 +213,8 @@ static int32_t h_take_first(kheap *h, const void *s, before_fn before, const mer
 typedef struct {
     int32_t *prv, *nxt;
     int32_t S;
+    const uint8_t *pinned; /* pins never enter the queue: they are never victims, and
+                              leaving them out changes no other key's order */
 } Queue;
 
 #define QUEUE_ARRAYS(s, a, c)                                               \
@@ -228,14 +230,15 @@ static void queue_init(void *sv, const mer_ctx *c) {
     for (int32_t i = 0; i < c->n_keys; i++) s->prv[i] = s->nxt[i] = -1;
     s->S = c->n_keys;
     l_init(s->prv, s->nxt, s->S);
+    s->pinned = c->pinned;
 }
 static void queue_insert(void *sv, int32_t x) {
     Queue *s = sv;
-    l_push(s->prv, s->nxt, s->S, x);
+    if (!(s->pinned && s->pinned[x])) l_push(s->prv, s->nxt, s->S, x);
 }
 static void queue_remove(void *sv, int32_t x) {
     Queue *s = sv;
-    l_unlink(s->prv, s->nxt, x);
+    if (s->prv[x] >= 0) l_unlink(s->prv, s->nxt, x);
 }
 static int32_t queue_evict(void *sv, const mer_prot *p) {
     Queue *s = sv;

@@ -99,7 +99,11 @@ def iter_jsonl(src: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise BadInput(f"{src}:{i}: not valid JSON ({exc.msg} at column {exc.colno}).") from exc
+            raise BadInput(
+                f"{src}:{i}: not valid JSON ({exc.msg} at column {exc.colno})."
+            ) from None
+        except RecursionError:
+            raise BadInput(f"{src}:{i}: JSON nested too deeply to be a routing record.") from None
         if not isinstance(rec, dict):
             raise BadInput(f"{src}:{i}: expected a JSON object, got {type(rec).__name__}.")
         yield i, rec
@@ -109,7 +113,22 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def field_int(rec: dict[str, Any], key: str, src: Path, line: int, *, minimum: int = 0) -> int:
+#: What trace format v1's columns hold: seq and token int32, layer and expert int16.
+MAX_INT32 = (1 << 31) - 1
+MAX_INT16 = (1 << 15) - 1
+
+
+def field_int(
+    rec: dict[str, Any],
+    key: str,
+    src: Path,
+    line: int,
+    *,
+    minimum: int = 0,
+    maximum: int | None = None,
+) -> int:
+    """An integer field in [minimum, maximum] (default: int32 for positions, int16 for
+    `layer`), as the trace columns hold them."""
     if key not in rec:
         raise BadInput(f"{src}:{line}: record has no {key!r} field (fields: {', '.join(rec)}).")
     v = rec[key]
@@ -117,6 +136,12 @@ def field_int(rec: dict[str, Any], key: str, src: Path, line: int, *, minimum: i
         raise BadInput(f"{src}:{line}: {key!r} must be an integer, got {v!r}.")
     if v < minimum:
         raise BadInput(f"{src}:{line}: {key!r} must be >= {minimum}, got {v}.")
+    hi = maximum if maximum is not None else (MAX_INT16 if key == "layer" else MAX_INT32)
+    if v > hi:
+        raise BadInput(
+            f"{src}:{line}: {key!r} is {v}, more than trace format v1 holds ({hi}); "
+            "is the field what the format says?"
+        )
     return int(v)
 
 
@@ -128,6 +153,13 @@ def field_int_list(rec: dict[str, Any], key: str, src: Path, line: int) -> list[
         raise BadInput(f"{src}:{line}: {key!r} must be a non-empty list of integers, got {v!r}.")
     if any(x < 0 for x in v):
         raise BadInput(f"{src}:{line}: {key!r} has a negative expert id: {v}.")
+    if any(x > MAX_INT16 for x in v):
+        raise BadInput(
+            f"{src}:{line}: {key!r} has an expert id above {MAX_INT16} (trace format v1 "
+            f"holds int16 ids): {v!r:.80}."
+        )
+    if len(v) > 127:
+        raise BadInput(f"{src}:{line}: {key!r} lists {len(v)} experts; top-k is at most 127.")
     if len(set(v)) != len(v):
         raise BadInput(f"{src}:{line}: {key!r} lists the same expert twice: {v}.")
     return [int(x) for x in v]

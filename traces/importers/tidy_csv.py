@@ -41,7 +41,9 @@ def _ints(df: pd.DataFrame, name: str, src: Path, *, nullable: bool = False) -> 
     bad = (num.isna() & ~blank) | (blank & (not nullable))
     values = num.to_numpy(dtype=np.float64, na_value=np.nan)
     frac = np.isfinite(values) & (values != np.round(values))
-    bad_arr = bad.to_numpy(dtype=bool) | frac
+    # inf, and values no integer column of format v1 holds (beyond int32), are not ids
+    wild = ~np.isnan(values) & (~np.isfinite(values) | (np.abs(values) > 2**31))
+    bad_arr = bad.to_numpy(dtype=bool) | frac | wild
     if bad_arr.any():
         i = int(np.flatnonzero(bad_arr)[0])
         raise BadInput(

@@ -38,8 +38,10 @@ from typing import Any, ClassVar
 import numpy as np
 
 from mer.errors import BadInput
+from mer.guard import input_file
 from mer.traces.format import Trace, TraceMeta, from_arrays, read_trace
 from mer.traces.stats import consecutive_pairs, ranks_look_sorted, repetition_shares
+from mer.traces.synth.base import check_size
 
 CALIBRATION_TOKENS = 6000
 CALIBRATION_ROUNDS = 5
@@ -238,6 +240,9 @@ class Fitted:
     ) -> None:
         if tokens < 2:
             raise BadInput(f"--tokens must be >= 2, got {tokens}.")
+        if not 0 <= seed < 2**63:
+            raise BadInput(f"--seed must be from 0 to 2**63-1, got {seed}.")
+        check_size(tokens, source.n_layers, source.top_k)
         self.source = source.select_phase(phase)
         self.tokens = tokens
         self.seed = seed
@@ -250,7 +255,7 @@ class Fitted:
         p.add_argument(
             "--from",
             dest="source",
-            type=Path,
+            type=input_file,
             required=True,
             metavar="TRACE",
             help="real trace to learn from (.parquet)",

@@ -24,6 +24,7 @@ and popularity is skewed within groups, which is what a cache sees.
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
@@ -31,6 +32,7 @@ import numpy as np
 
 from mer.errors import BadInput
 from mer.traces.format import Trace, TraceMeta, from_arrays
+from mer.traces.synth.base import check_size
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,8 @@ class ClusteredParams:
     def check(self) -> None:
         if self.layers < 1 or self.tokens < 1:
             raise BadInput("--layers and --tokens must be >= 1.")
+        if self.layers > 1024:
+            raise BadInput(f"--layers must be at most 1024, got {self.layers}.")
         if not 1 <= self.experts <= np.iinfo(np.int16).max:
             raise BadInput(f"--experts must be in 1..32767, got {self.experts}.")
         if self.clusters < 1 or self.experts % self.clusters:
@@ -58,12 +62,15 @@ class ClusteredParams:
                 f"--top-k ({self.top_k}) must be between 1 and the group size "
                 f"experts/clusters = {self.experts // self.clusters}."
             )
-        if not 0.0 <= self.stickiness <= 1.0:
+        if not (math.isfinite(self.stickiness) and 0.0 <= self.stickiness <= 1.0):
             raise BadInput(f"--stickiness must be in [0, 1], got {self.stickiness}.")
-        if not self.concentration > 0:
-            raise BadInput(f"--concentration must be > 0, got {self.concentration}.")
-        if self.seed < 0:
-            raise BadInput(f"--seed must be >= 0, got {self.seed}.")
+        if not (math.isfinite(self.concentration) and self.concentration > 0):
+            raise BadInput(
+                f"--concentration must be a finite number > 0, got {self.concentration}."
+            )
+        if not 0 <= self.seed < 2**63:
+            raise BadInput(f"--seed must be from 0 to 2**63-1, got {self.seed}.")
+        check_size(self.tokens, self.layers, self.top_k)
 
 
 def generate_experts(p: ClusteredParams) -> np.ndarray:

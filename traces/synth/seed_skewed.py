@@ -24,6 +24,7 @@ import numpy as np
 
 from mer.errors import BadInput
 from mer.traces.format import Trace, TraceMeta, from_arrays
+from mer.traces.synth.base import check_size
 
 MASK64 = (1 << 64) - 1
 GOLDEN = 0x9E3779B97F4A7C15
@@ -102,12 +103,13 @@ class SkewedParams:
             raise BadInput(f"--top-k must be in 1..--experts ({self.experts}), got {self.top_k}.")
         if not (math.isfinite(self.zipf_s) and self.zipf_s >= 0):
             raise BadInput(f"--zipf-s must be a finite number >= 0, got {self.zipf_s}.")
-        if not 0.0 <= self.correlation <= 1.0:
+        if not (math.isfinite(self.correlation) and 0.0 <= self.correlation <= 1.0):
             raise BadInput(f"--correlation must be in [0, 1], got {self.correlation}.")
         if not 0 <= self.seed <= MASK64:
             raise BadInput(f"--seed must be an unsigned 64-bit integer, got {self.seed}.")
         if self.iterations < 1:
             raise BadInput(f"--iterations must be >= 1, got {self.iterations}.")
+        check_size(self.iterations, 1, self.top_k, "--iterations")
         if self.experts_per_layer < 1 or self.experts % self.experts_per_layer:
             raise BadInput(
                 f"--experts-per-layer ({self.experts_per_layer}) must divide --experts "
