@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,15 @@ from mer.workers import process_pool
 SCOPES = ("global", "per-layer")
 ONE_PASS = ("lru", "opt")
 COLUMNS = ["policy", "scope", "cache_slots", "hits", "misses", "hit_rate"]
+#: Beside every hit rate: the share of the LRU->OPT gap it closes, and the same after the
+#: warm-up window (steady state). `warm_*` count only the lookups after the window.
+GAP_COLUMNS = [
+    "gap_closed",
+    "warm_hits",
+    "warm_misses",
+    "warm_hit_rate",
+    "warm_gap_closed",
+]
 
 
 # -- curves per scope ---------------------------------------------------------------------
@@ -197,6 +206,7 @@ def compiled_hits(
             for c in caps_g:
                 obj = make_policy(policy, c, **(params or {}))
                 obj.attach_keyspace(keyspace)
+                obj.attach_geometry(n_layers, n_experts)
                 rows.append(native_replay.policy_params(pol, obj))
             par = np.asarray(rows, dtype=np.float64).reshape(len(caps_g), len(pol.params))
             tick = None
@@ -252,6 +262,8 @@ class MRCRequest:
     granularity: str = "step"
     backend: str = "local"
     scheduler: str | None = None  # dask scheduler address (backend "dask")
+    #: steps (at `granularity`) before the steady state: `warm_*` count the rest
+    warmup_steps: int = 0
 
 
 def default_policies(n_layers: int) -> list[str]:
@@ -413,6 +425,16 @@ def compute_mrc(
     processes = req.processes or os.cpu_count() or 1
     if processes < 1:
         raise BadInput(f"--processes must be at least 1, got {processes}.")
+    warm = int(req.warmup_steps)
+    if not 0 <= warm < max(len(steps), 1):
+        raise BadInput(
+            f"warm-up of {warm} steps leaves nothing of this trace's {len(steps)} steps; "
+            "choose a shorter --warmup."
+        )
+    # The gap closed needs LRU and OPT at every size, in every scope.
+    asked = list(req.policies)
+    policies = [*asked, *(p for p in ONE_PASS if p not in asked)]
+    req = replace(req, policies=policies)
     jobs = _jobs(req, sizes, n_layers, processes)
     n_steps = len(steps)
     costs = [_cost(j, n_steps, n_layers, n_experts) for j in jobs]
@@ -441,17 +463,157 @@ def compute_mrc(
             done(job, run_job(job, steps, n_layers, n_experts, progress=tick), seen[0])
     else:
         _run_processes(jobs, costs, steps, n_layers, n_experts, processes, done)
+    warm_hits = _warm_hits(req, results, steps, n_layers, n_experts, sizes, warm)
+    warm_lookups = int(steps[warm:].size)
     rows = []
     for scope in req.scopes:
-        for policy in req.policies:
+        lru, opt = results[("lru", scope)], results[("opt", scope)]
+        wl, wo = warm_hits[("lru", scope)], warm_hits[("opt", scope)]
+        for policy in policies:
             hits = results.get((policy, scope), {})
             for size in sizes:
                 if size not in hits:
                     continue
                 h = hits[size]
-                rows.append((policy, scope, size, h, lookups - h, h / lookups if lookups else 0.0))
-    df = pd.DataFrame(rows, columns=COLUMNS)
-    return df.astype({"cache_slots": "int32", "hits": "int64", "misses": "int64"})
+                w = warm_hits[(policy, scope)][size]
+                rows.append(
+                    (
+                        policy,
+                        scope,
+                        size,
+                        h,
+                        lookups - h,
+                        h / lookups if lookups else 0.0,
+                        gap_share(h, lru[size], opt[size]),
+                        w,
+                        warm_lookups - w,
+                        w / warm_lookups if warm_lookups else 0.0,
+                        gap_share(w, wl[size], wo[size]),
+                    )
+                )
+    df = pd.DataFrame(rows, columns=COLUMNS + GAP_COLUMNS)
+    return df.astype(
+        {
+            "cache_slots": "int32",
+            "hits": "int64",
+            "misses": "int64",
+            "warm_hits": "int64",
+            "warm_misses": "int64",
+        }
+    )
+
+
+def gap_share(hits: float, lru: float, opt: float) -> float:
+    """Share of the LRU->OPT gap closed: 0 at LRU, 1 at OPT; NaN where LRU reaches OPT."""
+    return (hits - lru) / (opt - lru) if opt != lru else float("nan")
+
+
+def _warm_hits(
+    req: MRCRequest,
+    cold: dict[tuple[str, str], dict[int, int]],
+    steps: np.ndarray,
+    n_layers: int,
+    n_experts: int,
+    sizes: list[int],
+    warm: int,
+) -> dict[tuple[str, str], dict[int, int]]:
+    """Hits after the first `warm` steps, per (policy, scope) and size.
+
+    An online policy decides its first `warm` steps from those steps alone (the
+    no-future tests hold every policy to it), so its hits in the window are the
+    hits of a replay of the window: warm = cold - hits(window). OPT looks ahead,
+    so it is replayed whole and counted from the window's end.
+    """
+    if warm == 0:
+        return {key: dict(val) for key, val in cold.items()}
+    from mer.core.policy import POLICIES
+
+    out: dict[tuple[str, str], dict[int, int]] = {}
+    head = steps[:warm]
+    for (policy, scope), hits in cold.items():
+        got = sorted(hits)
+        cls = POLICIES.get(policy)  # None: a libCacheSim policy (online)
+        if cls is not None and cls.needs_future:
+            after = future_warm_hits(policy, steps, n_layers, n_experts, scope, got, warm)
+        else:
+            job = _Job(policy, scope, tuple(got), _kind(req, policy), _params(req, policy))
+            before = run_job(job, head, n_layers, n_experts)
+            after = {c: hits[c] - before[c] for c in got}
+        out[(policy, scope)] = after
+    return out
+
+
+def _params(req: MRCRequest, policy: str) -> tuple[tuple[str, Any], ...]:
+    return tuple(sorted(req.policy_params.get(policy, {}).items()))
+
+
+def _kind(req: MRCRequest, policy: str) -> str:
+    from mer.native import replay as native_replay
+
+    if req.backend == "libcachesim" and policy != "opt":
+        return "libcachesim"
+    if policy in ONE_PASS and not req.policy_params.get(policy):
+        return "one-pass"
+    return "compiled" if native_replay.lookup(policy) is not None else "replay"
+
+
+def future_warm_hits(
+    policy: str,
+    steps: np.ndarray,
+    n_layers: int,
+    n_experts: int,
+    scope: str,
+    sizes: Sequence[int],
+    start: int,
+) -> dict[int, int]:
+    """Hits of an offline policy (OPT) over steps >= start, the whole trace replayed."""
+    from mer.core.policy import make_policy
+    from mer.native import replay as native_replay
+
+    pol = native_replay.lookup(policy)
+    steps = np.ascontiguousarray(steps, dtype=np.int32)
+    if pol is None:
+        out = {}
+        for c in sizes:
+            cfg = ReplayConfig(policy=policy, cache_slots=int(c), scope=scope)
+            rep = Replay(steps, n_layers=n_layers, n_experts=n_experts, config=cfg)
+            before = 0
+            for t in range(rep.n_steps):
+                if t == start:
+                    before = rep.stats.total("hits")
+                for adm in rep.step(t).reads:
+                    rep.complete(adm.key)
+            out[c] = rep.stats.total("hits") - before
+        return out
+    parts = native_replay.split_partitions(steps, n_layers, n_experts, scope)
+    keyspace = n_layers * n_experts if scope == "global" else n_experts
+    if scope == "global":
+        need = [sorted(set(sizes))]
+    else:
+        shares = [split_slots(c, n_layers) for c in sizes]
+        need = [sorted({sh[layer] for sh in shares}) for layer in range(n_layers)]
+    part_hits = []
+    for part, caps in zip(parts, need, strict=True):
+        cut = start if part.tidx is None else int(np.searchsorted(part.tidx, start))
+        got: dict[int, int] = {}
+        caps = [c for c in caps if c > 0]
+        if caps:
+            obj = make_policy(policy, 1)
+            obj.attach_keyspace(keyspace)
+            row = native_replay.policy_params(pol, obj)
+            par = np.asarray([row] * len(caps), dtype=np.float64).reshape(len(caps), len(row))
+            res = native_replay.run_pass(pol, part, caps, par, split=cut)
+            assert res.counts_before is not None
+            for i, c in enumerate(caps):
+                got[c] = int(res.counts[i, 0].sum() - res.counts_before[i, 0].sum())
+        got[0] = 0
+        part_hits.append(got)
+    if scope == "global":
+        return {c: part_hits[0][c] for c in sizes}
+    return {
+        c: sum(part_hits[layer][sh[layer]] for layer in range(n_layers))
+        for c, sh in zip(sizes, shares, strict=True)
+    }
 
 
 _WORKER: dict[str, Any] = {}
@@ -542,19 +704,28 @@ def write_mrc(
 
 
 def plot_mrc(df: pd.DataFrame, path: str | os.PathLike[str], *, title: str, n_total: int) -> Path:
-    """One panel per scope, hit rate vs cache size, OPT drawn as the shaded ceiling."""
+    """One column per scope: hit rate vs cache size with OPT as the shaded ceiling (top),
+    and the share of the LRU->OPT gap each policy closes (bottom; LRU 0%, OPT 100%)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     scopes = [s for s in SCOPES if s in set(df["scope"])]
+    gap = "gap_closed" in df.columns
+    rows = 2 if gap else 1
     fig, axes = plt.subplots(
-        1, len(scopes), figsize=(6.2 * len(scopes), 4.6), sharey=True, squeeze=False
+        rows,
+        len(scopes),
+        figsize=(6.2 * len(scopes), 4.6 + (3.4 if gap else 0)),
+        sharex=True,
+        squeeze=False,
+        gridspec_kw={"height_ratios": [4.6, 3.4] if gap else [1]},
     )
     policies = sorted(set(df["policy"]) - {"opt"})
     cmap = plt.get_cmap("tab10")
-    for ax, scope in zip(axes[0], scopes, strict=True):
+    for col, scope in enumerate(scopes):
+        ax = axes[0][col]
         sub = df[df["scope"] == scope]
         opt = sub[sub["policy"] == "opt"].sort_values("cache_slots")
         if len(opt):
@@ -575,12 +746,24 @@ def plot_mrc(df: pd.DataFrame, path: str | os.PathLike[str], *, title: str, n_to
                 lw=1.3,
                 label=pol,
             )
+            if gap and pol != "lru":
+                axes[1][col].plot(
+                    cur["cache_slots"], 100 * cur["gap_closed"], color=cmap(i % 10), lw=1.3
+                )
         ax.set_title(f"scope: {scope}")
-        ax.set_xlabel(f"cache size (expert slots, of {n_total} experts)")
         ax.set_xlim(0, n_total)
         ax.set_ylim(0, 100)
         ax.grid(True, alpha=0.3)
+        if gap:
+            g = axes[1][col]
+            g.axhline(100, color="black", lw=2.2)
+            g.axhline(0, color="0.4", lw=1.0, ls="--")
+            g.set_ylim(-50, 105)
+            g.grid(True, alpha=0.3)
+        axes[-1][col].set_xlabel(f"cache size (expert slots, of {n_total} experts)")
     axes[0][0].set_ylabel("hit rate (% of expert lookups)")
+    if gap:
+        axes[1][0].set_ylabel("share of the LRU->OPT gap closed (%)\nLRU = 0 (dashed), OPT = 100")
     axes[0][-1].legend(loc="lower right", fontsize=8, framealpha=0.9)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()

@@ -82,6 +82,8 @@ def _run(trace, store, rcfg: ReplayConfig, **kw: object):
         ("lfu", "global", 24),
         ("opt", "global", 40),
         ("fifo", "per-layer", 40),
+        ("cycle", "global", 40),
+        ("cycle", "per-layer", 64),
         ("lru", "global", 1),  # smaller than a step: bypass reads and step victims
         ("lru", "global", 2),
     ],

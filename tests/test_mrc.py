@@ -90,7 +90,21 @@ def test_mrc_cli_writes_tidy_frame_and_plot(tmp_path):
     rc = main(["mrc", str(path), "-o", str(out), "--plot", str(png), "--processes", "1"])
     assert rc == 0
     df = pd.read_parquet(out)
-    assert list(df.columns) == ["policy", "scope", "cache_slots", "hits", "misses", "hit_rate"]
+    assert list(df.columns) == [
+        "policy",
+        "scope",
+        "cache_slots",
+        "hits",
+        "misses",
+        "hit_rate",
+        "gap_closed",
+        "warm_hits",
+        "warm_misses",
+        "warm_hit_rate",
+        "warm_gap_closed",
+        "tuned_on",
+        "held_out",
+    ]
     assert set(df.cache_slots) == set(range(1, 9))
     assert (df.hits + df.misses == 120).all()
     assert "seed-lru-locality" not in set(df.policy)  # multi-layer trace

@@ -32,6 +32,7 @@ BUILTIN = [
     "arc",
     "opt",
     "seed-lru-locality",
+    "cycle",
 ]
 
 
@@ -68,6 +69,9 @@ def params_for(policy, n_experts, rng):
         return {"experts_per_layer": int(rng.integers(1, 4))}
     if policy == "s3fifo" and rng.random() < 0.5:
         return {"move_threshold": 2, "small_ratio": 0.3}
+    if policy == "cycle":  # the duel, every term of the model, and a flat prior
+        w = {f"w{i}": float(v) for i, v in enumerate(rng.normal(0, 1, 7).round(3))}
+        return {**w, "duel": int(rng.integers(0, 2)), "prior": float(rng.choice([0.5, 2.0]))}
     return {}
 
 
@@ -99,7 +103,7 @@ def test_compiled_equals_python(policy, k, data):
         assert got == want, (policy, scope, cap, pin, params)
 
 
-@pytest.mark.parametrize("policy", ["lru", "lfu", "s3fifo", "arc", "opt", "sieve"])
+@pytest.mark.parametrize("policy", ["lru", "lfu", "s3fifo", "arc", "opt", "sieve", "cycle"])
 def test_longer_trace_every_size(policy):
     # Longer than the hypothesis traces: ARC's target, S3-FIFO's ghost and LFU's
     # renormalisation (decay 0.5 passes 1e100 after ~330 steps) all get exercised.
@@ -112,7 +116,7 @@ def test_longer_trace_every_size(policy):
         for layer in range(n_layers)
     ]
     steps = np.asarray(rows, dtype=np.int32)
-    params = {"decay": 0.5} if policy == "lfu" else {}
+    params = {"decay": 0.5} if policy == "lfu" else {"duel": 1} if policy == "cycle" else {}
     for cap in (1, 2, 3, 5, 8, 11, 16):
         for scope in ("global", "per-layer"):
             got, want = both(

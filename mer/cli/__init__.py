@@ -39,6 +39,7 @@ COMMAND_MODULES = (
     "mer.cli.trace_cmd",
     "mer.cli.record_cmd",
     "mer.cli.mrc_cmd",
+    "mer.cli.tune_cmd",
     "mer.cli.sim_cmd",
     "mer.cli.experts_cmd",
     "mer.cli.run_cmd",

@@ -20,6 +20,14 @@ from mer.cli.common import (
     resolve_names,
     str_list,
 )
+from mer.cli.tuned_args import (
+    add_tuned_arg,
+    add_warmup_arg,
+    held_out_columns,
+    load_tuned_files,
+    provenance_lines,
+    warmup_tokens,
+)
 from mer.errors import BadInput
 
 
@@ -94,6 +102,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="worker processes (default: every CPU of this machine)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_warmup_arg(p)
+    add_tuned_arg(p)
     add_phase_arg(p)
     p.add_argument("--json", action="store_true", help="print one JSON summary object on stdout")
     p.set_defaults(func=run_mrc)
@@ -187,6 +197,13 @@ def run_mrc(args: argparse.Namespace) -> int:
     epl = (tr.meta.extra or {}).get("experts_per_layer")
     if "seed-lru-locality" in policies and epl:
         params["seed-lru-locality"] = {"experts_per_layer": int(epl)}
+    tuned = load_tuned_files(args.tuned)
+    for t in tuned.values():
+        params[t.policy] = dict(t.params)
+        if t.policy not in policies:
+            policies = [*policies[:-1], t.policy, policies[-1]]
+    warm_tokens = warmup_tokens(args.warmup, tr.n_tokens)
+    per_token = tr.n_layers * (tr.top_k if granularity == "lookup" else 1)
     req = MRCRequest(
         policies=policies,
         scopes=args.scopes,
@@ -197,6 +214,7 @@ def run_mrc(args: argparse.Namespace) -> int:
         granularity=granularity,
         backend=args.backend,
         scheduler=args.scheduler,
+        warmup_steps=warm_tokens * per_token,
     )
     t0 = time.perf_counter()
     with Progress(
@@ -218,6 +236,7 @@ def run_mrc(args: argparse.Namespace) -> int:
 
         df = compute_mrc(steps, tr.n_layers, tr.n_experts, req, progress=progress)
     seconds = time.perf_counter() - t0
+    prov = held_out_columns(df, _load(args.trace, "all"), params, tuned)
     want = set(args.sizes or range(1, tr.n_layers * tr.n_experts + 1))
     for (pol, scope), sub in df.groupby(["policy", "scope"]):
         lost = sorted(want - set(sub.cache_slots.tolist()))
@@ -239,6 +258,8 @@ def run_mrc(args: argparse.Namespace) -> int:
         "granularity": granularity,
         "backend": args.backend,
         "phase": args.phase,
+        "warmup_tokens": warm_tokens,
+        "tuned": prov,
     }
     writes.add(args.output, lambda p: write_mrc(df, p, meta=meta), "curves")
     writes.add(args.plot, lambda p: plot_mrc(df, p, title=title, n_total=n_total), "plot")
@@ -259,16 +280,25 @@ def run_mrc(args: argparse.Namespace) -> int:
         "scopes": args.scopes,
         "rows": len(df),
         "seconds": round(seconds, 3),
-        "at": {
+        "warmup_tokens": warm_tokens,
+        "tuned": prov,
+    }
+    shown = [*policies, *(p for p in ("lru",) if p not in policies)]
+    for key, col in (
+        ("at", "hit_rate"),
+        ("gap_closed_at", "gap_closed"),
+        ("warm_at", "warm_hit_rate"),
+        ("warm_gap_closed_at", "warm_gap_closed"),
+    ):
+        summary[key] = {
             f"{scope}/{pol}": {
-                int(r.cache_slots): round(float(r.hit_rate), 6)
+                int(r.cache_slots): _round(getattr(r, col))
                 for r in df[(df.policy == pol) & (df.scope == scope)].itertuples()
                 if int(r.cache_slots) in marks
             }
             for scope in args.scopes
-            for pol in policies
-        },
-    }
+            for pol in shown
+        }
     summary["at_sizes"] = marks
     definition = mrc_definition(granularity)
     summary["hit_rate_definition"] = definition
@@ -281,8 +311,31 @@ def run_mrc(args: argparse.Namespace) -> int:
             f"  {key:28s} "
             + "  ".join(f"{100 * vals[m]:6.2f}%" if m in vals else f"{'-':>7s}" for m in marks)
         )
+    lines += table_lines(
+        "share of the LRU->OPT gap closed (0% = LRU, 100% = OPT)", summary["gap_closed_at"], marks
+    )
+    lines += table_lines(
+        f"steady state: hit rate after a warm-up of {warm_tokens} tokens", summary["warm_at"], marks
+    )
+    lines += provenance_lines(prov)
     emit(args, summary, "\n".join(lines))
     return writes.finish()
+
+
+def _round(v: Any) -> float | None:
+    v = float(v)
+    return None if v != v else round(v, 6)
+
+
+def table_lines(title: str, at: dict[str, dict[int, float | None]], marks: list[int]) -> list[str]:
+    out = [f"{title}:"]
+    for key, vals in at.items():
+        cells = []
+        for m in marks:
+            v = vals.get(m)
+            cells.append(f"{'-':>7s}" if v is None else f"{100 * v:6.1f}%")
+        out.append(f"  {key:28s} " + "  ".join(cells))
+    return out
 
 
 def run_predict_eval(args: argparse.Namespace) -> int:

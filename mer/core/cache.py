@@ -212,6 +212,7 @@ class ExpertCache:
         for cap in caps:
             pol = factory(cap)
             pol.attach_keyspace(keyspace)
+            pol.attach_geometry(n_layers, n_experts)
             usable = min(cap, keyspace)
             self.partitions.append(_Partition(pol, cap, first, usable))
             first += usable

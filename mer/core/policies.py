@@ -18,7 +18,7 @@ from __future__ import annotations
 import heapq
 from collections import OrderedDict, deque
 from collections.abc import Container, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -95,6 +95,9 @@ class LFU(EvictionPolicy):
     """
 
     name = "lfu"
+    tune_grid: ClassVar[dict[str, tuple[Any, ...]]] = {
+        "decay": (1.0, 0.999, 0.995, 0.99, 0.95, 0.9)
+    }
 
     def __init__(self, capacity: int, **params: Any) -> None:
         params = dict(params)
@@ -306,6 +309,10 @@ class S3FIFO(EvictionPolicy):
     """
 
     name = "s3fifo"
+    tune_grid: ClassVar[dict[str, tuple[Any, ...]]] = {
+        "small_ratio": (0.05, 0.1, 0.2, 0.3),
+        "move_threshold": (1, 2),
+    }
 
     def __init__(self, capacity: int, **params: Any) -> None:
         params = dict(params)

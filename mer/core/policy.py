@@ -32,6 +32,12 @@ class EvictionPolicy(ABC):
     protects_step: ClassVar[bool] = True
     #: True for offline policies that need `attach_future` (OPT).
     needs_future: ClassVar[bool] = False
+    #: For `mer tune`: candidate values per parameter (grid search; `fit` wins if defined),
+    #: the parameters whose defaults were fitted, and the traces they were fitted on
+    #: ({"name", "routing_digest"}), so that defaults obey the held-out protocol too.
+    tune_grid: ClassVar[dict[str, tuple[Any, ...]]] = {}
+    tunable: ClassVar[tuple[str, ...]] = ()
+    tuned_on: ClassVar[tuple[dict[str, str], ...]] = ()
 
     def __init__(self, capacity: int, **params: Any) -> None:
         if params:
@@ -45,6 +51,10 @@ class EvictionPolicy(ABC):
     def attach_keyspace(self, n_keys: int) -> None:
         """The number of keys this partition can ever see (all keys in scope
         `global`, one layer's experts in `per-layer`); called once, before replay."""
+
+    def attach_geometry(self, n_layers: int, n_experts: int) -> None:
+        """The model's layout (global key = layer * n_experts + expert), for policies
+        that follow the layer cycle; called once, before replay."""
 
     def begin_step(self, t: int, keys: Sequence[int]) -> None:
         """Called before the step's lookups (t = step index in replay order)."""
@@ -124,7 +134,7 @@ def _load_builtin_policies() -> None:
     # Importing the modules runs their @register_policy lines.
     import importlib
 
-    for mod in ("mer.core.policies",):
+    for mod in ("mer.core.policies", "mer.core.cycle"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as exc:

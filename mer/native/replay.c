@@ -54,6 +54,7 @@ typedef struct {
     const double *p;      /* this cache's parameter row (see `params`) */
     const uint8_t *pinned; /* static pins (n_keys bytes) or NULL */
     void *shared;         /* one block per pass, for state every cache shares */
+    int n_caches;         /* caches side by side in this pass */
 } mer_ctx;
 
 typedef struct {
@@ -843,8 +844,11 @@ static const mer_policy OPT_POLICY = {
 
 typedef struct {
     int32_t *ring;
-    int64_t *counts;
-    int32_t *order, *pos; /* every key by count descending, then id ascending */
+    int32_t *counts; /* window count of every key */
+    int32_t *hist;   /* hist[c]: keys with count c */
+    int32_t *gt;     /* gt[c]: keys with count > c */
+    int32_t *order, *pos; /* many caches: every key kept in hot order (rank = pos) */
+    int keep_order;
     int64_t wsize, wlen, whead;
     int64_t last_t;
     double fraction;
@@ -867,19 +871,29 @@ DEFINE_SIZE_INIT(Seed, SEED_ARRAYS)
 
 static size_t seed_shared_size(const mer_ctx *c) {
     int64_t w = (int64_t)c->p[0];
-    return sizeof(SeedShared) + 16 * 5 + sizeof(int32_t) * (size_t)(w > 0 ? w : 1) +
-           (sizeof(int64_t) + 2 * sizeof(int32_t)) * (size_t)c->n_keys;
+    if (w < 1) w = 1;
+    return sizeof(SeedShared) + 16 * 5 + sizeof(int32_t) * (size_t)w +
+           3 * sizeof(int32_t) * (size_t)c->n_keys + 2 * sizeof(int32_t) * (size_t)(w + 2);
 }
 static void seed_shared_init(SeedShared *sh, const mer_ctx *c) {
     arena a = {(char *)sh, sizeof(SeedShared)};
     int64_t w = (int64_t)c->p[0];
-    sh->ring = take(&a, sizeof(int32_t) * (size_t)(w > 0 ? w : 1));
-    sh->counts = take(&a, sizeof(int64_t) * c->n_keys);
+    if (w < 1) w = 1;
+    sh->ring = take(&a, sizeof(int32_t) * (size_t)w);
+    sh->counts = take(&a, sizeof(int32_t) * c->n_keys);
+    sh->hist = take(&a, sizeof(int32_t) * (size_t)(w + 2));
+    sh->gt = take(&a, sizeof(int32_t) * (size_t)(w + 2));
+    memset(sh->counts, 0, sizeof(int32_t) * c->n_keys);
+    memset(sh->hist, 0, sizeof(int32_t) * (size_t)(w + 2));
+    memset(sh->gt, 0, sizeof(int32_t) * (size_t)(w + 2));
+    sh->hist[0] = c->n_keys;
     sh->order = take(&a, sizeof(int32_t) * c->n_keys);
     sh->pos = take(&a, sizeof(int32_t) * c->n_keys);
-    memset(sh->counts, 0, sizeof(int64_t) * c->n_keys);
     for (int32_t i = 0; i < c->n_keys; i++) sh->order[i] = sh->pos[i] = i;
-    sh->wsize = w > 0 ? w : 1;
+    /* One cache: O(1) counts, and the rare tie at the cut ranked by a scan. Many
+       caches: keeping the order costs once per step and makes every cache's test O(1). */
+    sh->keep_order = c->n_caches > 4;
+    sh->wsize = w;
     sh->wlen = sh->whead = 0;
     sh->last_t = INT64_MIN;
     sh->fraction = c->p[1];
@@ -896,14 +910,16 @@ static void seed_init(void *sv, const mer_ctx *c) {
     s->sh = c->shared;
     if (!s->sh->ready) seed_shared_init(s->sh, c);
 }
+/* The hot order is every key by count descending, then id ascending; x's place in it
+   is (keys with a larger count) + (keys with its count and a smaller id). Moving one
+   count by one changes one gt[] entry, so an update is O(1). */
 static inline int seed_ahead(const SeedShared *sh, int32_t a, int32_t b) {
     return sh->counts[a] > sh->counts[b] || (sh->counts[a] == sh->counts[b] && a < b);
 }
-/* count[x] += d (d = +1 or -1), and x slides to its place in the order */
-static void seed_bump(SeedShared *sh, int32_t x, int d) {
+/* after count[x] moved by d (+1 or -1): x slides to its place in the order */
+static void seed_slide(SeedShared *sh, int32_t x, int d) {
     int32_t *order = sh->order, *pos = sh->pos;
     int32_t i = pos[x];
-    sh->counts[x] += d;
     if (d > 0) {
         while (i > 0 && seed_ahead(sh, x, order[i - 1])) {
             order[i] = order[i - 1];
@@ -920,6 +936,20 @@ static void seed_bump(SeedShared *sh, int32_t x, int d) {
     order[i] = x;
     pos[x] = i;
 }
+static inline void seed_up(SeedShared *sh, int32_t x) {
+    int32_t c = sh->counts[x]++;
+    sh->hist[c]--;
+    sh->hist[c + 1]++;
+    sh->gt[c]++;
+    if (sh->keep_order) seed_slide(sh, x, +1);
+}
+static inline void seed_down(SeedShared *sh, int32_t x) {
+    int32_t c = sh->counts[x]--;
+    sh->hist[c]--;
+    sh->hist[c - 1]++;
+    sh->gt[c - 1]--;
+    if (sh->keep_order) seed_slide(sh, x, -1);
+}
 static void seed_begin(void *sv, int64_t t, const int32_t *keys, const int64_t *nu, int k) {
     SeedShared *sh = ((Seed *)sv)->sh;
     (void)nu;
@@ -927,16 +957,28 @@ static void seed_begin(void *sv, int64_t t, const int32_t *keys, const int64_t *
     sh->last_t = t;
     for (int r = 0; r < k; r++) {
         int32_t x = keys[r];
-        seed_bump(sh, x, +1);
+        seed_up(sh, x);
         if (sh->wlen < sh->wsize) {
             sh->ring[(sh->whead + sh->wlen) % sh->wsize] = x;
             sh->wlen++;
         } else {
-            seed_bump(sh, sh->ring[sh->whead], -1);
+            seed_down(sh, sh->ring[sh->whead]);
             sh->ring[sh->whead] = x;
             sh->whead = (sh->whead + 1) % sh->wsize;
         }
     }
+}
+/* Is x among the first n_pin keys of the hot order (and hot: count >= thr)? */
+static int seed_pinned(const SeedShared *sh, int32_t x, int32_t n_pin, double thr) {
+    int32_t c = sh->counts[x];
+    if ((double)c < thr) return 0;
+    if (sh->keep_order) return sh->pos[x] < n_pin;
+    int32_t before = sh->gt[c];
+    if (before >= n_pin) return 0;
+    if (before + sh->hist[c] <= n_pin) return 1;
+    for (int32_t y = 0; y < x; y++) /* the cut falls among x's ties: rank them by id */
+        if (sh->counts[y] == c && ++before >= n_pin) return 0;
+    return 1;
 }
 static void seed_hit(void *sv, int32_t x) {
     Seed *s = sv;
@@ -951,8 +993,7 @@ static int32_t seed_evict(void *sv, const mer_prot *p) {
     /* pinned: among the first cap - 1 of the order, and hot (count >= threshold) */
     int32_t n_pin = s->cap - 1 > 0 ? s->cap - 1 : 0;
     for (int32_t x = s->nxt[s->S]; x != s->S; x = s->nxt[x]) {
-        int pinned = sh->pos[x] < n_pin && (double)sh->counts[x] >= thr;
-        if (!pinned && !is_prot(p, x)) {
+        if (!is_prot(p, x) && !seed_pinned(sh, x, n_pin, thr)) {
             l_unlink(s->prv, s->nxt, x);
             return x;
         }
@@ -974,11 +1015,417 @@ static const mer_policy SEED_POLICY = {
     seed_begin, seed_hit, NULL, seed_evict, seed_remove, seed_insert, NULL,
 };
 
+/* == cycle: hit density over the layer cycle (mer/core/cycle.py) ==================== */
+/* The features and p of every key depend on the trace only, so one shared block
+   serves every cache of a pass (all caches of a pass share the weights); each
+   cache keeps its residents, its LRU order and the duel's two shadow directories.
+   Keys are local (0..n_keys-1, n_keys = local layers x E); the global layer of
+   local key x is (x + key_base) / E. Floating-point expressions are written in
+   the Python class's order, without contraction, so both give the same bits. */
+
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#elif defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+#endif
+
+#define CY_NW 7
+#define CY_EPS 0.01
+#define CY_GAP_CAP 1000
+
+typedef struct {
+    double *el, *em, *es, *p, *rp, *invd; /* p: log-odds z; invd[d]: log d */
+    int64_t *last, *visits, *rep, *rcount, *gap;
+    uint8_t *pok; /* p[x] is current (p is computed when first needed after a visit) */
+    int32_t *latest; /* k per local layer */
+    int32_t *n_latest, *loc;
+    double *inv;
+    double w[CY_NW], rl, rm, rs, prior;
+    int32_t n_keys, E, L, nl, layer0;
+    int k, started, ready;
+    int64_t last_t;
+    int32_t cur; /* global layer of the current step */
+} CycleShared;
+
+typedef struct {
+    uint8_t *res;   /* residents */
+    int32_t *cand;  /* per local layer: its victim candidate (-1 none), while clean */
+    uint8_t *dirty; /* per local layer: cand must be recomputed */
+} CySet;
+
+typedef struct {
+    CySet real, shadow; /* the cache, and the duel's shadow of this policy */
+    uint8_t *lin;       /* the duel's shadow LRU: members */
+    int32_t *prv, *nxt, *sprv, *snxt;
+    int32_t S, cap, n_sres, n_lin;
+    int duel, lru_mode;
+    double decay, hl, hc;
+    CycleShared *sh;
+} Cycle;
+
+#define CYCLE_ARRAYS(s, a, c)                                               \
+    do {                                                                    \
+        (s)->real.res = take((a), (c)->n_keys);                             \
+        (s)->real.cand = take((a), sizeof(int32_t) * (c)->n_keys);          \
+        (s)->real.dirty = take((a), (c)->n_keys);                           \
+        (s)->shadow.res = take((a), (c)->n_keys);                           \
+        (s)->shadow.cand = take((a), sizeof(int32_t) * (c)->n_keys);        \
+        (s)->shadow.dirty = take((a), (c)->n_keys);                         \
+        (s)->lin = take((a), (c)->n_keys);                                  \
+        (s)->prv = take((a), sizeof(int32_t) * ((c)->n_keys + 1));          \
+        (s)->nxt = take((a), sizeof(int32_t) * ((c)->n_keys + 1));          \
+        (s)->sprv = take((a), sizeof(int32_t) * ((c)->n_keys + 1));         \
+        (s)->snxt = take((a), sizeof(int32_t) * ((c)->n_keys + 1));         \
+    } while (0)
+DEFINE_SIZE_INIT(Cycle, CYCLE_ARRAYS)
+
+/* params: w0..w6 rate_long rate_mid rate_short prior duel duel_decay n_layers n_experts */
+static int32_t cy_E(const mer_ctx *c) {
+    int32_t E = (int32_t)c->p[CY_NW + 7];
+    return E > 0 ? E : 1;
+}
+static int32_t cy_nl(const mer_ctx *c) {
+    int32_t E = cy_E(c);
+    return c->n_keys / E > 0 ? c->n_keys / E : 1;
+}
+static int32_t cy_L(const mer_ctx *c) {
+    int32_t L = (int32_t)c->p[CY_NW + 6];
+    return L > 0 ? L : 1;
+}
+static size_t cycle_shared_size(const mer_ctx *c) {
+    size_t nk = (size_t)c->n_keys, nl = (size_t)cy_nl(c), E = (size_t)cy_E(c);
+    size_t L = (size_t)(cy_L(c) > cy_nl(c) ? cy_L(c) : cy_nl(c));
+    return sizeof(CycleShared) + 16 * 16 + sizeof(double) * 5 * nk + sizeof(int64_t) * 3 * nk +
+           nk + sizeof(double) * (L + 1) +
+           sizeof(int64_t) * nl + sizeof(int64_t) * nl * E * E + sizeof(int32_t) * nl * (c->k + 1) +
+           (sizeof(int32_t) + sizeof(double)) * (size_t)(c->k + 1);
+}
+static void cycle_shared_init(CycleShared *sh, const mer_ctx *c) {
+    arena a = {(char *)sh, sizeof(CycleShared)};
+    int32_t nk = c->n_keys, E = cy_E(c), nl = cy_nl(c);
+    sh->el = take(&a, sizeof(double) * nk);
+    sh->em = take(&a, sizeof(double) * nk);
+    sh->es = take(&a, sizeof(double) * nk);
+    sh->p = take(&a, sizeof(double) * nk);
+    sh->rp = take(&a, sizeof(double) * nk);
+    sh->gap = take(&a, sizeof(int64_t) * nk);
+    sh->pok = take(&a, nk);
+    sh->invd = take(&a, sizeof(double) * (size_t)((cy_L(c) > nl ? cy_L(c) : nl) + 1));
+    sh->last = take(&a, sizeof(int64_t) * nk);
+    sh->rcount = take(&a, sizeof(int64_t) * nk);
+    sh->visits = take(&a, sizeof(int64_t) * nl);
+    sh->rep = take(&a, sizeof(int64_t) * (size_t)nl * E * E);
+    sh->latest = take(&a, sizeof(int32_t) * (size_t)nl * c->k);
+    sh->n_latest = take(&a, sizeof(int32_t) * nl);
+    sh->loc = take(&a, sizeof(int32_t) * (size_t)(c->k + 1));
+    sh->inv = take(&a, sizeof(double) * (size_t)(c->k + 1));
+    for (int i = 0; i < CY_NW; i++) sh->w[i] = c->p[i];
+    sh->rl = c->p[CY_NW];
+    sh->rm = c->p[CY_NW + 1];
+    sh->rs = c->p[CY_NW + 2];
+    sh->prior = c->p[CY_NW + 3];
+    sh->L = cy_L(c) > nl ? cy_L(c) : nl; /* a partition never holds more layers than L */
+    sh->invd[0] = 0.0;
+    for (int32_t d = 1; d <= sh->L; d++) sh->invd[d] = log((double)d);
+    sh->E = E;
+    sh->nl = nl;
+    sh->n_keys = nk;
+    sh->layer0 = c->key_base / E;
+    sh->k = c->k;
+    for (int32_t i = 0; i < nk; i++) {
+        sh->last[i] = -1;
+        sh->rcount[i] = 0;
+        sh->el[i] = sh->em[i] = sh->es[i] = sh->p[i] = sh->rp[i] = 0.0;
+        sh->gap[i] = CY_GAP_CAP;
+        sh->pok[i] = 0;
+    }
+    memset(sh->visits, 0, sizeof(int64_t) * nl);
+    memset(sh->rep, 0, sizeof(int64_t) * (size_t)nl * E * E);
+    memset(sh->n_latest, 0, sizeof(int32_t) * nl);
+    sh->started = 0;
+    sh->last_t = INT64_MIN;
+    sh->cur = sh->layer0;
+    sh->ready = 1;
+}
+static double cy_prob(const CycleShared *sh, double el, double em, double es, double used,
+                      int64_t gap, double rep) {
+    /* terms with weight 0 are skipped, exactly as in Python (they would add 0.0) */
+    const double *w = sh->w;
+    double z = w[0];
+    if (w[1] != 0.0) z += w[1] * log(el + CY_EPS);
+    if (w[2] != 0.0) z += w[2] * log(em + CY_EPS);
+    if (w[3] != 0.0) z += w[3] * log(es + CY_EPS);
+    if (w[4] != 0.0) z += w[4] * used;
+    if (w[5] != 0.0) z += w[5] * log1p((double)gap);
+    if (w[6] != 0.0) z += w[6] * log(rep + CY_EPS);
+    return z; /* the log-odds of a pick: the rule needs no sigmoid */
+}
+static void cycle_features(CycleShared *sh, const int32_t *keys, int k) {
+    const int32_t E = sh->E;
+    if (!sh->started) {
+        double base = (double)k / (double)E;
+        double p0 = cy_prob(sh, base, base, base, 0.0, CY_GAP_CAP, base);
+        for (int32_t i = 0; i < sh->n_keys; i++) {
+            sh->el[i] = sh->em[i] = sh->es[i] = base;
+            sh->p[i] = p0;
+            sh->pok[i] = 1;
+        }
+        sh->started = 1;
+    }
+    int32_t ll = keys[0] / E, b0 = ll * E;
+    int32_t *lat = sh->latest + (size_t)ll * k;
+    int32_t *loc = sh->loc;
+    const int n = k;
+    for (int r = 0; r < n; r++) loc[r] = keys[r] - b0;
+    for (int i = 0; i < sh->n_latest[ll]; i++) {
+        int32_t a = lat[i];
+        sh->rcount[b0 + a]++;
+        int64_t *row = sh->rep + ((size_t)b0 + a) * E;
+        for (int r = 0; r < n; r++) row[loc[r]]++;
+    }
+    for (int r = 0; r < n; r++) lat[r] = loc[r];
+    sh->n_latest[ll] = n;
+    int64_t v = ++sh->visits[ll];
+    const double rl = sh->rl, rm = sh->rm, rs = sh->rs;
+    for (int32_t e = 0; e < E; e++) {
+        int32_t x = b0 + e;
+        double in = 0.0;
+        for (int r = 0; r < n; r++)
+            if (loc[r] == e) in = 1.0;
+        sh->el[x] = (1.0 - rl) * sh->el[x] + rl * in;
+        sh->em[x] = (1.0 - rm) * sh->em[x] + rm * in;
+        sh->es[x] = (1.0 - rs) * sh->es[x] + rs * in;
+        if (in != 0.0) sh->last[x] = v;
+    }
+    const double prior = sh->prior;
+    const double pk = prior * ((double)k / (double)E);
+    double *inv = sh->inv;
+    for (int r = 0; r < n; r++) inv[r] = 1.0 / ((double)sh->rcount[b0 + loc[r]] + prior);
+    for (int32_t e = 0; e < E; e++) {
+        int32_t x = b0 + e;
+        double rep = 0.0;
+        for (int r = 0; r < n; r++)
+            rep += ((double)sh->rep[((size_t)b0 + loc[r]) * E + e] + pk) * inv[r];
+        rep /= (double)n;
+        int64_t gap = sh->last[x] >= 0 ? v - sh->last[x] : CY_GAP_CAP;
+        if (gap > CY_GAP_CAP) gap = CY_GAP_CAP;
+        sh->rp[x] = rep;
+        sh->gap[x] = gap;
+        sh->pok[x] = 0;
+    }
+    sh->cur = sh->layer0 + ll;
+}
+/* p of local key x: its inputs change only when its layer is visited, so it is
+   computed once per visit, when a victim search first needs it. */
+static inline double cy_p(CycleShared *sh, int32_t x) {
+    if (!sh->pok[x]) {
+        double used = sh->gap[x] == 0 ? 1.0 : 0.0;
+        sh->p[x] = cy_prob(sh, sh->el[x], sh->em[x], sh->es[x], used, sh->gap[x], sh->rp[x]);
+        sh->pok[x] = 1;
+    }
+    return sh->p[x];
+}
+/* The victim rule: per layer the resident unprotected key with the lowest
+   log-odds z (ties: the smaller key), then across layers the lowest z - log d
+   (ties: the lower layer). Only the current layer holds protected step keys, and pins never
+   change, so every other layer's candidate is cached until that layer is
+   visited or one of its keys enters or leaves (`dirty`). `prot` NULL: the
+   shadow, whose only protected keys are the step's. */
+static int32_t cy_layer_cand(CycleShared *sh, const uint8_t *res, int32_t ll,
+                             const mer_prot *prot, const int32_t *step, int k) {
+    int32_t cand = -1;
+    double cp = 0.0;
+    for (int32_t x = ll * sh->E; x < (ll + 1) * sh->E; x++) {
+        if (!res[x]) continue;
+        if (prot) {
+            if (is_prot(prot, x)) continue;
+        } else {
+            int in = 0;
+            for (int r = 0; r < k; r++)
+                if (step[r] == x) in = 1;
+            if (in) continue;
+        }
+        double px = cy_p(sh, x);
+        if (cand < 0 || px < cp) {
+            cand = x;
+            cp = px;
+        }
+    }
+    return cand;
+}
+static int32_t cycle_best(CycleShared *sh, CySet *set, const mer_prot *prot,
+                          const int32_t *step, int k) {
+    const int32_t L = sh->L, cur = sh->cur - sh->layer0;
+    int32_t best = -1;
+    double best_v = 0.0;
+    for (int32_t ll = 0; ll < sh->nl; ll++) {
+        int32_t cand;
+        if (ll == cur) {
+            cand = cy_layer_cand(sh, set->res, ll, prot, step, k);
+        } else {
+            if (set->dirty[ll]) {
+                /* no step key here; pins are protected in both calls */
+                set->cand[ll] = cy_layer_cand(sh, set->res, ll, prot, NULL, 0);
+                set->dirty[ll] = 0;
+            }
+            cand = set->cand[ll];
+        }
+        if (cand < 0) continue;
+        int32_t d = (sh->layer0 + ll - sh->cur) % L; /* steps until layer ll comes round */
+        if (d <= 0) d += L;
+        double val = sh->p[cand] - sh->invd[d];
+        if (best < 0 || val < best_v) {
+            best = cand;
+            best_v = val;
+        }
+    }
+    return best;
+}
+static inline void cy_set_key(CySet *set, const CycleShared *sh, int32_t x, uint8_t on) {
+    set->res[x] = on;
+    set->dirty[x / sh->E] = 1;
+}
+static void cycle_init(void *sv, const mer_ctx *c) {
+    Cycle *s = sv;
+    Cycle_lay(s, c);
+    memset(s->real.res, 0, c->n_keys);
+    memset(s->shadow.res, 0, c->n_keys);
+    memset(s->real.dirty, 1, c->n_keys);
+    memset(s->shadow.dirty, 1, c->n_keys);
+    memset(s->lin, 0, c->n_keys);
+    for (int32_t i = 0; i < c->n_keys; i++) s->prv[i] = s->nxt[i] = s->sprv[i] = s->snxt[i] = -1;
+    s->S = c->n_keys;
+    l_init(s->prv, s->nxt, s->S);
+    l_init(s->sprv, s->snxt, s->S);
+    s->cap = c->cap;
+    s->n_sres = s->n_lin = 0;
+    s->duel = c->p[CY_NW + 4] != 0.0;
+    s->decay = c->p[CY_NW + 5];
+    s->hl = s->hc = 0.0;
+    s->lru_mode = 0;
+    s->sh = c->shared;
+    if (!s->sh->ready) cycle_shared_init(s->sh, c);
+}
+static void cycle_duel(Cycle *s, const int32_t *keys, int k) {
+    int hits_l = 0, hits_c = 0;
+    for (int r = 0; r < k; r++)
+        if (s->lin[keys[r]]) hits_l++;
+    for (int r = 0; r < k; r++) {
+        int32_t x = keys[r];
+        if (s->lin[x]) continue;
+        if (s->n_lin >= s->cap) {
+            int32_t v = -1;
+            for (int32_t y = s->snxt[s->S]; y != s->S; y = s->snxt[y]) {
+                int in = 0;
+                for (int r2 = 0; r2 < k; r2++)
+                    if (keys[r2] == y) in = 1;
+                if (!in) {
+                    v = y;
+                    break;
+                }
+            }
+            if (v < 0) continue;
+            l_unlink(s->sprv, s->snxt, v);
+            s->lin[v] = 0;
+            s->n_lin--;
+        }
+        l_push(s->sprv, s->snxt, s->S, x);
+        s->lin[x] = 1;
+        s->n_lin++;
+    }
+    for (int r = k - 1; r >= 0; r--) {
+        int32_t x = keys[r];
+        if (s->lin[x]) {
+            l_unlink(s->sprv, s->snxt, x);
+            l_push(s->sprv, s->snxt, s->S, x);
+        }
+    }
+    uint8_t *sres = s->shadow.res;
+    for (int r = 0; r < k; r++)
+        if (sres[keys[r]]) hits_c++;
+    for (int r = 0; r < k; r++) {
+        int32_t x = keys[r];
+        if (sres[x]) continue;
+        if (s->n_sres >= s->cap) {
+            int32_t v = cycle_best(s->sh, &s->shadow, NULL, keys, k);
+            if (v < 0) continue;
+            cy_set_key(&s->shadow, s->sh, v, 0);
+            s->n_sres--;
+        }
+        cy_set_key(&s->shadow, s->sh, x, 1);
+        s->n_sres++;
+    }
+    s->hl = s->decay * s->hl + (double)hits_l;
+    s->hc = s->decay * s->hc + (double)hits_c;
+    s->lru_mode = s->hl > s->hc;
+}
+static void cycle_begin(void *sv, int64_t t, const int32_t *keys, const int64_t *nu, int k) {
+    Cycle *s = sv;
+    CycleShared *sh = s->sh;
+    (void)nu;
+    if (sh->last_t != t) { /* the first cache of the pass to see step t */
+        sh->last_t = t;
+        cycle_features(sh, keys, k);
+    }
+    int32_t ll = keys[0] / sh->E; /* its keys' p just changed */
+    s->real.dirty[ll] = s->shadow.dirty[ll] = 1;
+    if (s->duel) cycle_duel(s, keys, k);
+}
+static void cycle_end(void *sv, int64_t t, const int32_t *keys, int k) {
+    Cycle *s = sv;
+    (void)t;
+    s->real.dirty[keys[0] / s->sh->E] = 1; /* its step keys are no longer protected */
+    for (int r = k - 1; r >= 0; r--) {
+        int32_t x = keys[r];
+        if (s->prv[x] >= 0) {
+            l_unlink(s->prv, s->nxt, x);
+            l_push(s->prv, s->nxt, s->S, x);
+        }
+    }
+}
+static void cycle_insert(void *sv, int32_t x) {
+    Cycle *s = sv;
+    cy_set_key(&s->real, s->sh, x, 1);
+    l_push(s->prv, s->nxt, s->S, x);
+}
+static void cycle_remove(void *sv, int32_t x) {
+    Cycle *s = sv;
+    cy_set_key(&s->real, s->sh, x, 0);
+    l_unlink(s->prv, s->nxt, x);
+}
+static int32_t cycle_evict(void *sv, const mer_prot *p) {
+    Cycle *s = sv;
+    int32_t v = -1;
+    if (s->lru_mode) {
+        for (int32_t x = s->nxt[s->S]; x != s->S; x = s->nxt[x])
+            if (!is_prot(p, x)) {
+                v = x;
+                break;
+            }
+    } else {
+        v = cycle_best(s->sh, &s->real, p, NULL, 0);
+    }
+    if (v >= 0) cycle_remove(s, v);
+    return v;
+}
+
+static const mer_policy CYCLE_POLICY = {
+    "cycle",
+    "w0 w1 w2 w3 w4 w5 w6 rate_long rate_mid rate_short prior duel duel_decay n_layers n_experts",
+    1, 0, Cycle_size, cycle_shared_size, cycle_init, cycle_begin, NULL, NULL, cycle_evict,
+    cycle_remove, cycle_insert, cycle_end,
+};
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#endif
+
 /* == the registry: one line per policy ============================================ */
 
 static const mer_policy *const REGISTRY[] = {
     &LRU_POLICY, &FIFO_POLICY, &LFU_POLICY, &CLOCK_POLICY, &SIEVE_POLICY,
-    &S3FIFO_POLICY, &ARC_POLICY, &OPT_POLICY, &SEED_POLICY,
+    &S3FIFO_POLICY, &ARC_POLICY, &OPT_POLICY, &SEED_POLICY, &CYCLE_POLICY,
 };
 #define N_POLICIES ((int)(sizeof(REGISTRY) / sizeof(REGISTRY[0])))
 
@@ -995,7 +1442,7 @@ int mer_replay_protects_step(int i) { return valid(i) ? REGISTRY[i]->protects_st
 int mer_replay_needs_future(int i) { return valid(i) ? REGISTRY[i]->needs_future : 0; }
 int64_t mer_replay_state_bytes(int i, int k, int32_t n_keys) {
     if (!valid(i)) return -1;
-    mer_ctx c = {1, n_keys, 0, k, NULL, NULL, NULL};
+    mer_ctx c = {1, n_keys, 0, k, NULL, NULL, NULL, 1};
     return (int64_t)((REGISTRY[i]->size(&c) + 63) & ~(size_t)63) + n_keys;
 }
 
@@ -1073,7 +1520,7 @@ void *mer_replay_new(int policy, int k, int32_t n_keys, int32_t key_base, int32_
     h->key_base = key_base;
     h->layer_div = layer_div;
     h->n_layers_out = n_layers_out;
-    mer_ctx c0 = {1, n_keys, key_base, k, params, NULL, NULL};
+    mer_ctx c0 = {1, n_keys, key_base, k, params, NULL, NULL, n_caches};
     h->stride = (h->pol->size(&c0) + 63) & ~(size_t)63;
     h->states = aligned_alloc(64, h->stride * (size_t)n_caches);
     h->res = calloc((size_t)n_caches * n_keys, 1);
@@ -1100,7 +1547,7 @@ void *mer_replay_new(int policy, int k, int32_t n_keys, int32_t key_base, int32_
     for (int c = 0; c < n_caches; c++) {
         h->caps[c] = caps[c];
         mer_ctx ctx = {caps[c], n_keys, key_base, k, h->params + (size_t)c * n_params,
-                       h->pinned, h->shared};
+                       h->pinned, h->shared, n_caches};
         h->pol->init(h->states + h->stride * c, &ctx);
     }
     h->stamp = 0;

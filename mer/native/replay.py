@@ -16,6 +16,7 @@ Python class stays the one place that sets and validates them.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -144,6 +145,8 @@ class PassResult:
     counts: np.ndarray  # (n_caches, 4, n_layers_out): hits, misses, evictions, bypass
     resident: np.ndarray | None  # (n_caches, n_keys) bool
     outcome: np.ndarray | None  # (n_steps, k) int8: 1 hit, 0 miss into a slot, 2 bypass
+    #: the counts after the first `split` steps (run_pass(split=...)), else None
+    counts_before: np.ndarray | None = None
 
 
 def _ptr(mod: Any, ctype: str, arr: np.ndarray | None) -> Any:
@@ -161,10 +164,13 @@ def run_pass(
     outcome: bool = False,
     resident: bool = False,
     progress: Callable[[int], None] | None = None,
+    split: int | None = None,
 ) -> PassResult:
     """One read of the partition's steps with len(caps) caches side by side.
 
     `params`: (len(caps), len(pol.params)) float64, one row per cache.
+    `split`: also read the counters after the first `split` steps (a warm-up
+    window: counts over the rest are `counts - counts_before`).
     `progress(n)` is called with the steps just done, after each chunk.
     """
     mod = native.load("replay")
@@ -198,8 +204,12 @@ def run_pass(
         out = np.zeros(keys.shape, dtype=np.int8) if outcome else None
         tidx = None if part.tidx is None else np.ascontiguousarray(part.tidx, dtype=np.int64)
         n = part.n_steps
-        for a in range(0, n, CHUNK_STEPS):
-            b = min(n, a + CHUNK_STEPS)
+        cut = None if split is None else max(0, min(int(split), n))
+        bounds = sorted({*range(0, n, CHUNK_STEPS), *(() if cut is None else (cut,)), n})
+        before = None
+        for a, b in itertools.pairwise(bounds):
+            if a == cut:
+                before = _read_counts(lib, h, n_caches, part.n_layers_out)
             rc = lib.mer_replay_feed(
                 h,
                 _ptr(mod, "int32_t *", keys[a:b]),
@@ -212,17 +222,25 @@ def run_pass(
                 raise ValueError(f"compiled replay of {pol.name}: bad input (code {rc})")
             if progress:
                 progress(b - a)
-        counts = np.zeros((n_caches, 4, part.n_layers_out), dtype=np.int64)
-        for c in range(n_caches):
-            lib.mer_replay_counts(h, c, _ptr(mod, "int64_t *", counts[c]))
+        counts = _read_counts(lib, h, n_caches, part.n_layers_out)
+        if cut is not None and before is None:  # the split is the end (or nothing fed)
+            before = counts.copy()
         res = None
         if resident:
             res = np.zeros((n_caches, part.n_keys), dtype=np.uint8)
             for c in range(n_caches):
                 lib.mer_replay_resident(h, c, _ptr(mod, "uint8_t *", res[c]))
-        return PassResult(counts, None if res is None else res.astype(bool), out)
+        return PassResult(counts, None if res is None else res.astype(bool), out, before)
     finally:
         lib.mer_replay_free(h)
+
+
+def _read_counts(lib: Any, h: Any, n_caches: int, n_layers_out: int) -> np.ndarray:
+    mod = native.load("replay")
+    counts = np.zeros((n_caches, 4, n_layers_out), dtype=np.int64)
+    for c in range(n_caches):
+        lib.mer_replay_counts(h, c, _ptr(mod, "int64_t *", counts[c]))
+    return counts
 
 
 def cache_groups(pol: CompiledPolicy, k: int, n_keys: int, n_caches: int) -> list[range]:
