@@ -7,7 +7,8 @@ the demo doubles as the worked example of the README:
     scaled expert GGUF -> probe this machine -> sweep policies x predictors x
     scopes x cache sizes in the simulator on the probed profile -> pick the winner -> execute
     it and plain LRU at the same cache size with the real engine, alternating ->
-    simulate the same runs -> compare -> calibrate -> report.
+    simulate the same runs -> compare -> calibrate and predict again -> report
+    (with a fitted synthetic trace's curves against the real ones).
 
 The probe runs before the sweep so that the sweep predicts this machine and the
 comparison is like for like.
@@ -35,6 +36,7 @@ import pandas as pd
 from mer.analysis.faceoff import Side, baseline_for, faceoff_section, label
 from mer.analysis.pipeline import mer
 from mer.analysis.run_report import write_run_report
+from mer.analysis.sections import RunPair
 from mer.shapes import get_shape
 from mer.summary import RunSummary
 from mer.traces.bundled import bundled_trace_path
@@ -49,6 +51,13 @@ SCOPES = "global,per-layer"
 SLOTS = "32,48,64,96"  # 12.5% .. 37.5% of the 256 layer-qualified experts: where policies differ
 QUICK_SLOTS = "32,96"
 ROUNDS = 4  # rounds of real runs (one of each side), alternating; the median round decides
+
+
+ROLES = {"winner": "winner", "lru": "plain LRU", "no-prefetch": "winner without prefetch"}
+
+
+def _same_cache(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return all(str(a.get(k)) == str(b.get(k)) for k in ("policy", "scope", "cache_slots"))
 
 
 def _say(msg: str) -> None:
@@ -137,9 +146,15 @@ def run_demo(
         )
     mer("trace", "stats", trace)
 
-    _say("2. exact miss-ratio curves, every cache size, OPT as the ceiling")
+    _say("2. exact hit-rate curves, every policy at every cache size, OPT as the ceiling")
     mrc = out / "mrc.parquet"
-    mer("mrc", trace, "-o", mrc, "--replay-step", 32 if quick else 8)
+    mer("mrc", trace, "-o", mrc, "--replay-step", 32 if quick else 1)
+    # A fitted synthetic trace of the same length, for the report's real-vs-synthetic overlay.
+    synth = out / "synthetic-fitted.parquet"
+    n_trace = int(mer("trace", "info", trace, capture_json=True, echo=False)["tokens"])
+    mer("trace", "synth", "fitted", "--from", trace, "--tokens", n_trace, "-o", synth)
+    synth_mrc = out / "mrc-synthetic.parquet"
+    mer("mrc", synth, "--policies", "lru", "--scopes", "global", "-o", synth_mrc)
 
     _say(f"3. a scaled expert file ({shape}: Mixtral's 32 x 8 geometry, real q4_0 GGUF layout)")
     experts = out / f"experts-{shape}.gguf"
@@ -197,11 +212,17 @@ def run_demo(
         for tag, cfg in (("winner", challenger), ("lru", lru)):
             suffix = "" if i == 0 else f"-{i + 1}"
             runs[tag].append(_measure(trace, experts, cfg, n_tok, out, f"{tag}{suffix}"))
+    configs = {"winner": challenger, "lru": lru}
+    if challenger["predictor"] != "none" and not _same_cache(challenger, lru):
+        # the winner's own cache without prefetch: what the prefetching adds, measured
+        configs["no-prefetch"] = {**challenger, "predictor": "none"}
+        runs["no-prefetch"] = [
+            _measure(trace, experts, configs["no-prefetch"], n_tok, out, "no-prefetch")
+        ]
     sims = {
-        tag: _predict(trace, hardware, shape, cfg, n_tok, out, tag)
-        for tag, cfg in (("winner", challenger), ("lru", lru))
+        tag: _predict(trace, hardware, shape, cfg, n_tok, out, tag) for tag, cfg in configs.items()
     }
-    pairs = [(sims[tag], runs[tag][0]) for tag in ("winner", "lru")]
+    pairs = [(sims[tag], runs[tag][0]) for tag in configs]
 
     _say("7. predicted vs measured, and a calibrated profile")
     for sim_tokens, run_tokens in pairs:
@@ -212,17 +233,23 @@ def run_demo(
             "-o",
             sim_tokens.with_name(sim_tokens.stem.replace("sim-", "compare-") + ".json"),
         )
-    mer("calibrate", pairs[0][1], "--hardware", hardware, "-o", out / "hardware-calibrated.json")
-    pvm_args: list[object] = []
-    for s, r in pairs:
-        pvm_args += ["--pair", s, r]
-    mer(
-        "plot",
-        "predicted-vs-measured",
-        *pvm_args,
-        "-o",
-        out / "figures" / "predicted-vs-measured-all",
-    )
+    calibrated = out / "hardware-calibrated.json"
+    mer("calibrate", pairs[0][1], "--hardware", hardware, "-o", calibrated)
+    # The same runs predicted again on the calibrated profile: in-sample for the run it was
+    # fitted on (the winner's), held out for the others.
+    cal_sims = {tag: out / f"sim-calibrated-{tag}.json" for tag in configs}
+    for tag, cfg in configs.items():
+        mer(
+            "simulate",
+            trace,
+            *_opts(cfg, n_tok),
+            "--hardware",
+            calibrated,
+            "--shape",
+            shape,
+            "--summary",
+            cal_sims[tag],
+        )
 
     def side(tag: str, cfg: dict[str, Any]) -> Side:
         return Side(
@@ -239,9 +266,13 @@ def run_demo(
         trace=trace,
         sweep=sweep,
         mrc=mrc,
-        sim=pairs[0][0],
-        run=pairs[0][1],
+        pairs=[
+            RunPair(s, r, ROLES.get(tag, tag), cal_sims[tag])
+            for (s, r), tag in zip(pairs, configs, strict=True)
+        ],
         hardware=str(hardware),
+        calibrated=calibrated,
+        synthetic_mrc=synth_mrc,
         extra_sections=section,
     )
     elapsed = time.perf_counter() - t0
