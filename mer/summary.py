@@ -57,6 +57,23 @@ def percentiles(values: Any) -> dict[str, float]:
     return out
 
 
+def busy_seconds(start: np.ndarray, end: np.ndarray) -> float:
+    """Length of the union of the intervals [start_i, end_i] (time with a read in flight)."""
+    if len(start) == 0:
+        return 0.0
+    order = np.argsort(start, kind="stable")
+    s = np.asarray(start, dtype=np.float64)[order]
+    e = np.maximum.accumulate(np.asarray(end, dtype=np.float64)[order])
+    # a new busy period starts where an interval begins after every earlier one ended
+    new = np.empty(len(s), dtype=bool)
+    new[0] = True
+    new[1:] = s[1:] > e[:-1]
+    starts = s[new]
+    idx = np.flatnonzero(new)
+    ends = np.append(e[idx[1:] - 1], e[-1])
+    return float((ends - starts).sum())
+
+
 @dataclass
 class RunSummary:
     """Identity of the run, its counts, its rates and its latency distributions."""
@@ -88,12 +105,17 @@ class RunSummary:
     compute_s: float
     dense_s: float
     io_wait_share: float
-    prefetch: dict[str, int] = field(default_factory=dict)  # issued, used, late, wasted
+    #: issued, used, late, wasted, and the same in bytes (issued_bytes, used_bytes, ...)
+    prefetch: dict[str, int] = field(default_factory=dict)
     latency: dict[str, dict[str, float]] = field(
         default_factory=dict
     )  # read, compute, token, iteration
     config: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Time with at least one read in flight (issue to landing, as the driver saw it), and
+    #: the share of it the driver was not blocked on a read: read time hidden by compute.
+    read_busy_s: float = 0.0
+    hidden_read_share: float = 0.0
 
     @property
     def lookups(self) -> int:
@@ -110,14 +132,27 @@ class RunSummary:
         layers: int,
         wall_s: float,
         io_wait_s: float,
+        bytes_per_read: int = 0,
+        read_busy_s: float = 0.0,
         **fields: Any,
     ) -> RunSummary:
         """The summary of a replay, with every derived figure computed here, once.
 
         The simulator and the engine both end with this call, so hit counts,
         prefetch counts, rates and the I/O share are defined in one place.
+        Prefetch bytes are the counts times the bytes of one expert read, so
+        they agree wherever the counts do: used (looked up resident), late
+        (read, but still in flight when looked up), wasted (evicted unused).
         `fields` are the remaining RunSummary fields (identity, bytes, times).
         """
+        counts = {
+            "issued": stats.total("prefetch_issued"),
+            "used": stats.total("prefetch_used"),
+            "late": stats.total("late"),
+            "wasted": stats.total("prefetch_wasted"),
+        }
+        prefetch = {**counts, **{f"{k}_bytes": v * int(bytes_per_read) for k, v in counts.items()}}
+        hidden = 1.0 - io_wait_s / read_busy_s if read_busy_s > 0 else 0.0
         return cls(
             kind=kind,
             policy=replay_config.policy,
@@ -136,12 +171,9 @@ class RunSummary:
             layer_iterations_per_s=tokens * layers / wall_s if wall_s > 0 else 0.0,
             io_wait_s=io_wait_s,
             io_wait_share=io_wait_s / wall_s if wall_s > 0 else 0.0,
-            prefetch={
-                "issued": stats.total("prefetch_issued"),
-                "used": stats.total("prefetch_used"),
-                "late": stats.total("late"),
-                "wasted": stats.total("prefetch_wasted"),
-            },
+            prefetch=prefetch,
+            read_busy_s=float(read_busy_s),
+            hidden_read_share=min(1.0, max(0.0, hidden)),
             **fields,
         )
 
@@ -245,6 +277,10 @@ class RunSummary:
             f"({self.hit_rate_definition()})",
             f"prefetch: issued {pf.get('issued', 0):,}, used {pf.get('used', 0):,}, "
             f"late {pf.get('late', 0):,}, wasted {pf.get('wasted', 0):,}",
+            f"prefetch bytes: used {pf.get('used_bytes', 0) / mib:,.1f} MiB, late "
+            f"{pf.get('late_bytes', 0) / mib:,.1f} MiB, wasted {pf.get('wasted_bytes', 0) / mib:,.1f} MiB; "
+            f"read time hidden behind compute: {self.hidden_read_share * 100:.1f}% of "
+            f"{self.read_busy_s:.3f} s with reads in flight",
             f"bytes read: {self.bytes_read / mib:,.0f} MiB   wall: {self.wall_s:.3f} s",
             f"{self.tokens_per_s_label()}: {self.tokens_per_s:.3f}   "
             f"layer iterations/s (the seed's sustained_tps): {self.layer_iterations_per_s:.2f}",

@@ -45,6 +45,7 @@ COMMAND_MODULES = (
     "mer.cli.run_cmd",
     "mer.cli.generate_cmd",
     "mer.cli.analysis_cmd",
+    "mer.cli.validate_cmd",
 )
 
 

@@ -67,6 +67,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--hardware", required=True, help="the profile to start from (bundled name or JSON path)"
     )
     p.add_argument(
+        "--trace",
+        type=input_file,
+        default=None,
+        help="the run's trace: the SSD bandwidth is then fitted by simulating the run until "
+        "its I/O wait matches (without it, from the median read alone)",
+    )
+    p.add_argument(
         "-o",
         "--output",
         type=output_file,
@@ -388,7 +395,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                 f"the simulation {args.sim} used hardware {sim.hardware!r}, not --hardware "
                 f"{args.hardware} ({profile.name!r}); calibrate the profile it was made with."
             )
-    cal = calibrate(run, profile)
+    trace = None
+    if args.trace is not None:
+        from mer.traces.format import read_trace
+
+        trace = read_trace(args.trace)
+    cal = calibrate(run, profile, trace=trace)
     cal.profile.save(args.output)
     emit(args, cal.to_dict(), cal.format_text() + f"\nwrote {args.output}")
     return 0
