@@ -159,9 +159,9 @@ def faceoff_section(challenger: Side, lru: Side, sweep: pd.DataFrame, note: str 
     hit_gap = (challenger.best.hit_rate - lru.best.hit_rate) * 100
     detail = (
         f"Measured hit rates differ by {hit_gap:+.1f} points and I/O shares are "
-        f"{challenger.best.io_wait_share:.0%} vs {lru.best.io_wait_share:.0%}; the prediction "
-        f"errs by {challenger.best.tokens_per_s / pc - 1:+.0%} for {name} and "
-        f"{lru.best.tokens_per_s / pl - 1:+.0%} for plain LRU."
+        f"{challenger.best.io_wait_share:.0%} vs {lru.best.io_wait_share:.0%}; measured "
+        f"against predicted tokens/s (median run): {challenger.best.tokens_per_s / pc - 1:+.0%} "
+        f"for {name}, {lru.best.tokens_per_s / pl - 1:+.0%} for plain LRU."
     )
     n_runs = len(challenger.measured)
     return [
