@@ -44,6 +44,8 @@ def write_claim_report(
         "the public claim (synthetic stream, all 256 experts cached) marked",
         claim=SEED_CLAIM,
         bytes_per_expert=get_shape("mixtral-8x7b").bytes_per_expert,
+        scopes=["global"],  # the claim's cache is one pool; the tables hold per-layer too
+        show_gap=False,
     )
 
     sim: dict[str, Any] = {"hardware": hardware, "trace": real.name, "rows": []}
