@@ -224,8 +224,8 @@ class _Store:
         if self.state_path.exists():
             try:
                 old = json.loads(self.state_path.read_text())
-            except (OSError, ValueError):
-                old = None
+            except (OSError, ValueError, RecursionError):
+                old = None  # a damaged state file: start over rather than trust it
             if isinstance(old, dict) and old.get("fingerprint") == fingerprint:
                 self.state = old
 

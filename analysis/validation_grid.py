@@ -8,14 +8,12 @@ every prediction is of a run the profile was not fitted to.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from mer import validate
 from mer.errors import BadInput
-from mer.guard import check_input
 
 REPLAY_FIELDS = (
     "policy",
@@ -217,11 +215,9 @@ def load_grid(spec: str | Path) -> Grid:
             f"--grid {text}: neither a bundled grid ({', '.join(GRIDS)}) nor a file; write one "
             'as {"calibration": {"name": "cal", ...}, "configs": [{"name": "a", ...}]}.'
         )
-    check_input(path, "grid")
-    try:
-        data = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadInput(f"grid {path}: not JSON ({exc}).") from None
+    from mer.guard import load_json_input
+
+    data = load_json_input(path, "grid")
     if not isinstance(data, dict) or not isinstance(data.get("configs"), list):
         raise BadInput(f'grid {path}: expected an object with a list "configs".')
     cal = _config_from(str(path), data["calibration"], 0) if "calibration" in data else CALIBRATION

@@ -232,7 +232,7 @@ def parse_json(text: str | bytes, where: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise BadInput(
-            f"{where}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})."
+            f"{where}: not JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})."
         ) from None
     except UnicodeDecodeError as exc:
         raise BadInput(f"{where}: not UTF-8 text (byte {exc.start}).") from None

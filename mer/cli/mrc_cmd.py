@@ -131,9 +131,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     q.add_argument(
         "--depth",
-        type=int_range(1, 1024),
+        type=int_range(1, 32),
         default=1,
-        help="how many steps ahead to score (default 1)",
+        help="how many steps ahead to score (1..32, default 1)",
     )
     add_phase_arg(q)
     q.add_argument("--json", action="store_true", help="print one JSON object on stdout")
