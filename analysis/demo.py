@@ -7,7 +7,9 @@ the demo doubles as the worked example of the README:
     scaled expert GGUF -> probe this machine -> sweep policies x predictors x
     cache sizes in the simulator on the probed profile -> pick the winner ->
     execute it with the real engine (and the same policy without prefetch) ->
-    simulate the same runs -> compare -> calibrate and predict again -> report
+    simulate the same runs -> compare -> calibrate and predict again -> a held-out
+    validation (`mer validate`: calibrate once, predict 8 other configurations, run
+    each 3 times) -> report
     (with a fitted synthetic trace's curves against the real ones).
 
 The probe runs before the sweep so that the sweep predicts this machine and the
@@ -51,6 +53,9 @@ SCOPES = "global,per-layer"
 SLOTS = "48,64,96,128"  # 19% .. 50% of the 256 layer-qualified experts: where policies differ
 QUICK_SLOTS = "64,128"
 ROUNDS = 2  # real runs of each side of the face-off, alternating
+# The held-out validation (`mer validate --grid quick`): 8 configurations, each run this
+# many times for this many tokens (about a minute on a 2-core machine).
+VALIDATE_TOKENS, VALIDATE_TOKENS_QUICK, VALIDATE_REPEATS = 16, 8, 3
 
 
 ROLES = {"winner": "winner", "lru": "plain LRU", "no-prefetch": "winner without prefetch"}
@@ -102,8 +107,15 @@ def _measure(
 
 
 def _predict(
-    trace: Path, hardware: Path, shape: str, cfg: dict[str, Any], tokens: int, out: Path, tag: str
+    trace: Path,
+    hardware: Path,
+    experts: Path,
+    cfg: dict[str, Any],
+    tokens: int,
+    out: Path,
+    tag: str,
 ) -> Path:
+    """The run's prediction, on the expert file it reads (its shape and read plans)."""
     sim_tokens = out / f"sim-{tag}.parquet"
     mer(
         "simulate",
@@ -111,8 +123,8 @@ def _predict(
         *_opts(cfg, tokens),
         "--hardware",
         hardware,
-        "--shape",
-        shape,
+        "--experts",
+        experts,
         "-o",
         sim_tokens,
         "--summary",
@@ -220,7 +232,8 @@ def run_demo(
             _measure(trace, experts, configs["no-prefetch"], n_tok, out, "no-prefetch")
         ]
     sims = {
-        tag: _predict(trace, hardware, shape, cfg, n_tok, out, tag) for tag, cfg in configs.items()
+        tag: _predict(trace, hardware, experts, cfg, n_tok, out, tag)
+        for tag, cfg in configs.items()
     }
     pairs = [(sims[tag], runs[tag][0]) for tag in configs]
 
@@ -234,7 +247,7 @@ def run_demo(
             sim_tokens.with_name(sim_tokens.stem.replace("sim-", "compare-") + ".json"),
         )
     calibrated = out / "hardware-calibrated.json"
-    mer("calibrate", pairs[0][1], "--hardware", hardware, "-o", calibrated)
+    mer("calibrate", pairs[0][1], "--hardware", hardware, "--trace", trace, "-o", calibrated)
     # The same runs predicted again on the calibrated profile: in-sample for the run it was
     # fitted on (the winner's), held out for the others.
     cal_sims = {tag: out / f"sim-calibrated-{tag}.json" for tag in configs}
@@ -245,8 +258,8 @@ def run_demo(
             *_opts(cfg, n_tok),
             "--hardware",
             calibrated,
-            "--shape",
-            shape,
+            "--experts",
+            experts,
             "--summary",
             cal_sims[tag],
         )
@@ -260,7 +273,26 @@ def run_demo(
 
     section = faceoff_section(side("winner", challenger), side("lru", lru), sweep_df, note)
 
-    _say("8. the report")
+    _say("8. held-out validation: calibrate once, predict and run other configurations, repeated")
+    validation = out / "validation"
+    mer(
+        "validate",
+        trace,
+        "--experts",
+        experts,
+        "--hardware",
+        hardware,
+        "--grid",
+        "quick",
+        "--tokens",
+        VALIDATE_TOKENS_QUICK if quick else VALIDATE_TOKENS,
+        "--repeats",
+        2 if quick else VALIDATE_REPEATS,
+        "-o",
+        validation,
+    )
+
+    _say("9. the report")
     result = write_run_report(
         out,
         trace=trace,
@@ -273,6 +305,7 @@ def run_demo(
         hardware=str(hardware),
         calibrated=calibrated,
         synthetic_mrc=synth_mrc,
+        extra={"validation": validation},
         extra_sections=section,
     )
     elapsed = time.perf_counter() - t0
