@@ -17,6 +17,7 @@ from mer.analysis.figures.runs import (
     plot_token_latency,
 )
 from mer.analysis.figures.sweep import io_share_spread, plot_io_share, plot_sweep_tokens_per_s
+from mer.analysis.figures.validation import plot_validation
 from mer.analysis.style import Written, wrap
 
 #: Kept for callers of the first version: `wrap_title(text, width)`.
@@ -36,5 +37,6 @@ __all__ = [
     "plot_repetition",
     "plot_sweep_tokens_per_s",
     "plot_token_latency",
+    "plot_validation",
     "wrap_title",
 ]

@@ -398,7 +398,7 @@ def run_validation(
 def write_outputs(res: ValidationResult, out: Path) -> dict[str, str]:
     """validation.parquet / .csv (the tidy table), runs.parquet, summary.json, the
     figure and validation.md."""
-    from mer.analysis.validation_report import markdown_section, plot_validation
+    from mer.analysis.validation_report import FIGURE, section_markdown, validation_section
     from mer.atomic import atomic_path
 
     paths: dict[str, str] = {}
@@ -410,9 +410,11 @@ def write_outputs(res: ValidationResult, out: Path) -> dict[str, str]:
     paths["csv"] = str(out / "validation.csv")
     write_json_atomic(out / "summary.json", _jsonable(res.summary))
     paths["summary"] = str(out / "summary.json")
-    figs = plot_validation(res.table, res.summary, out / "figures" / "validation-tokens-per-s")
-    paths["figure"] = str(figs[0])
-    write_text_atomic(out / "validation.md", markdown_section(res.table, res.summary, "figures"))
+    fig_dir = out / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    sec = validation_section(res.table, _jsonable(res.summary), fig_dir)
+    paths["figure"] = str(fig_dir / f"{FIGURE}.png")
+    write_text_atomic(out / "validation.md", section_markdown(sec, out))
     paths["markdown"] = str(out / "validation.md")
     return paths
 

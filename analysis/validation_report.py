@@ -1,132 +1,63 @@
-"""The figure and the Markdown section of a validation (`mer validate`, the demo, reports).
-
-The figure: predicted against measured tokens/s per held-out configuration, log
-axes, the identity line and a ±5% band; each point's horizontal bar is the
-measured spread of its repeats (min to max), so a point whose bar crosses the
-identity line is a prediction inside the noise. Hollow grey markers are the
-same predictions before calibration.
-"""
+"""The validation as a report section: the study report's (`sections/validation.py`) and
+the `validation.md` that `mer validate` writes beside its table, from one builder."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
-import numpy as np
 import pandas as pd
 
-from mer.analysis import style
-from mer.analysis.plots import wrap_title
-from mer.analysis.report import md_table
+from mer.analysis.plots import plot_validation
+from mer.analysis.report import signed
+from mer.analysis.sections import FigureRef, Section
+from mer.analysis.validation_table import METRICS, TARGETS
 
-BAND = 0.05
-
-
-@style.styled
-def plot_validation(table: pd.DataFrame, summary: dict[str, Any], out: str | Path) -> list[Path]:
-    fig, axes = style.figure(width="column", height=3.8)
-    ax = axes[0, 0]
-    tps = table[table["metric"] == "tokens/s"]
-    cal = tps[tps["stage"] == "calibrated"]
-    unc = tps[tps["stage"] == "uncalibrated"]
-    vals = np.concatenate(
-        [
-            tps["predicted"].to_numpy(),
-            tps["measured_min"].to_numpy(),
-            tps["measured_max"].to_numpy(),
-        ]
-    ).astype(float)
-    vals = vals[np.isfinite(vals) & (vals > 0)]
-    lo, hi = (float(vals.min()) / 1.3, float(vals.max()) * 1.3) if vals.size else (0.1, 10.0)
-    xs = np.geomspace(lo, hi, 60)
-    ax.fill_between(
-        xs, xs * (1 - BAND), xs * (1 + BAND), color="0.88", lw=0, label=f"within ±{BAND:.0%}"
-    )
-    ax.plot(xs, xs, color="0.35", lw=1, ls="--", label="y = x (perfect prediction)")
-    if len(unc):
-        ax.scatter(
-            unc["measured"],
-            unc["predicted"],
-            s=34,
-            facecolors="none",
-            edgecolors="0.55",
-            lw=1.0,
-            zorder=3,
-            label="before calibration (probe only)",
-        )
-    for r in cast(list[dict[str, Any]], cal.to_dict("records")):
-        m, p = float(r["measured"]), float(r["predicted"])
-        color = style.policy_color(str(r["policy"]))
-        ax.errorbar(
-            [m],
-            [p],
-            xerr=[[m - float(r["measured_min"])], [float(r["measured_max"]) - m]],
-            fmt="o",
-            ms=6,
-            color=color,
-            ecolor=color,
-            elinewidth=1.2,
-            capsize=3,
-            zorder=4,
-        )
-        ax.annotate(
-            str(r["config"]),
-            (m, p),
-            fontsize=6.5,
-            xytext=(5, 4),
-            textcoords="offset points",
-        )
-    ax.errorbar(
-        [], [], xerr=[], fmt="o", color="0.2", capsize=3, label="calibrated (bar: measured min-max)"
-    )
-    style.log_axis(ax, "x")
-    style.log_axis(ax, "y")
-    ax.set_xlim(lo, hi)
-    ax.set_ylim(lo, hi)
-    ax.set_aspect("equal", adjustable="box")
-    ax.set_xlabel("measured tokens/s (median of repeats)")
-    ax.set_ylabel("predicted tokens/s")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(loc="upper left", fontsize=7, frameon=False)
-    t = summary.get("targets", {}).get("tokens/s median abs. error", {})
-    med = t.get("value")
-    title = (
-        f"Held-out validation: {summary.get('trace', '')}, {summary.get('tokens', '')} tokens, "
-        f"{summary.get('repeats', '')} runs each; {summary.get('machine', '')}"
-    )
-    if med is not None:
-        title += f"\nmedian abs. error of tokens/s {med * 100:.1f}% (calibrated)"
-    ax.set_title(wrap_title(title, 80), fontsize=9)
-    return style.save(fig, out)
+FIGURE = "validation-tokens-per-s"
 
 
 def _pct(v: Any) -> str:
-    return "-" if v is None or v != v else f"{v * 100:.1f}%"
+    return "-" if v is None or v != v else f"{v * 100:.1f}"
 
 
-def markdown_section(table: pd.DataFrame, summary: dict[str, Any], fig_dir: str) -> str:
-    """The validation as a report section (its figure under `fig_dir`)."""
-    md = ["## Held-out validation: predicted vs measured, repeated real runs", ""]
+def figure_title(summary: dict[str, Any]) -> str:
+    return (
+        f"Held-out validation: {summary.get('trace', '')}, {summary.get('tokens', '')} tokens "
+        f"per run, on {summary.get('machine', '')}"
+    )
+
+
+def validation_section(table: pd.DataFrame, summary: dict[str, Any], fig_dir: Path) -> Section:
+    """The section: what was done, the figure, per-configuration and per-metric tables,
+    the targets with what they are short by, the pairs whose order the model swaps."""
     cfgs = summary.get("configs", [])
     cal = summary.get("calibration", {}).get("config", {})
-    md += [
-        f"Calibrated once on `{cal.get('policy')}` {cal.get('cache_slots')} slots "
-        f"{cal.get('scope')} (predictor {cal.get('predictor')}), then {len(cfgs)} other "
-        f"configurations predicted and run for real {summary.get('repeats')} times each "
-        f"({summary.get('tokens')} tokens per run) on {summary.get('machine')}. A prediction "
-        "counts as right when it lies inside the measured spread (min to max of the repeats). "
-        f"Drift check: {len(summary.get('drift_events', []))} recalibration(s) "
-        f"(threshold {summary.get('drift_threshold', 0) * 100:.0f}% on the pulse).",
-        "",
-        f"![predicted vs measured tokens/s]({fig_dir}/validation-tokens-per-s.png)",
-        "",
-    ]
-    tps = table[(table["metric"] == "tokens/s")]
+    tokens = summary.get("tokens")
+    sec = Section(
+        "Held-out validation: predicted vs measured, repeated real runs",
+        window=f"first {tokens} tokens of the trace, every run" if tokens else None,
+    )
+    events = summary.get("drift_events", [])
+    sec.text(
+        f"The profile was calibrated once, on a run of `{cal.get('policy')}` "
+        f"{cal.get('cache_slots')} slots {cal.get('scope')} (predictor {cal.get('predictor')}); "
+        f"then {len(cfgs)} other configurations were predicted and each run for real "
+        f"{summary.get('repeats')} times on {summary.get('machine')}. Errors are against the "
+        "median of the runs; a prediction counts as right when it lies inside their spread "
+        "(fastest to slowest run). Before every round a short pulse (FFN, dense block, a burst "
+        f"of reads) was held against the one after calibration: {len(events)} round(s) drifted "
+        f"by more than {summary.get('drift_threshold', 0) * 100:.0f}% and were recalibrated first."
+    )
+    sec.figure(
+        plot_validation(table, fig_dir / FIGURE, title=figure_title(summary), summary=summary),
+        "Look at: how far each point sits from the diagonal next to how wide its bar (the "
+        "measured spread) is, and how far the grey rings (before calibration) were",
+    )
+    tps = table[table["metric"] == "tokens/s"]
     c = tps[tps["stage"] == "calibrated"].set_index("config")
     u = tps[tps["stage"] == "uncalibrated"].set_index("config")
-    io = table[(table["metric"] == "I/O wait share") & (table["stage"] == "calibrated")].set_index(
-        "config"
-    )
+    io = table[(table["metric"] == "I/O wait share") & (table["stage"] == "calibrated")]
+    io = io.set_index("config")
     rows = []
     for cfg in cfgs:
         n = cfg["name"]
@@ -137,38 +68,37 @@ def markdown_section(table: pd.DataFrame, summary: dict[str, Any], fig_dir: str)
             [
                 n,
                 str(r["bound"]),
+                _pct(float(io.loc[n, "measured"])) if n in io.index else "-",
                 float(r["measured"]),
-                f"{float(r['measured_min']):.3g}-{float(r['measured_max']):.3g}",
+                f"{float(r['measured_min']):.3g} to {float(r['measured_max']):.3g}",
                 _pct(float(r["spread"])),
                 float(r["predicted"]),
-                _pct(float(r["rel_error"])),
+                signed(float(r["rel_error"]) * 100),
                 "yes" if bool(r["within_spread"]) else "no",
-                _pct(float(u.loc[n, "rel_error"])) if n in u.index else "-",
-                _pct(float(io.loc[n, "measured"])) if n in io.index else "-",
+                signed(float(u.loc[n, "rel_error"]) * 100) if n in u.index else "-",
             ]
         )
     if rows:
-        md += [
-            md_table(
-                [
-                    "configuration",
-                    "bound",
-                    "measured tokens/s",
-                    "range",
-                    "spread",
-                    "predicted",
-                    "error",
-                    "inside spread",
-                    "error before calibration",
-                    "I/O share",
-                ],
-                rows,
-            ),
-            "",
-        ]
+        sec.table(
+            [
+                "configuration",
+                "bound",
+                "I/O wait (% of time)",
+                "measured tokens/s (median)",
+                "runs' range",
+                "spread (%)",
+                "predicted tokens/s",
+                "error (%)",
+                "inside spread",
+                "error before calibration (%)",
+            ],
+            rows,
+        )
     stages = summary.get("stages", {})
     metric_rows = []
-    for metric in stages.get("calibrated", {}):
+    known = [m for m, _ in METRICS]
+    present = stages.get("calibrated", {})
+    for metric in sorted(present, key=lambda m: known.index(m) if m in known else len(known)):
         a = stages["calibrated"][metric]
         b = stages.get("uncalibrated", {}).get(metric, {})
         metric_rows.append(
@@ -177,48 +107,47 @@ def markdown_section(table: pd.DataFrame, summary: dict[str, Any], fig_dir: str)
                 _pct(b.get("median")),
                 _pct(a.get("median")),
                 _pct(a.get("worst")),
-                f"{a.get('within_spread', 0)}/{a.get('configs', 0)}",
+                f"{a.get('within_spread', 0)} of {a.get('configs', 0)}",
                 _pct(a.get("median_spread")),
             ]
         )
     if metric_rows:
-        md += [
-            "Every metric, over the held-out configurations:",
-            "",
-            md_table(
-                [
-                    "metric",
-                    "median abs. error before calibration",
-                    "median abs. error",
-                    "worst abs. error",
-                    "inside spread",
-                    "median measured spread",
-                ],
-                metric_rows,
-            ),
-            "",
-        ]
+        sec.table(
+            [
+                "metric",
+                "median abs. error before calibration (%)",
+                "median abs. error (%)",
+                "worst abs. error (%)",
+                "inside spread",
+                "median measured spread (%)",
+            ],
+            metric_rows,
+            lead="Every metric, over the held-out configurations:",
+        )
     trows = []
-    for name, t in summary.get("targets", {}).items():
+    targets = summary.get("targets", {})
+    order = [*TARGETS, "counts equal with prefetch off", "ranking by tokens/s"]
+    for name in sorted(targets, key=lambda n: order.index(n) if n in order else len(order)):
+        t = targets[name]
         v = t.get("value")
         if name.startswith("ranking"):
             shown = f"Kendall tau {v:.2f}" if v is not None else "-"
         else:
-            shown = _pct(v) if v is not None else ""
-        trows.append(
-            [
-                name,
-                shown,
-                _pct(t.get("target")) if t.get("target") is not None else "",
-                "met" if t.get("met") else f"not met{_short(t)}",
-            ]
+            shown = f"{_pct(v)}%" if v is not None else ""
+        limit = f"{t['target'] * 100:g}%" if t.get("target") is not None else ""
+        short = t.get("short_by")
+        verdict = (
+            "met"
+            if t.get("met")
+            else "not met" + (f" (short by {short * 100:.1f} points)" if short else "")
         )
+        trows.append([name, shown, limit, verdict])
     if trows:
-        md += ["Targets:", "", md_table(["target", "value", "limit", "verdict"], trows), ""]
+        sec.table(["target", "value", "limit", "verdict"], trows, lead="Targets:")
     rk = summary.get("ranking", {}).get("calibrated", {})
     swaps = rk.get("swapped_pairs", [])
     if swaps:
-        md.append(
+        sec.text(
             "Pairs the prediction orders differently from the measurement: "
             + "; ".join(
                 f"{s['measured_faster']} measured faster than {s['predicted_faster']}"
@@ -227,12 +156,21 @@ def markdown_section(table: pd.DataFrame, summary: dict[str, Any], fig_dir: str)
             )
             + "."
         )
-        md.append("")
     elif rk:
-        md += ["The ranking by predicted tokens/s equals the measured ranking.", ""]
+        sec.text("The ranking by predicted tokens/s equals the measured ranking.")
+    return sec
+
+
+def section_markdown(sec: Section, out_dir: Path) -> str:
+    """One section as a stand-alone Markdown file in `out_dir` (figures relative to it)."""
+    md = [f"# {sec.title}", ""]
+    if sec.window:
+        md += [f"*Token window: {sec.window}.*", ""]
+    for block in sec.blocks:
+        if isinstance(block, FigureRef):
+            png = next((p for p in block.paths if p.suffix == ".png"), block.paths[0])
+            rel = png.relative_to(out_dir) if png.is_relative_to(out_dir) else png
+            md += [f"![{block.alt}]({rel.as_posix()})", f"*{block.caption}*", ""]
+        else:
+            md += [block, ""]
     return "\n".join(md) + "\n"
-
-
-def _short(t: dict[str, Any]) -> str:
-    s = t.get("short_by")
-    return f" (short by {s * 100:.1f} points)" if s else ""

@@ -181,8 +181,36 @@ def _extra_figures(study: dict[str, Any], tmp: Path) -> dict[str, Any]:
             tmp / "lat",
             title="Per-token latency",
         ),
+        "validation": plots.plot_validation(
+            _validation_table(), tmp / "val", title="Held-out validation"
+        ),
     }
     return {k: v.figure for k, v in figs.items()}
+
+
+def _validation_table() -> pd.DataFrame:
+    """A `mer validate` table's tokens/s rows: three configurations, both stages."""
+    rows = []
+    for name, policy, predictor, meas, pred in (
+        ("lru-32", "lru", "none", (4.0, 3.8, 4.3), 4.1),
+        ("fifo-64", "fifo", "none", (5.0, 4.9, 5.2), 4.7),
+        ("lru-64-oracle", "lru", "oracle", (7.5, 7.0, 8.1), 7.9),
+    ):
+        for stage, p in (("calibrated", pred), ("uncalibrated", pred * 1.4)):
+            rows.append(
+                {
+                    "config": name,
+                    "stage": stage,
+                    "metric": "tokens/s",
+                    "predicted": p,
+                    "measured": meas[0],
+                    "measured_min": meas[1],
+                    "measured_max": meas[2],
+                    "policy": policy,
+                    "predictor": predictor,
+                }
+            )
+    return pd.DataFrame(rows)
 
 
 def test_every_figure_passes_the_structure_checks(study: dict[str, Any]) -> None:

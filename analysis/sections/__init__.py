@@ -21,7 +21,7 @@ by a number, so a new one slots in between without touching the others:
 
 and one line naming the module in `SECTION_MODULES` below. Orders in use:
 10 routing, 20 curves, 25 synthetic overlay, 30 sweep, 40 runs, 45 prefetch,
-50 per-layer, 60 calibration, 90 run details; leave gaps.
+50 per-layer, 60 calibration, 65 held-out validation, 90 run details; leave gaps.
 
 Rules every section follows (the report is read by reviewers):
 - `window`: which tokens the section's numbers come from ("all 773 tokens",
@@ -50,6 +50,7 @@ SECTION_MODULES = (
     "sweep",
     "runs",
     "calibration",
+    "validation",
 )
 
 

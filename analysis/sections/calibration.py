@@ -18,6 +18,13 @@ FIELDS = {
     "compute.ffn_bytes_per_s": ("expert FFN throughput", "MB/s", 1e-6),
     "compute.dense_s_per_layer": ("dense time per layer", "ms", 1e3),
     "ssd.bandwidth_bytes_per_s": ("SSD bandwidth", "MB/s", 1e-6),
+    "compute.ffn_busy_overhead_s": (
+        "extra time of an FFN run while reads are in flight",
+        "us",
+        1e6,
+    ),
+    "compute.read_submit_s": ("time to submit one expert read", "us", 1e6),
+    "compute.step_overhead_s": ("driver time per step", "us", 1e6),
 }
 
 

@@ -150,7 +150,9 @@ def format_text(res: Any) -> str:
         lim = "" if tg.get("target") is None else f" (<= {tg['target'] * 100:.0f}%)"
         lines.append(f"  {name:<40} {shown:>8}{lim:<10} {'met' if tg.get('met') else 'NOT met'}")
     swaps = s.get("ranking", {}).get("calibrated", {}).get("swapped_pairs", [])
-    for sw in swaps:
+    if len(swaps) > 8:
+        lines.append(f"  {len(swaps)} pairs swapped; the first 8 (all in summary.json):")
+    for sw in swaps[:8]:
         lines.append(
             f"  swapped: {sw['measured_faster']} measured faster than {sw['predicted_faster']}"
             + (" (within the measured spread)" if sw["within_noise"] else "")

@@ -754,13 +754,15 @@ def pulse(
     io: str = "auto",
     threads: int = 1,
     chunk_bytes: int = 512 * KiB,
-    experts: int = 12,
+    experts: int = 24,
     seed: int = 0,
     ffn: str = "auto",
 ) -> dict[str, float]:
     """A short check of this machine's speed now, on an expert file (about a second):
     the median expert-FFN time over experts read from it (direct calls), the median
-    dense-block time, and the median time of a burst of 4 chunks read from it.
+    dense-block time, the median time of a burst of 4 chunks read from it, and the
+    time per expert of reading `experts` experts back to back (the device's rate under
+    load, which a shared disk changes from one minute to the next).
     `mer validate` compares pulses to decide whether the machine drifted since the
     profile was calibrated."""
     shape = store.shape
@@ -779,6 +781,7 @@ def pulse(
     bursts = []
     with open_reader(kind=io, queue_depth=32, chunk_bytes=chunk_bytes) as reader:
         fd = reader.open(store.data_path)
+        t_stream = time.perf_counter()
         for i, (key, buf) in enumerate(zip(picks, bufs, strict=True)):
             layer, expert = divmod(int(key), store.n_experts)
             plan = store.read_plan(layer, expert)
@@ -796,6 +799,7 @@ def pulse(
             )
             for j in range(len(plan)):
                 reader.wait(("e", i, j))
+        stream_s = (time.perf_counter() - t_stream) / len(picks)
         for rep in range(6):
             offs = rng.integers(0, span, size=4) * ALIGN
             reader.submit_reads(
@@ -838,4 +842,5 @@ def pulse(
         "ffn_s": float(np.median(ffn_t)),
         "dense_s": float(np.median(dense_t)),
         "burst4_s": float(np.median(bursts)),
+        "expert_read_s": float(stream_s),
     }
