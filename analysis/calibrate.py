@@ -65,7 +65,7 @@ def _solve_bandwidth(profile: HardwareProfile, nbytes: int, read_s: float) -> fl
     ssd = profile.ssd
     n = ssd.n_chunks(nbytes)
     waves = math.ceil(n / ssd.channels)
-    transfer = read_s / waves - ssd.latency_s  # per chunk
+    transfer = (read_s - ssd.access_latency_s) / waves - ssd.latency_s  # per chunk
     if transfer <= 0:
         return None
     return (nbytes / n) / transfer * ssd.channels

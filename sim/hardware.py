@@ -33,6 +33,7 @@ LIMITS: dict[str, tuple[float, float]] = {
     "ssd.channels": (1, 65536),
     "ssd.chunk_bytes": (512, 1 << 30),
     "ssd.queue_depth": (1, 1 << 20),
+    "ssd.access_latency_s": (0.0, 10.0),
     "compute.ffn_bytes_per_s": RATE,
     "compute.dense_bytes_per_s": RATE,
     "compute.dense_s_per_layer": (0.0, 3600.0),
@@ -77,6 +78,7 @@ class SSDProfile:
     channels: int  # requests served in parallel (queue depth the device sustains)
     chunk_bytes: int  # reads are split into chunks of (at most) this size
     queue_depth: int | None = None  # chunks submitted to the device at once (None: channels)
+    access_latency_s: float = 0.0  # once per read, after its last chunk; occupies no channel
 
     @property
     def channel_bandwidth(self) -> float:
@@ -114,7 +116,7 @@ class SSDProfile:
     def read_time(self, nbytes: int) -> float:
         """Time of one read alone on an idle device."""
         n = self.n_chunks(nbytes)
-        return math.ceil(n / self.channels) * self.chunk_time(nbytes)
+        return math.ceil(n / self.channels) * self.chunk_time(nbytes) + self.access_latency_s
 
 
 @dataclass
@@ -184,6 +186,7 @@ class HardwareProfile:
                 channels=need("ssd", "channels"),
                 chunk_bytes=need("ssd", "chunk_bytes"),
                 queue_depth=d["ssd"].get("queue_depth"),
+                access_latency_s=d["ssd"].get("access_latency_s", 0.0),
             )
             compute = ComputeProfile(
                 ffn_bytes_per_s=need("compute", "ffn_bytes_per_s"),
@@ -235,6 +238,7 @@ class HardwareProfile:
         )
         self.ssd.channels = _field(w, "ssd.channels", self.ssd.channels)
         self.ssd.chunk_bytes = _field(w, "ssd.chunk_bytes", self.ssd.chunk_bytes)
+        self.ssd.access_latency_s = _field(w, "ssd.access_latency_s", self.ssd.access_latency_s)
         if self.ssd.queue_depth is not None:
             self.ssd.queue_depth = int(_field(w, "ssd.queue_depth", self.ssd.queue_depth))
         self.compute.ffn_bytes_per_s = _field(
