@@ -40,6 +40,7 @@ LIMITS: dict[str, tuple[float, float]] = {
     "compute.workers": (1, 4096),
     "compute.step_overhead_s": (0.0, 10.0),
     "compute.read_submit_s": (0.0, 10.0),
+    "compute.read_complete_s": (0.0, 10.0),
     "compute.ffn_busy_overhead_s": (0.0, 10.0),
     "memory.ram_bytes": (1 << 20, 1 << 50),
     "memory.read_bandwidth_bytes_per_s": RATE,
@@ -132,6 +133,7 @@ class ComputeProfile:
     # (0 in the bundled profiles; `mer probe` measures them, `mer calibrate` refits):
     step_overhead_s: float = 0.0  # per step: lookups, decisions, bookkeeping
     read_submit_s: float = 0.0  # per read: planning and submitting its chunks
+    read_complete_s: float = 0.0  # per read: reaping its completions outside a wait
     ffn_busy_overhead_s: float = 0.0  # per FFN that runs while reads are in flight
 
     def ffn_time(self, bytes_per_expert: int) -> float:
@@ -196,6 +198,7 @@ class HardwareProfile:
                 kernel=str(d["compute"].get("kernel", "")),
                 step_overhead_s=d["compute"].get("step_overhead_s", 0.0),
                 read_submit_s=d["compute"].get("read_submit_s", 0.0),
+                read_complete_s=d["compute"].get("read_complete_s", 0.0),
                 ffn_busy_overhead_s=d["compute"].get("ffn_busy_overhead_s", 0.0),
             )
             memory = MemoryProfile(
@@ -252,7 +255,12 @@ class HardwareProfile:
                 w, "compute.dense_s_per_layer", self.compute.dense_s_per_layer
             )
         self.compute.workers = _field(w, "compute.workers", self.compute.workers)
-        for name in ("step_overhead_s", "read_submit_s", "ffn_busy_overhead_s"):
+        for name in (
+            "step_overhead_s",
+            "read_submit_s",
+            "read_complete_s",
+            "ffn_busy_overhead_s",
+        ):
             setattr(self.compute, name, _field(w, f"compute.{name}", getattr(self.compute, name)))
         self.memory.ram_bytes = _field(w, "memory.ram_bytes", self.memory.ram_bytes)
         self.memory.read_bandwidth_bytes_per_s = _field(

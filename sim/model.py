@@ -343,6 +343,7 @@ class _Timing:
     access: int = 0  # a read lands this long after its last chunk's service
     step: int = 0  # driver overhead per step, before the reads are submitted
     submit: int = 0  # driver time per read submitted
+    complete: int = 0  # driver time per read to reap its completion, after the submissions
     ffn_busy: int = 0  # extra per FFN started while reads are outstanding
     poll: int = 0  # completions reaped every `poll` during such an FFN (0: at its end)
 
@@ -486,7 +487,7 @@ def _run_fast(replay: Replay, tm: _Timing, rec: _Recorder) -> int:
     inflight: dict[int, _Read] = {}
     k = replay.top_k
     ffn, workers, dense = tm.ffn, tm.workers, tm.dense
-    step_oh, submit, ffn_busy = tm.step, tm.submit, tm.ffn_busy
+    step_oh, submit, reap = tm.step, tm.submit, tm.complete
     step = replay.step
     prefetch = replay.prefetch
     complete = replay.complete
@@ -551,7 +552,7 @@ def _run_fast(replay: Replay, tm: _Timing, rec: _Recorder) -> int:
                 r_step.append(t)
                 r_finish.append(r)
                 inflight[adm.key] = r
-            tc = at
+            tc = at + (len(reads) + len(pfs)) * reap
             look(tc)
             n_late = 0
             if True in late:
@@ -566,7 +567,7 @@ def _run_fast(replay: Replay, tm: _Timing, rec: _Recorder) -> int:
             io = t2 - tc - _makespan(durs, workers)
             r_io.append(io if io > 0 else 0)
             r_comp.append(sum(durs))
-            r_busy.append(sum(1 for x in durs if x > ffn) if ffn_busy else 0)
+            r_busy.append(sum(1 for x in durs if x > ffn) if tm.ffn_busy else 0)
             r_over.append(tc - t1)
             r_hits.append(sum(res.hit))
             r_late.append(n_late)
@@ -621,7 +622,7 @@ def step_spans(tm: _Timing, k: int) -> list[StepSpan]:
             rec.issued.append(at)
             rec.finish.append(r)
             ready[k - m + i] = ssd.fg_finish
-        tc = at
+        tc = at + m * tm.complete
         rec.look(tc)
         ready = [r if r > tc else tc for r in ready]
         t2, durs = _ffn_schedule(tm, k, ready, tc, ssd.busy_until, rec.look, rec.ffn)
@@ -793,6 +794,8 @@ def _run_simpy(replay: Replay, tm: _Timing, rec: _Recorder) -> int:
             for i in range(k):
                 if res.late[i]:
                     waits[i] = inflight[res.keys[i]]
+            if tm.complete and (res.reads or pfs):
+                yield env.timeout(tm.complete * (len(res.reads) + len(pfs)))
             yield _AfterNow(env)
             tc = int(env.now)
             rec.look(tc)
@@ -876,6 +879,7 @@ def timing_of(
         access=ticks(ssd.access_latency_s),
         step=ticks(comp.step_overhead_s),
         submit=ticks(comp.read_submit_s),
+        complete=ticks(comp.read_complete_s),
         ffn_busy=ticks(comp.ffn_busy_overhead_s),
         # the engine runs a native kernel's FFN of a small expert inline (reaping only after
         # it), else hands it to a thread and reaps every POLL_INTERVAL_S meanwhile
@@ -1035,6 +1039,8 @@ def simulate(
                 "submit_n": n_reads,
                 "steps": n_steps,
                 "overhead_s": overhead,
+                "token_overhead_s": [float(v) for v in per_token(rec.over) * sec],
+                "token_reads": [int(v) for v in tok_reads],
             },
             "read_ranges": list(opts.read_ranges or (read_bytes,)),
             "io": {"queue_depth": opts.queue_depth, "chunk_bytes": opts.chunk_bytes},

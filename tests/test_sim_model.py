@@ -370,6 +370,7 @@ def test_fast_engine_equals_simpy_engine_with_driver_costs() -> None:
         hw.ssd.access_latency_s = rng.choice([0.0, 6e-5])
         hw.compute.step_overhead_s = rng.choice([0.0, 2e-5])
         hw.compute.read_submit_s = rng.choice([0.0, 1e-5, 4e-5])
+        hw.compute.read_complete_s = rng.choice([0.0, 7e-6])
         hw.compute.ffn_busy_overhead_s = rng.choice([0.0, 3e-5])
         cfg = dict(
             policy=rng.choice(["lru", "fifo", "clock"]),
