@@ -5,8 +5,8 @@ the demo doubles as the worked example of the README:
 
     import the real trace -> statistics -> miss-ratio curves -> synthesize a
     scaled expert GGUF -> probe this machine -> sweep policies x predictors x
-    cache sizes in the simulator on the probed profile -> pick the winner ->
-    execute it with the real engine (and the same policy without prefetch) ->
+    scopes x cache sizes in the simulator on the probed profile -> pick the winner -> execute
+    it and plain LRU at the same cache size with the real engine, alternating ->
     simulate the same runs -> compare -> calibrate and predict again -> a held-out
     validation (`mer validate`: calibrate once, predict 8 other configurations, run
     each 3 times) -> report
@@ -18,7 +18,7 @@ comparison is like for like.
 The configuration is chosen so that the sweep is I/O-bound on a laptop-class
 machine with the native q4_0 kernel: mixtral-small experts (1.5 MiB, about 60 us
 of FFN each at memory speed) against reads of the same 1.5 MiB from the SSD
-(about 1 ms), cache sizes from 19% to 50% of the 256 experts, where the
+(about 1 ms), cache sizes from 12.5% to 37.5% of the 256 experts, where the
 policies and the two scopes differ, and one window of the trace (the first
 `tokens`) for the sweep and the runs, so the ranking predicted is the ranking
 measured. The winner is then run for real against plain LRU (global, no
@@ -50,9 +50,9 @@ POLICIES = "lru,fifo,lfu,clock,sieve,s3fifo,arc"
 PREDICTORS = "none,previous-token,markov"
 QUICK_POLICIES = "lru,fifo,clock,sieve,s3fifo,arc"
 SCOPES = "global,per-layer"
-SLOTS = "48,64,96,128"  # 19% .. 50% of the 256 layer-qualified experts: where policies differ
-QUICK_SLOTS = "64,128"
-ROUNDS = 2  # real runs of each side of the face-off, alternating
+SLOTS = "32,48,64,96"  # 12.5% .. 37.5% of the 256 layer-qualified experts: where policies differ
+QUICK_SLOTS = "32,96"
+ROUNDS = 3  # rounds of real runs (one of each side), alternating; the median round decides
 # The held-out validation (`mer validate --grid quick`): 8 configurations, each run this
 # many times for this many tokens (about a minute on a 2-core machine).
 VALIDATE_TOKENS, VALIDATE_TOKENS_QUICK, VALIDATE_REPEATS = 16, 8, 3
@@ -137,7 +137,7 @@ def run_demo(
     out_dir: str | Path = "out/demo",
     *,
     shape: str = "mixtral-small",
-    tokens: int = 128,
+    tokens: int = 96,
     quick: bool = False,
     rounds: int = ROUNDS,
 ) -> Path:

@@ -340,7 +340,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--tokens",
         type=positive_int,
-        default=128,
+        default=96,
         help="the trace window (first N tokens) the sweep predicts and the real engine runs",
     )
     p.add_argument("--quick", action="store_true", help="smaller sweep and run (for tests)")
@@ -369,14 +369,15 @@ def _plot_common(q: argparse.ArgumentParser, func: Any) -> None:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from mer.analysis.compare import compare
+    from mer.atomic import write_json_atomic
+    from mer.guard import FinalWrites
 
     c = compare(load_summary(args.sim), load_summary(args.run))
-    if args.output:
-        from mer.atomic import write_json_atomic
-
-        write_json_atomic(args.output, c.to_dict())
+    writes = FinalWrites()
+    writes.add(args.output, lambda p: write_json_atomic(p, c.to_dict()), "comparison")
+    writes.run()
     emit(args, c.to_dict(), c.format_text())
-    return 0
+    return writes.finish()
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
@@ -400,10 +401,15 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         from mer.traces.format import read_trace
 
         trace = read_trace(args.trace)
+    from mer.guard import FinalWrites
+
     cal = calibrate(run, profile, trace=trace)
-    cal.profile.save(args.output)
-    emit(args, cal.to_dict(), cal.format_text() + f"\nwrote {args.output}")
-    return 0
+    writes = FinalWrites()
+    writes.add(args.output, cal.profile.save, "calibrated profile")
+    writes.run()
+    wrote = f"\nwrote {args.output}" if writes.written else ""
+    emit(args, cal.to_dict(), cal.format_text() + wrote)
+    return writes.finish()
 
 
 # -- plots ---------------------------------------------------------------------------
