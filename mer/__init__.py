@@ -17,31 +17,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from mer.api import __all__ as _api_functions
+
 __version__ = "0.1.0"
 
-#: The Python API: name -> module that defines it (imported on first access).
-_API = {
-    name: "mer.api"
-    for name in (
-        "bundled_trace",
-        "calibrate",
-        "compare",
-        "hardware_profile",
-        "import_trace",
-        "load_summary",
-        "mrc",
-        "plot",
-        "probe",
-        "read_trace",
-        "report",
-        "run",
-        "simulate",
-        "sweep",
-        "synth_experts",
-        "trace_stats",
-        "write_trace",
-    )
-}
+#: The Python API: name -> module that defines it (imported on first access). `mer.api`
+#: itself imports only the standard library, so reading its names here costs nothing.
+_API = dict.fromkeys(_api_functions, "mer.api")
 _API.update(
     {
         "BadInput": "mer.errors",

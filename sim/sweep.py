@@ -268,7 +268,15 @@ def run_sweep(
             ) from None
 
     def failure(cfg: dict[str, Any], exc: BaseException) -> None:
-        failed.append((cfg["config_hash"], f"{type(exc).__name__}: {exc}"))
+        if os.environ.get("MER_DEBUG"):
+            raise exc  # the traceback (a worker's included), as the CLI promises
+        from mer.core.plugins import describe_error
+
+        what = (
+            f"{cfg['policy']} ({cfg['scope']}) at {cfg['cache_slots']} slots, "
+            f"predictor {cfg['predictor']}"
+        )
+        failed.append((cfg["config_hash"], f"{what}: {describe_error(exc)}"))
 
     if todo:
         with _progress(progress, len(todo), len(configs) - len(todo)) as advance:

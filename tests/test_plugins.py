@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from mer.cli import main
+from mer.core import plugins
 from mer.core import policy as policy_mod
 from mer.core import predictor as predictor_mod
 from mer.traces.bundled import load_bundled
@@ -49,6 +50,7 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     sys.path[:] = path
     for name in set(sys.modules) - modules:
         del sys.modules[name]
+    plugins._origins.clear()
 
 
 def _trace(directory: Path, tokens: int = 40) -> Path:
@@ -215,3 +217,94 @@ def test_entry_point_plugin_registers_by_name(tmp_path: Path) -> None:
         check=True,
     )
     assert "mru-demo" in helped.stdout
+
+
+BROKEN = """
+from mer.core import EvictionPolicy, Predictor
+
+
+class Raises(EvictionPolicy):
+    name = "raises"
+
+    def on_insert(self, key):
+        pass
+
+    def on_remove(self, key):
+        pass
+
+    def victim(self, protected):
+        raise ValueError("no victim here\\nsecond line of the message")
+
+
+class Ghost(Raises):
+    name = "ghost"
+
+    def victim(self, protected):
+        return 123456  # never resident
+
+
+class Lookup(Predictor):
+    name = "lookup"
+
+    def predict(self, t, depth):
+        return {}[t]
+"""
+
+
+def _cli(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "mer", *args],
+        cwd=cwd,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def test_an_error_inside_a_plugin_is_the_plugins_not_mers(
+    workdir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Exit 1, naming the class, its module and line and the exception's first line, with
+    MER_DEBUG=1 for the traceback: in this process and in sweep/mrc worker processes."""
+    (workdir / "broken.py").write_text(BROKEN)
+    trace = str(_trace(workdir))
+    line = (
+        BROKEN.splitlines().index(
+            '        raise ValueError("no victim here\\nsecond line of the message")'
+        )
+        + 1
+    )
+
+    def failed(args: list[str]) -> str:
+        capsys.readouterr()
+        assert main(args) == 1
+        return capsys.readouterr().err
+
+    sim = ["simulate", trace, "--cache-slots", "8", "--hardware", "ci-tiny"]
+    err = failed([*sim, "--policy", "broken:Raises"])
+    assert err.strip() == (
+        "mer: error: policy 'broken:Raises' (class Raises in module broken, "
+        f"{workdir / 'broken.py'} line {line}) failed: ValueError: no victim here. This is "
+        "an error in that policy, not in mer; rerun with MER_DEBUG=1 for the traceback."
+    )
+    err = failed([*sim, "--policy", "lru", "--predictor", "broken:Lookup"])
+    assert "predictor 'broken:Lookup' (class Lookup in module broken" in err
+    assert "KeyError: 0" in err and "internal error" not in err
+    err = failed([*sim, "--policy", "broken:Ghost"])
+    assert "policy 'ghost' (class Ghost in module broken) chose 123456 as the victim" in err
+    mrc = ["mrc", trace, "-o", "m.parquet", "--sizes", "8", "--processes", "2"]
+    err = failed([*mrc, "--policies", "lru,broken:Raises", "--scopes", "global"])
+    assert "policy 'broken:Raises' (class Raises in module broken" in err
+    assert "internal error" not in err and not (workdir / "m.parquet").exists()
+    sweep = ["sweep", trace, "--cache-slots", "8", "--jobs", "2", "--no-progress"]
+    err = failed([*sweep, "--policies", "lru,broken:Raises", "-o", "s.parquet"])
+    assert "broken:Raises (global) at 8 slots, predictor none: policy 'broken:Raises'" in err
+    assert "ValueError: no victim here." in err and "second line" not in err
+    # the real command: the same message, and MER_DEBUG=1 gives the traceback
+    cmd = [*sim, "--policy", "broken:Raises"]
+    plain = _cli(cmd, workdir)
+    assert plain.returncode == 1 and "Traceback" not in plain.stderr
+    assert "class Raises in module broken" in plain.stderr
+    debug = _cli(cmd, workdir, MER_DEBUG="1")
+    assert "Traceback" in debug.stderr and f'broken.py", line {line}, in victim' in debug.stderr

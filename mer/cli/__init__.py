@@ -144,8 +144,16 @@ def _unexpected(exc: BaseException) -> int:
         what = "no space left on the device" if exc.errno == errno.ENOSPC else exc.strerror
         print(f"mer: error: {what or exc}{where}.", file=sys.stderr)
         return 1
+    from mer.core import plugins
+
+    blamed = plugins.blame(exc)
+    if blamed is not None:
+        print(f"mer: error: {blamed}", file=sys.stderr)
+        return 1
+    suspects = plugins.loaded()
+    also = f", or in the {' or '.join(suspects)} it ran" if suspects else ""
     print(
-        f"mer: internal error: {type(exc).__name__}: {exc} (this is a bug in mer; "
+        f"mer: internal error: {type(exc).__name__}: {exc} (this is a bug in mer{also}; "
         "rerun with MER_DEBUG=1 for the traceback and report it).",
         file=sys.stderr,
     )

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from mer.core.policy import EvictionPolicy, make_policy
+from mer.core.policy import EvictionPolicy, make_policy, not_resident
 from mer.errors import BadInput
 
 SCOPES = ("global", "per-layer")
@@ -391,6 +391,8 @@ class ExpertCache:
                 if not prefetch:
                     self.stats.bypass[layer] += 1
                 return Admission(key, None, None, prefetch)
+            if victim not in self.state:
+                raise not_resident(part.policy, victim)
             self._evict(part, victim)
             evicted = victim
         slot = part.free_slots.pop()

@@ -20,7 +20,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from mer.errors import BadInput
+from mer.core import plugins
+from mer.errors import BadInput, RuntimeFailure
 
 
 class EvictionPolicy(ABC):
@@ -88,36 +89,31 @@ class EvictionPolicy(ABC):
         return {"policy": self.name}
 
 
+def not_resident(policy: EvictionPolicy, key: Any) -> RuntimeFailure:
+    """The error for a `victim()` that named a key the cache does not hold: a broken
+    policy (a user's, as the built-in ones are tested), named by class and module."""
+    cls = type(policy)
+    return RuntimeFailure(
+        f"policy {policy.name!r} (class {cls.__qualname__} in module {cls.__module__}) chose "
+        f"{key!r} as the victim, which is not resident; victim() must return a resident key "
+        "that is not in `protected`, or None (see docs/policies.md, 'Writing a policy')."
+    )
+
+
 # -- registry --------------------------------------------------------------------
 
-POLICIES: dict[str, type[EvictionPolicy]] = {}
-
-
-def register_policy(cls: type[EvictionPolicy]) -> type[EvictionPolicy]:
-    """Class decorator: adding a policy is one class plus this one line."""
-    if not cls.name:
-        raise ValueError(f"{cls.__name__} has no name")
-    POLICIES[cls.name] = cls
-    return cls
+_REGISTRY = plugins.Registry(
+    "policy", EvictionPolicy, plugins.POLICY_GROUP, ("mer.core.policies", "mer.core.cycle")
+)
+POLICIES: dict[str, type[EvictionPolicy]] = _REGISTRY.classes
+#: Class decorator: adding a policy is one class plus this one line.
+register_policy = _REGISTRY.register
 
 
 def policy_class(name: str) -> type[EvictionPolicy]:
     """The class of a policy name: registered, `module:Class`, or an installed entry point
     (see `mer.core.plugins`). A loaded plugin is registered under `name`."""
-    _load_builtin_policies()
-    cls = POLICIES.get(name)
-    if cls is not None:
-        return cls
-    from mer.core import plugins
-
-    if plugins.is_spec(name):
-        cls = plugins.load_class(name, EvictionPolicy, "policy")
-        POLICIES[name] = cls
-        return cls
-    raise BadInput(
-        f"unknown policy {name!r}; choose one of: {', '.join(sorted(POLICIES))}, or load your "
-        f"own class with package.module:ClassName ({plugins.GUIDE})."
-    )
+    return _REGISTRY.get(name)
 
 
 def make_policy(name: str, capacity: int, **params: Any) -> EvictionPolicy:
@@ -126,23 +122,4 @@ def make_policy(name: str, capacity: int, **params: Any) -> EvictionPolicy:
 
 def policy_names() -> list[str]:
     """Registered names, installed plugins' included (and any `module:Class` loaded so far)."""
-    _load_builtin_policies()
-    return sorted(POLICIES)
-
-
-def _load_builtin_policies() -> None:
-    # Importing the modules runs their @register_policy lines.
-    import importlib
-
-    for mod in ("mer.core.policies", "mer.core.cycle"):
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as exc:
-            if exc.name != mod:
-                raise
-    from mer.core import plugins
-
-    for name, cls in plugins.entry_point_classes(
-        plugins.POLICY_GROUP, EvictionPolicy, "policy"
-    ).items():
-        POLICIES.setdefault(name, cls)
+    return _REGISTRY.names()

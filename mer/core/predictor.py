@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from mer.core import plugins
 from mer.errors import BadInput
 
 Prediction = list[tuple[int, float]]  # ranked (key, probability) for one future step
@@ -78,33 +79,17 @@ class Predictor(ABC):
         return {"predictor": self.name}
 
 
-PREDICTORS: dict[str, type[Predictor]] = {}
-
-
-def register_predictor(cls: type[Predictor]) -> type[Predictor]:
-    if not cls.name:
-        raise ValueError(f"{cls.__name__} has no name")
-    PREDICTORS[cls.name] = cls
-    return cls
+_REGISTRY = plugins.Registry(
+    "predictor", Predictor, plugins.PREDICTOR_GROUP, ("mer.core.predictors",)
+)
+PREDICTORS: dict[str, type[Predictor]] = _REGISTRY.classes
+register_predictor = _REGISTRY.register
 
 
 def predictor_class(name: str) -> type[Predictor]:
     """The class of a predictor name: registered, `module:Class`, or an installed entry
     point (see `mer.core.plugins`). A loaded plugin is registered under `name`."""
-    _load_builtin_predictors()
-    cls = PREDICTORS.get(name)
-    if cls is not None:
-        return cls
-    from mer.core import plugins
-
-    if plugins.is_spec(name):
-        cls = plugins.load_class(name, Predictor, "predictor")
-        PREDICTORS[name] = cls
-        return cls
-    raise BadInput(
-        f"unknown predictor {name!r}; choose one of: {', '.join(sorted(PREDICTORS))}, or load "
-        f"your own class with package.module:ClassName ({plugins.GUIDE})."
-    )
+    return _REGISTRY.get(name)
 
 
 def make_predictor(name: str, ctx: ReplayContext, **params: Any) -> Predictor:
@@ -113,25 +98,7 @@ def make_predictor(name: str, ctx: ReplayContext, **params: Any) -> Predictor:
 
 def predictor_names() -> list[str]:
     """Registered names, installed plugins' included (and any `module:Class` loaded so far)."""
-    _load_builtin_predictors()
-    return sorted(PREDICTORS)
-
-
-def _load_builtin_predictors() -> None:
-    import importlib
-
-    for mod in ("mer.core.predictors",):
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as exc:
-            if exc.name != mod:
-                raise
-    from mer.core import plugins
-
-    for name, cls in plugins.entry_point_classes(
-        plugins.PREDICTOR_GROUP, Predictor, "predictor"
-    ).items():
-        PREDICTORS.setdefault(name, cls)
+    return _REGISTRY.names()
 
 
 def _horizon(ctx: ReplayContext, t: int, depth: int) -> range:

@@ -35,7 +35,7 @@ import numpy as np
 
 from mer.core.cache import READY, Admission, CacheStats, ExpertCache, StepResult
 from mer.core.policies import FIFO, LRU, Clock
-from mer.core.policy import POLICIES, EvictionPolicy
+from mer.core.policy import POLICIES, EvictionPolicy, not_resident
 from mer.core.predictor import Predictor, ReplayContext, make_predictor
 from mer.errors import BadInput
 
@@ -555,6 +555,8 @@ def _counts_no_prefetch(replay: Replay) -> CacheStats:
                     if v is None:
                         bypass[layer] += 1
                         continue
+                    if v not in res:
+                        raise not_resident(pol, v)
                     pol.on_remove(v)
                     res.discard(v)
                     evictions[v // n_exp] += 1
