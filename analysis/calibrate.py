@@ -152,11 +152,23 @@ def fit_bandwidth(
     return math.exp((lo + hi) / 2), target
 
 
-def calibrate(run: RunSummary, profile: HardwareProfile, *, trace: Any = None) -> Calibration:
+def calibrate(
+    run: RunSummary, profile: HardwareProfile, *, trace: Any = None, trace_name: str = "the trace"
+) -> Calibration:
     """The profile refitted to `run` (see the module docstring); `trace` (the run's
-    trace, already read) enables the simulated SSD fit."""
+    trace, already read) enables the simulated SSD fit, so another trace is refused: it
+    would fit the SSD to reads the run never made."""
     if run.kind != "measured":
         raise BadInput(f"calibrate needs a measured run (mer run --summary), got a {run.kind} one.")
+    if trace is not None and run.trace_digest:
+        from mer.traces.format import content_digest
+
+        digest = content_digest(trace)
+        if digest != run.trace_digest:
+            raise BadInput(
+                f"{trace_name} (content {digest}) is not the trace the run replayed "
+                f"({run.trace}, content {run.trace_digest}); give that trace, or leave it out."
+            )
     shape = get_shape(run.shape)
     iters = run.tokens * run.layers
     if iters == 0:

@@ -153,10 +153,12 @@ def check_study(
     sweep: Any = None,
     sim: RunSummary | None = None,
     run: RunSummary | None = None,
+    names: tuple[str, str] = ("simulated run (--sim)", "measured run (--run)"),
 ) -> None:
     """A report's inputs must all come from its trace, and its simulated and measured
-    runs must be one experiment; refuse otherwise, naming what differs."""
-    for what, s in (("simulated run (--sim)", sim), ("measured run (--run)", run)):
+    runs must be one experiment; refuse otherwise, naming what differs (`names`: how
+    the message calls the two runs, after the flags that gave them)."""
+    for what, s in zip(names, (sim, run), strict=True):
         if s is not None and s.trace_digest != trace_digest:
             raise BadInput(
                 f"the {what} replayed another trace ({s.trace}, content {s.trace_digest}) "
@@ -171,7 +173,7 @@ def check_study(
                 f"the report's {trace_name} (content {trace_digest}); give the trace it swept."
             )
     if sim is not None and run is not None:
-        check_same_experiment(sim, run, "the simulated (--sim) and measured (--run) runs")
+        check_same_experiment(sim, run, f"the {names[0]} and the {names[1]}")
 
 
 def compare(sim: RunSummary, run: RunSummary) -> Comparison:

@@ -80,7 +80,9 @@ def check_inputs(study: Study) -> None:
     digest = content_digest(study.trace)
     check_study(digest, str(study.inputs.trace), sweep=study.sweep)
     for p in study.pairs:
-        check_study(digest, str(study.inputs.trace), sim=p.sim, run=p.run)
+        of = f" of the pair {p.role!r}" if p.role else " (--sim or --pair)"
+        names = (f"simulated run{of}", f"measured run{of}")
+        check_study(digest, str(study.inputs.trace), sim=p.sim, run=p.run, names=names)
         if p.calibrated is not None:
             check_same_experiment(
                 p.calibrated, p.run, f"the calibrated simulation and the measured run ({p.role})"

@@ -452,13 +452,17 @@ def compare(sim: Any, run: Any) -> Comparison:
     return _compare(_summary(sim), _summary(run))
 
 
-def calibrate(run: Any, hardware: PathLike | HardwareProfile) -> Calibration:
-    """`mer calibrate`: the profile refitted to a measured run (`.profile`, `.moved`)."""
+def calibrate(
+    run: Any, hardware: PathLike | HardwareProfile, trace: Trace | PathLike | None = None
+) -> Calibration:
+    """`mer calibrate [--trace]`: the profile refitted to a measured run (`.profile`,
+    `.moved`); with the run's trace, the SSD bandwidth is fitted by simulation."""
     from mer.analysis.calibrate import calibrate as _calibrate
     from mer.sim.hardware import HardwareProfile
 
     hw = hardware if isinstance(hardware, HardwareProfile) else hardware_profile(hardware)
-    return _calibrate(_summary(run), hw)
+    tr = None if trace is None else _trace(trace)
+    return _calibrate(_summary(run), hw, trace=tr)
 
 
 def plot(kind: str, data: Any, output: PathLike, **options: Any) -> list[Path]:

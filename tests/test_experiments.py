@@ -153,7 +153,21 @@ def test_calibrate_refuses_a_simulation_of_another_experiment(
     assert "shape: 'mixtral-small' vs 'mixtral-tiny'" in capsys.readouterr().err
     assert main([*base, "--sim", str(tmp_path / "sim-hw.json")]) == 2
     assert "used hardware 'nvme-desktop'" in capsys.readouterr().err
+    # --trace fits the SSD by replaying it: a trace the run did not replay is refused
+    trace = _head(tmp_path)
+    digest = trace_digest(trace)
+    assert main([*base, "--trace", str(trace)]) == 2
+    err = capsys.readouterr().err
+    assert f"--trace {trace} (content {digest}) is not the trace the run replayed" in err
+    assert "content abc" in err
     assert not (tmp_path / "c.json").exists()
+
+
+def test_report_names_the_pair_whose_runs_differ() -> None:
+    sim, run = _summary(), _summary(kind="measured", scope="per-layer")
+    names = ("simulated run of the pair 'winner'", "measured run of the pair 'winner'")
+    with pytest.raises(BadInput, match="the simulated run of the pair 'winner' and the measured"):
+        check_study("abc", "t.parquet", sim=sim, run=run, names=names)
 
 
 # -- simulate: shape from the expert file, sizes within the key space --------------------

@@ -403,7 +403,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         trace = read_trace(args.trace)
     from mer.guard import FinalWrites
 
-    cal = calibrate(run, profile, trace=trace)
+    cal = calibrate(run, profile, trace=trace, trace_name=f"--trace {args.trace}")
     writes = FinalWrites()
     writes.add(args.output, cal.profile.save, "calibrated profile")
     writes.run()
