@@ -51,7 +51,7 @@ from mer.core.replay import Replay, ReplayConfig
 from mer.errors import BadInput
 from mer.shapes import SHAPES, ModelShape, get_shape
 from mer.sim.hardware import HardwareProfile
-from mer.summary import RunSummary, percentiles
+from mer.summary import RunSummary, percentiles, warm_figures
 
 MODES = ("model", "seed")
 #: The engines count time in integer picoseconds: instants that coincide in the
@@ -229,6 +229,8 @@ class SimOptions:
     shape: str | ModelShape | None = (
         None  # a name or a shape (e.g. an expert file's); None: from the trace geometry
     )
+    #: steady-state window for summary.extra["warm"] (None: 32 tokens, at most half)
+    warmup_tokens: int | None = None
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -634,6 +636,7 @@ def simulate(
     lookups = stats.lookups
     summary = RunSummary.from_replay(
         kind="simulated",
+        expert_bytes=read_bytes,
         replay_config=config,
         stats=stats,
         tokens=n_tok,
@@ -675,4 +678,5 @@ def simulate(
             "hardware_measured_shape": (hardware.extra or {}).get("measured_shape"),
         },
     )
+    summary.extra["warm"] = warm_figures(tokens, opts.warmup_tokens)
     return SimResult(summary, tokens, stats, read_lat, sim_seconds)

@@ -201,6 +201,21 @@ def add_replay_args(p: argparse.ArgumentParser, *, sweep: bool = False, live: bo
         default=8,
         help="at most N prefetch reads in flight (default 8)",
     )
+    p.add_argument(
+        "--prefetch-slots",
+        type=non_negative_int,
+        default=0,
+        help="speculative budget: at most N prefetched, not yet used experts per cache "
+        "partition; a prefetch beyond it replaces the oldest landed guess instead of "
+        "evicting the policy's victim, so wrong guesses cannot push out likely hits "
+        "(default 0: no budget)",
+    )
+    p.add_argument(
+        "--prefetch-reclaim",
+        action="store_true",
+        help="a prefetched expert whose step came and went without it is proven wrong: "
+        "once landed it is the first victim of the next read, giving back the slot it took",
+    )
     if not live:
         p.add_argument(
             "--pin",
@@ -276,6 +291,8 @@ def replay_config_from_args(
         prefetch_top_n=args.prefetch_top_n,
         prefetch_min_prob=args.prefetch_min_prob,
         prefetch_inflight=args.prefetch_inflight,
+        prefetch_slots=getattr(args, "prefetch_slots", 0),
+        prefetch_reclaim=bool(getattr(args, "prefetch_reclaim", False)),
         pin=getattr(args, "pin", 0),
         phase=getattr(args, "phase", "all"),
         tokens=getattr(args, "tokens", None),

@@ -65,6 +65,12 @@ class ReplayConfig:
     prefetch_top_n: int | None = None
     prefetch_min_prob: float = 0.0
     prefetch_inflight: int = 8
+    #: speculative-slot budget per partition: 0 = a prefetch may evict the policy's victim;
+    #: N > 0 = at most N prefetched-unread keys at a time (the oldest is recycled)
+    prefetch_slots: int = 0
+    #: a prefetched expert whose step passed without it is the next victim (its slot goes
+    #: back to the next admission instead of costing the policy's victim)
+    prefetch_reclaim: bool = False
     pin: int = 0  # static pinning of the N most popular experts (offline knowledge)
     phase: str = "all"
     tokens: int | None = None  # replay only the first N tokens (after the phase filter)
@@ -99,6 +105,7 @@ class ReplayConfig:
         count("--pipeline-depth", self.pipeline_depth, 0, 1024)
         count("--prefetch-top-n", self.prefetch_top_n, 1, none_ok=True)
         count("--prefetch-inflight", self.prefetch_inflight, 1)
+        count("--prefetch-slots", self.prefetch_slots, 0)
         count("--pin", self.pin, 0)
         count("--tokens", self.tokens, 1, none_ok=True)
         p = self.prefetch_min_prob
@@ -185,6 +192,8 @@ class Replay:
             scope=config.scope,
             pinned=popular_keys(steps, config.pin),
             granularity=config.granularity,
+            prefetch_slots=config.prefetch_slots,
+            prefetch_reclaim=config.prefetch_reclaim,
         )
         self.cache.attach_future(self.decision_steps)
         self.ctx = ReplayContext(
@@ -329,12 +338,14 @@ class Replay:
         rule = self.rule
         top_n = rule.top_n or self.top_k
         wanted: list[int] = []
-        for pred in self.predictor.predict(t, depth):
+        target: dict[int, int] = {}  # key -> the (first) step it is predicted for
+        for d, pred in enumerate(self.predictor.predict(t, depth), 1):
             for key, prob in pred[:top_n]:
                 if prob < rule.min_prob:
                     break
-                if key not in wanted:
+                if key not in target:
                     wanted.append(key)
+                    target[key] = t + d
         if not wanted:
             return []
         # A prefetch never evicts the current step's keys nor another wanted key.
@@ -344,7 +355,7 @@ class Replay:
         for key in wanted:
             if cache.n_inflight_prefetch >= rule.max_inflight:
                 break
-            adm = cache.prefetch(key, protect)
+            adm = cache.prefetch(key, protect, target[key])
             if adm is not None:
                 out.append(adm)
         return out

@@ -43,7 +43,7 @@ from mer.engine.streaming import (
     peak_rss_bytes,
 )
 from mer.errors import BadInput
-from mer.summary import RunSummary, percentiles
+from mer.summary import RunSummary, percentiles, warm_figures
 
 F32 = npt.NDArray[np.float32]
 MODES = ("model", "seed")
@@ -158,8 +158,12 @@ def measured_summary(
     """The RunSummary of a measured run (trace replay or decoder): one definition for both."""
     replay = streamer.replay
     extra = {**streamer.extra(), **fields.pop("extra", {})}
+    reads = int(streamer.counters.get("reads", 0))
+    extra["warm"] = warm_figures(rows, extra.pop("warmup_tokens", None))
     return RunSummary.from_replay(
         kind="measured",
+        # bytes one expert read moves (what the reads moved, per read; one plan per expert)
+        expert_bytes=int(rows["bytes_read"].sum()) // reads if reads else 0,
         replay_config=replay.config,
         stats=replay.stats,
         tokens=len(rows),
