@@ -38,7 +38,7 @@ import math
 import time
 from bisect import bisect_left, bisect_right
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -47,7 +47,7 @@ import pandas as pd
 import simpy
 
 from mer.core.cache import CacheStats
-from mer.core.replay import Replay, ReplayConfig
+from mer.core.replay import Replay, ReplayConfig, auto_lead
 from mer.errors import BadInput
 from mer.shapes import SHAPES, ModelShape, get_shape
 from mer.sim.hardware import HardwareProfile
@@ -578,6 +578,11 @@ def simulate(
         chunks=ssd.n_chunks(read_bytes),
         chunk=ticks(ssd.chunk_time(read_bytes)),
     )
+    lead = auto_lead(
+        ssd.read_time(read_bytes), (tm.dense + _ideal(tr.top_k, tm.ffn, tm.workers)) / TICKS_PER_S
+    )
+    if config.prefetch_lead == 0:  # --prefetch-lead auto
+        config = replace(config, prefetch_lead=lead)
     replay = Replay.from_trace(tr, config)
     rec = _Recorder()
     t_start = time.perf_counter()
@@ -666,6 +671,7 @@ def simulate(
             "bypass": stats.total("bypass"),
             "reads": n_reads,
             "read_alone_s": ssd.read_time(read_bytes),
+            "auto_prefetch_lead": lead,
             "ffn_s": tm.ffn * sec,
             "dense_s_per_layer": dense_s,
             "bound_compute_tokens_per_s": compute_bound,

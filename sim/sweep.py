@@ -42,6 +42,7 @@ BASE_KEYS = (
     "prefetch_inflight",
     "prefetch_slots",
     "prefetch_reclaim",
+    "prefetch_lead",
     "pin",
     "phase",
     "tokens",
@@ -57,6 +58,7 @@ OMIT_AT_DEFAULT: dict[str, Any] = {
     "granularity": "step",
     "prefetch_slots": 0,
     "prefetch_reclaim": False,
+    "prefetch_lead": 1,
 }
 
 
@@ -182,6 +184,8 @@ def flatten(cfg: dict[str, Any], s: RunSummary) -> dict[str, Any]:
     row["evictions"] = ex.get("evictions")
     row["bypass"] = ex.get("bypass")
     row["sim_seconds"] = ex.get("sim_seconds")
+    if "prefetch_lead" in s.config:  # `auto` (0) resolved from the hardware profile
+        row["prefetch_lead"] = s.config["prefetch_lead"]
     warm = ex.get("warm") or {}
     row["warmup_tokens"] = warm.get("warmup_tokens")
     row["warm_hits"] = warm.get("hits")
@@ -530,12 +534,14 @@ def run_command(row: dict[str, Any], experts: str = "EXPERTS.gguf") -> str:
         "prefetch_inflight": 8,
         "prefetch_top_n": None,
         "prefetch_slots": 0,
+        "prefetch_lead": 1,
         "pin": 0,
     }
     for key, flag in (
         ("prefetch_inflight", "--prefetch-inflight"),
         ("prefetch_top_n", "--prefetch-top-n"),
         ("prefetch_slots", "--prefetch-slots"),
+        ("prefetch_lead", "--prefetch-lead"),
         ("pin", "--pin"),
     ):
         value = row.get(key)

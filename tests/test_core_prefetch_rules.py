@@ -201,3 +201,28 @@ def test_cooccur_scores_are_naive_bayes_over_the_token_so_far():
             assert all(0.0 <= p <= 1.0 for p in probs)
             checked += 1
     assert checked > 10
+
+
+def test_lead_skips_the_steps_too_close_to_land_in_time():
+    from mer.core.replay import auto_lead
+
+    assert auto_lead(0.033, 0.0093) == 4  # nvme-desktop: 33 ms reads, 9.3 ms steps
+    assert auto_lead(0.001, 0.01) == 1
+    steps = _steps(4, 20)
+    for lead in (1, 2, 3):
+        cfg = ReplayConfig(
+            policy="lru",
+            cache_slots=6,
+            predictor="oracle",
+            pipeline_depth=3,
+            prefetch_top_n=K,
+            prefetch_lead=lead,
+        )
+        rep = Replay(steps, n_layers=L, n_experts=E, config=cfg)
+        for t in range(len(steps) - 3):
+            for a in rep.step(t).reads:
+                rep.complete(a.key)
+            for a in rep.prefetch(t):
+                u = rep.cache.spec[a.key]
+                assert t + lead <= u <= t + 3
+                assert a.key in steps[u]
