@@ -1,18 +1,30 @@
 """Fit a hardware profile to a measured run, so the next prediction is closer.
 
-Three quantities are refitted from what the engine measured, each from the
-figure that isolates it: expert-FFN throughput from the mean compute time per
-iteration, dense time from the mean dense time per iteration, and SSD bandwidth
-from the median whole-expert read latency (keeping the profile's per-request
-latency, channels and chunk size, which one run cannot separate). Everything
-else is kept. The result says how much each field moved.
+Each quantity is refitted from the figure of the run that isolates it:
+
+- expert-FFN throughput from the mean FFN time of the FFNs the engine ran
+  directly (nothing in flight), and the extra cost of an FFN run while reads
+  were in flight (`ffn_busy_overhead_s`) from the mean of those;
+- the dense block's time from the mean dense time per step;
+- the driver's costs: submitting one read from the mean submission time, and
+  the per-step overhead from what is left of the step times once reads, FFNs,
+  dense work and submissions are taken out;
+- the SSD: with the trace at hand, the bandwidth (the chunk time) is found by
+  simulating this very run on the profile refitted so far and bisecting until
+  the simulated I/O wait equals the measured one (the read p50 when the run
+  hardly waited); without the trace, from the median whole-expert read.
+
+Channels, latency, chunk size and queue depth are kept: they come from the
+probe (one run cannot separate them). Runs of an older mer (no driver
+figures) refit only FFN throughput, dense time and bandwidth, as before.
+Everything else is kept; the result says how much each field moved.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from mer.errors import BadInput
@@ -20,14 +32,19 @@ from mer.shapes import get_shape
 from mer.sim.hardware import HardwareProfile
 from mer.summary import RunSummary
 
+#: Below this I/O wait share the bandwidth is fitted to the read p50 instead.
+MIN_IO_SHARE = 0.05
+BISECT_STEPS = 28
+
 
 @dataclass
 class Calibration:
     profile: HardwareProfile
     moved: dict[str, dict[str, float]] = field(default_factory=dict)  # field -> before, after, rel
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"profile": self.profile.to_dict(), "moved": self.moved}
+        return {"profile": self.profile.to_dict(), "moved": self.moved, "notes": self.notes}
 
     def format_text(self) -> str:
         lines = [f"calibrated profile {self.profile.name!r}:"]
@@ -39,6 +56,7 @@ class Calibration:
             lines.append(
                 "  nothing could be fitted from this run (no reads and no compute measured)"
             )
+        lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
 
@@ -53,7 +71,64 @@ def _solve_bandwidth(profile: HardwareProfile, nbytes: int, read_s: float) -> fl
     return (nbytes / n) / transfer * ssd.channels
 
 
-def calibrate(run: RunSummary, profile: HardwareProfile) -> Calibration:
+def _replay_config(run: RunSummary) -> Any:
+    from mer.core.replay import ReplayConfig
+
+    cfg = (run.config or {}).get("replay", run.config or {})
+    fields = ReplayConfig.__dataclass_fields__
+    try:
+        return ReplayConfig(**{k: v for k, v in cfg.items() if k in fields})
+    except TypeError as exc:
+        raise BadInput(f"the run's replay configuration cannot be read back: {exc}") from None
+
+
+def fit_bandwidth(
+    run: RunSummary,
+    profile: HardwareProfile,
+    trace: Any,
+    *,
+    target: str = "auto",
+) -> tuple[float, str] | None:
+    """The SSD bandwidth at which simulating `run` on `profile` gives its I/O wait.
+
+    `target` "io_wait" matches the total I/O wait, "read_p50" the median read
+    latency, "auto" the first unless the run waited less than MIN_IO_SHARE. Both
+    fall as the bandwidth grows, so a bisection in log space finds the root;
+    None when the measured value lies outside what any bandwidth in a 1000x
+    range around the profile's gives.
+    """
+    from mer.sim.model import options_like, simulate
+
+    cfg = _replay_config(run)
+    opts = options_like(run)
+    if target == "auto":
+        target = "io_wait" if run.io_wait_share >= MIN_IO_SHARE else "read_p50"
+    want = run.io_wait_s if target == "io_wait" else run.latency.get("read", {}).get("p50", 0.0)
+    if not want > 0:
+        return None
+
+    def value(bw: float) -> float:
+        p = copy.deepcopy(profile)
+        p.ssd.bandwidth_bytes_per_s = bw
+        s = simulate(trace, cfg, p, opts).summary
+        return s.io_wait_s if target == "io_wait" else s.latency["read"]["p50"]
+
+    bw0 = profile.ssd.bandwidth_bytes_per_s
+    lo, hi = math.log(bw0 / 1000), math.log(bw0 * 1000)
+    if value(math.exp(lo)) < want or value(math.exp(hi)) > want:
+        return None
+    for _ in range(BISECT_STEPS):
+        mid = (lo + hi) / 2
+        if value(math.exp(mid)) > want:
+            lo = mid
+        else:
+            hi = mid
+    return math.exp((lo + hi) / 2), target
+
+
+def calibrate(run: RunSummary, profile: HardwareProfile, *, trace: Any = None) -> Calibration:
+    """The profile refitted to `run` (see the module docstring); `trace` (the run's
+    trace, already read) enables the simulated SSD fit."""
     if run.kind != "measured":
         raise BadInput(f"calibrate needs a measured run (mer run --summary), got a {run.kind} one.")
     shape = get_shape(run.shape)
@@ -64,6 +139,7 @@ def calibrate(run: RunSummary, profile: HardwareProfile) -> Calibration:
     new.name = f"{profile.name}-calibrated"
     new.source = f"{profile.source}; calibrated on a measured run of {run.trace} ({run.policy}, {run.cache_slots} slots)"
     moved: dict[str, dict[str, float]] = {}
+    notes: list[str] = []
 
     def record(name: str, before: float, after: float) -> None:
         moved[name] = {
@@ -72,11 +148,20 @@ def calibrate(run: RunSummary, profile: HardwareProfile) -> Calibration:
             "rel": (after - before) / before if before else 0.0,
         }
 
-    experts_computed = run.lookups  # every routed expert runs its FFN once
-    if run.compute_s > 0 and experts_computed:
-        # compute_s sums expert-FFN time; workers run them concurrently.
-        per_expert = run.compute_s / experts_computed
-        ffn = shape.bytes_per_expert / per_expert
+    drv = (run.extra or {}).get("driver_time") or {}
+    bpe = shape.bytes_per_expert
+    if drv.get("ffn_direct_n", 0) > 0 and drv.get("ffn_direct_s", 0) > 0:
+        direct = drv["ffn_direct_s"] / drv["ffn_direct_n"]
+        ffn = bpe / direct
+        record("compute.ffn_bytes_per_s", profile.compute.ffn_bytes_per_s, ffn)
+        new.compute.ffn_bytes_per_s = ffn
+        if drv.get("ffn_busy_n", 0) > 0:
+            extra = max(0.0, drv["ffn_busy_s"] / drv["ffn_busy_n"] - direct)
+            record("compute.ffn_busy_overhead_s", profile.compute.ffn_busy_overhead_s, extra)
+            new.compute.ffn_busy_overhead_s = extra
+    elif run.compute_s > 0 and run.lookups:
+        # compute_s sums expert-FFN time; every routed expert runs its FFN once.
+        ffn = bpe / (run.compute_s / run.lookups)
         record("compute.ffn_bytes_per_s", profile.compute.ffn_bytes_per_s, ffn)
         new.compute.ffn_bytes_per_s = ffn
     if run.mode != "seed" and run.dense_s > 0:
@@ -84,15 +169,37 @@ def calibrate(run: RunSummary, profile: HardwareProfile) -> Calibration:
         before = profile.compute.dense_time(shape.dense_bytes_per_layer)
         record("compute.dense_s_per_layer", before, dense)
         new.compute.dense_s_per_layer = dense
+    if drv.get("submit_n", 0) > 0:
+        sub = drv["submit_s"] / drv["submit_n"]
+        record("compute.read_submit_s", profile.compute.read_submit_s, sub)
+        new.compute.read_submit_s = sub
+    if "overhead_s" in drv and drv.get("steps", 0) > 0:
+        step = max(0.0, (drv["overhead_s"] - drv.get("submit_s", 0.0)) / drv["steps"])
+        record("compute.step_overhead_s", profile.compute.step_overhead_s, step)
+        new.compute.step_overhead_s = step
     read_p50 = run.latency.get("read", {}).get("p50", 0.0)
     if run.misses > 0 and read_p50 > 0:
-        # The engine reads (and the simulator models) whole 4 KiB-aligned slots.
-        bw = _solve_bandwidth(profile, shape.slot_bytes, read_p50)
-        if bw is not None:
-            record("ssd.bandwidth_bytes_per_s", profile.ssd.bandwidth_bytes_per_s, bw)
-            new.ssd.bandwidth_bytes_per_s = bw
-    new.extra = {**profile.extra, "calibration": {"run": asdict(run)["trace"], "moved": moved}}
+        fitted: float | None = None
+        if trace is not None:
+            got = fit_bandwidth(run, new, trace)
+            if got is None:
+                notes.append(
+                    "no bandwidth reproduces this run's I/O wait on the model; kept the probe's"
+                )
+            else:
+                fitted, what = got
+                notes.append(f"bandwidth fitted by simulating this run to its measured {what}")
+        else:
+            # The engine reads (and the simulator models) whole 4 KiB-aligned slots.
+            fitted = _solve_bandwidth(profile, shape.slot_bytes, read_p50)
+        if fitted is not None:
+            record("ssd.bandwidth_bytes_per_s", profile.ssd.bandwidth_bytes_per_s, fitted)
+            new.ssd.bandwidth_bytes_per_s = fitted
+    new.extra = {
+        **profile.extra,
+        "calibration": {"run": run.trace, "moved": moved, "notes": notes},
+    }
     if "compute.ffn_bytes_per_s" in moved:
         new.extra["measured_shape"] = run.shape  # the FFN rate now holds for this shape
     new.validate()
-    return Calibration(new, moved)
+    return Calibration(new, moved, notes)

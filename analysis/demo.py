@@ -5,9 +5,12 @@ the demo doubles as the worked example of the README:
 
     import the real trace -> statistics -> miss-ratio curves -> synthesize a
     scaled expert GGUF -> probe this machine -> sweep policies x predictors x
-    cache sizes in the simulator on the probed profile -> pick the winner ->
-    execute it with the real engine (and the same policy without prefetch) ->
-    simulate the same runs -> compare -> calibrate -> report.
+    scopes x cache sizes in the simulator on the probed profile -> pick the winner -> execute
+    it and plain LRU at the same cache size with the real engine, alternating ->
+    simulate the same runs -> compare -> calibrate and predict again -> a held-out
+    validation (`mer validate`: calibrate once, predict 8 other configurations, run
+    each 3 times) -> report
+    (with a fitted synthetic trace's curves against the real ones).
 
 The probe runs before the sweep so that the sweep predicts this machine and the
 comparison is like for like.
@@ -15,7 +18,7 @@ comparison is like for like.
 The configuration is chosen so that the sweep is I/O-bound on a laptop-class
 machine with the native q4_0 kernel: mixtral-small experts (1.5 MiB, about 60 us
 of FFN each at memory speed) against reads of the same 1.5 MiB from the SSD
-(about 1 ms), cache sizes from 19% to 50% of the 256 experts, where the
+(about 1 ms), cache sizes from 12.5% to 37.5% of the 256 experts, where the
 policies and the two scopes differ, and one window of the trace (the first
 `tokens`) for the sweep and the runs, so the ranking predicted is the ranking
 measured. The winner is then run for real against plain LRU (global, no
@@ -35,6 +38,7 @@ import pandas as pd
 from mer.analysis.faceoff import Side, baseline_for, faceoff_section, label
 from mer.analysis.pipeline import mer
 from mer.analysis.run_report import write_run_report
+from mer.analysis.sections import RunPair
 from mer.shapes import get_shape
 from mer.summary import RunSummary
 from mer.traces.bundled import bundled_trace_path
@@ -46,9 +50,19 @@ POLICIES = "lru,fifo,lfu,clock,sieve,s3fifo,arc"
 PREDICTORS = "none,previous-token,markov"
 QUICK_POLICIES = "lru,fifo,clock,sieve,s3fifo,arc"
 SCOPES = "global,per-layer"
-SLOTS = "48,64,96,128"  # 19% .. 50% of the 256 layer-qualified experts: where policies differ
-QUICK_SLOTS = "64,128"
-ROUNDS = 2  # real runs of each side of the face-off, alternating
+SLOTS = "32,48,64,96"  # 12.5% .. 37.5% of the 256 layer-qualified experts: where policies differ
+QUICK_SLOTS = "32,96"
+ROUNDS = 3  # rounds of real runs (one of each side), alternating; the median round decides
+# The held-out validation (`mer validate --grid quick`): 8 configurations, each run this
+# many times for this many tokens (about a minute on a 2-core machine).
+VALIDATE_TOKENS, VALIDATE_TOKENS_QUICK, VALIDATE_REPEATS = 16, 8, 3
+
+
+ROLES = {"winner": "winner", "lru": "plain LRU", "no-prefetch": "winner without prefetch"}
+
+
+def _same_cache(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return all(str(a.get(k)) == str(b.get(k)) for k in ("policy", "scope", "cache_slots"))
 
 
 def _say(msg: str) -> None:
@@ -93,8 +107,15 @@ def _measure(
 
 
 def _predict(
-    trace: Path, hardware: Path, shape: str, cfg: dict[str, Any], tokens: int, out: Path, tag: str
+    trace: Path,
+    hardware: Path,
+    experts: Path,
+    cfg: dict[str, Any],
+    tokens: int,
+    out: Path,
+    tag: str,
 ) -> Path:
+    """The run's prediction, on the expert file it reads (its shape and read plans)."""
     sim_tokens = out / f"sim-{tag}.parquet"
     mer(
         "simulate",
@@ -102,8 +123,8 @@ def _predict(
         *_opts(cfg, tokens),
         "--hardware",
         hardware,
-        "--shape",
-        shape,
+        "--experts",
+        experts,
         "-o",
         sim_tokens,
         "--summary",
@@ -116,7 +137,7 @@ def run_demo(
     out_dir: str | Path = "out/demo",
     *,
     shape: str = "mixtral-small",
-    tokens: int = 128,
+    tokens: int = 96,
     quick: bool = False,
     rounds: int = ROUNDS,
 ) -> Path:
@@ -137,9 +158,15 @@ def run_demo(
         )
     mer("trace", "stats", trace)
 
-    _say("2. exact miss-ratio curves, every cache size, OPT as the ceiling")
+    _say("2. exact hit-rate curves, every policy at every cache size, OPT as the ceiling")
     mrc = out / "mrc.parquet"
-    mer("mrc", trace, "-o", mrc, "--replay-step", 32 if quick else 8)
+    mer("mrc", trace, "-o", mrc, "--replay-step", 32 if quick else 1)
+    # A fitted synthetic trace of the same length, for the report's real-vs-synthetic overlay.
+    synth = out / "synthetic-fitted.parquet"
+    n_trace = int(mer("trace", "info", trace, capture_json=True, echo=False)["tokens"])
+    mer("trace", "synth", "fitted", "--from", trace, "--tokens", n_trace, "-o", synth)
+    synth_mrc = out / "mrc-synthetic.parquet"
+    mer("mrc", synth, "--policies", "lru", "--scopes", "global", "-o", synth_mrc)
 
     _say(f"3. a scaled expert file ({shape}: Mixtral's 32 x 8 geometry, real q4_0 GGUF layout)")
     experts = out / f"experts-{shape}.gguf"
@@ -197,11 +224,18 @@ def run_demo(
         for tag, cfg in (("winner", challenger), ("lru", lru)):
             suffix = "" if i == 0 else f"-{i + 1}"
             runs[tag].append(_measure(trace, experts, cfg, n_tok, out, f"{tag}{suffix}"))
+    configs = {"winner": challenger, "lru": lru}
+    if challenger["predictor"] != "none" and not _same_cache(challenger, lru):
+        # the winner's own cache without prefetch: what the prefetching adds, measured
+        configs["no-prefetch"] = {**challenger, "predictor": "none"}
+        runs["no-prefetch"] = [
+            _measure(trace, experts, configs["no-prefetch"], n_tok, out, "no-prefetch")
+        ]
     sims = {
-        tag: _predict(trace, hardware, shape, cfg, n_tok, out, tag)
-        for tag, cfg in (("winner", challenger), ("lru", lru))
+        tag: _predict(trace, hardware, experts, cfg, n_tok, out, tag)
+        for tag, cfg in configs.items()
     }
-    pairs = [(sims[tag], runs[tag][0]) for tag in ("winner", "lru")]
+    pairs = [(sims[tag], runs[tag][0]) for tag in configs]
 
     _say("7. predicted vs measured, and a calibrated profile")
     for sim_tokens, run_tokens in pairs:
@@ -212,17 +246,23 @@ def run_demo(
             "-o",
             sim_tokens.with_name(sim_tokens.stem.replace("sim-", "compare-") + ".json"),
         )
-    mer("calibrate", pairs[0][1], "--hardware", hardware, "-o", out / "hardware-calibrated.json")
-    pvm_args: list[object] = []
-    for s, r in pairs:
-        pvm_args += ["--pair", s, r]
-    mer(
-        "plot",
-        "predicted-vs-measured",
-        *pvm_args,
-        "-o",
-        out / "figures" / "predicted-vs-measured-all",
-    )
+    calibrated = out / "hardware-calibrated.json"
+    mer("calibrate", pairs[0][1], "--hardware", hardware, "--trace", trace, "-o", calibrated)
+    # The same runs predicted again on the calibrated profile: in-sample for the run it was
+    # fitted on (the winner's), held out for the others.
+    cal_sims = {tag: out / f"sim-calibrated-{tag}.json" for tag in configs}
+    for tag, cfg in configs.items():
+        mer(
+            "simulate",
+            trace,
+            *_opts(cfg, n_tok),
+            "--hardware",
+            calibrated,
+            "--experts",
+            experts,
+            "--summary",
+            cal_sims[tag],
+        )
 
     def side(tag: str, cfg: dict[str, Any]) -> Side:
         return Side(
@@ -233,15 +273,39 @@ def run_demo(
 
     section = faceoff_section(side("winner", challenger), side("lru", lru), sweep_df, note)
 
-    _say("8. the report")
+    _say("8. held-out validation: calibrate once, predict and run other configurations, repeated")
+    validation = out / "validation"
+    mer(
+        "validate",
+        trace,
+        "--experts",
+        experts,
+        "--hardware",
+        hardware,
+        "--grid",
+        "quick",
+        "--tokens",
+        VALIDATE_TOKENS_QUICK if quick else VALIDATE_TOKENS,
+        "--repeats",
+        2 if quick else VALIDATE_REPEATS,
+        "-o",
+        validation,
+    )
+
+    _say("9. the report")
     result = write_run_report(
         out,
         trace=trace,
         sweep=sweep,
         mrc=mrc,
-        sim=pairs[0][0],
-        run=pairs[0][1],
+        pairs=[
+            RunPair(s, r, ROLES.get(tag, tag), cal_sims[tag])
+            for (s, r), tag in zip(pairs, configs, strict=True)
+        ],
         hardware=str(hardware),
+        calibrated=calibrated,
+        synthetic_mrc=synth_mrc,
+        extra={"validation": validation},
         extra_sections=section,
     )
     elapsed = time.perf_counter() - t0

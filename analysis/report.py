@@ -1,9 +1,15 @@
 """Self-contained reports: one Markdown file and one HTML file with the figures beside them.
 
 The HTML is rendered from the same Markdown by a converter for the small subset
-mer writes (headings, paragraphs, pipe tables, images, code blocks, lists), so
-the report opens in any browser with no extra package and says exactly what the
-Markdown says.
+mer writes (headings, paragraphs, pipe tables, images with their caption line,
+code blocks, lists), so the report opens in any browser with no extra package
+and says exactly what the Markdown says. The page never scrolls sideways:
+text, code and tables wrap, wide tables scroll inside their own box, images
+shrink to the column.
+
+Tables name their columns for people (`COLUMN_LABELS`, `human`): a results
+field gets its label and unit here once, and every report uses it. A section
+that adds a column adds its label here (one line).
 """
 
 from __future__ import annotations
@@ -11,15 +17,21 @@ from __future__ import annotations
 import html
 import re
 from pathlib import Path
+from typing import Any
 
 from mer.atomic import write_text_atomic
 
 _CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222;line-height:1.45}
-table{border-collapse:collapse;margin:1em 0;font-size:0.9em}th,td{border:1px solid #ccc;padding:4px 8px}
-th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums}
-img{max-width:100%;border:1px solid #eee;margin:0.5em 0}code,pre{background:#f6f6f6;padding:1px 4px}
-pre{padding:8px;overflow-x:auto}
+*{box-sizing:border-box}
+body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:980px;margin:2em auto;padding:0 1em;color:#222;line-height:1.45;overflow-wrap:anywhere}
+.table{max-width:100%;overflow-x:auto}
+table{border-collapse:collapse;margin:0.6em 0;font-size:0.9em}th,td{border:1px solid #ccc;padding:3px 7px;vertical-align:top}
+th{background:#f3f3f3;text-align:left}td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+figure{margin:1em 0;max-width:100%}figure img{display:block;max-width:100%;height:auto;border:1px solid #eee}
+figcaption{font-size:0.9em;color:#444;margin-top:0.3em}
+img{max-width:100%;height:auto}code{background:#f6f6f6;padding:1px 4px;overflow-wrap:anywhere}
+pre{background:#f6f6f6;padding:8px;white-space:pre-wrap;overflow-wrap:anywhere;font-size:0.85em}
+p.window{color:#555;font-size:0.92em;font-style:italic}
 """
 
 
@@ -27,6 +39,7 @@ def _inline(text: str) -> str:
     out = html.escape(text, quote=False)
     out = re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
     out = re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", out)
+    out = re.sub(r"(?<![\w*])\*([^*\s][^*]*)\*(?![\w*])", r"<em>\1</em>", out)
     out = re.sub(r"\[([^\]]+)\]\(([^)]+)\)", r'<a href="\2">\1</a>', out)
     return out
 
@@ -59,7 +72,13 @@ def markdown_to_html(md: str, title: str) -> str:
             body.append(f"<h{n}>{_inline(m.group(2))}</h{n}>")
         elif m := re.match(r"^!\[([^\]]*)\]\(([^)]+)\)$", stripped):
             flush()
-            body.append(f'<img src="{html.escape(m.group(2))}" alt="{html.escape(m.group(1))}">')
+            img = f'<img src="{html.escape(m.group(2))}" alt="{html.escape(m.group(1))}">'
+            nxt = lines[i + 1].strip() if i + 1 < len(lines) else ""
+            if nxt.startswith("*Figure"):
+                body.append(f"<figure>{img}<figcaption>{_inline(nxt)}</figcaption></figure>")
+                i += 1
+            else:
+                body.append(img)
         elif stripped.startswith("|"):
             flush()
             rows = []
@@ -71,16 +90,19 @@ def markdown_to_html(md: str, title: str) -> str:
                 rows[0],
                 [r for r in rows[1:] if not all(set(c) <= set("-: ") for c in r)],
             )
-            t = ["<table>", "<tr>" + "".join(f"<th>{_inline(c)}</th>" for c in header) + "</tr>"]
+            t = [
+                '<div class="table"><table>',
+                "<tr>" + "".join(f"<th>{_inline(c)}</th>" for c in header) + "</tr>",
+            ]
             for r in data:
                 cells = "".join(
                     f'<td class="num">{_inline(c)}</td>'
-                    if re.match(r"^[-+]?[\d,.]+%?$", c)
+                    if _NUMBER.match(c)
                     else f"<td>{_inline(c)}</td>"
                     for c in r
                 )
                 t.append(f"<tr>{cells}</tr>")
-            t.append("</table>")
+            t.append("</table></div>")
             body.append("\n".join(t))
         elif stripped.startswith("- "):
             flush()
@@ -92,12 +114,17 @@ def markdown_to_html(md: str, title: str) -> str:
             body.append("<ul>" + "".join(items) + "</ul>")
         elif not stripped:
             flush()
+        elif m := re.match(r"^\*(Token window[^*]*)\*$", stripped):
+            flush()
+            body.append(f'<p class="window">{_inline(m.group(1))}</p>')
         else:
             para.append(stripped)
         i += 1
     flush()
     return (
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        "<!doctype html><html><head><meta charset='utf-8'>"
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+        f"<title>{html.escape(title)}</title>"
         f"<style>{_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
     )
 
@@ -113,11 +140,65 @@ def write_report(out_dir: str | Path, name: str, markdown: str, title: str) -> t
     return md_path, html_path
 
 
+#: Results fields as people read them: label (unit). Rates are shown in percent.
+COLUMN_LABELS: dict[str, str] = {
+    "policy": "policy",
+    "scope": "cache scope",
+    "predictor": "predictor",
+    "cache_slots": "cache (slots)",
+    "hit_rate": "hit rate (%)",
+    "miss_ratio": "miss ratio (%)",
+    "tokens_per_s": "tokens/s",
+    "layer_iterations_per_s": "layer iterations/s",
+    "io_wait_share": "I/O wait (% of time)",
+    "tokens": "tokens",
+    "pipeline_depth": "prefetch depth",
+    "hardware": "machine profile",
+    "shape": "expert shape",
+    "bytes_read": "bytes read",
+    "prefetch_issued": "prefetches issued",
+    "prefetch_used": "prefetches used",
+    "prefetch_late": "prefetches late",
+    "prefetch_wasted": "prefetches wasted",
+    "tokens_per_s_per_gib": "tokens/s per GiB of cache",
+    "cache_bytes": "cache (bytes)",
+}
+#: Fields stored as fractions and shown in percent.
+PERCENT_COLUMNS = {"hit_rate", "miss_ratio", "io_wait_share"}
+
+
+def signed(value: float, digits: int = 1) -> str:
+    """A difference or error with its sign always shown (+12.3, -0.4); '-' when undefined."""
+    return "-" if value != value else f"{value:+.{digits}f}"
+
+
+def human(column: str) -> str:
+    """The label a person reads for a results field (the field itself when none is known)."""
+    return COLUMN_LABELS.get(column, column.replace("_", " "))
+
+
+def frame_rows(df: Any, columns: list[str]) -> tuple[list[str], list[list[object]]]:
+    """Human header and cells for `columns` of a frame; fractions shown in percent."""
+    cols = [c for c in columns if c in df.columns]
+    rows = []
+    for _, r in df.iterrows():
+        row: list[object] = []
+        for c in cols:
+            v = r[c]
+            if c in PERCENT_COLUMNS and v == v:
+                v = float(v) * 100
+            elif hasattr(v, "item"):
+                v = v.item()
+            row.append(v)
+        rows.append(row)
+    return [human(c) for c in cols], rows
+
+
 def md_table(header: list[str], rows: list[list[object]]) -> str:
     """A pipe table; numbers right-aligned."""
 
     def align(cells: list[object]) -> str:
-        return "|" + "|".join("---:" if isinstance(c, int | float) else "---" for c in cells) + "|"
+        return "|" + "|".join("---:" if _numeric(c) else "---" for c in cells) + "|"
 
     lines = [
         "| " + " | ".join(header) + " |",
@@ -128,11 +209,18 @@ def md_table(header: list[str], rows: list[list[object]]) -> str:
     return "\n".join(lines)
 
 
+_NUMBER = re.compile(r"^[-+]?[\d,.]+%?$")
+
+
+def _numeric(c: object) -> bool:
+    return isinstance(c, int | float) or (isinstance(c, str) and bool(_NUMBER.match(c)))
+
+
 def _cell(c: object) -> str:
     if isinstance(c, float):
         if c != c:
             return "-"
-        return f"{c:,.4g}" if abs(c) < 1e5 else f"{c:,.0f}"
+        return f"{c:,.4g}" if abs(c) < 1e3 else f"{c:,.0f}"
     if isinstance(c, int):
         return f"{c:,}"
     return str(c)

@@ -51,6 +51,22 @@ def steps(quick: bool) -> list[tuple[str, list[str]]]:
                 str(OUT / "engine"),
             ],
         ),
+        (
+            "generate",
+            [
+                "bench/bench_generate.py",
+                "--model",
+                str(OUT / "mixtral-small-full.gguf"),
+                "--shape",
+                "mixtral-small",
+                "--cache-slots",
+                "64",
+                "--rounds",
+                "1" if quick else "3",
+                "--out",
+                str(OUT / "generate"),
+            ],
+        ),
     ]
 
 
@@ -60,7 +76,9 @@ def main() -> int:
     )
     ap.add_argument("--quick", action="store_true", help="short runs (smoke test)")
     ap.add_argument(
-        "--only", default=None, help="comma-separated subset: synth,policies,sim,ffn,io,engine"
+        "--only",
+        default=None,
+        help="comma-separated subset: synth,policies,sim,ffn,io,engine,generate",
     )
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)

@@ -40,6 +40,13 @@ that exists on disk is an input. What it promises:
 - `locked(path)` serialises read-merge-write cycles of one results file between
   processes (flock on its directory: no lock file is left behind).
 
+For files a command opens itself (not named on the command line, e.g. a
+manifest inside a directory): `check_input(path, what)` before opening, and
+`load_json_input(path, what)` / `parse_json(text, where)` for JSON (size,
+encoding, syntax and nesting problems are one message). Values read from such
+files: `mer.validate` (integer, number, text, obj, check_memory); values on
+the command line: `mer.cli.values` (positive_int, probability, int_range, ...).
+
 Every refusal is a `BadInput` (exit 2) naming the argument, the path and the fix.
 """
 
@@ -232,7 +239,7 @@ def parse_json(text: str | bytes, where: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise BadInput(
-            f"{where}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})."
+            f"{where}: not JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})."
         ) from None
     except UnicodeDecodeError as exc:
         raise BadInput(f"{where}: not UTF-8 text (byte {exc.start}).") from None

@@ -57,6 +57,23 @@ def percentiles(values: Any) -> dict[str, float]:
     return out
 
 
+def busy_seconds(start: np.ndarray, end: np.ndarray) -> float:
+    """Length of the union of the intervals [start_i, end_i] (time with a read in flight)."""
+    if len(start) == 0:
+        return 0.0
+    order = np.argsort(start, kind="stable")
+    s = np.asarray(start, dtype=np.float64)[order]
+    e = np.maximum.accumulate(np.asarray(end, dtype=np.float64)[order])
+    # a new busy period starts where an interval begins after every earlier one ended
+    new = np.empty(len(s), dtype=bool)
+    new[0] = True
+    new[1:] = s[1:] > e[:-1]
+    starts = s[new]
+    idx = np.flatnonzero(new)
+    ends = np.append(e[idx[1:] - 1], e[-1])
+    return float((ends - starts).sum())
+
+
 @dataclass
 class RunSummary:
     """Identity of the run, its counts, its rates and its latency distributions."""
@@ -88,13 +105,18 @@ class RunSummary:
     compute_s: float
     dense_s: float
     io_wait_share: float
-    #: issued, used, late, wasted, unused (counts); precision, recall; *_bytes (see from_replay)
+    #: issued, used, late, wasted, unused (counts); precision, recall; the counts in bytes
+    #: (issued_bytes, used_bytes, ...) and useful_bytes (used + late; see prefetch_figures)
     prefetch: dict[str, Any] = field(default_factory=dict)
     latency: dict[str, dict[str, float]] = field(
         default_factory=dict
     )  # read, compute, token, iteration
     config: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Time with at least one read in flight (issue to landing, as the driver saw it), and
+    #: the share of it the driver was not blocked on a read: read time hidden by compute.
+    read_busy_s: float = 0.0
+    hidden_read_share: float = 0.0
 
     @property
     def lookups(self) -> int:
@@ -111,16 +133,19 @@ class RunSummary:
         layers: int,
         wall_s: float,
         io_wait_s: float,
-        expert_bytes: int = 0,
+        bytes_per_read: int = 0,
+        read_busy_s: float = 0.0,
         **fields: Any,
     ) -> RunSummary:
         """The summary of a replay, with every derived figure computed here, once.
 
         The simulator and the engine both end with this call, so hit counts,
         prefetch counts, rates and the I/O share are defined in one place.
-        `fields` are the remaining RunSummary fields (identity, bytes, times);
-        `expert_bytes` is what one expert read moves (prefetch bytes are counts x it).
+        Prefetch bytes are the counts times the bytes of one expert read, so
+        they agree wherever the counts do (`prefetch_figures`).
+        `fields` are the remaining RunSummary fields (identity, bytes, times).
         """
+        hidden = 1.0 - io_wait_s / read_busy_s if read_busy_s > 0 else 0.0
         return cls(
             kind=kind,
             policy=replay_config.policy,
@@ -139,7 +164,9 @@ class RunSummary:
             layer_iterations_per_s=tokens * layers / wall_s if wall_s > 0 else 0.0,
             io_wait_s=io_wait_s,
             io_wait_share=io_wait_s / wall_s if wall_s > 0 else 0.0,
-            prefetch=prefetch_figures(stats, expert_bytes),
+            prefetch=prefetch_figures(stats, bytes_per_read),
+            read_busy_s=float(read_busy_s),
+            hidden_read_share=min(1.0, max(0.0, hidden)),
             **fields,
         )
 
@@ -255,10 +282,12 @@ class RunSummary:
             f"late {pf.get('late', 0):,}, wasted {pf.get('wasted', 0):,}, "
             f"unused {pf.get('unused', 0):,}; precision {100 * pf.get('precision', 0.0):.1f}%, "
             f"recall {100 * pf.get('recall', 0.0):.1f}%",
-            f"prefetch bytes: useful {pf.get('useful_bytes', 0) / mib:,.0f} MiB "
-            f"(of which late {pf.get('late_bytes', 0) / mib:,.0f}), "
-            f"wasted {pf.get('wasted_bytes', 0) / mib:,.0f} MiB, "
-            f"unused at the end {pf.get('unused_bytes', 0) / mib:,.0f} MiB",
+            f"prefetch bytes: useful {pf.get('useful_bytes', 0) / mib:,.1f} MiB "
+            f"(of which late {pf.get('late_bytes', 0) / mib:,.1f}), "
+            f"wasted {pf.get('wasted_bytes', 0) / mib:,.1f} MiB, "
+            f"unused at the end {pf.get('unused_bytes', 0) / mib:,.1f} MiB; "
+            f"read time hidden behind compute: {self.hidden_read_share * 100:.1f}% of "
+            f"{self.read_busy_s:.3f} s with reads in flight",
             f"bytes read: {self.bytes_read / mib:,.0f} MiB   wall: {self.wall_s:.3f} s",
             f"{self.tokens_per_s_label()}: {self.tokens_per_s:.3f}   "
             f"layer iterations/s (the seed's sustained_tps): {self.layer_iterations_per_s:.2f}",
@@ -325,7 +354,7 @@ def read_token_table(path: str | Path) -> tuple[pd.DataFrame, RunSummary | None]
     return df, summary
 
 
-def prefetch_figures(stats: Any, expert_bytes: int = 0) -> dict[str, Any]:
+def prefetch_figures(stats: Any, bytes_per_read: int = 0) -> dict[str, Any]:
     """What prefetch did, from the core's counters (one definition for both clocks).
 
     Every prefetch read ends one of four ways: *used* (resident when its step
@@ -335,8 +364,9 @@ def prefetch_figures(stats: Any, expert_bytes: int = 0) -> dict[str, Any]:
     prefetch reads the router then asked for. recall = (used + late) / (used +
     misses): the share of the lookups that were not resident without prefetch
     that a prefetch had already started to read. Bytes are the counts times one
-    expert's read.
+    expert's read (`bytes_per_read`); useful_bytes = used_bytes + late_bytes.
     """
+    b = int(bytes_per_read)
     issued = stats.total("prefetch_issued")
     used = stats.total("prefetch_used")
     late = stats.total("late")
@@ -352,10 +382,12 @@ def prefetch_figures(stats: Any, expert_bytes: int = 0) -> dict[str, Any]:
         "unused": unused,
         "precision": (used + late) / issued if issued else 0.0,
         "recall": (used + late) / need if need else 0.0,
-        "useful_bytes": (used + late) * expert_bytes,
-        "late_bytes": late * expert_bytes,
-        "wasted_bytes": wasted * expert_bytes,
-        "unused_bytes": unused * expert_bytes,
+        "issued_bytes": issued * b,
+        "used_bytes": used * b,
+        "useful_bytes": (used + late) * b,
+        "late_bytes": late * b,
+        "wasted_bytes": wasted * b,
+        "unused_bytes": unused * b,
     }
 
 

@@ -32,14 +32,24 @@ LIMITS: dict[str, tuple[float, float]] = {
     "ssd.bandwidth_bytes_per_s": RATE,
     "ssd.channels": (1, 65536),
     "ssd.chunk_bytes": (512, 1 << 30),
+    "ssd.queue_depth": (1, 1 << 20),
     "compute.ffn_bytes_per_s": RATE,
     "compute.dense_bytes_per_s": RATE,
     "compute.dense_s_per_layer": (0.0, 3600.0),
     "compute.workers": (1, 4096),
+    "compute.step_overhead_s": (0.0, 10.0),
+    "compute.read_submit_s": (0.0, 10.0),
+    "compute.ffn_busy_overhead_s": (0.0, 10.0),
     "memory.ram_bytes": (1 << 20, 1 << 50),
     "memory.read_bandwidth_bytes_per_s": RATE,
 }
-INTEGER_FIELDS = ("ssd.channels", "ssd.chunk_bytes", "compute.workers", "memory.ram_bytes")
+INTEGER_FIELDS = (
+    "ssd.channels",
+    "ssd.chunk_bytes",
+    "ssd.queue_depth",
+    "compute.workers",
+    "memory.ram_bytes",
+)
 
 
 def _field(where: str, name: str, value: Any) -> Any:
@@ -52,17 +62,46 @@ def _field(where: str, name: str, value: Any) -> Any:
 
 @dataclass
 class SSDProfile:
-    """The storage device: every read is split into chunks served by `channels`."""
+    """The storage device: every read is split into chunks served by `channels`.
+
+    `queue_depth` is how many chunks the reader keeps submitted to the device
+    (the engine's `--queue-depth`). Chunks beyond `channels` wait in the
+    device's own FIFO queue, where a later foreground read can no longer
+    overtake them; only chunks still in the reader's queue are reordered.
+    None: the device holds only what it serves (`channels`), so every queued
+    chunk can be overtaken (the model of profiles written before this field).
+    """
 
     latency_s: float  # fixed latency paid by every request (chunk)
     bandwidth_bytes_per_s: float  # aggregate device bandwidth, shared by the channels
     channels: int  # requests served in parallel (queue depth the device sustains)
     chunk_bytes: int  # reads are split into chunks of (at most) this size
+    queue_depth: int | None = None  # chunks submitted to the device at once (None: channels)
 
     @property
     def channel_bandwidth(self) -> float:
         """Bandwidth one channel gets: the aggregate shared evenly."""
         return self.bandwidth_bytes_per_s / self.channels
+
+    def served_channels(self, queue_depth: int | None = None) -> int:
+        """Channels busy at most: the device's, or fewer when the reader submits fewer."""
+        qd = queue_depth if queue_depth is not None else self.queue_depth
+        return self.channels if qd is None else max(1, min(self.channels, qd))
+
+    def window(self, queue_depth: int | None = None) -> int:
+        """Chunks the device holds (served + in its FIFO queue): the queue depth rounded
+        down to whole rounds of the served channels (exact when it is a multiple)."""
+        qd = queue_depth if queue_depth is not None else self.queue_depth
+        c = self.served_channels(qd)
+        return c if qd is None else c * max(1, qd // c)
+
+    def chunk_time_of(self, chunk: float, queue_depth: int | None = None) -> float:
+        """Service time of one chunk of `chunk` bytes on one of the served channels.
+
+        Each channel gets `bandwidth / channels` whatever the reader submits: a
+        reader with fewer chunks in flight than channels gets less in aggregate.
+        """
+        return self.latency_s + chunk / self.channel_bandwidth
 
     def n_chunks(self, nbytes: int) -> int:
         return max(1, -(-nbytes // self.chunk_bytes))
@@ -87,6 +126,11 @@ class ComputeProfile:
     dense_s_per_layer: float | None = None  # fixed override of the dense time
     workers: int = 1  # expert FFNs that run at once
     kernel: str = ""  # the FFN kernel the figures are of: "native (avx512vnni)", "numpy", ...
+    # The driver's own CPU time, on the thread that also submits and reaps reads
+    # (0 in the bundled profiles; `mer probe` measures them, `mer calibrate` refits):
+    step_overhead_s: float = 0.0  # per step: lookups, decisions, bookkeeping
+    read_submit_s: float = 0.0  # per read: planning and submitting its chunks
+    ffn_busy_overhead_s: float = 0.0  # per FFN that runs while reads are in flight
 
     def ffn_time(self, bytes_per_expert: int) -> float:
         return bytes_per_expert / self.ffn_bytes_per_s
@@ -139,6 +183,7 @@ class HardwareProfile:
                 bandwidth_bytes_per_s=need("ssd", "bandwidth_bytes_per_s"),
                 channels=need("ssd", "channels"),
                 chunk_bytes=need("ssd", "chunk_bytes"),
+                queue_depth=d["ssd"].get("queue_depth"),
             )
             compute = ComputeProfile(
                 ffn_bytes_per_s=need("compute", "ffn_bytes_per_s"),
@@ -146,6 +191,9 @@ class HardwareProfile:
                 dense_s_per_layer=d["compute"].get("dense_s_per_layer"),
                 workers=d["compute"].get("workers", 1),
                 kernel=str(d["compute"].get("kernel", "")),
+                step_overhead_s=d["compute"].get("step_overhead_s", 0.0),
+                read_submit_s=d["compute"].get("read_submit_s", 0.0),
+                ffn_busy_overhead_s=d["compute"].get("ffn_busy_overhead_s", 0.0),
             )
             memory = MemoryProfile(
                 ram_bytes=need("memory", "ram_bytes"),
@@ -187,6 +235,8 @@ class HardwareProfile:
         )
         self.ssd.channels = _field(w, "ssd.channels", self.ssd.channels)
         self.ssd.chunk_bytes = _field(w, "ssd.chunk_bytes", self.ssd.chunk_bytes)
+        if self.ssd.queue_depth is not None:
+            self.ssd.queue_depth = int(_field(w, "ssd.queue_depth", self.ssd.queue_depth))
         self.compute.ffn_bytes_per_s = _field(
             w, "compute.ffn_bytes_per_s", self.compute.ffn_bytes_per_s
         )
@@ -198,6 +248,8 @@ class HardwareProfile:
                 w, "compute.dense_s_per_layer", self.compute.dense_s_per_layer
             )
         self.compute.workers = _field(w, "compute.workers", self.compute.workers)
+        for name in ("step_overhead_s", "read_submit_s", "ffn_busy_overhead_s"):
+            setattr(self.compute, name, _field(w, f"compute.{name}", getattr(self.compute, name)))
         self.memory.ram_bytes = _field(w, "memory.ram_bytes", self.memory.ram_bytes)
         self.memory.read_bandwidth_bytes_per_s = _field(
             w, "memory.read_bandwidth_bytes_per_s", self.memory.read_bandwidth_bytes_per_s

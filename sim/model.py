@@ -33,6 +33,7 @@ Two engines implement this same model:
 
 from __future__ import annotations
 
+import functools
 import heapq
 import math
 import time
@@ -51,7 +52,7 @@ from mer.core.replay import Replay, ReplayConfig, auto_lead
 from mer.errors import BadInput
 from mer.shapes import SHAPES, ModelShape, get_shape
 from mer.sim.hardware import HardwareProfile
-from mer.summary import RunSummary, percentiles, warm_figures
+from mer.summary import RunSummary, busy_seconds, percentiles, warm_figures
 
 MODES = ("model", "seed")
 #: The engines count time in integer picoseconds: instants that coincide in the
@@ -106,10 +107,14 @@ class AnalyticSSD:
     start before a given instant: commit() is O(log C) plus the reads it retires.
     """
 
-    def __init__(self, channels: int, chunks: int, chunk_ticks: int) -> None:
+    def __init__(self, channels: int, chunks: int, chunk_ticks: int, lag: int = 0) -> None:
         self.C = channels
         self.m = chunks
         self.d = chunk_ticks
+        # A chunk enters the device's FIFO queue `lag` before its service starts (the
+        # queue holds window - channels chunks beyond those in service); from then on
+        # no later foreground chunk can overtake it.
+        self.lag = lag
         self.free = [0] * self.C
         self.shift = 0
         self.fg: deque[_Read] = deque()
@@ -125,7 +130,8 @@ class AnalyticSSD:
         return self.free[j % C] + self.shift + (j // C) * self.d
 
     def commit(self, a: int) -> None:
-        """Dispatch every queued chunk that starts at or before `a`; idle channels wait at `a`.
+        """Commit every queued chunk that enters the device by `a` (its service starts at
+        or before `a + lag`) in priority order; idle channels wait at `a`.
 
         Times are integer ticks, so instants that coincide do so exactly: a chunk
         whose channel frees at `a` is dispatched before a read issued at `a`, as
@@ -133,13 +139,14 @@ class AnalyticSSD:
         """
         free = self.free
         rel = a - self.shift
-        if rel < free[0]:
-            return  # every channel busy past `a`: nothing starts, nothing idles
+        relh = rel + self.lag
+        if relh < free[0]:
+            return  # every channel busy past `a + lag`: nothing enters, nothing idles
         if self.queued_chunks:
             C, d = self.C, self.d
             fmax = free[-1]
-            n0 = (rel - fmax) // d + 1 if fmax <= rel else 0
-            k = C * n0 + bisect_right(free, rel - n0 * d)
+            n0 = (relh - fmax) // d + 1 if fmax <= relh else 0
+            k = C * n0 + bisect_right(free, relh - n0 * d)
             if k > self.queued_chunks:
                 k = self.queued_chunks
             if k:
@@ -188,6 +195,12 @@ class AnalyticSSD:
             self.bg.append(r)
         return r
 
+    def busy_until(self) -> int:
+        """When the last chunk issued so far finishes (reads are outstanding before it)."""
+        if self.queued_chunks:
+            return self._start(self.queued_chunks - 1) + self.d
+        return self.free[-1] + self.shift
+
     def finish_of(self, read: _Read) -> int:
         """Finish time of `read` given the reads queued now (final for foreground reads)."""
         if read.remaining == 0:
@@ -222,7 +235,15 @@ class AnalyticSSD:
 
 @dataclass
 class SimOptions:
-    """Timing choices of one simulation (the replay config decides hits)."""
+    """Timing choices of one simulation (the replay config decides hits).
+
+    `read_ranges`, `queue_depth` and `chunk_bytes` describe how the engine
+    reads: the byte lengths of the page-aligned ranges one expert read is made
+    of (`ExpertStore.read_plan`, e.g. gate, up and down of a stacked GGUF:
+    `read_ranges_of(store)`), and the reader's `--queue-depth` and
+    `--chunk-bytes`. None: one contiguous slot of the shape, and the profile's
+    queue depth and chunk size.
+    """
 
     mode: str = "model"
     engine: str = "fast"
@@ -231,12 +252,51 @@ class SimOptions:
     )
     #: steady-state window for summary.extra["warm"] (None: 32 tokens, at most half)
     warmup_tokens: int | None = None
+    read_ranges: tuple[int, ...] | None = None
+    queue_depth: int | None = None
+    chunk_bytes: int | None = None
+    #: bytes of each key's read (the file's plans differ by a page here and there when its
+    #: matrices are not page multiples): bytes read are counted exactly; None: read_ranges
+    key_read_bytes: tuple[int, ...] | None = None
 
     def validate(self) -> None:
         if self.mode not in MODES:
             raise BadInput(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}.")
         if self.engine not in ENGINES:
             raise BadInput(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}.")
+        if self.read_ranges is not None and (
+            not self.read_ranges or any(int(r) < 1 for r in self.read_ranges)
+        ):
+            raise BadInput(f"read ranges must be positive byte counts, got {self.read_ranges!r}.")
+        if self.queue_depth is not None and self.queue_depth < 1:
+            raise BadInput(f"--queue-depth must be >= 1, got {self.queue_depth}.")
+        if self.chunk_bytes is not None and self.chunk_bytes < 1:
+            raise BadInput(f"--chunk-bytes must be >= 1, got {self.chunk_bytes}.")
+
+
+def read_ranges_of(store: Any) -> tuple[int, ...]:
+    """The range lengths of one expert read from an expert file (the most common plan)."""
+    from mer.engine.store import typical_read_ranges
+
+    return typical_read_ranges(store)
+
+
+def options_like(run: RunSummary, engine: str = "fast") -> SimOptions:
+    """The SimOptions that model what a measured run did: its shape and mode, the read
+    ranges of its expert file, its reader's queue depth and chunk size."""
+    ex = run.extra or {}
+    io = ex.get("io") or {}
+    ranges = ex.get("read_ranges")
+    keys = ex.get("read_bytes_by_key")
+    return SimOptions(
+        mode=run.mode,
+        engine=engine,
+        shape=run.shape,
+        read_ranges=tuple(int(r) for r in ranges) if ranges else None,
+        key_read_bytes=tuple(int(b) for b in keys) if keys else None,
+        queue_depth=io.get("queue_depth"),
+        chunk_bytes=io.get("chunk_bytes"),
+    )
 
 
 @dataclass
@@ -250,7 +310,21 @@ class SimResult:
 
 @dataclass
 class _Timing:
-    """The model's durations in ticks."""
+    """The model's durations in ticks: the one definition both engines run.
+
+    A step (token, layer) on the driver's thread:
+      t0 -> dense -> t1: completions are reaped, the step's keys looked up;
+      `step` of driver overhead; each read (demand first, then prefetch) is
+      submitted after `submit` more; -> tc: completions are reaped again.
+      The FFNs then run one after the other (on `workers`): first those whose
+      weights are resident at tc, in rank order, then the others in rank order,
+      each after its read lands. An FFN that starts while any read is
+      outstanding costs `ffn_busy` more (the engine hands it to a thread and
+      reaps completions every `poll` meanwhile).
+    The device: each read is `chunks` chunks of `chunk` ticks on `channels`
+    channels; the reader keeps `window` chunks in the device (FIFO there) and
+    queues the rest, foreground first.
+    """
 
     dense: int
     ffn: int
@@ -259,6 +333,17 @@ class _Timing:
     channels: int
     chunks: int  # per read
     chunk: int  # service time of one chunk
+    window: int = 0  # chunks the device holds (0: channels)
+    step: int = 0  # driver overhead per step, before the reads are submitted
+    submit: int = 0  # driver time per read submitted
+    ffn_busy: int = 0  # extra per FFN started while reads are outstanding
+    poll: int = 0  # completions reaped every `poll` during such an FFN (0: at its end)
+
+    @property
+    def lag(self) -> int:
+        """How long before its service a chunk enters the device's FIFO queue."""
+        w = self.window or self.channels
+        return (w // self.channels - 1) * self.chunk
 
 
 def _ideal(k: int, ffn: int, workers: int) -> int:
@@ -266,46 +351,156 @@ def _ideal(k: int, ffn: int, workers: int) -> int:
     return math.ceil(k / workers) * ffn
 
 
+def _makespan(durations: list[int], workers: int) -> int:
+    """List-schedule makespan of `durations` on `workers`, all available at 0."""
+    if workers == 1:
+        return sum(durations)
+    free = [0] * workers
+    for dur in durations:
+        heapq.heappush(free, heapq.heappop(free) + dur)
+    return max(free)
+
+
+def _compute_order(ready: list[int], tc: int) -> list[int]:
+    """The engine's order: experts resident at tc first, then the rest, each in rank order."""
+    k = len(ready)
+    return [i for i in range(k) if ready[i] <= tc] + [i for i in range(k) if ready[i] > tc]
+
+
 class _Recorder:
     """Per-step accounting both engines fill (appended lists: cheaper than numpy per step)."""
 
-    def __init__(self) -> None:
+    def __init__(self, observe: bool) -> None:
         self.iter_time: list[int] = []  # step latency (dense + lookups + FFNs)
         self.io: list[int] = []  # time the step was blocked on reads
+        self.comp: list[int] = []  # FFN time of the step
+        self.n_busy: list[int] = []  # FFNs of the step started while reads were outstanding
+        self.over: list[int] = []  # driver overhead of the step (step + submissions)
         self.hits: list[int] = []
         self.late: list[int] = []
         self.pf: list[int] = []  # prefetch reads issued
         self.reads: list[int] = []  # all reads issued (demand + prefetch)
+        self.issued: list[int] = []  # per read: issue instant, key, step ...
+        self.keys: list[int] = []
+        self.read_step: list[int] = []
+        self.finish: list[Any] = []  # ... and something whose .finish is its last chunk's end
+        # Instants at which the driver reaps completions, as [a, b] windows (a == b: one
+        # poll; a < b: blocked waiting, so every completion in between is seen at once).
+        self.observe = observe
+        self.read_lat_ticks: np.ndarray | None = None  # set by the array path instead
+        self.read_busy_ticks = 0
+        self.obs_a: list[int] = []
+        self.obs_b: list[int] = []
+
+    def look(self, a: int, b: int | None = None) -> None:
+        if self.observe:
+            self.obs_a.append(a)
+            self.obs_b.append(a if b is None else b)
+
+    def ffn(self, s: int, e: int, busy: bool, poll: int) -> None:
+        """The polls of one FFN: on the thread hand-off path, at its start, every `poll`
+        and at its end; none on the direct path (nothing is in flight)."""
+        if self.observe and busy:
+            self.look(s)
+            if poll:
+                for x in range(s + poll, e, poll):
+                    self.look(x)
+            self.look(e)
+
+    def observed(self) -> np.ndarray:
+        """When the driver saw each read land: the first reap at or after its end."""
+        fin = np.asarray([r.finish for r in self.finish], dtype=np.int64)
+        if not self.observe or not self.obs_b or fin.size == 0:
+            return fin
+        a = np.asarray(self.obs_a, dtype=np.int64)
+        b = np.asarray(self.obs_b, dtype=np.int64)
+        idx = np.searchsorted(b, fin, side="left")
+        inside = idx < b.size
+        out = fin.copy()
+        out[inside] = np.maximum(a[idx[inside]], fin[inside])
+        return out
+
+
+def _ffn_schedule(
+    tm: _Timing,
+    k: int,
+    ready: list[int],
+    tc: int,
+    busy_until: Any,
+    look: Any,
+    ffn_look: Any,
+) -> tuple[int, list[int]]:
+    """(step end, FFN durations) of one step's k FFNs from tc, in the engine's order, each
+    after its weights are ready (`ready`, clamped to >= tc). `busy_until()` is when the
+    last outstanding read lands: an FFN started before it costs `ffn_busy` more.
+    `look(a, b)` / `ffn_look(s, e, busy, poll)` record when the driver reaps."""
+    ffn, ffn_busy, workers, poll = tm.ffn, tm.ffn_busy, tm.workers, tm.poll
+    if max(ready) == tc and busy_until() <= tc:
+        # everything resident and nothing in flight: FFNs back to back, no polls
+        return tc + _ideal(k, ffn, workers), [ffn] * k
+    durs: list[int] = []
+    if workers == 1:
+        w = tc
+        if tm.seed:
+            r_all = max(ready)
+            if r_all > w:
+                look(w, r_all)
+                w = r_all
+        for i in _compute_order(ready, tc):
+            rt = ready[i]
+            if rt > w:
+                look(w, rt)
+                w = rt
+            busy = busy_until() > w
+            dur = ffn + ffn_busy if busy else ffn
+            ffn_look(w, w + dur, busy, poll)
+            durs.append(dur)
+            w += dur
+        return w, durs
+    r_all = max(ready) if tm.seed else tc
+    wfree = [tc] * workers
+    end = tc
+    for i in _compute_order(ready, tc):
+        wk = heapq.heappop(wfree)
+        st = max(wk, ready[i], r_all)
+        dur = ffn + ffn_busy if busy_until() > st else ffn
+        durs.append(dur)
+        heapq.heappush(wfree, st + dur)
+        end = max(end, st + dur)
+    return end, durs
 
 
 # -- the fast engine -------------------------------------------------------------------
 
 
-def _run_fast(replay: Replay, tm: _Timing, rec: _Recorder) -> tuple[int, list[int]]:
+def _run_fast(replay: Replay, tm: _Timing, rec: _Recorder) -> int:
     env = simpy.Environment()
-    ssd = AnalyticSSD(tm.channels, tm.chunks, tm.chunk)
+    ssd = AnalyticSSD(tm.channels, tm.chunks, tm.chunk, tm.lag)
     inflight: dict[int, _Read] = {}
-    read_lat: list[int] = []
     k = replay.top_k
-    ffn, workers, dense, seed = tm.ffn, tm.workers, tm.dense, tm.seed
-    ideal = _ideal(k, ffn, workers)
+    ffn, workers, dense = tm.ffn, tm.workers, tm.dense
+    step_oh, submit, ffn_busy = tm.step, tm.submit, tm.ffn_busy
     step = replay.step
     prefetch = replay.prefetch
     complete = replay.complete
     issue = ssd.issue
     finish_of = ssd.finish_of
     commit = ssd.commit
+    busy_until = ssd.busy_until
     done = ssd.done
     timeout = env.timeout
-    r_iter, r_io, r_hits = rec.iter_time, rec.io, rec.hits
+    r_iter, r_io, r_hits, r_comp, r_over = rec.iter_time, rec.io, rec.hits, rec.comp, rec.over
+    r_busy = rec.n_busy
     r_late, r_pf, r_reads = rec.late, rec.pf, rec.reads
+    r_issued, r_finish, r_keys, r_step = rec.issued, rec.finish, rec.keys, rec.read_step
+    look, ffn_look = rec.look, rec.ffn
+    schedule = functools.partial(_ffn_schedule, tm, k)
 
     def finish_reads(t: int) -> None:
         if ssd.queued_chunks:  # else commit would only move idle channels; issue() does that
             commit(t)
         if done and done[0][0] <= t:
             for r in ssd.pop_done(t):
-                read_lat.append(r.finish - r.issued)
                 if r.registered:
                     del inflight[r.key]
                     complete(r.key)
@@ -322,51 +517,52 @@ def _run_fast(replay: Replay, tm: _Timing, rec: _Recorder) -> tuple[int, list[in
             t0 = now
             t1 = t0 + dense
             finish_reads(t1)
+            look(t1)
             res = step(t)
             reads = res.reads
             late = res.late
-            if reads or True in late:
-                ready = [t1] * k
-                keys = res.keys
-                for adm in reads:
-                    registered = adm.slot is not None
-                    r = issue(adm.key, True, t1, registered)
-                    if registered:
-                        inflight[adm.key] = r
-                    ready[keys.index(adm.key)] = ssd.fg_finish
-
-                pfs = prefetch(t)
-                for adm in pfs:
-                    inflight[adm.key] = issue(adm.key, False, t1, True)
-                n_late = 0
+            keys = res.keys
+            ready = [t1] * k
+            at = t1 + step_oh
+            for adm in reads:
+                at += submit
+                registered = adm.slot is not None
+                r = issue(adm.key, True, at, registered)
+                r_issued.append(at)
+                r_keys.append(adm.key)
+                r_step.append(t)
+                r_finish.append(r)
+                if registered:
+                    inflight[adm.key] = r
+                ready[keys.index(adm.key)] = ssd.fg_finish
+            pfs = prefetch(t)
+            for adm in pfs:
+                at += submit
+                r = issue(adm.key, False, at, True)
+                r_issued.append(at)
+                r_keys.append(adm.key)
+                r_step.append(t)
+                r_finish.append(r)
+                inflight[adm.key] = r
+            tc = at
+            look(tc)
+            n_late = 0
+            if True in late:
                 for i in range(k):
                     if late[i]:
                         n_late += 1
                         ready[i] = finish_of(inflight[keys[i]])
-                if seed:
-                    t2 = max(ready) + ideal
-                elif workers == 1:
-                    t2 = t1
-                    for rt in sorted(ready):
-                        t2 = (rt if rt > t2 else t2) + ffn
-                else:
-                    wfree = [t1] * workers
-                    for rt in sorted(ready):
-                        w = heapq.heappop(wfree)
-                        heapq.heappush(wfree, (rt if rt > w else w) + ffn)
-                    t2 = max(wfree)
-                io = t2 - t1 - ideal
-                r_io.append(io if io > 0 else 0)
-                r_hits.append(sum(res.hit))
-                r_late.append(n_late)
-            else:
-                pfs = prefetch(t)
-                for adm in pfs:
-                    inflight[adm.key] = issue(adm.key, False, t1, True)
-                t2 = t1 + ideal
-                r_io.append(0)
-                r_hits.append(k)
-                r_late.append(0)
+            for i in range(k):
+                if ready[i] < tc:
+                    ready[i] = tc
+            t2, durs = schedule(ready, tc, busy_until, look, ffn_look)
+            io = t2 - tc - _makespan(durs, workers)
+            r_io.append(io if io > 0 else 0)
+            r_comp.append(sum(durs))
+            r_busy.append(sum(1 for x in durs if x > ffn) if ffn_busy else 0)
+            r_over.append(tc - t1)
+            r_hits.append(sum(res.hit))
+            r_late.append(n_late)
             n_pf = len(pfs)
             r_pf.append(n_pf)
             r_reads.append(len(reads) + n_pf)
@@ -380,55 +576,71 @@ def _run_fast(replay: Replay, tm: _Timing, rec: _Recorder) -> tuple[int, list[in
     env.run()
     end = int(env.now)
     finish_reads(end)
-    for r in ssd.drain():
-        read_lat.append(r.finish - r.issued)
-    return end, read_lat
+    ssd.drain()
+    return end
 
 
 # -- the fast engine, prefetch off: decisions compiled, timing vectorised ---------------
 
 
-def step_spans(tm: _Timing, k: int) -> tuple[list[int], list[int], list[list[int]]]:
-    """For m = 0..k misses in a step: (span from lookup to step end, I/O wait, read latencies).
+@dataclass
+class StepSpan:
+    """The timing of a prefetch-off step with m misses, from its lookup instant t1."""
 
-    With prefetch off every read of a step is its own step's, issued at the lookup
-    instant t1 onto idle channels (the previous step ended after its last read),
-    so the r-th read's last chunk is chunk (r + 1) * chunks - 1 of a round-robin
-    from t1 and the whole step's timing depends only on how many keys missed.
-    The FFN schedule below is `_run_fast`'s, on those ready times.
-    """
-    C, m_ch, d = tm.channels, tm.chunks, tm.chunk
-    ideal = _ideal(k, tm.ffn, tm.workers)
-    spans, ios, lats = [], [], []
+    span: int  # t1 to step end
+    io: int
+    comp: int
+    over: int
+    n_busy: int
+    read_lat: list[int]  # issue to seen, per read in issue order
+    read_busy: int  # time with a read in flight
+
+
+def step_spans(tm: _Timing, k: int) -> list[StepSpan]:
+    """For m = 0..k misses: the step's timing, by the fast engine's own step on a device
+    that is idle at the lookup. With prefetch off that is every step: each read is its
+    own step's and the step ends only after its last read landed (and was seen). Which
+    ranks missed does not matter: resident experts run first, the others in read order."""
+    out = []
     for m in range(k + 1):
-        fin = [(((r + 1) * m_ch - 1) // C + 1) * d for r in range(m)]
-        ready = [0] * (k - m) + fin
-        if m == 0:
-            t2 = ideal
-        elif tm.seed:
-            t2 = max(ready) + ideal
-        elif tm.workers == 1:
-            t2 = 0
-            for rt in sorted(ready):
-                t2 = (rt if rt > t2 else t2) + tm.ffn
-        else:
-            wfree = [0] * tm.workers
-            for rt in sorted(ready):
-                w = heapq.heappop(wfree)
-                heapq.heappush(wfree, (rt if rt > w else w) + tm.ffn)
-            t2 = max(wfree)
-        spans.append(t2)
-        ios.append(max(0, t2 - ideal))
-        lats.append(fin)
-    return spans, ios, lats
+        ssd = AnalyticSSD(tm.channels, tm.chunks, tm.chunk, tm.lag)
+        rec = _Recorder(observe=tm.workers == 1)
+        rec.look(0)
+        ready = [0] * k
+        at = tm.step
+        for i in range(m):
+            at += tm.submit
+            r = ssd.issue(i, True, at, False)
+            rec.issued.append(at)
+            rec.finish.append(r)
+            ready[k - m + i] = ssd.fg_finish
+        tc = at
+        rec.look(tc)
+        ready = [r if r > tc else tc for r in ready]
+        t2, durs = _ffn_schedule(tm, k, ready, tc, ssd.busy_until, rec.look, rec.ffn)
+        ssd.drain()
+        issued = np.asarray(rec.issued, dtype=np.int64)
+        seen = rec.observed()
+        out.append(
+            StepSpan(
+                span=t2,
+                io=max(0, t2 - tc - _makespan(durs, tm.workers)),
+                comp=sum(durs),
+                over=tc,
+                n_busy=sum(1 for x in durs if x > tm.ffn) if tm.ffn_busy else 0,
+                read_lat=(seen - issued).tolist(),
+                read_busy=round(busy_seconds(issued, seen)),
+            )
+        )
+    return out
 
 
-def _run_vectorised(replay: Replay, tm: _Timing, rec: _Recorder) -> tuple[int, list[int]] | None:
+def _run_vectorised(replay: Replay, tm: _Timing, rec: _Recorder) -> int | None:
     """The fast engine with prefetch off, in array operations; None if it does not apply.
 
     The shared core decides every lookup (its compiled loop, `replay_outcomes`);
-    the timing of each step is then a table lookup on its number of misses.
-    Tests hold it equal to `_run_fast` and to the literal simpy engine.
+    the timing of each step is then a table lookup on its number of misses
+    (`step_spans`). Tests hold it equal to `_run_fast` and to the literal simpy engine.
     """
     from mer.core.replay import replay_outcomes
 
@@ -436,23 +648,37 @@ def _run_vectorised(replay: Replay, tm: _Timing, rec: _Recorder) -> tuple[int, l
     if outcome is None:
         return None
     k = replay.top_k
-    spans, ios, lats = step_spans(tm, k)
-    misses = (outcome != 1).sum(axis=1)
-    span = np.asarray(spans, dtype=np.int64)[misses]
+    spans = step_spans(tm, k)
+    missed = outcome != 1
+    misses = missed.sum(axis=1)
+
+    def table(field_: str) -> np.ndarray:
+        return np.asarray([getattr(sp, field_) for sp in spans], dtype=np.int64)[misses]
+
+    span = table("span")
     rec.iter_time = (span + tm.dense).tolist()
-    rec.io = np.asarray(ios, dtype=np.int64)[misses].tolist()
+    rec.io = table("io").tolist()
+    rec.comp = table("comp").tolist()
+    rec.over = table("over").tolist()
+    rec.n_busy = table("n_busy").tolist()
     rec.hits = (k - misses).tolist()
     zeros = [0] * len(misses)
     rec.late = zeros
     rec.pf = zeros
     rec.reads = misses.tolist()
-    end = int(span.sum()) + tm.dense * len(misses)
+    rows = np.nonzero(missed)[0]
+    rec.keys = replay.steps[missed].tolist()
+    rec.read_step = rows.tolist()
     counts = np.bincount(misses, minlength=k + 1)
-    read_lat: list[int] = []
+    lat: list[int] = []
+    busy = 0
     for m in range(1, k + 1):
         if counts[m]:
-            read_lat.extend(lats[m] * int(counts[m]))
-    return end, read_lat
+            lat.extend(spans[m].read_lat * int(counts[m]))
+            busy += spans[m].read_busy * int(counts[m])
+    rec.read_lat_ticks = np.asarray(lat, dtype=np.int64)
+    rec.read_busy_ticks = busy
+    return int(span.sum()) + tm.dense * len(misses)
 
 
 # -- the literal simpy engine ----------------------------------------------------------
@@ -469,36 +695,61 @@ class _AfterNow(simpy.events.Event):
         env.schedule(self, cast(Any, 2))  # after NORMAL (1)
 
 
-def _run_simpy(replay: Replay, tm: _Timing, rec: _Recorder) -> tuple[int, list[int]]:
+class _Landed:
+    __slots__ = ("finish",)
+
+    def __init__(self) -> None:
+        self.finish = -1
+
+
+def _run_simpy(replay: Replay, tm: _Timing, rec: _Recorder) -> int:
     env = simpy.Environment()
-    disk = simpy.PriorityResource(env, capacity=tm.channels)
+    admit = simpy.PriorityResource(env, capacity=tm.window or tm.channels)
+    disk = simpy.Resource(env, capacity=tm.channels)
     cpu = simpy.Resource(env, capacity=tm.workers)
     m, d = tm.chunks, tm.chunk
     inflight: dict[int, simpy.Process] = {}
-    read_lat: list[int] = []
+    outstanding = [0]  # reads issued and not yet landed
+    landed: list[int] = []  # landed, not yet reaped by the driver
     k = replay.top_k
-    ideal = _ideal(k, tm.ffn, tm.workers)
 
     def chunk(prio: int) -> Any:
-        with disk.request(priority=prio) as req:
-            yield req
-            yield env.timeout(d)
+        # Enter the device (foreground first while queued in the reader), then its FIFO.
+        with admit.request(priority=prio) as a:
+            yield a
+            with disk.request() as req:
+                yield req
+                yield env.timeout(d)
 
-    def read(key: int, fg: bool, registered: bool) -> Any:
-        issued = int(env.now)
+    def read(key: int, fg: bool, registered: bool, log: _Landed) -> Any:
         prio = 0 if fg else 1
         yield env.all_of([env.process(chunk(prio)) for _ in range(m)])
-        read_lat.append(int(env.now) - issued)
+        log.finish = int(env.now)
+        outstanding[0] -= 1
         if registered:
-            del inflight[key]
-            replay.complete(key)
+            landed.append(key)  # the driver completes it when it next reaps (at a lookup)
 
-    def ffn(wait: simpy.Event | None) -> Any:
-        if wait is not None:
-            yield wait
+    def start_read(t: int, key: int, fg: bool, registered: bool) -> simpy.Process:
+        log = _Landed()
+        rec.issued.append(int(env.now))
+        rec.keys.append(key)
+        rec.read_step.append(t)
+        rec.finish.append(log)
+        outstanding[0] += 1
+        return env.process(read(key, fg, registered, log))
+
+    def ffn_job(wait: simpy.Event | None, gate: simpy.Event | None, out: list[int]) -> Any:
+        # One FFN on a worker held from its turn (the list schedule): wait for its
+        # weights, then run; an FFN started with reads outstanding costs ffn_busy more.
         with cpu.request() as req:
             yield req
-            yield env.timeout(tm.ffn)
+            for ev in (gate, wait):
+                if ev is not None and not ev.triggered:
+                    yield ev
+            yield _AfterNow(env)
+            dur = tm.ffn + tm.ffn_busy if outstanding[0] > 0 else tm.ffn
+            out.append(dur)
+            yield env.timeout(dur)
 
     def run() -> Any:
         for t in range(replay.n_steps):
@@ -507,29 +758,70 @@ def _run_simpy(replay: Replay, tm: _Timing, rec: _Recorder) -> tuple[int, list[i
                 yield env.timeout(tm.dense)
             yield _AfterNow(env)
             t1 = int(env.now)
+            rec.look(t1)
+            for key in landed:
+                del inflight[key]
+                replay.complete(key)
+            landed.clear()
             res = replay.step(t)
-            waits: list[simpy.Event | None] = [None] * k
+            if tm.step:
+                yield env.timeout(tm.step)
+            waits: list[simpy.Process | None] = [None] * k
             for adm in res.reads:
-                p = env.process(read(adm.key, True, adm.slot is not None))
+                if tm.submit:
+                    yield env.timeout(tm.submit)
+                yield _AfterNow(env)
+                p = start_read(t, adm.key, True, adm.slot is not None)
                 if adm.slot is not None:
                     inflight[adm.key] = p
                 waits[res.keys.index(adm.key)] = p
             pfs = replay.prefetch(t)
             for adm in pfs:
-                inflight[adm.key] = env.process(read(adm.key, False, True))
+                if tm.submit:
+                    yield env.timeout(tm.submit)
+                yield _AfterNow(env)
+                inflight[adm.key] = start_read(t, adm.key, False, True)
             for i in range(k):
                 if res.late[i]:
                     waits[i] = inflight[res.keys[i]]
-            if tm.seed:
-                pending = [w for w in waits if w is not None]
-                gate = env.all_of(pending) if pending else None
-                jobs = [env.process(ffn(gate)) for _ in range(k)]
+            yield _AfterNow(env)
+            tc = int(env.now)
+            rec.look(tc)
+            pending = [w for w in waits if w is not None and w.is_alive]
+            gate = env.all_of(pending) if tm.seed and pending else None
+            ready = [tc if w is None or not w.is_alive else tc + 1 for w in waits]
+            durs: list[int] = []
+            if tm.workers == 1:
+                w_at = tc
+                if gate is not None:
+                    yield gate
+                    if int(env.now) > w_at:
+                        rec.look(w_at, int(env.now))
+                for i in _compute_order(ready, tc):
+                    yield _AfterNow(env)
+                    ev = waits[i]
+                    if ev is not None and ev.is_alive:
+                        w_at = int(env.now)
+                        yield ev
+                        rec.look(w_at, int(env.now))
+                        yield _AfterNow(env)
+                    s = int(env.now)
+                    busy = outstanding[0] > 0
+                    dur = tm.ffn + tm.ffn_busy if busy else tm.ffn
+                    rec.ffn(s, s + dur, busy, tm.poll)
+                    durs.append(dur)
+                    yield env.timeout(dur)
             else:
-                jobs = [env.process(ffn(w)) for w in waits]
-            yield env.all_of(jobs)
+                jobs = []
+                for i in _compute_order(ready, tc):
+                    jobs.append(env.process(ffn_job(waits[i], gate, durs)))
+                yield env.all_of(jobs)
             t2 = int(env.now)
             rec.iter_time.append(t2 - t0)
-            rec.io.append(max(0, t2 - t1 - ideal))
+            rec.io.append(max(0, t2 - tc - _makespan(durs, tm.workers)))
+            rec.comp.append(sum(durs))
+            rec.n_busy.append(sum(1 for x in durs if x > tm.ffn) if tm.ffn_busy else 0)
+            rec.over.append(tc - t1)
             rec.hits.append(sum(res.hit))
             rec.late.append(sum(res.late))
             rec.pf.append(len(pfs))
@@ -540,10 +832,48 @@ def _run_simpy(replay: Replay, tm: _Timing, rec: _Recorder) -> tuple[int, list[i
     env.run(until=main)
     end = int(env.now)
     env.run()  # let outstanding prefetches finish, for their latencies
-    return end, read_lat
+    return end
 
 
 # -- entry point -----------------------------------------------------------------------
+
+
+def timing_of(
+    hardware: HardwareProfile, shape: ModelShape, opts: SimOptions
+) -> tuple[_Timing, int]:
+    """The model's durations for `hardware` running `shape` as `opts` says, and the bytes
+    of one expert read. Shared by both engines (and by `mer validate`'s checks)."""
+    from mer.engine.io import POLL_INTERVAL_S
+    from mer.engine.streaming import INLINE_FFN_BYTES
+
+    seed = opts.mode == "seed"
+    ssd = hardware.ssd
+    comp = hardware.compute
+    ranges = opts.read_ranges or (shape.slot_bytes,)  # O_DIRECT reads whole aligned slots
+    read_bytes = int(sum(ranges))
+    chunk_bytes = opts.chunk_bytes or ssd.chunk_bytes
+    n_chunks = sum(max(1, -(-int(r) // chunk_bytes)) for r in ranges)
+    qd = opts.queue_depth if opts.queue_depth is not None else ssd.queue_depth
+    channels = ssd.served_channels(qd)
+    tm = _Timing(
+        dense=0 if seed else ticks(comp.dense_time(shape.dense_bytes_per_layer)),
+        ffn=ticks(comp.ffn_time(shape.bytes_per_expert)),
+        workers=comp.workers,
+        seed=seed,
+        channels=channels,
+        chunks=n_chunks,
+        chunk=ticks(ssd.chunk_time_of(read_bytes / n_chunks)),
+        window=ssd.window(qd),
+        step=ticks(comp.step_overhead_s),
+        submit=ticks(comp.read_submit_s),
+        ffn_busy=ticks(comp.ffn_busy_overhead_s),
+        # the engine runs a native kernel's FFN of a small expert inline (reaping only after
+        # it), else hands it to a thread and reaps every POLL_INTERVAL_S meanwhile
+        poll=0
+        if comp.kernel.startswith("native") and shape.bytes_per_expert <= INLINE_FFN_BYTES
+        else ticks(POLL_INTERVAL_S),
+    )
+    return tm, read_bytes
 
 
 def simulate(
@@ -566,31 +896,20 @@ def simulate(
         if isinstance(opts.shape, ModelShape)
         else get_shape(opts.shape or default_shape_for(tr.n_layers, tr.n_experts, tr.top_k))
     )
-    seed = opts.mode == "seed"
-    read_bytes = shape.slot_bytes  # O_DIRECT reads whole 4 KiB-aligned slots
+    tm, read_bytes = timing_of(hardware, shape, opts)
     ssd = hardware.ssd
-    tm = _Timing(
-        dense=0 if seed else ticks(hardware.compute.dense_time(shape.dense_bytes_per_layer)),
-        ffn=ticks(hardware.compute.ffn_time(shape.bytes_per_expert)),
-        workers=hardware.compute.workers,
-        seed=seed,
-        channels=ssd.channels,
-        chunks=ssd.n_chunks(read_bytes),
-        chunk=ticks(ssd.chunk_time(read_bytes)),
-    )
-    lead = auto_lead(
-        ssd.read_time(read_bytes), (tm.dense + _ideal(tr.top_k, tm.ffn, tm.workers)) / TICKS_PER_S
-    )
+    read_alone = math.ceil(tm.chunks / tm.channels) * tm.chunk / TICKS_PER_S
+    lead = auto_lead(read_alone, (tm.dense + _ideal(tr.top_k, tm.ffn, tm.workers)) / TICKS_PER_S)
     if config.prefetch_lead == 0:  # --prefetch-lead auto
         config = replace(config, prefetch_lead=lead)
     replay = Replay.from_trace(tr, config)
-    rec = _Recorder()
+    rec = _Recorder(observe=tm.workers == 1)
     t_start = time.perf_counter()
     done = _run_vectorised(replay, tm, rec) if opts.engine == "fast" else None
     if done is None:
         runner = _run_fast if opts.engine == "fast" else _run_simpy
         done = runner(replay, tm, rec)
-    wall_ticks, read_ticks = done
+    wall_ticks = done
     sim_seconds = time.perf_counter() - t_start
     stats = replay.stats
 
@@ -611,8 +930,25 @@ def simulate(
     tok_hits = per_token(rec.hits)
     tok_reads = per_token(rec.reads)
     tok_io = per_token(rec.io) * sec
+    tok_comp = per_token(rec.comp) * sec
+    if opts.key_read_bytes is not None:
+        kb = np.asarray(opts.key_read_bytes, dtype=np.int64)
+        per_read = kb[np.asarray(rec.keys, dtype=np.int64)] if rec.keys else np.zeros(0, np.int64)
+        tok_bytes = np.bincount(
+            np.asarray(rec.read_step, dtype=np.int64) // n_layers, weights=per_read, minlength=n_tok
+        ).astype(np.int64)[:n_tok]
+    else:
+        tok_bytes = tok_reads * read_bytes
+    if rec.read_lat_ticks is not None:
+        lat_ticks = rec.read_lat_ticks
+        read_busy = rec.read_busy_ticks * sec
+    else:
+        issued = np.asarray(rec.issued, dtype=np.int64)
+        seen = rec.observed()
+        lat_ticks = seen - issued
+        read_busy = busy_seconds(issued, seen) * sec
     # sorted: the mean must not depend on the order an engine met the reads in
-    read_lat = np.sort(np.asarray(read_ticks, dtype=np.int64)) * sec
+    read_lat = np.sort(lat_ticks).astype(np.float64) * sec
     table = tr.token_table()
     tokens = pd.DataFrame(
         {
@@ -623,31 +959,35 @@ def simulate(
             "start_s": tok_start,
             "time_s": tok_time,
             "io_wait_s": tok_io,
-            "compute_s": np.full(n_tok, ideal * n_layers),
+            "compute_s": tok_comp,
             "dense_s": np.full(n_tok, dense_s * n_layers),
             "hits": tok_hits.astype(np.int32),
             "misses": (n_layers * k - tok_hits).astype(np.int32),
             "late": per_token(rec.late).astype(np.int32),
             "prefetch_issued": per_token(rec.pf).astype(np.int32),
-            "bytes_read": tok_reads * read_bytes,
+            "bytes_read": tok_bytes,
         }
     )
     io_wait = float(tok_io.sum())
-    compute = ideal * n_steps
+    compute = float(tok_comp.sum())
     dense = dense_s * n_steps
+    overhead = float(np.sum(rec.over, dtype=np.int64)) * sec
     n_reads = int(tok_reads.sum())
-    compute_bound = 1.0 / (n_layers * (dense_s + ideal)) if dense_s + ideal > 0 else None
+    n_busy = int(np.sum(rec.n_busy))
+    step_floor = dense_s + tm.step * sec + ideal
+    compute_bound = 1.0 / (n_layers * step_floor) if step_floor > 0 else None
     ssd_time = n_reads * read_bytes / ssd.bandwidth_bytes_per_s
     lookups = stats.lookups
     summary = RunSummary.from_replay(
         kind="simulated",
-        expert_bytes=read_bytes,
         replay_config=config,
         stats=stats,
         tokens=n_tok,
         layers=replay.n_layers,
         wall_s=wall,
         io_wait_s=io_wait,
+        bytes_per_read=read_bytes,
+        read_busy_s=read_busy,
         trace=str(trace_path) if trace_path is not None else getattr(trace, "name", "trace"),
         trace_digest=trace_digest,
         model=str(tr.meta.model),
@@ -655,12 +995,12 @@ def simulate(
         mode=opts.mode,
         hardware=hardware.name,
         top_k=replay.top_k,
-        bytes_read=n_reads * read_bytes,
+        bytes_read=int(tok_bytes.sum()),
         compute_s=compute,
         dense_s=dense,
         latency={
             "read": percentiles(read_lat),
-            "compute": percentiles(np.full(n_steps, ideal)),
+            "compute": percentiles(np.asarray(rec.comp, dtype=np.int64) * sec),
             "iteration": percentiles(iter_time),
             "token": percentiles(tok_time),
         },
@@ -670,10 +1010,29 @@ def simulate(
             "evictions": stats.total("evictions"),
             "bypass": stats.total("bypass"),
             "reads": n_reads,
-            "read_alone_s": ssd.read_time(read_bytes),
+            "read_bytes": read_bytes,
+            "chunks_per_read": tm.chunks,
+            "chunk_s": tm.chunk * sec,
+            "channels": tm.channels,
+            "device_window": tm.window or tm.channels,
+            "read_alone_s": math.ceil(tm.chunks / tm.channels) * tm.chunk * sec,
             "auto_prefetch_lead": lead,
             "ffn_s": tm.ffn * sec,
             "dense_s_per_layer": dense_s,
+            "overhead_s": overhead,
+            # the engine's driver figures (mer.engine.streaming), as the model spends them
+            "driver_time": {
+                "ffn_direct_s": (n_steps * k - n_busy) * tm.ffn * sec,
+                "ffn_direct_n": n_steps * k - n_busy,
+                "ffn_busy_s": n_busy * (tm.ffn + tm.ffn_busy) * sec,
+                "ffn_busy_n": n_busy,
+                "submit_s": n_reads * tm.submit * sec,
+                "submit_n": n_reads,
+                "steps": n_steps,
+                "overhead_s": overhead,
+            },
+            "read_ranges": list(opts.read_ranges or (read_bytes,)),
+            "io": {"queue_depth": opts.queue_depth, "chunk_bytes": opts.chunk_bytes},
             "bound_compute_tokens_per_s": compute_bound,
             "bound_ssd_tokens_per_s": n_tok / ssd_time if ssd_time > 0 else None,
             "cache_bytes": config.cache_slots * read_bytes,

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -95,10 +95,12 @@ class TunedPolicy:
         """Read and check a `mer tune` output; one clear message if it is not one."""
         p = Path(path)
         fix = "pass a file written by `mer tune` (-o TUNED.json)."
+        from mer.guard import load_json_input
+
         try:
-            obj = json.loads(p.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise BadInput(f"--tuned {p}: not readable as JSON ({exc}); {fix}") from None
+            obj = load_json_input(p, "--tuned")
+        except BadInput as exc:
+            raise BadInput(f"{exc} {fix[0].upper()}{fix[1:]}") from None
         if not isinstance(obj, dict) or obj.get("kind") != TUNED_KIND:
             raise BadInput(f"--tuned {p}: not a tuned-policy file (kind {TUNED_KIND!r}); {fix}")
         if obj.get("version") != TUNED_VERSION:
@@ -128,7 +130,17 @@ class TunedPolicy:
                 f"choose a file for one of: {', '.join(policy_names())}."
             )
         # The parameters must build a policy (a bad value fails here, not mid-run).
-        POLICIES[out.policy](8, **out.params)
+        for k, v in out.params.items():
+            if isinstance(v, float) and not math.isfinite(v):
+                raise BadInput(f"--tuned {p}: parameter {k} is {v}; {fix}")
+        try:
+            POLICIES[out.policy](8, **out.params)
+        except BadInput as exc:
+            raise BadInput(f"--tuned {p}: {exc}") from None
+        except (TypeError, ValueError) as exc:
+            raise BadInput(
+                f"--tuned {p}: the parameters do not make a {out.policy} policy ({exc}); {fix}"
+            ) from None
         return out
 
 

@@ -31,7 +31,7 @@ PROFILE_DIR = Path(__file__).resolve().parents[1] / "sim" / "profiles"
 
 
 class Hang(Exception):
-    pass
+    """A case that did not finish within HANG_S seconds."""
 
 
 @dataclass
@@ -58,7 +58,36 @@ def run_cli(argv: list[Any], capsys: pytest.CaptureFixture[str]) -> Result:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
     cap = capsys.readouterr()
+    _log(argv, int(rc), cap.err)
     return Result(int(rc), cap.out, cap.err)
+
+
+def _log(argv: list[Any], rc: int, err: str) -> None:
+    """With MER_CORPUS_LOG=FILE, one JSON line per CLI call (for docs/reliability.md's figures)."""
+    path = os.environ.get("MER_CORPUS_LOG")
+    if not path:
+        return
+    rec = {
+        "command": " ".join(str(a) for a in argv[:2]),
+        "rc": rc,
+        "traceback": "Traceback" in err,
+        "internal": "internal error" in err,
+    }
+    with open(path, "a") as fh:
+        fh.write(json.dumps(rec) + "\n")
+
+
+def tally(log: str) -> str:
+    """The corpus figures from a MER_CORPUS_LOG file: calls, exit codes, tracebacks."""
+    recs = [json.loads(line) for line in Path(log).read_text().splitlines()]
+    codes: dict[int, int] = {}
+    for r in recs:
+        codes[r["rc"]] = codes.get(r["rc"], 0) + 1
+    return (
+        f"CLI calls {len(recs)}; exit codes {dict(sorted(codes.items()))}; "
+        f"tracebacks {sum(r['traceback'] for r in recs)}; "
+        f"internal errors {sum(r['internal'] for r in recs)}"
+    )
 
 
 def assert_bad(
@@ -229,3 +258,9 @@ def kit(tmp_path_factory: pytest.TempPathFactory) -> Kit:
         with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
             _KITS[key] = build_kit(tmp_path_factory.getbasetemp() / "corpus-kit")
     return _KITS[key]
+
+
+if __name__ == "__main__":  # python tests/corpus_kit.py LOG
+    import sys
+
+    print(tally(sys.argv[1]))

@@ -54,43 +54,86 @@ def test_compare_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
     assert "nope.json" in capsys.readouterr().err
 
 
-def test_plot_mrc_rejects_a_non_mrc_parquet(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    rc = main(["plot", "mrc", str(bundled_trace_path()), "-o", str(tmp_path / "m")])
-    assert rc == 2
+def test_plot_mrc_rejects_a_sweep_in_one_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    sweep = tmp_path / "sweep.parquet"
+    pd.DataFrame(
+        {"policy": ["lru"], "predictor": ["none"], "cache_slots": [8], "tokens_per_s": [1.0]}
+    ).to_parquet(sweep)
+    out = tmp_path / "out"
+    out.mkdir()
+    assert main(["plot", "mrc", str(sweep), "-o", str(out / "m")]) == 2
     err = capsys.readouterr().err
-    assert "not a miss-ratio-curve table" in err and "mer mrc" in err
-    assert not list(tmp_path.iterdir())
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "sweep results table" in err and "mer plot sweep" in err and "mer mrc -o" in err
+    assert not list(out.iterdir())
 
 
 def test_plot_mrc_rejects_a_non_parquet(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     bad = tmp_path / "x.parquet"
     bad.write_text("not parquet")
     assert main(["plot", "mrc", str(bad), "-o", str(tmp_path / "m")]) == 2
-    assert "not a parquet file" in capsys.readouterr().err
+    assert "not a file mer wrote" in capsys.readouterr().err
 
 
-def test_plot_mrc_writes_png_and_svg_with_trace_in_title(tmp_path: Path) -> None:
+def test_plot_mrc_of_a_trace_computes_exact_curves(tmp_path: Path) -> None:
+    """A trace is accepted: its LRU and OPT curves are computed (every size, one pass)."""
+    from mer.traces.format import read_trace, write_trace
+
+    small = write_trace(read_trace(bundled_trace_path()).head(20), tmp_path / "small.parquet")
+    out = tmp_path / "fig" / "mrc"
+    out.parent.mkdir()
+    assert main(["plot", "mrc", str(small), "-o", str(out)]) == 0
+    for ext in (".png", ".svg", ".pdf"):
+        assert out.with_suffix(ext).exists()
+    assert out.with_suffix(".pdf").read_bytes()[:5] == b"%PDF-"
+
+
+def test_plot_mrc_labels_must_match_inputs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    mrc = _mrc_table(tmp_path / "mrc.parquet")
+    rc = main(["plot", "mrc", str(mrc), str(mrc), "--labels", "one", "-o", str(tmp_path / "m")])
+    assert rc == 2
+    assert "1 label(s) for 2 input(s)" in capsys.readouterr().err
+
+
+def test_plot_mrc_sizes_not_in_the_table_are_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    mrc = _mrc_table(tmp_path / "mrc.parquet")
+    assert main(["plot", "mrc", str(mrc), "--sizes", "8,12", "-o", str(tmp_path / "m")]) == 2
+    assert "[12]" in capsys.readouterr().err
+
+
+def _mrc_table(path: Path) -> Path:
     rows = [
         ("opt", "global", s, min(1.0, s / 100), "trace-X.parquet", "model-Y") for s in (8, 16, 32)
     ] + [("lru", "global", s, s / 200, "trace-X.parquet", "model-Y") for s in (8, 16, 32)]
-    mrc = tmp_path / "mrc.parquet"
     pd.DataFrame(
         rows, columns=["policy", "scope", "cache_slots", "hit_rate", "trace", "model"]
-    ).to_parquet(mrc)
+    ).to_parquet(path)
+    return path
+
+
+def test_plot_mrc_writes_png_svg_pdf_with_trace_in_title(tmp_path: Path) -> None:
+    mrc = _mrc_table(tmp_path / "mrc.parquet")
     out = tmp_path / "fig" / "mrc"
     out.parent.mkdir()
     assert main(["plot", "mrc", str(mrc), "-o", str(out)]) == 0
     assert out.with_suffix(".png").read_bytes()[:8] == PNG_MAGIC
-    svg = out.with_suffix(".svg").read_text()
+    import xml.etree.ElementTree as ET
+
+    svg = " ".join(" ".join(ET.parse(out.with_suffix(".svg")).getroot().itertext()).split())
     assert "trace-X.parquet (model-Y)" in svg
+    assert "97.46%" not in svg  # the public claim is marked only when asked (--claim)
 
 
 def test_plot_sweep_names_missing_columns(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     bad = tmp_path / "sweep.parquet"
-    pd.DataFrame({"policy": ["lru"], "cache_slots": [8]}).to_parquet(bad)
+    pd.DataFrame({"policy": ["lru"], "cache_slots": [8], "tokens_per_s": [1.0]}).to_parquet(bad)
     assert main(["plot", "sweep", str(bad), "-o", str(tmp_path / "s")]) == 2
     err = capsys.readouterr().err
-    assert "predictor" in err and "tokens_per_s" in err
+    assert "predictor" in err and "missing" in err
 
 
 def test_calibrate_refuses_simulated(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -137,7 +180,7 @@ def test_report_claim_check_end_to_end(
     assert "97.46%" in md and "whole-model tokens/s" in md
     assert (out / "claim-check.html").exists()
     figures = sorted(p.name for p in (out / "figures").iterdir())
-    assert figures == ["claim-mrc.png", "claim-mrc.svg"]
+    assert figures == ["claim-mrc.pdf", "claim-mrc.png", "claim-mrc.svg"]
     assert "figures/claim-mrc.png" in md
     # the headline misses are the distinct ids of the regenerated stream
     assert result["check"]["headline"]["misses"] == result["check"]["headline"]["distinct_ids"]

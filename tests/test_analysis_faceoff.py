@@ -42,9 +42,25 @@ def _side(cfg: dict, pred: float, meas: list[float], hit: float = 0.5) -> Side:
 
 def test_the_section_says_when_the_measured_ranking_agrees_or_disagrees() -> None:
     agree = "\n".join(
-        faceoff_section(_side(WIN, 12.0, [9.0, 11.0], 0.56), _side(LRU, 10.0, [8.0], 0.5), _sweep())
+        faceoff_section(
+            _side(WIN, 12.0, [9.0, 11.0, 13.0], 0.56),
+            _side(LRU, 10.0, [10.0, 8.0, 13.5], 0.5),
+            _sweep(),
+        )
     )
-    assert "agrees with the predicted one" in agree and "1.38x" in agree  # 11 / 8
+    # rounds: 0.9, 1.375, 0.963 -> median 0.963 < 1: disagrees, though the median runs agree
+    assert "disagrees" in agree and "0.96x" in agree and "1 of 3 rounds" in agree
+    agree = "\n".join(
+        faceoff_section(
+            _side(WIN, 12.0, [9.0, 11.0, 13.0], 0.56),
+            _side(LRU, 10.0, [8.0, 10.0, 12.0], 0.5),
+            _sweep(),
+        )
+    )
+    assert (
+        "agrees with the predicted one" in agree and "1.10x" in agree
+    )  # median of 9/8, 1.1, 13/12
+    assert "3 of 3 rounds" in agree
     assert "disagrees" not in agree
     assert "2.00x between the best and the worst" in agree  # 12 / 6
     assert "30% of the compute bound" in agree and "the SSD, not the FFN" in agree

@@ -128,7 +128,7 @@ def test_write_report_atomic_and_overwrites(tmp_path: Path) -> None:
 def test_sweep_reading_names_the_compute_bound() -> None:
     import pandas as pd
 
-    from mer.analysis.run_report import _sweep_reading
+    from mer.analysis.sections.sweep import sweep_reading as _sweep_reading
 
     res = pd.DataFrame(
         {"tokens_per_s": [2.0, 1.9, 1.8, 1.7, 1.6, 0.5], "bound_compute_tokens_per_s": [2.1] * 6}
@@ -138,3 +138,22 @@ def test_sweep_reading_names_the_compute_bound() -> None:
     assert "95% of the compute bound" in text and "expert FFN" in text
     io_bound = _sweep_reading(res.assign(bound_compute_tokens_per_s=4.0))[0]
     assert "50% of the compute bound" in io_bound and "I/O" in io_bound
+
+
+def test_markdown_section_takes_its_title_and_keeps_blocks() -> None:
+    from mer.analysis.sections import markdown_section
+
+    sec = markdown_section(["## The face-off", "", "one line", "", "| a |", "|---|", "| 1 |"])
+    assert sec.title == "The face-off"
+    assert sec.blocks == ["one line", "| a |\n|---|\n| 1 |"]
+
+
+def test_sections_are_ordered_and_keyed_once() -> None:
+    from mer.analysis.sections import registered
+
+    found = registered()
+    keys = [k for _, k, _ in found]
+    assert len(keys) == len(set(keys))
+    assert [o for o, _, _ in found] == sorted(o for o, _, _ in found)
+    for first, later in (("routing", "curves"), ("curves", "sweep"), ("sweep", "runs")):
+        assert keys.index(first) < keys.index(later)

@@ -78,7 +78,7 @@ def test_every_prefetch_ends_one_way(slots, reclaim, predictor):
     )
     rep = Replay(steps, n_layers=L, n_experts=E, config=cfg)
     outcome, left = _drive(rep, steps)
-    pf = prefetch_figures(rep.stats, expert_bytes=100)
+    pf = prefetch_figures(rep.stats, bytes_per_read=100)
     assert pf["issued"] > 0
     assert pf["used"] == outcome["used"]
     assert pf["late"] == outcome["late"]

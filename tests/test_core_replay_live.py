@@ -61,8 +61,11 @@ PREDICTORS = ["none", "previous-token", "markov", "popularity", "lookahead"]
     slots=st.integers(1, 20),
     scope=st.sampled_from(["global", "per-layer"]),
     depth=st.integers(1, 2),
+    granularity=st.sampled_from(["step", "lookup"]),
 )
-def test_live_replay_decides_as_the_trace_replay(seed, policy, predictor, slots, scope, depth):
+def test_live_replay_decides_as_the_trace_replay(
+    seed, policy, predictor, slots, scope, depth, granularity
+):
     n_layers, n_experts, k = 3, 6, 2
     if scope == "per-layer":
         slots = max(slots, n_layers)
@@ -74,7 +77,12 @@ def test_live_replay_decides_as_the_trace_replay(seed, policy, predictor, slots,
     steps = ext[:n]
     la = _steps(seed + 1, 12 + 1, n_layers, n_experts, k) if predictor == "lookahead" else None
     cfg = ReplayConfig(
-        policy=policy, cache_slots=slots, scope=scope, predictor=predictor, pipeline_depth=depth
+        policy=policy,
+        cache_slots=slots,
+        scope=scope,
+        predictor=predictor,
+        pipeline_depth=depth,
+        granularity=granularity,
     )
     ref = Replay(ext, n_layers=n_layers, n_experts=n_experts, config=cfg, lookahead=la)
     live = Replay.live(n_layers=n_layers, n_experts=n_experts, top_k=k, config=cfg)

@@ -8,11 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mer.engine.ffn import native_available
 from mer.engine.io import _fs_type
-from mer.engine.probe import ProbeResult, ReadPoint, is_memory_fs
+from mer.engine.probe import BURSTS, BurstPoint, ProbeResult, ReadPoint, fit_channels, is_memory_fs
 from mer.sim.hardware import SSDProfile, load_profile
 
 
@@ -62,7 +63,7 @@ def test_fit_recovers_a_device_that_follows_the_model(channels: int) -> None:
     pts += [
         ReadPoint(q, 128 << 10, 1, p.bytes, p.seconds * 2) for q, p in zip(qds, pts, strict=True)
     ]
-    fit = _result(pts, lat, read_bytes).fit_ssd()
+    fit = _result(pts, lat, read_bytes).fit_grid()
     assert fit["chunk_bytes"] == chunk
     assert fit["channels"] == channels
     assert fit["bandwidth_bytes_per_s"] == pytest.approx(bw, rel=1e-9)
@@ -79,12 +80,42 @@ def test_fitted_profile_reproduces_the_measured_read_time() -> None:
         ReadPoint(16, 256 << 10, 5, 5 * read_bytes, 5 * read_bytes / 1.9e9),
         ReadPoint(64, 256 << 10, 5, 5 * read_bytes, 5 * read_bytes / 2.0e9),
     ]
-    fit = _result(pts, 100e-6, read_bytes).fit_ssd()
+    fit = _result(pts, 100e-6, read_bytes).fit_grid()
     assert fit["channels"] == 16  # 1.9 >= 0.9 * 2.0, 1.4 is not
     ssd = SSDProfile(
         fit["latency_s"], fit["bandwidth_bytes_per_s"], fit["channels"], fit["chunk_bytes"]
     )
     assert ssd.read_time(read_bytes) == pytest.approx(read_bytes / 1.9e9, rel=1e-9)
+
+
+@pytest.mark.parametrize("channels", [1, 3, 8])
+def test_burst_fit_recovers_a_device_that_follows_the_model(channels: int) -> None:
+    # k chunks submitted together on C channels of chunk time d land after ceil(k/C) d.
+    d = 4.2e-4
+    bursts = [(k, math.ceil(k / channels) * d) for k in BURSTS]
+    c, d_fit, err = fit_channels(bursts)
+    assert (c, err) == (channels, pytest.approx(0.0, abs=1e-12))
+    assert d_fit == pytest.approx(d, rel=1e-12)
+
+
+def test_burst_fit_profile_reproduces_the_chunk_time() -> None:
+    # A serial disk with noise: the fitted model's chunk time is the fitted d, and the
+    # latency never exceeds half of it.
+    rng = np.random.default_rng(0)
+    chunk = 512 << 10
+    bursts = [
+        BurstPoint(k, chunk, k * 4e-4 * float(rng.uniform(0.9, 1.1)), 0.0, 0.0) for k in BURSTS
+    ]
+    res = _result([ReadPoint(1, chunk, 1, chunk, 1e-3)], 3e-4, 99 << 20)
+    res.bursts = bursts
+    fit = res.fit_ssd()
+    assert fit["channels"] == 1 and fit["chunk_bytes"] == chunk
+    ssd = SSDProfile(
+        fit["latency_s"], fit["bandwidth_bytes_per_s"], fit["channels"], fit["chunk_bytes"]
+    )
+    assert ssd.chunk_time_of(chunk) == pytest.approx(fit["chunk_s"], rel=1e-12)
+    assert fit["latency_s"] <= 0.5 * fit["chunk_s"]
+    assert 3.6e-4 <= fit["chunk_s"] <= 4.4e-4
 
 
 def test_quick_probe_writes_a_loadable_profile_and_deletes_its_file(tmp_path: Path) -> None:
@@ -115,14 +146,19 @@ def test_quick_probe_writes_a_loadable_profile_and_deletes_its_file(tmp_path: Pa
     prof = load_profile(out)
     assert prof.name == printed["name"]
     probe = prof.extra["probe"]
-    assert prof.ssd.channels in {p["queue_depth"] for p in probe["points"]}
-    assert prof.ssd.chunk_bytes in {p["chunk_bytes"] for p in probe["points"]}
-    assert prof.ssd.bandwidth_bytes_per_s >= max(
-        p["bandwidth_bytes_per_s"]
-        for p in probe["points"]
-        if p["queue_depth"] == prof.ssd.channels and p["chunk_bytes"] == prof.ssd.chunk_bytes
-    ) * (1 - 1e-9)
+    assert prof.ssd.chunk_bytes == probe["engine_chunk_bytes"]
+    assert prof.ssd.queue_depth == probe["engine_queue_depth"]
+    assert [b["chunks"] for b in probe["bursts"]] == list(BURSTS)
+    # the profile's model reproduces the measured burst times as well as the fit says
+    d = prof.ssd.chunk_time_of(prof.ssd.chunk_bytes)
+    rel = [
+        math.ceil(b["chunks"] / prof.ssd.channels) * d / b["seconds"] - 1 for b in probe["bursts"]
+    ]
+    assert math.sqrt(sum(r * r for r in rel) / len(rel)) == pytest.approx(
+        probe["fit"]["fit_rms_rel_error"], rel=1e-6
+    )
     assert prof.compute.ffn_bytes_per_s > 0 and prof.memory.read_bandwidth_bytes_per_s > 0
+    assert prof.compute.read_submit_s > 0 and prof.compute.step_overhead_s > 0
     # the kernel that runs is the one measured, and it is reported next to memory
     want = "native" if native_available() else "numpy"
     assert prof.compute.kernel.startswith(want) and probe["ffn_kernel"] == prof.compute.kernel

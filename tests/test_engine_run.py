@@ -211,6 +211,39 @@ def test_prefetch_run_counts_are_consistent(gguf_file: Path) -> None:
     assert s.dense_s > 0 and s.mode == "model"
 
 
+def test_prefetch_bytes_and_hidden_share_in_a_run_and_its_simulation(gguf_file: Path) -> None:
+    """Prefetch bytes are the counts times one read of the file's plan, in the run and in
+    the simulation that chunks reads by the same plan; with prefetch off the two read
+    exactly the same bytes, and a run's hidden read share is what its times say."""
+    from mer.sim.hardware import load_profile
+    from mer.sim.model import options_like, simulate
+
+    tr = read_bundled(6)
+    store = ExpertStore.open(gguf_file)
+    per_read = sum(r.length for r in store.read_plan(0, 0))
+    for rcfg in (
+        ReplayConfig(cache_slots=48, predictor="oracle", pipeline_depth=2),
+        ReplayConfig(cache_slots=24),
+    ):
+        s = _run(tr, store, rcfg, mode="model").summary
+        sim = simulate(tr, rcfg, load_profile("ci-tiny"), options_like(s)).summary
+        for out in (s, sim):
+            pf = out.prefetch
+            for k in ("issued", "used", "late", "wasted"):
+                assert pf[f"{k}_bytes"] == pf[k] * per_read, (out.kind, k)
+            assert 0.0 <= out.hidden_read_share <= 1.0
+            assert out.read_busy_s > 0
+            assert out.hidden_read_share == pytest.approx(
+                max(0.0, 1 - out.io_wait_s / out.read_busy_s)
+            )
+        assert sim.extra["read_ranges"] == s.extra["read_ranges"]
+        if not rcfg.prefetch_on:
+            assert (sim.hits, sim.misses, sim.bytes_read) == (s.hits, s.misses, s.bytes_read)
+        drv = s.extra["driver_time"]
+        assert drv["ffn_direct_n"] + drv["ffn_busy_n"] == s.lookups
+        assert drv["submit_n"] == s.extra["reads"] and drv["steps"] == 6 * 32
+
+
 def test_geometry_mismatch_is_bad_input(gguf_file: Path) -> None:
     tr = _trace(2, seed=1, weights=False, n_layers=4, n_experts=8)
     with pytest.raises(BadInput, match=r"4 layers x 8 experts.*32 layers x 8 experts"):

@@ -187,10 +187,14 @@ def test_simulate_takes_the_shape_of_the_expert_file(
     )
     got = json.loads(capsys.readouterr().out)
     assert got["shape"] == "mixtral-tiny"
-    # The same bytes per expert as the file: a miss reads one 4 KiB-aligned tiny expert.
-    from mer.shapes import get_shape
+    # The same bytes per expert as the file: a miss reads its expert's read plan (gate, up
+    # and down, each page-aligned), as `mer run` does.
+    from mer.engine.store import ExpertStore, read_bytes_by_key, typical_read_ranges
 
-    assert got["bytes_read"] == got["misses"] * get_shape("mixtral-tiny").slot_bytes
+    store = ExpertStore.open(tiny_experts)
+    per_key = read_bytes_by_key(store)
+    assert got["misses"] * min(per_key) <= got["bytes_read"] <= got["misses"] * max(per_key)
+    assert got["extra"]["read_ranges"] == list(typical_read_ranges(store))
     rc = main(["simulate", str(trace), "--experts", str(tiny_experts), "--shape", "mixtral-small"])
     assert rc == 2
     assert "disagrees with the expert file" in capsys.readouterr().err

@@ -269,3 +269,51 @@ def test_workers_ignore_ctrl_c_and_are_terminated_by_the_parent() -> None:
     while time.monotonic() < deadline and any(_alive(w) for w in seen):
         time.sleep(0.05)
     assert seen and not any(_alive(w) for w in seen)
+
+
+def test_command_outputs_honour_the_umask(kit, tmp_path: Path, capsys) -> None:
+    """GGUF, curves, sweep results, summaries and profiles get open()'s permissions."""
+    from corpus_kit import assert_ok
+
+    old = os.umask(0o027)
+    try:
+        outs = {
+            "gguf": tmp_path / "e.gguf",
+            "mrc": tmp_path / "m.parquet",
+            "sweep": tmp_path / "s.parquet",
+            "summary": tmp_path / "sum.json",
+            "profile": tmp_path / "cal.json",
+        }
+        assert_ok(["experts", "synth", "--shape", "mixtral-tiny", "-o", outs["gguf"]], capsys)
+        assert_ok(["mrc", kit.trace, "--sizes", "4", "-o", outs["mrc"], "--no-progress"], capsys)
+        assert_ok(
+            [
+                "sweep",
+                kit.mix,
+                "--hardware",
+                kit.profile,
+                "-o",
+                outs["sweep"],
+                "--jobs",
+                "1",
+                "--no-progress",
+                "--cache-slots",
+                "8",
+            ],
+            capsys,
+        )
+        assert_ok(
+            ["run", kit.mix, "--experts", kit.gguf, "--no-progress", "--summary", outs["summary"]],
+            capsys,
+        )
+        assert_ok(
+            ["calibrate", outs["summary"], "--hardware", kit.profile, "-o", outs["profile"]], capsys
+        )
+        ref = tmp_path / "plain"
+        ref.write_text("x")  # what open() gives under this umask
+    finally:
+        os.umask(old)
+    want = stat.S_IMODE(ref.stat().st_mode)
+    assert want == 0o640
+    for name, p in outs.items():
+        assert stat.S_IMODE(p.stat().st_mode) == want, name

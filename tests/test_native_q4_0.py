@@ -168,7 +168,8 @@ def test_rows_split_over_threads_that_do_not_divide_them(isa: str, wtype: int) -
 
 @pytest.mark.parametrize("isa", ISAS)
 def test_batches_beyond_a_register_group_and_a_row_tile(isa: str) -> None:
-    """9 tokens (3 groups of up to 4) over rows tiled for L2: every (token, row) once."""
+    """9 tokens (3 groups of up to 4) over rows tiled for L2, and over rows in column chunks:
+    every (token, row) once."""
     rng = np.random.default_rng(4)
     rows, cols = 700, 1024
     w = _weights(rng, rows, cols, nq.Q4_0)
@@ -176,6 +177,14 @@ def test_batches_beyond_a_register_group_and_a_row_tile(isa: str) -> None:
     with nq.using_isa(isa):
         y = nq.matmul(w, x, cols, threads=2)
     assert _rel(y, nq.emulate_matmul(w, x, cols)) <= 1e-5
+    # rows longer than a column chunk (128 blocks): 130 blocks = a chunk and 2 more blocks
+    for wtype in (nq.Q4_0, nq.Q8_0):
+        cols = 130 * 32
+        w = _weights(rng, 70, cols, wtype)
+        x = rng.standard_normal((5, cols)).astype(np.float32)
+        with nq.using_isa(isa):
+            y = nq.matmul(w, x, cols, wtype=wtype)
+        assert _rel(y, nq.emulate_matmul(w, x, cols, wtype)) <= 1e-5
 
 
 # ---- against float64 arithmetic: the derived bound ------------------------------------------

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from mer.core import Replay, ReplayConfig, policy_names, replay_counts
+from mer.engine.io import POLL_INTERVAL_S
 from mer.errors import BadInput
 from mer.shapes import get_shape
 from mer.sim.hardware import HardwareProfile, load_profile
@@ -94,7 +95,17 @@ def test_all_misses_one_channel_no_prefetch(engine: str, ffn_bps: float) -> None
     assert s.wall_s == pytest.approx(tokens * layers * step, rel=1e-7)
     assert s.tokens_per_s == pytest.approx(1.0 / (layers * step), rel=1e-7)
     assert s.bytes_read == tokens * layers * 2 * SHAPE.slot_bytes
-    assert s.latency["read"]["p50"] == pytest.approx(1.5 * read, rel=1e-6)  # R and 2R
+    # Read 1 lands at R and is waited for; read 2 lands at 2R, seen then if the driver is
+    # waiting for it, else when the FFN of expert 1 (shorter than a poll interval) ends.
+    assert c < POLL_INTERVAL_S
+    seen2 = max(2 * read, read + c)
+    assert s.latency["read"]["p50"] == pytest.approx((read + seen2) / 2, rel=1e-6)
+    # reads are in flight from the lookup until read 2 is seen; the step waits R for read
+    # 1 and then max(0, 2R - (R + c)) for read 2: the rest of that time is hidden
+    wait = read + max(0.0, 2 * read - (read + c))
+    assert s.read_busy_s == pytest.approx(tokens * layers * seen2, rel=1e-6)
+    assert s.hidden_read_share == pytest.approx(1 - wait / seen2, rel=1e-6)
+    assert s.prefetch["issued_bytes"] == 0
 
 
 def test_oracle_prefetch_with_ample_bandwidth_reaches_the_compute_bound() -> None:
@@ -273,3 +284,112 @@ def test_analytic_ssd_against_brute_force(seed: int) -> None:
 
 def test_tick_resolution() -> None:
     assert TICKS_PER_S == 10**12
+
+
+def _reference_windowed_ssd(
+    issues: list[tuple[int, bool]], C: int, W: int, m: int, d: int
+) -> list[int]:
+    """Event by event: the reader queues chunks (foreground first, FIFO within a class)
+    and keeps at most W of them in the device, which serves its own queue FIFO on C
+    channels. At one instant, chunks that finish free their room before the reader
+    moves queued chunks in, and those go before a read issued then."""
+    reader: list[list[int]] = [[], []]  # read indices, one per chunk: [foreground, background]
+    device: list[int] = []  # admitted, not yet started (FIFO)
+    running: list[tuple[int, int]] = []  # (finish, read)
+    end = [0] * len(issues)
+    pending = sorted(range(len(issues)), key=lambda i: issues[i][0])
+
+    def settle(x: int) -> None:
+        nonlocal running
+        for f, i in running:
+            if f <= x:
+                end[i] = max(end[i], f)
+        running = [(f, i) for f, i in running if f > x]
+        while True:
+            moved = False
+            while len(device) + len(running) < W and (reader[0] or reader[1]):
+                device.append((reader[0] or reader[1]).pop(0))
+                moved = True
+            while device and len(running) < C:
+                running.append((x + d, device.pop(0)))
+                moved = True
+            if not moved:
+                return
+
+    t = 0
+    while pending or running or device or reader[0] or reader[1]:
+        nxt = [f for f, _ in running]
+        if pending:
+            nxt.append(issues[pending[0]][0])
+        t = min(nxt)
+        settle(t)
+        while pending and issues[pending[0]][0] == t:
+            i = pending.pop(0)
+            reader[0 if issues[i][1] else 1].extend([i] * m)
+            settle(t)
+    return end
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_windowed_analytic_ssd_against_event_by_event(seed: int) -> None:
+    """The device queue: chunks beyond the channels wait there FIFO (no overtaking)."""
+    rng = random.Random(100 + seed)
+    C = rng.choice([1, 2, 3])
+    W = C * rng.choice([1, 2, 3, 5])
+    m, d = rng.choice([1, 2, 5]), rng.choice([7, 10, 13])
+    t = 0
+    issues = []
+    for _ in range(40):
+        t += rng.choice([0, 0, 1, 3, 5, 10, 20, 40])
+        issues.append((t, rng.random() < 0.5))
+    ssd = AnalyticSSD(C, m, d, lag=(W // C - 1) * d)
+    reads = [ssd.issue(i, fg, at, True) for i, (at, fg) in enumerate(issues)]
+    finished = {r.key: r.finish for r in ssd.drain()}
+    assert [finished[i] for i in range(len(reads))] == _reference_windowed_ssd(issues, C, W, m, d)
+    # W = C is the unwindowed device
+    if W == C:
+        assert [finished[i] for i in range(len(reads))] == _reference_ssd(issues, C, m, d)
+
+
+def test_fast_engine_equals_simpy_engine_with_driver_costs() -> None:
+    """Both engines on the full timing definition: device window, chunked multi-range
+    reads, per-step and per-read driver costs, the busy FFN's extra cost and its polls."""
+    trace = _zipf_trace(tokens=20, seed=9)
+    rng = random.Random(5)
+    for _ in range(14):
+        hw = profile(
+            latency=rng.uniform(1e-5, 1e-4),
+            bw=rng.uniform(2e8, 2e9),
+            channels=rng.choice([1, 2, 4]),
+            chunk=rng.choice([9000, 20000, 40000]),
+            ffn_bps=rng.uniform(3e8, 3e9),
+            workers=rng.choice([1, 1, 2]),
+        )
+        hw.ssd.queue_depth = rng.choice([None, 1, 4, 8, 32])
+        hw.compute.step_overhead_s = rng.choice([0.0, 2e-5])
+        hw.compute.read_submit_s = rng.choice([0.0, 1e-5, 4e-5])
+        hw.compute.ffn_busy_overhead_s = rng.choice([0.0, 3e-5])
+        cfg = dict(
+            policy=rng.choice(["lru", "fifo", "clock"]),
+            cache_slots=rng.choice([6, 16, 40]),
+            predictor=rng.choice(["oracle", "previous-token", "none"]),
+            pipeline_depth=rng.choice([1, 2]),
+            prefetch_inflight=rng.choice([1, 4, 8]),
+        )
+        mode = rng.choice(["model", "model", "seed"])
+        ranges = rng.choice([None, (30000, 30000, 26000), (5000,)])
+        qd = rng.choice([None, 3, 16])
+        out = []
+        for engine in ("fast", "simpy"):
+            opts = SimOptions(
+                mode=mode, engine=engine, shape=SHAPE.name, read_ranges=ranges, queue_depth=qd
+            )
+            out.append(simulate(trace, ReplayConfig(**cfg), hw, opts))
+        a, b = (r.summary for r in out)
+        why = (hw, cfg, mode, ranges, qd)
+        assert (a.hits, a.misses, a.prefetch) == (b.hits, b.misses, b.prefetch), why
+        assert a.wall_s == b.wall_s, why
+        assert a.io_wait_s == b.io_wait_s, why
+        assert a.compute_s == b.compute_s, why
+        assert a.latency["read"] == b.latency["read"], why
+        assert a.read_busy_s == b.read_busy_s, why

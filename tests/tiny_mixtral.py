@@ -204,24 +204,44 @@ def sentencepiece_vocab(d: Path) -> tuple[list[bytes], list[float], list[int]]:
 EXPERT_NAMES = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
 
 
-def write_gguf(model: Any, d: Path, out: Path, experts: str = "F32") -> dict[str, np.ndarray]:
-    """Write `model` to `out` (experts F32 or Q4_0); returns the float32 tensors written.
+def write_gguf(
+    model: Any,
+    d: Path,
+    out: Path,
+    experts: str = "F32",
+    types: dict[str, str] | None = None,
+) -> dict[str, np.ndarray]:
+    """Write `model` to `out`; returns the float32 values of every tensor written.
 
-    With q4_0 experts, the returned expert tensors are the dequantised q4_0 values
-    (what the file holds), so a reference can run on exactly those weights.
+    `experts`: F32, Q4_0 (mer's quantiser), or any type gguf.quants can quantise
+    (Q8_0, F16, ...). `types`: other tensors by name fragment ("attn_q", "output.",
+    "token_embd") -> type. Quantised tensors are returned dequantised (what the
+    file holds), so a reference can run on exactly those weights.
     """
     import gguf
     from gguf import GGMLQuantizationType as Q
+    from gguf.quants import dequantize as gg_dequantize
+    from gguf.quants import quantize as gg_quantize
 
     tensors = gguf_tensors(model)
     specs: list[TensorSpec] = []
     data: dict[str, np.ndarray] = {}
     for name, arr in tensors.items():
         is_expert = any(k in name for k in EXPERT_NAMES)
-        if is_expert and experts == "Q4_0":
+        want = experts if is_expert else "F32"
+        for frag, t in (types or {}).items():
+            if frag in name and not is_expert:
+                want = t
+        if want == "Q4_0" and is_expert:
             raw = q4_quantize(arr)
             tensors[name] = q4_dequantize(raw).reshape(arr.shape)
             specs.append(TensorSpec(name, arr.shape, Q.Q4_0, 0, "gate"))
+            data[name] = raw
+        elif want != "F32":
+            qt = Q[want]
+            raw = gg_quantize(np.ascontiguousarray(arr, dtype=np.float32), qt)
+            tensors[name] = np.asarray(gg_dequantize(raw, qt), dtype=np.float32).reshape(arr.shape)
+            specs.append(TensorSpec(name, arr.shape, qt, 0, "gate"))
             data[name] = raw
         else:
             specs.append(TensorSpec(name, arr.shape, Q.F32, 0, "router"))
@@ -255,6 +275,40 @@ def write_gguf(model: Any, d: Path, out: Path, experts: str = "F32") -> dict[str
 
     write_gguf_file(out, specs, lambda s: data[s.name], keys)
     return tensors
+
+
+def unpermute(w: np.ndarray, n_head: int, n_head_kv: int | None) -> np.ndarray:
+    """The inverse of `permute`: adjacent pairs back to rotate-half order."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    return (
+        w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
+
+
+def set_hf_weights(model: Any, tensors: dict[str, np.ndarray]) -> None:
+    """Put every (dequantised) tensor of the file back into the transformers model."""
+    import torch
+
+    def put(param: Any, value: np.ndarray) -> None:
+        param.copy_(torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32)))
+
+    with torch.no_grad():
+        put(model.model.embed_tokens.weight, tensors["token_embd.weight"])
+        put(model.model.norm.weight, tensors["output_norm.weight"])
+        put(model.lm_head.weight, tensors["output.weight"])
+        for i, layer in enumerate(model.model.layers):
+            a = layer.self_attn
+            put(a.q_proj.weight, unpermute(tensors[f"blk.{i}.attn_q.weight"], N_HEADS, N_HEADS))
+            put(a.k_proj.weight, unpermute(tensors[f"blk.{i}.attn_k.weight"], N_HEADS, N_KV))
+            put(a.v_proj.weight, tensors[f"blk.{i}.attn_v.weight"])
+            put(a.o_proj.weight, tensors[f"blk.{i}.attn_output.weight"])
+            put(layer.input_layernorm.weight, tensors[f"blk.{i}.attn_norm.weight"])
+            put(layer.post_attention_layernorm.weight, tensors[f"blk.{i}.ffn_norm.weight"])
+            put(layer.mlp.gate.weight, tensors[f"blk.{i}.ffn_gate_inp.weight"])
+    set_hf_experts(model, tensors)
 
 
 def set_hf_experts(model: Any, tensors: dict[str, np.ndarray]) -> None:

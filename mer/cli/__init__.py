@@ -45,6 +45,7 @@ COMMAND_MODULES = (
     "mer.cli.run_cmd",
     "mer.cli.generate_cmd",
     "mer.cli.analysis_cmd",
+    "mer.cli.validate_cmd",
 )
 
 
@@ -116,6 +117,18 @@ def _stop_listening() -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def _interrupted(code: int, argv: Sequence[str] | None) -> int:
+    """As the `mer` command (argv None), leave at once with `code`: cleanup has run while
+    the interrupt unwound, and interpreter shutdown could be cut short by the signal's
+    default action (an exit status of -2 instead of 130). In-process callers get `code`."""
+    if argv is not None:
+        return code
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
 def _unexpected(exc: BaseException) -> int:
     if os.environ.get("MER_DEBUG"):
         raise exc
@@ -158,11 +171,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt:
             _stop_listening()
             print("mer: interrupted; finished results were kept, rerun to resume.", file=sys.stderr)
-            return 130
+            return _interrupted(130, argv)
         except Terminated:
             _stop_listening()
             print("mer: terminated; finished results were kept, rerun to resume.", file=sys.stderr)
-            return 143
+            return _interrupted(143, argv)
         except BrokenPipeError:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 1

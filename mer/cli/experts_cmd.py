@@ -75,8 +75,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--full",
         action="store_true",
         help="a whole model for `mer generate`: also token embedding, norms, attention, output "
-        "head, rope/norm hyperparameters and a small sentencepiece-style vocabulary (same experts "
-        "as without --full, so `mer run --experts` reads the file too)",
+        "head, rope/norm hyperparameters and a small sentencepiece-style vocabulary, q4_0 codes "
+        "symmetric about zero so that tokens route apart (`mer run --experts` reads it too)",
     )
     s.add_argument(
         "--vocab",

@@ -50,7 +50,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "-o", "--output", type=output_file, required=True, help="output curves (.parquet)"
     )
-    p.add_argument("--plot", type=output_file, default=None, help="also write a PNG plot here")
+    p.add_argument(
+        "--plot",
+        type=output_file,
+        default=None,
+        help="also draw the curves here (PNG, SVG and PDF; the same figure as `mer plot mrc`)",
+    )
     p.add_argument(
         "--policies",
         type=str_list,
@@ -126,9 +131,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     q.add_argument(
         "--depth",
-        type=int_range(1, 1024),
+        type=int_range(1, 32),
         default=1,
-        help="how many steps ahead to score (default 1)",
+        help="how many steps ahead to score (1..32, default 1)",
     )
     add_phase_arg(q)
     q.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -168,7 +173,7 @@ def run_mrc(args: argparse.Namespace) -> int:
         TimeRemainingColumn,
     )
 
-    from mer.sim.mrc import MRCRequest, compute_mrc, default_policies, plot_mrc, write_mrc
+    from mer.sim.mrc import MRCRequest, compute_mrc, default_policies, write_mrc
 
     granularity = args.granularity or ("lookup" if args.backend == "libcachesim" else "step")
     if args.backend == "libcachesim":
@@ -248,10 +253,16 @@ def run_mrc(args: argparse.Namespace) -> int:
             )
     n_total = tr.n_layers * tr.n_experts
     title = (
-        f"Miss-ratio curves, no prefetch: {args.trace.name} ({tr.meta.model}, "
-        f"{tr.n_layers} layers x {tr.n_experts} experts, top-{tr.top_k}, "
-        f"{tr.n_lookups:,} lookups, phase {args.phase})"
+        f"Hit rate vs cache size, no prefetch: {args.trace.name} ({tr.meta.model}, "
+        f"{tr.n_tokens:,} tokens, phase {args.phase})"
     )
+
+    def draw(path: Path) -> None:
+        from mer.analysis.plots import plot_mrc
+
+        for p in plot_mrc(df, path, title=title)[1:]:
+            note(f"wrote {p}")
+
     writes = FinalWrites()
     meta = {
         "trace": str(args.trace),
@@ -262,7 +273,7 @@ def run_mrc(args: argparse.Namespace) -> int:
         "tuned": prov,
     }
     writes.add(args.output, lambda p: write_mrc(df, p, meta=meta), "curves")
-    writes.add(args.plot, lambda p: plot_mrc(df, p, title=title, n_total=n_total), "plot")
+    writes.add(args.plot, draw, "plot")
     writes.run()
     for p in writes.written:
         note(f"wrote {p}")

@@ -101,7 +101,23 @@ def register(sub: Any) -> None:
         type=input_path,
         default=None,
         help="the expert file `mer run` will use (GGUF or packed directory): the simulation "
-        "takes its shape from it, so the prediction and the run read the same bytes",
+        "takes its shape and its read plans (ranges per expert) from it, so the prediction "
+        "and the run read the same bytes in the same chunks",
+    )
+    from mer.cli.run_cmd import _size
+    from mer.engine.io import MAX_QUEUE_DEPTH
+
+    p.add_argument(
+        "--queue-depth",
+        type=int_range(1, MAX_QUEUE_DEPTH),
+        default=None,
+        help="the run's reader queue depth (as `mer run --queue-depth`; default: the profile's)",
+    )
+    p.add_argument(
+        "--chunk-bytes",
+        type=_size,
+        default=None,
+        help="the run's reader chunk size (as `mer run --chunk-bytes`; default: the profile's)",
     )
     p.add_argument(
         "--engine",
@@ -252,6 +268,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             f"note: shape {shape.name} is {shape.n_layers}x{shape.n_experts}, the trace "
             f"{trace.n_layers}x{trace.n_experts}; only its bytes per expert and dense size are used."
         )
+    ranges = key_bytes = None
+    if args.experts is not None:
+        from mer.engine.store import ExpertStore, read_bytes_by_key, typical_read_ranges
+
+        store = ExpertStore.open(args.experts)
+        ranges, key_bytes = typical_read_ranges(store), read_bytes_by_key(store)
     res = simulate(
         trace,
         config,
@@ -261,6 +283,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             engine=args.engine,
             shape=shape,
             warmup_tokens=warmup_tokens(args.warmup, res_tokens(trace, config)),
+            read_ranges=ranges,
+            key_read_bytes=key_bytes,
+            queue_depth=args.queue_depth,
+            chunk_bytes=args.chunk_bytes,
         ),
         trace_path=str(args.trace),
         trace_digest=trace_digest(trace),

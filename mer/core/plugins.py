@@ -43,8 +43,9 @@ def is_spec(name: str) -> bool:
 def _import_module(module: str, spec: str, what: str) -> Any:
     if module.endswith(".py") or os.sep in module or "/" in module:
         path = Path(module).expanduser()
-        if not path.is_file():
-            raise BadInput(f"{what} {spec!r}: no such file {path}.")
+        from mer.guard import check_input
+
+        check_input(path, f"{what} {spec!r}: file")
         digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
         mod_name = f"mer_plugin_{path.stem}_{digest}"
         if mod_name in sys.modules:

@@ -43,7 +43,7 @@ from mer.engine.streaming import (
     peak_rss_bytes,
 )
 from mer.errors import BadInput
-from mer.summary import RunSummary, percentiles, warm_figures
+from mer.summary import RunSummary, busy_seconds, percentiles, warm_figures
 
 F32 = npt.NDArray[np.float32]
 MODES = ("model", "seed")
@@ -158,18 +158,27 @@ def measured_summary(
     """The RunSummary of a measured run (trace replay or decoder): one definition for both."""
     replay = streamer.replay
     extra = {**streamer.extra(), **fields.pop("extra", {})}
-    reads = int(streamer.counters.get("reads", 0))
     extra["warm"] = warm_figures(rows, extra.pop("warmup_tokens", None))
+    span = np.asarray(streamer.read_span, dtype=np.float64).reshape(-1, 2)
+    iters = len(it_times)
+    accounted = float(rows[["io_wait_s", "compute_s", "dense_s"]].to_numpy().sum())
+    extra["driver_time"] = {
+        **extra.get("driver_time", {}),
+        "steps": iters,
+        # per-step time outside reads, FFNs and dense: lookups, submissions, bookkeeping
+        "overhead_s": float(np.sum(it_times)) - accounted,
+    }
     return RunSummary.from_replay(
         kind="measured",
-        # bytes one expert read moves (what the reads moved, per read; one plan per expert)
-        expert_bytes=int(rows["bytes_read"].sum()) // reads if reads else 0,
         replay_config=replay.config,
         stats=replay.stats,
         tokens=len(rows),
         layers=replay.n_layers,
         wall_s=wall_s,
         io_wait_s=float(rows["io_wait_s"].sum()),
+        # prefetch bytes: counts times one read of the file's most common plan (the simulator's)
+        bytes_per_read=int(sum(extra.get("read_ranges") or [streamer.store.slot_bytes])),
+        read_busy_s=busy_seconds(span[:, 0], span[:, 1]),
         hardware=streamer.hardware(),
         top_k=replay.top_k,
         bytes_read=int(rows["bytes_read"].sum()),

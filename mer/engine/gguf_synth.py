@@ -16,9 +16,10 @@ Mixtral (expert_count, expert_used_count, block_count, ...), plus `mer.*` keys.
 `full=True` (`mer experts synth --full`) writes a whole model `mer generate`
 decodes: also the token embedding, the norms, the output head, rope and
 norm hyperparameters and a small sentencepiece-style ("llama") vocabulary in
-llama.cpp's tokenizer keys. Its experts are byte for byte those of the
-experts-only file of the same shape and seed, so one file serves `mer run
---experts` and `mer generate --model`.
+llama.cpp's tokenizer keys. Its q4_0 codes are symmetric about zero
+(`random_q4_0(symmetric=True)`), or the random model would route every token
+to the same experts; `mer run --experts` reads the same file, so one file
+serves both `mer run` and `mer generate`.
 
 Writing streams: gguf's GGUFWriter takes every tensor's info first
 (`add_tensor_info`), writes header, metadata and tensor infos, then the data one
@@ -337,8 +338,11 @@ def _rng(seed: int, layer: int, expert: int, kind: str) -> np.random.Generator:
     return np.random.default_rng([seed, layer, expert, _KIND_ID[kind]])
 
 
-def tensor_data(spec: TensorSpec, seed: int) -> np.ndarray:
-    """The bytes of one tensor (uint8 for quantised types), deterministic in (seed, spec)."""
+def tensor_data(spec: TensorSpec, seed: int, symmetric: bool = False) -> np.ndarray:
+    """The bytes of one tensor (uint8 for quantised types), deterministic in (seed, spec).
+
+    `symmetric`: q4_0 codes symmetric about zero (`random_q4_0`), for whole models.
+    """
     if spec.kind == "norm":  # RMSNorm gains near 1, as in a trained model
         rng = _rng(seed, spec.layer, 0, spec.kind)
         return (1.0 + 0.05 * rng.standard_normal(spec.shape)).astype(np.float32)
@@ -358,10 +362,19 @@ def tensor_data(spec: TensorSpec, seed: int) -> np.ndarray:
     if len(spec.shape) == 3:  # stacked: expert is the outermost dimension
         out = np.empty((spec.shape[0], rows, cols // 32 * 18), dtype=np.uint8)
         for e in range(spec.shape[0]):
-            random_q4_0(_rng(seed, spec.layer, e, spec.kind), rows, cols, scale, out=out[e])
+            random_q4_0(
+                _rng(seed, spec.layer, e, spec.kind),
+                rows,
+                cols,
+                scale,
+                out=out[e],
+                symmetric=symmetric,
+            )
         return out
     expert = spec.expert if spec.expert is not None else 0
-    return random_q4_0(_rng(seed, spec.layer, expert, spec.kind), rows, cols, scale)
+    return random_q4_0(
+        _rng(seed, spec.layer, expert, spec.kind), rows, cols, scale, symmetric=symmetric
+    )
 
 
 @dataclass(frozen=True)
@@ -498,7 +511,9 @@ def synth_gguf(
             w.add_add_eos_token(False)
             w.add_bool("mer.full", True)
 
-        size = write_gguf_file(path, specs, lambda s: tensor_data(s, seed), keys, progress)
+        size = write_gguf_file(
+            path, specs, lambda s: tensor_data(s, seed, symmetric=True), keys, progress
+        )
     return SynthResult(
         path=str(Path(path)),
         shape=shape.name,

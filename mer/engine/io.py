@@ -54,6 +54,9 @@ from mer.errors import BadInput, RuntimeFailure
 
 DEFAULT_QUEUE_DEPTH = 32
 DEFAULT_CHUNK_BYTES = 512 * 1024
+#: How often a driver reaps completions while it computes with reads in flight (the
+#: simulator models the same polls).
+POLL_INTERVAL_S = 0.0005
 #: Reads in flight: io_uring rings hold at most 32768 entries, and the preadv pool
 #: runs one thread per read in flight, so a few thousand is already far past any SSD.
 MAX_QUEUE_DEPTH = 4096

@@ -16,17 +16,29 @@ with the engine's own code paths, on the disk and CPU the engine will run on:
   kernel module's wide loads, else a numpy sum): the physical limit of the FFN,
   reported next to it.
 
-It then fits the simulator's SSD model (`sim.hardware.SSDProfile`: a chunk costs
-latency + chunk / (bandwidth / channels)): `latency_s` is the QD1 4 KiB latency,
-`chunk_bytes` the chunk size of the best bandwidth, `channels` the smallest queue
-depth reaching 90% of the best bandwidth, and `bandwidth_bytes_per_s` is chosen
-so that the model reproduces the bandwidth measured at that queue depth. The raw
-grid goes into the profile's `extra` so the fit can be checked.
+The simulator's SSD model (`sim.hardware.SSDProfile`) says: `channels` chunks are
+served at once, each taking latency + chunk / (bandwidth / channels), so k chunks
+submitted together land after ceil(k / channels) chunk times. The probe measures
+exactly that curve: bursts of k chunks of the engine's chunk size
+(`--chunk-bytes`, 512 KiB by default) submitted at once, k = 1..32, through the
+engine's reader. `channels` and the chunk time are the least-squares fit of the
+curve; `latency_s` is the 4 KiB latency, and the bandwidth follows from the
+chunk time. (A disk that serves one request at a time has a straight line here;
+an NVMe drive a flat start.) The whole-expert grid over queue depths and chunk
+sizes is kept in the profile's `extra`, to check the fit against.
+
+The driver's own costs, which a fast FFN makes visible, are measured on the
+engine's code paths too: submitting one expert read (`read_submit_s`), an FFN
+handed to a thread while a read is in flight against a direct call
+(`ffn_busy_overhead_s`), and the decision core's work per step
+(`step_overhead_s`). FFN and dense throughputs are timed on weights rotated
+through more memory than the CPU caches hold, as the engine's slots are.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import platform
 import tempfile
@@ -52,7 +64,10 @@ KiB = 1 << 10
 MiB = 1 << 20
 GiB = 1 << 30
 MEMORY_FILESYSTEMS = ("tmpfs", "ramfs", "devtmpfs")
-SATURATION = 0.9  # channels: the smallest queue depth reaching this share of the best bandwidth
+SATURATION = 0.9  # (kept for the grid's summary) share of the best bandwidth
+BURSTS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)  # chunks submitted at once
+CHANNEL_CANDIDATES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+COLD_BYTES = 96 * MiB  # weights rotated through, beyond any CPU cache
 
 
 @dataclass
@@ -70,6 +85,9 @@ class ProbeConfig:
     ffn: str = "auto"  # the expert FFN kernel: auto | native | numpy (as `mer run --ffn`)
     ffn_working_set_bytes: int = 512 * MiB  # experts cycled through, to defeat the CPU caches
     seed: int = 0
+    engine_chunk_bytes: int = 512 * KiB  # the chunk size the model is fitted at
+    engine_queue_depth: int = 32
+    burst_repeats: int = 25
 
     @classmethod
     def quick(cls, **kw: Any) -> ProbeConfig:
@@ -83,6 +101,7 @@ class ProbeConfig:
             latency_reads=50,
             memory_bytes=64 * MiB,
             ffn_working_set_bytes=96 * MiB,
+            burst_repeats=9,
         )
         base.update({k: v for k, v in kw.items() if v is not None})
         return cls(**base)
@@ -107,6 +126,39 @@ class ReadPoint:
 
 
 @dataclass
+class BurstPoint:
+    """k chunks submitted together: the median time until all of them have landed."""
+
+    chunks: int
+    chunk_bytes: int
+    seconds: float  # median over the repeats
+    p25_s: float
+    p75_s: float
+
+
+def fit_channels(bursts: list[tuple[int, float]]) -> tuple[int, float, float]:
+    """(channels C, chunk time d, rms relative error) of T(k) = ceil(k / C) d, least squares.
+
+    For each candidate C the best d is closed form (weighted by 1 / T(k)^2, so every
+    point counts by its relative error); the C with the smallest error wins, ties to
+    the smaller C.
+    """
+    best: tuple[float, int, float] | None = None
+    for c in CHANNEL_CANDIDATES:
+        num = den = 0.0
+        for k, t in bursts:
+            n = -(-k // c)
+            num += n / t
+            den += (n / t) ** 2
+        d = num / den if den > 0 else 0.0
+        err = math.sqrt(sum(((-(-k // c)) * d / t - 1) ** 2 for k, t in bursts) / len(bursts))
+        if best is None or err < best[0] - 1e-12:
+            best = (err, c, d)
+    assert best is not None
+    return best[1], best[2], best[0]
+
+
+@dataclass
 class ProbeResult:
     """Everything measured, and the fitted profile fields."""
 
@@ -127,12 +179,38 @@ class ProbeResult:
     ffn_kernel: str = "numpy"  # "native (avx512vnni)" | "numpy": what was measured
     memory_read_1thread_bytes_per_s: float = 0.0
     memory_read_kind: str = "numpy"  # "native" (the C module's loads) | "numpy"
+    bursts: list[BurstPoint] = field(default_factory=list)
+    engine_chunk_bytes: int = 512 * KiB
+    engine_queue_depth: int = 32
+    read_submit_s: float = 0.0
+    ffn_busy_overhead_s: float = 0.0
+    step_overhead_s: float = 0.0
 
     def best(self) -> ReadPoint:
         return max(self.points, key=lambda p: p.bandwidth)
 
     def fit_ssd(self) -> dict[str, Any]:
-        """latency, chunk, channels and the model bandwidth reproducing the measurement."""
+        """The SSD model fitted to the bursts (see the module docstring); without bursts
+        (a probe result of an older mer) the grid fit below."""
+        if not self.bursts:
+            return self.fit_grid()
+        chunk = self.engine_chunk_bytes
+        channels, d, err = fit_channels([(b.chunks, b.seconds) for b in self.bursts])
+        lat = min(self.latency_s, 0.5 * d)  # the 4 KiB latency, never most of a chunk
+        bw = channels * chunk / (d - lat)
+        return {
+            "latency_s": lat,
+            "bandwidth_bytes_per_s": float(bw),
+            "channels": int(channels),
+            "chunk_bytes": int(chunk),
+            "queue_depth": int(self.engine_queue_depth),
+            "chunk_s": d,
+            "fit_rms_rel_error": err,
+        }
+
+    def fit_grid(self) -> dict[str, Any]:
+        """latency, chunk, channels and the model bandwidth reproducing the grid's
+        whole-expert bandwidth at the saturating queue depth (mer before the bursts)."""
         best = self.best()
         same_chunk = sorted(
             (p for p in self.points if p.chunk_bytes == best.chunk_bytes),
@@ -164,6 +242,17 @@ class ProbeResult:
         d["points"] = [p.to_dict() for p in self.points]
         d["fit"] = self.fit_ssd()
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ProbeResult:
+        """The inverse of to_dict (a profile's extra.probe), for re-fitting."""
+        kw = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        kw["points"] = [
+            ReadPoint(p["queue_depth"], p["chunk_bytes"], p["reads"], p["bytes"], p["seconds"])
+            for p in d.get("points", [])
+        ]
+        kw["bursts"] = [BurstPoint(**b) for b in d.get("bursts", [])]
+        return cls(**kw)
 
 
 def is_memory_fs(fstype: str) -> bool:
@@ -362,6 +451,172 @@ def measure_memory(nbytes: int, threads: int) -> tuple[float, str]:
     return best, "numpy"
 
 
+def measure_bursts(
+    path: Path, chunk: int, io: str, repeats: int, rng: np.random.Generator
+) -> tuple[list[BurstPoint], str, bool]:
+    """T(k): k chunks of `chunk` bytes at random aligned offsets, submitted at once
+    (a queue depth of k, so none waits in the reader), timed from the end of the
+    submission to the last landing, as the engine times a read."""
+    size = path.stat().st_size
+    span = max(ALIGN, size - chunk) // ALIGN
+    k_max = max(BURSTS)
+    buf = aligned_empty(chunk * k_max)
+    buf[::ALIGN] = 0
+    out = []
+    with open_reader(kind=io, queue_depth=k_max, chunk_bytes=chunk) as reader:
+        fd = reader.open(path)
+        direct = reader.is_direct(fd)
+        reader.read(fd, 0, ALIGN, buf)  # warm the ring
+        kind = reader.kind
+        for k in BURSTS:
+            times = []
+            for rep_i in range(repeats + 1):
+                offs = rng.integers(0, span, size=k) * ALIGN
+                reqs = [
+                    (fd, int(o), chunk, buf[i * chunk : (i + 1) * chunk], ("b", rep_i, i))
+                    for i, o in enumerate(offs)
+                ]
+                reader.submit_reads(reqs)
+                t0 = time.perf_counter()
+                for i in range(k):
+                    reader.wait(("b", rep_i, i))
+                if rep_i:  # the first of each k warms up
+                    times.append(time.perf_counter() - t0)
+            arr = np.asarray(times)
+            out.append(
+                BurstPoint(
+                    k,
+                    chunk,
+                    float(np.median(arr)),
+                    float(np.percentile(arr, 25)),
+                    float(np.percentile(arr, 75)),
+                )
+            )
+    return out, kind, direct
+
+
+def _stacked_plan(shape: ModelShape, slot_offset: int) -> list[tuple[int, int, int]]:
+    """One expert's read plan as the engine builds it from a stacked GGUF: gate, up and
+    down, each a page-aligned range (offset, length, position in the slot buffer)."""
+    matrix = shape.bytes_per_expert // 3
+    length = (-(-matrix // ALIGN) + 1) * ALIGN
+    return [(slot_offset + i * length, length, i * length) for i in range(3)]
+
+
+def measure_submit(
+    path: Path, shape: ModelShape, cfg: ProbeConfig, rng: np.random.Generator
+) -> float:
+    """Median driver time to submit one expert read (the streamer's own call)."""
+    from mer.engine.streaming import _Reads
+
+    plan0 = _stacked_plan(shape, 0)
+    read_bytes = sum(n for _, n, _ in plan0)
+    size = path.stat().st_size
+    slots = max(1, (size - read_bytes) // ALIGN)
+    buf = aligned_empty(read_bytes)
+    buf[::ALIGN] = 0
+    times = []
+    with open_reader(
+        kind=cfg.io, queue_depth=cfg.engine_queue_depth, chunk_bytes=cfg.engine_chunk_bytes
+    ) as reader:
+        fd = reader.open(path)
+        reads = _Reads(reader, lambda *_a: None)
+        for i in range(max(8, cfg.burst_repeats * 3)):
+            base = int(rng.integers(0, slots)) * ALIGN
+            plan = [(base + off - plan0[0][0], n, b) for off, n, b in plan0]
+            plan = [(min(o, size - n) // ALIGN * ALIGN, n, b) for o, n, b in plan]
+            t0 = time.perf_counter()
+            reads.submit(("slot", i), i, plan, fd, buf, urgent=True)
+            times.append(time.perf_counter() - t0)
+            reads.wait(("slot", i))
+    return float(np.median(times[1:]))
+
+
+def measure_ffn_paths(
+    path: Path, shape: ModelShape, cfg: ProbeConfig, seconds: float
+) -> tuple[float, float]:
+    """(direct, busy) seconds per FFN on cold weights: called directly, and handed to a
+    thread while this one reaps completions of a read in flight (the streamer's path).
+    Alternated, so that load on the machine weighs on both alike."""
+    from mer.engine.streaming import _Reads, ffn_while_reading, runs_inline
+
+    weights = _experts(shape, max(2, -(-COLD_BYTES // max(1, shape.bytes_per_expert))), cfg.seed)
+    x = np.random.default_rng(cfg.seed).standard_normal(shape.d_model).astype(np.float32)
+    chunk = cfg.engine_chunk_bytes
+    size = path.stat().st_size
+    n_chunks = 16
+    buf = aligned_empty(chunk * n_chunks)
+    buf[::ALIGN] = 0
+    direct: list[float] = []
+    busy: list[float] = []
+    rng = np.random.default_rng(cfg.seed + 1)
+    with (
+        make_ffn(shape, cfg.threads, cfg.ffn) as ffn,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="mer-compute") as runner,
+        open_reader(kind=cfg.io, queue_depth=cfg.engine_queue_depth, chunk_bytes=chunk) as reader,
+    ):
+        fd = reader.open(path)
+        reads = _Reads(reader, lambda *_a: None)
+        inline = runs_inline(ffn, shape.bytes_per_expert)
+        i = 0
+        t_end = time.perf_counter() + seconds
+        while i < 8 or time.perf_counter() < t_end:
+            g, u, d = weights[i % len(weights)]
+            if i % 2:
+                if not reads.pending:
+                    off = int(rng.integers(0, max(1, (size - len(buf)) // ALIGN))) * ALIGN
+                    reads.submit(("slot", i), i, [(off, len(buf), 0)], fd, buf)
+                t0 = time.perf_counter()
+                reads.poll()
+                if reads.pending:
+                    ffn_while_reading(runner, reads, inline, ffn, x, g, u, d)
+                    busy.append(time.perf_counter() - t0)
+            else:
+                t0 = time.perf_counter()
+                ffn(x, g, u, d)
+                direct.append(time.perf_counter() - t0)
+            i += 1
+        reads.drain()
+    t_direct = float(np.median(direct))
+    t_busy = float(np.median(busy)) if busy else t_direct
+    return t_direct, t_busy
+
+
+def measure_step_overhead(shape: ModelShape, seconds: float, seed: int = 0) -> float:
+    """The decision core's lookup and prefetch calls per step (LRU, a random routing),
+    plus the hidden vector's update: the driver's work per step besides reads and FFNs."""
+    from mer.core.replay import Replay, ReplayConfig
+    from mer.engine.dense import rmsnorm
+
+    rng = np.random.default_rng(seed)
+    n_steps = 4096
+    layers = np.arange(n_steps) % shape.n_layers
+    experts = np.stack(
+        [rng.choice(shape.n_experts, shape.top_k, replace=False) for _ in range(n_steps)]
+    )
+    steps = (layers[:, None] * shape.n_experts + experts).astype(np.int32)
+    x = rng.standard_normal(shape.d_model).astype(np.float32)
+    y = np.zeros_like(x)
+    done = 0
+    t0 = time.perf_counter()
+    while True:
+        replay = Replay(
+            steps,
+            n_layers=shape.n_layers,
+            n_experts=shape.n_experts,
+            config=ReplayConfig(cache_slots=shape.n_keys // 4),
+        )
+        for t in range(n_steps):
+            res = replay.step(t)
+            for adm in res.reads:
+                replay.complete(adm.key)
+            replay.prefetch(t)
+            x = rmsnorm(x + y)
+        done += n_steps
+        if time.perf_counter() - t0 >= seconds:
+            return (time.perf_counter() - t0) / done
+
+
 def run_probe(cfg: ProbeConfig, log: Callable[[str], None] | None = None) -> ProbeResult:
     """Measure everything (see the module docstring); the probe file is always deleted."""
     say = log or (lambda _m: None)
@@ -383,6 +638,21 @@ def run_probe(cfg: ProbeConfig, log: Callable[[str], None] | None = None) -> Pro
         buf[::ALIGN] = 0
         lat, lat90 = measure_latency(path, cfg.io, cfg.latency_reads, rng)
         say(f"latency (4 KiB, QD1): median {lat * 1e6:.0f} us, p90 {lat90 * 1e6:.0f} us")
+        bursts, kind, direct = measure_bursts(
+            path, cfg.engine_chunk_bytes, cfg.io, cfg.burst_repeats, rng
+        )
+        say(
+            f"bursts of {cfg.engine_chunk_bytes >> 10} KiB chunks submitted together: "
+            + ", ".join(f"{b.chunks}: {b.seconds * 1e3:.2f} ms" for b in bursts)
+        )
+        submit_s = measure_submit(path, shape, cfg, rng)
+        say(f"submitting one expert read: {submit_s * 1e6:.0f} us")
+        compute_s = max(0.3, cfg.seconds_per_point)
+        ffn_direct, ffn_busy = measure_ffn_paths(path, shape, cfg, 2 * compute_s)
+        say(
+            f"expert FFN on cold weights: {ffn_direct * 1e3:.3f} ms direct, "
+            f"{ffn_busy * 1e3:.3f} ms handed to a thread while a read is in flight"
+        )
         for chunk in cfg.chunk_sizes:
             for qd in cfg.queue_depths:
                 pt, kind, direct = measure_reads(
@@ -393,7 +663,6 @@ def run_probe(cfg: ProbeConfig, log: Callable[[str], None] | None = None) -> Pro
                     f"whole-expert reads ({read_bytes >> 10} KiB), chunk {chunk >> 10} KiB, "
                     f"QD {qd}: {pt.bandwidth / 1e9:.2f} GB/s ({pt.reads} reads)"
                 )
-    compute_s = max(0.3, cfg.seconds_per_point)
     mem_bps, mem_kind = measure_memory(cfg.memory_bytes, cfg.threads)
     mem1 = mem_bps if cfg.threads == 1 else measure_memory(cfg.memory_bytes, 1)[0]
     ffn_bps, label = measure_ffn(
@@ -404,6 +673,8 @@ def run_probe(cfg: ProbeConfig, log: Callable[[str], None] | None = None) -> Pro
         f"{ffn_bps / mem_bps:.0%} of the memory read bandwidth ({mem_bps / 1e9:.2f} GB/s on "
         f"{cfg.threads} threads, {mem1 / 1e9:.2f} GB/s on one)"
     )
+    step_s = measure_step_overhead(shape, min(compute_s, 0.5), cfg.seed)
+    say(f"decision core and hidden update per step: {step_s * 1e6:.1f} us")
     dense_bps = measure_dense(shape, cfg.threads, compute_s, cfg.seed, cfg.ffn)
     say(f"dense block: {dense_bps / 1e9:.3f} GB/s of weights")
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -425,6 +696,12 @@ def run_probe(cfg: ProbeConfig, log: Callable[[str], None] | None = None) -> Pro
         ffn_kernel=label,
         memory_read_1thread_bytes_per_s=mem1,
         memory_read_kind=mem_kind,
+        bursts=bursts,
+        engine_chunk_bytes=cfg.engine_chunk_bytes,
+        engine_queue_depth=cfg.engine_queue_depth,
+        read_submit_s=submit_s,
+        ffn_busy_overhead_s=max(0.0, ffn_busy - ffn_direct),
+        step_overhead_s=step_s,
     )
 
 
@@ -448,6 +725,7 @@ def to_profile(result: ProbeResult, name: str | None = None) -> Any:
             bandwidth_bytes_per_s=fit["bandwidth_bytes_per_s"],
             channels=fit["channels"],
             chunk_bytes=fit["chunk_bytes"],
+            queue_depth=fit.get("queue_depth"),
         ),
         compute=ComputeProfile(
             ffn_bytes_per_s=result.ffn_bytes_per_s,
@@ -455,6 +733,9 @@ def to_profile(result: ProbeResult, name: str | None = None) -> Any:
             dense_s_per_layer=None,
             workers=1,  # the engine computes one expert at a time, on all threads
             kernel=result.ffn_kernel,
+            step_overhead_s=result.step_overhead_s,
+            read_submit_s=result.read_submit_s,
+            ffn_busy_overhead_s=result.ffn_busy_overhead_s,
         ),
         memory=MemoryProfile(
             ram_bytes=result.ram_bytes,
@@ -465,3 +746,101 @@ def to_profile(result: ProbeResult, name: str | None = None) -> Any:
         extra={"measured_shape": result.shape, "probe": result.to_dict()},
     )
     return prof.validate()
+
+
+def pulse(
+    store: Any,
+    *,
+    io: str = "auto",
+    threads: int = 1,
+    chunk_bytes: int = 512 * KiB,
+    experts: int = 24,
+    seed: int = 0,
+    ffn: str = "auto",
+) -> dict[str, float]:
+    """A short check of this machine's speed now, on an expert file (about a second):
+    the median expert-FFN time over experts read from it (direct calls), the median
+    dense-block time, the median time of a burst of 4 chunks read from it, and the
+    time per expert of reading `experts` experts back to back (the device's rate under
+    load, which a shared disk changes from one minute to the next).
+    `mer validate` compares pulses to decide whether the machine drifted since the
+    profile was calibrated."""
+    shape = store.shape
+    rng = np.random.default_rng(seed)
+    slot = int(store.slot_bytes)
+    picks = rng.choice(
+        store.n_layers * store.n_experts,
+        size=min(experts, store.n_layers * store.n_experts),
+        replace=False,
+    )
+    bufs = [aligned_empty(slot) for _ in picks]
+    burst = aligned_empty(4 * chunk_bytes)
+    burst[::ALIGN] = 0
+    size = int(os.path.getsize(store.data_path))
+    span = max(1, (size - chunk_bytes) // ALIGN)
+    bursts = []
+    with open_reader(kind=io, queue_depth=32, chunk_bytes=chunk_bytes) as reader:
+        fd = reader.open(store.data_path)
+        t_stream = time.perf_counter()
+        for i, (key, buf) in enumerate(zip(picks, bufs, strict=True)):
+            layer, expert = divmod(int(key), store.n_experts)
+            plan = store.read_plan(layer, expert)
+            reader.submit_reads(
+                [
+                    (
+                        fd,
+                        r.offset,
+                        r.length,
+                        buf[r.buf_offset : r.buf_offset + r.length],
+                        ("e", i, j),
+                    )
+                    for j, r in enumerate(plan)
+                ]
+            )
+            for j in range(len(plan)):
+                reader.wait(("e", i, j))
+        stream_s = (time.perf_counter() - t_stream) / len(picks)
+        for rep in range(6):
+            offs = rng.integers(0, span, size=4) * ALIGN
+            reader.submit_reads(
+                [
+                    (
+                        fd,
+                        int(o),
+                        chunk_bytes,
+                        burst[j * chunk_bytes : (j + 1) * chunk_bytes],
+                        ("b", rep, j),
+                    )
+                    for j, o in enumerate(offs)
+                ]
+            )
+            t0 = time.perf_counter()
+            for j in range(4):
+                reader.wait(("b", rep, j))
+            if rep:
+                bursts.append(time.perf_counter() - t0)
+    x = rng.standard_normal(shape.d_model).astype(np.float32)
+    ffn_t = []
+    with make_ffn(shape, threads, ffn) as kernel:
+        for rep in range(3):
+            for key, buf in zip(picks, bufs, strict=True):
+                layer, expert = divmod(int(key), store.n_experts)
+                g, u, d = store.views(buf, layer, expert)
+                t0 = time.perf_counter()
+                kernel(x, g, u, d)
+                if rep:
+                    ffn_t.append(time.perf_counter() - t0)
+        block = DenseBlock(shape, n_layers=4, seed=seed, threads=threads, kernel=kernel)
+        dense_t = []
+        h = x
+        for i in range(24):
+            t0 = time.perf_counter()
+            h = block(i % 4, h)
+            if i >= 4:
+                dense_t.append(time.perf_counter() - t0)
+    return {
+        "ffn_s": float(np.median(ffn_t)),
+        "dense_s": float(np.median(dense_t)),
+        "burst4_s": float(np.median(bursts)),
+        "expert_read_s": float(stream_s),
+    }

@@ -94,8 +94,25 @@ def quantize(values: npt.ArrayLike) -> U8:
     return out.reshape(*x.shape[:-1], x.shape[-1] // BLOCK * BLOCK_BYTES)
 
 
+def _symmetric_table() -> U8:
+    b = np.arange(256, dtype=np.uint8)
+    t = b.copy()
+    t[(b & 0x0F) == 0] |= 0x08
+    t[(b & 0xF0) == 0] |= 0x80
+    return t
+
+
+_SYMMETRIC = _symmetric_table()
+
+
 def random_q4_0(
-    rng: np.random.Generator, n_rows: int, n_cols: int, scale: float, out: U8 | None = None
+    rng: np.random.Generator,
+    n_rows: int,
+    n_cols: int,
+    scale: float,
+    out: U8 | None = None,
+    *,
+    symmetric: bool = False,
 ) -> U8:
     """Random q4_0 rows whose weights have standard deviation about `scale`.
 
@@ -103,15 +120,26 @@ def random_q4_0(
     scales are drawn around scale / 4.61 (x0.5..1.5) so blocks differ as in a real
     model. Generated directly in block form: quantising floats would cost far
     more than writing them, and the bytes are valid q4_0 either way.
+
+    `symmetric`: code 0 becomes 8, so (q - 8) is symmetric about 0 (-7..7, 0 twice
+    as likely; standard deviation sqrt(17.5) ~ 4.18). Whole random models need it
+    (`mer experts synth --full`): with uniform codes every weight has a mean of
+    -0.5 d, every matrix adds a common direction to its output, and that direction
+    piles up in the residual stream (RMSNorm does not remove a mean) until every
+    token routes to the same experts.
     """
     rb = row_bytes(n_cols)
     if out is None:
         out = np.empty((n_rows, rb), dtype=np.uint8)
     flat = out.reshape(-1)
     flat[:] = np.frombuffer(rng.bytes(flat.size), dtype=np.uint8)  # codes (scales overwritten)
+    spread = 4.61
+    if symmetric:
+        np.take(_SYMMETRIC, flat, out=flat)  # each nibble 0 -> 8, one pass
+        spread = 4.18
     blocks = out.reshape(-1, BLOCK_BYTES)
     n_blocks = blocks.shape[0]
-    base = np.float32(scale / 4.61)
+    base = np.float32(scale / spread)
     d = (base * rng.uniform(0.5, 1.5, size=n_blocks).astype(np.float32)).astype(np.float16)
     blocks[:, :2] = d.view(np.uint8).reshape(-1, 2)
     return out

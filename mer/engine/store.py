@@ -106,6 +106,27 @@ def plan_reads(ranges: list[ByteRange], align: int = ALIGN) -> list[Read]:
     return reads
 
 
+def typical_read_ranges(store: Any) -> tuple[int, ...]:
+    """The range lengths of one expert read (the most common plan of the file): what the
+    simulator needs to chunk a read as the engine does (`SimOptions.read_ranges`)."""
+    from collections import Counter
+
+    plans: Counter[tuple[int, ...]] = Counter()
+    for layer in range(store.n_layers):
+        for expert in range(store.n_experts):
+            plans[tuple(int(r.length) for r in store.read_plan(layer, expert))] += 1
+    return plans.most_common(1)[0][0]
+
+
+def read_bytes_by_key(store: Any) -> tuple[int, ...]:
+    """Bytes of each global key's read plan (layer * n_experts + expert)."""
+    return tuple(
+        sum(int(r.length) for r in store.read_plan(layer, expert))
+        for layer in range(store.n_layers)
+        for expert in range(store.n_experts)
+    )
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     """One tensor of the GGUF table: ggml dims (ne[0] first) and absolute data offset."""

@@ -42,7 +42,7 @@ import os
 import resource
 import time
 from collections.abc import Callable, Hashable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -54,11 +54,17 @@ from mer.core.cache import physical_slots
 from mer.core.replay import Replay
 from mer.engine.aligned import aligned_empty
 from mer.engine.ffn import ExpertFFN, ffn_label
-from mer.engine.io import DEFAULT_CHUNK_BYTES, DEFAULT_QUEUE_DEPTH, Reader, open_reader
+from mer.engine.io import (
+    DEFAULT_CHUNK_BYTES,
+    DEFAULT_QUEUE_DEPTH,
+    POLL_INTERVAL_S,
+    Reader,
+    open_reader,
+)
+from mer.engine.store import read_bytes_by_key, typical_read_ranges
 from mer.validate import check_memory
 
 F32 = npt.NDArray[np.float32]
-POLL_INTERVAL_S = 0.0005  # how often completions are reaped while an expert computes
 INLINE_FFN_BYTES = 4 << 20  # native FFNs of experts up to this size run on the calling thread
 
 
@@ -111,16 +117,30 @@ def peak_rss_bytes() -> int:
 class _Reads:
     """Book-keeping of outstanding expert reads: key -> outstanding tags, and when it began."""
 
-    def __init__(self, reader: Reader, on_landed: Callable[[int, bool, float], None]) -> None:
+    def __init__(
+        self, reader: Reader, on_landed: Callable[[int, bool, float, float], None]
+    ) -> None:
         self.reader = reader
         self.pending: dict[Hashable, set[Hashable]] = {}  # read id -> tags not yet completed
         self.started: dict[Hashable, float] = {}
-        self.on_landed = on_landed  # (key, into_slot, latency_s)
+        self.on_landed = on_landed  # (key, into_slot, started, landed) on the perf_counter clock
 
     def submit(
-        self, rid: Hashable, key: int, plan: list[tuple[int, int, int]], fd: int, buf: Any
+        self,
+        rid: Hashable,
+        key: int,
+        plan: list[tuple[int, int, int]],
+        fd: int,
+        buf: Any,
+        urgent: bool = False,
     ) -> int:
-        """Submit the ranges of one expert; returns bytes requested."""
+        """Submit the ranges of one expert; returns bytes requested.
+
+        `urgent` (a demand read) puts its chunks ahead of prefetch chunks still
+        queued in the reader; chunks already in the device are not overtaken.
+        A read's latency runs from the end of its submission to the reap that sees
+        it land (what the simulator models as issue and landing).
+        """
         reqs = []
         tags: set[Hashable] = set()
         total = 0
@@ -130,8 +150,8 @@ class _Reads:
             reqs.append((fd, offset, length, buf[buf_off : buf_off + length], tag))
             total += length
         self.pending[rid] = tags
+        self.reader.submit_reads(reqs, urgent=urgent)
         self.started[rid] = time.perf_counter()
-        self.reader.submit_reads(reqs)
         return total
 
     def _done(self, tag: Hashable) -> None:
@@ -142,9 +162,8 @@ class _Reads:
         tags.discard(tag)
         if not tags:
             del self.pending[rid]
-            lat = time.perf_counter() - self.started.pop(rid)
             kind, key = rid  # type: ignore[misc]
-            self.on_landed(key, kind == "slot", lat)
+            self.on_landed(key, kind == "slot", self.started.pop(rid), time.perf_counter())
 
     def poll(self) -> None:
         if self.pending:
@@ -162,6 +181,31 @@ class _Reads:
         while self.pending:
             rid = next(iter(self.pending))
             self.wait(rid)
+
+
+def runs_inline(ffn: Any, bytes_per_expert: int) -> bool:
+    """Whether FFNs run on the driver's thread even with reads in flight (a native kernel
+    on experts small enough that a hand-off costs more than the polls it allows)."""
+    return getattr(ffn, "kind", "numpy") == "native" and bytes_per_expert <= INLINE_FFN_BYTES
+
+
+def ffn_while_reading(
+    runner: ThreadPoolExecutor, reads: _Reads, inline: bool, fn: Any, *args: Any
+) -> Any:
+    """fn(*args) while reads are in flight: inline then one reap, or on `runner` while
+    this thread reaps completions every POLL_INTERVAL_S (so prefetches land and queued
+    chunks are fed during long FFNs). `mer probe` times this very path against a
+    direct call."""
+    if inline:
+        y = fn(*args)
+        reads.poll()
+        return y
+    fut = runner.submit(fn, *args)
+    while True:
+        done, _ = futures_wait([fut], timeout=POLL_INTERVAL_S)
+        reads.poll()
+        if done or not reads.pending:
+            return fut.result()
 
 
 class ExpertStreamer:
@@ -189,16 +233,26 @@ class ExpertStreamer:
         self.ffn = ffn
         # A native FFN of a small expert ends sooner than a hop to the compute thread and one
         # poll interval: run it here and poll after it.
-        self.inline_ffn = (
-            getattr(ffn, "kind", "numpy") == "native" and store.bytes_per_expert <= INLINE_FFN_BYTES
-        )
+        self.inline_ffn = runs_inline(ffn, store.bytes_per_expert)
         self.seed_cycle = seed_cycle
         self.top_k = replay.top_k
         self.n_experts = replay.n_experts
         self.slot_of: dict[int, int] = {}  # resident or in-flight key -> slot (mirrors the core)
         self.read_lat: list[float] = []
+        self.read_span: list[tuple[float, float]] = []  # (submitted, seen landed) per read
         self.it_compute: list[float] = []
         self.counters = {"stashed": 0, "bypass_reads": 0, "reads": 0, "payload_bytes": 0}
+        # The driver's time by kind (what the simulator's timing model is fitted to):
+        # FFNs run directly (nothing in flight) or handed to a thread while reads are
+        # polled; submissions of reads.
+        self.timing = {
+            "ffn_direct_s": 0.0,
+            "ffn_direct_n": 0,
+            "ffn_busy_s": 0.0,
+            "ffn_busy_n": 0,
+            "submit_s": 0.0,
+            "submit_n": 0,
+        }
         self._open = False
 
     # ---- set-up ------------------------------------------------------------------------
@@ -218,8 +272,9 @@ class ExpertStreamer:
             self._close()
             raise
 
-        def landed(key: int, into_slot: bool, lat: float) -> None:
-            self.read_lat.append(lat)
+        def landed(key: int, into_slot: bool, started: float, seen: float) -> None:
+            self.read_lat.append(seen - started)
+            self.read_span.append((started, seen))
             if into_slot:
                 self.replay.complete(key)
 
@@ -278,7 +333,8 @@ class ExpertStreamer:
         return ok, "registered" if ok else "refused by the kernel"
 
     # ---- one step ----------------------------------------------------------------------
-    def _issue(self, key: int, slot: int | None, rank: int) -> int:
+    def _issue(self, key: int, slot: int | None, rank: int, urgent: bool) -> int:
+        t0 = time.perf_counter()
         layer, expert = divmod(key, self.n_experts)
         plan = self.store.read_plan(layer, expert)
         if slot is None:
@@ -290,23 +346,28 @@ class ExpertStreamer:
             buf = self.slots[slot]
         self.counters["reads"] += 1
         self.counters["payload_bytes"] += self.store.bytes_per_expert
-        return self.reads.submit(rid, key, plan, self.fd, buf)
+        n = self.reads.submit(rid, key, plan, self.fd, buf, urgent=urgent)
+        self.timing["submit_s"] += time.perf_counter() - t0
+        self.timing["submit_n"] += 1
+        return n
 
     def _compute(self, buf: Any, layer: int, expert: int, xin: F32) -> F32:
+        """One FFN: directly when nothing is in flight, else on the runner thread while
+        this thread reaps completions every POLL_INTERVAL_S (feeding queued chunks)."""
+        t0 = time.perf_counter()
         g, u, d = self.store.views(buf, layer, expert)
         reads = self.reads
+        reads.poll()  # see what landed: nothing in flight means the cheaper direct call
+        tm = self.timing
         if not reads.pending:
-            return self.ffn(xin, g, u, d)
-        if self.inline_ffn:
-            y = self.ffn(xin, g, u, d)
-            reads.poll()
-            return y
-        fut: Future[F32] = self.runner.submit(self.ffn, xin, g, u, d)
-        while True:
-            done, _ = futures_wait([fut], timeout=POLL_INTERVAL_S)
-            reads.poll()
-            if done or not reads.pending:
-                return fut.result()
+            out = self.ffn(xin, g, u, d)
+            tm["ffn_direct_s"] += time.perf_counter() - t0
+            tm["ffn_direct_n"] += 1
+            return out
+        out = ffn_while_reading(self.runner, reads, self.inline_ffn, self.ffn, xin, g, u, d)
+        tm["ffn_busy_s"] += time.perf_counter() - t0
+        tm["ffn_busy_n"] += 1
+        return out
 
     def step(
         self,
@@ -325,6 +386,9 @@ class ExpertStreamer:
         replay = self.replay
         clock = time.perf_counter
         n_exp = self.n_experts
+        # Reap what landed first, so a prefetch that is in by now counts as a hit (the
+        # simulator completes reads at the instant they land).
+        self.reads.poll()
         res = replay.step(t) if keys is None else replay.step(t, keys)
         step_keys = res.keys
         layer = step_keys[0] // n_exp
@@ -348,7 +412,7 @@ class ExpertStreamer:
                 bypass[adm.key] = rank
             else:
                 slot_of[adm.key] = adm.slot
-            nbytes += self._issue(adm.key, adm.slot, rank)
+            nbytes += self._issue(adm.key, adm.slot, rank, urgent=True)
         if lookahead is not None:
             replay.supply_lookahead(t + 1, lookahead)
         pf_n = 0
@@ -356,7 +420,7 @@ class ExpertStreamer:
             if adm.evicted is not None:
                 slot_of.pop(adm.evicted, None)
             slot_of[adm.key] = adm.slot  # type: ignore[assignment]
-            nbytes += self._issue(adm.key, adm.slot, 0)
+            nbytes += self._issue(adm.key, adm.slot, 0, urgent=False)
             pf_n += 1
         reads = self.reads
         reads.poll()
@@ -369,7 +433,18 @@ class ExpertStreamer:
             for key in step_keys:
                 reads.wait(("bypass", key) if key in bypass else ("slot", key))
             io_wait += clock() - w0
-        for rank, key in enumerate(step_keys):
+        # Experts whose weights are here first, then the others in rank order, each after
+        # its read lands: the output sum does not depend on the order, the time does.
+        ranks = range(len(step_keys))
+        waiting = [
+            key not in stash
+            and ((("bypass", key) if key in bypass else ("slot", key)) in reads.pending)
+            for key in step_keys
+        ]
+        order = [r for r in ranks if not waiting[r]] + [r for r in ranks if waiting[r]]
+        outs: list[F32 | None] = [None] * len(step_keys)
+        for rank in order:
+            key = step_keys[rank]
             expert = key - layer * n_exp
             if key in stash:
                 buf = self.scratch[stash[key]]
@@ -388,7 +463,10 @@ class ExpertStreamer:
             c0 = clock()
             out = self._compute(buf, layer, expert, x)
             step_comp += clock() - c0
-            y += np.float32(weights[rank]) * out
+            outs[rank] = out
+        for rank, o in enumerate(outs):  # summed in rank order, whatever the compute order
+            assert o is not None
+            y += np.float32(weights[rank]) * o
         self.it_compute.append(step_comp)
         outcome = StepOutcome(
             hits=res.n_hits,
@@ -427,6 +505,9 @@ class ExpertStreamer:
             "bytes_per_expert": int(self.store.bytes_per_expert),
             "reads": int(self.counters["reads"]),
             "payload_bytes": int(self.counters["payload_bytes"]),
+            "driver_time": {k: float(v) for k, v in self.timing.items()},
+            "read_ranges": list(typical_read_ranges(self.store)),
+            "read_bytes_by_key": list(read_bytes_by_key(self.store)),
             "bypass_reads": int(self.counters["bypass_reads"]),
             "stashed_step_victims": int(self.counters["stashed"]),
             "evictions": self.replay.stats.total("evictions"),

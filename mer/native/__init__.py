@@ -64,6 +64,21 @@ def _import_file(modname: str, path: Path) -> ModuleType:
     return mod
 
 
+STALE_BUILD_S = 3600
+
+
+def _remove_stale_builds(target_dir: Path) -> None:
+    """Build directories a killed build left behind (older than an hour: no build takes that)."""
+    import time
+
+    for d in target_dir.glob(".build-*"):
+        try:
+            if time.time() - d.stat().st_mtime > STALE_BUILD_S:
+                shutil.rmtree(d, ignore_errors=True)
+        except OSError:
+            pass
+
+
 def _build_cached(name: str, key: str) -> ModuleType:
     modname = f"_mer_{name}_{key}"
     target_dir = cache_root() / "native" / f"{name}-{key}"
@@ -72,6 +87,7 @@ def _build_cached(name: str, key: str) -> ModuleType:
         if shutil.which(os.environ.get("CC", "cc")) is None and shutil.which("gcc") is None:
             raise RuntimeError("no C compiler (cc/gcc) on PATH")
         target_dir.mkdir(parents=True, exist_ok=True)
+        _remove_stale_builds(target_dir)
         with tempfile.TemporaryDirectory(dir=target_dir, prefix=".build-") as tmp:
             built = Path(builder(name, modname).compile(tmpdir=tmp, verbose=False))
             os.replace(built, target)  # atomic: a concurrent builder never sees half a file

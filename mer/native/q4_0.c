@@ -47,6 +47,8 @@
 #define TOK_GROUP 4                   /* tokens per pass over a row held in registers */
 #define MIN_BYTES_PER_THREAD (1 << 20) /* below this per thread, a hand-off costs more than it saves */
 #define TILE_BYTES (256 << 10)          /* weights per row tile when tokens need several passes */
+#define COL_BLOCKS 128                  /* blocks per column chunk of a batch over long rows */
+#define ROW_TILE 64                     /* rows per tile when rows go in column chunks */
 
 enum { ISA_PORTABLE = 1, ISA_AVX2 = 2, ISA_AVX512 = 3 };
 
@@ -697,13 +699,44 @@ static int64_t tile_rows(int64_t rb, int64_t n_tok) {
     return t < 1 ? 1 : t;
 }
 
+/* The activations of a group of tokens over part of a row: blocks c0.. of each token. */
+static void acts_shift(const act_t *a, int K, int64_t c0, act_t *out) {
+    for (int k = 0; k < K; k++) {
+        out[k].qn = a[k].qn + c0 * QK;
+        out[k].qp = a[k].qp ? a[k].qp + c0 * QK : NULL; /* c0 % 4 == 0: a quad boundary */
+        out[k].d = a[k].d + c0;
+        out[k].negs = a[k].negs + c0;
+    }
+}
+
 static void mm_rows(const mm_job *j, int64_t r0, int64_t r1) {
     int64_t tile = tile_rows(j->rb, j->n_tok);
+    /* Several tokens over long rows: their activations would not stay in L1 together, so the
+       rows are taken in column chunks, the partial sums added up in `part`. */
+    int64_t cb = j->n_tok > 1 && j->nb > COL_BLOCKS ? COL_BLOCKS : j->nb;
+    if (cb < j->nb && tile > ROW_TILE) tile = ROW_TILE;
+    int64_t bb = j->rb / (j->nb > 0 ? j->nb : 1); /* bytes per block */
+    float part[TOK_GROUP * ROW_TILE];
+    act_t sub[TOK_GROUP];
     for (int64_t a = r0, e; a < r1; a = e) {
         e = r1 - a <= tile ? r1 : a + tile;
         for (int64_t t0 = 0; t0 < j->n_tok; t0 += TOK_GROUP) {
             int K = (int)(j->n_tok - t0 < TOK_GROUP ? j->n_tok - t0 : TOK_GROUP);
-            j->fn(j->w, j->rb, a, e, j->nb, j->acts + t0, K, j->y + t0 * j->n_rows + a, j->n_rows);
+            float *yk = j->y + t0 * j->n_rows;
+            if (cb == j->nb) {
+                j->fn(j->w, j->rb, a, e, j->nb, j->acts + t0, K, yk + a, j->n_rows);
+                continue;
+            }
+            for (int64_t c0 = 0; c0 < j->nb; c0 += cb) {
+                int64_t nbc = j->nb - c0 < cb ? j->nb - c0 : cb;
+                acts_shift(j->acts + t0, K, c0, sub);
+                j->fn(j->w + c0 * bb, j->rb, a, e, nbc, sub, K, part, ROW_TILE);
+                for (int k = 0; k < K; k++)
+                    for (int64_t r = a; r < e; r++) {
+                        float v = part[k * ROW_TILE + (r - a)];
+                        yk[k * j->n_rows + r] = c0 ? yk[k * j->n_rows + r] + v : v;
+                    }
+            }
         }
     }
 }

@@ -65,8 +65,9 @@ SILU_LIPSCHITZ = 1.1  # sup |silu'(x)| = 1.0998 (at x ~ 2.40)
 
 
 def lib() -> Any:
-    """The compiled module, or None (then `mer.native` has said once why)."""
-    return native.load("q4_0")
+    """The compiled module, or None (`native.why_unavailable("q4_0")` says why; the caller that
+    falls back says so once, as `mer.engine.ffn.resolve_ffn` does)."""
+    return native.load("q4_0", quiet=True)
 
 
 def available() -> bool:

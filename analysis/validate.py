@@ -1,0 +1,431 @@
+"""`mer validate`: calibrate once, then predict held-out real runs and measure them.
+
+The steps, on one machine (`Machine`: the real engine, or a model of one for
+tests):
+
+1. start from a hardware profile (probed, bundled or a file);
+2. one short calibration run of a configuration outside the grid, and
+   `mer calibrate` on it (with the trace: the SSD is fitted by simulating it);
+3. predict every configuration of the grid with the profile before and after
+   calibration;
+4. run every configuration `repeats` times for real, in rounds (each round in
+   a rotated order, so slow moments of a shared machine do not all fall on
+   one configuration); before each round a short pulse (FFN, dense block, a
+   burst of reads) is held against the pulse taken right after the last
+   calibration, and if any part moved by more than `drift` the calibration run
+   is repeated and the profile refitted (from the starting profile) before
+   the round; the predictions of that round come from the new profile;
+5. the tidy table (`validation_table`), its summary, the figure and a
+   Markdown section (`validation_report`).
+
+Every real run and the state are written as they finish, so an interrupted
+validation resumes where it stopped (same directory, same arguments).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import pandas as pd
+
+from mer.analysis.calibrate import calibrate
+from mer.analysis.validation_grid import Grid, GridConfig
+from mer.analysis.validation_table import build_table, summarize
+from mer.atomic import write_json_atomic, write_text_atomic
+from mer.errors import BadInput
+from mer.sim.hardware import HardwareProfile
+from mer.sim.model import SimOptions, simulate
+from mer.summary import RunSummary
+
+Log = Callable[[str], None]
+
+
+class Machine(Protocol):
+    """Where real runs happen: runs a configuration and checks its own speed."""
+
+    description: str
+
+    def run(self, cfg: GridConfig, tokens: int) -> RunSummary: ...
+
+    def pulse(self) -> dict[str, float]: ...
+
+    def sim_options(self, cfg: GridConfig) -> SimOptions: ...
+
+
+class EngineMachine:
+    """The real engine (`mer run`'s executor) on an expert file, in this process."""
+
+    def __init__(
+        self, trace: Any, trace_path: Path, experts: Path, engine: Any, *, digest: str = ""
+    ) -> None:
+        from mer.engine.store import ExpertStore, read_bytes_by_key, typical_read_ranges
+
+        self.trace = trace
+        self.trace_path = trace_path
+        self.experts = experts
+        self.store = ExpertStore.open(experts)
+        self.engine = engine  # EngineConfig: the defaults every configuration starts from
+        self.digest = digest
+        self.read_ranges = typical_read_ranges(self.store)
+        self.key_bytes = read_bytes_by_key(self.store)
+        self.description = (
+            f"this machine, expert file {experts.name} ({self.store.shape.name}), "
+            f"{engine.io} reads, queue depth {engine.queue_depth}, chunk "
+            f"{engine.chunk_bytes >> 10} KiB, {engine.threads} threads"
+        )
+
+    def run(self, cfg: GridConfig, tokens: int) -> RunSummary:
+        import warnings
+
+        from mer.engine.executor import Executor
+
+        ecfg = copy.deepcopy(self.engine)
+        for k, v in cfg.engine_overrides().items():
+            setattr(ecfg, k, v)
+        ecfg.progress = False
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            ex = Executor(
+                self.trace,
+                self.store,
+                cfg.replay_config(tokens),
+                ecfg,
+                trace_name=self.trace_path.name,
+                trace_digest=self.digest,
+                store_path=str(self.experts),
+            )
+            return ex.run().summary
+
+    def pulse(self) -> dict[str, float]:
+        from mer.engine.probe import pulse
+
+        return pulse(
+            self.store,
+            io=self.engine.io,
+            threads=self.engine.threads,
+            chunk_bytes=self.engine.chunk_bytes,
+        )
+
+    def sim_options(self, cfg: GridConfig) -> SimOptions:
+        return SimOptions(
+            shape=self.store.shape.name,
+            read_ranges=self.read_ranges,
+            key_read_bytes=self.key_bytes,
+            queue_depth=cfg.queue_depth or self.engine.queue_depth,
+            chunk_bytes=cfg.chunk_bytes or self.engine.chunk_bytes,
+        )
+
+
+class ModelMachine:
+    """A machine that behaves exactly as the simulator says on a hidden `truth` profile
+    (optionally slowed by `slowdown(run_index)`): the synthetic disk and CPU against
+    which a calibrated prediction must be exact. For tests and for checking a grid."""
+
+    def __init__(
+        self,
+        trace: Any,
+        truth: HardwareProfile,
+        *,
+        shape: str,
+        read_ranges: tuple[int, ...] | None = None,
+        queue_depth: int = 32,
+        chunk_bytes: int = 512 << 10,
+        slowdown: Callable[[int], float] | None = None,
+    ) -> None:
+        self.trace = trace
+        self.truth = truth
+        self.shape = shape
+        self.read_ranges = read_ranges
+        self.queue_depth = queue_depth
+        self.chunk_bytes = chunk_bytes
+        self.slowdown = slowdown or (lambda _i: 1.0)
+        self.runs = 0
+        self.description = f"a model of a machine (profile {truth.name})"
+
+    def profile_now(self) -> HardwareProfile:
+        p = copy.deepcopy(self.truth)
+        f = self.slowdown(self.runs)
+        p.compute.ffn_bytes_per_s /= f
+        return p
+
+    def run(self, cfg: GridConfig, tokens: int) -> RunSummary:
+        s = simulate(
+            self.trace, cfg.replay_config(tokens), self.profile_now(), self.sim_options(cfg)
+        )
+        self.runs += 1
+        d = s.summary.to_dict()
+        d.update(kind="measured", hardware=self.description)
+        d["extra"]["io"] = {
+            "queue_depth": cfg.queue_depth or self.queue_depth,
+            "chunk_bytes": cfg.chunk_bytes or self.chunk_bytes,
+        }
+        return RunSummary.from_dict(d)
+
+    def pulse(self) -> dict[str, float]:
+        return {"ffn_s": 1.0 / self.profile_now().compute.ffn_bytes_per_s}
+
+    def sim_options(self, cfg: GridConfig) -> SimOptions:
+        return SimOptions(
+            shape=self.shape,
+            read_ranges=self.read_ranges,
+            queue_depth=cfg.queue_depth or self.queue_depth,
+            chunk_bytes=cfg.chunk_bytes or self.chunk_bytes,
+        )
+
+
+@dataclass
+class ValidateOptions:
+    tokens: int = 32
+    repeats: int = 3
+    drift: float = 0.15  # largest relative change of a pulse figure before recalibrating
+    sim_engine: str = "fast"
+
+    def check(self) -> ValidateOptions:
+        if not 1 <= self.tokens <= 1 << 20:
+            raise BadInput(f"--tokens must be from 1 to {1 << 20}, got {self.tokens}.")
+        if not 1 <= self.repeats <= 100:
+            raise BadInput(f"--repeats must be from 1 to 100, got {self.repeats}.")
+        if not 0 < self.drift <= 10:
+            raise BadInput(f"--drift must be a share above 0 (0.15 = 15%), got {self.drift}.")
+        return self
+
+
+@dataclass
+class ValidationResult:
+    table: pd.DataFrame
+    summary: dict[str, Any]
+    runs: pd.DataFrame
+    profiles: list[HardwareProfile] = field(default_factory=list)
+    paths: dict[str, str] = field(default_factory=dict)
+
+
+def _drift(now: dict[str, float], ref: dict[str, float]) -> float:
+    keys = [k for k in ref if k in now and ref[k] > 0]
+    return max((abs(now[k] / ref[k] - 1) for k in keys), default=0.0)
+
+
+class _Store:
+    """The validation directory: runs, profiles and state, each written atomically."""
+
+    def __init__(self, out: Path, fingerprint: dict[str, Any]) -> None:
+        self.out = out
+        self.runs_dir = out / "runs"
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        self.state_path = out / "state.json"
+        self.fingerprint = fingerprint
+        self.state: dict[str, Any] = {"fingerprint": fingerprint, "events": [], "rounds": {}}
+        if self.state_path.exists():
+            try:
+                old = json.loads(self.state_path.read_text())
+            except (OSError, ValueError, RecursionError):
+                old = None  # a damaged state file: start over rather than trust it
+            if isinstance(old, dict) and old.get("fingerprint") == fingerprint:
+                self.state = old
+
+    def save_state(self) -> None:
+        write_json_atomic(self.state_path, self.state)
+
+    def run_path(self, name: str) -> Path:
+        return self.runs_dir / f"{name}.json"
+
+    def load_run(self, name: str) -> RunSummary | None:
+        p = self.run_path(name)
+        if not p.exists() or name not in self.state.get("done", []):
+            return None
+        try:
+            return RunSummary.load(p)
+        except BadInput:
+            return None
+
+    def save_run(self, name: str, summary: RunSummary) -> None:
+        summary.save(self.run_path(name))
+        self.state.setdefault("done", []).append(name)
+        self.save_state()
+
+
+def run_validation(
+    machine: Machine,
+    trace: Any,
+    grid: Grid,
+    profile: HardwareProfile,
+    out_dir: str | Path,
+    opts: ValidateOptions | None = None,
+    *,
+    log: Log | None = None,
+) -> ValidationResult:
+    """Calibrate, predict, run, compare (see the module docstring); writes into out_dir."""
+    o = (opts or ValidateOptions()).check()
+    say = log or (lambda m: print(m, file=sys.stderr, flush=True))
+    out = Path(out_dir)
+    fp = {
+        "grid": [c.to_dict() for c in (grid.calibration, *grid.configs)],
+        "tokens": o.tokens,
+        "repeats": o.repeats,
+        "profile": profile.to_dict(),
+        "machine": machine.description,
+        "trace": getattr(trace, "name", ""),
+    }
+    st = _Store(out, fp)
+    t_start = time.perf_counter()
+    configs = list(grid.configs)
+
+    def sim(cfg: GridConfig, prof: HardwareProfile) -> RunSummary:
+        so = machine.sim_options(cfg)
+        so.engine = o.sim_engine
+        return simulate(trace, cfg.replay_config(o.tokens), prof, so).summary
+
+    def real(name: str, cfg: GridConfig) -> RunSummary:
+        got = st.load_run(name)
+        if got is not None:
+            say(f"validate: {name}: kept from an earlier, interrupted validation")
+            return got
+        t0 = time.perf_counter()
+        s = machine.run(cfg, o.tokens)
+        s.extra["validate"] = {"config": cfg.to_dict(), "run": name, "tokens": o.tokens}
+        st.save_run(name, s)
+        say(
+            f"validate: {name}: {s.tokens_per_s:.3f} tokens/s, I/O share "
+            f"{s.io_wait_share * 100:.0f}% ({time.perf_counter() - t0:.1f} s)"
+        )
+        return s
+
+    profiles: list[HardwareProfile] = []
+    cal_runs: list[RunSummary] = []
+
+    def recalibrate(tag: str) -> tuple[HardwareProfile, dict[str, float]]:
+        run = real(f"calibration-{tag}", grid.calibration)
+        cal = calibrate(run, profile, trace=trace)
+        prof = cal.profile
+        prof.name = f"{profile.name}-calibrated-{tag}"
+        prof.save(out / f"profile-calibrated-{tag}.json")
+        say("validate: " + cal.format_text().replace("\n", "\nvalidate: "))
+        pulse = st.state.setdefault("pulses", {}).get(tag) or machine.pulse()
+        st.state["pulses"][tag] = pulse
+        st.save_state()
+        profiles.append(prof)
+        cal_runs.append(run)
+        return prof, pulse
+
+    profile.save(out / "profile-start.json")
+    say(f"validate: calibration run ({grid.calibration.describe()}), {o.tokens} tokens")
+    current, ref = recalibrate("0")
+    version = 0
+    before = {c.name: sim(c, profile) for c in configs}
+    after_by_version = {0: {c.name: sim(c, current) for c in configs}}
+    measured: dict[str, list[RunSummary]] = {c.name: [] for c in configs}
+    pred_before: dict[str, list[RunSummary]] = {c.name: [] for c in configs}
+    pred_after: dict[str, list[RunSummary]] = {c.name: [] for c in configs}
+    run_rows: list[dict[str, Any]] = []
+    for rnd in range(o.repeats):
+        rkey = str(rnd)
+        rstate = st.state["rounds"].get(rkey)
+        if rstate is None:
+            rstate = {"pulse": ref, "drift": 0.0, "version": version}
+            if rnd > 0:
+                now = machine.pulse()
+                moved = _drift(now, ref)
+                rstate.update(pulse=now, drift=moved)
+                if moved > o.drift:
+                    say(
+                        f"validate: the machine drifted by {moved * 100:.0f}% (pulse) since the "
+                        "last calibration; recalibrating before this round"
+                    )
+                    rstate["version"] = version + 1
+                    st.state["events"].append(
+                        {"round": rnd, "drift": moved, "pulse": now, "reference": ref}
+                    )
+            st.state["rounds"][rkey] = rstate
+            st.save_state()
+        if rstate["version"] != version:
+            version = int(rstate["version"])
+            current, ref = recalibrate(str(version))
+            after_by_version[version] = {c.name: sim(c, current) for c in configs}
+        shift = rnd % len(configs)
+        for cfg in configs[shift:] + configs[:shift]:
+            s = real(f"{cfg.name}-r{rnd}", cfg)
+            measured[cfg.name].append(s)
+            pred_before[cfg.name].append(before[cfg.name])
+            pa = after_by_version[version][cfg.name]
+            pred_after[cfg.name].append(pa)
+            run_rows.append(
+                {
+                    "config": cfg.name,
+                    "round": rnd,
+                    "profile_version": version,
+                    "tokens_per_s": s.tokens_per_s,
+                    "predicted_tokens_per_s": pa.tokens_per_s,
+                    "io_wait_share": s.io_wait_share,
+                    "read_p50_s": s.latency.get("read", {}).get("p50", float("nan")),
+                    "hits": s.hits,
+                    "misses": s.misses,
+                    "wall_s": s.wall_s,
+                }
+            )
+    table = build_table(configs, measured, {"uncalibrated": pred_before, "calibrated": pred_after})
+    summary = summarize(table, configs)
+    summary.update(
+        {
+            "machine": machine.description,
+            "trace": getattr(trace, "name", ""),
+            "tokens": o.tokens,
+            "repeats": o.repeats,
+            "drift_threshold": o.drift,
+            "drift_events": st.state["events"],
+            "recalibrations": len(profiles) - 1,
+            "profile": profile.name,
+            "calibration": {
+                "config": grid.calibration.to_dict(),
+                "moved": [p.extra.get("calibration", {}).get("moved", {}) for p in profiles],
+                "tokens_per_s": [r.tokens_per_s for r in cal_runs],
+            },
+            "configs": [dict(c.to_dict(), description=c.describe()) for c in configs],
+            "seconds": time.perf_counter() - t_start,
+        }
+    )
+    runs = pd.DataFrame(run_rows)
+    res = ValidationResult(table, summary, runs, profiles)
+    res.paths = write_outputs(res, out)
+    return res
+
+
+def write_outputs(res: ValidationResult, out: Path) -> dict[str, str]:
+    """validation.parquet / .csv (the tidy table), runs.parquet, summary.json, the
+    figure and validation.md."""
+    from mer.analysis.validation_report import FIGURE, section_markdown, validation_section
+    from mer.atomic import atomic_path
+
+    paths: dict[str, str] = {}
+    for name, df in (("validation", res.table), ("runs", res.runs)):
+        with atomic_path(out / f"{name}.parquet") as tmp:
+            df.to_parquet(tmp, index=False)
+        paths[f"{name}_parquet"] = str(out / f"{name}.parquet")
+    write_text_atomic(out / "validation.csv", res.table.to_csv(index=False))
+    paths["csv"] = str(out / "validation.csv")
+    write_json_atomic(out / "summary.json", _jsonable(res.summary))
+    paths["summary"] = str(out / "summary.json")
+    fig_dir = out / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    sec = validation_section(res.table, _jsonable(res.summary), fig_dir)
+    paths["figure"] = str(fig_dir / f"{FIGURE}.png")
+    write_text_atomic(out / "validation.md", section_markdown(sec, out))
+    paths["markdown"] = str(out / "validation.md")
+    return paths
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float) and obj != obj:
+        return None
+    if hasattr(obj, "item"):
+        return obj.item()
+    return obj

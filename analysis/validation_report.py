@@ -1,0 +1,176 @@
+"""The validation as a report section: the study report's (`sections/validation.py`) and
+the `validation.md` that `mer validate` writes beside its table, from one builder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from mer.analysis.plots import plot_validation
+from mer.analysis.report import signed
+from mer.analysis.sections import FigureRef, Section
+from mer.analysis.validation_table import METRICS, TARGETS
+
+FIGURE = "validation-tokens-per-s"
+
+
+def _pct(v: Any) -> str:
+    return "-" if v is None or v != v else f"{v * 100:.1f}"
+
+
+def figure_title(summary: dict[str, Any]) -> str:
+    return (
+        f"Held-out validation: {summary.get('trace', '')}, {summary.get('tokens', '')} tokens "
+        f"per run, on {summary.get('machine', '')}"
+    )
+
+
+def validation_section(table: pd.DataFrame, summary: dict[str, Any], fig_dir: Path) -> Section:
+    """The section: what was done, the figure, per-configuration and per-metric tables,
+    the targets with what they are short by, the pairs whose order the model swaps."""
+    cfgs = summary.get("configs", [])
+    cal = summary.get("calibration", {}).get("config", {})
+    tokens = summary.get("tokens")
+    sec = Section(
+        "Held-out validation: predicted vs measured, repeated real runs",
+        window=f"first {tokens} tokens of the trace, every run" if tokens else None,
+    )
+    events = summary.get("drift_events", [])
+    sec.text(
+        f"The profile was calibrated once, on a run of `{cal.get('policy')}` "
+        f"{cal.get('cache_slots')} slots {cal.get('scope')} (predictor {cal.get('predictor')}); "
+        f"then {len(cfgs)} other configurations were predicted and each run for real "
+        f"{summary.get('repeats')} times on {summary.get('machine')}. Errors are against the "
+        "median of the runs; a prediction counts as right when it lies inside their spread "
+        "(fastest to slowest run). Before every round a short pulse (FFN, dense block, a burst "
+        f"of reads) was held against the one after calibration: {len(events)} round(s) drifted "
+        f"by more than {summary.get('drift_threshold', 0) * 100:.0f}% and were recalibrated first."
+    )
+    sec.figure(
+        plot_validation(table, fig_dir / FIGURE, title=figure_title(summary), summary=summary),
+        "Look at: how far each point sits from the diagonal next to how wide its bar (the "
+        "measured spread) is, and how far the grey rings (before calibration) were",
+    )
+    tps = table[table["metric"] == "tokens/s"]
+    c = tps[tps["stage"] == "calibrated"].set_index("config")
+    u = tps[tps["stage"] == "uncalibrated"].set_index("config")
+    io = table[(table["metric"] == "I/O wait share") & (table["stage"] == "calibrated")]
+    io = io.set_index("config")
+    rows = []
+    for cfg in cfgs:
+        n = cfg["name"]
+        if n not in c.index:
+            continue
+        r = c.loc[n]
+        rows.append(
+            [
+                n,
+                str(r["bound"]),
+                _pct(float(io.loc[n, "measured"])) if n in io.index else "-",
+                float(r["measured"]),
+                f"{float(r['measured_min']):.3g} to {float(r['measured_max']):.3g}",
+                _pct(float(r["spread"])),
+                float(r["predicted"]),
+                signed(float(r["rel_error"]) * 100),
+                "yes" if bool(r["within_spread"]) else "no",
+                signed(float(u.loc[n, "rel_error"]) * 100) if n in u.index else "-",
+            ]
+        )
+    if rows:
+        sec.table(
+            [
+                "configuration",
+                "bound",
+                "I/O wait (% of time)",
+                "measured tokens/s (median)",
+                "runs' range",
+                "spread (%)",
+                "predicted tokens/s",
+                "error (%)",
+                "inside spread",
+                "error before calibration (%)",
+            ],
+            rows,
+        )
+    stages = summary.get("stages", {})
+    metric_rows = []
+    known = [m for m, _ in METRICS]
+    present = stages.get("calibrated", {})
+    for metric in sorted(present, key=lambda m: known.index(m) if m in known else len(known)):
+        a = stages["calibrated"][metric]
+        b = stages.get("uncalibrated", {}).get(metric, {})
+        metric_rows.append(
+            [
+                metric,
+                _pct(b.get("median")),
+                _pct(a.get("median")),
+                _pct(a.get("worst")),
+                f"{a.get('within_spread', 0)} of {a.get('configs', 0)}",
+                _pct(a.get("median_spread")),
+            ]
+        )
+    if metric_rows:
+        sec.table(
+            [
+                "metric",
+                "median abs. error before calibration (%)",
+                "median abs. error (%)",
+                "worst abs. error (%)",
+                "inside spread",
+                "median measured spread (%)",
+            ],
+            metric_rows,
+            lead="Every metric, over the held-out configurations:",
+        )
+    trows = []
+    targets = summary.get("targets", {})
+    order = [*TARGETS, "counts equal with prefetch off", "ranking by tokens/s"]
+    for name in sorted(targets, key=lambda n: order.index(n) if n in order else len(order)):
+        t = targets[name]
+        v = t.get("value")
+        if name.startswith("ranking"):
+            shown = f"Kendall tau {v:.2f}" if v is not None else "-"
+        else:
+            shown = f"{_pct(v)}%" if v is not None else ""
+        limit = f"{t['target'] * 100:g}%" if t.get("target") is not None else ""
+        short = t.get("short_by")
+        verdict = (
+            "met"
+            if t.get("met")
+            else "not met" + (f" (short by {short * 100:.1f} points)" if short else "")
+        )
+        trows.append([name, shown, limit, verdict])
+    if trows:
+        sec.table(["target", "value", "limit", "verdict"], trows, lead="Targets:")
+    rk = summary.get("ranking", {}).get("calibrated", {})
+    swaps = rk.get("swapped_pairs", [])
+    if swaps:
+        sec.text(
+            "Pairs the prediction orders differently from the measurement: "
+            + "; ".join(
+                f"{s['measured_faster']} measured faster than {s['predicted_faster']}"
+                + (" (within the measured spread)" if s["within_noise"] else "")
+                for s in swaps
+            )
+            + "."
+        )
+    elif rk:
+        sec.text("The ranking by predicted tokens/s equals the measured ranking.")
+    return sec
+
+
+def section_markdown(sec: Section, out_dir: Path) -> str:
+    """One section as a stand-alone Markdown file in `out_dir` (figures relative to it)."""
+    md = [f"# {sec.title}", ""]
+    if sec.window:
+        md += [f"*Token window: {sec.window}.*", ""]
+    for block in sec.blocks:
+        if isinstance(block, FigureRef):
+            png = next((p for p in block.paths if p.suffix == ".png"), block.paths[0])
+            rel = png.relative_to(out_dir) if png.is_relative_to(out_dir) else png
+            md += [f"![{block.alt}]({rel.as_posix()})", f"*{block.caption}*", ""]
+        else:
+            md += [block, ""]
+    return "\n".join(md) + "\n"

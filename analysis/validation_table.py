@@ -1,0 +1,270 @@
+"""The arithmetic of `mer validate`: predicted against the median of repeated real runs.
+
+One tidy row per (configuration, stage, metric): the prediction (the median of
+the predictions in force for each repeat: one value unless the machine drifted
+and the profile was recalibrated), the median of the measured repeats, their
+minimum and maximum (the measured spread), the relative error against the
+median, and whether the prediction lies inside the measured spread, which is
+when it counts as right. `summarize` turns the table into the figures the
+targets are stated in, and names the configurations whose order the model gets
+wrong.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, cast
+
+import numpy as np
+import pandas as pd
+
+from mer.analysis.validation_grid import GridConfig
+from mer.summary import RunSummary
+
+#: (label, RunSummary path) of every metric held against measurement.
+METRICS: tuple[tuple[str, str], ...] = (
+    ("tokens/s", "tokens_per_s"),
+    ("I/O wait share", "io_wait_share"),
+    ("read p50 (s)", "latency.read.p50"),
+    ("read p99 (s)", "latency.read.p99"),
+    ("token p50 (s)", "latency.token.p50"),
+    ("token p99 (s)", "latency.token.p99"),
+    ("bytes read", "bytes_read"),
+    ("hits", "hits"),
+    ("misses", "misses"),
+    ("prefetch issued", "prefetch.issued"),
+    ("prefetch used", "prefetch.used"),
+    ("prefetch late", "prefetch.late"),
+    ("prefetch wasted", "prefetch.wasted"),
+    ("prefetch used bytes", "prefetch.used_bytes"),
+    ("prefetch late bytes", "prefetch.late_bytes"),
+    ("prefetch wasted bytes", "prefetch.wasted_bytes"),
+    ("read time hidden", "hidden_read_share"),
+)
+COUNTS = ("hits", "misses", "prefetch issued", "prefetch used", "prefetch late", "prefetch wasted")
+PREFETCH_COUNTS = COUNTS[2:]
+#: The targets, on held-out configurations of the calibrated stage.
+TARGETS = {
+    "tokens/s median abs. error": 0.05,
+    "tokens/s worst abs. error": 0.10,
+    "read p50 median abs. error": 0.15,
+    "I/O wait share median abs. error": 0.15,
+    "counts with prefetch on, abs. error": 0.01,
+}
+IO_BOUND, COMPUTE_BOUND = 0.5, 0.2  # measured I/O wait share at or above / at or below
+#: Relative slack of "inside the spread" (a spread of one value is a point)
+TOL = 1e-6
+
+
+def metric_value(summary: RunSummary | Mapping[str, Any], path: str) -> float:
+    obj: Any = summary.to_dict() if isinstance(summary, RunSummary) else summary
+    for part in path.split("."):
+        if not isinstance(obj, Mapping) or part not in obj:
+            return float("nan")
+        obj = obj[part]
+    try:
+        return float(obj)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def rel_error(predicted: float, measured: float) -> float:
+    """(p - m) / m; 0 when both are 0; NaN when only the measurement is 0 (or either is NaN)."""
+    if math.isnan(predicted) or math.isnan(measured):
+        return float("nan")
+    if measured == 0:
+        return 0.0 if predicted == 0 else float("nan")
+    return (predicted - measured) / measured
+
+
+def bound_of(io_share: float) -> str:
+    if io_share >= IO_BOUND:
+        return "I/O-bound"
+    if io_share <= COMPUTE_BOUND:
+        return "compute-bound"
+    return "mixed"
+
+
+def build_table(
+    configs: Sequence[GridConfig],
+    measured: Mapping[str, Sequence[RunSummary]],
+    predicted: Mapping[str, Mapping[str, Sequence[RunSummary]]],
+) -> pd.DataFrame:
+    """The tidy table. `measured[name]`: the repeats of a configuration;
+    `predicted[stage][name]`: the predictions in force for them (one or one per repeat)."""
+    rows: list[dict[str, Any]] = []
+    for cfg in configs:
+        runs = list(measured.get(cfg.name, []))
+        if not runs:
+            continue
+        io = float(np.median([r.io_wait_share for r in runs]))
+        for stage, preds in predicted.items():
+            sims = list(preds.get(cfg.name, []))
+            if not sims:
+                continue
+            for label, path in METRICS:
+                m = np.array([metric_value(r, path) for r in runs], dtype=float)
+                p = np.array([metric_value(s, path) for s in sims], dtype=float)
+                if np.isnan(m).all() or np.isnan(p).all():
+                    continue
+                med = float(np.nanmedian(m))
+                lo, hi = float(np.nanmin(m)), float(np.nanmax(m))
+                pv = float(np.nanmedian(p))
+                err = rel_error(pv, med)
+                rows.append(
+                    {
+                        "config": cfg.name,
+                        "stage": stage,
+                        "metric": label,
+                        "predicted": pv,
+                        "measured": med,
+                        "measured_min": lo,
+                        "measured_max": hi,
+                        "n_runs": int(np.isfinite(m).sum()),
+                        "spread": (hi - lo) / abs(med) if med else (0.0 if hi == lo else math.inf),
+                        "rel_error": err,
+                        "abs_rel_error": abs(err),
+                        "within_spread": bool(lo - TOL * abs(lo) <= pv <= hi + TOL * abs(hi)),
+                        "bound": bound_of(io),
+                        **{k: v for k, v in cfg.to_dict().items() if k != "name"},
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+def ranking(
+    predicted: Mapping[str, float], measured: Mapping[str, tuple[float, float, float]]
+) -> dict[str, Any]:
+    """Order by predicted and by measured tokens/s; every pair the two orders disagree on,
+    and whether the measured spreads of the pair overlap (then the swap is within noise).
+    `measured[name]` = (median, min, max)."""
+    names = [n for n in predicted if n in measured]
+    by_pred = sorted(names, key=lambda n: -predicted[n])
+    by_meas = sorted(names, key=lambda n: -measured[n][0])
+    swaps = []
+    concordant = discordant = 0
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            dp = predicted[a] - predicted[b]
+            dm = measured[a][0] - measured[b][0]
+            if dp * dm > 0:
+                concordant += 1
+            elif dp * dm < 0:
+                discordant += 1
+                first, second = (a, b) if dm > 0 else (b, a)  # measured faster first
+                overlap = not (
+                    measured[first][1] > measured[second][2]
+                    or measured[second][1] > measured[first][2]
+                )
+                swaps.append(
+                    {"measured_faster": first, "predicted_faster": second, "within_noise": overlap}
+                )
+    pairs = concordant + discordant
+    return {
+        "predicted_order": by_pred,
+        "measured_order": by_meas,
+        "equal": by_pred == by_meas,
+        "swapped_pairs": swaps,
+        "kendall_tau": (concordant - discordant) / pairs if pairs else 1.0,
+    }
+
+
+def _records(df: pd.DataFrame) -> list[dict[str, Any]]:
+    return cast(list[dict[str, Any]], df.to_dict("records"))
+
+
+def _stat(values: pd.Series) -> dict[str, Any]:
+    v = values.dropna().to_numpy(dtype=float)
+    if v.size == 0:
+        return {"n": 0, "median": None, "worst": None}
+    return {"n": int(v.size), "median": float(np.median(v)), "worst": float(v.max())}
+
+
+def summarize(table: pd.DataFrame, configs: Sequence[GridConfig]) -> dict[str, Any]:
+    """Per stage and metric: median and worst abs. error, predictions inside the spread,
+    median spread; the targets for the calibrated stage; the counts check; the ranking."""
+    out: dict[str, Any] = {"stages": {}, "targets": {}, "counts": {}, "ranking": {}}
+    if table.empty:
+        return out
+    prefetch_of = {c.name: c.prefetch_on for c in configs}
+    for stage, st in table.groupby("stage", sort=False):
+        per: dict[str, Any] = {}
+        for metric, g in st.groupby("metric", sort=False):
+            s = _stat(g["abs_rel_error"])
+            s["within_spread"] = int(g["within_spread"].sum())
+            s["configs"] = len(g)
+            s["median_spread"] = float(np.median(g["spread"])) if len(g) else None
+            per[str(metric)] = s
+        out["stages"][str(stage)] = per
+        tps = st[st["metric"] == "tokens/s"]
+        out["ranking"][str(stage)] = ranking(
+            {str(r["config"]): float(r["predicted"]) for r in _records(tps)},
+            {
+                str(r["config"]): (
+                    float(r["measured"]),
+                    float(r["measured_min"]),
+                    float(r["measured_max"]),
+                )
+                for r in _records(tps)
+            },
+        )
+    cal = "calibrated" if "calibrated" in out["stages"] else next(iter(out["stages"]))
+    st = table[table["stage"] == cal]
+    counts: dict[str, Any] = {"prefetch_off_equal": True, "prefetch_on_worst": 0.0, "configs": {}}
+    for name, g in st[st["metric"].isin(COUNTS)].groupby("config", sort=False):
+        on = prefetch_of.get(str(name), False)
+        issued = g.loc[g["metric"] == "prefetch issued", "measured"]
+        scale_pf = float(issued.iloc[0]) if len(issued) else 0.0
+        worst = 0.0
+        exact = True
+        for r in _records(g):
+            # every repeat must equal the prediction exactly when nothing depends on timing
+            p, m = float(r["predicted"]), float(r["measured"])
+            exact = exact and float(r["measured_min"]) == p == float(r["measured_max"])
+            scale = scale_pf if r["metric"] in PREFETCH_COUNTS else abs(m)
+            diff = abs(p - m)
+            worst = max(worst, diff / scale if scale else (0.0 if diff == 0 else math.inf))
+        counts["configs"][str(name)] = {"prefetch": on, "exact": bool(exact), "worst": worst}
+        if on:
+            counts["prefetch_on_worst"] = max(counts["prefetch_on_worst"], worst)
+        else:
+            counts["prefetch_off_equal"] &= bool(exact)
+    out["counts"] = counts
+    per = out["stages"][cal]
+
+    def get(metric: str, key: str) -> float | None:
+        v = per.get(metric, {}).get(key)
+        return None if v is None else float(v)
+
+    values = {
+        "tokens/s median abs. error": get("tokens/s", "median"),
+        "tokens/s worst abs. error": get("tokens/s", "worst"),
+        "read p50 median abs. error": get("read p50 (s)", "median"),
+        "I/O wait share median abs. error": get("I/O wait share", "median"),
+        "counts with prefetch on, abs. error": counts["prefetch_on_worst"],
+    }
+    out["targets"] = {
+        name: {
+            "value": v,
+            "target": TARGETS[name],
+            "met": v is not None and v <= TARGETS[name],
+            "short_by": None if v is None else max(0.0, v - TARGETS[name]),
+        }
+        for name, v in values.items()
+    }
+    out["targets"]["counts equal with prefetch off"] = {
+        "value": None,
+        "target": None,
+        "met": bool(counts["prefetch_off_equal"]),
+        "short_by": None,
+    }
+    rk = out["ranking"].get(cal, {})
+    out["targets"]["ranking by tokens/s"] = {
+        "value": rk.get("kendall_tau"),
+        "target": None,
+        "met": bool(rk.get("equal", False)),
+        "short_by": None,
+    }
+    out["calibrated_stage"] = cal
+    return out

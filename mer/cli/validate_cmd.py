@@ -1,0 +1,163 @@
+"""`mer validate`: calibrate on one run, predict a held-out grid, run it for real, compare."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+from mer.cli.common import emit, float_range, input_file, input_path, int_range, note, output_dir
+
+
+def register(sub: Any) -> None:
+    from mer.cli.run_cmd import _size
+    from mer.engine.io import DEFAULT_CHUNK_BYTES, DEFAULT_QUEUE_DEPTH, MAX_QUEUE_DEPTH
+
+    p = sub.add_parser(
+        "validate",
+        help="calibrate once, then predict held-out configurations and run each for real, "
+        "repeatedly: the simulator's out-of-sample error, with the measured spread",
+        description=(
+            "Start from a hardware profile (--hardware, or probe this machine), do one short "
+            "calibration run of a configuration outside the grid and calibrate the profile on "
+            "it, then predict every configuration of --grid with the profile before and after "
+            "calibration and run each for real --repeats times (in rounds, rotated; a short "
+            "pulse before each round recalibrates when the machine drifted by more than "
+            "--drift). Writes OUT/validation.parquet (and .csv: one row per configuration, "
+            "stage and metric: predicted, measured median, min, max, relative error, inside "
+            "the spread), OUT/runs.parquet (every real run), OUT/summary.json (median and "
+            "worst errors, targets, ranking), OUT/figures/validation-tokens-per-s.png and "
+            "OUT/validation.md. Rerunning the same command in the same directory resumes."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("trace", type=input_file, help="trace parquet (trace format v1)")
+    p.add_argument(
+        "--experts",
+        type=input_path,
+        required=True,
+        help="expert weights of the trace's geometry (`mer experts synth --shape mixtral-small`)",
+    )
+    p.add_argument(
+        "--hardware",
+        default=None,
+        help="profile to start from (bundled name or `mer probe` JSON); default: probe this "
+        "machine first (quick probe on the expert file's disk)",
+    )
+    p.add_argument(
+        "--grid",
+        default="full",
+        help="configurations to predict: full (11), quick (8, the demo's) or a JSON file "
+        '{"calibration": {...}, "configs": [{"name": ..., "policy": ..., "cache_slots": ...}]}',
+    )
+    p.add_argument(
+        "--tokens", type=int_range(1, 1 << 20), default=32, help="tokens per run (first N)"
+    )
+    p.add_argument(
+        "--repeats", type=int_range(1, 100), default=3, help="real runs per configuration"
+    )
+    p.add_argument(
+        "--drift",
+        type=float_range(1e-3, 10.0, what="a share such as 0.15"),
+        default=0.15,
+        help="recalibrate before a round when a pulse figure moved by more than this share",
+    )
+    g = p.add_argument_group("engine (as `mer run`)")
+    g.add_argument("--io", choices=("auto", "uring", "pread"), default="auto")
+    g.add_argument("--queue-depth", type=int_range(1, MAX_QUEUE_DEPTH), default=DEFAULT_QUEUE_DEPTH)
+    g.add_argument("--chunk-bytes", type=_size, default=DEFAULT_CHUNK_BYTES)
+    g.add_argument("--threads", type=int_range(1, 1024), default=os.cpu_count() or 1)
+    p.add_argument(
+        "-o", "--output", type=output_dir, required=True, help="directory for every result"
+    )
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    p.set_defaults(func=cmd_validate)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from mer.analysis.validate import EngineMachine, ValidateOptions, run_validation
+    from mer.analysis.validation_grid import load_grid
+    from mer.engine.executor import EngineConfig, check_geometry
+    from mer.sim.hardware import load_profile
+    from mer.summary import trace_digest
+    from mer.traces.format import read_trace
+
+    grid = load_grid(args.grid)
+    opts = ValidateOptions(tokens=args.tokens, repeats=args.repeats, drift=args.drift).check()
+    trace = read_trace(args.trace)
+    engine = EngineConfig(
+        io=args.io,
+        queue_depth=args.queue_depth,
+        chunk_bytes=args.chunk_bytes,
+        threads=args.threads,
+        progress=False,
+    )
+    machine = EngineMachine(
+        trace, Path(args.trace), Path(args.experts), engine, digest=trace_digest(args.trace)
+    )
+    check_geometry(trace, machine.store, str(args.trace), str(args.experts))
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.hardware is not None:
+        profile = load_profile(args.hardware)
+    else:
+        from mer.engine.probe import ProbeConfig, run_probe, to_profile
+
+        note(f"probing this machine (quick) on {Path(args.experts).resolve().parent}")
+        cfg = ProbeConfig.quick(
+            directory=Path(args.experts).resolve().parent,
+            shape=machine.store.shape.name,
+            io=args.io,
+            threads=args.threads,
+        )
+        cfg.engine_chunk_bytes = args.chunk_bytes
+        cfg.engine_queue_depth = args.queue_depth
+        profile = to_profile(run_probe(cfg, log=note), "probe")
+        profile.save(out / "profile-probed.json")
+    res = run_validation(machine, trace, grid, profile, out, opts, log=note)
+    emit(args, {**res.summary, "paths": res.paths}, format_text(res))
+    return 0
+
+
+def format_text(res: Any) -> str:
+    s = res.summary
+    t = res.table
+    lines = [
+        f"=== mer validate: {s.get('trace')} on {s.get('machine')} ===",
+        f"{len(s.get('configs', []))} held-out configurations x {s.get('repeats')} runs of "
+        f"{s.get('tokens')} tokens; calibration runs {s.get('recalibrations', 0) + 1}",
+        f"{'configuration':<28}{'measured t/s':>13}{'spread':>9}{'predicted':>11}{'error':>9}"
+        f"{'inside':>8}{'before cal.':>12}",
+    ]
+    tps = t[t["metric"] == "tokens/s"]
+    cal = tps[tps["stage"] == "calibrated"].set_index("config")
+    unc = tps[tps["stage"] == "uncalibrated"].set_index("config")
+    for name in cal.index:
+        r = cal.loc[name]
+        u = unc.loc[name, "rel_error"] if name in unc.index else float("nan")
+        lines.append(
+            f"{name:<28}{r['measured']:>13.3f}{r['spread'] * 100:>8.1f}%{r['predicted']:>11.3f}"
+            f"{r['rel_error'] * 100:>+8.1f}%{'yes' if r['within_spread'] else 'no':>8}"
+            f"{u * 100:>+11.1f}%"
+        )
+    lines.append("targets (held-out, calibrated):")
+    for name, tg in s.get("targets", {}).items():
+        v = tg.get("value")
+        shown = (
+            "" if v is None else (f"{v:.2f}" if name.startswith("ranking") else f"{v * 100:.1f}%")
+        )
+        lim = "" if tg.get("target") is None else f" (<= {tg['target'] * 100:.0f}%)"
+        lines.append(f"  {name:<40} {shown:>8}{lim:<10} {'met' if tg.get('met') else 'NOT met'}")
+    swaps = s.get("ranking", {}).get("calibrated", {}).get("swapped_pairs", [])
+    if len(swaps) > 8:
+        lines.append(f"  {len(swaps)} pairs swapped; the first 8 (all in summary.json):")
+    for sw in swaps[:8]:
+        lines.append(
+            f"  swapped: {sw['measured_faster']} measured faster than {sw['predicted_faster']}"
+            + (" (within the measured spread)" if sw["within_noise"] else "")
+        )
+    lines.append(
+        f"results: {res.paths.get('markdown')}, {res.paths.get('parquet', res.paths.get('validation_parquet'))}, {res.paths.get('figure')}"
+    )
+    return "\n".join(lines)

@@ -1,0 +1,384 @@
+"""mer validate: the table's arithmetic by hand, a synthetic machine the calibrated model
+must predict exactly, drift and resume, and bad input."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mer.analysis.validate import ModelMachine, ValidateOptions, run_validation
+from mer.analysis.validation_grid import CALIBRATION, Grid, GridConfig, load_grid
+from mer.analysis.validation_table import build_table, rel_error, summarize
+from mer.errors import BadInput
+from mer.sim.hardware import load_profile
+from mer.summary import RunSummary, busy_seconds
+from mer.traces.bundled import bundled_trace_path
+from mer.traces.format import read_trace
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _summary(**over: Any) -> RunSummary:
+    base: dict[str, Any] = dict(
+        kind="measured",
+        trace="t.parquet",
+        trace_digest="abc",
+        model="m",
+        shape="mixtral-tiny",
+        mode="model",
+        policy="lru",
+        scope="global",
+        cache_slots=8,
+        predictor="none",
+        pipeline_depth=1,
+        phase="all",
+        hardware="h",
+        tokens=10,
+        layers=32,
+        top_k=2,
+        hits=100,
+        misses=540,
+        hit_rate=100 / 640,
+        bytes_read=540 * 4096,
+        wall_s=1.0,
+        tokens_per_s=10.0,
+        layer_iterations_per_s=320.0,
+        io_wait_s=0.5,
+        compute_s=0.3,
+        dense_s=0.1,
+        io_wait_share=0.5,
+        prefetch={"issued": 0, "used": 0, "late": 0, "wasted": 0},
+        latency={"read": {"p50": 1e-3, "p99": 3e-3}, "token": {"p50": 0.1, "p99": 0.2}},
+    )
+    base.update(over)
+    return RunSummary(**base)
+
+
+# -- the table's arithmetic, against numbers worked out by hand -------------------------
+
+
+def test_rel_error_rules() -> None:
+    assert rel_error(11.5, 11.0) == pytest.approx(0.5 / 11.0)
+    assert rel_error(0.0, 0.0) == 0.0
+    assert math.isnan(rel_error(1.0, 0.0))
+    assert math.isnan(rel_error(float("nan"), 1.0))
+
+
+def test_table_median_spread_error_and_inside() -> None:
+    a = GridConfig("a", cache_slots=8)
+    b = GridConfig("b", cache_slots=16, predictor="oracle")
+    measured = {
+        "a": [_summary(tokens_per_s=v, io_wait_share=0.6) for v in (10.0, 12.0, 11.0)],
+        "b": [_summary(tokens_per_s=v, io_wait_share=0.1) for v in (6.0, 5.0, 5.5)],
+    }
+    predicted = {
+        "calibrated": {"a": [_summary(tokens_per_s=11.5)], "b": [_summary(tokens_per_s=7.0)]},
+        "uncalibrated": {"a": [_summary(tokens_per_s=20.0)], "b": [_summary(tokens_per_s=2.0)]},
+    }
+    t = build_table([a, b], measured, predicted)
+    row = t[(t.config == "a") & (t.stage == "calibrated") & (t.metric == "tokens/s")].iloc[0]
+    assert (row.measured, row.measured_min, row.measured_max) == (11.0, 10.0, 12.0)
+    assert row.spread == pytest.approx(2.0 / 11.0)
+    assert row.rel_error == pytest.approx(0.5 / 11.0)
+    assert bool(row.within_spread) and row.n_runs == 3 and row.bound == "I/O-bound"
+    row = t[(t.config == "b") & (t.stage == "calibrated") & (t.metric == "tokens/s")].iloc[0]
+    assert row.measured == 5.5 and row.rel_error == pytest.approx(1.5 / 5.5)
+    assert not bool(row.within_spread) and row.bound == "compute-bound"
+    s = summarize(t, [a, b])
+    cal = s["stages"]["calibrated"]["tokens/s"]
+    assert cal["median"] == pytest.approx(np.median([0.5 / 11.0, 1.5 / 5.5]))
+    assert cal["worst"] == pytest.approx(1.5 / 5.5)
+    assert (cal["within_spread"], cal["configs"]) == (1, 2)
+    unc = s["stages"]["uncalibrated"]["tokens/s"]
+    assert unc["median"] == pytest.approx(np.median([9.0 / 11.0, 3.5 / 5.5]))
+    tg = s["targets"]["tokens/s median abs. error"]
+    assert tg["met"] is False and tg["short_by"] == pytest.approx(cal["median"] - 0.05)
+    # a is measured faster and predicted faster: no swap
+    assert s["ranking"]["calibrated"]["equal"] and s["ranking"]["calibrated"]["swapped_pairs"] == []
+
+
+def test_ranking_names_swapped_pairs_and_noise() -> None:
+    from mer.analysis.validation_table import ranking
+
+    meas = {"x": (10.0, 9.0, 11.0), "y": (10.5, 10.2, 10.8), "z": (5.0, 4.9, 5.1)}
+    r = ranking({"x": 12.0, "y": 11.0, "z": 6.0}, meas)
+    assert r["predicted_order"] == ["x", "y", "z"] and r["measured_order"] == ["y", "x", "z"]
+    assert r["swapped_pairs"] == [
+        {"measured_faster": "y", "predicted_faster": "x", "within_noise": True}
+    ]
+    assert r["kendall_tau"] == pytest.approx((2 - 1) / 3)
+    r = ranking({"x": 12.0, "z": 13.0}, meas)
+    assert r["swapped_pairs"] == [
+        {"measured_faster": "x", "predicted_faster": "z", "within_noise": False}
+    ]
+
+
+def test_counts_check_prefetch_off_exact_on_within_one_percent() -> None:
+    off = GridConfig("off", cache_slots=8)
+    on = GridConfig("on", cache_slots=8, predictor="oracle")
+    pf = {"issued": 200, "used": 150, "late": 30, "wasted": 20}
+    measured = {
+        "off": [_summary(), _summary()],
+        "on": [_summary(prefetch=pf), _summary(prefetch={**pf, "late": 31})],
+    }
+    predicted = {
+        "calibrated": {
+            "off": [_summary()],
+            "on": [_summary(prefetch={**pf, "late": 32}, hits=101)],
+        }
+    }
+    s = summarize(build_table([off, on], measured, predicted), [off, on])
+    c = s["counts"]
+    assert c["prefetch_off_equal"] and c["configs"]["off"]["exact"]
+    # late: predicted 32 vs the median of 30, 31 = 30.5, relative to the 200 issued; hits:
+    # 101 against 100, relative to themselves: the worst
+    assert c["configs"]["on"]["worst"] == pytest.approx(max(1.5 / 200, 1 / 100))
+    assert s["targets"]["counts with prefetch on, abs. error"]["met"]
+    measured["off"][1] = _summary(hits=101, misses=539)
+    s = summarize(build_table([off, on], measured, predicted), [off, on])
+    assert not s["counts"]["prefetch_off_equal"]
+    assert not s["targets"]["counts equal with prefetch off"]["met"]
+
+
+def test_busy_seconds_is_the_union_of_intervals() -> None:
+    rng = np.random.default_rng(4)
+    for _ in range(30):
+        start = rng.integers(0, 50, size=12).astype(float)
+        end = start + rng.integers(0, 9, size=12)
+        covered = np.zeros(80, dtype=bool)
+        for s, e in zip(start, end, strict=True):
+            covered[int(s) : int(e)] = True
+        assert busy_seconds(start, end) == pytest.approx(float(covered.sum()))
+    assert busy_seconds(np.zeros(0), np.zeros(0)) == 0.0
+
+
+# -- a synthetic machine: the calibrated prediction must be exact ---------------------
+
+
+def _truth() -> Any:
+    hw = load_profile("ci-tiny")
+    hw.name = "truth"
+    hw.ssd.channels = 2
+    hw.ssd.queue_depth = 8
+    hw.ssd.chunk_bytes = 32768
+    hw.compute.step_overhead_s = 3e-5
+    hw.compute.read_submit_s = 2e-5
+    hw.compute.ffn_busy_overhead_s = 1e-5
+    hw.compute.dense_s_per_layer = 4e-5
+    return hw.validate()
+
+
+def _start(truth: Any) -> Any:
+    """What the probe got wrong: every figure calibration refits, off by 20-300%."""
+    p = copy.deepcopy(truth)
+    p.name = "start"
+    p.compute.ffn_bytes_per_s *= 2.0
+    p.compute.dense_s_per_layer = 1e-4
+    p.compute.step_overhead_s = 1e-4
+    p.compute.read_submit_s = 5e-6
+    p.compute.ffn_busy_overhead_s = 0.0
+    p.ssd.bandwidth_bytes_per_s *= 1.6
+    return p
+
+
+GRID = Grid(
+    CALIBRATION.__class__("cal", cache_slots=40),
+    (
+        GridConfig("lru-16", cache_slots=16),
+        GridConfig("fifo-64-pl", policy="fifo", cache_slots=64, scope="per-layer"),
+        GridConfig("arc-96", policy="arc", cache_slots=96),
+        GridConfig("lru-256", cache_slots=256),
+        GridConfig("lru-64-oracle", cache_slots=64, predictor="oracle", pipeline_depth=2),
+        GridConfig("lru-32-qd2", cache_slots=32, queue_depth=2),
+    ),
+    name="test",
+).check()
+
+
+def test_synthetic_machine_is_predicted_exactly_after_calibration(tmp_path: Path) -> None:
+    trace = read_trace(bundled_trace_path())
+    truth = _truth()
+    m = ModelMachine(trace, truth, shape="mixtral-tiny", queue_depth=8, chunk_bytes=32768)
+    res = run_validation(
+        m, trace, GRID, _start(truth), tmp_path, ValidateOptions(tokens=4, repeats=2), log=None
+    )
+    t = res.table
+    cal = t[t.stage == "calibrated"]
+    # every timing metric within the bisection's precision, every count exactly
+    assert cal["abs_rel_error"].max() < 1e-6, cal.sort_values("abs_rel_error").tail(3)
+    assert cal["within_spread"].all()
+    unc = t[(t.stage == "uncalibrated") & (t.metric == "tokens/s")]
+    assert unc["abs_rel_error"].median() > 0.05  # calibrating mattered
+    s = res.summary
+    assert all(v["met"] for v in s["targets"].values()), s["targets"]
+    assert s["counts"]["prefetch_off_equal"]
+    assert s["ranking"]["calibrated"]["equal"]
+    assert s["recalibrations"] == 0 and m.runs == 1 + 2 * len(GRID.configs)
+    # what was written
+    for name in ("validation.parquet", "validation.csv", "runs.parquet", "summary.json"):
+        assert (tmp_path / name).exists()
+    assert (tmp_path / "figures" / "validation-tokens-per-s.png").exists()
+    back = pd.read_parquet(tmp_path / "validation.parquet")
+    assert len(back) == len(t) and set(back.stage) == {"calibrated", "uncalibrated"}
+    assert len(pd.read_parquet(tmp_path / "runs.parquet")) == 2 * len(GRID.configs)
+    md = (tmp_path / "validation.md").read_text()
+    assert "figures/validation-tokens-per-s.png" in md and "lru-256" in md
+
+
+def test_drift_recalibrates_and_resume_reruns_nothing(tmp_path: Path) -> None:
+    trace = read_trace(bundled_trace_path())
+    truth = _truth()
+    n_cfg = len(GRID.configs)
+    # the CPU slows by 40% after the calibration run and the first round
+    slow = 1 + n_cfg
+
+    def slowdown(i: int) -> float:
+        return 1.4 if i >= slow else 1.0
+
+    m = ModelMachine(
+        trace, truth, shape="mixtral-tiny", queue_depth=8, chunk_bytes=32768, slowdown=slowdown
+    )
+    opts = ValidateOptions(tokens=4, repeats=2, drift=0.15)
+    res = run_validation(m, trace, GRID, _start(truth), tmp_path, opts, log=None)
+    s = res.summary
+    assert s["recalibrations"] == 1 and len(s["drift_events"]) == 1
+    assert s["drift_events"][0]["round"] == 1
+    assert s["drift_events"][0]["drift"] == pytest.approx(0.4)
+    runs = res.runs
+    assert sorted(set(runs.profile_version)) == [0, 1]
+    # each run predicted by the profile in force: exact in both rounds
+    assert np.allclose(runs.predicted_tokens_per_s, runs.tokens_per_s, rtol=1e-6)
+    done = m.runs
+    again = run_validation(m, trace, GRID, _start(truth), tmp_path, opts, log=None)
+    assert m.runs == done  # every run and calibration kept from the first pass
+    pd.testing.assert_frame_equal(again.table, res.table)
+
+
+# -- bad input ---------------------------------------------------------------------------
+
+
+def _grid_file(tmp_path: Path, obj: Any) -> Path:
+    p = tmp_path / "grid.json"
+    p.write_text(json.dumps(obj) if not isinstance(obj, str) else obj)
+    return p
+
+
+@pytest.mark.parametrize(
+    ("obj", "match"),
+    [
+        ("{not json", "not JSON"),
+        ({"configs": "x"}, 'list "configs"'),
+        ({"configs": [{"name": "a", "colour": 1}]}, "unknown field"),
+        ({"configs": [{"policy": "lru"}]}, "missing field name"),
+        ({"configs": [{"name": "a"}, {"name": "a", "cache_slots": 9}]}, "repeat"),
+        ({"configs": [{"name": "a", "policy": "nope"}]}, "nope"),
+        ({"configs": [{"name": "a", "cache_slots": 0}]}, "cache_slots"),
+        ({"configs": [{"name": "a", "chunk_bytes": 5000}]}, "4096"),
+        ({"configs": [{"name": "../x"}]}, "plain label"),
+        (
+            {
+                "calibration": {"name": "c", "cache_slots": 9},
+                "configs": [{"name": "a", "cache_slots": 9}],
+            },
+            "calibration configuration itself",
+        ),
+        ({"configs": []}, "no configurations"),
+    ],
+)
+def test_bad_grid_files(tmp_path: Path, obj: Any, match: str) -> None:
+    with pytest.raises(BadInput, match=match):
+        load_grid(_grid_file(tmp_path, obj))
+
+
+def test_bundled_grids_cover_the_issue() -> None:
+    for name in ("full", "quick"):
+        g = load_grid(name)
+        cfgs = g.configs
+        assert len(cfgs) >= 8
+        assert len({c.policy for c in cfgs}) >= 3
+        assert len({c.cache_slots for c in cfgs}) >= 2
+        assert {c.scope for c in cfgs} == {"global", "per-layer"}
+        assert {c.prefetch_on for c in cfgs} == {True, False}
+        assert all(c.identity() != g.calibration.identity() for c in cfgs)
+    with pytest.raises(BadInput, match="neither a bundled grid"):
+        load_grid("no-such-grid")
+
+
+def _mer(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "mer", *args], capture_output=True, text=True, timeout=600
+    )
+
+
+def test_cli_bad_input_one_message_exit_2(tmp_path: Path) -> None:
+    trace = str(bundled_trace_path())
+    out = str(tmp_path / "v")
+    missing = _mer("validate", trace, "--experts", str(tmp_path / "none.gguf"), "-o", out)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    bad = _grid_file(tmp_path, {"configs": [{"name": "a", "colour": 1}]})
+    experts = tmp_path / "e.gguf"
+    experts.write_bytes(b"\0" * 4096)
+    for args, match in (
+        (("--tokens", "0"), "--tokens"),
+        (("--repeats", "0"), "--repeats"),
+        (("--grid", str(bad)), "unknown field"),
+        (("--drift", "-1"), "--drift"),
+    ):
+        p = _mer("validate", trace, "--experts", str(experts), "-o", out, *args)
+        assert p.returncode == 2, (args, p.stderr)
+        assert match in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+def test_cli_validate_end_to_end_on_the_real_engine(tmp_path: Path) -> None:
+    """Real runs (io_uring or the pread pool, the FFN) on a tiny expert file: the command,
+    its files and its numbers hold together (not their accuracy: this is a test machine)."""
+    experts = tmp_path / "tiny.gguf"
+    assert _mer("experts", "synth", "--shape", "mixtral-tiny", "-o", str(experts)).returncode == 0
+    grid = _grid_file(
+        tmp_path,
+        {
+            "calibration": {"name": "cal", "cache_slots": 40},
+            "configs": [
+                {"name": "lru-16", "cache_slots": 16},
+                {"name": "fifo-64-pl", "policy": "fifo", "cache_slots": 64, "scope": "per-layer"},
+                {"name": "lru-64-oracle", "cache_slots": 64, "predictor": "oracle"},
+            ],
+        },
+    )
+    out = tmp_path / "v"
+    p = _mer(
+        "validate",
+        str(bundled_trace_path()),
+        "--experts",
+        str(experts),
+        "--hardware",
+        "ci-tiny",
+        "--grid",
+        str(grid),
+        "--tokens",
+        "2",
+        "--repeats",
+        "2",
+        "-o",
+        str(out),
+        "--json",
+    )
+    assert p.returncode == 0, p.stderr
+    s = json.loads(p.stdout)
+    t = pd.read_parquet(out / "validation.parquet")
+    assert set(t.config) == {"lru-16", "fifo-64-pl", "lru-64-oracle"}
+    row = t[(t.config == "lru-16") & (t.stage == "calibrated") & (t.metric == "tokens/s")]
+    runs = pd.read_parquet(out / "runs.parquet")
+    mine = runs[runs.config == "lru-16"].tokens_per_s
+    assert float(row.measured.iloc[0]) == pytest.approx(float(np.median(mine)))
+    assert s["counts"]["prefetch_off_equal"]  # one decision core: hits equal exactly
+    assert (out / "figures" / "validation-tokens-per-s.svg").exists()
