@@ -128,19 +128,11 @@ def _gap_table(sec: Section, g: pd.DataFrame, sizes: list[int], order: list[str]
     for p in order:
         if p in ("lru", "opt"):
             continue
-        d = g[g["policy"] == p].set_index("cache_slots")
+        d = g[g["policy"] == p]
         for col, label in cols:
+            at = dict(zip(d["cache_slots"].astype(int), d[col].astype(float), strict=True))
             rows.append(
-                [
-                    p,
-                    label,
-                    *[
-                        round(float(d.loc[s, col]) * 100, 1)
-                        if s in d.index and d.loc[s, col] == d.loc[s, col]
-                        else float("nan")
-                        for s in sizes
-                    ],
-                ]
+                [p, label, *[round(at[s] * 100, 1) if s in at else float("nan") for s in sizes]]
             )
     if not rows:
         return
