@@ -80,7 +80,7 @@ class Predictor(ABC):
 
 
 _REGISTRY = plugins.Registry(
-    "predictor", Predictor, plugins.PREDICTOR_GROUP, ("mer.core.predictors",)
+    "predictor", Predictor, plugins.PREDICTOR_GROUP, ("mer.core.predictors", "mer.core.cooccur")
 )
 PREDICTORS: dict[str, type[Predictor]] = _REGISTRY.classes
 register_predictor = _REGISTRY.register
