@@ -102,8 +102,11 @@ def not_resident(policy: EvictionPolicy, key: Any) -> RuntimeFailure:
 
 # -- registry --------------------------------------------------------------------
 
-_REGISTRY = plugins.Registry(
-    "policy", EvictionPolicy, plugins.POLICY_GROUP, ("mer.core.policies", "mer.core.cycle")
+_REGISTRY: plugins.Registry[EvictionPolicy] = plugins.Registry(
+    "policy",
+    EvictionPolicy,  # type: ignore[type-abstract]  # the base, never instantiated
+    plugins.POLICY_GROUP,
+    ("mer.core.policies", "mer.core.cycle"),
 )
 POLICIES: dict[str, type[EvictionPolicy]] = _REGISTRY.classes
 #: Class decorator: adding a policy is one class plus this one line.

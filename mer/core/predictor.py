@@ -79,8 +79,11 @@ class Predictor(ABC):
         return {"predictor": self.name}
 
 
-_REGISTRY = plugins.Registry(
-    "predictor", Predictor, plugins.PREDICTOR_GROUP, ("mer.core.predictors", "mer.core.cooccur")
+_REGISTRY: plugins.Registry[Predictor] = plugins.Registry(
+    "predictor",
+    Predictor,  # type: ignore[type-abstract]  # the base, never instantiated
+    plugins.PREDICTOR_GROUP,
+    ("mer.core.predictors", "mer.core.cooccur"),
 )
 PREDICTORS: dict[str, type[Predictor]] = _REGISTRY.classes
 register_predictor = _REGISTRY.register
