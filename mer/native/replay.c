@@ -840,15 +840,30 @@ static const mer_policy OPT_POLICY = {
    of a sliding window, by count descending then id ascending. The window and
    the hot order depend on the trace only, so one shared block serves every
    cache of a pass; each cache cuts the order at its own cap - 1. Not
-   step-protecting: a miss may evict a key of its own step. */
+   step-protecting: a miss may evict a key of its own step.
+
+   O(1) evictions: each cache keeps only its unpinned residents in the recency
+   list (oldest first), so the victim is the list's head. Pinned residents stay
+   outside it with their last-use stamp. The pinned set is a prefix of the hot
+   order (length m = min(cap - 1, keys with count >= threshold)); a step moves
+   at most 2k keys in the order by one count each, and every other key's rank
+   shifts by at most one per move, so only the moved keys and the keys ranked
+   within n_moved of the old or new cut can change side. `begin` re-checks those;
+   a key that becomes unpinned rejoins the list at its stamp's place.
+   Only hot keys (count >= threshold) can be pinned, so only they are kept in
+   order: order[0..n_hot) sorted, the cold keys after them in any order. A count
+   change then slides its key past hot ties only (the many rare keys with equal
+   small counts never need sorting), and the threshold only rises. */
 
 typedef struct {
     int32_t *ring;
     int32_t *counts; /* window count of every key */
-    int32_t *hist;   /* hist[c]: keys with count c */
-    int32_t *gt;     /* gt[c]: keys with count > c */
-    int32_t *order, *pos; /* many caches: every key kept in hot order (rank = pos) */
-    int keep_order;
+    int32_t *order, *pos; /* hot keys in hot order (rank = pos), then the cold ones */
+    int64_t *okey;   /* okey[r]: order[r]'s sort key, count * n_keys + (n_keys - 1 - id) */
+    int32_t *moved;  /* keys whose count changed in this step */
+    int32_t n_moved, n_up, n_down; /* moves in this step, up and down the order */
+    int32_t n_hot;   /* keys with count >= hot_min */
+    int64_t hot_min; /* ceil(max(fraction * window length, 1)) */
     int64_t wsize, wlen, whead;
     int64_t last_t;
     double fraction;
@@ -857,8 +872,12 @@ typedef struct {
 } SeedShared;
 
 typedef struct {
-    int32_t *prv, *nxt;
-    int32_t S, cap;
+    int32_t *prv, *nxt; /* the unpinned residents, oldest first */
+    int64_t *used;      /* last-use stamp of every resident */
+    uint8_t *where;     /* 0 absent, 1 in the list, 2 resident and pinned */
+    const uint8_t *pinned;
+    int64_t clock;
+    int32_t S, cap, n_pin, cut;
     SeedShared *sh;
 } Seed;
 
@@ -866,14 +885,17 @@ typedef struct {
     do {                                                                    \
         (s)->prv = take((a), sizeof(int32_t) * ((c)->n_keys + 1));          \
         (s)->nxt = take((a), sizeof(int32_t) * ((c)->n_keys + 1));          \
+        (s)->used = take((a), sizeof(int64_t) * (c)->n_keys);               \
+        (s)->where = take((a), (c)->n_keys);                                \
     } while (0)
 DEFINE_SIZE_INIT(Seed, SEED_ARRAYS)
 
 static size_t seed_shared_size(const mer_ctx *c) {
     int64_t w = (int64_t)c->p[0];
     if (w < 1) w = 1;
-    return sizeof(SeedShared) + 16 * 5 + sizeof(int32_t) * (size_t)w +
-           3 * sizeof(int32_t) * (size_t)c->n_keys + 2 * sizeof(int32_t) * (size_t)(w + 2);
+    return sizeof(SeedShared) + 16 * 6 + sizeof(int32_t) * (size_t)w +
+           sizeof(int64_t) * (size_t)c->n_keys +
+           3 * sizeof(int32_t) * (size_t)c->n_keys + sizeof(int32_t) * 2 * (size_t)c->k;
 }
 static void seed_shared_init(SeedShared *sh, const mer_ctx *c) {
     arena a = {(char *)sh, sizeof(SeedShared)};
@@ -881,18 +903,14 @@ static void seed_shared_init(SeedShared *sh, const mer_ctx *c) {
     if (w < 1) w = 1;
     sh->ring = take(&a, sizeof(int32_t) * (size_t)w);
     sh->counts = take(&a, sizeof(int32_t) * c->n_keys);
-    sh->hist = take(&a, sizeof(int32_t) * (size_t)(w + 2));
-    sh->gt = take(&a, sizeof(int32_t) * (size_t)(w + 2));
-    memset(sh->counts, 0, sizeof(int32_t) * c->n_keys);
-    memset(sh->hist, 0, sizeof(int32_t) * (size_t)(w + 2));
-    memset(sh->gt, 0, sizeof(int32_t) * (size_t)(w + 2));
-    sh->hist[0] = c->n_keys;
     sh->order = take(&a, sizeof(int32_t) * c->n_keys);
     sh->pos = take(&a, sizeof(int32_t) * c->n_keys);
+    sh->okey = take(&a, sizeof(int64_t) * c->n_keys);
+    sh->moved = take(&a, sizeof(int32_t) * 2 * (size_t)c->k);
+    memset(sh->counts, 0, sizeof(int32_t) * c->n_keys);
     for (int32_t i = 0; i < c->n_keys; i++) sh->order[i] = sh->pos[i] = i;
-    /* One cache: O(1) counts, and the rare tie at the cut ranked by a scan. Many
-       caches: keeping the order costs once per step and makes every cache's test O(1). */
-    sh->keep_order = c->n_caches > 4;
+    sh->n_moved = sh->n_hot = 0;
+    sh->hot_min = 1;
     sh->wsize = w;
     sh->wlen = sh->whead = 0;
     sh->last_t = INT64_MIN;
@@ -904,57 +922,64 @@ static void seed_init(void *sv, const mer_ctx *c) {
     Seed *s = sv;
     Seed_lay(s, c);
     for (int32_t i = 0; i < c->n_keys; i++) s->prv[i] = s->nxt[i] = -1;
+    memset(s->where, 0, c->n_keys);
     s->S = c->n_keys;
     l_init(s->prv, s->nxt, s->S);
+    s->pinned = c->pinned;
+    s->clock = 0;
     s->cap = c->cap;
+    s->n_pin = c->cap - 1 > 0 ? c->cap - 1 : 0;
+    s->cut = 0;
     s->sh = c->shared;
     if (!s->sh->ready) seed_shared_init(s->sh, c);
 }
-/* The hot order is every key by count descending, then id ascending; x's place in it
-   is (keys with a larger count) + (keys with its count and a smaller id). Moving one
-   count by one changes one gt[] entry, so an update is O(1). */
-static inline int seed_ahead(const SeedShared *sh, int32_t a, int32_t b) {
-    return sh->counts[a] > sh->counts[b] || (sh->counts[a] == sh->counts[b] && a < b);
-}
-/* after count[x] moved by d (+1 or -1): x slides to its place in the order */
-static void seed_slide(SeedShared *sh, int32_t x, int d) {
-    int32_t *order = sh->order, *pos = sh->pos;
-    int32_t i = pos[x];
-    if (d > 0) {
-        while (i > 0 && seed_ahead(sh, x, order[i - 1])) {
-            order[i] = order[i - 1];
-            pos[order[i]] = i;
-            i--;
-        }
-    } else {
-        while (i + 1 < sh->n_keys && seed_ahead(sh, order[i + 1], x)) {
-            order[i] = order[i + 1];
-            pos[order[i]] = i;
-            i++;
-        }
-    }
-    order[i] = x;
-    pos[x] = i;
+/* The hot order is every hot key by count descending, then id ascending. After a
+   count moved by one, its key slides past the hot ties it now beats (or that now
+   beat it); a key turning hot joins at the end of the hot keys first, a key turning
+   cold ends there and leaves. */
+static inline void seed_put(SeedShared *sh, int32_t x, int64_t key, int32_t i) {
+    sh->order[i] = x;
+    sh->okey[i] = key;
+    sh->pos[x] = i;
 }
 static inline void seed_up(SeedShared *sh, int32_t x) {
-    int32_t c = sh->counts[x]++;
-    sh->hist[c]--;
-    sh->hist[c + 1]++;
-    sh->gt[c]++;
-    if (sh->keep_order) seed_slide(sh, x, +1);
+    int64_t c = ++sh->counts[x];
+    sh->moved[sh->n_moved++] = x;
+    if (c < sh->hot_min) return; /* cold, stays cold */
+    sh->n_up++;
+    int32_t *order = sh->order;
+    int64_t *okey = sh->okey;
+    const int64_t key = c * sh->n_keys + (sh->n_keys - 1 - x);
+    int32_t i = sh->pos[x];
+    if (c == sh->hot_min) { /* turns hot: swap it to the first cold place, then join */
+        int32_t j = sh->n_hot++;
+        seed_put(sh, order[j], okey[j], i);
+        i = j;
+    }
+    while (i > 0 && okey[i - 1] < key) {
+        seed_put(sh, order[i - 1], okey[i - 1], i);
+        i--;
+    }
+    seed_put(sh, x, key, i);
 }
 static inline void seed_down(SeedShared *sh, int32_t x) {
-    int32_t c = sh->counts[x]--;
-    sh->hist[c]--;
-    sh->hist[c - 1]++;
-    sh->gt[c - 1]--;
-    if (sh->keep_order) seed_slide(sh, x, -1);
+    int64_t c = sh->counts[x]--;
+    sh->moved[sh->n_moved++] = x;
+    if (c < sh->hot_min) return; /* was cold */
+    sh->n_down++;
+    int32_t *order = sh->order;
+    int64_t *okey = sh->okey;
+    const int64_t key = (c - 1) * sh->n_keys + (sh->n_keys - 1 - x);
+    int32_t i = sh->pos[x];
+    while (i + 1 < sh->n_hot && okey[i + 1] > key) {
+        seed_put(sh, order[i + 1], okey[i + 1], i);
+        i++;
+    }
+    seed_put(sh, x, key, i);
+    if (c == sh->hot_min) sh->n_hot--; /* turned cold: it is the last hot key */
 }
-static void seed_begin(void *sv, int64_t t, const int32_t *keys, const int64_t *nu, int k) {
-    SeedShared *sh = ((Seed *)sv)->sh;
-    (void)nu;
-    if (sh->last_t == t) return; /* another cache of this pass did it */
-    sh->last_t = t;
+static void seed_window(SeedShared *sh, const int32_t *keys, int k) {
+    sh->n_moved = sh->n_up = sh->n_down = 0;
     for (int r = 0; r < k; r++) {
         int32_t x = keys[r];
         seed_up(sh, x);
@@ -964,50 +989,111 @@ static void seed_begin(void *sv, int64_t t, const int32_t *keys, const int64_t *
         } else {
             seed_down(sh, sh->ring[sh->whead]);
             sh->ring[sh->whead] = x;
-            sh->whead = (sh->whead + 1) % sh->wsize;
+            if (++sh->whead == sh->wsize) sh->whead = 0;
         }
     }
+    /* hot: count >= max(fraction * window length, 1), i.e. count >= its ceiling; it
+       only rises, and the keys it leaves behind are the last hot ones */
+    double thr = sh->fraction * (double)sh->wlen;
+    if (thr < 1.0) thr = 1.0;
+    double m = ceil(thr);
+    int64_t hot_min = m > (double)INT32_MAX ? (int64_t)INT32_MAX + 1 : (int64_t)m;
+    if (hot_min > sh->hot_min) {
+        sh->hot_min = hot_min;
+        while (sh->n_hot > 0 && sh->counts[sh->order[sh->n_hot - 1]] < hot_min) sh->n_hot--;
+    }
 }
-/* Is x among the first n_pin keys of the hot order (and hot: count >= thr)? */
-static int seed_pinned(const SeedShared *sh, int32_t x, int32_t n_pin, double thr) {
-    int32_t c = sh->counts[x];
-    if ((double)c < thr) return 0;
-    if (sh->keep_order) return sh->pos[x] < n_pin;
-    int32_t before = sh->gt[c];
-    if (before >= n_pin) return 0;
-    if (before + sh->hist[c] <= n_pin) return 1;
-    for (int32_t y = 0; y < x; y++) /* the cut falls among x's ties: rank them by id */
-        if (sh->counts[y] == c && ++before >= n_pin) return 0;
-    return 1;
+/* where[x]: not resident, in the list (unpinned), or resident outside it */
+enum { SEED_OUT = 0, SEED_LIST = 1, SEED_HELD = 2, SEED_STATIC = 3 };
+
+/* x leaves the list (now pinned) or rejoins it at its stamp's place (now unpinned),
+   searching from both ends: the list is in stamp order */
+static void seed_move(Seed *s, int32_t x, uint8_t want) {
+    s->where[x] = want;
+    if (want == SEED_HELD) {
+        l_unlink(s->prv, s->nxt, x);
+        return;
+    }
+    const int64_t u = s->used[x];
+    int32_t a = s->nxt[s->S], b = s->prv[s->S];
+    for (;;) {
+        if (b == s->S || s->used[b] < u) { /* after b */
+            l_push(s->prv, s->nxt, s->nxt[b], x);
+            return;
+        }
+        if (s->used[a] > u) { /* before a */
+            l_push(s->prv, s->nxt, a, x);
+            return;
+        }
+        a = s->nxt[a];
+        b = s->prv[b];
+    }
+}
+/* x, of rank r, to the side the cut puts it on (if resident and not statically pinned) */
+static inline void seed_place(Seed *s, int32_t x, int32_t r) {
+    uint8_t w = s->where[x];
+    if (w != SEED_LIST && w != SEED_HELD) return;
+    uint8_t want = r < s->cut ? SEED_HELD : SEED_LIST;
+    if (w != want) seed_move(s, x, want);
+}
+static void seed_begin(void *sv, int64_t t, const int32_t *keys, const int64_t *nu, int k) {
+    Seed *s = sv;
+    SeedShared *sh = s->sh;
+    (void)nu;
+    if (sh->last_t != t) { /* the first cache of this pass to see step t */
+        sh->last_t = t;
+        seed_window(sh, keys, k);
+    }
+    /* An unmoved key's rank rose by at most the step's down moves (keys passing it on
+       their way down) and fell by at most its up moves: only ranks within those of
+       the old cut, or between the old and the new cut, can have changed side. */
+    int32_t old = s->cut, cut = sh->n_hot < s->n_pin ? sh->n_hot : s->n_pin;
+    s->cut = cut;
+    int32_t lo = old - sh->n_down, hi = old + sh->n_up;
+    if (cut < lo) lo = cut;
+    if (cut > hi) hi = cut;
+    if (lo < 0) lo = 0;
+    if (hi > sh->n_keys) hi = sh->n_keys;
+    const int32_t *order = sh->order;
+    for (int32_t r = lo; r < hi; r++) seed_place(s, order[r], r);
+    for (int32_t i = 0; i < sh->n_moved; i++) {
+        int32_t x = sh->moved[i];
+        seed_place(s, x, sh->pos[x]);
+    }
 }
 static void seed_hit(void *sv, int32_t x) {
     Seed *s = sv;
-    l_unlink(s->prv, s->nxt, x);
-    l_push(s->prv, s->nxt, s->S, x);
+    s->used[x] = ++s->clock;
+    if (s->where[x] == SEED_LIST) {
+        l_unlink(s->prv, s->nxt, x);
+        l_push(s->prv, s->nxt, s->S, x);
+    }
 }
 static int32_t seed_evict(void *sv, const mer_prot *p) {
     Seed *s = sv;
-    const SeedShared *sh = s->sh;
-    double thr = sh->fraction * (double)sh->wlen;
-    if (thr < 1.0) thr = 1.0;
-    /* pinned: among the first cap - 1 of the order, and hot (count >= threshold) */
-    int32_t n_pin = s->cap - 1 > 0 ? s->cap - 1 : 0;
-    for (int32_t x = s->nxt[s->S]; x != s->S; x = s->nxt[x]) {
-        if (!is_prot(p, x) && !seed_pinned(sh, x, n_pin, thr)) {
-            l_unlink(s->prv, s->nxt, x);
-            return x;
-        }
-    }
-    return -1;
+    (void)p; /* static pins never enter the list, and the step is not protected */
+    int32_t x = s->nxt[s->S];
+    if (x == s->S) return -1;
+    l_unlink(s->prv, s->nxt, x);
+    s->where[x] = SEED_OUT;
+    return x;
 }
-
 static void seed_insert(void *sv, int32_t x) {
     Seed *s = sv;
-    l_push(s->prv, s->nxt, s->S, x);
+    s->used[x] = ++s->clock;
+    if (s->pinned && s->pinned[x]) {
+        s->where[x] = SEED_STATIC;
+    } else if (s->sh->pos[x] < s->cut) {
+        s->where[x] = SEED_HELD;
+    } else {
+        s->where[x] = SEED_LIST;
+        l_push(s->prv, s->nxt, s->S, x);
+    }
 }
 static void seed_remove(void *sv, int32_t x) {
     Seed *s = sv;
-    l_unlink(s->prv, s->nxt, x);
+    if (s->where[x] == SEED_LIST) l_unlink(s->prv, s->nxt, x);
+    s->where[x] = SEED_OUT;
 }
 
 static const mer_policy SEED_POLICY = {
