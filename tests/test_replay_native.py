@@ -158,8 +158,10 @@ def test_seed_locality_pinned_heavy(k):
     # list and re-sorts keys as the hot order's cut moves. Long traces (the window
     # fills and slides, the threshold climbs above 1) with a few very hot keys make
     # nearly every resident pinned; the reference's victim() is wrapped to prove it:
-    # evictions must regularly pass pinned keys, many at a time.
+    # evictions must regularly pass pinned keys, many at a time. Every size side by
+    # side in one pass (`mer mrc`'s path) must give the same hits as well.
     from mer.core.policies import SeedLRULocality
+    from mer.sim.mrc import compiled_hits
 
     skipped: list[int] = []
     plain = SeedLRULocality.victim
@@ -180,8 +182,13 @@ def test_seed_locality_pinned_heavy(k):
                 e = rng.choice(n_experts, k, replace=False, p=p / p.sum())
                 rows.append([layer * n_experts + int(x) for x in e])
         steps = np.asarray(rows, dtype=np.int32)
-        for cap in range(1, n_layers * n_experts + 1):
-            for scope in ("global", "per-layer"):
+        sizes = list(range(1, n_layers * n_experts + 1))
+        for scope in ("global", "per-layer"):
+            params = {"experts_per_layer": epl}
+            side_by_side = compiled_hits(
+                "seed-lru-locality", steps, n_layers, n_experts, scope, sizes, params=params
+            )
+            for cap in sizes:
                 cfg = {"policy": "seed-lru-locality", "cache_slots": cap, "scope": scope}
                 cfg["policy_params"] = {"experts_per_layer": epl}
                 rep = Replay(
@@ -203,5 +210,6 @@ def test_seed_locality_pinned_heavy(k):
                 finally:
                     SeedLRULocality.victim = plain
                 assert got == want, (n_layers, epl, cap, scope)
+                assert side_by_side[cap] == want[0]["hits"], (n_layers, epl, cap, scope)
     passed = np.asarray(skipped)
     assert (passed > 0).mean() > 0.3 and (passed >= 4).sum() > 100, np.bincount(passed[passed >= 0])

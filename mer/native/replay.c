@@ -838,48 +838,55 @@ static const mer_policy OPT_POLICY = {
 /* One LRU (hits refresh in lookup order, no end-of-step order) whose victim is
    the oldest key outside the locality-pinned set: the first (cap - 1) hot ids
    of a sliding window, by count descending then id ascending. The window and
-   the hot order depend on the trace only, so one shared block serves every
-   cache of a pass; each cache cuts the order at its own cap - 1. Not
-   step-protecting: a miss may evict a key of its own step.
+   its counts depend on the trace only, so one shared block serves every cache
+   of a pass; each cache cuts the order at its own cap - 1. Not step-protecting:
+   a miss may evict a key of its own step.
 
    O(1) evictions: each cache keeps only its unpinned residents in the recency
-   list (oldest first), so the victim is the list's head. Pinned residents stay
-   outside it with their last-use stamp. The pinned set is a prefix of the hot
-   order (length m = min(cap - 1, keys with count >= threshold)); a step moves
-   at most 2k keys in the order by one count each, and every other key's rank
-   shifts by at most one per move, so only the moved keys and the keys ranked
-   within n_moved of the old or new cut can change side. `begin` re-checks those;
-   a key that becomes unpinned rejoins the list at its stamp's place.
-   Only hot keys (count >= threshold) can be pinned, so only they are kept in
-   order: order[0..n_hot) sorted, the cold keys after them in any order. A count
-   change then slides its key past hot ties only (the many rare keys with equal
-   small counts never need sorting), and the threshold only rises. */
+   list (oldest first), so the victim is the list's head; pinned residents stay
+   outside it with their last-use stamp, and rejoin at their stamp's place when
+   they lose their pin. The shared block keeps every key in count buckets
+   (order[] by count descending; bucket c is order[gt[c] .. gt[c - 1]), gt[c] =
+   keys with count > c), so a count change is one swap. A cache's pinned set is
+   then "count > cstar, or count == cstar and id <= idcut", with the cut bucket
+   cstar found from gt[] and idcut the right rank among its ids. After a step
+   only keys whose count moved, or whose count lies between the old and the new
+   cstar, can change side: `begin` re-checks exactly those, and most steps (the
+   cut unmoved, no count change near it) none. A full window's step changes only
+   the net counts (a key that enters and leaves is left alone). */
 
 typedef struct {
     int32_t *ring;
     int32_t *counts; /* window count of every key */
-    int32_t *order, *pos; /* hot keys in hot order (rank = pos), then the cold ones */
-    int64_t *okey;   /* okey[r]: order[r]'s sort key, count * n_keys + (n_keys - 1 - id) */
+    int32_t *order, *pos; /* keys by count, descending (not sorted within a count) */
+    int32_t *gt;     /* gt[c]: keys with count > c; gt[w + 1] = 0 */
     int32_t *moved;  /* keys whose count changed in this step */
-    int32_t n_moved, n_up, n_down; /* moves in this step, up and down the order */
+    int32_t *tmp;    /* a bucket's ids, to rank them */
+    int32_t n_moved;
     int32_t n_hot;   /* keys with count >= hot_min */
     int64_t hot_min; /* ceil(max(fraction * window length, 1)) */
     int64_t wsize, wlen, whead;
     int64_t last_t;
     double fraction;
     int32_t n_keys;
+    int full; /* hot_min is final */
     int ready;
 } SeedShared;
 
 typedef struct {
     int32_t *prv, *nxt; /* the unpinned residents, oldest first */
     int64_t *used;      /* last-use stamp of every resident */
-    uint8_t *where;     /* 0 absent, 1 in the list, 2 resident and pinned */
+    uint8_t *where;     /* SEED_OUT, SEED_LIST, SEED_HELD or SEED_STATIC */
     const uint8_t *pinned;
     int64_t clock;
-    int32_t S, cap, n_pin, cut;
+    int32_t S, n_pin;
+    int32_t cstar, idcut; /* pinned: count > cstar, or == cstar and id <= idcut */
+    int32_t rcut;         /* how many of bucket cstar's ids are pinned */
     SeedShared *sh;
 } Seed;
+
+/* where[x]: not resident, in the list (unpinned), pinned resident, static pin */
+enum { SEED_OUT = 0, SEED_LIST = 1, SEED_HELD = 2, SEED_STATIC = 3 };
 
 #define SEED_ARRAYS(s, a, c)                                                \
     do {                                                                    \
@@ -893,9 +900,9 @@ DEFINE_SIZE_INIT(Seed, SEED_ARRAYS)
 static size_t seed_shared_size(const mer_ctx *c) {
     int64_t w = (int64_t)c->p[0];
     if (w < 1) w = 1;
-    return sizeof(SeedShared) + 16 * 6 + sizeof(int32_t) * (size_t)w +
-           sizeof(int64_t) * (size_t)c->n_keys +
-           3 * sizeof(int32_t) * (size_t)c->n_keys + sizeof(int32_t) * 2 * (size_t)c->k;
+    return sizeof(SeedShared) + 16 * 7 + sizeof(int32_t) * (size_t)w +
+           4 * sizeof(int32_t) * (size_t)c->n_keys + sizeof(int32_t) * (size_t)(w + 2) +
+           sizeof(int32_t) * 2 * (size_t)c->k;
 }
 static void seed_shared_init(SeedShared *sh, const mer_ctx *c) {
     arena a = {(char *)sh, sizeof(SeedShared)};
@@ -905,9 +912,11 @@ static void seed_shared_init(SeedShared *sh, const mer_ctx *c) {
     sh->counts = take(&a, sizeof(int32_t) * c->n_keys);
     sh->order = take(&a, sizeof(int32_t) * c->n_keys);
     sh->pos = take(&a, sizeof(int32_t) * c->n_keys);
-    sh->okey = take(&a, sizeof(int64_t) * c->n_keys);
+    sh->tmp = take(&a, sizeof(int32_t) * c->n_keys);
+    sh->gt = take(&a, sizeof(int32_t) * (size_t)(w + 2));
     sh->moved = take(&a, sizeof(int32_t) * 2 * (size_t)c->k);
     memset(sh->counts, 0, sizeof(int32_t) * c->n_keys);
+    memset(sh->gt, 0, sizeof(int32_t) * (size_t)(w + 2));
     for (int32_t i = 0; i < c->n_keys; i++) sh->order[i] = sh->pos[i] = i;
     sh->n_moved = sh->n_hot = 0;
     sh->hot_min = 1;
@@ -922,64 +931,65 @@ static void seed_init(void *sv, const mer_ctx *c) {
     Seed *s = sv;
     Seed_lay(s, c);
     for (int32_t i = 0; i < c->n_keys; i++) s->prv[i] = s->nxt[i] = -1;
-    memset(s->where, 0, c->n_keys);
+    memset(s->where, SEED_OUT, c->n_keys);
     s->S = c->n_keys;
     l_init(s->prv, s->nxt, s->S);
     s->pinned = c->pinned;
     s->clock = 0;
-    s->cap = c->cap;
     s->n_pin = c->cap - 1 > 0 ? c->cap - 1 : 0;
-    s->cut = 0;
     s->sh = c->shared;
     if (!s->sh->ready) seed_shared_init(s->sh, c);
+    s->cstar = (int32_t)(s->sh->wsize + 1); /* nothing pinned */
+    s->idcut = -1;
+    s->rcut = 0;
 }
-/* The hot order is every hot key by count descending, then id ascending. After a
-   count moved by one, its key slides past the hot ties it now beats (or that now
-   beat it); a key turning hot joins at the end of the hot keys first, a key turning
-   cold ends there and leaves. */
-static inline void seed_put(SeedShared *sh, int32_t x, int64_t key, int32_t i) {
-    sh->order[i] = x;
-    sh->okey[i] = key;
-    sh->pos[x] = i;
+static inline void seed_swap(SeedShared *sh, int32_t i, int32_t j) {
+    int32_t a = sh->order[i], b = sh->order[j];
+    sh->order[i] = b;
+    sh->pos[b] = i;
+    sh->order[j] = a;
+    sh->pos[a] = j;
 }
+/* count[x] + 1: x trades places with the first key of its bucket, which then ends
+   one place later; count[x] - 1: with the last, and its bucket then starts there */
 static inline void seed_up(SeedShared *sh, int32_t x) {
-    int64_t c = ++sh->counts[x];
+    int32_t c = sh->counts[x]++;
+    seed_swap(sh, sh->pos[x], sh->gt[c]);
+    sh->gt[c]++;
     sh->moved[sh->n_moved++] = x;
-    if (c < sh->hot_min) return; /* cold, stays cold */
-    sh->n_up++;
-    int32_t *order = sh->order;
-    int64_t *okey = sh->okey;
-    const int64_t key = c * sh->n_keys + (sh->n_keys - 1 - x);
-    int32_t i = sh->pos[x];
-    if (c == sh->hot_min) { /* turns hot: swap it to the first cold place, then join */
-        int32_t j = sh->n_hot++;
-        seed_put(sh, order[j], okey[j], i);
-        i = j;
-    }
-    while (i > 0 && okey[i - 1] < key) {
-        seed_put(sh, order[i - 1], okey[i - 1], i);
-        i--;
-    }
-    seed_put(sh, x, key, i);
 }
 static inline void seed_down(SeedShared *sh, int32_t x) {
-    int64_t c = sh->counts[x]--;
+    int32_t c = --sh->counts[x];
+    seed_swap(sh, sh->pos[x], --sh->gt[c]);
     sh->moved[sh->n_moved++] = x;
-    if (c < sh->hot_min) return; /* was cold */
-    sh->n_down++;
-    int32_t *order = sh->order;
-    int64_t *okey = sh->okey;
-    const int64_t key = (c - 1) * sh->n_keys + (sh->n_keys - 1 - x);
-    int32_t i = sh->pos[x];
-    while (i + 1 < sh->n_hot && okey[i + 1] > key) {
-        seed_put(sh, order[i + 1], okey[i + 1], i);
-        i++;
-    }
-    seed_put(sh, x, key, i);
-    if (c == sh->hot_min) sh->n_hot--; /* turned cold: it is the last hot key */
 }
 static void seed_window(SeedShared *sh, const int32_t *keys, int k) {
-    sh->n_moved = sh->n_up = sh->n_down = 0;
+    sh->n_moved = 0;
+    if (sh->wlen == sh->wsize && sh->wsize >= k && k <= 32) {
+        /* full: the step's keys replace the k oldest. Only the net count changes
+           matter (the pinned set is read after the whole step), so a key that
+           both enters and leaves is left alone. */
+        uint32_t left = 0; /* bit r: the r-th oldest still has to leave */
+        int32_t out[32];
+        for (int r = 0; r < k; r++) {
+            out[r] = sh->ring[sh->whead];
+            sh->ring[sh->whead] = keys[r];
+            if (++sh->whead == sh->wsize) sh->whead = 0;
+            left |= 1u << r;
+        }
+        for (int r = 0; r < k; r++) {
+            int32_t x = keys[r];
+            uint32_t same = 0;
+            for (int q = 0; q < k; q++) same |= (uint32_t)(out[q] == x) << q;
+            same &= left;
+            if (same) left &= ~(same & -same);
+            else seed_up(sh, x);
+        }
+        for (int q = 0; q < k; q++)
+            if (left >> q & 1u) seed_down(sh, out[q]);
+        sh->n_hot = sh->gt[sh->hot_min - 1];
+        return;
+    }
     for (int r = 0; r < k; r++) {
         int32_t x = keys[r];
         seed_up(sh, x);
@@ -992,20 +1002,43 @@ static void seed_window(SeedShared *sh, const int32_t *keys, int k) {
             if (++sh->whead == sh->wsize) sh->whead = 0;
         }
     }
-    /* hot: count >= max(fraction * window length, 1), i.e. count >= its ceiling; it
-       only rises, and the keys it leaves behind are the last hot ones */
+    /* hot: count >= max(fraction * window length, 1), i.e. count >= its ceiling
+       (which only moves while the window fills) */
+    if (sh->wlen == sh->wsize && sh->full) {
+        sh->n_hot = sh->gt[sh->hot_min - 1];
+        return;
+    }
+    sh->full = sh->wlen == sh->wsize;
     double thr = sh->fraction * (double)sh->wlen;
     if (thr < 1.0) thr = 1.0;
     double m = ceil(thr);
-    int64_t hot_min = m > (double)INT32_MAX ? (int64_t)INT32_MAX + 1 : (int64_t)m;
-    if (hot_min > sh->hot_min) {
-        sh->hot_min = hot_min;
-        while (sh->n_hot > 0 && sh->counts[sh->order[sh->n_hot - 1]] < hot_min) sh->n_hot--;
-    }
+    sh->hot_min = m > (double)(sh->wsize + 1) ? sh->wsize + 1 : (int64_t)m;
+    sh->n_hot = sh->gt[sh->hot_min - 1];
 }
-/* where[x]: not resident, in the list (unpinned), or resident outside it */
-enum { SEED_OUT = 0, SEED_LIST = 1, SEED_HELD = 2, SEED_STATIC = 3 };
-
+static inline int seed_is_pinned(const Seed *s, int32_t x) {
+    int32_t c = s->sh->counts[x];
+    return (c > s->cstar) | ((c == s->cstar) & (x <= s->idcut));
+}
+/* The r-th smallest (1-based) of a[0..n), n >= r >= 1: quickselect, a is reordered. */
+static int32_t seed_select(int32_t *a, int32_t n, int32_t r) {
+    int32_t lo = 0, hi = n - 1, want = r - 1;
+    while (lo < hi) {
+        int32_t pivot = a[lo + (hi - lo) / 2], i = lo, j = hi;
+        while (i <= j) {
+            while (a[i] < pivot) i++;
+            while (a[j] > pivot) j--;
+            if (i <= j) {
+                int32_t t = a[i];
+                a[i++] = a[j];
+                a[j--] = t;
+            }
+        }
+        if (want <= j) hi = j;
+        else if (want >= i) lo = i;
+        else return a[want];
+    }
+    return a[want];
+}
 /* x leaves the list (now pinned) or rejoins it at its stamp's place (now unpinned),
    searching from both ends: the list is in stamp order */
 static void seed_move(Seed *s, int32_t x, uint8_t want) {
@@ -1029,37 +1062,54 @@ static void seed_move(Seed *s, int32_t x, uint8_t want) {
         b = s->prv[b];
     }
 }
-/* x, of rank r, to the side the cut puts it on (if resident and not statically pinned) */
-static inline void seed_place(Seed *s, int32_t x, int32_t r) {
+/* x to the side the cut puts it on (if resident and not statically pinned) */
+static inline void seed_place(Seed *s, int32_t x) {
     uint8_t w = s->where[x];
-    if (w != SEED_LIST && w != SEED_HELD) return;
-    uint8_t want = r < s->cut ? SEED_HELD : SEED_LIST;
-    if (w != want) seed_move(s, x, want);
+    uint8_t want = (uint8_t)(SEED_LIST + seed_is_pinned(s, x)); /* LIST or HELD */
+    if (((unsigned)(w - SEED_LIST) < 2u) & (w != want)) seed_move(s, x, want);
 }
 static void seed_begin(void *sv, int64_t t, const int32_t *keys, const int64_t *nu, int k) {
     Seed *s = sv;
     SeedShared *sh = s->sh;
+    const int32_t *gt = sh->gt;
     (void)nu;
     if (sh->last_t != t) { /* the first cache of this pass to see step t */
         sh->last_t = t;
         seed_window(sh, keys, k);
     }
-    /* An unmoved key's rank rose by at most the step's down moves (keys passing it on
-       their way down) and fell by at most its up moves: only ranks within those of
-       the old cut, or between the old and the new cut, can have changed side. */
-    int32_t old = s->cut, cut = sh->n_hot < s->n_pin ? sh->n_hot : s->n_pin;
-    s->cut = cut;
-    int32_t lo = old - sh->n_down, hi = old + sh->n_up;
-    if (cut < lo) lo = cut;
-    if (cut > hi) hi = cut;
-    if (lo < 0) lo = 0;
-    if (hi > sh->n_keys) hi = sh->n_keys;
-    const int32_t *order = sh->order;
-    for (int32_t r = lo; r < hi; r++) seed_place(s, order[r], r);
-    for (int32_t i = 0; i < sh->n_moved; i++) {
-        int32_t x = sh->moved[i];
-        seed_place(s, x, sh->pos[x]);
+    const int32_t none = (int32_t)(sh->wsize + 1);
+    int32_t cut = sh->n_hot < s->n_pin ? sh->n_hot : s->n_pin;
+    int32_t old = s->cstar, c = none, r = 0;
+    if (cut > 0) { /* the bucket of the cut's last key: gt[c] < cut <= gt[c - 1] */
+        c = old < none ? old : (int32_t)sh->hot_min;
+        while (gt[c] >= cut) c++;
+        while (gt[c - 1] < cut) c--;
+        r = cut - gt[c];
     }
+    /* The cut stays where it was if its bucket, its rank there and the bucket's keys
+       are the same. Only a moved key can enter or leave the bucket; if none ends
+       within one count of it, none crossed it either: then no key changes side. */
+    int same = (c == old) & (r == s->rcut);
+    for (int32_t i = 0; i < sh->n_moved; i++)
+        same &= (uint32_t)(sh->counts[sh->moved[i]] - c + 1) > 2u;
+    if (same) return;
+    s->cstar = c;
+    s->rcut = r;
+    if (cut > 0) {
+        int32_t n = gt[c - 1] - gt[c];
+        if (r == n) {
+            s->idcut = INT32_MAX;
+        } else {
+            memcpy(sh->tmp, sh->order + gt[c], sizeof(int32_t) * (size_t)n);
+            s->idcut = seed_select(sh->tmp, n, r);
+        }
+    }
+    /* keys with a count between the old and the new cut bucket: one run of order[] */
+    int32_t clo = old < c ? old : c, chi = old < c ? c : old;
+    int32_t end = clo >= 1 ? gt[clo - 1] : sh->n_keys;
+    if (clo < none)
+        for (int32_t i = gt[chi]; i < end; i++) seed_place(s, sh->order[i]);
+    for (int32_t i = 0; i < sh->n_moved; i++) seed_place(s, sh->moved[i]);
 }
 static void seed_hit(void *sv, int32_t x) {
     Seed *s = sv;
@@ -1083,7 +1133,7 @@ static void seed_insert(void *sv, int32_t x) {
     s->used[x] = ++s->clock;
     if (s->pinned && s->pinned[x]) {
         s->where[x] = SEED_STATIC;
-    } else if (s->sh->pos[x] < s->cut) {
+    } else if (seed_is_pinned(s, x)) {
         s->where[x] = SEED_HELD;
     } else {
         s->where[x] = SEED_LIST;
