@@ -21,6 +21,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "q4_0.h"
 
@@ -49,6 +50,7 @@
 #define TILE_BYTES (256 << 10)          /* weights per row tile when tokens need several passes */
 #define COL_BLOCKS 128                  /* blocks per column chunk of a batch over long rows */
 #define ROW_TILE 64                     /* rows per tile when rows go in column chunks */
+#define CHUNK_BYTES (256 << 10)         /* weights per chunk that a thread claims at a time */
 
 enum { ISA_PORTABLE = 1, ISA_AVX2 = 2, ISA_AVX512 = 3 };
 
@@ -561,19 +563,37 @@ static int64_t type_block_bytes(int wtype) {
 
 /* ---- the thread pool ----------------------------------------------------------------------- */
 
-typedef void (*job_fn)(void *ctx, int tid, int nth);
+/* A job is n_items (rows, or lines of memory) in chunks of `chunk`; fn(ctx, i0, i1) does items
+   [i0, i1). The calling thread and the workers claim chunks one at a time from one atomic word,
+   so a thread that starts late (woken late, or sharing its core with another process) takes
+   fewer chunks instead of holding the others up; which thread computes a row never changes
+   its result. The word packs the job's generation, its thread count, its chunk count and the
+   next chunk, so a claim is valid only for the job it was read from: the caller waits for its
+   chunks to be done, never for a worker that has not shown up. Idle workers spin for a short
+   while (the FFN's second matrix and the next expert come microseconds later) and then sleep
+   on a condition variable. */
+typedef void (*job_fn)(void *ctx, int64_t i0, int64_t i1);
+
+#define GEN_SHIFT 32
+#define NTH_SHIFT 24
+#define NCH_SHIFT 12
+#define FIELD12 0xfffu
+#define MAX_CHUNKS 4095
+#ifndef SPIN_NS
+#define SPIN_NS 200000 /* idle spin before sleeping: covers the gaps inside and between FFN calls */
+#endif
 
 static struct {
     pthread_mutex_t mu;
     pthread_cond_t go, done;
     pthread_mutex_t busy; /* one dispatch at a time; a concurrent caller runs inline */
     int started;
-    uint64_t gen;
-    uint64_t start_gen[MAX_THREADS];
+    uint64_t claim;   /* atomic: gen << 32 | nth << 24 | n_chunks << 12 | next chunk */
+    int sleepers;     /* atomic: workers waiting on `go` */
+    int64_t done_n;   /* atomic: chunks of the current job done */
     job_fn fn;
     void *ctx;
-    int nth;
-    int remaining;
+    int64_t n_items, chunk;
 } P = {.mu = PTHREAD_MUTEX_INITIALIZER,
        .go = PTHREAD_COND_INITIALIZER,
        .done = PTHREAD_COND_INITIALIZER,
@@ -588,28 +608,73 @@ static void pool_after_fork(void) {
     pthread_cond_init(&P.go, NULL);
     pthread_cond_init(&P.done, NULL);
     P.started = 0;
-    P.gen = 0;
-    P.remaining = 0;
+    P.claim = 0;
+    P.sleepers = 0;
+    P.done_n = 0;
 }
 
 static void fork_init(void) { pthread_atfork(NULL, NULL, pool_after_fork); }
 
+static inline void cpu_relax(void) {
+#if MER_X86
+    __builtin_ia32_pause();
+#endif
+}
+
+static inline int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* Claim chunks of the job whose claim word had generation `gen` until none is left; returns
+   how many this thread did. fn, ctx, n_items and chunk are read only after a successful claim:
+   the job cannot be replaced while one of its chunks is not done. */
+static int64_t pool_claim(uint64_t gen, int tid) {
+    int64_t did = 0;
+    uint64_t c = __atomic_load_n(&P.claim, __ATOMIC_ACQUIRE);
+    for (;;) {
+        if ((c >> GEN_SHIFT) != gen || (int)((c >> NTH_SHIFT) & 0xff) <= tid) return did;
+        uint64_t n = (c >> NCH_SHIFT) & FIELD12, next = c & FIELD12;
+        if (next >= n) return did;
+        if (!__atomic_compare_exchange_n(&P.claim, &c, c + 1, 1, __ATOMIC_ACQ_REL,
+                                         __ATOMIC_ACQUIRE))
+            continue; /* c now holds the current word */
+        int64_t i0 = (int64_t)next * P.chunk, i1 = i0 + P.chunk;
+        if (i1 > P.n_items) i1 = P.n_items;
+        P.fn(P.ctx, i0, i1);
+        did++;
+        if (__atomic_add_fetch(&P.done_n, 1, __ATOMIC_ACQ_REL) == (int64_t)n) {
+            pthread_mutex_lock(&P.mu);
+            pthread_cond_signal(&P.done);
+            pthread_mutex_unlock(&P.mu);
+        }
+        c = __atomic_load_n(&P.claim, __ATOMIC_ACQUIRE);
+    }
+}
+
 static void *pool_worker(void *arg) {
     int tid = (int)(intptr_t)arg;
-    pthread_mutex_lock(&P.mu);
-    uint64_t seen = P.start_gen[tid];
+    uint64_t seen = __atomic_load_n(&P.claim, __ATOMIC_ACQUIRE) >> GEN_SHIFT;
     for (;;) {
-        while (P.gen == seen) pthread_cond_wait(&P.go, &P.mu);
-        seen = P.gen;
-        if (tid < P.nth) {
-            job_fn fn = P.fn;
-            void *ctx = P.ctx;
-            int nth = P.nth;
-            pthread_mutex_unlock(&P.mu);
-            fn(ctx, tid, nth);
-            pthread_mutex_lock(&P.mu);
-            if (--P.remaining == 0) pthread_cond_signal(&P.done);
+        uint64_t gen;
+        int64_t t0 = now_ns();
+        for (int spin = 1;; spin++) {
+            gen = __atomic_load_n(&P.claim, __ATOMIC_ACQUIRE) >> GEN_SHIFT;
+            if (gen != seen) break;
+            cpu_relax();
+            if (!(spin & 255) && now_ns() - t0 > SPIN_NS) {
+                pthread_mutex_lock(&P.mu);
+                __atomic_add_fetch(&P.sleepers, 1, __ATOMIC_SEQ_CST);
+                while ((gen = __atomic_load_n(&P.claim, __ATOMIC_SEQ_CST) >> GEN_SHIFT) == seen)
+                    pthread_cond_wait(&P.go, &P.mu);
+                __atomic_sub_fetch(&P.sleepers, 1, __ATOMIC_SEQ_CST);
+                pthread_mutex_unlock(&P.mu);
+                break;
+            }
         }
+        seen = gen;
+        pool_claim(gen, tid);
     }
     return NULL;
 }
@@ -627,7 +692,6 @@ static int pool_grow(int n) {
         pthread_attr_t attr;
         pthread_attr_init(&attr);
         pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-        P.start_gen[P.started] = P.gen;
         int rc = pthread_create(&th, &attr, pool_worker, (void *)(intptr_t)P.started);
         pthread_attr_destroy(&attr);
         if (rc != 0) break;
@@ -637,32 +701,55 @@ static int pool_grow(int n) {
     return P.started < n ? P.started : n;
 }
 
-static void pool_run(job_fn fn, void *ctx, int nth) {
+/* fn over items [0, n_items) in chunks of at least `chunk`, on up to nth threads. */
+static void pool_run(job_fn fn, void *ctx, int64_t n_items, int64_t chunk, int nth) {
+    if (n_items <= 0) return;
+    if (chunk < 1) chunk = 1;
+    if (n_items / chunk >= MAX_CHUNKS) chunk = (n_items + MAX_CHUNKS - 1) / MAX_CHUNKS;
+    int64_t n_chunks = (n_items + chunk - 1) / chunk;
+    if (nth > n_chunks) nth = (int)n_chunks;
     if (nth > 1) {
         pthread_once(&g_fork_once, fork_init);
         if (pthread_mutex_trylock(&P.busy) == 0) {
             pthread_mutex_lock(&P.mu);
             nth = pool_grow(nth);
+            pthread_mutex_unlock(&P.mu);
             if (nth > 1) {
                 P.fn = fn;
                 P.ctx = ctx;
-                P.nth = nth;
-                P.remaining = nth - 1;
-                P.gen++;
-                pthread_cond_broadcast(&P.go);
-                pthread_mutex_unlock(&P.mu);
-                fn(ctx, 0, nth);
-                pthread_mutex_lock(&P.mu);
-                while (P.remaining > 0) pthread_cond_wait(&P.done, &P.mu);
-                pthread_mutex_unlock(&P.mu);
+                P.n_items = n_items;
+                P.chunk = chunk;
+                __atomic_store_n(&P.done_n, 0, __ATOMIC_RELAXED);
+                uint64_t gen = ((__atomic_load_n(&P.claim, __ATOMIC_RELAXED) >> GEN_SHIFT) + 1) &
+                               0xffffffffu;
+                uint64_t word = gen << GEN_SHIFT | (uint64_t)nth << NTH_SHIFT |
+                                (uint64_t)n_chunks << NCH_SHIFT;
+                __atomic_store_n(&P.claim, word, __ATOMIC_SEQ_CST);
+                if (__atomic_load_n(&P.sleepers, __ATOMIC_SEQ_CST) > 0) {
+                    pthread_mutex_lock(&P.mu);
+                    pthread_cond_broadcast(&P.go);
+                    pthread_mutex_unlock(&P.mu);
+                }
+                pool_claim(gen, 0);
+                /* the last chunks may still run on a worker: spin briefly, then sleep */
+                int64_t t0 = now_ns();
+                for (int spin = 1; __atomic_load_n(&P.done_n, __ATOMIC_ACQUIRE) < n_chunks; spin++) {
+                    cpu_relax();
+                    if (!(spin & 255) && now_ns() - t0 > SPIN_NS) {
+                        pthread_mutex_lock(&P.mu);
+                        while (__atomic_load_n(&P.done_n, __ATOMIC_ACQUIRE) < n_chunks)
+                            pthread_cond_wait(&P.done, &P.mu);
+                        pthread_mutex_unlock(&P.mu);
+                        break;
+                    }
+                }
                 pthread_mutex_unlock(&P.busy);
                 return;
             }
-            pthread_mutex_unlock(&P.mu);
             pthread_mutex_unlock(&P.busy);
         }
     }
-    fn(ctx, 0, 1);
+    fn(ctx, 0, n_items);
 }
 
 int mer_q_pool_threads(void) {
@@ -741,9 +828,13 @@ static void mm_rows(const mm_job *j, int64_t r0, int64_t r1) {
     }
 }
 
-static void mm_worker(void *ctx, int tid, int nth) {
-    const mm_job *j = ctx;
-    mm_rows(j, j->n_rows * tid / nth, j->n_rows * (tid + 1) / nth);
+static void mm_worker(void *ctx, int64_t r0, int64_t r1) { mm_rows(ctx, r0, r1); }
+
+/* Rows per claimed chunk: about CHUNK_BYTES of weights (a whole number of tiles). */
+static int64_t chunk_rows(int64_t rb, int64_t tile) {
+    int64_t c = CHUNK_BYTES / (rb > 0 ? rb : 1);
+    if (tile < INT64_MAX && c > tile) c = c / tile * tile;
+    return c < 1 ? 1 : c;
 }
 
 static int check_shape(int wtype, int64_t n_rows, int64_t n_cols, int64_t n_tok) {
@@ -763,7 +854,8 @@ int mer_q_matmul(int wtype, const uint8_t *w, int64_t n_rows, int64_t n_cols, co
     int64_t nb = n_cols / QK;
     mm_job j = {rows_fn(isa, wtype), w, n_rows, nb, nb * type_block_bytes(wtype), n_tok, NULL, y};
     j.acts = acts_fill(isa, mem, x, n_tok, n_cols, pairs);
-    pool_run(mm_worker, &j, threads_for(n_threads, n_rows, n_rows * j.rb));
+    pool_run(mm_worker, &j, n_rows, chunk_rows(j.rb, tile_rows(j.rb, n_tok)),
+             threads_for(n_threads, n_rows, n_rows * j.rb));
     return 0;
 }
 
@@ -794,9 +886,11 @@ TGT512 static void silu_mul_512(float *h, const float *u, int64_t n) {
                  ln2lo = _mm512_set1_ps(1.42860677e-06f), hi = _mm512_set1_ps(88.5f),
                  lo = _mm512_set1_ps(-88.5f), one = _mm512_set1_ps(1.0f);
     const float c[8] = {1.0f, 1.0f, 0.5f, 1.0f / 6, 1.0f / 24, 1.0f / 120, 1.0f / 720, 1.0f / 5040};
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16) {
-        __m512 g = _mm512_loadu_ps(h + i);
+    for (int64_t i = 0; i < n; i += 16) {
+        /* the last partial vector is masked, so every element takes the same steps wherever a
+           tile boundary falls: the result does not depend on how rows are split over threads */
+        __mmask16 m = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
+        __m512 g = _mm512_maskz_loadu_ps(m, h + i);
         __m512 x = _mm512_min_ps(_mm512_max_ps(_mm512_sub_ps(_mm512_setzero_ps(), g), lo), hi);
         __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         __m512 r = _mm512_fnmadd_ps(k, ln2hi, x);
@@ -804,10 +898,9 @@ TGT512 static void silu_mul_512(float *h, const float *u, int64_t n) {
         __m512 p = _mm512_set1_ps(c[7]);
         for (int j = 6; j >= 0; j--) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c[j]));
         __m512 e = _mm512_scalef_ps(p, k);
-        __m512 y = _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(one, e)), _mm512_loadu_ps(u + i));
-        _mm512_storeu_ps(h + i, y);
+        __m512 y = _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(one, e)), _mm512_maskz_loadu_ps(m, u + i));
+        _mm512_mask_storeu_ps(h + i, m, y);
     }
-    silu_mul_c(h + i, u + i, n - i);
 }
 #endif
 
@@ -831,9 +924,8 @@ typedef struct {
 #define GU_TILE 64 /* rows of gate and up per step: then silu * up on the tile */
 
 
-static void gu_worker(void *ctx, int tid, int nth) {
+static void gu_worker(void *ctx, int64_t r0, int64_t r1) {
     const gu_job *j = ctx;
-    int64_t r0 = j->d_ff * tid / nth, r1 = j->d_ff * (tid + 1) / nth;
     float ub[TOK_GROUP * GU_TILE];
     int64_t tile = tile_rows(j->grb + j->urb, j->n_tok);
     if (tile > GU_TILE) tile = GU_TILE;
@@ -871,12 +963,14 @@ int mer_q_ffn(int gate_type, const uint8_t *gate, int up_type, const uint8_t *up
                     nbm * type_block_bytes(gate_type), nbm * type_block_bytes(up_type), n_tok,
                     NULL, hh};
         g.acts = acts_fill(isa, mem, x, n_tok, d_model, pairs_in);
-        pool_run(gu_worker, &g, threads_for(n_threads, d_ff, d_ff * (g.grb + g.urb)));
+        pool_run(gu_worker, &g, d_ff, chunk_rows(g.grb + g.urb, GU_TILE),
+                 threads_for(n_threads, d_ff, d_ff * (g.grb + g.urb)));
     }
     mm_job dn = {rows_fn(isa, down_type), down, d_model, nbf, nbf * type_block_bytes(down_type),
                  n_tok, NULL, y};
     dn.acts = acts_fill(isa, mem + a_in, hh, n_tok, d_ff, pairs_h);
-    pool_run(mm_worker, &dn, threads_for(n_threads, d_model, d_model * dn.rb));
+    pool_run(mm_worker, &dn, d_model, chunk_rows(dn.rb, tile_rows(dn.rb, n_tok)),
+             threads_for(n_threads, d_model, d_model * dn.rb));
     return 0;
 }
 
@@ -937,14 +1031,13 @@ typedef struct {
     const uint8_t *p;
     int64_t n;
     int isa;
-    uint64_t part[MAX_THREADS];
+    uint64_t sum; /* atomic; a sum mod 2^64 is the same whatever the split */
 } rd_job;
 
-static void rd_worker(void *ctx, int tid, int nth) {
+/* Lines [l0, l1) of 64 bytes (the last one may be short). */
+static void rd_worker(void *ctx, int64_t l0, int64_t l1) {
     rd_job *j = ctx;
-    /* split on 64-byte boundaries, so every thread sums whole words from the buffer's start */
-    int64_t lines = j->n / 64;
-    int64_t a = lines * tid / nth * 64, b = tid + 1 == nth ? j->n : lines * (tid + 1) / nth * 64;
+    int64_t a = l0 * 64, b = l1 * 64 > j->n ? j->n : l1 * 64;
     uint64_t s;
 #if MER_X86
     if (j->isa == ISA_AVX512) s = read_512(j->p + a, b - a);
@@ -953,18 +1046,12 @@ static void rd_worker(void *ctx, int tid, int nth) {
 #else
     s = read_c(j->p + a, b - a);
 #endif
-    j->part[tid] = s;
+    __atomic_add_fetch(&j->sum, s, __ATOMIC_RELAXED);
 }
 
 uint64_t mer_q_memread(const uint8_t *p, int64_t n, int n_threads) {
-    rd_job j;
-    memset(&j, 0, sizeof(j));
-    j.p = p;
-    j.n = n < 0 ? 0 : n;
-    j.isa = mer_q_isa();
-    int nth = threads_for(n_threads, j.n, j.n);
-    pool_run(rd_worker, &j, nth);
-    uint64_t s = 0;
-    for (int t = 0; t < MAX_THREADS; t++) s += j.part[t];
-    return s;
+    rd_job j = {p, n < 0 ? 0 : n, mer_q_isa(), 0};
+    int64_t lines = (j.n + 63) / 64;
+    pool_run(rd_worker, &j, lines, CHUNK_BYTES / 64, threads_for(n_threads, j.n, j.n));
+    return j.sum;
 }
