@@ -660,7 +660,7 @@ typedef void (*job_fn)(void *ctx, int64_t i0, int64_t i1);
 #define FIELD12 0xfffu
 #define MAX_CHUNKS 4095
 #ifndef SPIN_NS
-#define SPIN_NS 200000 /* idle spin before sleeping: covers the gaps inside and between FFN calls */
+#define SPIN_NS 100000 /* idle spin before sleeping: covers the gaps inside and between FFN calls */
 #endif
 
 static struct {
@@ -674,6 +674,7 @@ static struct {
     job_fn fn;
     void *ctx;
     int64_t n_items, chunk;
+    int64_t stats[4]; /* see mer_q_pool_stats; written by the dispatching thread only */
 } P = {.mu = PTHREAD_MUTEX_INITIALIZER,
        .go = PTHREAD_COND_INITIALIZER,
        .done = PTHREAD_COND_INITIALIZER,
@@ -810,7 +811,7 @@ static void pool_run(job_fn fn, void *ctx, int64_t n_items, int64_t chunk, int n
                     pthread_cond_broadcast(&P.go);
                     pthread_mutex_unlock(&P.mu);
                 }
-                pool_claim(gen, 0);
+                int64_t mine = pool_claim(gen, 0);
                 /* the last chunks may still run on a worker: spin briefly, then sleep */
                 int64_t t0 = now_ns();
                 for (int spin = 1; __atomic_load_n(&P.done_n, __ATOMIC_ACQUIRE) < n_chunks; spin++) {
@@ -823,6 +824,10 @@ static void pool_run(job_fn fn, void *ctx, int64_t n_items, int64_t chunk, int n
                         break;
                     }
                 }
+                P.stats[0]++;
+                P.stats[1] += mine;
+                P.stats[2] += n_chunks - mine;
+                P.stats[3] += now_ns() - t0;
                 pthread_mutex_unlock(&P.busy);
                 return;
             }
@@ -830,6 +835,15 @@ static void pool_run(job_fn fn, void *ctx, int64_t n_items, int64_t chunk, int n
         }
     }
     fn(ctx, 0, n_items);
+}
+
+void mer_q_pool_stats(int64_t *out, int reset) {
+    pthread_mutex_lock(&P.busy);
+    for (int i = 0; i < 4; i++) {
+        out[i] = P.stats[i];
+        if (reset) P.stats[i] = 0;
+    }
+    pthread_mutex_unlock(&P.busy);
 }
 
 int mer_q_pool_threads(void) {

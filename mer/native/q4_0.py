@@ -17,12 +17,15 @@ matrix of n_rows x n_cols is n_rows rows of n_cols / 32 blocks, ggml ne = {n_col
         (n_tokens, d_ff)) receives silu(gate x) * (up x) when given.
     NativeFFN(d_model, d_ff, threads)   the same as a callable ffn(x, gate, up, down).
     memory_read_gbs(n_bytes, threads)   streaming memory read rate, the kernel's physical limit.
+    pool_stats(reset)                   how calls split over threads went (chunks per side, waits).
     Q4_0 = 2, Q8_0 = 8                  ggml type ids; row_bytes(n_cols, wtype).
 
 Threads: `threads` splits each matrix's rows over a persistent pthread pool inside the C
 module (created on first use, grown to the largest count asked for); the call releases the
-GIL. A matrix of less than 1 MiB per thread uses fewer threads (a hand-off to another
-thread costs more than it saves there). Calls from several Python
+GIL. The calling thread and the workers claim chunks of about 256 KiB of rows at a time, so a
+thread slowed by another process does less of the work instead of holding the call up; idle
+workers spin for 0.1 ms before they sleep. A matrix of less than 1 MiB per thread uses fewer
+threads (a hand-off to another thread costs more than it saves there). Calls from several Python
 threads at once are safe (a second concurrent call runs on its own thread, unsplit).
 
 Arithmetic (ggml's, which `emulate_*` below reproduce in numpy): per token and per block of 32
@@ -298,6 +301,17 @@ class NativeFFN:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def pool_stats(reset: bool = False) -> dict[str, int]:
+    """How the calls split over threads went, since the last reset: jobs split, chunks done by
+    the calling thread and by the workers, and ns the caller waited (its own chunks done) for
+    the workers' last ones. A worker whose core is busy with another process takes fewer
+    chunks; a worker that wakes late makes the caller wait."""
+    m = _need_lib()
+    out = m.ffi.new("int64_t[4]")
+    m.lib.mer_q_pool_stats(out, int(reset))
+    return dict(jobs=out[0], caller_chunks=out[1], worker_chunks=out[2], wait_ns=out[3])
 
 
 def memread(buf: Any, threads: int = 1) -> int:
