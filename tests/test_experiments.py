@@ -163,6 +163,13 @@ def test_calibrate_refuses_a_simulation_of_another_experiment(
     assert not (tmp_path / "c.json").exists()
 
 
+def test_api_calibrate_refuses_another_trace(tmp_path: Path) -> None:
+    import mer
+
+    with pytest.raises(BadInput, match="is not the trace the run replayed"):
+        mer.calibrate(_summary(kind="measured"), "ci-tiny", trace=_head(tmp_path))
+
+
 def test_report_names_the_pair_whose_runs_differ() -> None:
     sim, run = _summary(), _summary(kind="measured", scope="per-layer")
     names = ("simulated run of the pair 'winner'", "measured run of the pair 'winner'")
