@@ -132,3 +132,17 @@ def test_simulate_marks_in_sample_runs_and_refuses_a_mismatched_file(files, tmp_
         "simulate", a, "--policy", "lru", "--tuned", tuned, "--hardware", "ci-tiny", check=False
     )
     assert res.returncode == 2 and "--tuned is for policy cycle" in res.stderr
+
+
+def test_simulate_says_when_the_lead_leaves_nothing_to_prefetch(tmp_path):
+    """A lead beyond the pipeline depth leaves no layer to prefetch for: the run says so
+    (and prefetches nothing), instead of silently measuring no prefetch."""
+    path = tmp_path / "t.parquet"
+    write_trace(_trace(3), path)
+    args = ["simulate", path, "--policy", "lru", "--cache-slots", 6, "--predictor", "oracle"]
+    out = _mer(*args, "--pipeline-depth", 2, "--prefetch-lead", 3, "--json")
+    assert "nothing was prefetched" in out.stderr
+    assert json.loads(out.stdout)["prefetch"]["issued"] == 0
+    ok = _mer(*args, "--pipeline-depth", 3, "--prefetch-lead", 3, "--json")
+    assert "nothing was prefetched" not in ok.stderr
+    assert json.loads(ok.stdout)["prefetch"]["issued"] > 0
