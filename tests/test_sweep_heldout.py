@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
 import pytest
+from cli_kit import run_mer
 
 from mer.sim.mrc import one_pass_hits
 from mer.sim.tune import tune_policy
@@ -29,13 +28,7 @@ def _trace(seed, n_tokens=40):
     return from_arrays(ex, TraceMeta(model="t", n_layers=L, n_experts=E, top_k=K))
 
 
-def _mer(*args, check=True):
-    out = subprocess.run(
-        [sys.executable, "-m", "mer", *map(str, args)], capture_output=True, text=True
-    )
-    if check:
-        assert out.returncode == 0, out.stderr
-    return out
+_mer = run_mer
 
 
 @pytest.fixture()
