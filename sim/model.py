@@ -39,7 +39,7 @@ import math
 import time
 from bisect import bisect_left, bisect_right
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -48,11 +48,11 @@ import pandas as pd
 import simpy
 
 from mer.core.cache import CacheStats
-from mer.core.replay import Replay, ReplayConfig
+from mer.core.replay import Replay, ReplayConfig, auto_lead
 from mer.errors import BadInput
 from mer.shapes import SHAPES, ModelShape, get_shape
 from mer.sim.hardware import HardwareProfile
-from mer.summary import RunSummary, busy_seconds, percentiles
+from mer.summary import RunSummary, busy_seconds, percentiles, warm_figures
 
 MODES = ("model", "seed")
 #: The engines count time in integer picoseconds: instants that coincide in the
@@ -258,6 +258,8 @@ class SimOptions:
     shape: str | ModelShape | None = (
         None  # a name or a shape (e.g. an expert file's); None: from the trace geometry
     )
+    #: steady-state window for summary.extra["warm"] (None: 32 tokens, at most half)
+    warmup_tokens: int | None = None
     read_ranges: tuple[int, ...] | None = None
     queue_depth: int | None = None
     chunk_bytes: int | None = None
@@ -912,6 +914,10 @@ def simulate(
     )
     tm, read_bytes = timing_of(hardware, shape, opts)
     ssd = hardware.ssd
+    read_alone = (math.ceil(tm.chunks / tm.channels) * tm.chunk + tm.access) / TICKS_PER_S
+    lead = auto_lead(read_alone, (tm.dense + _ideal(tr.top_k, tm.ffn, tm.workers)) / TICKS_PER_S)
+    if config.prefetch_lead == 0:  # --prefetch-lead auto
+        config = replace(config, prefetch_lead=lead)
     replay = Replay.from_trace(tr, config)
     rec = _Recorder(observe=tm.workers == 1)
     t_start = time.perf_counter()
@@ -1026,6 +1032,7 @@ def simulate(
             "channels": tm.channels,
             "device_window": tm.window or tm.channels,
             "read_alone_s": (math.ceil(tm.chunks / tm.channels) * tm.chunk + tm.access) * sec,
+            "auto_prefetch_lead": lead,
             "ffn_s": tm.ffn * sec,
             "dense_s_per_layer": dense_s,
             "overhead_s": overhead,
@@ -1054,4 +1061,5 @@ def simulate(
             "hardware_measured_shape": (hardware.extra or {}).get("measured_shape"),
         },
     )
+    summary.extra["warm"] = warm_figures(tokens, opts.warmup_tokens)
     return SimResult(summary, tokens, stats, read_lat, sim_seconds)

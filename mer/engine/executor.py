@@ -43,7 +43,7 @@ from mer.engine.streaming import (
     peak_rss_bytes,
 )
 from mer.errors import BadInput
-from mer.summary import RunSummary, busy_seconds, percentiles
+from mer.summary import RunSummary, busy_seconds, percentiles, warm_figures
 
 F32 = npt.NDArray[np.float32]
 MODES = ("model", "seed")
@@ -158,6 +158,7 @@ def measured_summary(
     """The RunSummary of a measured run (trace replay or decoder): one definition for both."""
     replay = streamer.replay
     extra = {**streamer.extra(), **fields.pop("extra", {})}
+    extra["warm"] = warm_figures(rows, extra.pop("warmup_tokens", None))
     span = np.asarray(streamer.read_span, dtype=np.float64).reshape(-1, 2)
     iters = len(it_times)
     accounted = float(rows[["io_wait_s", "compute_s", "dense_s"]].to_numpy().sum())
