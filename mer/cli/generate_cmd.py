@@ -22,7 +22,11 @@ from mer.cli.common import (
     output_file,
     replay_config_from_args,
 )
-from mer.cli.generation_args import add_generation_args, add_trace_content_args
+from mer.cli.generation_args import (
+    add_generation_args,
+    add_trace_content_args,
+    generation_from_args,
+)
 from mer.cli.run_cmd import GiB, add_engine_args, engine_config_from_args
 
 EPILOG = """\
@@ -121,11 +125,7 @@ def run(args: argparse.Namespace) -> int:
             f"{rcfg.cache_slots} slots ({rcfg.cache_slots * model.store.slot_bytes / GiB:.2f} GiB)"
         )
     opts = GenerateOptions(
-        max_new_tokens=args.max_new_tokens,
-        sample=args.sample,
-        seed=args.seed,
-        temperature=args.temperature,
-        ignore_eos=args.ignore_eos,
+        **generation_from_args(args).to_dict(),
         logits=args.logits,
         lookahead=args.lookahead,
         keep_parts=args.keep_parts,

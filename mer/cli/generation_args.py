@@ -7,8 +7,12 @@ messages, and a trace recorded by either is described by the same flags.
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from mer.cli.values import float_range, int_range, seed_int
+
+if TYPE_CHECKING:
+    from mer.traces.record.generate import GenerationSettings
 
 MAX_NEW_TOKENS = 1 << 20
 
@@ -47,4 +51,17 @@ def add_trace_content_args(p: argparse.ArgumentParser, with_o: bool = False) -> 
     )
     p.add_argument(
         "--keep-parts", action="store_true", help="keep OUT.parts/ (per-prompt files) at the end"
+    )
+
+
+def generation_from_args(args: argparse.Namespace) -> GenerationSettings:
+    """The settings of `add_generation_args` (what changes the tokens generated)."""
+    from mer.traces.record.generate import GenerationSettings
+
+    return GenerationSettings(
+        max_new_tokens=args.max_new_tokens,
+        sample=args.sample,
+        seed=args.seed,
+        temperature=args.temperature,
+        ignore_eos=args.ignore_eos,
     )

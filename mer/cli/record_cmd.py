@@ -8,7 +8,11 @@ from __future__ import annotations
 import argparse
 
 from mer.cli.common import add_output_args, emit, input_file, note
-from mer.cli.generation_args import add_generation_args, add_trace_content_args
+from mer.cli.generation_args import (
+    add_generation_args,
+    add_trace_content_args,
+    generation_from_args,
+)
 from mer.errors import BadInput, RuntimeFailure
 
 EPILOG = """\
@@ -78,7 +82,6 @@ def run(args: argparse.Namespace) -> int:
             f"mer record needs torch and transformers ({exc}); install the extra: "
             "pip install 'mer-moe[record]'."
         ) from exc
-    from mer.traces.record.generate import GenerationSettings
     from mer.traces.record.loader import load_model
     from mer.traces.record.progress import RecordProgress
     from mer.traces.record.session import RecordOptions, record_run
@@ -99,13 +102,7 @@ def run(args: argparse.Namespace) -> int:
     opts = RecordOptions(
         model_id=args.model,
         revision=loaded.revision,
-        generation=GenerationSettings(
-            max_new_tokens=args.max_new_tokens,
-            sample=args.sample,
-            seed=args.seed,
-            temperature=args.temperature,
-            ignore_eos=args.ignore_eos,
-        ),
+        generation=generation_from_args(args),
         logits=args.logits,
         lookahead=args.lookahead,
         dtype=loaded.dtype,
