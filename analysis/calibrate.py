@@ -6,9 +6,10 @@ Each quantity is refitted from the figure of the run that isolates it:
   directly (nothing in flight), and the extra cost of an FFN run while reads
   were in flight (`ffn_busy_overhead_s`) from the mean of those;
 - the dense block's time from the mean dense time per step;
-- the driver's costs: submitting one read from the mean submission time, and
-  the per-step overhead from what is left of the step times once reads, FFNs,
-  dense work and submissions are taken out;
+- the driver's costs: submitting one read from the mean submission time; what
+  is left of each token's time once reads, FFNs and dense work are taken out is
+  split, by a least-squares line over the run's tokens, into a cost per step and
+  a cost per read (less its submission: reaping its completion);
 - the SSD: with the trace at hand, the bandwidth (the chunk time) is found by
   simulating this very run on the profile refitted so far and bisecting until
   the simulated I/O wait equals the measured one (the read p50 when the run
@@ -26,6 +27,8 @@ import copy
 import math
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from mer.errors import BadInput
 from mer.shapes import get_shape
@@ -65,10 +68,33 @@ def _solve_bandwidth(profile: HardwareProfile, nbytes: int, read_s: float) -> fl
     ssd = profile.ssd
     n = ssd.n_chunks(nbytes)
     waves = math.ceil(n / ssd.channels)
-    transfer = read_s / waves - ssd.latency_s  # per chunk
+    transfer = (read_s - ssd.access_latency_s) / waves - ssd.latency_s  # per chunk
     if transfer <= 0:
         return None
     return (nbytes / n) / transfer * ssd.channels
+
+
+def fit_overhead(drv: dict[str, Any], layers: int, submit_s: float) -> tuple[float, float] | None:
+    """(per step, per read to reap) of the driver's time outside reads, FFNs and dense.
+
+    Per token it is `layers * step + reads * (submit + complete)`: a least-squares
+    line through the run's tokens (which differ in how many reads they issued),
+    less the submission time measured on its own. None when the tokens do not
+    spread over at least three read counts (then one figure per step is all a run
+    gives).
+    """
+    over = np.asarray(drv.get("token_overhead_s") or [], dtype=float)
+    reads = np.asarray(drv.get("token_reads") or [], dtype=float)
+    if over.size != reads.size or over.size < 4 or len(np.unique(reads)) < 3:
+        return None
+    a = np.stack([np.full(over.size, float(layers)), reads], axis=1)
+    (step, per_read), *_ = np.linalg.lstsq(a, over, rcond=None)
+    if per_read < submit_s:  # reaping costs nothing measurable: one figure per step
+        step = float(np.mean(over - reads * submit_s)) / layers
+        return max(0.0, step), 0.0
+    if step < 0:
+        return 0.0, float(np.sum(over * reads) / np.sum(reads * reads)) - submit_s
+    return float(step), float(per_read) - submit_s
 
 
 def _replay_config(run: RunSummary) -> Any:
@@ -174,7 +200,14 @@ def calibrate(run: RunSummary, profile: HardwareProfile, *, trace: Any = None) -
         record("compute.read_submit_s", profile.compute.read_submit_s, sub)
         new.compute.read_submit_s = sub
     if "overhead_s" in drv and drv.get("steps", 0) > 0:
-        step = max(0.0, (drv["overhead_s"] - drv.get("submit_s", 0.0)) / drv["steps"])
+        sub = drv["submit_s"] / drv["submit_n"] if drv.get("submit_n", 0) else 0.0
+        fit = fit_overhead(drv, run.layers, sub)
+        if fit is not None:
+            step, complete = fit
+            record("compute.read_complete_s", profile.compute.read_complete_s, complete)
+            new.compute.read_complete_s = complete
+        else:
+            step = max(0.0, (drv["overhead_s"] - drv.get("submit_s", 0.0)) / drv["steps"])
         record("compute.step_overhead_s", profile.compute.step_overhead_s, step)
         new.compute.step_overhead_s = step
     read_p50 = run.latency.get("read", {}).get("p50", 0.0)

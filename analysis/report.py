@@ -162,9 +162,35 @@ COLUMN_LABELS: dict[str, str] = {
     "prefetch_wasted": "prefetches wasted",
     "tokens_per_s_per_gib": "tokens/s per GiB of cache",
     "cache_bytes": "cache (bytes)",
+    "warm_hit_rate": "steady-state hit rate (%)",
+    "warmup_tokens": "warm-up (tokens)",
+    "lru_hit_rate": "LRU hit rate (%)",
+    "opt_hit_rate": "OPT hit rate (%)",
+    "gap_closed": "LRU->OPT gap closed (%)",
+    "warm_gap_closed": "steady-state gap closed (%)",
+    "tuned_on": "tuned on",
+    "held_out": "held out",
+    "prefetch_precision": "prefetch precision (%)",
+    "prefetch_recall": "prefetch recall (%)",
+    "prefetch_useful_bytes": "prefetch bytes useful",
+    "prefetch_wasted_bytes": "prefetch bytes wasted",
+    "prefetch_late_bytes": "prefetch bytes late",
+    "prefetch_lead": "prefetch lead (steps)",
+    "prefetch_slots": "prefetch slot budget",
 }
 #: Fields stored as fractions and shown in percent.
-PERCENT_COLUMNS = {"hit_rate", "miss_ratio", "io_wait_share"}
+PERCENT_COLUMNS = {
+    "hit_rate",
+    "miss_ratio",
+    "io_wait_share",
+    "warm_hit_rate",
+    "lru_hit_rate",
+    "opt_hit_rate",
+    "gap_closed",
+    "warm_gap_closed",
+    "prefetch_precision",
+    "prefetch_recall",
+}
 
 
 def signed(value: float, digits: int = 1) -> str:

@@ -181,6 +181,8 @@ POLICY_STYLES: dict[str, SeriesStyle] = {
     "s3fifo": SeriesStyle("#56B4E9", "P"),
     "arc": SeriesStyle("#8C564B", "X"),
     "seed-lru-locality": SeriesStyle("#7F7F7F", "*"),
+    # mer's layer-cycle policy: drawn a little heavier, so the new curve reads against the classics
+    "cycle": SeriesStyle("#AA3377", "h", 1.6, 4.0),
 }
 _FALLBACK_COLORS = ("#B8860B", "#17BECF", "#6A3D9A", "#A6761D", "#2F4F4F", "#E7298A")
 _FALLBACK_MARKERS = ("h", "p", "<", ">", "d", "8")

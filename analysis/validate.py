@@ -288,7 +288,11 @@ def run_validation(
             return got
         t0 = time.perf_counter()
         s = machine.run(cfg, o.tokens)
-        s.extra["validate"] = {"config": cfg.to_dict(), "run": name, "tokens": o.tokens}
+        s.extra["validate"] = {
+            "config": cfg.to_dict(),
+            "run": name,
+            "tokens": cfg.tokens or o.tokens,
+        }
         st.save_run(name, s)
         say(
             f"validate: {name}: {s.tokens_per_s:.3f} tokens/s, I/O share "

@@ -39,13 +39,17 @@ class GridConfig:
     prefetch_inflight: int = 8
     queue_depth: int | None = None  # None: the engine's default
     chunk_bytes: int | None = None
+    tokens: int | None = None  # None: the validation's --tokens (longer: past the cold start)
 
     @property
     def prefetch_on(self) -> bool:
         return self.predictor != "none"
 
     def replay_config(self, tokens: int) -> Any:
+        """The replay of this configuration; `tokens` unless it sets its own."""
         from mer.core.replay import ReplayConfig
+
+        tokens = self.tokens or tokens
 
         return ReplayConfig(
             policy=self.policy,
@@ -75,6 +79,8 @@ class GridConfig:
             parts.append(f"QD {self.queue_depth}")
         if self.chunk_bytes is not None:
             parts.append(f"chunk {self.chunk_bytes >> 10} KiB")
+        if self.tokens is not None:
+            parts.append(f"{self.tokens} tokens")
         return ", ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
@@ -91,8 +97,9 @@ CALIBRATION = _g("calibration", policy="lru", cache_slots=96, scope="global")
 
 #: The held-out grid: 5 policies, cache sizes from 32 slots to every expert, both
 #: scopes, prefetch off and on (the oracle at depth 2 prefetches usefully, markov
-#: mostly wastes), I/O-bound (small caches) to compute-bound (all experts fit), and
-#: the reader's queue depth and chunk size varied.
+#: mostly wastes), I/O-bound (small caches) to compute-bound (every expert fits and
+#: the run goes 6x past the cold start), and the reader's queue depth and chunk size
+#: varied.
 FULL: tuple[GridConfig, ...] = (
     _g("lru-32-global", policy="lru", cache_slots=32),
     _g("fifo-64-global", policy="fifo", cache_slots=64),
@@ -108,7 +115,8 @@ FULL: tuple[GridConfig, ...] = (
     _g("lru-64-global-oracle", cache_slots=64, predictor="oracle", pipeline_depth=2),
     _g("lru-128-global-markov", cache_slots=128, predictor="markov"),
     _g("clock-256-global", policy="clock", cache_slots=256),
-    _g("sieve-224-per-layer", policy="sieve", cache_slots=224, scope="per-layer"),
+    _g("clock-256-global-long", policy="clock", cache_slots=256, tokens=192),
+    _g("sieve-224-per-layer-long", policy="sieve", cache_slots=224, scope="per-layer", tokens=192),
     _g("lru-64-global-qd4", cache_slots=64, queue_depth=4),
     _g("lru-64-global-chunk128k", cache_slots=64, chunk_bytes=128 << 10),
 )
@@ -155,6 +163,7 @@ def _config_from(where: str, d: Any, i: int) -> GridConfig:
         ("prefetch_inflight", 1, 1 << 20),
         ("queue_depth", 1, 4096),
         ("chunk_bytes", 4096, 64 << 20),
+        ("tokens", 1, 1 << 20),
     ):
         if key in d and d[key] is not None:
             kw[key] = validate.integer(w, key, d[key], lo=lo, hi=hi)

@@ -33,10 +33,12 @@ def validation_section(table: pd.DataFrame, summary: dict[str, Any], fig_dir: Pa
     cfgs = summary.get("configs", [])
     cal = summary.get("calibration", {}).get("config", {})
     tokens = summary.get("tokens")
-    sec = Section(
-        "Held-out validation: predicted vs measured, repeated real runs",
-        window=f"first {tokens} tokens of the trace, every run" if tokens else None,
-    )
+    longer = sorted({int(c["tokens"]) for c in cfgs if c.get("tokens")})
+    window = f"first {tokens} tokens of the trace, every run" if tokens else None
+    if window and longer:
+        named = ", ".join(c["name"] for c in cfgs if c.get("tokens"))
+        window += f" ({', '.join(map(str, longer))} for {named})"
+    sec = Section("Held-out validation: predicted vs measured, repeated real runs", window=window)
     events = summary.get("drift_events", [])
     sec.text(
         f"The profile was calibrated once, on a run of `{cal.get('policy')}` "

@@ -105,8 +105,9 @@ class RunSummary:
     compute_s: float
     dense_s: float
     io_wait_share: float
-    #: issued, used, late, wasted, and the same in bytes (issued_bytes, used_bytes, ...)
-    prefetch: dict[str, int] = field(default_factory=dict)
+    #: issued, used, late, wasted, unused (counts); precision, recall; the counts in bytes
+    #: (issued_bytes, used_bytes, ...) and useful_bytes (used + late; see prefetch_figures)
+    prefetch: dict[str, Any] = field(default_factory=dict)
     latency: dict[str, dict[str, float]] = field(
         default_factory=dict
     )  # read, compute, token, iteration
@@ -141,17 +142,9 @@ class RunSummary:
         The simulator and the engine both end with this call, so hit counts,
         prefetch counts, rates and the I/O share are defined in one place.
         Prefetch bytes are the counts times the bytes of one expert read, so
-        they agree wherever the counts do: used (looked up resident), late
-        (read, but still in flight when looked up), wasted (evicted unused).
+        they agree wherever the counts do (`prefetch_figures`).
         `fields` are the remaining RunSummary fields (identity, bytes, times).
         """
-        counts = {
-            "issued": stats.total("prefetch_issued"),
-            "used": stats.total("prefetch_used"),
-            "late": stats.total("late"),
-            "wasted": stats.total("prefetch_wasted"),
-        }
-        prefetch = {**counts, **{f"{k}_bytes": v * int(bytes_per_read) for k, v in counts.items()}}
         hidden = 1.0 - io_wait_s / read_busy_s if read_busy_s > 0 else 0.0
         return cls(
             kind=kind,
@@ -171,11 +164,20 @@ class RunSummary:
             layer_iterations_per_s=tokens * layers / wall_s if wall_s > 0 else 0.0,
             io_wait_s=io_wait_s,
             io_wait_share=io_wait_s / wall_s if wall_s > 0 else 0.0,
-            prefetch=prefetch,
+            prefetch=prefetch_figures(stats, bytes_per_read),
             read_busy_s=float(read_busy_s),
             hidden_read_share=min(1.0, max(0.0, hidden)),
             **fields,
         )
+
+    def _warm_line(self) -> list[str]:
+        w = self.extra.get("warm")
+        if not isinstance(w, dict):
+            return []
+        return [
+            f"steady state (after the first {w.get('warmup_tokens', 0)} tokens): hit rate "
+            f"{100 * float(w.get('hit_rate', 0.0)):.2f}% of {int(w.get('hits', 0)) + int(w.get('misses', 0)):,} lookups"
+        ]
 
     @property
     def whole_model(self) -> bool:
@@ -275,10 +277,15 @@ class RunSummary:
             f"tokens: {self.tokens:,}   layer iterations: {iters:,}   lookups: {self.lookups:,}",
             f"hits: {self.hits:,}   misses: {self.misses:,}   hit rate: {self.hit_rate * 100:.2f}% "
             f"({self.hit_rate_definition()})",
+            *self._warm_line(),
             f"prefetch: issued {pf.get('issued', 0):,}, used {pf.get('used', 0):,}, "
-            f"late {pf.get('late', 0):,}, wasted {pf.get('wasted', 0):,}",
-            f"prefetch bytes: used {pf.get('used_bytes', 0) / mib:,.1f} MiB, late "
-            f"{pf.get('late_bytes', 0) / mib:,.1f} MiB, wasted {pf.get('wasted_bytes', 0) / mib:,.1f} MiB; "
+            f"late {pf.get('late', 0):,}, wasted {pf.get('wasted', 0):,}, "
+            f"unused {pf.get('unused', 0):,}; precision {100 * pf.get('precision', 0.0):.1f}%, "
+            f"recall {100 * pf.get('recall', 0.0):.1f}%",
+            f"prefetch bytes: useful {pf.get('useful_bytes', 0) / mib:,.1f} MiB "
+            f"(of which late {pf.get('late_bytes', 0) / mib:,.1f}), "
+            f"wasted {pf.get('wasted_bytes', 0) / mib:,.1f} MiB, "
+            f"unused at the end {pf.get('unused_bytes', 0) / mib:,.1f} MiB; "
             f"read time hidden behind compute: {self.hidden_read_share * 100:.1f}% of "
             f"{self.read_busy_s:.3f} s with reads in flight",
             f"bytes read: {self.bytes_read / mib:,.0f} MiB   wall: {self.wall_s:.3f} s",
@@ -345,3 +352,64 @@ def read_token_table(path: str | Path) -> tuple[pd.DataFrame, RunSummary | None]
         else None
     )
     return df, summary
+
+
+def prefetch_figures(stats: Any, bytes_per_read: int = 0) -> dict[str, Any]:
+    """What prefetch did, from the core's counters (one definition for both clocks).
+
+    Every prefetch read ends one of four ways: *used* (resident when its step
+    looked it up: a hit), *late* (still in flight then: the step waited for it,
+    a miss with a shorter wait), *wasted* (evicted unused), or *unused* (neither
+    by the end of the run). precision = (used + late) / issued: the share of
+    prefetch reads the router then asked for. recall = (used + late) / (used +
+    misses): the share of the lookups that were not resident without prefetch
+    that a prefetch had already started to read. Bytes are the counts times one
+    expert's read (`bytes_per_read`); useful_bytes = used_bytes + late_bytes.
+    """
+    b = int(bytes_per_read)
+    issued = stats.total("prefetch_issued")
+    used = stats.total("prefetch_used")
+    late = stats.total("late")
+    wasted = stats.total("prefetch_wasted")
+    misses = stats.total("misses")
+    unused = max(0, issued - used - late - wasted)
+    need = used + misses
+    return {
+        "issued": issued,
+        "used": used,
+        "late": late,
+        "wasted": wasted,
+        "unused": unused,
+        "precision": (used + late) / issued if issued else 0.0,
+        "recall": (used + late) / need if need else 0.0,
+        "issued_bytes": issued * b,
+        "used_bytes": used * b,
+        "useful_bytes": (used + late) * b,
+        "late_bytes": late * b,
+        "wasted_bytes": wasted * b,
+        "unused_bytes": unused * b,
+    }
+
+
+#: Default steady-state window: 32 tokens, at most half of the run.
+DEFAULT_WARMUP_TOKENS = 32
+
+
+def warm_figures(tokens: Any, warmup_tokens: int | None = None) -> dict[str, Any]:
+    """Hit rate in the steady state: the lookups after the first `warmup_tokens` tokens.
+
+    `tokens` is a run's per-token table (columns hits, misses), the simulator's or the
+    engine's. Default window: 32 tokens, at most half of the run. The cold hit rate
+    (every lookup from an empty cache) is the summary's own `hit_rate`.
+    """
+    n = len(tokens)
+    w = min(DEFAULT_WARMUP_TOKENS, n // 2) if warmup_tokens is None else min(warmup_tokens, n)
+    hits = int(tokens["hits"].to_numpy()[w:].sum()) if n else 0
+    misses = int(tokens["misses"].to_numpy()[w:].sum()) if n else 0
+    look = hits + misses
+    return {
+        "warmup_tokens": int(w),
+        "hits": hits,
+        "misses": misses,
+        "hit_rate": hits / look if look else 0.0,
+    }

@@ -33,12 +33,14 @@ LIMITS: dict[str, tuple[float, float]] = {
     "ssd.channels": (1, 65536),
     "ssd.chunk_bytes": (512, 1 << 30),
     "ssd.queue_depth": (1, 1 << 20),
+    "ssd.access_latency_s": (0.0, 10.0),
     "compute.ffn_bytes_per_s": RATE,
     "compute.dense_bytes_per_s": RATE,
     "compute.dense_s_per_layer": (0.0, 3600.0),
     "compute.workers": (1, 4096),
     "compute.step_overhead_s": (0.0, 10.0),
     "compute.read_submit_s": (0.0, 10.0),
+    "compute.read_complete_s": (0.0, 10.0),
     "compute.ffn_busy_overhead_s": (0.0, 10.0),
     "memory.ram_bytes": (1 << 20, 1 << 50),
     "memory.read_bandwidth_bytes_per_s": RATE,
@@ -77,6 +79,7 @@ class SSDProfile:
     channels: int  # requests served in parallel (queue depth the device sustains)
     chunk_bytes: int  # reads are split into chunks of (at most) this size
     queue_depth: int | None = None  # chunks submitted to the device at once (None: channels)
+    access_latency_s: float = 0.0  # once per read, after its last chunk; occupies no channel
 
     @property
     def channel_bandwidth(self) -> float:
@@ -114,7 +117,7 @@ class SSDProfile:
     def read_time(self, nbytes: int) -> float:
         """Time of one read alone on an idle device."""
         n = self.n_chunks(nbytes)
-        return math.ceil(n / self.channels) * self.chunk_time(nbytes)
+        return math.ceil(n / self.channels) * self.chunk_time(nbytes) + self.access_latency_s
 
 
 @dataclass
@@ -130,6 +133,7 @@ class ComputeProfile:
     # (0 in the bundled profiles; `mer probe` measures them, `mer calibrate` refits):
     step_overhead_s: float = 0.0  # per step: lookups, decisions, bookkeeping
     read_submit_s: float = 0.0  # per read: planning and submitting its chunks
+    read_complete_s: float = 0.0  # per read: reaping its completions outside a wait
     ffn_busy_overhead_s: float = 0.0  # per FFN that runs while reads are in flight
 
     def ffn_time(self, bytes_per_expert: int) -> float:
@@ -184,6 +188,7 @@ class HardwareProfile:
                 channels=need("ssd", "channels"),
                 chunk_bytes=need("ssd", "chunk_bytes"),
                 queue_depth=d["ssd"].get("queue_depth"),
+                access_latency_s=d["ssd"].get("access_latency_s", 0.0),
             )
             compute = ComputeProfile(
                 ffn_bytes_per_s=need("compute", "ffn_bytes_per_s"),
@@ -193,6 +198,7 @@ class HardwareProfile:
                 kernel=str(d["compute"].get("kernel", "")),
                 step_overhead_s=d["compute"].get("step_overhead_s", 0.0),
                 read_submit_s=d["compute"].get("read_submit_s", 0.0),
+                read_complete_s=d["compute"].get("read_complete_s", 0.0),
                 ffn_busy_overhead_s=d["compute"].get("ffn_busy_overhead_s", 0.0),
             )
             memory = MemoryProfile(
@@ -235,6 +241,7 @@ class HardwareProfile:
         )
         self.ssd.channels = _field(w, "ssd.channels", self.ssd.channels)
         self.ssd.chunk_bytes = _field(w, "ssd.chunk_bytes", self.ssd.chunk_bytes)
+        self.ssd.access_latency_s = _field(w, "ssd.access_latency_s", self.ssd.access_latency_s)
         if self.ssd.queue_depth is not None:
             self.ssd.queue_depth = int(_field(w, "ssd.queue_depth", self.ssd.queue_depth))
         self.compute.ffn_bytes_per_s = _field(
@@ -248,7 +255,12 @@ class HardwareProfile:
                 w, "compute.dense_s_per_layer", self.compute.dense_s_per_layer
             )
         self.compute.workers = _field(w, "compute.workers", self.compute.workers)
-        for name in ("step_overhead_s", "read_submit_s", "ffn_busy_overhead_s"):
+        for name in (
+            "step_overhead_s",
+            "read_submit_s",
+            "read_complete_s",
+            "ffn_busy_overhead_s",
+        ):
             setattr(self.compute, name, _field(w, f"compute.{name}", getattr(self.compute, name)))
         self.memory.ram_bytes = _field(w, "memory.ram_bytes", self.memory.ram_bytes)
         self.memory.read_bandwidth_bytes_per_s = _field(

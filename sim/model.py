@@ -39,7 +39,7 @@ import math
 import time
 from bisect import bisect_left, bisect_right
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -48,11 +48,11 @@ import pandas as pd
 import simpy
 
 from mer.core.cache import CacheStats
-from mer.core.replay import Replay, ReplayConfig
+from mer.core.replay import Replay, ReplayConfig, auto_lead
 from mer.errors import BadInput
 from mer.shapes import SHAPES, ModelShape, get_shape
 from mer.sim.hardware import HardwareProfile
-from mer.summary import RunSummary, busy_seconds, percentiles
+from mer.summary import RunSummary, busy_seconds, percentiles, warm_figures
 
 MODES = ("model", "seed")
 #: The engines count time in integer picoseconds: instants that coincide in the
@@ -107,10 +107,16 @@ class AnalyticSSD:
     start before a given instant: commit() is O(log C) plus the reads it retires.
     """
 
-    def __init__(self, channels: int, chunks: int, chunk_ticks: int, lag: int = 0) -> None:
+    def __init__(
+        self, channels: int, chunks: int, chunk_ticks: int, lag: int = 0, access: int = 0
+    ) -> None:
         self.C = channels
         self.m = chunks
         self.d = chunk_ticks
+        # A read lands `access` after its last chunk's service: the device's pipelined
+        # latency, which occupies no channel (the next chunk is served meanwhile).
+        self.access = access
+        self.last_finish = 0  # latest finish of a dispatched read
         # A chunk enters the device's FIFO queue `lag` before its service starts (the
         # queue holds window - channels chunks beyond those in service); from then on
         # no later foreground chunk can overtake it.
@@ -158,7 +164,9 @@ class AnalyticSSD:
                         r = q[0]
                         if r.remaining <= left:
                             last = pos + r.remaining - 1
-                            r.finish = free[last % C] + shift + (last // C + 1) * d
+                            r.finish = free[last % C] + shift + (last // C + 1) * d + self.access
+                            if r.finish > self.last_finish:
+                                self.last_finish = r.finish
                             left -= r.remaining
                             pos += r.remaining
                             r.remaining = 0
@@ -190,16 +198,16 @@ class AnalyticSSD:
             self.fg.append(r)
             self.fg_chunks += self.m
             # a foreground read is only ever preceded by foreground chunks: its finish is final
-            self.fg_finish = self._start(self.fg_chunks - 1) + self.d
+            self.fg_finish = self._start(self.fg_chunks - 1) + self.d + self.access
         else:
             self.bg.append(r)
         return r
 
     def busy_until(self) -> int:
-        """When the last chunk issued so far finishes (reads are outstanding before it)."""
+        """When the last read issued so far lands (reads are outstanding before it)."""
         if self.queued_chunks:
-            return self._start(self.queued_chunks - 1) + self.d
-        return self.free[-1] + self.shift
+            return self._start(self.queued_chunks - 1) + self.d + self.access
+        return self.last_finish
 
     def finish_of(self, read: _Read) -> int:
         """Finish time of `read` given the reads queued now (final for foreground reads)."""
@@ -209,7 +217,7 @@ class AnalyticSSD:
         for q in (self.fg, self.bg):
             for r in q:
                 if r is read:
-                    return self._start(pos + r.remaining - 1) + self.d
+                    return self._start(pos + r.remaining - 1) + self.d + self.access
                 pos += r.remaining
         raise AssertionError("read not queued")  # pragma: no cover
 
@@ -250,6 +258,8 @@ class SimOptions:
     shape: str | ModelShape | None = (
         None  # a name or a shape (e.g. an expert file's); None: from the trace geometry
     )
+    #: steady-state window for summary.extra["warm"] (None: 32 tokens, at most half)
+    warmup_tokens: int | None = None
     read_ranges: tuple[int, ...] | None = None
     queue_depth: int | None = None
     chunk_bytes: int | None = None
@@ -332,8 +342,10 @@ class _Timing:
     chunks: int  # per read
     chunk: int  # service time of one chunk
     window: int = 0  # chunks the device holds (0: channels)
+    access: int = 0  # a read lands this long after its last chunk's service
     step: int = 0  # driver overhead per step, before the reads are submitted
     submit: int = 0  # driver time per read submitted
+    complete: int = 0  # driver time per read to reap its completion, after the submissions
     ffn_busy: int = 0  # extra per FFN started while reads are outstanding
     poll: int = 0  # completions reaped every `poll` during such an FFN (0: at its end)
 
@@ -473,11 +485,11 @@ def _ffn_schedule(
 
 def _run_fast(replay: Replay, tm: _Timing, rec: _Recorder) -> int:
     env = simpy.Environment()
-    ssd = AnalyticSSD(tm.channels, tm.chunks, tm.chunk, tm.lag)
+    ssd = AnalyticSSD(tm.channels, tm.chunks, tm.chunk, tm.lag, tm.access)
     inflight: dict[int, _Read] = {}
     k = replay.top_k
     ffn, workers, dense = tm.ffn, tm.workers, tm.dense
-    step_oh, submit, ffn_busy = tm.step, tm.submit, tm.ffn_busy
+    step_oh, submit, reap = tm.step, tm.submit, tm.complete
     step = replay.step
     prefetch = replay.prefetch
     complete = replay.complete
@@ -542,7 +554,7 @@ def _run_fast(replay: Replay, tm: _Timing, rec: _Recorder) -> int:
                 r_step.append(t)
                 r_finish.append(r)
                 inflight[adm.key] = r
-            tc = at
+            tc = at + (len(reads) + len(pfs)) * reap
             look(tc)
             n_late = 0
             if True in late:
@@ -557,7 +569,7 @@ def _run_fast(replay: Replay, tm: _Timing, rec: _Recorder) -> int:
             io = t2 - tc - _makespan(durs, workers)
             r_io.append(io if io > 0 else 0)
             r_comp.append(sum(durs))
-            r_busy.append(sum(1 for x in durs if x > ffn) if ffn_busy else 0)
+            r_busy.append(sum(1 for x in durs if x > ffn) if tm.ffn_busy else 0)
             r_over.append(tc - t1)
             r_hits.append(sum(res.hit))
             r_late.append(n_late)
@@ -601,7 +613,7 @@ def step_spans(tm: _Timing, k: int) -> list[StepSpan]:
     ranks missed does not matter: resident experts run first, the others in read order."""
     out = []
     for m in range(k + 1):
-        ssd = AnalyticSSD(tm.channels, tm.chunks, tm.chunk, tm.lag)
+        ssd = AnalyticSSD(tm.channels, tm.chunks, tm.chunk, tm.lag, tm.access)
         rec = _Recorder(observe=tm.workers == 1)
         rec.look(0)
         ready = [0] * k
@@ -612,7 +624,7 @@ def step_spans(tm: _Timing, k: int) -> list[StepSpan]:
             rec.issued.append(at)
             rec.finish.append(r)
             ready[k - m + i] = ssd.fg_finish
-        tc = at
+        tc = at + m * tm.complete
         rec.look(tc)
         ready = [r if r > tc else tc for r in ready]
         t2, durs = _ffn_schedule(tm, k, ready, tc, ssd.busy_until, rec.look, rec.ffn)
@@ -722,6 +734,8 @@ def _run_simpy(replay: Replay, tm: _Timing, rec: _Recorder) -> int:
     def read(key: int, fg: bool, registered: bool, log: _Landed) -> Any:
         prio = 0 if fg else 1
         yield env.all_of([env.process(chunk(prio)) for _ in range(m)])
+        if tm.access:
+            yield env.timeout(tm.access)
         log.finish = int(env.now)
         outstanding[0] -= 1
         if registered:
@@ -782,6 +796,8 @@ def _run_simpy(replay: Replay, tm: _Timing, rec: _Recorder) -> int:
             for i in range(k):
                 if res.late[i]:
                     waits[i] = inflight[res.keys[i]]
+            if tm.complete and (res.reads or pfs):
+                yield env.timeout(tm.complete * (len(res.reads) + len(pfs)))
             yield _AfterNow(env)
             tc = int(env.now)
             rec.look(tc)
@@ -862,8 +878,10 @@ def timing_of(
         chunks=n_chunks,
         chunk=ticks(ssd.chunk_time_of(read_bytes / n_chunks)),
         window=ssd.window(qd),
+        access=ticks(ssd.access_latency_s),
         step=ticks(comp.step_overhead_s),
         submit=ticks(comp.read_submit_s),
+        complete=ticks(comp.read_complete_s),
         ffn_busy=ticks(comp.ffn_busy_overhead_s),
         # the engine runs a native kernel's FFN of a small expert inline (reaping only after
         # it), else hands it to a thread and reaps every POLL_INTERVAL_S meanwhile
@@ -896,6 +914,10 @@ def simulate(
     )
     tm, read_bytes = timing_of(hardware, shape, opts)
     ssd = hardware.ssd
+    read_alone = (math.ceil(tm.chunks / tm.channels) * tm.chunk + tm.access) / TICKS_PER_S
+    lead = auto_lead(read_alone, (tm.dense + _ideal(tr.top_k, tm.ffn, tm.workers)) / TICKS_PER_S)
+    if config.prefetch_lead == 0:  # --prefetch-lead auto
+        config = replace(config, prefetch_lead=lead)
     replay = Replay.from_trace(tr, config)
     rec = _Recorder(observe=tm.workers == 1)
     t_start = time.perf_counter()
@@ -1009,7 +1031,8 @@ def simulate(
             "chunk_s": tm.chunk * sec,
             "channels": tm.channels,
             "device_window": tm.window or tm.channels,
-            "read_alone_s": math.ceil(tm.chunks / tm.channels) * tm.chunk * sec,
+            "read_alone_s": (math.ceil(tm.chunks / tm.channels) * tm.chunk + tm.access) * sec,
+            "auto_prefetch_lead": lead,
             "ffn_s": tm.ffn * sec,
             "dense_s_per_layer": dense_s,
             "overhead_s": overhead,
@@ -1023,6 +1046,8 @@ def simulate(
                 "submit_n": n_reads,
                 "steps": n_steps,
                 "overhead_s": overhead,
+                "token_overhead_s": [float(v) for v in per_token(rec.over) * sec],
+                "token_reads": [int(v) for v in tok_reads],
             },
             "read_ranges": list(opts.read_ranges or (read_bytes,)),
             "io": {"queue_depth": opts.queue_depth, "chunk_bytes": opts.chunk_bytes},
@@ -1036,4 +1061,5 @@ def simulate(
             "hardware_measured_shape": (hardware.extra or {}).get("measured_shape"),
         },
     )
+    summary.extra["warm"] = warm_figures(tokens, opts.warmup_tokens)
     return SimResult(summary, tokens, stats, read_lat, sim_seconds)

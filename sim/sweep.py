@@ -40,16 +40,26 @@ BASE_KEYS = (
     "prefetch_top_n",
     "prefetch_min_prob",
     "prefetch_inflight",
+    "prefetch_slots",
+    "prefetch_reclaim",
+    "prefetch_lead",
     "pin",
     "phase",
     "tokens",
     "policy_params",
     "predictor_params",
     "granularity",
+    "warmup_tokens",
 )
 #: Base keys left out of a configuration at their default, so that results written
 #: before the key existed keep their hashes (and resume).
-OMIT_AT_DEFAULT = {"granularity": "step"}
+OMIT_AT_DEFAULT: dict[str, Any] = {
+    "warmup_tokens": None,
+    "granularity": "step",
+    "prefetch_slots": 0,
+    "prefetch_reclaim": False,
+    "prefetch_lead": 1,
+}
 
 
 @dataclass
@@ -65,6 +75,8 @@ class SweepSpec:
     mode: str = "model"
     shape: str | None = None
     base: dict[str, Any] = field(default_factory=dict)
+    #: parameters of one policy (e.g. from `mer tune`), instead of base["policy_params"]
+    policy_params: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def configs(self, trace_digest: str) -> list[dict[str, Any]]:
         out = []
@@ -84,11 +96,14 @@ class SweepSpec:
                                 "mode": self.mode,
                                 "shape": self.shape,
                             }
+                            base = dict(self.base)
+                            if policy in self.policy_params:
+                                base["policy_params"] = dict(self.policy_params[policy])
                             for key in BASE_KEYS:
-                                if key in self.base:
-                                    if OMIT_AT_DEFAULT.get(key, object()) == self.base[key]:
+                                if key in base:
+                                    if OMIT_AT_DEFAULT.get(key, object()) == base[key]:
                                         continue
-                                    cfg[key] = self.base[key]
+                                    cfg[key] = base[key]
                             cfg["config_hash"] = config_hash(cfg)
                             out.append(cfg)
         return out
@@ -122,7 +137,9 @@ def run_config(cfg: dict[str, Any]) -> dict[str, Any]:
         trace,
         rc,
         hw,
-        SimOptions(mode=cfg["mode"], shape=cfg.get("shape")),
+        SimOptions(
+            mode=cfg["mode"], shape=cfg.get("shape"), warmup_tokens=cfg.get("warmup_tokens")
+        ),
         trace_path=cfg["trace"],
         trace_digest=cfg["trace_digest"],
     )
@@ -167,7 +184,78 @@ def flatten(cfg: dict[str, Any], s: RunSummary) -> dict[str, Any]:
     row["evictions"] = ex.get("evictions")
     row["bypass"] = ex.get("bypass")
     row["sim_seconds"] = ex.get("sim_seconds")
+    if "prefetch_lead" in s.config:  # `auto` (0) resolved from the hardware profile
+        row["prefetch_lead"] = s.config["prefetch_lead"]
+    warm = ex.get("warm") or {}
+    row["warmup_tokens"] = warm.get("warmup_tokens")
+    row["warm_hits"] = warm.get("hits")
+    row["warm_misses"] = warm.get("misses")
+    row["warm_hit_rate"] = warm.get("hit_rate")
     return row
+
+
+def annotate(df: pd.DataFrame, trace: Any, provenance: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """Beside each row's hit rates: LRU's and OPT's at the same size, scope, phase, tokens
+    and granularity (prefetch off, cold and warm), the share of the gap the row closes,
+    and which traces its policy's parameters were fitted on (`held_out`).
+
+    With prefetch on, a prefetched expert that arrives in time is a hit, so a row may
+    close more than the whole gap: OPT bounds eviction without prefetch only.
+    """
+    from mer.sim.mrc import MRCRequest, compute_mrc, gap_share
+
+    if not len(df):
+        return df
+    df = df.copy()
+    cols: dict[str, list[float]] = {
+        c: [] for c in ("lru_hit_rate", "opt_hit_rate", "gap_closed", "warm_gap_closed")
+    }
+    cache: dict[tuple[Any, ...], pd.DataFrame] = {}
+    for _, r in df.iterrows():
+        phase = str(r.get("phase") or "all")
+        tokens = r.get("replay_tokens")
+        tokens = None if tokens is None or tokens != tokens else int(tokens)
+        gran = str(r.get("granularity") or "step")
+        warm = r.get("warmup_tokens")
+        warm = 0 if warm is None or warm != warm else int(warm)
+        key = (phase, tokens, gran, str(r["scope"]), warm)
+        if key not in cache:
+            tr = trace.select_phase(phase)
+            if tokens is not None and tokens < tr.n_tokens:
+                tr = tr.head(tokens)
+            steps = tr.keys().reshape(-1, tr.top_k)
+            per = tr.n_layers * (tr.top_k if gran == "lookup" else 1)
+            sizes = sorted({int(c) for c in df["cache_slots"]})
+            req = MRCRequest(
+                policies=["lru", "opt"],
+                scopes=[key[3]],
+                sizes=sizes,
+                processes=1,
+                granularity=gran,
+                warmup_steps=min(warm, max(tr.n_tokens - 1, 0)) * per,
+            )
+            cache[key] = compute_mrc(steps, tr.n_layers, tr.n_experts, req).set_index(
+                ["policy", "cache_slots"]
+            )
+        m = cache[key]
+        c = int(r["cache_slots"])
+        lru: Any = m.loc[("lru", c)]
+        opt: Any = m.loc[("opt", c)]
+        look = lru["hits"] + lru["misses"]
+        cols["lru_hit_rate"].append(lru["hit_rate"])
+        cols["opt_hit_rate"].append(opt["hit_rate"])
+        cols["gap_closed"].append(gap_share(float(r["hits"]), lru["hits"], opt["hits"]))
+        wh = r.get("warm_hits")
+        cols["warm_gap_closed"].append(
+            gap_share(float(wh), lru["warm_hits"], opt["warm_hits"])
+            if wh is not None and wh == wh and look
+            else float("nan")
+        )
+    for name, v in cols.items():
+        df[name] = v
+    df["tuned_on"] = df["policy"].map(lambda p: provenance.get(p, {}).get("tuned_on", ""))
+    df["held_out"] = df["policy"].map(lambda p: bool(provenance.get(p, {}).get("held_out", True)))
+    return df
 
 
 def _scalar(v: Any) -> Any:
@@ -442,15 +530,37 @@ def run_command(row: dict[str, Any], experts: str = "EXPERTS.gguf") -> str:
         f"--predictor {row['predictor']}",
         f"--pipeline-depth {int(row.get('pipeline_depth', 1))}",
     ]
+    defaults: dict[str, Any] = {
+        "prefetch_inflight": 8,
+        "prefetch_top_n": None,
+        "prefetch_slots": 0,
+        "prefetch_lead": 1,
+        "pin": 0,
+    }
     for key, flag in (
         ("prefetch_inflight", "--prefetch-inflight"),
         ("prefetch_top_n", "--prefetch-top-n"),
+        ("prefetch_slots", "--prefetch-slots"),
+        ("prefetch_lead", "--prefetch-lead"),
         ("pin", "--pin"),
     ):
         value = row.get(key)
-        default = {"prefetch_inflight": 8, "prefetch_top_n": None, "pin": 0}[key]
+        default = defaults[key]
         if value is not None and not _isnan(value) and value != default:
             parts.append(f"{flag} {int(value)}")
+    if row.get("prefetch_reclaim") is True:
+        parts.append("--prefetch-reclaim")
+    for key, flag in (
+        ("policy_params", "--policy-param"),
+        ("predictor_params", "--predictor-param"),
+    ):
+        raw = row.get(key)
+        params = json.loads(raw) if isinstance(raw, str) and raw else (raw or {})
+        for k, v in sorted(params.items()):
+            parts.append(f"{flag} {_quote(f'{k}={v}')}")
+    mp = row.get("prefetch_min_prob")
+    if mp is not None and not _isnan(mp) and float(mp) != 0.0:
+        parts.append(f"--prefetch-min-prob {float(mp):g}")
     tokens = row.get("replay_tokens")
     if tokens is not None and not _isnan(tokens):
         parts.append(f"--tokens {int(tokens)}")

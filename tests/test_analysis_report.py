@@ -157,3 +157,36 @@ def test_sections_are_ordered_and_keyed_once() -> None:
     assert [o for o, _, _ in found] == sorted(o for o, _, _ in found)
     for first, later in (("routing", "curves"), ("curves", "sweep"), ("sweep", "runs")):
         assert keys.index(first) < keys.index(later)
+
+
+def test_curves_gap_table_shows_the_gap_closed_and_the_tuning_traces() -> None:
+    """The report's curves section puts the LRU->OPT gap closed beside the hit rates and
+    says which traces a tuned policy was fitted on (held out or in-sample)."""
+    import pandas as pd
+
+    from mer.analysis.sections import Section
+    from mer.analysis.sections.curves import _gap_table
+
+    hits = {"lru": (0.30, 0.50), "opt": (0.60, 0.80), "cycle": (0.45, 0.56)}
+    rows = []
+    for pol, rates in hits.items():
+        for size, h in zip((64, 128), rates, strict=True):
+            lru, opt = hits["lru"][size == 128], hits["opt"][size == 128]
+            rows.append(
+                {
+                    "policy": pol,
+                    "scope": "global",
+                    "cache_slots": size,
+                    "hit_rate": h,
+                    "gap_closed": (h - lru) / (opt - lru),
+                    "tuned_on": "a.parquet,b.parquet" if pol == "cycle" else "",
+                    "held_out": True,
+                }
+            )
+    sec = Section("curves")
+    _gap_table(sec, pd.DataFrame(rows), [64, 128], ["opt", "cycle", "lru"])
+    text = "\n".join(b for b in sec.blocks if isinstance(b, str))
+    # (0.45 - 0.30) / (0.60 - 0.30) = 50%; (0.56 - 0.50) / (0.80 - 0.50) = 20%
+    assert "| cycle | cold | 50 | 20 |" in text
+    assert "| lru |" not in text and "| opt |" not in text
+    assert "fitted on a.parquet,b.parquet: this trace is held out" in text

@@ -13,7 +13,7 @@ import pytest
 
 from mer.engine.ffn import native_available
 from mer.engine.io import _fs_type
-from mer.engine.probe import BURSTS, BurstPoint, ProbeResult, ReadPoint, fit_channels, is_memory_fs
+from mer.engine.probe import BURSTS, BurstPoint, ProbeResult, ReadPoint, fit_device, is_memory_fs
 from mer.sim.hardware import SSDProfile, load_profile
 
 
@@ -88,34 +88,50 @@ def test_fitted_profile_reproduces_the_measured_read_time() -> None:
     assert ssd.read_time(read_bytes) == pytest.approx(read_bytes / 1.9e9, rel=1e-9)
 
 
-@pytest.mark.parametrize("channels", [1, 3, 8])
-def test_burst_fit_recovers_a_device_that_follows_the_model(channels: int) -> None:
-    # k chunks submitted together on C channels of chunk time d land after ceil(k/C) d.
-    d = 4.2e-4
-    bursts = [(k, math.ceil(k / channels) * d) for k in BURSTS]
-    c, d_fit, err = fit_channels(bursts)
-    assert (c, err) == (channels, pytest.approx(0.0, abs=1e-12))
-    assert d_fit == pytest.approx(d, rel=1e-12)
-
-
-def test_burst_fit_profile_reproduces_the_chunk_time() -> None:
-    # A serial disk with noise: the fitted model's chunk time is the fitted d, and the
-    # latency never exceeds half of it.
-    rng = np.random.default_rng(0)
-    chunk = 512 << 10
+@pytest.mark.parametrize(
+    ("channels", "access", "latency"), [(1, 4e-5, 0.0), (3, 0.0, 2e-5), (8, 1e-4, 3e-5)]
+)
+def test_burst_fit_recovers_a_device_that_follows_the_model(
+    channels: int, access: float, latency: float
+) -> None:
+    # k chunks of c bytes on C channels: access + ceil(k / C) (latency + c C / B), written out
+    bw = 1.3e9
     bursts = [
-        BurstPoint(k, chunk, k * 4e-4 * float(rng.uniform(0.9, 1.1)), 0.0, 0.0) for k in BURSTS
+        (k, c, access + math.ceil(k / channels) * (latency + c * channels / bw))
+        for c in (512 << 10, 128 << 10)
+        for k in BURSTS
     ]
-    res = _result([ReadPoint(1, chunk, 1, chunk, 1e-3)], 3e-4, 99 << 20)
+    fit = fit_device(bursts)
+    assert fit.channels == channels and fit.rms_rel_error == pytest.approx(0.0, abs=1e-9)
+    assert fit.access_s == pytest.approx(access, abs=1e-9)
+    assert fit.latency_s == pytest.approx(latency, abs=1e-9)
+    assert fit.bandwidth == pytest.approx(bw, rel=1e-6)
+
+
+def test_burst_fit_profile_reproduces_the_bursts() -> None:
+    # A serial disk with noise: the profile's model gives the fitted times, parameters
+    # are never negative, and the chunk time is about what was seen.
+    rng = np.random.default_rng(0)
+    bursts = [
+        BurstPoint(k, c, (5e-5 + k * c / 1.25e9) * float(rng.uniform(0.9, 1.1)), 0.0, 0.0)
+        for c in (512 << 10, 128 << 10)
+        for k in BURSTS
+    ]
+    res = _result([ReadPoint(1, 512 << 10, 1, 512 << 10, 1e-3)], 3e-4, 99 << 20)
     res.bursts = bursts
     fit = res.fit_ssd()
-    assert fit["channels"] == 1 and fit["chunk_bytes"] == chunk
+    assert fit["channels"] == 1 and fit["chunk_bytes"] == 512 << 10
+    assert fit["latency_s"] >= 0 and fit["access_latency_s"] >= 0
     ssd = SSDProfile(
-        fit["latency_s"], fit["bandwidth_bytes_per_s"], fit["channels"], fit["chunk_bytes"]
+        fit["latency_s"],
+        fit["bandwidth_bytes_per_s"],
+        fit["channels"],
+        fit["chunk_bytes"],
+        access_latency_s=fit["access_latency_s"],
     )
-    assert ssd.chunk_time_of(chunk) == pytest.approx(fit["chunk_s"], rel=1e-12)
-    assert fit["latency_s"] <= 0.5 * fit["chunk_s"]
-    assert 3.6e-4 <= fit["chunk_s"] <= 4.4e-4
+    assert ssd.chunk_time_of(512 << 10) == pytest.approx(fit["chunk_s"], rel=1e-12)
+    assert 3.7e-4 <= fit["chunk_s"] <= 4.7e-4
+    assert fit["fit_rms_rel_error"] < 0.1
 
 
 def test_quick_probe_writes_a_loadable_profile_and_deletes_its_file(tmp_path: Path) -> None:
@@ -148,11 +164,17 @@ def test_quick_probe_writes_a_loadable_profile_and_deletes_its_file(tmp_path: Pa
     probe = prof.extra["probe"]
     assert prof.ssd.chunk_bytes == probe["engine_chunk_bytes"]
     assert prof.ssd.queue_depth == probe["engine_queue_depth"]
-    assert [b["chunks"] for b in probe["bursts"]] == list(BURSTS)
+    assert [b["chunks"] for b in probe["bursts"]] == list(BURSTS) * 2
     # the profile's model reproduces the measured burst times as well as the fit says
-    d = prof.ssd.chunk_time_of(prof.ssd.chunk_bytes)
+    ssd = prof.ssd
     rel = [
-        math.ceil(b["chunks"] / prof.ssd.channels) * d / b["seconds"] - 1 for b in probe["bursts"]
+        (
+            ssd.access_latency_s
+            + math.ceil(b["chunks"] / ssd.channels) * ssd.chunk_time_of(b["chunk_bytes"])
+        )
+        / b["seconds"]
+        - 1
+        for b in probe["bursts"]
     ]
     assert math.sqrt(sum(r * r for r in rel) / len(rel)) == pytest.approx(
         probe["fit"]["fit_rms_rel_error"], rel=1e-6

@@ -65,10 +65,12 @@ def test_quantize_equals_gguf(rows: int, blocks: int, seed: int, scale: float) -
         x[0, :32] = 0.0  # an all-zero block: d = 0
     ours = q4_0.quantize(x)
     np.testing.assert_array_equal(ours, gg_quantize(x, Q))
-    # round trip: every weight within half a step of its block's scale
+    # round trip: every weight within one step of its block's scale (the clamped end of
+    # the range is a whole step off, and the fp16 scale rounds by up to 2^-11, which the
+    # 8 steps from the block's extreme amplify to 2^-8)
     back = q4_0.dequantize(ours)
     d = np.abs(q4_0.scales(ours)).repeat(32).reshape(x.shape)
-    assert np.all(np.abs(back - x) <= d * 1.0 + 1e-6 * np.abs(x))
+    assert np.all(np.abs(back - x) <= d * (1.0 + 2.0**-8) + 1e-6 * np.abs(x))
 
 
 def test_random_q4_0_statistics() -> None:

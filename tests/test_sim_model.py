@@ -13,6 +13,7 @@ from mer.core import Replay, ReplayConfig, policy_names, replay_counts
 from mer.engine.io import POLL_INTERVAL_S
 from mer.errors import BadInput
 from mer.shapes import get_shape
+from mer.sim import model as sim_model
 from mer.sim.hardware import HardwareProfile, load_profile
 from mer.sim.model import TICKS_PER_S, AnalyticSSD, SimOptions, simulate
 from mer.traces.format import TraceMeta, from_arrays
@@ -366,8 +367,10 @@ def test_fast_engine_equals_simpy_engine_with_driver_costs() -> None:
             workers=rng.choice([1, 1, 2]),
         )
         hw.ssd.queue_depth = rng.choice([None, 1, 4, 8, 32])
+        hw.ssd.access_latency_s = rng.choice([0.0, 6e-5])
         hw.compute.step_overhead_s = rng.choice([0.0, 2e-5])
         hw.compute.read_submit_s = rng.choice([0.0, 1e-5, 4e-5])
+        hw.compute.read_complete_s = rng.choice([0.0, 7e-6])
         hw.compute.ffn_busy_overhead_s = rng.choice([0.0, 3e-5])
         cfg = dict(
             policy=rng.choice(["lru", "fifo", "clock"]),
@@ -393,3 +396,17 @@ def test_fast_engine_equals_simpy_engine_with_driver_costs() -> None:
         assert a.compute_s == b.compute_s, why
         assert a.latency["read"] == b.latency["read"], why
         assert a.read_busy_s == b.read_busy_s, why
+        if cfg["predictor"] == "none":  # the prefetch-off array path, on the same definition
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(sim_model, "_run_vectorised", lambda *a: None)
+                c = simulate(
+                    trace,
+                    ReplayConfig(**cfg),
+                    hw,
+                    SimOptions(mode=mode, shape=SHAPE.name, read_ranges=ranges, queue_depth=qd),
+                ).summary
+            assert (c.wall_s, c.io_wait_s, c.latency["read"]) == (
+                a.wall_s,
+                a.io_wait_s,
+                a.latency["read"],
+            ), why

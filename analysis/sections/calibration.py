@@ -24,6 +24,7 @@ FIELDS = {
         1e6,
     ),
     "compute.read_submit_s": ("time to submit one expert read", "us", 1e6),
+    "compute.read_complete_s": ("time to reap one read outside a wait", "us", 1e6),
     "compute.step_overhead_s": ("driver time per step", "us", 1e6),
 }
 

@@ -111,7 +111,49 @@ def curves_section(study: Study) -> Section | None:
         rows,
         lead="Hit rate (% of lookups), global cache:",
     )
+    _gap_table(sec, g, sizes, order)
     return sec
+
+
+def _gap_table(sec: Section, g: pd.DataFrame, sizes: list[int], order: list[str]) -> None:
+    """Beside the hit rates: the share of the LRU->OPT gap each policy closes (cold and,
+    where computed, in the steady state), and which traces tuned policies were fitted on."""
+    if "gap_closed" not in g.columns or not g["gap_closed"].notna().any():
+        return
+    cols = [("gap_closed", "cold")]
+    if "warm_gap_closed" in g.columns and g["warm_gap_closed"].notna().any():
+        cols.append(("warm_gap_closed", "steady state"))
+    sizes = [s for s in sizes if g.loc[g["cache_slots"] == s, "gap_closed"].notna().any()]
+    rows: list[list[Any]] = []
+    for p in order:
+        if p in ("lru", "opt"):
+            continue
+        d = g[g["policy"] == p]
+        for col, label in cols:
+            at = dict(zip(d["cache_slots"].astype(int), d[col].astype(float), strict=True))
+            rows.append(
+                [p, label, *[round(at[s] * 100, 1) if s in at else float("nan") for s in sizes]]
+            )
+    if not rows:
+        return
+    sec.table(
+        ["policy", "from", *[f"{s} slots" for s in sizes]],
+        rows,
+        lead="Share of the LRU->OPT gap closed (%), global cache (0: LRU, 100: OPT; negative: "
+        "below LRU):",
+    )
+    if "tuned_on" in g.columns:
+        tuned = g[g["tuned_on"].fillna("").astype(str) != ""].drop_duplicates("policy")
+        for _, r in tuned.iterrows():
+            held = bool(r.get("held_out", True))
+            sec.text(
+                f"{r['policy']}'s parameters were fitted on {r['tuned_on']}: "
+                + (
+                    "this trace is held out (not used for tuning)."
+                    if held
+                    else "this trace is one of them, so its figures here are in-sample."
+                )
+            )
 
 
 @section(order=25, key="synthetic")

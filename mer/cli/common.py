@@ -201,6 +201,30 @@ def add_replay_args(p: argparse.ArgumentParser, *, sweep: bool = False, live: bo
         default=8,
         help="at most N prefetch reads in flight (default 8)",
     )
+    p.add_argument(
+        "--prefetch-slots",
+        type=non_negative_int,
+        default=0,
+        help="speculative budget: at most N prefetched, not yet used experts per cache "
+        "partition; a prefetch beyond it replaces the oldest landed guess instead of "
+        "evicting the policy's victim, so wrong guesses cannot push out likely hits "
+        "(default 0: no budget)",
+    )
+    p.add_argument(
+        "--prefetch-lead",
+        type=_lead,
+        default=1,
+        metavar="N|auto",
+        help="prefetch only for layers at least N steps ahead, so that reads can land in "
+        "time; auto (simulate and sweep): read time / step compute time from the hardware "
+        "profile (default 1: from the next layer on)",
+    )
+    p.add_argument(
+        "--prefetch-reclaim",
+        action="store_true",
+        help="a prefetched expert whose step came and went without it is proven wrong: "
+        "once landed it is the first victim of the next read, giving back the slot it took",
+    )
     if not live:
         p.add_argument(
             "--pin",
@@ -242,6 +266,13 @@ def add_replay_args(p: argparse.ArgumentParser, *, sweep: bool = False, live: bo
     )
 
 
+def _lead(text: str) -> int:
+    """--prefetch-lead: an integer >= 1, or auto (0, resolved from a hardware profile)."""
+    if text.strip().lower() == "auto":
+        return 0
+    return int_range(1, 1024)(text)
+
+
 def replay_config_from_args(
     args: argparse.Namespace, bytes_per_expert: int | None = None, **overrides: Any
 ) -> Any:
@@ -276,6 +307,9 @@ def replay_config_from_args(
         prefetch_top_n=args.prefetch_top_n,
         prefetch_min_prob=args.prefetch_min_prob,
         prefetch_inflight=args.prefetch_inflight,
+        prefetch_slots=getattr(args, "prefetch_slots", 0),
+        prefetch_reclaim=bool(getattr(args, "prefetch_reclaim", False)),
+        prefetch_lead=getattr(args, "prefetch_lead", 1),
         pin=getattr(args, "pin", 0),
         phase=getattr(args, "phase", "all"),
         tokens=getattr(args, "tokens", None),
@@ -284,4 +318,11 @@ def replay_config_from_args(
         granularity=getattr(args, "granularity", "step"),
     )
     values.update(overrides)
+    if values["prefetch_lead"] == 0 and not hasattr(args, "hardware"):
+        # mer run / mer generate: no hardware profile to read the times from
+        raise BadInput(
+            "--prefetch-lead auto reads the read and step times from a hardware profile: "
+            "use it with mer simulate or mer sweep, and pass their resolved lead "
+            "(summary extra.auto_prefetch_lead) here as a number."
+        )
     return ReplayConfig(**values).validate()

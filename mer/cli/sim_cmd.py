@@ -23,6 +23,14 @@ from mer.cli.common import (
     resolve_names,
     str_list,
 )
+from mer.cli.tuned_args import (
+    add_tuned_arg,
+    add_warmup_arg,
+    load_tuned_files,
+    provenance,
+    provenance_lines,
+    warmup_tokens,
+)
 from mer.errors import BadInput, RuntimeFailure
 
 SEED_HARDWARE = "seed-g2-standard-32"
@@ -86,6 +94,8 @@ def register(sub: Any) -> None:
     p.add_argument("trace", type=input_file, help="trace parquet (trace format v1)")
     add_replay_args(p)
     _add_timing_args(p, sweep=False)
+    add_warmup_arg(p)
+    add_tuned_arg(p)
     p.add_argument(
         "--experts",
         type=input_path,
@@ -188,6 +198,8 @@ def register(sub: Any) -> None:
         "and, when it exists, the shape every configuration is simulated with",
     )
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_warmup_arg(s)
+    add_tuned_arg(s)
     s.set_defaults(func=cmd_sweep)
 
 
@@ -239,7 +251,16 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     trace = _load(args.trace)
     shape = shape_for(args, trace)
-    config = replay_config_from_args(args, shape.bytes_per_expert)
+    tuned = load_tuned_files(args.tuned)
+    extra_params = {}
+    if tuned:
+        if set(tuned) != {args.policy}:
+            raise BadInput(
+                f"--tuned is for policy {', '.join(sorted(tuned))}; this run's --policy is "
+                f"{args.policy}: pass --policy {next(iter(tuned))}, or drop --tuned."
+            )
+        extra_params = {"policy_params": {**tuned[args.policy].params, **dict(args.policy_param)}}
+    config = replay_config_from_args(args, shape.bytes_per_expert, **extra_params)
     hw = load_profile(args.hardware or (SEED_HARDWARE if args.mode == "seed" else DEFAULT_HARDWARE))
     note_measured_shape(hw, shape.name)
     if (shape.n_layers, shape.n_experts) != (trace.n_layers, trace.n_experts):
@@ -261,6 +282,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             mode=args.mode,
             engine=args.engine,
             shape=shape,
+            warmup_tokens=warmup_tokens(args.warmup, res_tokens(trace, config)),
             read_ranges=ranges,
             key_read_bytes=key_bytes,
             queue_depth=args.queue_depth,
@@ -270,6 +292,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         trace_digest=trace_digest(trace),
     )
     summary = res.summary
+    summary.extra["tuned"] = provenance(
+        trace, [config.policy], {config.policy: config.policy_params}, tuned
+    )[config.policy]
     if not summary.extra.get("cache_fits_ram", True):
         note(
             f"warning: {config.cache_slots} slots need {summary.extra['cache_bytes'] / 2**30:.1f} "
@@ -281,6 +306,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     writes.run()
     emit(args, summary.to_dict(), summary.format_text())
     return writes.finish()
+
+
+def res_tokens(trace: Any, config: Any) -> int:
+    """Tokens a replay of `config` runs (after --phase and --tokens)."""
+    n = trace.select_phase(config.phase).n_tokens
+    return min(n, config.tokens) if config.tokens else n
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -327,6 +358,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             replace(base_config, cache_slots=slots), trace.n_layers, trace.n_experts
         )
     base = base_config.to_dict()
+    base["warmup_tokens"] = args.warmup
+    tuned = load_tuned_files(args.tuned)
+    for t in tuned.values():
+        if t.policy not in args.policies:
+            args.policies = [*args.policies, t.policy]
     spec = SweepSpec(
         trace=str(args.trace),
         policies=args.policies,
@@ -337,6 +373,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         mode=args.mode,
         shape=shape_name,
         base=base,
+        policy_params={p: dict(t.params) for p, t in tuned.items()},
     )
     outcome = run_sweep(
         spec,
@@ -347,6 +384,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         scheduler=args.scheduler,
         progress=not args.no_progress and not args.json,
     )
+    params = {p: dict(t.params) for p, t in tuned.items()}
+    prov = provenance(trace, list(args.policies), params, tuned)
+    if len(outcome.results):
+        from mer.sim.sweep import annotate, write_results
+
+        outcome.results = annotate(outcome.results, trace, prov)
+        write_results(outcome.results, args.output)
     df = outcome.grid()  # --best and the summary speak of this grid only
     for h, msg in outcome.failed:
         note(f"config {h} failed: {msg}")
@@ -382,6 +426,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             "cache_slots",
             "hardware",
             "hit_rate",
+            "gap_closed",
+            "warm_hit_rate",
             "tokens_per_s",
             "io_wait_share",
             "tokens_per_s_per_gib",
@@ -404,5 +450,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             f"predictor {online['predictor']}: hit rate {online['hit_rate'] * 100:.2f}%, "
             f"{online['tokens_per_s']:.3f} tokens/s\n  {run_command(online, args.experts)}"
         )
+    out["tuned"] = prov
+    lines += provenance_lines(prov)
+    lines.append(
+        "gap_closed: share of the LRU->OPT gap (prefetch off, same size and scope) the hit "
+        "rate closes; warm_hit_rate: after the first "
+        f"{int(df['warmup_tokens'].iloc[0]) if len(df) else 0} tokens."
+    )
     emit(args, out, "\n".join(lines))
     return 1 if outcome.failed else 0

@@ -185,6 +185,8 @@ class ExpertCache:
         pinned: Iterable[int] = (),
         policy_factory: Callable[[int], EvictionPolicy] | None = None,
         granularity: str = "step",
+        prefetch_slots: int = 0,
+        prefetch_reclaim: bool = False,
     ) -> None:
         if scope not in SCOPES:
             raise BadInput(f"--scope must be one of {', '.join(SCOPES)}, got {scope!r}.")
@@ -233,6 +235,16 @@ class ExpertCache:
         self.inflight: set[int] = set()  # every key being read (demand or prefetch)
         self.inflight_prefetch: set[int] = set()  # the prefetch reads among them
         self.claimed: set[int] = set()  # prefetches looked up while in flight (late)
+        # Speculative keys: prefetched, not yet looked up (in flight or landed), oldest
+        # first. With a budget (`prefetch_slots` > 0 per partition) a prefetch beyond it
+        # recycles the oldest landed one instead of evicting the policy's victim, so
+        # wrong guesses never push out more than the budget of likely hits.
+        self.prefetch_slots = int(prefetch_slots)
+        self.spec: dict[int, int | None] = {}  # key -> the step it was predicted for
+        # `prefetch_reclaim`: a guess whose step came and went without it is proven
+        # wrong; once it has landed it is the first victim of the next admission.
+        self.prefetch_reclaim = bool(prefetch_reclaim)
+        self.useless: dict[int, None] = {}  # proven-wrong guesses, oldest first
         # Demand reads issued by the current step: a policy without step protection
         # (the public engine's) may evict them again within the same step.
         self.step_reads: set[int] = set()
@@ -282,8 +294,12 @@ class ExpertCache:
                 part.policy.begin_step(t, keys)
         hit = []
         late = []
+        spec = self.spec
         for key in keys:
             st = state.get(key)
+            if spec and key in spec:
+                del spec[key]  # looked up: no longer a guess
+                self.useless.pop(key, None)
             if st == READY:
                 hit.append(True)
                 late.append(False)
@@ -318,6 +334,8 @@ class ExpertCache:
             ]
         for part in touched:
             part.policy.end_step(t, keys)
+        if self.prefetch_reclaim and spec:
+            self._mark_missed(t)
         return StepResult(t, tuple(keys), tuple(hit), tuple(late), reads)
 
     def _access_lookups(self, t: int, keys: Sequence[int]) -> StepResult:
@@ -337,6 +355,8 @@ class ExpertCache:
             pol.begin_step(sub, one)
             layer = key // n_exp
             st = state.get(key)
+            self.spec.pop(key, None)
+            self.useless.pop(key, None)
             if st == READY:
                 hit.append(True)
                 late.append(False)
@@ -384,7 +404,9 @@ class ExpertCache:
                 protected: Container[int] = _Protected(step_keys, self.pinned, self.inflight)
             else:
                 protected = _ProtectedNoStep(self.pinned, self.inflight, self.step_reads)
-            victim = part.policy.victim(protected)
+            victim = self._reclaim_victim(part, protected) if self.useless else None
+            if victim is None:
+                victim = part.policy.victim(protected)
             if victim is None and not prefetch and part.policy.protects_step:
                 victim = self._step_victim(part, step_keys, rank)
             if victim is None:
@@ -403,8 +425,26 @@ class ExpertCache:
         part.policy.on_insert(key)
         if prefetch:
             self.inflight_prefetch.add(key)
+            self.spec[key] = None
             self.stats.prefetch_issued[layer] += 1
         return Admission(key, slot, evicted, prefetch)
+
+    def _mark_missed(self, t: int) -> None:
+        """Guesses predicted for step t or earlier that step t did not look up."""
+        for key, target in self.spec.items():
+            if target is not None and target <= t and key not in self.useless:
+                self.useless[key] = None
+
+    def _reclaim_victim(self, part: _Partition, protected: Container[int]) -> int | None:
+        """The oldest proven-wrong guess of this partition that has landed."""
+        for key in self.useless:
+            if (
+                self.state.get(key) == READY
+                and key not in protected
+                and self.partition_of(key) is part
+            ):
+                return key
+        return None
 
     def _step_victim(self, part: _Partition, step_keys: Sequence[int], rank: int) -> int | None:
         """A cache smaller than the step: the worst-ranked resident step key ranked below `rank`."""
@@ -432,17 +472,48 @@ class ExpertCache:
         if key in self.prefetched_unused:
             self.prefetched_unused.discard(key)
             self.stats.prefetch_wasted[layer] += 1
+        self.spec.pop(key, None)
+        self.useless.pop(key, None)
 
     # -- prefetch and completion ---------------------------------------------------------
-    def prefetch(self, key: int, protect: Sequence[int] = ()) -> Admission | None:
+    def prefetch(
+        self, key: int, protect: Sequence[int] = (), target: int | None = None
+    ) -> Admission | None:
         """Admit `key` as a background read, or None if it is resident/in flight/no room.
 
-        `protect`: keys the victim must not be (the current step, other wanted keys).
+        `protect`: keys the victim must not be (the current step, other wanted keys);
+        `target`: the step it is predicted for (a guess still pending is re-aimed).
         """
         if key in self.state:
+            if key in self.spec and target is not None:
+                old = self.spec[key]
+                self.spec[key] = target if old is None else max(old, target)
+                self.useless.pop(key, None)
             return None
+        recycled: int | None = None
+        if self.prefetch_slots:
+            part = self.partition_of(key)
+            mine = [k for k in self.spec if self.partition_of(k) is part]
+            if len(mine) >= self.prefetch_slots:
+                # The budget is full: recycle the oldest guess that has landed unused.
+                landed = [
+                    k
+                    for k in mine
+                    if self.state.get(k) == READY and k not in protect and k not in self.pinned
+                ]
+                wrong = [k for k in landed if k in self.useless]
+                pool = wrong or landed
+                if not pool:
+                    return None
+                recycled = pool[0]
+                self._evict(part, recycled)
         adm = self._admit(key, protect, len(protect), prefetch=True)
-        return adm if adm.slot is not None else None
+        if adm.slot is None:
+            return None
+        self.spec[key] = target
+        if recycled is not None:  # the slot the driver must reuse is the recycled guess's
+            adm = Admission(adm.key, adm.slot, recycled, True)
+        return adm
 
     def complete(self, key: int) -> None:
         """The read of `key` finished: it is now resident."""

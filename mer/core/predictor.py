@@ -120,7 +120,7 @@ def predictor_names() -> list[str]:
 def _load_builtin_predictors() -> None:
     import importlib
 
-    for mod in ("mer.core.predictors",):
+    for mod in ("mer.core.predictors", "mer.core.cooccur"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as exc:

@@ -26,6 +26,7 @@ when prefetch is off.
 from __future__ import annotations
 
 import functools
+import math
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -65,6 +66,16 @@ class ReplayConfig:
     prefetch_top_n: int | None = None
     prefetch_min_prob: float = 0.0
     prefetch_inflight: int = 8
+    #: speculative-slot budget per partition: 0 = a prefetch may evict the policy's victim;
+    #: N > 0 = at most N prefetched-unread keys at a time (the oldest is recycled)
+    prefetch_slots: int = 0
+    #: a prefetched expert whose step passed without it is the next victim (its slot goes
+    #: back to the next admission instead of costing the policy's victim)
+    prefetch_reclaim: bool = False
+    #: prefetch only for steps at least this far ahead (1: the next step on); a read
+    #: needs about read time / step time steps of lead to land before its step
+    #: (0: auto, resolved by the simulator from the hardware profile: `auto_lead`)
+    prefetch_lead: int = 1
     pin: int = 0  # static pinning of the N most popular experts (offline knowledge)
     phase: str = "all"
     tokens: int | None = None  # replay only the first N tokens (after the phase filter)
@@ -99,6 +110,8 @@ class ReplayConfig:
         count("--pipeline-depth", self.pipeline_depth, 0, 1024)
         count("--prefetch-top-n", self.prefetch_top_n, 1, none_ok=True)
         count("--prefetch-inflight", self.prefetch_inflight, 1)
+        count("--prefetch-slots", self.prefetch_slots, 0)
+        count("--prefetch-lead", self.prefetch_lead, 0, 1024)
         count("--pin", self.pin, 0)
         count("--tokens", self.tokens, 1, none_ok=True)
         p = self.prefetch_min_prob
@@ -123,6 +136,20 @@ class ReplayConfig:
                 if isinstance(v, float) and not math.isfinite(v):
                     raise BadInput(f"{flag} {k}={v}: must be a finite number.")
         return self
+
+
+def auto_lead(read_s: float, step_s: float) -> int:
+    """`--prefetch-lead auto`: how many steps ahead a prefetch must aim to land in time.
+
+    A background read gets the SSD while the steps compute: a read of `read_s`
+    needs about read_s / step_s steps of compute (`step_s`: a step's dense block
+    and FFNs with every expert resident) to complete before its step. On the real
+    traces at 128 slots (nvme-desktop: 33 ms reads, 9.3 ms steps: lead 4) the
+    simulated gain peaks at this lead (docs/policies.md).
+    """
+    if step_s <= 0:
+        return 1
+    return max(1, min(1024, math.ceil(read_s / step_s)))
 
 
 def popular_keys(steps: np.ndarray, n: int) -> list[int]:
@@ -185,6 +212,8 @@ class Replay:
             scope=config.scope,
             pinned=popular_keys(steps, config.pin),
             granularity=config.granularity,
+            prefetch_slots=config.prefetch_slots,
+            prefetch_reclaim=config.prefetch_reclaim,
         )
         self.cache.attach_future(self.decision_steps)
         self.ctx = ReplayContext(
@@ -329,12 +358,17 @@ class Replay:
         rule = self.rule
         top_n = rule.top_n or self.top_k
         wanted: list[int] = []
-        for pred in self.predictor.predict(t, depth):
+        target: dict[int, int] = {}  # key -> the (first) step it is predicted for
+        lead = max(1, self.config.prefetch_lead)  # 0 (auto) unresolved: no timing here
+        for d, pred in enumerate(self.predictor.predict(t, depth), 1):
+            if d < lead:
+                continue  # too close to arrive in time: leave it to the demand read
             for key, prob in pred[:top_n]:
                 if prob < rule.min_prob:
                     break
-                if key not in wanted:
+                if key not in target:
                     wanted.append(key)
+                    target[key] = t + d
         if not wanted:
             return []
         # A prefetch never evicts the current step's keys nor another wanted key.
@@ -344,7 +378,7 @@ class Replay:
         for key in wanted:
             if cache.n_inflight_prefetch >= rule.max_inflight:
                 break
-            adm = cache.prefetch(key, protect)
+            adm = cache.prefetch(key, protect, target[key])
             if adm is not None:
                 out.append(adm)
         return out

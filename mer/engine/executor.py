@@ -43,7 +43,7 @@ from mer.engine.streaming import (
     peak_rss_bytes,
 )
 from mer.errors import BadInput
-from mer.summary import RunSummary, busy_seconds, percentiles
+from mer.summary import RunSummary, busy_seconds, percentiles, warm_figures
 
 F32 = npt.NDArray[np.float32]
 MODES = ("model", "seed")
@@ -158,14 +158,30 @@ def measured_summary(
     """The RunSummary of a measured run (trace replay or decoder): one definition for both."""
     replay = streamer.replay
     extra = {**streamer.extra(), **fields.pop("extra", {})}
+    extra["warm"] = warm_figures(rows, extra.pop("warmup_tokens", None))
     span = np.asarray(streamer.read_span, dtype=np.float64).reshape(-1, 2)
     iters = len(it_times)
     accounted = float(rows[["io_wait_s", "compute_s", "dense_s"]].to_numpy().sum())
+    tok_over = (
+        rows["time_s"].to_numpy()
+        - rows[["io_wait_s", "compute_s", "dense_s"]].to_numpy().sum(axis=1)
+        if len(rows)
+        else np.zeros(0)
+    )
+    tok_reads = (
+        rows["misses"].to_numpy() - rows["late"].to_numpy() + rows["prefetch_issued"].to_numpy()
+        if len(rows)
+        else np.zeros(0)
+    )
     extra["driver_time"] = {
         **extra.get("driver_time", {}),
         "steps": iters,
         # per-step time outside reads, FFNs and dense: lookups, submissions, bookkeeping
         "overhead_s": float(np.sum(it_times)) - accounted,
+        # per token: that time and the reads issued, so calibration can tell the part
+        # that grows with the reads (submitting, reaping) from the part per step
+        "token_overhead_s": [float(v) for v in tok_over],
+        "token_reads": [int(v) for v in tok_reads],
     }
     return RunSummary.from_replay(
         kind="measured",

@@ -17,15 +17,17 @@ with the engine's own code paths, on the disk and CPU the engine will run on:
   reported next to it.
 
 The simulator's SSD model (`sim.hardware.SSDProfile`) says: `channels` chunks are
-served at once, each taking latency + chunk / (bandwidth / channels), so k chunks
-submitted together land after ceil(k / channels) chunk times. The probe measures
-exactly that curve: bursts of k chunks of the engine's chunk size
-(`--chunk-bytes`, 512 KiB by default) submitted at once, k = 1..32, through the
-engine's reader. `channels` and the chunk time are the least-squares fit of the
-curve; `latency_s` is the 4 KiB latency, and the bandwidth follows from the
-chunk time. (A disk that serves one request at a time has a straight line here;
-an NVMe drive a flat start.) The whole-expert grid over queue depths and chunk
-sizes is kept in the profile's `extra`, to check the fit against.
+served at once, each taking latency + chunk / (bandwidth / channels) on its
+channel, and a read lands `access_latency_s` after its last chunk (a pipelined
+latency that occupies no channel), so k chunks submitted together land after
+access + ceil(k / channels) chunk times. The probe measures exactly that curve:
+bursts of k chunks submitted at once, k = 1..32, through the engine's reader, at
+the engine's chunk size (`--chunk-bytes`, 512 KiB by default) and at a quarter
+of it, which separates the per-chunk latency from the transfer. The fit
+(`fit_device`) is least squares per channel count, the best count winning. (A
+disk that serves one request at a time has a straight line here, an NVMe drive a
+flat start.) The whole-expert grid over queue depths and chunk sizes is kept in
+the profile's `extra`, to check the fit against.
 
 The driver's own costs, which a fast FFN makes visible, are measured on the
 engine's code paths too: submitting one expert read (`read_submit_s`), an FFN
@@ -38,7 +40,6 @@ through more memory than the CPU caches hold, as the engine's slots are.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import platform
 import tempfile
@@ -136,26 +137,72 @@ class BurstPoint:
     p75_s: float
 
 
-def fit_channels(bursts: list[tuple[int, float]]) -> tuple[int, float, float]:
-    """(channels C, chunk time d, rms relative error) of T(k) = ceil(k / C) d, least squares.
+@dataclass
+class DeviceFit:
+    """T(k, c) = access + ceil(k / channels) * (latency + c / (bandwidth / channels))."""
 
-    For each candidate C the best d is closed form (weighted by 1 / T(k)^2, so every
-    point counts by its relative error); the C with the smallest error wins, ties to
-    the smaller C.
+    channels: int
+    access_s: float  # once per burst, after its last chunk: pipelined, occupies no channel
+    latency_s: float  # per chunk, on its channel
+    seconds_per_byte: float  # per channel: channels / bandwidth
+    rms_rel_error: float
+
+    @property
+    def bandwidth(self) -> float:
+        return self.channels / self.seconds_per_byte
+
+    def chunk_time(self, chunk: float) -> float:
+        return self.latency_s + chunk * self.seconds_per_byte
+
+    def time(self, k: int, chunk: float) -> float:
+        return self.access_s + -(-k // self.channels) * self.chunk_time(chunk)
+
+
+def fit_device(bursts: list[tuple[int, int, float]]) -> DeviceFit:
+    """The device model fitted to bursts (k chunks, chunk bytes, seconds), least squares.
+
+    For each candidate number of channels the model is linear in (access, latency,
+    seconds per byte): weighted least squares (each point by its relative error),
+    with access and latency held at 0 when they would come out negative. The
+    candidate with the smallest error wins, ties to fewer channels. Bursts of two
+    chunk sizes separate the per-chunk latency from the transfer; of one size, the
+    latency is taken as 0 (all of a chunk's time is then transfer).
     """
-    best: tuple[float, int, float] | None = None
-    for c in CHANNEL_CANDIDATES:
-        num = den = 0.0
-        for k, t in bursts:
-            n = -(-k // c)
-            num += n / t
-            den += (n / t) ** 2
-        d = num / den if den > 0 else 0.0
-        err = math.sqrt(sum(((-(-k // c)) * d / t - 1) ** 2 for k, t in bursts) / len(bursts))
-        if best is None or err < best[0] - 1e-12:
-            best = (err, c, d)
-    assert best is not None
-    return best[1], best[2], best[0]
+    sizes = {c for _, c, _ in bursts}
+    rows = [(k, float(c), t) for k, c, t in bursts if t > 0]
+    if not rows:
+        raise ValueError("no bursts to fit")
+    best: DeviceFit | None = None
+    for ch in CHANNEL_CANDIDATES:
+        n = np.array([-(-k // ch) for k, _, _ in rows], dtype=float)
+        c = np.array([r[1] for r in rows])
+        t = np.array([r[2] for r in rows])
+        cols_all = {"access": np.ones_like(n), "latency": n, "per_byte": n * c}
+        options = [("access", "latency", "per_byte"), ("access", "per_byte")]
+        options += [("latency", "per_byte"), ("per_byte",)]
+        if len(sizes) < 2:
+            options = [("access", "per_byte"), ("per_byte",)]
+        for names in options:
+            a = np.stack([cols_all[k] / t for k in names], axis=1)
+            coef, *_ = np.linalg.lstsq(a, np.ones_like(t), rcond=None)
+            v = dict(zip(names, coef, strict=True))
+            if any(x < 0 for x in v.values()) or v["per_byte"] <= 0:
+                continue
+            fit = DeviceFit(
+                ch,
+                float(v.get("access", 0.0)),
+                float(v.get("latency", 0.0)),
+                float(v["per_byte"]),
+                0.0,
+            )
+            pred = np.array([fit.time(k, cc) for k, cc, _ in rows])
+            fit.rms_rel_error = float(np.sqrt(np.mean((pred / t - 1) ** 2)))
+            if best is None or fit.rms_rel_error < best.rms_rel_error - 1e-12:
+                best = fit
+            break  # the first feasible (richest) model of this channel count
+    if best is None:
+        raise ValueError("no device model fits these bursts")
+    return best
 
 
 @dataclass
@@ -195,17 +242,16 @@ class ProbeResult:
         if not self.bursts:
             return self.fit_grid()
         chunk = self.engine_chunk_bytes
-        channels, d, err = fit_channels([(b.chunks, b.seconds) for b in self.bursts])
-        lat = min(self.latency_s, 0.5 * d)  # the 4 KiB latency, never most of a chunk
-        bw = channels * chunk / (d - lat)
+        fit = fit_device([(b.chunks, b.chunk_bytes, b.seconds) for b in self.bursts])
         return {
-            "latency_s": lat,
-            "bandwidth_bytes_per_s": float(bw),
-            "channels": int(channels),
+            "latency_s": fit.latency_s,
+            "access_latency_s": fit.access_s,
+            "bandwidth_bytes_per_s": float(fit.bandwidth),
+            "channels": int(fit.channels),
             "chunk_bytes": int(chunk),
             "queue_depth": int(self.engine_queue_depth),
-            "chunk_s": d,
-            "fit_rms_rel_error": err,
+            "chunk_s": fit.chunk_time(chunk),
+            "fit_rms_rel_error": fit.rms_rel_error,
         }
 
     def fit_grid(self) -> dict[str, Any]:
@@ -638,13 +684,14 @@ def run_probe(cfg: ProbeConfig, log: Callable[[str], None] | None = None) -> Pro
         buf[::ALIGN] = 0
         lat, lat90 = measure_latency(path, cfg.io, cfg.latency_reads, rng)
         say(f"latency (4 KiB, QD1): median {lat * 1e6:.0f} us, p90 {lat90 * 1e6:.0f} us")
-        bursts, kind, direct = measure_bursts(
-            path, cfg.engine_chunk_bytes, cfg.io, cfg.burst_repeats, rng
-        )
-        say(
-            f"bursts of {cfg.engine_chunk_bytes >> 10} KiB chunks submitted together: "
-            + ", ".join(f"{b.chunks}: {b.seconds * 1e3:.2f} ms" for b in bursts)
-        )
+        bursts = []
+        for chunk in (cfg.engine_chunk_bytes, max(ALIGN, cfg.engine_chunk_bytes // 4)):
+            got, kind, direct = measure_bursts(path, chunk, cfg.io, cfg.burst_repeats, rng)
+            bursts += got
+            say(
+                f"bursts of {chunk >> 10} KiB chunks submitted together: "
+                + ", ".join(f"{b.chunks}: {b.seconds * 1e3:.2f} ms" for b in got)
+            )
         submit_s = measure_submit(path, shape, cfg, rng)
         say(f"submitting one expert read: {submit_s * 1e6:.0f} us")
         compute_s = max(0.3, cfg.seconds_per_point)
@@ -726,6 +773,7 @@ def to_profile(result: ProbeResult, name: str | None = None) -> Any:
             channels=fit["channels"],
             chunk_bytes=fit["chunk_bytes"],
             queue_depth=fit.get("queue_depth"),
+            access_latency_s=fit.get("access_latency_s", 0.0),
         ),
         compute=ComputeProfile(
             ffn_bytes_per_s=result.ffn_bytes_per_s,
