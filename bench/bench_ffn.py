@@ -34,6 +34,27 @@ from mer.shapes import SHAPES, ModelShape
 WORKING_SET = 512 << 20
 
 
+def cpu_busy() -> tuple[float, float, float] | None:
+    """(seconds of CPU busy on the whole machine, of this process, wall clock) now; None where
+    /proc/stat is missing. Two readings give how many CPUs other processes kept busy."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+    except OSError:
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    busy = (sum(v[:8]) - v[3] - v[4]) / tick  # all but idle and iowait
+    t = os.times()
+    return busy, t.user + t.system, time.monotonic()
+
+
+def others_cpus(a: tuple[float, float, float] | None) -> str:
+    b = cpu_busy()
+    if a is None or b is None:
+        return "unknown"
+    return f"{max(0.0, (b[0] - a[0]) - (b[1] - a[1])) / (b[2] - a[2]):.2f}"
+
+
 def numpy_sum_gbs(a: np.ndarray, repeats: int) -> float:
     f = a.view(np.float32)
     f.sum()
@@ -94,6 +115,7 @@ def main() -> int:
     shapes = [SHAPES[s] for s in args.shapes.split(",")]
     cmd = "python " + " ".join(sys.argv)
     load0 = os.getloadavg()
+    busy0 = cpu_busy()
 
     buf = np.ones((1 << 30) // 8, dtype=np.int64)
 
@@ -105,6 +127,7 @@ def main() -> int:
 
     rows: list[dict[str, Any]] = []
     batch_rows: list[str] = []
+    split_rows: list[str] = []
     for shape in shapes:
         ex = experts(shape)
         x = np.random.default_rng(1).standard_normal(shape.d_model).astype(np.float32)
@@ -113,11 +136,14 @@ def main() -> int:
             kernels.append(("numpy", None))
         for kind, isa in kernels:
             for t in threads:
+                split = None
                 if kind == "native":
                     assert isa is not None
                     with nq.using_isa(isa):
                         f = nq.NativeFFN(shape.d_model, shape.d_ff, t)
+                        nq.pool_stats(reset=True)
                         passes = time_ffn(f, ex, x, args.repeats)
+                        split = nq.pool_stats(reset=True) if t > 1 else None
                     label = f"native ({isa})"
                 else:
                     with numpy_ffn.ExpertFFN(shape, t) as fnp:
@@ -135,6 +161,14 @@ def main() -> int:
                         gbs_med=shape.bytes_per_expert / med / 1e9,
                     )
                 )
+                if split and split["jobs"]:
+                    chunks = split["caller_chunks"] + split["worker_chunks"]
+                    calls = 2 + args.repeats * len(ex)
+                    split_rows.append(
+                        f"| {shape.name} | {label} | {t} | {split['jobs'] / calls:.1f} | "
+                        f"{split['worker_chunks'] / chunks:.0%} | "
+                        f"{split['wait_ns'] / split['jobs'] / 1e3:.1f} |"
+                    )
         # batched tokens: one call over n tokens reads each weight once
         f = nq.NativeFFN(shape.d_model, shape.d_ff, max(threads))
         single = None
@@ -153,11 +187,15 @@ def main() -> int:
 
     mem = {t: max(m[t] for m in mem_runs) for t in (1, 2)}
     load1 = os.getloadavg()
+    others = others_cpus(busy0)
     print(
         f"<!-- {cmd} | {platform.machine()}, {os.cpu_count()} CPUs, best ISA {nq.best_isa()}, "
         f"numpy {np.__version__}, load average {load0[0]:.1f} before, {load1[0]:.1f} after -->"
     )
-    print(f"Command: `{cmd}` (load average {load0[0]:.1f} before, {load1[0]:.1f} after)\n")
+    print(
+        f"Command: `{cmd}` (load average {load0[0]:.1f} before, {load1[0]:.1f} after; other "
+        f"processes kept {others} of the {os.cpu_count()} CPUs busy on average during the run)\n"
+    )
     print(
         f"Memory read, same run (best of {len(mem_runs)} measurements spread over it): "
         f"{mem[1]:.1f} GB/s on 1 thread, {mem[2]:.1f} GB/s on 2 (C streaming read); numpy "
@@ -183,6 +221,15 @@ def main() -> int:
     for line in batch_rows:
         print(line)
     print()
+    if split_rows:
+        print(
+            "| shape | kernel | threads | split jobs per FFN | chunks done by the worker "
+            "threads | caller's wait for the workers per job, us |"
+        )
+        print("|---|---|---|---|---|---|")
+        for line in split_rows:
+            print(line)
+        print()
     # the targets, as ratios of this run
     best_isa = f"native ({isas[0]})"
 

@@ -157,13 +157,43 @@ def test_rows_split_over_threads_that_do_not_divide_them(isa: str, wtype: int) -
     x = rng.standard_normal((2, cols)).astype(np.float32)
     ye = nq.emulate_matmul(w, x, cols, wtype)
     with nq.using_isa(isa):
+        y_one = nq.matmul(w, x, cols, wtype=wtype, threads=1)
         for threads in (1, 2, 3, 5):
             y = nq.matmul(w, x, cols, wtype=wtype, threads=threads)
             assert _rel(y, ye) <= 1e-5, threads
+            # a row's arithmetic never depends on which thread, or which chunk, computed it
+            assert np.array_equal(y.view(np.uint32), y_one.view(np.uint32)), threads
         # a single token, a single row
         assert _rel(nq.matmul(w, x[0], cols, wtype=wtype, threads=3), ye[0]) <= 1e-5
         y1 = nq.matmul(w[:1], x, cols, wtype=wtype, threads=3)
         assert y1.shape == (2, 1) and _rel(y1, ye[:, :1]) <= 1e-5
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_ffn_is_the_same_to_the_bit_on_any_thread_count(isa: str) -> None:
+    """Threads claim chunks of rows as they go: whatever the split (and the SwiGLU tail at
+    a chunk's end), every output is the single-thread one; the pool's counters add up."""
+    rng = np.random.default_rng(13)
+    d_model, d_ff = 1024, 2016  # gate + up 2.2 MiB: split over 2 threads; the down is not
+    g, u = (_weights(rng, d_ff, d_model, nq.Q4_0) for _ in range(2))
+    d = _weights(rng, d_model, d_ff, nq.Q4_0)
+    x = (rng.standard_normal((3, d_model)) * 4).astype(np.float32)
+    with nq.using_isa(isa):
+        h1 = np.empty((3, d_ff), np.float32)
+        y1 = nq.expert_ffn(x, g, u, d, d_model, d_ff, threads=1, hidden=h1)
+        nq.pool_stats(reset=True)
+        for threads in (2, 3):
+            h = np.empty((3, d_ff), np.float32)
+            y = nq.expert_ffn(x, g, u, d, d_model, d_ff, threads=threads, hidden=h)
+            assert np.array_equal(h.view(np.uint32), h1.view(np.uint32)), threads
+            assert np.array_equal(y.view(np.uint32), y1.view(np.uint32)), threads
+    st = nq.pool_stats(reset=True)
+    # per call one split job: gate + up in chunks of whole 64-row tiles of <= 256 KiB
+    row_bytes = 2 * d_model // 32 * 18
+    chunk = (262144 // row_bytes) // 64 * 64
+    assert st["jobs"] == 2
+    assert st["caller_chunks"] + st["worker_chunks"] == 2 * -(-d_ff // chunk)
+    assert nq.pool_stats()["jobs"] == 0
 
 
 @pytest.mark.parametrize("isa", ISAS)

@@ -121,6 +121,10 @@ def load(name: str, *, quiet: bool = False) -> ModuleType | None:
 
     `quiet`: the caller says its own fallback note (the reader does, naming the file).
     """
+    try:  # no lock once loaded: kernels sit on hot paths
+        return _LOADED[name]
+    except KeyError:
+        pass
     with _LOCK:
         if name in _LOADED:
             return _LOADED[name]

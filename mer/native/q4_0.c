@@ -21,6 +21,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "q4_0.h"
 
@@ -49,6 +50,7 @@
 #define TILE_BYTES (256 << 10)          /* weights per row tile when tokens need several passes */
 #define COL_BLOCKS 128                  /* blocks per column chunk of a batch over long rows */
 #define ROW_TILE 64                     /* rows per tile when rows go in column chunks */
+#define CHUNK_BYTES (256 << 10)         /* weights per chunk that a thread claims at a time */
 
 enum { ISA_PORTABLE = 1, ISA_AVX2 = 2, ISA_AVX512 = 3 };
 
@@ -92,6 +94,10 @@ typedef struct {
     const int8_t *qp;    /* the AVX-512 q4_0 layout (quad_layout), NULL when not needed */
     const float *d;      /* block scales */
     const int32_t *negs; /* minus the sum of each block's codes */
+    /* With qp, per block of the quad layout's groups of four, four lanes each (block 4g + j
+       in lanes 4j .. 4j + 3 of group g's 16): */
+    const int32_t *c8; /* lane 4j: 8 * negs (the q4_0 "- 8" folded in), other lanes 0 */
+    const float *d16;  /* every lane: the block's scale d */
 } act_t;
 
 /* q8_0 of one row of n_cols floats: the definition q4_0.py's quantize_q8_0 emulates. */
@@ -227,7 +233,8 @@ static inline size_t up64(size_t n) { return (n + 63) & ~(size_t)63; }
 
 static size_t acts_bytes(int64_t n_tok, int64_t n_cols, int pairs) {
     int64_t nb = n_cols / QK;
-    size_t per = up64((size_t)n_cols) * (pairs ? 2 : 1) + up64((size_t)nb * 4) * 2;
+    size_t per = up64((size_t)n_cols) * (pairs ? 2 : 1) + up64((size_t)nb * 4) * 2 +
+                 (pairs ? up64((size_t)nb * 16) * 2 : 0);
     return up64(sizeof(act_t) * (size_t)n_tok) + per * (size_t)n_tok;
 }
 
@@ -249,13 +256,31 @@ static act_t *acts_fill(int isa, char *mem, const float *x, int64_t n_tok, int64
         p += up64((size_t)nb * 4);
         int32_t *negs = (int32_t *)p;
         p += up64((size_t)nb * 4);
+        int32_t *c8 = NULL;
+        float *d16 = NULL;
+        if (pairs) {
+            c8 = (int32_t *)p;
+            p += up64((size_t)nb * 16);
+            d16 = (float *)p;
+            p += up64((size_t)nb * 16);
+        }
         quantize_rows(isa, x + t * n_cols, n_cols, qn, d, negs);
         for (int64_t b = 0; b < nb; b++) negs[b] = -negs[b];
-        if (pairs) quad_layout(qn, nb, qp);
+        if (pairs) {
+            quad_layout(qn, nb, qp);
+            for (int64_t b = 0; b < nb; b++)
+                for (int l = 0; l < 4; l++) {
+                    /* block b = 4g + j sits in lanes 16 g + 4 j + l */
+                    c8[b * 4 + l] = l == 0 ? (int32_t)((uint32_t)negs[b] << 3) : 0;
+                    d16[b * 4 + l] = d[b];
+                }
+        }
         acts[t].qn = qn;
         acts[t].qp = qp;
         acts[t].d = d;
         acts[t].negs = negs;
+        acts[t].c8 = c8;
+        acts[t].d16 = d16;
     }
     return acts;
 }
@@ -279,45 +304,43 @@ static inline int32_t dot_q8_block(const uint8_t *qs, const int8_t *x) {
     return s;
 }
 
-static void row_q4_c(const uint8_t *row, int64_t nb, const act_t *a, int K, float *res) {
-    for (int k = 0; k < K; k++) res[k] = 0.0f;
-    for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *p = row + b * Q4_BYTES;
-        float dw = f16_to_f32(rd16(p));
-        for (int k = 0; k < K; k++)
-            res[k] += (dw * a[k].d[b]) * (float)dot_q4_block(p + 2, a[k].qn + b * QK);
-    }
+/* The integer dot of one block of either type with 32 activation codes. */
+static inline int32_t dot_block(int q4, const uint8_t *qs, const int8_t *x) {
+    return q4 ? dot_q4_block(qs, x) : dot_q8_block(qs, x);
 }
 
-static void row_q8_c(const uint8_t *row, int64_t nb, const act_t *a, int K, float *res) {
+static inline void row_c(int q4, const uint8_t *row, int64_t nb, const act_t *a, int K,
+                         float *res) {
+    const int64_t bb = q4 ? Q4_BYTES : Q8_BYTES;
     for (int k = 0; k < K; k++) res[k] = 0.0f;
     for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *p = row + b * Q8_BYTES;
+        const uint8_t *p = row + b * bb;
         float dw = f16_to_f32(rd16(p));
         for (int k = 0; k < K; k++)
-            res[k] += (dw * a[k].d[b]) * (float)dot_q8_block(p + 2, a[k].qn + b * QK);
+            res[k] += (dw * a[k].d[b]) * (float)dot_block(q4, p + 2, a[k].qn + b * QK);
     }
 }
 
 typedef void (*rowsfn_t)(const uint8_t *w, int64_t rb, int64_t r0, int64_t r1, int64_t nb,
                          const act_t *a, int K, float *out, int64_t os);
 
-static void rows_q4_c(const uint8_t *w, int64_t rb, int64_t r0, int64_t r1, int64_t nb,
-                      const act_t *a, int K, float *out, int64_t os) {
+static inline void rows_c(int q4, const uint8_t *w, int64_t rb, int64_t r0, int64_t r1,
+                          int64_t nb, const act_t *a, int K, float *out, int64_t os) {
     float res[TOK_GROUP];
     for (int64_t r = r0; r < r1; r++) {
-        row_q4_c(w + r * rb, nb, a, K, res);
+        row_c(q4, w + r * rb, nb, a, K, res);
         for (int k = 0; k < K; k++) out[k * os + (r - r0)] = res[k];
     }
 }
 
+static void rows_q4_c(const uint8_t *w, int64_t rb, int64_t r0, int64_t r1, int64_t nb,
+                      const act_t *a, int K, float *out, int64_t os) {
+    rows_c(1, w, rb, r0, r1, nb, a, K, out, os);
+}
+
 static void rows_q8_c(const uint8_t *w, int64_t rb, int64_t r0, int64_t r1, int64_t nb,
                       const act_t *a, int K, float *out, int64_t os) {
-    float res[TOK_GROUP];
-    for (int64_t r = r0; r < r1; r++) {
-        row_q8_c(w + r * rb, nb, a, K, res);
-        for (int k = 0; k < K; k++) out[k * os + (r - r0)] = res[k];
-    }
+    rows_c(0, w, rb, r0, r1, nb, a, K, out, os);
 }
 
 #if MER_X86
@@ -330,23 +353,31 @@ TGT2 INL float hsum256(__m256 v) {
 }
 
 /* AVX2: per block, the codes as signed bytes meet the activation codes through ggml's sign
-   trick (maddubs needs one unsigned operand), giving 8 int32 partial sums. */
-TGT2 INL void row_q4_avx2_k(const uint8_t *row, int64_t nb, const act_t *a, const int K,
-                            float *res) {
+   trick (maddubs needs one unsigned operand), giving 8 int32 partial sums. q4: the nibbles
+   spread to bytes minus 8; q8: the bytes as they are. A prefetch every 4 (q4) or 2 (q8)
+   blocks keeps one 128-byte step ahead per 72 or 68 bytes read. */
+TGT2 INL void row_avx2_k(const int q4, const uint8_t *row, int64_t nb, const act_t *a,
+                         const int K, float *res) {
     __m256 acc[TOK_GROUP];
     for (int k = 0; k < K; k++) acc[k] = _mm256_setzero_ps();
     const __m128i m4 = _mm_set1_epi8(15);
     const __m256i off = _mm256_set1_epi8(8);
     const __m256i ones = _mm256_set1_epi16(1);
+    const int64_t bb = q4 ? Q4_BYTES : Q8_BYTES;
     for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *p = row + b * Q4_BYTES;
-        if (!(b & 3)) {
+        const uint8_t *p = row + b * bb;
+        if (!(b & (q4 ? 3 : 1))) {
             _mm_prefetch((const char *)(p + PF_DIST), _MM_HINT_T0);
             _mm_prefetch((const char *)(p + PF_DIST + 64), _MM_HINT_T0);
         }
-        __m128i c = _mm_loadu_si128((const __m128i *)(p + 2));
-        __m256i v = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(c, 4), m4), _mm_and_si128(c, m4));
-        v = _mm256_sub_epi8(v, off);
+        __m256i v;
+        if (q4) {
+            __m128i c = _mm_loadu_si128((const __m128i *)(p + 2));
+            v = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(c, 4), m4), _mm_and_si128(c, m4));
+            v = _mm256_sub_epi8(v, off);
+        } else {
+            v = _mm256_loadu_si256((const __m256i *)(p + 2));
+        }
         __m256i av = _mm256_sign_epi8(v, v);
         float dw = _cvtsh_ss(rd16(p));
         for (int k = 0; k < K; k++) {
@@ -357,80 +388,132 @@ TGT2 INL void row_q4_avx2_k(const uint8_t *row, int64_t nb, const act_t *a, cons
         }
     }
     for (int k = 0; k < K; k++) res[k] = hsum256(acc[k]);
+}
+
+TGT2 INL void row_q4_avx2_k(const uint8_t *row, int64_t nb, const act_t *a, const int K,
+                            float *res) {
+    row_avx2_k(1, row, nb, a, K, res);
 }
 
 TGT2 INL void row_q8_avx2_k(const uint8_t *row, int64_t nb, const act_t *a, const int K,
                             float *res) {
-    __m256 acc[TOK_GROUP];
-    for (int k = 0; k < K; k++) acc[k] = _mm256_setzero_ps();
-    const __m256i ones = _mm256_set1_epi16(1);
-    for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *p = row + b * Q8_BYTES;
-        if (!(b & 1)) {
-            _mm_prefetch((const char *)(p + PF_DIST), _MM_HINT_T0);
-            _mm_prefetch((const char *)(p + PF_DIST + 64), _MM_HINT_T0);
-        }
-        __m256i v = _mm256_loadu_si256((const __m256i *)(p + 2));
-        __m256i av = _mm256_sign_epi8(v, v);
-        float dw = _cvtsh_ss(rd16(p));
-        for (int k = 0; k < K; k++) {
-            __m256i X = _mm256_loadu_si256((const __m256i *)(a[k].qn + b * QK));
-            __m256i d16 = _mm256_maddubs_epi16(av, _mm256_sign_epi8(X, v));
-            __m256i d32 = _mm256_madd_epi16(d16, ones);
-            acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(dw * a[k].d[b]), _mm256_cvtepi32_ps(d32), acc[k]);
-        }
-    }
-    for (int k = 0; k < K; k++) res[k] = hsum256(acc[k]);
+    row_avx2_k(0, row, nb, a, K, res);
 }
 
-/* AVX-512 VNNI, q4_0: four blocks per step. Their 16-byte code runs fill one 512-bit
-   register; its low nibbles (elements 0..15 of each block) and high nibbles (16..31) go
-   straight, unsigned (0..15), into two vpdpbusd against the activation codes, whose
-   accumulator starts at -8 * sum(codes) of each block (lane 0 of the block's four lanes), so
-   the "- 8" costs no per-weight work. The four fp16 scales come out of one 64-byte load by a
-   word permute. */
-TGT512 INL void row_q4_512_k(const uint8_t *row, int64_t nb, const act_t *a, const int K,
-                             float *res) {
-    __m512 acc[TOK_GROUP];
-    for (int k = 0; k < K; k++) acc[k] = _mm512_setzero_ps();
+/* out[i * stride] = _mm512_reduce_add_ps of the i-th vector, for four at once: the same
+   additions in the same pairs as GCC's reduce (lanes i + i+8, then + i+4, then + i^2, then
+   lane 0 + lane 1), so the results are those of four separate reductions, in fewer shuffles. */
+TGT512 INL void reduce4_512(__m512 A, __m512 B, __m512 C, __m512 D, float *out, int stride) {
+    __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(A, B, _MM_SHUFFLE(1, 0, 1, 0)),
+                              _mm512_shuffle_f32x4(A, B, _MM_SHUFFLE(3, 2, 3, 2)));
+    __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(C, D, _MM_SHUFFLE(1, 0, 1, 0)),
+                              _mm512_shuffle_f32x4(C, D, _MM_SHUFFLE(3, 2, 3, 2)));
+    /* ab = [A 0..7 | B 0..7] after the first step; now 128-bit chunks [A, B, C, D] */
+    __m512 s = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_f32x4(ab, cd, _MM_SHUFFLE(3, 1, 3, 1)));
+    s = _mm512_add_ps(s, _mm512_permute_ps(s, _MM_SHUFFLE(1, 0, 3, 2)));
+    s = _mm512_add_ps(s, _mm512_permute_ps(s, _MM_SHUFFLE(2, 3, 0, 1)));
+    float v[16];
+    _mm512_storeu_ps(v, s);
+    for (int i = 0; i < 4; i++) out[i * stride] = v[4 * i];
+}
+
+/* AVX-512 VNNI, q4_0: four blocks per step, RR rows at a time (K tokens). The four blocks
+   are 72 bytes = 36 words and a block's 16 code bytes are its words 1..8, so one word permute
+   of two loads gathers the four code runs into one 512-bit register; its low nibbles
+   (elements 0..15 of each block) and high nibbles (16..31) go straight, unsigned (0..15), into
+   two vpdpbusd against the activation codes, whose accumulator starts at -8 * sum(codes) of
+   each block (lane 0 of the block's four lanes, precomputed: c8), so the "- 8" costs no
+   per-weight work. The same permute spreads the four fp16 scales (words 0, 9, 18, 27) over
+   their blocks' lanes. Rows taken together share the activations' loads and give the core
+   RR independent accumulator chains; each row's arithmetic, and so its result, is the same
+   whatever RR is. Each row's stream is prefetched PF_DIST / RR ahead, running on into the
+   same row of the next RR-row step near its end. */
+TGT512 INL void rows_q4_512_k(const uint8_t *row0, int64_t rb, int64_t nb, const act_t *a,
+                              const int K, const int RR, float *res) {
+    __m512 acc[4][TOK_GROUP];
+    for (int r = 0; r < RR; r++)
+        for (int k = 0; k < K; k++) acc[r][k] = _mm512_setzero_ps();
     const __m512i m4 = _mm512_set1_epi8(15);
-    /* lane i <- i / 4: a block's value under its four lanes (with mask 0x1111: lane 4j <- j) */
-    const __m512i sidx = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-    /* words 0, 9, 18, 27 of the 64 bytes at a group's start are its four scales */
-    const __m512i widx = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-                                          0, 0, 0, 0, 0, 0, 0, 0, 0, 27, 18, 9, 0);
+    const __m512i vidx = _mm512_set_epi16(35, 34, 33, 32, 31, 30, 29, 28, 26, 25, 24, 23, 22, 21,
+                                          20, 19, 17, 16, 15, 14, 13, 12, 11, 10, 8, 7, 6, 5, 4,
+                                          3, 2, 1);
+    const __m512i widx = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 27, 27,
+                                          27, 27, 18, 18, 18, 18, 9, 9, 9, 9, 0, 0, 0, 0);
+    const int64_t pfd = PF_DIST / RR, skip = (RR - 1) * rb;
     int64_t b = 0;
     for (; b + 3 < nb; b += 4) {
-        const uint8_t *p = row + b * Q4_BYTES;
-        _mm_prefetch((const char *)(p + PF_DIST), _MM_HINT_T0);
-        _mm_prefetch((const char *)(p + PF_DIST + 64), _MM_HINT_T0);
-        __m512i V = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(p + 2)));
-        V = _mm512_inserti32x4(V, _mm_loadu_si128((const __m128i *)(p + 2 + Q4_BYTES)), 1);
-        V = _mm512_inserti32x4(V, _mm_loadu_si128((const __m128i *)(p + 2 + 2 * Q4_BYTES)), 2);
-        V = _mm512_inserti32x4(V, _mm_loadu_si128((const __m128i *)(p + 2 + 3 * Q4_BYTES)), 3);
-        __m512i lo = _mm512_and_si512(V, m4);
-        __m512i hi = _mm512_and_si512(_mm512_srli_epi16(V, 4), m4);
-        __m512i R = _mm512_loadu_si512((const void *)p);
-        __m128 dw = _mm_cvtph_ps(_mm512_castsi512_si128(_mm512_permutexvar_epi16(widx, R)));
+        int64_t off = b * Q4_BYTES + pfd;
+        off = off < rb ? off : off + skip;
+        __m512i lo[4], hi[4];
+        __m512 dw[4];
+        for (int r = 0; r < RR; r++) {
+            const uint8_t *p = row0 + r * rb + b * Q4_BYTES;
+            _mm_prefetch((const char *)(row0 + r * rb + off), _MM_HINT_T0);
+            _mm_prefetch((const char *)(row0 + r * rb + off + 64), _MM_HINT_T0);
+            __m512i R0 = _mm512_loadu_si512((const void *)p);
+            __m512i R1 = _mm512_maskz_loadu_epi16(0xf, (const void *)(p + 64));
+            __m512i V = _mm512_permutex2var_epi16(R0, vidx, R1);
+            lo[r] = _mm512_and_si512(V, m4);
+            hi[r] = _mm512_and_si512(_mm512_srli_epi16(V, 4), m4);
+            dw[r] = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutexvar_epi16(widx, R0)));
+        }
         for (int k = 0; k < K; k++) {
             const int8_t *q = a[k].qp + b * QK;
-            __m512i C = _mm512_maskz_permutexvar_epi32(
-                0x1111, sidx, _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(a[k].negs + b))));
-            __m512i I = _mm512_dpbusd_epi32(_mm512_slli_epi32(C, 3), lo, _mm512_loadu_si512((const void *)q));
-            I = _mm512_dpbusd_epi32(I, hi, _mm512_loadu_si512((const void *)(q + 64)));
-            __m128 s = _mm_mul_ps(dw, _mm_loadu_ps(a[k].d + b));
-            __m512 S = _mm512_permutexvar_ps(sidx, _mm512_castps128_ps512(s));
-            acc[k] = _mm512_fmadd_ps(S, _mm512_cvtepi32_ps(I), acc[k]);
+            __m512i Q0 = _mm512_loadu_si512((const void *)q);
+            __m512i Q1 = _mm512_loadu_si512((const void *)(q + 64));
+            __m512i C = _mm512_loadu_si512((const void *)(a[k].c8 + b * 4));
+            __m512 D = _mm512_loadu_ps(a[k].d16 + b * 4);
+            for (int r = 0; r < RR; r++) {
+                __m512i I = _mm512_dpbusd_epi32(C, lo[r], Q0);
+                I = _mm512_dpbusd_epi32(I, hi[r], Q1);
+                acc[r][k] = _mm512_fmadd_ps(_mm512_mul_ps(dw[r], D), _mm512_cvtepi32_ps(I), acc[r][k]);
+            }
         }
     }
-    float tail[TOK_GROUP] = {0};
-    for (; b < nb; b++) {
-        const uint8_t *p = row + b * Q4_BYTES;
-        float dw = _cvtsh_ss(rd16(p));
-        for (int k = 0; k < K; k++)
-            tail[k] += (dw * a[k].d[b]) * (float)dot_q4_block(p + 2, a[k].qn + b * QK);
+    float tail[4][TOK_GROUP] = {{0}};
+    for (int r = 0; r < RR; r++) {
+        const uint8_t *row = row0 + r * rb;
+        for (int64_t t = b; t < nb; t++) {
+            const uint8_t *p = row + t * Q4_BYTES;
+            float dwt = _cvtsh_ss(rd16(p));
+            for (int k = 0; k < K; k++)
+                tail[r][k] += (dwt * a[k].d[t]) * (float)dot_q4_block(p + 2, a[k].qn + t * QK);
+        }
     }
-    for (int k = 0; k < K; k++) res[k] = _mm512_reduce_add_ps(acc[k]) + tail[k];
+    if (RR == 4 && K == 1) {
+        reduce4_512(acc[0][0], acc[1][0], acc[2][0], acc[3][0], res, TOK_GROUP);
+        for (int r = 0; r < 4; r++) res[r * TOK_GROUP] += tail[r][0];
+        return;
+    }
+    for (int r = 0; r < RR; r++)
+        for (int k = 0; k < K; k++) res[r * TOK_GROUP + k] = _mm512_reduce_add_ps(acc[r][k]) + tail[r][k];
+}
+
+#define Q4_512_CASE(KK, RRR)                                                        \
+    case KK:                                                                       \
+        for (; r + RRR <= r1; r += RRR) {                                          \
+            rows_q4_512_k(w + r * rb, rb, nb, a, KK, RRR, res);                    \
+            for (int i = 0; i < RRR; i++)                                          \
+                for (int k = 0; k < KK; k++) out[k * os + (r + i - r0)] = res[i * TOK_GROUP + k]; \
+        }                                                                          \
+        for (; r < r1; r++) {                                                      \
+            rows_q4_512_k(w + r * rb, rb, nb, a, KK, 1, res);                      \
+            for (int k = 0; k < KK; k++) out[k * os + (r - r0)] = res[k];          \
+        }                                                                          \
+        break;
+
+/* One token: four rows at a time; two tokens: two; three or four: one (registers). */
+TGT512 static void rows_q4_512(const uint8_t *w, int64_t rb, int64_t r0, int64_t r1, int64_t nb,
+                               const act_t *a, int K, float *out, int64_t os) {
+    float res[4 * TOK_GROUP];
+    int64_t r = r0;
+    switch (K) {
+        Q4_512_CASE(1, 4)
+        Q4_512_CASE(2, 2)
+        Q4_512_CASE(3, 1)
+        Q4_512_CASE(4, 1)
+    }
 }
 
 /* AVX-512 VNNI, q8_0: the signed weights get +128 (xor 0x80) to be vpdpbusd's unsigned
@@ -496,7 +579,6 @@ TGT512 INL void row_q8_512_k(const uint8_t *row, int64_t nb, const act_t *a, con
 
 ROWS_FN(TGT2, rows_q4_avx2, row_q4_avx2_k)
 ROWS_FN(TGT2, rows_q8_avx2, row_q8_avx2_k)
-ROWS_FN(TGT512, rows_q4_512, row_q4_512_k)
 ROWS_FN(TGT512, rows_q8_512, row_q8_512_k)
 #endif /* MER_X86 */
 
@@ -561,19 +643,38 @@ static int64_t type_block_bytes(int wtype) {
 
 /* ---- the thread pool ----------------------------------------------------------------------- */
 
-typedef void (*job_fn)(void *ctx, int tid, int nth);
+/* A job is n_items (rows, or lines of memory) in chunks of `chunk`; fn(ctx, i0, i1) does items
+   [i0, i1). The calling thread and the workers claim chunks one at a time from one atomic word,
+   so a thread that starts late (woken late, or sharing its core with another process) takes
+   fewer chunks instead of holding the others up; which thread computes a row never changes
+   its result. The word packs the job's generation, its thread count, its chunk count and the
+   next chunk, so a claim is valid only for the job it was read from: the caller waits for its
+   chunks to be done, never for a worker that has not shown up. Idle workers spin for a short
+   while (the FFN's second matrix and the next expert come microseconds later) and then sleep
+   on a condition variable. */
+typedef void (*job_fn)(void *ctx, int64_t i0, int64_t i1);
+
+#define GEN_SHIFT 32
+#define NTH_SHIFT 24
+#define NCH_SHIFT 12
+#define FIELD12 0xfffu
+#define MAX_CHUNKS 4095
+#ifndef SPIN_NS
+#define SPIN_NS 100000 /* idle spin before sleeping: covers the gaps inside and between FFN calls */
+#endif
 
 static struct {
     pthread_mutex_t mu;
     pthread_cond_t go, done;
     pthread_mutex_t busy; /* one dispatch at a time; a concurrent caller runs inline */
     int started;
-    uint64_t gen;
-    uint64_t start_gen[MAX_THREADS];
+    uint64_t claim;   /* atomic: gen << 32 | nth << 24 | n_chunks << 12 | next chunk */
+    int sleepers;     /* atomic: workers waiting on `go` */
+    int64_t done_n;   /* atomic: chunks of the current job done */
     job_fn fn;
     void *ctx;
-    int nth;
-    int remaining;
+    int64_t n_items, chunk;
+    int64_t stats[4]; /* see mer_q_pool_stats; written by the dispatching thread only */
 } P = {.mu = PTHREAD_MUTEX_INITIALIZER,
        .go = PTHREAD_COND_INITIALIZER,
        .done = PTHREAD_COND_INITIALIZER,
@@ -588,28 +689,73 @@ static void pool_after_fork(void) {
     pthread_cond_init(&P.go, NULL);
     pthread_cond_init(&P.done, NULL);
     P.started = 0;
-    P.gen = 0;
-    P.remaining = 0;
+    P.claim = 0;
+    P.sleepers = 0;
+    P.done_n = 0;
 }
 
 static void fork_init(void) { pthread_atfork(NULL, NULL, pool_after_fork); }
 
+static inline void cpu_relax(void) {
+#if MER_X86
+    __builtin_ia32_pause();
+#endif
+}
+
+static inline int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* Claim chunks of the job whose claim word had generation `gen` until none is left; returns
+   how many this thread did. fn, ctx, n_items and chunk are read only after a successful claim:
+   the job cannot be replaced while one of its chunks is not done. */
+static int64_t pool_claim(uint64_t gen, int tid) {
+    int64_t did = 0;
+    uint64_t c = __atomic_load_n(&P.claim, __ATOMIC_ACQUIRE);
+    for (;;) {
+        if ((c >> GEN_SHIFT) != gen || (int)((c >> NTH_SHIFT) & 0xff) <= tid) return did;
+        uint64_t n = (c >> NCH_SHIFT) & FIELD12, next = c & FIELD12;
+        if (next >= n) return did;
+        if (!__atomic_compare_exchange_n(&P.claim, &c, c + 1, 1, __ATOMIC_ACQ_REL,
+                                         __ATOMIC_ACQUIRE))
+            continue; /* c now holds the current word */
+        int64_t i0 = (int64_t)next * P.chunk, i1 = i0 + P.chunk;
+        if (i1 > P.n_items) i1 = P.n_items;
+        P.fn(P.ctx, i0, i1);
+        did++;
+        if (__atomic_add_fetch(&P.done_n, 1, __ATOMIC_ACQ_REL) == (int64_t)n) {
+            pthread_mutex_lock(&P.mu);
+            pthread_cond_signal(&P.done);
+            pthread_mutex_unlock(&P.mu);
+        }
+        c = __atomic_load_n(&P.claim, __ATOMIC_ACQUIRE);
+    }
+}
+
 static void *pool_worker(void *arg) {
     int tid = (int)(intptr_t)arg;
-    pthread_mutex_lock(&P.mu);
-    uint64_t seen = P.start_gen[tid];
+    uint64_t seen = __atomic_load_n(&P.claim, __ATOMIC_ACQUIRE) >> GEN_SHIFT;
     for (;;) {
-        while (P.gen == seen) pthread_cond_wait(&P.go, &P.mu);
-        seen = P.gen;
-        if (tid < P.nth) {
-            job_fn fn = P.fn;
-            void *ctx = P.ctx;
-            int nth = P.nth;
-            pthread_mutex_unlock(&P.mu);
-            fn(ctx, tid, nth);
-            pthread_mutex_lock(&P.mu);
-            if (--P.remaining == 0) pthread_cond_signal(&P.done);
+        uint64_t gen;
+        int64_t t0 = now_ns();
+        for (int spin = 1;; spin++) {
+            gen = __atomic_load_n(&P.claim, __ATOMIC_ACQUIRE) >> GEN_SHIFT;
+            if (gen != seen) break;
+            cpu_relax();
+            if (!(spin & 255) && now_ns() - t0 > SPIN_NS) {
+                pthread_mutex_lock(&P.mu);
+                __atomic_add_fetch(&P.sleepers, 1, __ATOMIC_SEQ_CST);
+                while ((gen = __atomic_load_n(&P.claim, __ATOMIC_SEQ_CST) >> GEN_SHIFT) == seen)
+                    pthread_cond_wait(&P.go, &P.mu);
+                __atomic_sub_fetch(&P.sleepers, 1, __ATOMIC_SEQ_CST);
+                pthread_mutex_unlock(&P.mu);
+                break;
+            }
         }
+        seen = gen;
+        pool_claim(gen, tid);
     }
     return NULL;
 }
@@ -627,7 +773,6 @@ static int pool_grow(int n) {
         pthread_attr_t attr;
         pthread_attr_init(&attr);
         pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-        P.start_gen[P.started] = P.gen;
         int rc = pthread_create(&th, &attr, pool_worker, (void *)(intptr_t)P.started);
         pthread_attr_destroy(&attr);
         if (rc != 0) break;
@@ -637,32 +782,68 @@ static int pool_grow(int n) {
     return P.started < n ? P.started : n;
 }
 
-static void pool_run(job_fn fn, void *ctx, int nth) {
+/* fn over items [0, n_items) in chunks of at least `chunk`, on up to nth threads. */
+static void pool_run(job_fn fn, void *ctx, int64_t n_items, int64_t chunk, int nth) {
+    if (n_items <= 0) return;
+    if (chunk < 1) chunk = 1;
+    if (n_items / chunk >= MAX_CHUNKS) chunk = (n_items + MAX_CHUNKS - 1) / MAX_CHUNKS;
+    int64_t n_chunks = (n_items + chunk - 1) / chunk;
+    if (nth > n_chunks) nth = (int)n_chunks;
     if (nth > 1) {
         pthread_once(&g_fork_once, fork_init);
         if (pthread_mutex_trylock(&P.busy) == 0) {
             pthread_mutex_lock(&P.mu);
             nth = pool_grow(nth);
+            pthread_mutex_unlock(&P.mu);
             if (nth > 1) {
                 P.fn = fn;
                 P.ctx = ctx;
-                P.nth = nth;
-                P.remaining = nth - 1;
-                P.gen++;
-                pthread_cond_broadcast(&P.go);
-                pthread_mutex_unlock(&P.mu);
-                fn(ctx, 0, nth);
-                pthread_mutex_lock(&P.mu);
-                while (P.remaining > 0) pthread_cond_wait(&P.done, &P.mu);
-                pthread_mutex_unlock(&P.mu);
+                P.n_items = n_items;
+                P.chunk = chunk;
+                __atomic_store_n(&P.done_n, 0, __ATOMIC_RELAXED);
+                uint64_t gen = ((__atomic_load_n(&P.claim, __ATOMIC_RELAXED) >> GEN_SHIFT) + 1) &
+                               0xffffffffu;
+                uint64_t word = gen << GEN_SHIFT | (uint64_t)nth << NTH_SHIFT |
+                                (uint64_t)n_chunks << NCH_SHIFT;
+                __atomic_store_n(&P.claim, word, __ATOMIC_SEQ_CST);
+                if (__atomic_load_n(&P.sleepers, __ATOMIC_SEQ_CST) > 0) {
+                    pthread_mutex_lock(&P.mu);
+                    pthread_cond_broadcast(&P.go);
+                    pthread_mutex_unlock(&P.mu);
+                }
+                int64_t mine = pool_claim(gen, 0);
+                /* the last chunks may still run on a worker: spin briefly, then sleep */
+                int64_t t0 = now_ns();
+                for (int spin = 1; __atomic_load_n(&P.done_n, __ATOMIC_ACQUIRE) < n_chunks; spin++) {
+                    cpu_relax();
+                    if (!(spin & 255) && now_ns() - t0 > SPIN_NS) {
+                        pthread_mutex_lock(&P.mu);
+                        while (__atomic_load_n(&P.done_n, __ATOMIC_ACQUIRE) < n_chunks)
+                            pthread_cond_wait(&P.done, &P.mu);
+                        pthread_mutex_unlock(&P.mu);
+                        break;
+                    }
+                }
+                P.stats[0]++;
+                P.stats[1] += mine;
+                P.stats[2] += n_chunks - mine;
+                P.stats[3] += now_ns() - t0;
                 pthread_mutex_unlock(&P.busy);
                 return;
             }
-            pthread_mutex_unlock(&P.mu);
             pthread_mutex_unlock(&P.busy);
         }
     }
-    fn(ctx, 0, 1);
+    fn(ctx, 0, n_items);
+}
+
+void mer_q_pool_stats(int64_t *out, int reset) {
+    pthread_mutex_lock(&P.busy);
+    for (int i = 0; i < 4; i++) {
+        out[i] = P.stats[i];
+        if (reset) P.stats[i] = 0;
+    }
+    pthread_mutex_unlock(&P.busy);
 }
 
 int mer_q_pool_threads(void) {
@@ -706,6 +887,8 @@ static void acts_shift(const act_t *a, int K, int64_t c0, act_t *out) {
         out[k].qp = a[k].qp ? a[k].qp + c0 * QK : NULL; /* c0 % 4 == 0: a quad boundary */
         out[k].d = a[k].d + c0;
         out[k].negs = a[k].negs + c0;
+        out[k].c8 = a[k].c8 ? a[k].c8 + c0 * 4 : NULL;
+        out[k].d16 = a[k].d16 ? a[k].d16 + c0 * 4 : NULL;
     }
 }
 
@@ -741,9 +924,13 @@ static void mm_rows(const mm_job *j, int64_t r0, int64_t r1) {
     }
 }
 
-static void mm_worker(void *ctx, int tid, int nth) {
-    const mm_job *j = ctx;
-    mm_rows(j, j->n_rows * tid / nth, j->n_rows * (tid + 1) / nth);
+static void mm_worker(void *ctx, int64_t r0, int64_t r1) { mm_rows(ctx, r0, r1); }
+
+/* Rows per claimed chunk: about CHUNK_BYTES of weights (a whole number of tiles). */
+static int64_t chunk_rows(int64_t rb, int64_t tile) {
+    int64_t c = CHUNK_BYTES / (rb > 0 ? rb : 1);
+    if (tile < INT64_MAX && c > tile) c = c / tile * tile;
+    return c < 1 ? 1 : c;
 }
 
 static int check_shape(int wtype, int64_t n_rows, int64_t n_cols, int64_t n_tok) {
@@ -763,7 +950,8 @@ int mer_q_matmul(int wtype, const uint8_t *w, int64_t n_rows, int64_t n_cols, co
     int64_t nb = n_cols / QK;
     mm_job j = {rows_fn(isa, wtype), w, n_rows, nb, nb * type_block_bytes(wtype), n_tok, NULL, y};
     j.acts = acts_fill(isa, mem, x, n_tok, n_cols, pairs);
-    pool_run(mm_worker, &j, threads_for(n_threads, n_rows, n_rows * j.rb));
+    pool_run(mm_worker, &j, n_rows, chunk_rows(j.rb, tile_rows(j.rb, n_tok)),
+             threads_for(n_threads, n_rows, n_rows * j.rb));
     return 0;
 }
 
@@ -794,9 +982,11 @@ TGT512 static void silu_mul_512(float *h, const float *u, int64_t n) {
                  ln2lo = _mm512_set1_ps(1.42860677e-06f), hi = _mm512_set1_ps(88.5f),
                  lo = _mm512_set1_ps(-88.5f), one = _mm512_set1_ps(1.0f);
     const float c[8] = {1.0f, 1.0f, 0.5f, 1.0f / 6, 1.0f / 24, 1.0f / 120, 1.0f / 720, 1.0f / 5040};
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16) {
-        __m512 g = _mm512_loadu_ps(h + i);
+    for (int64_t i = 0; i < n; i += 16) {
+        /* the last partial vector is masked, so every element takes the same steps wherever a
+           tile boundary falls: the result does not depend on how rows are split over threads */
+        __mmask16 m = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
+        __m512 g = _mm512_maskz_loadu_ps(m, h + i);
         __m512 x = _mm512_min_ps(_mm512_max_ps(_mm512_sub_ps(_mm512_setzero_ps(), g), lo), hi);
         __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         __m512 r = _mm512_fnmadd_ps(k, ln2hi, x);
@@ -804,10 +994,9 @@ TGT512 static void silu_mul_512(float *h, const float *u, int64_t n) {
         __m512 p = _mm512_set1_ps(c[7]);
         for (int j = 6; j >= 0; j--) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c[j]));
         __m512 e = _mm512_scalef_ps(p, k);
-        __m512 y = _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(one, e)), _mm512_loadu_ps(u + i));
-        _mm512_storeu_ps(h + i, y);
+        __m512 y = _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(one, e)), _mm512_maskz_loadu_ps(m, u + i));
+        _mm512_mask_storeu_ps(h + i, m, y);
     }
-    silu_mul_c(h + i, u + i, n - i);
 }
 #endif
 
@@ -831,9 +1020,8 @@ typedef struct {
 #define GU_TILE 64 /* rows of gate and up per step: then silu * up on the tile */
 
 
-static void gu_worker(void *ctx, int tid, int nth) {
+static void gu_worker(void *ctx, int64_t r0, int64_t r1) {
     const gu_job *j = ctx;
-    int64_t r0 = j->d_ff * tid / nth, r1 = j->d_ff * (tid + 1) / nth;
     float ub[TOK_GROUP * GU_TILE];
     int64_t tile = tile_rows(j->grb + j->urb, j->n_tok);
     if (tile > GU_TILE) tile = GU_TILE;
@@ -871,12 +1059,14 @@ int mer_q_ffn(int gate_type, const uint8_t *gate, int up_type, const uint8_t *up
                     nbm * type_block_bytes(gate_type), nbm * type_block_bytes(up_type), n_tok,
                     NULL, hh};
         g.acts = acts_fill(isa, mem, x, n_tok, d_model, pairs_in);
-        pool_run(gu_worker, &g, threads_for(n_threads, d_ff, d_ff * (g.grb + g.urb)));
+        pool_run(gu_worker, &g, d_ff, chunk_rows(g.grb + g.urb, GU_TILE),
+                 threads_for(n_threads, d_ff, d_ff * (g.grb + g.urb)));
     }
     mm_job dn = {rows_fn(isa, down_type), down, d_model, nbf, nbf * type_block_bytes(down_type),
                  n_tok, NULL, y};
     dn.acts = acts_fill(isa, mem + a_in, hh, n_tok, d_ff, pairs_h);
-    pool_run(mm_worker, &dn, threads_for(n_threads, d_model, d_model * dn.rb));
+    pool_run(mm_worker, &dn, d_model, chunk_rows(dn.rb, tile_rows(dn.rb, n_tok)),
+             threads_for(n_threads, d_model, d_model * dn.rb));
     return 0;
 }
 
@@ -937,14 +1127,13 @@ typedef struct {
     const uint8_t *p;
     int64_t n;
     int isa;
-    uint64_t part[MAX_THREADS];
+    uint64_t sum; /* atomic; a sum mod 2^64 is the same whatever the split */
 } rd_job;
 
-static void rd_worker(void *ctx, int tid, int nth) {
+/* Lines [l0, l1) of 64 bytes (the last one may be short). */
+static void rd_worker(void *ctx, int64_t l0, int64_t l1) {
     rd_job *j = ctx;
-    /* split on 64-byte boundaries, so every thread sums whole words from the buffer's start */
-    int64_t lines = j->n / 64;
-    int64_t a = lines * tid / nth * 64, b = tid + 1 == nth ? j->n : lines * (tid + 1) / nth * 64;
+    int64_t a = l0 * 64, b = l1 * 64 > j->n ? j->n : l1 * 64;
     uint64_t s;
 #if MER_X86
     if (j->isa == ISA_AVX512) s = read_512(j->p + a, b - a);
@@ -953,18 +1142,12 @@ static void rd_worker(void *ctx, int tid, int nth) {
 #else
     s = read_c(j->p + a, b - a);
 #endif
-    j->part[tid] = s;
+    __atomic_add_fetch(&j->sum, s, __ATOMIC_RELAXED);
 }
 
 uint64_t mer_q_memread(const uint8_t *p, int64_t n, int n_threads) {
-    rd_job j;
-    memset(&j, 0, sizeof(j));
-    j.p = p;
-    j.n = n < 0 ? 0 : n;
-    j.isa = mer_q_isa();
-    int nth = threads_for(n_threads, j.n, j.n);
-    pool_run(rd_worker, &j, nth);
-    uint64_t s = 0;
-    for (int t = 0; t < MAX_THREADS; t++) s += j.part[t];
-    return s;
+    rd_job j = {p, n < 0 ? 0 : n, mer_q_isa(), 0};
+    int64_t lines = (j.n + 63) / 64;
+    pool_run(rd_worker, &j, lines, CHUNK_BYTES / 64, threads_for(n_threads, j.n, j.n));
+    return j.sum;
 }

@@ -36,3 +36,7 @@ uint64_t mer_q_memread(const uint8_t *p, int64_t n, int n_threads);
 
 /* Threads the pool has started so far (it grows to the largest n_threads asked, then stays). */
 int mer_q_pool_threads(void);
+/* Counters of the calls split over threads, since the last reset (reset != 0 zeroes them
+   after reading): out[0] jobs split, out[1] chunks the calling thread did, out[2] chunks the
+   workers did, out[3] ns the calling thread waited, its own chunks done, for the workers' last. */
+void mer_q_pool_stats(int64_t *out, int reset);

@@ -17,12 +17,15 @@ matrix of n_rows x n_cols is n_rows rows of n_cols / 32 blocks, ggml ne = {n_col
         (n_tokens, d_ff)) receives silu(gate x) * (up x) when given.
     NativeFFN(d_model, d_ff, threads)   the same as a callable ffn(x, gate, up, down).
     memory_read_gbs(n_bytes, threads)   streaming memory read rate, the kernel's physical limit.
+    pool_stats(reset)                   how calls split over threads went (chunks per side, waits).
     Q4_0 = 2, Q8_0 = 8                  ggml type ids; row_bytes(n_cols, wtype).
 
 Threads: `threads` splits each matrix's rows over a persistent pthread pool inside the C
 module (created on first use, grown to the largest count asked for); the call releases the
-GIL. A matrix of less than 1 MiB per thread uses fewer threads (a hand-off to another
-thread costs more than it saves there). Calls from several Python
+GIL. The calling thread and the workers claim chunks of about 256 KiB of rows at a time, so a
+thread slowed by another process does less of the work instead of holding the call up; idle
+workers spin for 0.1 ms before they sleep. A matrix of less than 1 MiB per thread uses fewer
+threads (a hand-off to another thread costs more than it saves there). Calls from several Python
 threads at once are safe (a second concurrent call runs on its own thread, unsplit).
 
 Arithmetic (ggml's, which `emulate_*` below reproduce in numpy): per token and per block of 32
@@ -74,6 +77,16 @@ def available() -> bool:
     return lib() is not None
 
 
+def _need_lib() -> Any:
+    """The compiled module, or RuntimeError saying why it is missing."""
+    m = lib()
+    if m is None:
+        raise RuntimeError(
+            f"the q4_0 kernel is not compiled here ({native.why_unavailable('q4_0')})"
+        )
+    return m
+
+
 def isa() -> str:
     m = lib()
     return ISA_NAMES[int(m.lib.mer_q_isa())] if m is not None else "numpy"
@@ -95,9 +108,7 @@ def isas() -> list[str]:
 @contextlib.contextmanager
 def using_isa(name: str) -> Iterator[str]:
     """Run calls with at most instruction set `name` inside the block (process-wide)."""
-    m = lib()
-    if m is None:
-        raise RuntimeError("the q4_0 kernel is not compiled here")
+    m = _need_lib()
     prev = int(m.lib.mer_q_isa())
     got = int(m.lib.mer_q_set_isa(_ISA_IDS[name]))
     try:
@@ -119,6 +130,15 @@ def row_bytes(n_cols: int, wtype: int = Q4_0) -> int:
 
 def _weights(w: Any, n_cols: int, wtype: int, n_rows: int | None, what: str) -> tuple[Any, int]:
     """Any buffer -> (contiguous uint8 object, n_rows), checking its size."""
+    if (
+        n_rows is not None
+        and type(w) is np.ndarray
+        and w.dtype == np.uint8
+        and w.flags.c_contiguous
+        and w.size == n_rows * n_cols // BLOCK * BLOCK_BYTES.get(wtype, -1)
+        and n_cols % BLOCK == 0
+    ):
+        return w, n_rows  # the engine's case, checked in one go (per-call overhead)
     a = w if isinstance(w, np.ndarray) else np.frombuffer(w, dtype=np.uint8)
     if a.dtype != np.uint8:
         a = a.view(np.uint8)
@@ -135,6 +155,15 @@ def _weights(w: Any, n_cols: int, wtype: int, n_rows: int | None, what: str) -> 
 
 
 def _acts(x: npt.ArrayLike, n_cols: int, what: str) -> tuple[F32, bool]:
+    if (
+        type(x) is np.ndarray
+        and x.dtype == np.float32
+        and x.shape[-1:] == (n_cols,)
+        and x.ndim <= 2
+        and x.flags.c_contiguous
+        and x.flags.aligned
+    ):
+        return (x.reshape(1, n_cols), True) if x.ndim == 1 else (x, False)
     a = np.asarray(x, dtype=np.float32)
     single = a.ndim == 1
     a2 = a.reshape(1, -1) if single else a
@@ -176,11 +205,7 @@ def matmul(
     n_rows: int | None = None,
 ) -> F32:
     """y = W x (see the module docstring); needs the compiled kernel."""
-    m = lib()
-    if m is None:
-        raise RuntimeError(
-            f"the q4_0 kernel is not compiled here ({native.why_unavailable('q4_0')})"
-        )
+    m = _need_lib()
     wa, rows = _weights(w, n_cols, wtype, n_rows, "matmul weights")
     xa, single = _acts(x, n_cols, "matmul x")
     n_tok = xa.shape[0]
@@ -215,11 +240,7 @@ def expert_ffn(
     hidden: F32 | None = None,
 ) -> F32:
     """y = down(silu(gate x) * (up x)) (see the module docstring); needs the compiled kernel."""
-    m = lib()
-    if m is None:
-        raise RuntimeError(
-            f"the q4_0 kernel is not compiled here ({native.why_unavailable('q4_0')})"
-        )
+    m = _need_lib()
     tg, tu, td = types
     g, _ = _weights(gate, d_model, tg, d_ff, "gate")
     u, _ = _weights(up, d_model, tu, d_ff, "up")
@@ -262,8 +283,7 @@ class NativeFFN:
     kind = "native"
 
     def __init__(self, d_model: int, d_ff: int, threads: int = 1) -> None:
-        if lib() is None:
-            raise RuntimeError("the q4_0 kernel is not compiled here")
+        _need_lib()
         self.d_model, self.d_ff = int(d_model), int(d_ff)
         self.threads = max(1, int(threads))
 
@@ -283,11 +303,20 @@ class NativeFFN:
         self.close()
 
 
+def pool_stats(reset: bool = False) -> dict[str, int]:
+    """How the calls split over threads went, since the last reset: jobs split, chunks done by
+    the calling thread and by the workers, and ns the caller waited (its own chunks done) for
+    the workers' last ones. A worker whose core is busy with another process takes fewer
+    chunks; a worker that wakes late makes the caller wait."""
+    m = _need_lib()
+    out = m.ffi.new("int64_t[4]")
+    m.lib.mer_q_pool_stats(out, int(reset))
+    return dict(jobs=out[0], caller_chunks=out[1], worker_chunks=out[2], wait_ns=out[3])
+
+
 def memread(buf: Any, threads: int = 1) -> int:
     """Sum of `buf` read as 64-bit words by the C module on `threads`: a pure streaming read."""
-    m = lib()
-    if m is None:
-        raise RuntimeError("the q4_0 kernel is not compiled here")
+    m = _need_lib()
     a = buf if isinstance(buf, np.ndarray) else np.frombuffer(buf, dtype=np.uint8)
     a = np.ascontiguousarray(a).view(np.uint8).reshape(-1)
     return int(m.lib.mer_q_memread(m.ffi.from_buffer("uint8_t[]", a), a.size, int(threads)))
@@ -318,9 +347,7 @@ def memory_read_gbs(
 
 def native_quantize_q8_0(x: npt.ArrayLike) -> tuple[npt.NDArray[np.int8], F32, Any]:
     """The C quantiser (what every call applies to its activations), for tests."""
-    m = lib()
-    if m is None:
-        raise RuntimeError("the q4_0 kernel is not compiled here")
+    m = _need_lib()
     xa, _ = _acts(x, np.shape(x)[-1], "x")
     n, c = xa.shape
     qs = np.empty((n, c), dtype=np.int8)
