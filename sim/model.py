@@ -401,21 +401,26 @@ class _Recorder:
         self.read_busy_ticks = 0
         self.obs_a: list[int] = []
         self.obs_b: list[int] = []
+        # obs_p > 0: the entry is an FFN's polls, at a, a + p, a + 2p, ... and at b
+        self.obs_p: list[int] = []
 
     def look(self, a: int, b: int | None = None) -> None:
         if self.observe:
             self.obs_a.append(a)
             self.obs_b.append(a if b is None else b)
+            self.obs_p.append(0)
 
     def ffn(self, s: int, e: int, busy: bool, poll: int) -> None:
         """The polls of one FFN: on the thread hand-off path, at its start, every `poll`
         and at its end; none on the direct path (nothing is in flight)."""
         if self.observe and busy:
-            self.look(s)
-            if poll:
-                for x in range(s + poll, e, poll):
-                    self.look(x)
-            self.look(e)
+            if poll:  # one entry for the whole series (a Mixtral FFN polls ~10 times)
+                self.obs_a.append(s)
+                self.obs_b.append(e)
+                self.obs_p.append(poll)
+            else:
+                self.look(s)
+                self.look(e)
 
     def observed(self) -> np.ndarray:
         """When the driver saw each read land: the first reap at or after its end."""
@@ -424,10 +429,17 @@ class _Recorder:
             return fin
         a = np.asarray(self.obs_a, dtype=np.int64)
         b = np.asarray(self.obs_b, dtype=np.int64)
+        p = np.asarray(self.obs_p, dtype=np.int64)
         idx = np.searchsorted(b, fin, side="left")
         inside = idx < b.size
         out = fin.copy()
-        out[inside] = np.maximum(a[idx[inside]], fin[inside])
+        f, ai, bi, pi = fin[inside], a[idx[inside]], b[idx[inside]], p[idx[inside]]
+        seen = np.maximum(ai, f)  # a window [a, b]: at once if blocked then, else at a
+        series = (pi > 0) & (f > ai)  # within an FFN's polls: the next poll, or its end
+        if series.any():
+            fs, as_, ps = f[series], ai[series], pi[series]
+            seen[series] = np.minimum(as_ + (fs - as_ + ps - 1) // ps * ps, bi[series])
+        out[inside] = seen
         return out
 
 

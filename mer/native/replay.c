@@ -511,6 +511,41 @@ static const mer_policy SIEVE_POLICY = {
     sieve_evict, sieve_remove, sieve_insert, NULL,
 };
 
+/* -- keys in several queues (S3-FIFO, ARC): queue q's sentinel is node n_keys + q - */
+
+typedef struct {
+    int32_t *prv, *nxt;
+    uint8_t *where; /* 0 none, 1 + queue */
+    int32_t len[4];
+    int32_t S0;
+} Queues;
+
+#define QUEUES_ARRAYS(m, a, c, nq)                                          \
+    do {                                                                    \
+        (m)->prv = take((a), sizeof(int32_t) * ((c)->n_keys + (nq)));       \
+        (m)->nxt = take((a), sizeof(int32_t) * ((c)->n_keys + (nq)));       \
+        (m)->where = take((a), (c)->n_keys);                                \
+    } while (0)
+
+static void qs_init(Queues *m, const mer_ctx *c, int nq) {
+    memset(m->where, 0, c->n_keys);
+    m->S0 = c->n_keys;
+    for (int q = 0; q < nq; q++) {
+        l_init(m->prv, m->nxt, m->S0 + q);
+        m->len[q] = 0;
+    }
+}
+static inline void qs_put(Queues *m, int q, int32_t x) {
+    l_push(m->prv, m->nxt, m->S0 + q, x);
+    m->where[x] = (uint8_t)(1 + q);
+    m->len[q]++;
+}
+static inline void qs_out(Queues *m, int32_t x) {
+    m->len[m->where[x] - 1]--;
+    l_unlink(m->prv, m->nxt, x);
+    m->where[x] = 0;
+}
+
 /* == S3-FIFO ======================================================================= */
 /* Small FIFO S, main FIFO M, ghost FIFO G (keys evicted from S), a capped access
    counter. The walks move keys between the queues in place; protected keys are
@@ -520,19 +555,14 @@ static const mer_policy SIEVE_POLICY = {
 enum { S3_S = 0, S3_M = 1, S3_G = 2 };
 
 typedef struct {
-    int32_t *prv, *nxt;
-    uint8_t *where; /* 0 none, 1 + queue */
+    Queues q;
     uint8_t *freq;
-    int32_t len[3];
-    int32_t S0;
     int32_t s_cap, m_cap, g_cap, thr, maxf;
 } S3;
 
 #define S3_ARRAYS(s, a, c)                                                  \
     do {                                                                    \
-        (s)->prv = take((a), sizeof(int32_t) * ((c)->n_keys + 3));          \
-        (s)->nxt = take((a), sizeof(int32_t) * ((c)->n_keys + 3));          \
-        (s)->where = take((a), (c)->n_keys);                                \
+        QUEUES_ARRAYS(&(s)->q, a, c, 3);                                    \
         (s)->freq = take((a), (c)->n_keys);                                 \
     } while (0)
 DEFINE_SIZE_INIT(S3, S3_ARRAYS)
@@ -540,28 +570,13 @@ DEFINE_SIZE_INIT(S3, S3_ARRAYS)
 static void s3_init(void *sv, const mer_ctx *c) {
     S3 *s = sv;
     S3_lay(s, c);
-    memset(s->where, 0, c->n_keys);
+    qs_init(&s->q, c, 3);
     memset(s->freq, 0, c->n_keys);
-    s->S0 = c->n_keys;
-    for (int q = 0; q < 3; q++) {
-        l_init(s->prv, s->nxt, s->S0 + q);
-        s->len[q] = 0;
-    }
     s->s_cap = (int32_t)c->p[0];
     s->m_cap = (int32_t)c->p[1];
     s->g_cap = (int32_t)c->p[2];
     s->thr = (int32_t)c->p[3];
     s->maxf = (int32_t)c->p[4];
-}
-static inline void s3_put(S3 *s, int q, int32_t x) {
-    l_push(s->prv, s->nxt, s->S0 + q, x);
-    s->where[x] = (uint8_t)(1 + q);
-    s->len[q]++;
-}
-static inline void s3_out(S3 *s, int32_t x) {
-    s->len[s->where[x] - 1]--;
-    l_unlink(s->prv, s->nxt, x);
-    s->where[x] = 0;
 }
 static void s3_hit(void *sv, int32_t x) {
     S3 *s = sv;
@@ -570,59 +585,59 @@ static void s3_hit(void *sv, int32_t x) {
 static void s3_insert(void *sv, int32_t x) {
     S3 *s = sv;
     s->freq[x] = 0;
-    if (s->where[x] == 1 + S3_G) {
-        s3_out(s, x);
-        s3_put(s, S3_M, x);
+    if (s->q.where[x] == 1 + S3_G) {
+        qs_out(&s->q, x);
+        qs_put(&s->q, S3_M, x);
     } else {
-        s3_put(s, S3_S, x);
+        qs_put(&s->q, S3_S, x);
     }
 }
-static void s3_remove(void *sv, int32_t x) { s3_out((S3 *)sv, x); }
+static void s3_remove(void *sv, int32_t x) { qs_out(&((S3 *)sv)->q, x); }
 
 static int32_t s3_evict_main(S3 *s, const mer_prot *p) {
-    int32_t sent = s->S0 + S3_M;
-    int32_t x = s->nxt[sent];
+    int32_t sent = s->q.S0 + S3_M;
+    int32_t x = s->q.nxt[sent];
     while (x != sent) {
-        int32_t nx = s->nxt[x];
+        int32_t nx = s->q.nxt[x];
         if (is_prot(p, x)) {
             x = nx;
             continue;
         }
         if (s->freq[x] > 0) {
             s->freq[x]--;
-            l_unlink(s->prv, s->nxt, x);
-            l_push(s->prv, s->nxt, sent, x);
+            l_unlink(s->q.prv, s->q.nxt, x);
+            l_push(s->q.prv, s->q.nxt, sent, x);
             x = nx == sent ? x : nx; /* the last key, moved to the back, is next again */
             continue;
         }
-        s3_out(s, x);
+        qs_out(&s->q, x);
         return x;
     }
     return -1;
 }
 static int32_t s3_evict_small(S3 *s, const mer_prot *p) {
-    int32_t sent = s->S0 + S3_S;
-    int32_t x = s->nxt[sent];
+    int32_t sent = s->q.S0 + S3_S;
+    int32_t x = s->q.nxt[sent];
     while (x != sent) {
-        int32_t nx = s->nxt[x];
+        int32_t nx = s->q.nxt[x];
         if (is_prot(p, x)) {
             x = nx;
             continue;
         }
         if (s->freq[x] >= s->thr) {
             s->freq[x] = 0;
-            s3_out(s, x);
-            s3_put(s, S3_M, x);
-            if (s->len[S3_M] > s->m_cap) {
+            qs_out(&s->q, x);
+            qs_put(&s->q, S3_M, x);
+            if (s->q.len[S3_M] > s->m_cap) {
                 int32_t f = s3_evict_main(s, p);
                 if (f >= 0) return f;
             }
             x = nx;
             continue;
         }
-        s3_out(s, x);
-        s3_put(s, S3_G, x);
-        if (s->len[S3_G] > s->g_cap) s3_out(s, s->nxt[s->S0 + S3_G]);
+        qs_out(&s->q, x);
+        qs_put(&s->q, S3_G, x);
+        if (s->q.len[S3_G] > s->g_cap) qs_out(&s->q, s->q.nxt[s->q.S0 + S3_G]);
         return x;
     }
     return -1;
@@ -630,7 +645,7 @@ static int32_t s3_evict_small(S3 *s, const mer_prot *p) {
 static int32_t s3_evict(void *sv, const mer_prot *p) {
     S3 *s = sv;
     int32_t f;
-    if (s->len[S3_S] >= s->s_cap) {
+    if (s->q.len[S3_S] >= s->s_cap) {
         f = s3_evict_small(s, p);
         if (f < 0) f = s3_evict_main(s, p);
     } else {
@@ -652,83 +667,61 @@ static const mer_policy S3FIFO_POLICY = {
 enum { A_T1 = 0, A_T2 = 1, A_B1 = 2, A_B2 = 3 };
 
 typedef struct {
-    int32_t *prv, *nxt;
-    uint8_t *where; /* 0 none, 1 + list */
-    int32_t len[4];
-    int32_t S0, c;
+    Queues q;
+    int32_t c;
     double p;
     int in_b2, drop_t1;
 } ARC;
 
-#define ARC_ARRAYS(s, a, c)                                                 \
-    do {                                                                    \
-        (s)->prv = take((a), sizeof(int32_t) * ((c)->n_keys + 4));          \
-        (s)->nxt = take((a), sizeof(int32_t) * ((c)->n_keys + 4));          \
-        (s)->where = take((a), (c)->n_keys);                                \
-    } while (0)
+#define ARC_ARRAYS(s, a, c) QUEUES_ARRAYS(&(s)->q, a, c, 4)
 DEFINE_SIZE_INIT(ARC, ARC_ARRAYS)
 
 static void arc_init(void *sv, const mer_ctx *c) {
     ARC *s = sv;
     ARC_lay(s, c);
-    memset(s->where, 0, c->n_keys);
-    s->S0 = c->n_keys;
-    for (int q = 0; q < 4; q++) {
-        l_init(s->prv, s->nxt, s->S0 + q);
-        s->len[q] = 0;
-    }
+    qs_init(&s->q, c, 4);
     s->c = c->cap;
     s->p = 0.0;
     s->in_b2 = s->drop_t1 = 0;
 }
-static inline void arc_put(ARC *s, int q, int32_t x) {
-    l_push(s->prv, s->nxt, s->S0 + q, x);
-    s->where[x] = (uint8_t)(1 + q);
-    s->len[q]++;
-}
-static inline void arc_out(ARC *s, int32_t x) {
-    s->len[s->where[x] - 1]--;
-    l_unlink(s->prv, s->nxt, x);
-    s->where[x] = 0;
-}
-static inline void arc_pop_front(ARC *s, int q) { arc_out(s, s->nxt[s->S0 + q]); }
+static inline void arc_pop_front(ARC *s, int q) { qs_out(&s->q, s->q.nxt[s->q.S0 + q]); }
 
 static void arc_hit(void *sv, int32_t x) {
     ARC *s = sv;
-    arc_out(s, x);
-    arc_put(s, A_T2, x);
+    qs_out(&s->q, x);
+    qs_put(&s->q, A_T2, x);
 }
 static void arc_prepare(void *sv, int32_t x) {
     ARC *s = sv;
     int32_t c = s->c;
     s->in_b2 = 0;
     s->drop_t1 = 0;
-    if (s->where[x] == 1 + A_B1) {
-        double r = (double)s->len[A_B2] / (double)s->len[A_B1];
+    if (s->q.where[x] == 1 + A_B1) {
+        double r = (double)s->q.len[A_B2] / (double)s->q.len[A_B1];
         double np = s->p + (1.0 > r ? 1.0 : r);
         s->p = np < (double)c ? np : (double)c;
-    } else if (s->where[x] == 1 + A_B2) {
+    } else if (s->q.where[x] == 1 + A_B2) {
         s->in_b2 = 1;
-        double r = (double)s->len[A_B1] / (double)s->len[A_B2];
+        double r = (double)s->q.len[A_B1] / (double)s->q.len[A_B2];
         double np = s->p - (1.0 > r ? 1.0 : r);
         s->p = np > 0.0 ? np : 0.0;
     } else {
-        int32_t l1 = s->len[A_T1] + s->len[A_B1];
+        int32_t l1 = s->q.len[A_T1] + s->q.len[A_B1];
         if (l1 >= c) {
-            if (s->len[A_T1] < c) {
-                if (s->len[A_B1]) arc_pop_front(s, A_B1);
+            if (s->q.len[A_T1] < c) {
+                if (s->q.len[A_B1]) arc_pop_front(s, A_B1);
             } else {
                 s->drop_t1 = 1;
             }
-        } else if ((int64_t)l1 + s->len[A_T2] + s->len[A_B2] >= 2 * (int64_t)c &&
-                   s->len[A_B2]) {
+        } else if ((int64_t)l1 + s->q.len[A_T2] + s->q.len[A_B2] >= 2 * (int64_t)c &&
+                   s->q.len[A_B2]) {
             arc_pop_front(s, A_B2);
         }
     }
 }
 static int32_t arc_first(ARC *s, int q, const mer_prot *p) {
-    int32_t sent = s->S0 + q;
-    for (int32_t x = s->nxt[sent]; x != sent; x = s->nxt[x])
+    int32_t sent = s->q.S0 + q;
+    for (int32_t x = s->q.nxt[sent]; x != sent; x = s->q.nxt[x])
         if (!is_prot(p, x)) return x;
     return -1;
 }
@@ -737,33 +730,33 @@ static int32_t arc_evict(void *sv, const mer_prot *p) {
     if (s->drop_t1) {
         int32_t x = arc_first(s, A_T1, p);
         if (x >= 0) {
-            arc_out(s, x);
+            qs_out(&s->q, x);
             return x;
         }
     }
-    double l1 = (double)s->len[A_T1];
-    int from_t1 = s->len[A_T1] > 0 && (l1 > s->p || (s->in_b2 && l1 == s->p));
+    double l1 = (double)s->q.len[A_T1];
+    int from_t1 = s->q.len[A_T1] > 0 && (l1 > s->p || (s->in_b2 && l1 == s->p));
     int order[2][2] = {{A_T1, A_B1}, {A_T2, A_B2}};
     for (int i = 0; i < 2; i++) {
         int j = from_t1 ? i : 1 - i;
         int32_t x = arc_first(s, order[j][0], p);
         if (x >= 0) {
-            arc_out(s, x);
-            arc_put(s, order[j][1], x);
+            qs_out(&s->q, x);
+            qs_put(&s->q, order[j][1], x);
             return x;
         }
     }
     return -1;
 }
-static void arc_remove(void *sv, int32_t x) { arc_out((ARC *)sv, x); }
+static void arc_remove(void *sv, int32_t x) { qs_out(&((ARC *)sv)->q, x); }
 static void arc_insert(void *sv, int32_t x) {
     ARC *s = sv;
-    if (s->where[x] == 1 + A_B1 || s->where[x] == 1 + A_B2) arc_out(s, x), arc_put(s, A_T2, x);
-    else arc_put(s, A_T1, x);
+    if (s->q.where[x] == 1 + A_B1 || s->q.where[x] == 1 + A_B2) qs_out(&s->q, x), qs_put(&s->q, A_T2, x);
+    else qs_put(&s->q, A_T1, x);
     int64_t c = s->c;
-    while (s->len[A_T1] + s->len[A_B1] > c && s->len[A_B1]) arc_pop_front(s, A_B1);
-    while ((int64_t)s->len[A_T1] + s->len[A_T2] + s->len[A_B1] + s->len[A_B2] > 2 * c &&
-           s->len[A_B2])
+    while (s->q.len[A_T1] + s->q.len[A_B1] > c && s->q.len[A_B1]) arc_pop_front(s, A_B1);
+    while ((int64_t)s->q.len[A_T1] + s->q.len[A_T2] + s->q.len[A_B1] + s->q.len[A_B2] > 2 * c &&
+           s->q.len[A_B2])
         arc_pop_front(s, A_B2);
 }
 
