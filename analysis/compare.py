@@ -10,6 +10,7 @@ difference there is a bug, not a modelling error, and the verdict says so.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -61,10 +62,11 @@ METRICS: tuple[tuple[str, str], ...] = (
 GOOD_TIMING = 0.15
 
 
-def _get(summary: RunSummary, path: str) -> float:
-    obj: Any = summary.to_dict()
+def metric_value(summary: RunSummary | Mapping[str, Any], path: str) -> float:
+    """The number at a dotted path of a summary (`latency.read.p50`); NaN where absent."""
+    obj: Any = summary.to_dict() if isinstance(summary, RunSummary) else summary
     for part in path.split("."):
-        if not isinstance(obj, dict) or part not in obj:
+        if not isinstance(obj, Mapping) or part not in obj:
             return float("nan")
         obj = obj[part]
     try:
@@ -178,7 +180,7 @@ def compare(sim: RunSummary, run: RunSummary) -> Comparison:
     check_same_experiment(sim, run)
     rows = []
     for label, path in METRICS:
-        p, m = _get(sim, path), _get(run, path)
+        p, m = metric_value(sim, path), metric_value(run, path)
         rel = None if m == 0 or m != m or p != p else (p - m) / m
         rows.append(CompareRow(label, p, m, rel))
     prefetch_on = sim.predictor != "none"

@@ -19,6 +19,7 @@ from typing import Any, cast
 import numpy as np
 import pandas as pd
 
+from mer.analysis.compare import metric_value
 from mer.analysis.validation_grid import GridConfig
 from mer.summary import RunSummary
 
@@ -55,18 +56,6 @@ TARGETS = {
 IO_BOUND, COMPUTE_BOUND = 0.5, 0.2  # measured I/O wait share at or above / at or below
 #: Relative slack of "inside the spread" (a spread of one value is a point)
 TOL = 1e-6
-
-
-def metric_value(summary: RunSummary | Mapping[str, Any], path: str) -> float:
-    obj: Any = summary.to_dict() if isinstance(summary, RunSummary) else summary
-    for part in path.split("."):
-        if not isinstance(obj, Mapping) or part not in obj:
-            return float("nan")
-        obj = obj[part]
-    try:
-        return float(obj)
-    except (TypeError, ValueError):
-        return float("nan")
 
 
 def rel_error(predicted: float, measured: float) -> float:

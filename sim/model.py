@@ -401,21 +401,26 @@ class _Recorder:
         self.read_busy_ticks = 0
         self.obs_a: list[int] = []
         self.obs_b: list[int] = []
+        # obs_p > 0: the entry is an FFN's polls, at a, a + p, a + 2p, ... and at b
+        self.obs_p: list[int] = []
 
     def look(self, a: int, b: int | None = None) -> None:
         if self.observe:
             self.obs_a.append(a)
             self.obs_b.append(a if b is None else b)
+            self.obs_p.append(0)
 
     def ffn(self, s: int, e: int, busy: bool, poll: int) -> None:
         """The polls of one FFN: on the thread hand-off path, at its start, every `poll`
         and at its end; none on the direct path (nothing is in flight)."""
         if self.observe and busy:
-            self.look(s)
-            if poll:
-                for x in range(s + poll, e, poll):
-                    self.look(x)
-            self.look(e)
+            if poll:  # one entry for the whole series (a Mixtral FFN polls ~10 times)
+                self.obs_a.append(s)
+                self.obs_b.append(e)
+                self.obs_p.append(poll)
+            else:
+                self.look(s)
+                self.look(e)
 
     def observed(self) -> np.ndarray:
         """When the driver saw each read land: the first reap at or after its end."""
@@ -424,10 +429,17 @@ class _Recorder:
             return fin
         a = np.asarray(self.obs_a, dtype=np.int64)
         b = np.asarray(self.obs_b, dtype=np.int64)
+        p = np.asarray(self.obs_p, dtype=np.int64)
         idx = np.searchsorted(b, fin, side="left")
         inside = idx < b.size
         out = fin.copy()
-        out[inside] = np.maximum(a[idx[inside]], fin[inside])
+        f, ai, bi, pi = fin[inside], a[idx[inside]], b[idx[inside]], p[idx[inside]]
+        seen = np.maximum(ai, f)  # a window [a, b]: at once if blocked then, else at a
+        series = (pi > 0) & (f > ai)  # within an FFN's polls: the next poll, or its end
+        if series.any():
+            fs, as_, ps = f[series], ai[series], pi[series]
+            seen[series] = np.minimum(as_ + (fs - as_ + ps - 1) // ps * ps, bi[series])
+        out[inside] = seen
         return out
 
 
@@ -445,7 +457,8 @@ def _ffn_schedule(
     last outstanding read lands: an FFN started before it costs `ffn_busy` more.
     `look(a, b)` / `ffn_look(s, e, busy, poll)` record when the driver reaps."""
     ffn, ffn_busy, workers, poll = tm.ffn, tm.ffn_busy, tm.workers, tm.poll
-    if max(ready) == tc and busy_until() <= tc:
+    bu = busy_until()  # no read is issued or dispatched while the FFNs are scheduled
+    if max(ready) == tc and bu <= tc:
         # everything resident and nothing in flight: FFNs back to back, no polls
         return tc + _ideal(k, ffn, workers), [ffn] * k
     durs: list[int] = []
@@ -461,7 +474,7 @@ def _ffn_schedule(
             if rt > w:
                 look(w, rt)
                 w = rt
-            busy = busy_until() > w
+            busy = bu > w
             dur = ffn + ffn_busy if busy else ffn
             ffn_look(w, w + dur, busy, poll)
             durs.append(dur)
@@ -473,7 +486,7 @@ def _ffn_schedule(
     for i in _compute_order(ready, tc):
         wk = heapq.heappop(wfree)
         st = max(wk, ready[i], r_all)
-        dur = ffn + ffn_busy if busy_until() > st else ffn
+        dur = ffn + ffn_busy if bu > st else ffn
         durs.append(dur)
         heapq.heappush(wfree, st + dur)
         end = max(end, st + dur)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import pytest
+from summaries import make_summary
 
 from mer.analysis.calibrate import calibrate
 from mer.errors import BadInput
@@ -22,17 +23,8 @@ COMPUTE_S, DENSE_S, READ_P50 = 0.64, 0.16, 2.0e-3
 def _measured(**over: object) -> RunSummary:
     base: dict[str, object] = dict(
         kind="measured",
-        trace="t.parquet",
-        trace_digest="abc",
         model="mixtral-8x7b",
         shape=SHAPE,
-        mode="model",
-        policy="lru",
-        scope="global",
-        cache_slots=64,
-        predictor="none",
-        pipeline_depth=1,
-        phase="all",
         hardware="this machine",
         tokens=TOKENS,
         layers=LAYERS,
@@ -41,18 +33,11 @@ def _measured(**over: object) -> RunSummary:
         misses=MISSES,
         hit_rate=HITS / (HITS + MISSES),
         bytes_read=MISSES * 86016,
-        wall_s=2.0,
-        tokens_per_s=5.0,
-        layer_iterations_per_s=160.0,
-        io_wait_s=0.5,
         compute_s=COMPUTE_S,
         dense_s=DENSE_S,
-        io_wait_share=0.25,
-        prefetch={"issued": 0, "used": 0, "late": 0, "wasted": 0},
         latency={"read": {"p50": READ_P50, "p99": 0.004}, "token": {"p50": 0.2, "p99": 0.3}},
     )
-    base.update(over)
-    return RunSummary(**base)  # type: ignore[arg-type]
+    return make_summary(**{**base, **over})
 
 
 def test_ffn_throughput_closed_form() -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from test_analysis_compare import _summary
+from summaries import make_summary as _summary
 
 from mer.analysis.compare import check_study, compare
 from mer.cli import main

@@ -8,12 +8,11 @@ is recomputed from that replay's LRU and OPT.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
 import pytest
+from cli_kit import run_mer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -88,13 +87,7 @@ def _trace(seed, n_tokens=24):
     return from_arrays(ex, TraceMeta(model="t", n_layers=3, n_experts=6, top_k=2))
 
 
-def _mer(*args, check=True):
-    out = subprocess.run(
-        [sys.executable, "-m", "mer", *map(str, args)], capture_output=True, text=True
-    )
-    if check:
-        assert out.returncode == 0, out.stderr
-    return out
+_mer = run_mer
 
 
 def test_cli_marks_tuned_results_held_out_or_in_sample(tmp_path):

@@ -150,3 +150,66 @@ def test_engine_c_refuses_what_it_cannot_run():
     cfg = ReplayConfig(policy="lru", cache_slots=2, predictor="oracle")
     with pytest.raises(BadInput, match="prefetch off"):
         replay_counts(Replay(steps, n_layers=1, n_experts=4, config=cfg), engine="c")
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_seed_locality_pinned_heavy(k):
+    # The compiled seed-lru-locality keeps only unpinned residents in its recency
+    # list and re-sorts keys as the hot order's cut moves. Long traces (the window
+    # fills and slides, the threshold climbs above 1) with a few very hot keys make
+    # nearly every resident pinned; the reference's victim() is wrapped to prove it:
+    # evictions must regularly pass pinned keys, many at a time. Every size side by
+    # side in one pass (`mer mrc`'s path) must give the same hits as well.
+    from mer.core.policies import SeedLRULocality
+    from mer.sim.mrc import compiled_hits
+
+    skipped: list[int] = []
+    plain = SeedLRULocality.victim
+
+    def counting(self, protected):
+        key = plain(self, protected)
+        skipped.append(list(self._order).index(key) if key is not None else -1)
+        return key
+
+    rng = np.random.default_rng(3)
+    n_experts = 8
+    for n_layers, epl in ((2, 8), (2, 2), (1, 1)):
+        w = np.array([40, 30, 20, 8, 4, 2, 1, 1], dtype=float)[:n_experts]
+        rows = []
+        for t in range(700):
+            for layer in range(n_layers):
+                p = np.roll(w, t // 150)  # the hot set drifts: keys leave the pinned set
+                e = rng.choice(n_experts, k, replace=False, p=p / p.sum())
+                rows.append([layer * n_experts + int(x) for x in e])
+        steps = np.asarray(rows, dtype=np.int32)
+        sizes = list(range(1, n_layers * n_experts + 1))
+        for scope in ("global", "per-layer"):
+            params = {"experts_per_layer": epl}
+            side_by_side = compiled_hits(
+                "seed-lru-locality", steps, n_layers, n_experts, scope, sizes, params=params
+            )
+            for cap in sizes:
+                cfg = {"policy": "seed-lru-locality", "cache_slots": cap, "scope": scope}
+                cfg["policy_params"] = {"experts_per_layer": epl}
+                rep = Replay(
+                    steps, n_layers=n_layers, n_experts=n_experts, config=ReplayConfig(**cfg)
+                )
+                got = (
+                    replay_counts(rep, engine="c").to_dict(per_layer=True),
+                    rep.cache.resident_keys(),
+                )
+                SeedLRULocality.victim = counting
+                try:
+                    rep = Replay(
+                        steps, n_layers=n_layers, n_experts=n_experts, config=ReplayConfig(**cfg)
+                    )
+                    want = (
+                        replay_counts(rep, fast=False).to_dict(per_layer=True),
+                        rep.cache.resident_keys(),
+                    )
+                finally:
+                    SeedLRULocality.victim = plain
+                assert got == want, (n_layers, epl, cap, scope)
+                assert side_by_side[cap] == want[0]["hits"], (n_layers, epl, cap, scope)
+    passed = np.asarray(skipped)
+    assert (passed > 0).mean() > 0.3 and (passed >= 4).sum() > 100, np.bincount(passed[passed >= 0])

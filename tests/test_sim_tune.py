@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
 import pytest
+from cli_kit import run_mer
 
 from mer.core import Replay, ReplayConfig, replay_counts
 from mer.errors import BadInput
@@ -39,13 +38,7 @@ def _trace(seed, n_tokens=40, name="t"):
     return from_arrays(ex, meta, name=name)
 
 
-def _cli(*args, check=True):
-    out = subprocess.run(
-        [sys.executable, "-m", "mer", *map(str, args)], capture_output=True, text=True
-    )
-    if check:
-        assert out.returncode == 0, out.stderr
-    return out
+_cli = run_mer
 
 
 def test_routing_digest_follows_the_routing_not_the_file(tmp_path):

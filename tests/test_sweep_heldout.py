@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
 import pytest
+from cli_kit import run_mer
 
 from mer.sim.mrc import one_pass_hits
 from mer.sim.tune import tune_policy
@@ -29,13 +28,7 @@ def _trace(seed, n_tokens=40):
     return from_arrays(ex, TraceMeta(model="t", n_layers=L, n_experts=E, top_k=K))
 
 
-def _mer(*args, check=True):
-    out = subprocess.run(
-        [sys.executable, "-m", "mer", *map(str, args)], capture_output=True, text=True
-    )
-    if check:
-        assert out.returncode == 0, out.stderr
-    return out
+_mer = run_mer
 
 
 @pytest.fixture()
@@ -132,3 +125,17 @@ def test_simulate_marks_in_sample_runs_and_refuses_a_mismatched_file(files, tmp_
         "simulate", a, "--policy", "lru", "--tuned", tuned, "--hardware", "ci-tiny", check=False
     )
     assert res.returncode == 2 and "--tuned is for policy cycle" in res.stderr
+
+
+def test_simulate_says_when_the_lead_leaves_nothing_to_prefetch(tmp_path):
+    """A lead beyond the pipeline depth leaves no layer to prefetch for: the run says so
+    (and prefetches nothing), instead of silently measuring no prefetch."""
+    path = tmp_path / "t.parquet"
+    write_trace(_trace(3), path)
+    args = ["simulate", path, "--policy", "lru", "--cache-slots", 6, "--predictor", "oracle"]
+    out = _mer(*args, "--pipeline-depth", 2, "--prefetch-lead", 3, "--json")
+    assert "nothing was prefetched" in out.stderr
+    assert json.loads(out.stdout)["prefetch"]["issued"] == 0
+    ok = _mer(*args, "--pipeline-depth", 3, "--prefetch-lead", 3, "--json")
+    assert "nothing was prefetched" not in ok.stderr
+    assert json.loads(ok.stdout)["prefetch"]["issued"] > 0

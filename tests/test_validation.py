@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+from summaries import make_summary
 
 from mer.analysis.validate import ModelMachine, ValidateOptions, run_validation
 from mer.analysis.validation_grid import CALIBRATION, Grid, GridConfig, load_grid
@@ -30,21 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def _summary(**over: Any) -> RunSummary:
     base: dict[str, Any] = dict(
         kind="measured",
-        trace="t.parquet",
-        trace_digest="abc",
-        model="m",
-        shape="mixtral-tiny",
-        mode="model",
-        policy="lru",
-        scope="global",
-        cache_slots=8,
-        predictor="none",
-        pipeline_depth=1,
-        phase="all",
         hardware="h",
-        tokens=10,
-        layers=32,
-        top_k=2,
+        cache_slots=8,
         hits=100,
         misses=540,
         hit_rate=100 / 640,
@@ -52,15 +40,12 @@ def _summary(**over: Any) -> RunSummary:
         wall_s=1.0,
         tokens_per_s=10.0,
         layer_iterations_per_s=320.0,
-        io_wait_s=0.5,
         compute_s=0.3,
         dense_s=0.1,
         io_wait_share=0.5,
-        prefetch={"issued": 0, "used": 0, "late": 0, "wasted": 0},
         latency={"read": {"p50": 1e-3, "p99": 3e-3}, "token": {"p50": 0.1, "p99": 0.2}},
     )
-    base.update(over)
-    return RunSummary(**base)
+    return make_summary(**{**base, **over})
 
 
 # -- the table's arithmetic, against numbers worked out by hand -------------------------

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from matplotlib.lines import Line2D
@@ -23,6 +23,23 @@ from mer.analysis.style import HIT_RATE, TOKENS_PER_S, LegendEntry, Written
 
 #: Relative error bands drawn around y = x (inner darker).
 BANDS = (0.10, 0.25)
+
+
+def policy_point(ax: Any, x: float, y: float, policy: str, *, hollow: bool) -> Line2D:
+    """One predicted-vs-measured point in its policy's marker and colour (hollow: no prefetch)."""
+    st = style.policy_style(policy)
+    (pt,) = ax.plot(
+        [x],
+        [y],
+        ls="none",
+        marker=st.marker or "o",
+        ms=5,
+        mew=1.0,
+        color=st.color,
+        mfc="white" if hollow else st.color,
+        zorder=4,
+    )
+    return cast(Line2D, pt)
 
 
 def pair_label(summary: Mapping[str, Any]) -> str:
@@ -71,19 +88,7 @@ def plot_predicted_vs_measured(
         hi = metric.scale * 1.0 if metric is HIT_RATE else float(max(p.max(), m.max())) * 1.12
         _identity_panel(ax, p, m, hi or 1.0)
         for i, ((s, _), pi, mi) in enumerate(zip(pairs, p, m, strict=True)):
-            st = style.policy_style(str(s["policy"]))
-            hollow = str(s["predictor"]) == "none"
-            (a,) = ax.plot(
-                [mi],
-                [pi],
-                ls="none",
-                marker=st.marker or "o",
-                ms=5,
-                mew=1.0,
-                color=st.color,
-                mfc="white" if hollow else st.color,
-                zorder=4,
-            )
+            a = policy_point(ax, mi, pi, str(s["policy"]), hollow=str(s["predictor"]) == "none")
             style.tag_series(a, policy=str(s["policy"]), pair=str(i))
         ax.set_xlabel(f"measured {metric.label}")
         ax.set_ylabel(f"predicted {metric.label}")

@@ -21,6 +21,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from mer.analysis import style
+from mer.analysis.figures.runs import policy_point
 from mer.analysis.style import LegendEntry, Written
 
 #: The target band around y = x.
@@ -83,17 +84,7 @@ def plot_validation(
             zorder=3,
         )
         style.tag_series(bar, policy=str(r["policy"]), config=name)
-        (pt,) = ax.plot(
-            [m],
-            [p],
-            ls="none",
-            marker=st.marker or "o",
-            ms=5,
-            mew=1.0,
-            color=st.color,
-            mfc="white" if hollow else st.color,
-            zorder=4,
-        )
+        pt = policy_point(ax, m, p, str(r["policy"]), hollow=hollow)
         style.tag_series(pt, policy=str(r["policy"]), config=name)
         err = (p - m) / m * 100 if m else float("nan")
         entries.append(

@@ -142,18 +142,27 @@ def _gap_table(sec: Section, g: pd.DataFrame, sizes: list[int], order: list[str]
         lead="Share of the LRU->OPT gap closed (%), global cache (0: LRU, 100: OPT; negative: "
         "below LRU):",
     )
-    if "tuned_on" in g.columns:
-        tuned = g[g["tuned_on"].fillna("").astype(str) != ""].drop_duplicates("policy")
-        for _, r in tuned.iterrows():
-            held = bool(r.get("held_out", True))
-            sec.text(
-                f"{r['policy']}'s parameters were fitted on {r['tuned_on']}: "
-                + (
-                    "this trace is held out (not used for tuning)."
-                    if held
-                    else "this trace is one of them, so its figures here are in-sample."
-                )
+    sec.text(*tuning_sentences(g))
+
+
+def tuning_sentences(df: pd.DataFrame) -> list[str]:
+    """One sentence per tuned policy in a result table (`mer mrc`, `mer sweep`): the
+    traces its parameters were fitted on, and whether this trace is held out."""
+    if "tuned_on" not in df.columns:
+        return []
+    out = []
+    tuned = df[df["tuned_on"].fillna("").astype(str) != ""].drop_duplicates("policy")
+    for _, r in tuned.iterrows():
+        held = bool(r.get("held_out", True))
+        out.append(
+            f"{r['policy']}'s parameters were fitted on {r['tuned_on']}: "
+            + (
+                "this trace is held out (not used for tuning)."
+                if held
+                else "this trace is one of them, so its figures here are in-sample."
             )
+        )
+    return out
 
 
 @section(order=25, key="synthetic")

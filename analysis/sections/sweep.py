@@ -9,6 +9,7 @@ import pandas as pd
 from mer.analysis.plots import io_share_spread, plot_io_share, plot_sweep_tokens_per_s
 from mer.analysis.report import frame_rows
 from mer.analysis.sections import Section, Study, section, tokens_window
+from mer.analysis.sections.curves import tuning_sentences
 from mer.errors import BadInput
 
 #: Columns of the sweep's top table, in order (labels in report.COLUMN_LABELS).
@@ -59,9 +60,12 @@ def sweep_section(study: Study) -> Section | None:
     tr = study.trace
     sec = Section("The sweep (simulated)", window=sweep_window(res, study))
     top = res.sort_values("tokens_per_s", ascending=False).head(TOP)
-    header, rows = frame_rows(top, SWEEP_COLUMNS)
+    # beside the hit rate, where the sweep computed them: steady state and gap closed
+    extra = [c for c in ("warm_hit_rate", "gap_closed") if c in top.columns]
+    header, rows = frame_rows(top, SWEEP_COLUMNS + [c for c in extra if top[c].notna().any()])
     sec.table(header, rows, lead=f"{len(res)} configurations; the {min(TOP, len(res))} fastest:")
     sec.text(*sweep_reading(res))
+    sec.text(*tuning_sentences(res))
     hw = study.inputs.hardware or (
         str(res["hardware"].iloc[0]) if "hardware" in res.columns else None
     )

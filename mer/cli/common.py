@@ -57,6 +57,12 @@ def add_output_args(p: argparse.ArgumentParser, *, parquet: bool = True) -> None
         )
 
 
+def add_trace_and_experts(p: argparse.ArgumentParser, experts_help: str) -> None:
+    """The trace positional and a required --experts file: what every real run reads."""
+    p.add_argument("trace", type=input_file, help="trace parquet (trace format v1)")
+    p.add_argument("--experts", type=input_path, required=True, help=experts_help)
+
+
 def add_phase_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--phase",

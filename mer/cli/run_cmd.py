@@ -13,9 +13,9 @@ from mer.cli.common import (
     FinalWrites,
     add_output_args,
     add_replay_args,
+    add_trace_and_experts,
     emit,
     float_range,
-    input_file,
     input_path,
     int_range,
     note,
@@ -128,12 +128,9 @@ def register(sub: Any) -> None:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("trace", type=input_file, help="trace parquet (trace format v1)")
-    p.add_argument(
-        "--experts",
-        type=input_path,
-        required=True,
-        help="expert weights: a GGUF file (stacked or per-expert layout) or a packed directory",
+    add_trace_and_experts(
+        p,
+        "expert weights: a GGUF file (stacked or per-expert layout) or a packed directory",
     )
     add_replay_args(p)
     g = add_engine_args(p)

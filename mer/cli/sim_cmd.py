@@ -292,6 +292,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         trace_digest=trace_digest(trace),
     )
     summary = res.summary
+    lead = int(summary.config.get("prefetch_lead", 1) or 1)
+    if config.predictor != "none" and lead > config.pipeline_depth:
+        note(
+            f"note: --prefetch-lead {lead} is beyond --pipeline-depth {config.pipeline_depth}: "
+            "nothing was prefetched. Raise --pipeline-depth, or give a smaller lead (with "
+            "small, latency-bound reads a lead of 1 and more --prefetch-inflight pay)."
+        )
     summary.extra["tuned"] = provenance(
         trace, [config.policy], {config.policy: config.policy_params}, tuned
     )[config.policy]

@@ -7,7 +7,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from mer.cli.common import emit, float_range, input_file, input_path, int_range, note, output_dir
+from mer.cli.common import (
+    add_trace_and_experts,
+    emit,
+    float_range,
+    int_range,
+    note,
+    output_dir,
+)
 
 
 def register(sub: Any) -> None:
@@ -32,12 +39,9 @@ def register(sub: Any) -> None:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("trace", type=input_file, help="trace parquet (trace format v1)")
-    p.add_argument(
-        "--experts",
-        type=input_path,
-        required=True,
-        help="expert weights of the trace's geometry (`mer experts synth --shape mixtral-small`)",
+    add_trace_and_experts(
+        p,
+        "expert weights of the trace's geometry (`mer experts synth --shape mixtral-small`)",
     )
     p.add_argument(
         "--hardware",
@@ -48,7 +52,7 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--grid",
         default="full",
-        help="configurations to predict: full (11), quick (8, the demo's) or a JSON file "
+        help="configurations to predict: full (12), quick (8, the demo's) or a JSON file "
         '{"calibration": {...}, "configs": [{"name": ..., "policy": ..., "cache_slots": ...}]}',
     )
     p.add_argument(

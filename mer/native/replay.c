@@ -511,6 +511,41 @@ static const mer_policy SIEVE_POLICY = {
     sieve_evict, sieve_remove, sieve_insert, NULL,
 };
 
+/* -- keys in several queues (S3-FIFO, ARC): queue q's sentinel is node n_keys + q - */
+
+typedef struct {
+    int32_t *prv, *nxt;
+    uint8_t *where; /* 0 none, 1 + queue */
+    int32_t len[4];
+    int32_t S0;
+} Queues;
+
+#define QUEUES_ARRAYS(m, a, c, nq)                                          \
+    do {                                                                    \
+        (m)->prv = take((a), sizeof(int32_t) * ((c)->n_keys + (nq)));       \
+        (m)->nxt = take((a), sizeof(int32_t) * ((c)->n_keys + (nq)));       \
+        (m)->where = take((a), (c)->n_keys);                                \
+    } while (0)
+
+static void qs_init(Queues *m, const mer_ctx *c, int nq) {
+    memset(m->where, 0, c->n_keys);
+    m->S0 = c->n_keys;
+    for (int q = 0; q < nq; q++) {
+        l_init(m->prv, m->nxt, m->S0 + q);
+        m->len[q] = 0;
+    }
+}
+static inline void qs_put(Queues *m, int q, int32_t x) {
+    l_push(m->prv, m->nxt, m->S0 + q, x);
+    m->where[x] = (uint8_t)(1 + q);
+    m->len[q]++;
+}
+static inline void qs_out(Queues *m, int32_t x) {
+    m->len[m->where[x] - 1]--;
+    l_unlink(m->prv, m->nxt, x);
+    m->where[x] = 0;
+}
+
 /* == S3-FIFO ======================================================================= */
 /* Small FIFO S, main FIFO M, ghost FIFO G (keys evicted from S), a capped access
    counter. The walks move keys between the queues in place; protected keys are
@@ -520,19 +555,14 @@ static const mer_policy SIEVE_POLICY = {
 enum { S3_S = 0, S3_M = 1, S3_G = 2 };
 
 typedef struct {
-    int32_t *prv, *nxt;
-    uint8_t *where; /* 0 none, 1 + queue */
+    Queues q;
     uint8_t *freq;
-    int32_t len[3];
-    int32_t S0;
     int32_t s_cap, m_cap, g_cap, thr, maxf;
 } S3;
 
 #define S3_ARRAYS(s, a, c)                                                  \
     do {                                                                    \
-        (s)->prv = take((a), sizeof(int32_t) * ((c)->n_keys + 3));          \
-        (s)->nxt = take((a), sizeof(int32_t) * ((c)->n_keys + 3));          \
-        (s)->where = take((a), (c)->n_keys);                                \
+        QUEUES_ARRAYS(&(s)->q, a, c, 3);                                    \
         (s)->freq = take((a), (c)->n_keys);                                 \
     } while (0)
 DEFINE_SIZE_INIT(S3, S3_ARRAYS)
@@ -540,28 +570,13 @@ DEFINE_SIZE_INIT(S3, S3_ARRAYS)
 static void s3_init(void *sv, const mer_ctx *c) {
     S3 *s = sv;
     S3_lay(s, c);
-    memset(s->where, 0, c->n_keys);
+    qs_init(&s->q, c, 3);
     memset(s->freq, 0, c->n_keys);
-    s->S0 = c->n_keys;
-    for (int q = 0; q < 3; q++) {
-        l_init(s->prv, s->nxt, s->S0 + q);
-        s->len[q] = 0;
-    }
     s->s_cap = (int32_t)c->p[0];
     s->m_cap = (int32_t)c->p[1];
     s->g_cap = (int32_t)c->p[2];
     s->thr = (int32_t)c->p[3];
     s->maxf = (int32_t)c->p[4];
-}
-static inline void s3_put(S3 *s, int q, int32_t x) {
-    l_push(s->prv, s->nxt, s->S0 + q, x);
-    s->where[x] = (uint8_t)(1 + q);
-    s->len[q]++;
-}
-static inline void s3_out(S3 *s, int32_t x) {
-    s->len[s->where[x] - 1]--;
-    l_unlink(s->prv, s->nxt, x);
-    s->where[x] = 0;
 }
 static void s3_hit(void *sv, int32_t x) {
     S3 *s = sv;
@@ -570,59 +585,59 @@ static void s3_hit(void *sv, int32_t x) {
 static void s3_insert(void *sv, int32_t x) {
     S3 *s = sv;
     s->freq[x] = 0;
-    if (s->where[x] == 1 + S3_G) {
-        s3_out(s, x);
-        s3_put(s, S3_M, x);
+    if (s->q.where[x] == 1 + S3_G) {
+        qs_out(&s->q, x);
+        qs_put(&s->q, S3_M, x);
     } else {
-        s3_put(s, S3_S, x);
+        qs_put(&s->q, S3_S, x);
     }
 }
-static void s3_remove(void *sv, int32_t x) { s3_out((S3 *)sv, x); }
+static void s3_remove(void *sv, int32_t x) { qs_out(&((S3 *)sv)->q, x); }
 
 static int32_t s3_evict_main(S3 *s, const mer_prot *p) {
-    int32_t sent = s->S0 + S3_M;
-    int32_t x = s->nxt[sent];
+    int32_t sent = s->q.S0 + S3_M;
+    int32_t x = s->q.nxt[sent];
     while (x != sent) {
-        int32_t nx = s->nxt[x];
+        int32_t nx = s->q.nxt[x];
         if (is_prot(p, x)) {
             x = nx;
             continue;
         }
         if (s->freq[x] > 0) {
             s->freq[x]--;
-            l_unlink(s->prv, s->nxt, x);
-            l_push(s->prv, s->nxt, sent, x);
+            l_unlink(s->q.prv, s->q.nxt, x);
+            l_push(s->q.prv, s->q.nxt, sent, x);
             x = nx == sent ? x : nx; /* the last key, moved to the back, is next again */
             continue;
         }
-        s3_out(s, x);
+        qs_out(&s->q, x);
         return x;
     }
     return -1;
 }
 static int32_t s3_evict_small(S3 *s, const mer_prot *p) {
-    int32_t sent = s->S0 + S3_S;
-    int32_t x = s->nxt[sent];
+    int32_t sent = s->q.S0 + S3_S;
+    int32_t x = s->q.nxt[sent];
     while (x != sent) {
-        int32_t nx = s->nxt[x];
+        int32_t nx = s->q.nxt[x];
         if (is_prot(p, x)) {
             x = nx;
             continue;
         }
         if (s->freq[x] >= s->thr) {
             s->freq[x] = 0;
-            s3_out(s, x);
-            s3_put(s, S3_M, x);
-            if (s->len[S3_M] > s->m_cap) {
+            qs_out(&s->q, x);
+            qs_put(&s->q, S3_M, x);
+            if (s->q.len[S3_M] > s->m_cap) {
                 int32_t f = s3_evict_main(s, p);
                 if (f >= 0) return f;
             }
             x = nx;
             continue;
         }
-        s3_out(s, x);
-        s3_put(s, S3_G, x);
-        if (s->len[S3_G] > s->g_cap) s3_out(s, s->nxt[s->S0 + S3_G]);
+        qs_out(&s->q, x);
+        qs_put(&s->q, S3_G, x);
+        if (s->q.len[S3_G] > s->g_cap) qs_out(&s->q, s->q.nxt[s->q.S0 + S3_G]);
         return x;
     }
     return -1;
@@ -630,7 +645,7 @@ static int32_t s3_evict_small(S3 *s, const mer_prot *p) {
 static int32_t s3_evict(void *sv, const mer_prot *p) {
     S3 *s = sv;
     int32_t f;
-    if (s->len[S3_S] >= s->s_cap) {
+    if (s->q.len[S3_S] >= s->s_cap) {
         f = s3_evict_small(s, p);
         if (f < 0) f = s3_evict_main(s, p);
     } else {
@@ -652,83 +667,61 @@ static const mer_policy S3FIFO_POLICY = {
 enum { A_T1 = 0, A_T2 = 1, A_B1 = 2, A_B2 = 3 };
 
 typedef struct {
-    int32_t *prv, *nxt;
-    uint8_t *where; /* 0 none, 1 + list */
-    int32_t len[4];
-    int32_t S0, c;
+    Queues q;
+    int32_t c;
     double p;
     int in_b2, drop_t1;
 } ARC;
 
-#define ARC_ARRAYS(s, a, c)                                                 \
-    do {                                                                    \
-        (s)->prv = take((a), sizeof(int32_t) * ((c)->n_keys + 4));          \
-        (s)->nxt = take((a), sizeof(int32_t) * ((c)->n_keys + 4));          \
-        (s)->where = take((a), (c)->n_keys);                                \
-    } while (0)
+#define ARC_ARRAYS(s, a, c) QUEUES_ARRAYS(&(s)->q, a, c, 4)
 DEFINE_SIZE_INIT(ARC, ARC_ARRAYS)
 
 static void arc_init(void *sv, const mer_ctx *c) {
     ARC *s = sv;
     ARC_lay(s, c);
-    memset(s->where, 0, c->n_keys);
-    s->S0 = c->n_keys;
-    for (int q = 0; q < 4; q++) {
-        l_init(s->prv, s->nxt, s->S0 + q);
-        s->len[q] = 0;
-    }
+    qs_init(&s->q, c, 4);
     s->c = c->cap;
     s->p = 0.0;
     s->in_b2 = s->drop_t1 = 0;
 }
-static inline void arc_put(ARC *s, int q, int32_t x) {
-    l_push(s->prv, s->nxt, s->S0 + q, x);
-    s->where[x] = (uint8_t)(1 + q);
-    s->len[q]++;
-}
-static inline void arc_out(ARC *s, int32_t x) {
-    s->len[s->where[x] - 1]--;
-    l_unlink(s->prv, s->nxt, x);
-    s->where[x] = 0;
-}
-static inline void arc_pop_front(ARC *s, int q) { arc_out(s, s->nxt[s->S0 + q]); }
+static inline void arc_pop_front(ARC *s, int q) { qs_out(&s->q, s->q.nxt[s->q.S0 + q]); }
 
 static void arc_hit(void *sv, int32_t x) {
     ARC *s = sv;
-    arc_out(s, x);
-    arc_put(s, A_T2, x);
+    qs_out(&s->q, x);
+    qs_put(&s->q, A_T2, x);
 }
 static void arc_prepare(void *sv, int32_t x) {
     ARC *s = sv;
     int32_t c = s->c;
     s->in_b2 = 0;
     s->drop_t1 = 0;
-    if (s->where[x] == 1 + A_B1) {
-        double r = (double)s->len[A_B2] / (double)s->len[A_B1];
+    if (s->q.where[x] == 1 + A_B1) {
+        double r = (double)s->q.len[A_B2] / (double)s->q.len[A_B1];
         double np = s->p + (1.0 > r ? 1.0 : r);
         s->p = np < (double)c ? np : (double)c;
-    } else if (s->where[x] == 1 + A_B2) {
+    } else if (s->q.where[x] == 1 + A_B2) {
         s->in_b2 = 1;
-        double r = (double)s->len[A_B1] / (double)s->len[A_B2];
+        double r = (double)s->q.len[A_B1] / (double)s->q.len[A_B2];
         double np = s->p - (1.0 > r ? 1.0 : r);
         s->p = np > 0.0 ? np : 0.0;
     } else {
-        int32_t l1 = s->len[A_T1] + s->len[A_B1];
+        int32_t l1 = s->q.len[A_T1] + s->q.len[A_B1];
         if (l1 >= c) {
-            if (s->len[A_T1] < c) {
-                if (s->len[A_B1]) arc_pop_front(s, A_B1);
+            if (s->q.len[A_T1] < c) {
+                if (s->q.len[A_B1]) arc_pop_front(s, A_B1);
             } else {
                 s->drop_t1 = 1;
             }
-        } else if ((int64_t)l1 + s->len[A_T2] + s->len[A_B2] >= 2 * (int64_t)c &&
-                   s->len[A_B2]) {
+        } else if ((int64_t)l1 + s->q.len[A_T2] + s->q.len[A_B2] >= 2 * (int64_t)c &&
+                   s->q.len[A_B2]) {
             arc_pop_front(s, A_B2);
         }
     }
 }
 static int32_t arc_first(ARC *s, int q, const mer_prot *p) {
-    int32_t sent = s->S0 + q;
-    for (int32_t x = s->nxt[sent]; x != sent; x = s->nxt[x])
+    int32_t sent = s->q.S0 + q;
+    for (int32_t x = s->q.nxt[sent]; x != sent; x = s->q.nxt[x])
         if (!is_prot(p, x)) return x;
     return -1;
 }
@@ -737,33 +730,33 @@ static int32_t arc_evict(void *sv, const mer_prot *p) {
     if (s->drop_t1) {
         int32_t x = arc_first(s, A_T1, p);
         if (x >= 0) {
-            arc_out(s, x);
+            qs_out(&s->q, x);
             return x;
         }
     }
-    double l1 = (double)s->len[A_T1];
-    int from_t1 = s->len[A_T1] > 0 && (l1 > s->p || (s->in_b2 && l1 == s->p));
+    double l1 = (double)s->q.len[A_T1];
+    int from_t1 = s->q.len[A_T1] > 0 && (l1 > s->p || (s->in_b2 && l1 == s->p));
     int order[2][2] = {{A_T1, A_B1}, {A_T2, A_B2}};
     for (int i = 0; i < 2; i++) {
         int j = from_t1 ? i : 1 - i;
         int32_t x = arc_first(s, order[j][0], p);
         if (x >= 0) {
-            arc_out(s, x);
-            arc_put(s, order[j][1], x);
+            qs_out(&s->q, x);
+            qs_put(&s->q, order[j][1], x);
             return x;
         }
     }
     return -1;
 }
-static void arc_remove(void *sv, int32_t x) { arc_out((ARC *)sv, x); }
+static void arc_remove(void *sv, int32_t x) { qs_out(&((ARC *)sv)->q, x); }
 static void arc_insert(void *sv, int32_t x) {
     ARC *s = sv;
-    if (s->where[x] == 1 + A_B1 || s->where[x] == 1 + A_B2) arc_out(s, x), arc_put(s, A_T2, x);
-    else arc_put(s, A_T1, x);
+    if (s->q.where[x] == 1 + A_B1 || s->q.where[x] == 1 + A_B2) qs_out(&s->q, x), qs_put(&s->q, A_T2, x);
+    else qs_put(&s->q, A_T1, x);
     int64_t c = s->c;
-    while (s->len[A_T1] + s->len[A_B1] > c && s->len[A_B1]) arc_pop_front(s, A_B1);
-    while ((int64_t)s->len[A_T1] + s->len[A_T2] + s->len[A_B1] + s->len[A_B2] > 2 * c &&
-           s->len[A_B2])
+    while (s->q.len[A_T1] + s->q.len[A_B1] > c && s->q.len[A_B1]) arc_pop_front(s, A_B1);
+    while ((int64_t)s->q.len[A_T1] + s->q.len[A_T2] + s->q.len[A_B1] + s->q.len[A_B2] > 2 * c &&
+           s->q.len[A_B2])
         arc_pop_front(s, A_B2);
 }
 
@@ -838,42 +831,71 @@ static const mer_policy OPT_POLICY = {
 /* One LRU (hits refresh in lookup order, no end-of-step order) whose victim is
    the oldest key outside the locality-pinned set: the first (cap - 1) hot ids
    of a sliding window, by count descending then id ascending. The window and
-   the hot order depend on the trace only, so one shared block serves every
-   cache of a pass; each cache cuts the order at its own cap - 1. Not
-   step-protecting: a miss may evict a key of its own step. */
+   its counts depend on the trace only, so one shared block serves every cache
+   of a pass; each cache cuts the order at its own cap - 1. Not step-protecting:
+   a miss may evict a key of its own step.
+
+   O(1) evictions: each cache keeps only its unpinned residents in the recency
+   list (oldest first), so the victim is the list's head; pinned residents stay
+   outside it with their last-use stamp, and rejoin at their stamp's place when
+   they lose their pin. The shared block keeps every key in count buckets
+   (order[] by count descending; bucket c is order[gt[c] .. gt[c - 1]), gt[c] =
+   keys with count > c), so a count change is one swap. A cache's pinned set is
+   then "count > cstar, or count == cstar and id <= idcut", with the cut bucket
+   cstar found from gt[] and idcut the right rank among its ids. After a step
+   only keys whose count moved, or whose count lies between the old and the new
+   cstar, can change side: `begin` re-checks exactly those, and most steps (the
+   cut unmoved, no count change near it) none. A full window's step changes only
+   the net counts (a key that enters and leaves is left alone). */
 
 typedef struct {
     int32_t *ring;
     int32_t *counts; /* window count of every key */
-    int32_t *hist;   /* hist[c]: keys with count c */
-    int32_t *gt;     /* gt[c]: keys with count > c */
-    int32_t *order, *pos; /* many caches: every key kept in hot order (rank = pos) */
-    int keep_order;
+    int32_t *order, *pos; /* keys by count, descending (not sorted within a count) */
+    int32_t *gt;     /* gt[c]: keys with count > c; gt[w + 1] = 0 */
+    int32_t *moved;  /* keys whose count changed in this step */
+    int32_t *tmp;    /* a bucket's ids, to rank them */
+    int32_t n_moved;
+    int32_t n_hot;   /* keys with count >= hot_min */
+    int64_t hot_min; /* ceil(max(fraction * window length, 1)) */
     int64_t wsize, wlen, whead;
     int64_t last_t;
     double fraction;
     int32_t n_keys;
+    int full; /* hot_min is final */
     int ready;
 } SeedShared;
 
 typedef struct {
-    int32_t *prv, *nxt;
-    int32_t S, cap;
+    int32_t *prv, *nxt; /* the unpinned residents, oldest first */
+    int64_t *used;      /* last-use stamp of every resident */
+    uint8_t *where;     /* SEED_OUT, SEED_LIST, SEED_HELD or SEED_STATIC */
+    const uint8_t *pinned;
+    int64_t clock;
+    int32_t S, n_pin;
+    int32_t cstar, idcut; /* pinned: count > cstar, or == cstar and id <= idcut */
+    int32_t rcut;         /* how many of bucket cstar's ids are pinned */
     SeedShared *sh;
 } Seed;
+
+/* where[x]: not resident, in the list (unpinned), pinned resident, static pin */
+enum { SEED_OUT = 0, SEED_LIST = 1, SEED_HELD = 2, SEED_STATIC = 3 };
 
 #define SEED_ARRAYS(s, a, c)                                                \
     do {                                                                    \
         (s)->prv = take((a), sizeof(int32_t) * ((c)->n_keys + 1));          \
         (s)->nxt = take((a), sizeof(int32_t) * ((c)->n_keys + 1));          \
+        (s)->used = take((a), sizeof(int64_t) * (c)->n_keys);               \
+        (s)->where = take((a), (c)->n_keys);                                \
     } while (0)
 DEFINE_SIZE_INIT(Seed, SEED_ARRAYS)
 
 static size_t seed_shared_size(const mer_ctx *c) {
     int64_t w = (int64_t)c->p[0];
     if (w < 1) w = 1;
-    return sizeof(SeedShared) + 16 * 5 + sizeof(int32_t) * (size_t)w +
-           3 * sizeof(int32_t) * (size_t)c->n_keys + 2 * sizeof(int32_t) * (size_t)(w + 2);
+    return sizeof(SeedShared) + 16 * 7 + sizeof(int32_t) * (size_t)w +
+           4 * sizeof(int32_t) * (size_t)c->n_keys + sizeof(int32_t) * (size_t)(w + 2) +
+           sizeof(int32_t) * 2 * (size_t)c->k;
 }
 static void seed_shared_init(SeedShared *sh, const mer_ctx *c) {
     arena a = {(char *)sh, sizeof(SeedShared)};
@@ -881,18 +903,16 @@ static void seed_shared_init(SeedShared *sh, const mer_ctx *c) {
     if (w < 1) w = 1;
     sh->ring = take(&a, sizeof(int32_t) * (size_t)w);
     sh->counts = take(&a, sizeof(int32_t) * c->n_keys);
-    sh->hist = take(&a, sizeof(int32_t) * (size_t)(w + 2));
-    sh->gt = take(&a, sizeof(int32_t) * (size_t)(w + 2));
-    memset(sh->counts, 0, sizeof(int32_t) * c->n_keys);
-    memset(sh->hist, 0, sizeof(int32_t) * (size_t)(w + 2));
-    memset(sh->gt, 0, sizeof(int32_t) * (size_t)(w + 2));
-    sh->hist[0] = c->n_keys;
     sh->order = take(&a, sizeof(int32_t) * c->n_keys);
     sh->pos = take(&a, sizeof(int32_t) * c->n_keys);
+    sh->tmp = take(&a, sizeof(int32_t) * c->n_keys);
+    sh->gt = take(&a, sizeof(int32_t) * (size_t)(w + 2));
+    sh->moved = take(&a, sizeof(int32_t) * 2 * (size_t)c->k);
+    memset(sh->counts, 0, sizeof(int32_t) * c->n_keys);
+    memset(sh->gt, 0, sizeof(int32_t) * (size_t)(w + 2));
     for (int32_t i = 0; i < c->n_keys; i++) sh->order[i] = sh->pos[i] = i;
-    /* One cache: O(1) counts, and the rare tie at the cut ranked by a scan. Many
-       caches: keeping the order costs once per step and makes every cache's test O(1). */
-    sh->keep_order = c->n_caches > 4;
+    sh->n_moved = sh->n_hot = 0;
+    sh->hot_min = 1;
     sh->wsize = w;
     sh->wlen = sh->whead = 0;
     sh->last_t = INT64_MIN;
@@ -904,57 +924,65 @@ static void seed_init(void *sv, const mer_ctx *c) {
     Seed *s = sv;
     Seed_lay(s, c);
     for (int32_t i = 0; i < c->n_keys; i++) s->prv[i] = s->nxt[i] = -1;
+    memset(s->where, SEED_OUT, c->n_keys);
     s->S = c->n_keys;
     l_init(s->prv, s->nxt, s->S);
-    s->cap = c->cap;
+    s->pinned = c->pinned;
+    s->clock = 0;
+    s->n_pin = c->cap - 1 > 0 ? c->cap - 1 : 0;
     s->sh = c->shared;
     if (!s->sh->ready) seed_shared_init(s->sh, c);
+    s->cstar = (int32_t)(s->sh->wsize + 1); /* nothing pinned */
+    s->idcut = -1;
+    s->rcut = 0;
 }
-/* The hot order is every key by count descending, then id ascending; x's place in it
-   is (keys with a larger count) + (keys with its count and a smaller id). Moving one
-   count by one changes one gt[] entry, so an update is O(1). */
-static inline int seed_ahead(const SeedShared *sh, int32_t a, int32_t b) {
-    return sh->counts[a] > sh->counts[b] || (sh->counts[a] == sh->counts[b] && a < b);
+static inline void seed_swap(SeedShared *sh, int32_t i, int32_t j) {
+    int32_t a = sh->order[i], b = sh->order[j];
+    sh->order[i] = b;
+    sh->pos[b] = i;
+    sh->order[j] = a;
+    sh->pos[a] = j;
 }
-/* after count[x] moved by d (+1 or -1): x slides to its place in the order */
-static void seed_slide(SeedShared *sh, int32_t x, int d) {
-    int32_t *order = sh->order, *pos = sh->pos;
-    int32_t i = pos[x];
-    if (d > 0) {
-        while (i > 0 && seed_ahead(sh, x, order[i - 1])) {
-            order[i] = order[i - 1];
-            pos[order[i]] = i;
-            i--;
-        }
-    } else {
-        while (i + 1 < sh->n_keys && seed_ahead(sh, order[i + 1], x)) {
-            order[i] = order[i + 1];
-            pos[order[i]] = i;
-            i++;
-        }
-    }
-    order[i] = x;
-    pos[x] = i;
-}
+/* count[x] + 1: x trades places with the first key of its bucket, which then ends
+   one place later; count[x] - 1: with the last, and its bucket then starts there */
 static inline void seed_up(SeedShared *sh, int32_t x) {
     int32_t c = sh->counts[x]++;
-    sh->hist[c]--;
-    sh->hist[c + 1]++;
+    seed_swap(sh, sh->pos[x], sh->gt[c]);
     sh->gt[c]++;
-    if (sh->keep_order) seed_slide(sh, x, +1);
+    sh->moved[sh->n_moved++] = x;
 }
 static inline void seed_down(SeedShared *sh, int32_t x) {
-    int32_t c = sh->counts[x]--;
-    sh->hist[c]--;
-    sh->hist[c - 1]++;
-    sh->gt[c - 1]--;
-    if (sh->keep_order) seed_slide(sh, x, -1);
+    int32_t c = --sh->counts[x];
+    seed_swap(sh, sh->pos[x], --sh->gt[c]);
+    sh->moved[sh->n_moved++] = x;
 }
-static void seed_begin(void *sv, int64_t t, const int32_t *keys, const int64_t *nu, int k) {
-    SeedShared *sh = ((Seed *)sv)->sh;
-    (void)nu;
-    if (sh->last_t == t) return; /* another cache of this pass did it */
-    sh->last_t = t;
+static void seed_window(SeedShared *sh, const int32_t *keys, int k) {
+    sh->n_moved = 0;
+    if (sh->wlen == sh->wsize && sh->wsize >= k && k <= 32) {
+        /* full: the step's keys replace the k oldest. Only the net count changes
+           matter (the pinned set is read after the whole step), so a key that
+           both enters and leaves is left alone. */
+        uint32_t left = 0; /* bit r: the r-th oldest still has to leave */
+        int32_t out[32];
+        for (int r = 0; r < k; r++) {
+            out[r] = sh->ring[sh->whead];
+            sh->ring[sh->whead] = keys[r];
+            if (++sh->whead == sh->wsize) sh->whead = 0;
+            left |= 1u << r;
+        }
+        for (int r = 0; r < k; r++) {
+            int32_t x = keys[r];
+            uint32_t same = 0;
+            for (int q = 0; q < k; q++) same |= (uint32_t)(out[q] == x) << q;
+            same &= left;
+            if (same) left &= ~(same & -same);
+            else seed_up(sh, x);
+        }
+        for (int q = 0; q < k; q++)
+            if (left >> q & 1u) seed_down(sh, out[q]);
+        sh->n_hot = sh->gt[sh->hot_min - 1];
+        return;
+    }
     for (int r = 0; r < k; r++) {
         int32_t x = keys[r];
         seed_up(sh, x);
@@ -964,50 +992,151 @@ static void seed_begin(void *sv, int64_t t, const int32_t *keys, const int64_t *
         } else {
             seed_down(sh, sh->ring[sh->whead]);
             sh->ring[sh->whead] = x;
-            sh->whead = (sh->whead + 1) % sh->wsize;
+            if (++sh->whead == sh->wsize) sh->whead = 0;
         }
     }
+    /* hot: count >= max(fraction * window length, 1), i.e. count >= its ceiling
+       (which only moves while the window fills) */
+    if (sh->wlen == sh->wsize && sh->full) {
+        sh->n_hot = sh->gt[sh->hot_min - 1];
+        return;
+    }
+    sh->full = sh->wlen == sh->wsize;
+    double thr = sh->fraction * (double)sh->wlen;
+    if (thr < 1.0) thr = 1.0;
+    double m = ceil(thr);
+    sh->hot_min = m > (double)(sh->wsize + 1) ? sh->wsize + 1 : (int64_t)m;
+    sh->n_hot = sh->gt[sh->hot_min - 1];
 }
-/* Is x among the first n_pin keys of the hot order (and hot: count >= thr)? */
-static int seed_pinned(const SeedShared *sh, int32_t x, int32_t n_pin, double thr) {
-    int32_t c = sh->counts[x];
-    if ((double)c < thr) return 0;
-    if (sh->keep_order) return sh->pos[x] < n_pin;
-    int32_t before = sh->gt[c];
-    if (before >= n_pin) return 0;
-    if (before + sh->hist[c] <= n_pin) return 1;
-    for (int32_t y = 0; y < x; y++) /* the cut falls among x's ties: rank them by id */
-        if (sh->counts[y] == c && ++before >= n_pin) return 0;
-    return 1;
+static inline int seed_is_pinned(const Seed *s, int32_t x) {
+    int32_t c = s->sh->counts[x];
+    return (c > s->cstar) | ((c == s->cstar) & (x <= s->idcut));
+}
+/* The r-th smallest (1-based) of a[0..n), n >= r >= 1: quickselect, a is reordered. */
+static int32_t seed_select(int32_t *a, int32_t n, int32_t r) {
+    int32_t lo = 0, hi = n - 1, want = r - 1;
+    while (lo < hi) {
+        int32_t pivot = a[lo + (hi - lo) / 2], i = lo, j = hi;
+        while (i <= j) {
+            while (a[i] < pivot) i++;
+            while (a[j] > pivot) j--;
+            if (i <= j) {
+                int32_t t = a[i];
+                a[i++] = a[j];
+                a[j--] = t;
+            }
+        }
+        if (want <= j) hi = j;
+        else if (want >= i) lo = i;
+        else return a[want];
+    }
+    return a[want];
+}
+/* x leaves the list (now pinned) or rejoins it at its stamp's place (now unpinned),
+   searching from both ends: the list is in stamp order */
+static void seed_move(Seed *s, int32_t x, uint8_t want) {
+    s->where[x] = want;
+    if (want == SEED_HELD) {
+        l_unlink(s->prv, s->nxt, x);
+        return;
+    }
+    const int64_t u = s->used[x];
+    int32_t a = s->nxt[s->S], b = s->prv[s->S];
+    for (;;) {
+        if (b == s->S || s->used[b] < u) { /* after b */
+            l_push(s->prv, s->nxt, s->nxt[b], x);
+            return;
+        }
+        if (s->used[a] > u) { /* before a */
+            l_push(s->prv, s->nxt, a, x);
+            return;
+        }
+        a = s->nxt[a];
+        b = s->prv[b];
+    }
+}
+/* x to the side the cut puts it on (if resident and not statically pinned) */
+static inline void seed_place(Seed *s, int32_t x) {
+    uint8_t w = s->where[x];
+    uint8_t want = (uint8_t)(SEED_LIST + seed_is_pinned(s, x)); /* LIST or HELD */
+    if (((unsigned)(w - SEED_LIST) < 2u) & (w != want)) seed_move(s, x, want);
+}
+static void seed_begin(void *sv, int64_t t, const int32_t *keys, const int64_t *nu, int k) {
+    Seed *s = sv;
+    SeedShared *sh = s->sh;
+    const int32_t *gt = sh->gt;
+    (void)nu;
+    if (sh->last_t != t) { /* the first cache of this pass to see step t */
+        sh->last_t = t;
+        seed_window(sh, keys, k);
+    }
+    const int32_t none = (int32_t)(sh->wsize + 1);
+    int32_t cut = sh->n_hot < s->n_pin ? sh->n_hot : s->n_pin;
+    int32_t old = s->cstar, c = none, r = 0;
+    if (cut > 0) { /* the bucket of the cut's last key: gt[c] < cut <= gt[c - 1] */
+        c = old < none ? old : (int32_t)sh->hot_min;
+        while (gt[c] >= cut) c++;
+        while (gt[c - 1] < cut) c--;
+        r = cut - gt[c];
+    }
+    /* The cut stays where it was if its bucket, its rank there and the bucket's keys
+       are the same. Only a moved key can enter or leave the bucket; if none ends
+       within one count of it, none crossed it either: then no key changes side. */
+    int same = (c == old) & (r == s->rcut);
+    for (int32_t i = 0; i < sh->n_moved; i++)
+        same &= (uint32_t)(sh->counts[sh->moved[i]] - c + 1) > 2u;
+    if (same) return;
+    s->cstar = c;
+    s->rcut = r;
+    if (cut > 0) {
+        int32_t n = gt[c - 1] - gt[c];
+        if (r == n) {
+            s->idcut = INT32_MAX;
+        } else {
+            memcpy(sh->tmp, sh->order + gt[c], sizeof(int32_t) * (size_t)n);
+            s->idcut = seed_select(sh->tmp, n, r);
+        }
+    }
+    /* keys with a count between the old and the new cut bucket: one run of order[] */
+    int32_t clo = old < c ? old : c, chi = old < c ? c : old;
+    int32_t end = clo >= 1 ? gt[clo - 1] : sh->n_keys;
+    if (clo < none)
+        for (int32_t i = gt[chi]; i < end; i++) seed_place(s, sh->order[i]);
+    for (int32_t i = 0; i < sh->n_moved; i++) seed_place(s, sh->moved[i]);
 }
 static void seed_hit(void *sv, int32_t x) {
     Seed *s = sv;
-    l_unlink(s->prv, s->nxt, x);
-    l_push(s->prv, s->nxt, s->S, x);
+    s->used[x] = ++s->clock;
+    if (s->where[x] == SEED_LIST) {
+        l_unlink(s->prv, s->nxt, x);
+        l_push(s->prv, s->nxt, s->S, x);
+    }
 }
 static int32_t seed_evict(void *sv, const mer_prot *p) {
     Seed *s = sv;
-    const SeedShared *sh = s->sh;
-    double thr = sh->fraction * (double)sh->wlen;
-    if (thr < 1.0) thr = 1.0;
-    /* pinned: among the first cap - 1 of the order, and hot (count >= threshold) */
-    int32_t n_pin = s->cap - 1 > 0 ? s->cap - 1 : 0;
-    for (int32_t x = s->nxt[s->S]; x != s->S; x = s->nxt[x]) {
-        if (!is_prot(p, x) && !seed_pinned(sh, x, n_pin, thr)) {
-            l_unlink(s->prv, s->nxt, x);
-            return x;
-        }
-    }
-    return -1;
+    (void)p; /* static pins never enter the list, and the step is not protected */
+    int32_t x = s->nxt[s->S];
+    if (x == s->S) return -1;
+    l_unlink(s->prv, s->nxt, x);
+    s->where[x] = SEED_OUT;
+    return x;
 }
-
 static void seed_insert(void *sv, int32_t x) {
     Seed *s = sv;
-    l_push(s->prv, s->nxt, s->S, x);
+    s->used[x] = ++s->clock;
+    if (s->pinned && s->pinned[x]) {
+        s->where[x] = SEED_STATIC;
+    } else if (seed_is_pinned(s, x)) {
+        s->where[x] = SEED_HELD;
+    } else {
+        s->where[x] = SEED_LIST;
+        l_push(s->prv, s->nxt, s->S, x);
+    }
 }
 static void seed_remove(void *sv, int32_t x) {
     Seed *s = sv;
-    l_unlink(s->prv, s->nxt, x);
+    if (s->where[x] == SEED_LIST) l_unlink(s->prv, s->nxt, x);
+    s->where[x] = SEED_OUT;
 }
 
 static const mer_policy SEED_POLICY = {

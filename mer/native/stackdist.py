@@ -148,37 +148,27 @@ def _ptr(mod: Any, ctype: str, arr: np.ndarray) -> Any:
 
 def lru_hist(steps: np.ndarray, cap: int) -> np.ndarray | None:
     """hist[d] = lookups at stack depth d (d >= cap folded into cap); None without C."""
-    mod = native.load("stackdist")
-    if mod is None:
-        return None
-    steps = np.ascontiguousarray(steps, dtype=np.int32)
-    n_keys = int(steps.max()) + 1 if steps.size else 1
-    hist = np.zeros(cap + 1, dtype=np.int64)
-    rc = mod.lib.mer_lru_hist(
-        _ptr(mod, "int32_t *", steps),
-        len(steps),
-        steps.shape[1],
-        n_keys,
-        _ptr(mod, "int64_t *", hist),
-        cap,
-    )
-    if rc != 0:
-        raise MemoryError("mer_lru_hist: out of memory")
-    return hist
+    return _hist("mer_lru_hist", steps, None, cap)
 
 
 def opt_hist(steps: np.ndarray, nval: np.ndarray, cap: int) -> np.ndarray | None:
     """Like `lru_hist` for the OPT stack; `nval` orders keys by next use (see sim.mrc)."""
+    return _hist("mer_opt_hist", steps, nval, cap)
+
+
+def _hist(fn: str, steps: np.ndarray, nval: np.ndarray | None, cap: int) -> np.ndarray | None:
+    """One stack-depth histogram from the compiled loop `fn` (OPT's takes `nval`)."""
     mod = native.load("stackdist")
     if mod is None:
         return None
     steps = np.ascontiguousarray(steps, dtype=np.int32)
-    nval = np.ascontiguousarray(nval, dtype=np.int64)
     n_keys = int(steps.max()) + 1 if steps.size else 1
     hist = np.zeros(cap + 1, dtype=np.int64)
-    rc = mod.lib.mer_opt_hist(
+    nv = None if nval is None else np.ascontiguousarray(nval, dtype=np.int64)  # kept alive
+    order = [] if nv is None else [_ptr(mod, "int64_t *", nv)]
+    rc = getattr(mod.lib, fn)(
         _ptr(mod, "int32_t *", steps),
-        _ptr(mod, "int64_t *", nval),
+        *order,
         len(steps),
         steps.shape[1],
         n_keys,
@@ -186,5 +176,5 @@ def opt_hist(steps: np.ndarray, nval: np.ndarray, cap: int) -> np.ndarray | None
         cap,
     )
     if rc != 0:
-        raise MemoryError("mer_opt_hist: out of memory")
+        raise MemoryError(f"{fn}: out of memory")
     return hist
