@@ -55,6 +55,19 @@ def others_cpus(a: tuple[float, float, float] | None) -> str:
     return f"{max(0.0, (b[0] - a[0]) - (b[1] - a[1])) / (b[2] - a[2]):.2f}"
 
 
+def run_delay_s() -> float | None:
+    """Seconds this process's threads have spent runnable but waiting for a CPU (Linux
+    schedstat), summed; None where it is not available. Other processes' load shows here."""
+    try:
+        total = 0
+        for tid in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[1])
+        return total / 1e9
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def numpy_sum_gbs(a: np.ndarray, repeats: int) -> float:
     f = a.view(np.float32)
     f.sum()
@@ -142,8 +155,12 @@ def main() -> int:
                     with nq.using_isa(isa):
                         f = nq.NativeFFN(shape.d_model, shape.d_ff, t)
                         nq.pool_stats(reset=True)
+                        rd0, w0 = run_delay_s(), time.perf_counter()
                         passes = time_ffn(f, ex, x, args.repeats)
+                        rd1, w1 = run_delay_s(), time.perf_counter()
                         split = nq.pool_stats(reset=True) if t > 1 else None
+                        if split is not None and rd0 is not None and rd1 is not None:
+                            split["waited_for_cpu"] = (rd1 - rd0) / (t * (w1 - w0))
                     label = f"native ({isa})"
                 else:
                     with numpy_ffn.ExpertFFN(shape, t) as fnp:
@@ -167,7 +184,8 @@ def main() -> int:
                     split_rows.append(
                         f"| {shape.name} | {label} | {t} | {split['jobs'] / calls:.1f} | "
                         f"{split['worker_chunks'] / chunks:.0%} | "
-                        f"{split['wait_ns'] / split['jobs'] / 1e3:.1f} |"
+                        f"{split['wait_ns'] / split['jobs'] / 1e3:.1f} | "
+                        + (f"{split['waited_for_cpu']:.0%} |" if "waited_for_cpu" in split else "|")
                     )
         # batched tokens: one call over n tokens reads each weight once
         f = nq.NativeFFN(shape.d_model, shape.d_ff, max(threads))
@@ -224,9 +242,10 @@ def main() -> int:
     if split_rows:
         print(
             "| shape | kernel | threads | split jobs per FFN | chunks done by the worker "
-            "threads | caller's wait for the workers per job, us |"
+            "threads | caller's wait for the workers per job, us | the threads' time spent "
+            "runnable, waiting for a CPU |"
         )
-        print("|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|")
         for line in split_rows:
             print(line)
         print()

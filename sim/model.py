@@ -457,7 +457,8 @@ def _ffn_schedule(
     last outstanding read lands: an FFN started before it costs `ffn_busy` more.
     `look(a, b)` / `ffn_look(s, e, busy, poll)` record when the driver reaps."""
     ffn, ffn_busy, workers, poll = tm.ffn, tm.ffn_busy, tm.workers, tm.poll
-    if max(ready) == tc and busy_until() <= tc:
+    bu = busy_until()  # no read is issued or dispatched while the FFNs are scheduled
+    if max(ready) == tc and bu <= tc:
         # everything resident and nothing in flight: FFNs back to back, no polls
         return tc + _ideal(k, ffn, workers), [ffn] * k
     durs: list[int] = []
@@ -473,7 +474,7 @@ def _ffn_schedule(
             if rt > w:
                 look(w, rt)
                 w = rt
-            busy = busy_until() > w
+            busy = bu > w
             dur = ffn + ffn_busy if busy else ffn
             ffn_look(w, w + dur, busy, poll)
             durs.append(dur)
@@ -485,7 +486,7 @@ def _ffn_schedule(
     for i in _compute_order(ready, tc):
         wk = heapq.heappop(wfree)
         st = max(wk, ready[i], r_all)
-        dur = ffn + ffn_busy if busy_until() > st else ffn
+        dur = ffn + ffn_busy if bu > st else ffn
         durs.append(dur)
         heapq.heappush(wfree, st + dur)
         end = max(end, st + dur)
