@@ -1,8 +1,8 @@
 """`mer generate` (the real decoder) against `mer run` (the stand-in) on the routing it recorded.
 
 Usage:
-    .venv/bin/python bench/bench_generate.py --model /work/data/mixtral-8x7b-full.gguf \
-        [--shape mixtral-8x7b] [--cache-slots 32] [--max-new-tokens 8] [--rounds 2]
+    .venv/bin/python bench/bench_generate.py --model MODEL.gguf \
+        [--shape mixtral-8x7b] [--cache-slots 64] [--max-new-tokens 8] [--rounds 2]
 
 Steps (each a `mer` command, printed so every figure can be reproduced):
 1. `mer experts synth --full --shape SHAPE -o MODEL` when the file is missing
@@ -14,13 +14,15 @@ Steps (each a `mer` command, printed so every figure can be reproduced):
 Greedy decoding, so every round decodes the same tokens and b routes exactly as a.
 Prints a Markdown table (median over rounds) and the three targets as ratios:
 generate / run tokens/s (>= 0.8), recording overhead 1 - a / b (<= 5%), and
-peak RSS against dense resident + cache slots + KV cache + 300 MiB.
+peak RSS against dense resident + cache slots + KV cache + 300 MiB; the
+machine's load average before and after (2 cores shared: say it with the figures).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import statistics
 import subprocess
@@ -64,7 +66,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", type=Path, required=True, help="full-model GGUF (made if missing)")
     ap.add_argument("--shape", default="mixtral-8x7b", help="shape for synth when missing")
-    ap.add_argument("--cache-slots", type=int, default=32)
+    ap.add_argument(
+        "--cache-slots",
+        type=int,
+        default=64,
+        help="expert cache slots (default 64: a quarter of mixtral-8x7b's 256 experts)",
+    )
     ap.add_argument("--policy", default="lru")
     ap.add_argument("--max-new-tokens", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=2)
@@ -90,6 +97,8 @@ def main() -> int:
         "--ignore-eos",
     ]
     runs: dict[str, list[dict[str, Any]]] = {"record": [], "generate": [], "run": []}
+    load_before = os.getloadavg()
+    t_start = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     for r in range(args.rounds):
         trace = args.out / f"trace-{r}.parquet"
         for p in (trace, *args.out.glob(f"trace-{r}.parquet.parts")):
@@ -107,6 +116,9 @@ def main() -> int:
         sh(["run", str(trace), "--experts", str(args.model), "--summary", str(c), *common])
         for k, p in (("record", a), ("generate", b), ("run", c)):
             runs[k].append(json.loads(p.read_text()))
+
+    load_after = os.getloadavg()
+    t_end = time.strftime("%H:%M UTC", time.gmtime())
 
     def med(k: str, field: str) -> float:
         return statistics.median(float(s[field]) for s in runs[k])
@@ -153,6 +165,11 @@ def main() -> int:
         f"- dense resident {s0['dense_resident_bytes'] / GiB:.2f} GiB, cache "
         f"{s0['cache_buffer_bytes'] / GiB:.2f} GiB, KV {s0['kv_cache_bytes'] / MiB:.1f} MiB, "
         f"FFN {s0.get('ffn', '?')}, reads {s0['io']['kind']}"
+    )
+    print(
+        f"- measured {t_start} to {t_end}; load average (1, 5, 15 min) before "
+        f"{', '.join(f'{x:.2f}' for x in load_before)}, after "
+        f"{', '.join(f'{x:.2f}' for x in load_after)} on {os.cpu_count()} CPUs"
     )
     return 0
 

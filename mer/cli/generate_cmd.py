@@ -18,12 +18,14 @@ from mer.cli.common import (
     add_replay_args,
     emit,
     input_file,
-    non_negative_int,
     note,
     output_file,
-    positive_float,
     replay_config_from_args,
-    seed_int,
+)
+from mer.cli.generation_args import (
+    add_generation_args,
+    add_trace_content_args,
+    generation_from_args,
 )
 from mer.cli.run_cmd import GiB, add_engine_args, engine_config_from_args
 
@@ -65,25 +67,7 @@ def register(sub: Any) -> None:
         required=True,
         help='text file (one prompt per line) or JSON Lines with a "prompt" field',
     )
-    p.add_argument(
-        "--max-new-tokens",
-        type=non_negative_int,
-        default=32,
-        help="decode tokens per prompt (default 32; fewer if the model ends early)",
-    )
-    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument(
-        "--seed", type=seed_int, default=0, help="sampling seed (prompt i uses seed + i)"
-    )
-    p.add_argument(
-        "--temperature",
-        type=positive_float,
-        default=1.0,
-        help="sampling temperature (with --sample)",
-    )
-    p.add_argument(
-        "--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens"
-    )
+    add_generation_args(p)
     p.add_argument(
         "-o",
         "--output",
@@ -91,15 +75,7 @@ def register(sub: Any) -> None:
         default=None,
         help="write the routing taken as a trace (format v1 parquet)",
     )
-    p.add_argument("--logits", action="store_true", help="with -o: also store router logits")
-    p.add_argument(
-        "--lookahead",
-        action="store_true",
-        help="with -o: also store the next layer's router applied to the current hidden state",
-    )
-    p.add_argument(
-        "--keep-parts", action="store_true", help="keep OUT.parts/ (per-prompt files) at the end"
-    )
+    add_trace_content_args(p, with_o=True)
     p.add_argument(
         "--summary", type=output_file, default=None, help="write the measured summary (JSON)"
     )
@@ -149,11 +125,7 @@ def run(args: argparse.Namespace) -> int:
             f"{rcfg.cache_slots} slots ({rcfg.cache_slots * model.store.slot_bytes / GiB:.2f} GiB)"
         )
     opts = GenerateOptions(
-        max_new_tokens=args.max_new_tokens,
-        sample=args.sample,
-        seed=args.seed,
-        temperature=args.temperature,
-        ignore_eos=args.ignore_eos,
+        **generation_from_args(args).to_dict(),
         logits=args.logits,
         lookahead=args.lookahead,
         keep_parts=args.keep_parts,

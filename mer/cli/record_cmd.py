@@ -7,7 +7,12 @@ from __future__ import annotations
 
 import argparse
 
-from mer.cli.common import add_output_args, emit, float_range, input_file, int_range, note, seed_int
+from mer.cli.common import add_output_args, emit, input_file, note
+from mer.cli.generation_args import (
+    add_generation_args,
+    add_trace_content_args,
+    generation_from_args,
+)
 from mer.errors import BadInput, RuntimeFailure
 
 EPILOG = """\
@@ -19,16 +24,6 @@ examples:
 An interrupted run keeps each finished prompt in OUT.parts/; rerun the same
 command to resume. See docs/recording.md.
 """
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
-    return v
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -51,25 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=input_file,
         help='text file (one prompt per line) or JSON Lines with a "prompt" field',
     )
-    p.add_argument(
-        "--max-new-tokens",
-        type=int_range(0, 1 << 20, "an integer from 0 to 1,048,576"),
-        default=32,
-        help="decode tokens recorded per prompt (default 32; fewer if the model ends early)",
-    )
-    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument(
-        "--seed", type=seed_int, default=0, help="sampling seed (prompt i uses seed + i)"
-    )
-    p.add_argument(
-        "--temperature",
-        type=float_range(0.0, 100.0, lo_open=True, what="a temperature > 0 and <= 100"),
-        default=1.0,
-        help="sampling temperature (with --sample)",
-    )
-    p.add_argument(
-        "--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens"
-    )
+    add_generation_args(p)
     p.add_argument(
         "--device",
         choices=("auto", "cpu", "cuda"),
@@ -83,15 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="auto",
         help="weights dtype (auto: the checkpoint's)",
     )
-    p.add_argument("--logits", action="store_true", help="also store full router logits")
-    p.add_argument(
-        "--lookahead",
-        action="store_true",
-        help="also store the next layer's router applied to the current hidden state",
-    )
-    p.add_argument(
-        "--keep-parts", action="store_true", help="keep OUT.parts/ (per-prompt files) at the end"
-    )
+    add_trace_content_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_output_args(p)
     p.set_defaults(func=run)
@@ -113,7 +82,6 @@ def run(args: argparse.Namespace) -> int:
             f"mer record needs torch and transformers ({exc}); install the extra: "
             "pip install 'mer-moe[record]'."
         ) from exc
-    from mer.traces.record.generate import GenerationSettings
     from mer.traces.record.loader import load_model
     from mer.traces.record.progress import RecordProgress
     from mer.traces.record.session import RecordOptions, record_run
@@ -134,13 +102,7 @@ def run(args: argparse.Namespace) -> int:
     opts = RecordOptions(
         model_id=args.model,
         revision=loaded.revision,
-        generation=GenerationSettings(
-            max_new_tokens=args.max_new_tokens,
-            sample=args.sample,
-            seed=args.seed,
-            temperature=args.temperature,
-            ignore_eos=args.ignore_eos,
-        ),
+        generation=generation_from_args(args),
         logits=args.logits,
         lookahead=args.lookahead,
         dtype=loaded.dtype,

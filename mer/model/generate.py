@@ -19,7 +19,7 @@ from __future__ import annotations
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ from mer.model.decoder import Decoder, Routing, softmax
 from mer.model.gguf_model import MoeModel
 from mer.summary import RunSummary, trace_digest
 from mer.traces.format import Trace, TraceMeta, write_trace
-from mer.traces.record.generate import PromptRouting
+from mer.traces.record.generate import GenerationSettings, PromptRouting
 from mer.traces.record.prompts import Prompts
 from mer.traces.record.session import (
     LOOKAHEAD_DEFINITION,
@@ -50,23 +50,16 @@ F32 = npt.NDArray[np.float32]
 
 
 @dataclass
-class GenerateOptions:
-    """What changes the tokens generated and what the trace holds (the resume fingerprint)."""
+class GenerateOptions(GenerationSettings):
+    """`mer record`'s generation settings plus what the trace holds (the resume fingerprint)."""
 
-    max_new_tokens: int = 32
-    sample: bool = False
-    seed: int = 0
-    temperature: float = 1.0
-    ignore_eos: bool = False
     logits: bool = False
     lookahead: bool = False
     keep_parts: bool = False
 
     def generation(self) -> dict[str, Any]:
-        d = asdict(self)
-        for k in ("logits", "lookahead", "keep_parts"):
-            d.pop(k)
-        return d
+        """Only what changes the tokens generated, as `mer record` stores it."""
+        return {f.name: getattr(self, f.name) for f in fields(GenerationSettings)}
 
 
 @dataclass
