@@ -94,10 +94,6 @@ typedef struct {
     const int8_t *qp;    /* the AVX-512 q4_0 layout (quad_layout), NULL when not needed */
     const float *d;      /* block scales */
     const int32_t *negs; /* minus the sum of each block's codes */
-    /* With qp, per block of the quad layout's groups of four, four lanes each (block 4g + j
-       in lanes 4j .. 4j + 3 of group g's 16): */
-    const int32_t *c8; /* lane 4j: 8 * negs (the q4_0 "- 8" folded in), other lanes 0 */
-    const float *d16;  /* every lane: the block's scale d */
 } act_t;
 
 /* q8_0 of one row of n_cols floats: the definition q4_0.py's quantize_q8_0 emulates. */
@@ -233,8 +229,7 @@ static inline size_t up64(size_t n) { return (n + 63) & ~(size_t)63; }
 
 static size_t acts_bytes(int64_t n_tok, int64_t n_cols, int pairs) {
     int64_t nb = n_cols / QK;
-    size_t per = up64((size_t)n_cols) * (pairs ? 2 : 1) + up64((size_t)nb * 4) * 2 +
-                 (pairs ? up64((size_t)nb * 16) * 2 : 0);
+    size_t per = up64((size_t)n_cols) * (pairs ? 2 : 1) + up64((size_t)nb * 4) * 2;
     return up64(sizeof(act_t) * (size_t)n_tok) + per * (size_t)n_tok;
 }
 
@@ -256,31 +251,13 @@ static act_t *acts_fill(int isa, char *mem, const float *x, int64_t n_tok, int64
         p += up64((size_t)nb * 4);
         int32_t *negs = (int32_t *)p;
         p += up64((size_t)nb * 4);
-        int32_t *c8 = NULL;
-        float *d16 = NULL;
-        if (pairs) {
-            c8 = (int32_t *)p;
-            p += up64((size_t)nb * 16);
-            d16 = (float *)p;
-            p += up64((size_t)nb * 16);
-        }
         quantize_rows(isa, x + t * n_cols, n_cols, qn, d, negs);
         for (int64_t b = 0; b < nb; b++) negs[b] = -negs[b];
-        if (pairs) {
-            quad_layout(qn, nb, qp);
-            for (int64_t b = 0; b < nb; b++)
-                for (int l = 0; l < 4; l++) {
-                    /* block b = 4g + j sits in lanes 16 g + 4 j + l */
-                    c8[b * 4 + l] = l == 0 ? (int32_t)((uint32_t)negs[b] << 3) : 0;
-                    d16[b * 4 + l] = d[b];
-                }
-        }
+        if (pairs) quad_layout(qn, nb, qp);
         acts[t].qn = qn;
         acts[t].qp = qp;
         acts[t].d = d;
         acts[t].negs = negs;
-        acts[t].c8 = c8;
-        acts[t].d16 = d16;
     }
     return acts;
 }
@@ -400,120 +377,54 @@ TGT2 INL void row_q8_avx2_k(const uint8_t *row, int64_t nb, const act_t *a, cons
     row_avx2_k(0, row, nb, a, K, res);
 }
 
-/* out[i * stride] = _mm512_reduce_add_ps of the i-th vector, for four at once: the same
-   additions in the same pairs as GCC's reduce (lanes i + i+8, then + i+4, then + i^2, then
-   lane 0 + lane 1), so the results are those of four separate reductions, in fewer shuffles. */
-TGT512 INL void reduce4_512(__m512 A, __m512 B, __m512 C, __m512 D, float *out, int stride) {
-    __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(A, B, _MM_SHUFFLE(1, 0, 1, 0)),
-                              _mm512_shuffle_f32x4(A, B, _MM_SHUFFLE(3, 2, 3, 2)));
-    __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(C, D, _MM_SHUFFLE(1, 0, 1, 0)),
-                              _mm512_shuffle_f32x4(C, D, _MM_SHUFFLE(3, 2, 3, 2)));
-    /* ab = [A 0..7 | B 0..7] after the first step; now 128-bit chunks [A, B, C, D] */
-    __m512 s = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, _MM_SHUFFLE(2, 0, 2, 0)),
-                             _mm512_shuffle_f32x4(ab, cd, _MM_SHUFFLE(3, 1, 3, 1)));
-    s = _mm512_add_ps(s, _mm512_permute_ps(s, _MM_SHUFFLE(1, 0, 3, 2)));
-    s = _mm512_add_ps(s, _mm512_permute_ps(s, _MM_SHUFFLE(2, 3, 0, 1)));
-    float v[16];
-    _mm512_storeu_ps(v, s);
-    for (int i = 0; i < 4; i++) out[i * stride] = v[4 * i];
-}
-
-/* AVX-512 VNNI, q4_0: four blocks per step, RR rows at a time (K tokens). The four blocks
-   are 72 bytes = 36 words and a block's 16 code bytes are its words 1..8, so one word permute
-   of two loads gathers the four code runs into one 512-bit register; its low nibbles
-   (elements 0..15 of each block) and high nibbles (16..31) go straight, unsigned (0..15), into
-   two vpdpbusd against the activation codes, whose accumulator starts at -8 * sum(codes) of
-   each block (lane 0 of the block's four lanes, precomputed: c8), so the "- 8" costs no
-   per-weight work. The same permute spreads the four fp16 scales (words 0, 9, 18, 27) over
-   their blocks' lanes. Rows taken together share the activations' loads and give the core
-   RR independent accumulator chains; each row's arithmetic, and so its result, is the same
-   whatever RR is. Each row's stream is prefetched PF_DIST / RR ahead, running on into the
-   same row of the next RR-row step near its end. */
-TGT512 INL void rows_q4_512_k(const uint8_t *row0, int64_t rb, int64_t nb, const act_t *a,
-                              const int K, const int RR, float *res) {
-    __m512 acc[4][TOK_GROUP];
-    for (int r = 0; r < RR; r++)
-        for (int k = 0; k < K; k++) acc[r][k] = _mm512_setzero_ps();
+/* AVX-512 VNNI, q4_0: four blocks per step. Their 16-byte code runs fill one 512-bit
+   register; its low nibbles (elements 0..15 of each block) and high nibbles (16..31) go
+   straight, unsigned (0..15), into two vpdpbusd against the activation codes, whose
+   accumulator starts at -8 * sum(codes) of each block (lane 0 of the block's four lanes), so
+   the "- 8" costs no per-weight work. The four fp16 scales come out of one 64-byte load by a
+   word permute. */
+TGT512 INL void row_q4_512_k(const uint8_t *row, int64_t nb, const act_t *a, const int K,
+                             float *res) {
+    __m512 acc[TOK_GROUP];
+    for (int k = 0; k < K; k++) acc[k] = _mm512_setzero_ps();
     const __m512i m4 = _mm512_set1_epi8(15);
-    const __m512i vidx = _mm512_set_epi16(35, 34, 33, 32, 31, 30, 29, 28, 26, 25, 24, 23, 22, 21,
-                                          20, 19, 17, 16, 15, 14, 13, 12, 11, 10, 8, 7, 6, 5, 4,
-                                          3, 2, 1);
-    const __m512i widx = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 27, 27,
-                                          27, 27, 18, 18, 18, 18, 9, 9, 9, 9, 0, 0, 0, 0);
-    const int64_t pfd = PF_DIST / RR, skip = (RR - 1) * rb;
+    /* lane i <- i / 4: a block's value under its four lanes (with mask 0x1111: lane 4j <- j) */
+    const __m512i sidx = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    /* words 0, 9, 18, 27 of the 64 bytes at a group's start are its four scales */
+    const __m512i widx = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                                          0, 0, 0, 0, 0, 0, 0, 0, 0, 27, 18, 9, 0);
     int64_t b = 0;
     for (; b + 3 < nb; b += 4) {
-        int64_t off = b * Q4_BYTES + pfd;
-        off = off < rb ? off : off + skip;
-        __m512i lo[4], hi[4];
-        __m512 dw[4];
-        for (int r = 0; r < RR; r++) {
-            const uint8_t *p = row0 + r * rb + b * Q4_BYTES;
-            _mm_prefetch((const char *)(row0 + r * rb + off), _MM_HINT_T0);
-            _mm_prefetch((const char *)(row0 + r * rb + off + 64), _MM_HINT_T0);
-            __m512i R0 = _mm512_loadu_si512((const void *)p);
-            __m512i R1 = _mm512_maskz_loadu_epi16(0xf, (const void *)(p + 64));
-            __m512i V = _mm512_permutex2var_epi16(R0, vidx, R1);
-            lo[r] = _mm512_and_si512(V, m4);
-            hi[r] = _mm512_and_si512(_mm512_srli_epi16(V, 4), m4);
-            dw[r] = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutexvar_epi16(widx, R0)));
-        }
+        const uint8_t *p = row + b * Q4_BYTES;
+        _mm_prefetch((const char *)(p + PF_DIST), _MM_HINT_T0);
+        _mm_prefetch((const char *)(p + PF_DIST + 64), _MM_HINT_T0);
+        __m512i V = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(p + 2)));
+        V = _mm512_inserti32x4(V, _mm_loadu_si128((const __m128i *)(p + 2 + Q4_BYTES)), 1);
+        V = _mm512_inserti32x4(V, _mm_loadu_si128((const __m128i *)(p + 2 + 2 * Q4_BYTES)), 2);
+        V = _mm512_inserti32x4(V, _mm_loadu_si128((const __m128i *)(p + 2 + 3 * Q4_BYTES)), 3);
+        __m512i lo = _mm512_and_si512(V, m4);
+        __m512i hi = _mm512_and_si512(_mm512_srli_epi16(V, 4), m4);
+        __m512i R = _mm512_loadu_si512((const void *)p);
+        __m128 dw = _mm_cvtph_ps(_mm512_castsi512_si128(_mm512_permutexvar_epi16(widx, R)));
         for (int k = 0; k < K; k++) {
             const int8_t *q = a[k].qp + b * QK;
-            __m512i Q0 = _mm512_loadu_si512((const void *)q);
-            __m512i Q1 = _mm512_loadu_si512((const void *)(q + 64));
-            __m512i C = _mm512_loadu_si512((const void *)(a[k].c8 + b * 4));
-            __m512 D = _mm512_loadu_ps(a[k].d16 + b * 4);
-            for (int r = 0; r < RR; r++) {
-                __m512i I = _mm512_dpbusd_epi32(C, lo[r], Q0);
-                I = _mm512_dpbusd_epi32(I, hi[r], Q1);
-                acc[r][k] = _mm512_fmadd_ps(_mm512_mul_ps(dw[r], D), _mm512_cvtepi32_ps(I), acc[r][k]);
-            }
+            __m512i C = _mm512_maskz_permutexvar_epi32(
+                0x1111, sidx, _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(a[k].negs + b))));
+            __m512i I = _mm512_dpbusd_epi32(_mm512_slli_epi32(C, 3), lo, _mm512_loadu_si512((const void *)q));
+            I = _mm512_dpbusd_epi32(I, hi, _mm512_loadu_si512((const void *)(q + 64)));
+            __m128 s = _mm_mul_ps(dw, _mm_loadu_ps(a[k].d + b));
+            __m512 S = _mm512_permutexvar_ps(sidx, _mm512_castps128_ps512(s));
+            acc[k] = _mm512_fmadd_ps(S, _mm512_cvtepi32_ps(I), acc[k]);
         }
     }
-    float tail[4][TOK_GROUP] = {{0}};
-    for (int r = 0; r < RR; r++) {
-        const uint8_t *row = row0 + r * rb;
-        for (int64_t t = b; t < nb; t++) {
-            const uint8_t *p = row + t * Q4_BYTES;
-            float dwt = _cvtsh_ss(rd16(p));
-            for (int k = 0; k < K; k++)
-                tail[r][k] += (dwt * a[k].d[t]) * (float)dot_q4_block(p + 2, a[k].qn + t * QK);
-        }
+    float tail[TOK_GROUP] = {0};
+    for (; b < nb; b++) {
+        const uint8_t *p = row + b * Q4_BYTES;
+        float dw = _cvtsh_ss(rd16(p));
+        for (int k = 0; k < K; k++)
+            tail[k] += (dw * a[k].d[b]) * (float)dot_q4_block(p + 2, a[k].qn + b * QK);
     }
-    if (RR == 4 && K == 1) {
-        reduce4_512(acc[0][0], acc[1][0], acc[2][0], acc[3][0], res, TOK_GROUP);
-        for (int r = 0; r < 4; r++) res[r * TOK_GROUP] += tail[r][0];
-        return;
-    }
-    for (int r = 0; r < RR; r++)
-        for (int k = 0; k < K; k++) res[r * TOK_GROUP + k] = _mm512_reduce_add_ps(acc[r][k]) + tail[r][k];
-}
-
-#define Q4_512_CASE(KK, RRR)                                                        \
-    case KK:                                                                       \
-        for (; r + RRR <= r1; r += RRR) {                                          \
-            rows_q4_512_k(w + r * rb, rb, nb, a, KK, RRR, res);                    \
-            for (int i = 0; i < RRR; i++)                                          \
-                for (int k = 0; k < KK; k++) out[k * os + (r + i - r0)] = res[i * TOK_GROUP + k]; \
-        }                                                                          \
-        for (; r < r1; r++) {                                                      \
-            rows_q4_512_k(w + r * rb, rb, nb, a, KK, 1, res);                      \
-            for (int k = 0; k < KK; k++) out[k * os + (r - r0)] = res[k];          \
-        }                                                                          \
-        break;
-
-/* One token: four rows at a time; two tokens: two; three or four: one (registers). */
-TGT512 static void rows_q4_512(const uint8_t *w, int64_t rb, int64_t r0, int64_t r1, int64_t nb,
-                               const act_t *a, int K, float *out, int64_t os) {
-    float res[4 * TOK_GROUP];
-    int64_t r = r0;
-    switch (K) {
-        Q4_512_CASE(1, 4)
-        Q4_512_CASE(2, 2)
-        Q4_512_CASE(3, 1)
-        Q4_512_CASE(4, 1)
-    }
+    for (int k = 0; k < K; k++) res[k] = _mm512_reduce_add_ps(acc[k]) + tail[k];
 }
 
 /* AVX-512 VNNI, q8_0: the signed weights get +128 (xor 0x80) to be vpdpbusd's unsigned
@@ -579,6 +490,7 @@ TGT512 INL void row_q8_512_k(const uint8_t *row, int64_t nb, const act_t *a, con
 
 ROWS_FN(TGT2, rows_q4_avx2, row_q4_avx2_k)
 ROWS_FN(TGT2, rows_q8_avx2, row_q8_avx2_k)
+ROWS_FN(TGT512, rows_q4_512, row_q4_512_k)
 ROWS_FN(TGT512, rows_q8_512, row_q8_512_k)
 #endif /* MER_X86 */
 
@@ -887,8 +799,6 @@ static void acts_shift(const act_t *a, int K, int64_t c0, act_t *out) {
         out[k].qp = a[k].qp ? a[k].qp + c0 * QK : NULL; /* c0 % 4 == 0: a quad boundary */
         out[k].d = a[k].d + c0;
         out[k].negs = a[k].negs + c0;
-        out[k].c8 = a[k].c8 ? a[k].c8 + c0 * 4 : NULL;
-        out[k].d16 = a[k].d16 ? a[k].d16 + c0 * 4 : NULL;
     }
 }
 
