@@ -112,7 +112,17 @@ def long_trace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
 
 
-SWEEP = ["--policies", "lru,s3fifo", "--cache-slots", "8,16,24,32,48,64,96,128"]
+# The prefetch path (a predictor) keeps each configuration slow enough (about 0.2 s)
+# that a signal sent after the first result still lands mid-sweep on an idle machine;
+# prefetch-off configurations finish in milliseconds and the sweep could end first.
+SWEEP = [
+    "--policies",
+    "lru,s3fifo",
+    "--cache-slots",
+    "8,16,24,32,48,64,96,128",
+    "--predictors",
+    "previous-token",
+]
 N_SWEEP = 16
 
 
