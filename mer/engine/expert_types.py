@@ -13,14 +13,13 @@ runs on the same streaming path; q4_0 is the one built for speed.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from mer.engine.ffn import FFNDims, make_ffn, q4_matvec, resolve_ffn
+from mer.engine.ffn import ExpertFFN, FFNDims, make_ffn, resolve_ffn
 from mer.shapes import ModelShape
 
 F32 = npt.NDArray[np.float32]
@@ -61,22 +60,18 @@ def _silu_mul(g: F32, u: F32) -> F32:
         return np.asarray((g / (np.float32(1) + np.exp(-g))) * u, dtype=np.float32)
 
 
-class TypedExpertFFN:
-    """y = down(silu(gate x) * up x) for q8_0, f16 or f32 expert bytes (numpy)."""
+class TypedExpertFFN(ExpertFFN):
+    """y = down(silu(gate x) * up x) for q8_0, f16 or f32 expert bytes (numpy).
 
-    kind = "numpy"
+    A subclass of the q4_0 numpy FFN so that the thread pool, the dense block's
+    q4_0 matvec and the context-manager life cycle stay one piece of code.
+    """
 
     def __init__(self, dims: ModelShape | FFNDims | tuple[int, int], dtype: str, threads: int = 1):
         if dtype not in ("Q8_0", "F16", "F32"):
             raise ValueError(f"TypedExpertFFN computes q8_0, f16 or f32 experts, not {dtype}")
-        self.dims = FFNDims.of(dims)
+        super().__init__(dims, threads)
         self.dtype = dtype
-        self.threads = max(1, int(threads))
-        self._pool = (
-            ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="mer-ffn")
-            if self.threads > 1
-            else None
-        )
 
     def _mv(self, raw: Any, rows: int, cols: int, x: F32) -> F32:
         if self.dtype == "Q8_0":
@@ -88,21 +83,6 @@ class TypedExpertFFN:
         xv = np.asarray(x, dtype=np.float32)
         h = _silu_mul(self._mv(gate, f, d, xv), self._mv(up, f, d, xv))
         return np.asarray(self._mv(down, d, f, h), dtype=np.float32)
-
-    def matvec(self, raw: Any, n_cols: int, x: npt.ArrayLike) -> F32:
-        """W x for one q4_0 matrix (the dense stand-in's kernel), on this FFN's threads."""
-        return q4_matvec(raw, n_cols, x, self.threads, self._pool)
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
-
-    def __enter__(self) -> TypedExpertFFN:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class NativeQ8FFN:
