@@ -31,6 +31,13 @@ from mer.traces.format import write_trace
 WAIT_S = 120
 
 
+def _default_sigint() -> None:
+    # A suite started in the background (`make test &`, nohup, some CI runners) inherits
+    # SIGINT ignored, and a program rightly keeps an inherited "ignore"; the child here
+    # stands for a command typed at a terminal, where Ctrl-C is live.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def mer(*args: Any, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "mer", *map(str, args)],
@@ -39,6 +46,7 @@ def mer(*args: Any, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
         text=True,
         start_new_session=True,
         env={**os.environ, **(env or {})},
+        preexec_fn=_default_sigint,
     )
 
 
