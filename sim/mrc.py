@@ -150,6 +150,34 @@ def replay_hits(
     return out
 
 
+def _partition_caps(
+    n_layers: int, n_experts: int, scope: str, sizes: Sequence[int]
+) -> tuple[int, list[list[int]], list[list[int]] | None]:
+    """(keyspace, cache sizes each partition replays, per-layer shares of each total).
+
+    Global scope replays one partition at the requested sizes; per-layer scope splits
+    each total over the layers (`split_slots`), so a layer replays only the distinct
+    shares it gets. The shares are None under global scope.
+    """
+    if scope == "global":
+        return n_layers * n_experts, [sorted(set(sizes))], None
+    shares = [split_slots(c, n_layers) for c in sizes]
+    need = [sorted({sh[layer] for sh in shares}) for layer in range(n_layers)]
+    return n_experts, need, shares
+
+
+def _combine_parts(
+    part_hits: list[dict[int, int]], sizes: Sequence[int], shares: list[list[int]] | None
+) -> dict[int, int]:
+    """Total hits per requested size from the partitions' hits (see `_partition_caps`)."""
+    if shares is None:
+        return {c: part_hits[0][c] for c in sizes}
+    return {
+        c: sum(hits[sh[layer]] for layer, hits in enumerate(part_hits))
+        for c, sh in zip(sizes, shares, strict=True)
+    }
+
+
 def _cold_hits(part: Any) -> tuple[int, int]:
     """(hits, distinct keys) of a partition whose cache never fills: every key misses once."""
     distinct = len(np.unique(part.keys)) if part.keys.size else 0
@@ -184,12 +212,7 @@ def compiled_hits(
         return None
     steps = np.ascontiguousarray(steps, dtype=np.int32)
     parts = native_replay.split_partitions(steps, n_layers, n_experts, scope)
-    keyspace = n_layers * n_experts if scope == "global" else n_experts
-    if scope == "global":
-        need = [sorted(set(sizes))]
-    else:
-        shares = [split_slots(c, n_layers) for c in sizes]
-        need = [sorted({sh[layer] for sh in shares}) for layer in range(n_layers)]
+    keyspace, need, shares = _partition_caps(n_layers, n_experts, scope, sizes)
     part_hits: list[dict[int, int]] = []
     plans = []
     for part, caps in zip(parts, need, strict=True):
@@ -222,12 +245,7 @@ def compiled_hits(
         if not run and progress:
             progress(part.n_steps / total)
         part_hits.append(got)
-    if scope == "global":
-        return {c: part_hits[0][c] for c in sizes}
-    out = {}
-    for c, sh in zip(sizes, shares, strict=True):
-        out[c] = sum(part_hits[layer][sh[layer]] for layer in range(n_layers))
-    return out
+    return _combine_parts(part_hits, sizes, shares)
 
 
 class _Ticker:
@@ -586,12 +604,7 @@ def future_warm_hits(
             out[c] = rep.stats.total("hits") - before
         return out
     parts = native_replay.split_partitions(steps, n_layers, n_experts, scope)
-    keyspace = n_layers * n_experts if scope == "global" else n_experts
-    if scope == "global":
-        need = [sorted(set(sizes))]
-    else:
-        shares = [split_slots(c, n_layers) for c in sizes]
-        need = [sorted({sh[layer] for sh in shares}) for layer in range(n_layers)]
+    keyspace, need, shares = _partition_caps(n_layers, n_experts, scope, sizes)
     part_hits = []
     for part, caps in zip(parts, need, strict=True):
         cut = start if part.tidx is None else int(np.searchsorted(part.tidx, start))
@@ -608,12 +621,7 @@ def future_warm_hits(
                 got[c] = int(res.counts[i, 0].sum() - res.counts_before[i, 0].sum())
         got[0] = 0
         part_hits.append(got)
-    if scope == "global":
-        return {c: part_hits[0][c] for c in sizes}
-    return {
-        c: sum(part_hits[layer][sh[layer]] for layer in range(n_layers))
-        for c, sh in zip(sizes, shares, strict=True)
-    }
+    return _combine_parts(part_hits, sizes, shares)
 
 
 _WORKER: dict[str, Any] = {}
