@@ -134,18 +134,11 @@ SWEEP = [
 N_SWEEP = 16
 
 
-def _rows(path: Path) -> pd.DataFrame:
-    df = pd.read_parquet(path).drop(columns=["sim_seconds", "trace"])
-    return df.sort_values("config_hash").reset_index(drop=True)
-
-
-def test_kill9_mid_sweep_no_orphans_and_exact_resume(
-    long_trace: Path, kit: Kit, tmp_path: Path, capsys
-) -> None:
-    out = tmp_path / "sweep.parquet"
-    args = [
+def _sweep_args(trace: Path, kit: Kit, out: Path) -> list[Any]:
+    """The interrupted sweep of these tests; the last five items are its output and jobs."""
+    return [
         "sweep",
-        long_trace,
+        trace,
         *SWEEP,
         "--hardware",
         kit.profile,
@@ -155,6 +148,18 @@ def test_kill9_mid_sweep_no_orphans_and_exact_resume(
         "2",
         "--no-progress",
     ]
+
+
+def _rows(path: Path) -> pd.DataFrame:
+    df = pd.read_parquet(path).drop(columns=["sim_seconds", "trace"])
+    return df.sort_values("config_hash").reset_index(drop=True)
+
+
+def test_kill9_mid_sweep_no_orphans_and_exact_resume(
+    long_trace: Path, kit: Kit, tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "sweep.parquet"
+    args = _sweep_args(long_trace, kit, out)
     p = mer(*args)
     wait_for(
         lambda: out.exists() and len(descendants(p.pid)) >= 2, what="a first result and workers"
@@ -178,18 +183,7 @@ def test_kill9_mid_sweep_no_orphans_and_exact_resume(
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_and_sigint_mid_sweep(long_trace: Path, kit: Kit, tmp_path: Path, sig: int) -> None:
     out = tmp_path / "sweep.parquet"
-    p = mer(
-        "sweep",
-        long_trace,
-        *SWEEP,
-        "--hardware",
-        kit.profile,
-        "-o",
-        out,
-        "--jobs",
-        "2",
-        "--no-progress",
-    )
+    p = mer(*_sweep_args(long_trace, kit, out))
     wait_for(lambda: out.exists() and len(descendants(p.pid)) >= 2, what="workers")
     workers = descendants(p.pid)
     if sig == signal.SIGINT:
