@@ -374,3 +374,121 @@ def test_urgent_read_overtakes_queued_background_chunks(kind: str, data_file) ->
         assert r.wait_all() == ["foreground", "background"]
         assert bytes(fg) == ref[100 * ALIGN : 101 * ALIGN]
         assert bytes(bg) == ref[: 64 * ALIGN]
+
+
+@pytest.mark.skipif(_NO_URING is not None, reason=f"io_uring unavailable: {_NO_URING}")
+def test_background_depth_caps_background_chunks_on_the_ring(data_file) -> None:
+    path, ref = data_file
+    with _reader("uring", queue_depth=8, chunk_bytes=ALIGN, background_depth=2) as r:
+        fd = r.open(path)
+        bg = aligned_empty(64 * ALIGN)
+        fg = aligned_empty(3 * ALIGN)
+        r.submit_reads([(fd, 0, 64 * ALIGN, bg, "background")])
+        # only submissions and reaps feed the ring, and nothing was reaped yet
+        assert r.in_flight == 2
+        r.submit_reads([(fd, 100 * ALIGN, 3 * ALIGN, fg, "foreground")], urgent=True)
+        assert r.in_flight == 5  # the urgent chunks take free slots past the cap
+        while "foreground" not in r.poll():
+            assert r._bg_in_flight <= 2  # type: ignore[attr-defined]
+        assert r.wait("background") == 64 * ALIGN
+        assert bytes(fg) == ref[100 * ALIGN : 103 * ALIGN]
+        assert bytes(bg) == ref[: 64 * ALIGN]
+
+
+@pytest.mark.skipif(_NO_URING is not None, reason=f"io_uring unavailable: {_NO_URING}")
+def test_expedite_moves_queued_background_chunks_to_the_device(data_file) -> None:
+    path, ref = data_file
+    with _reader("uring", queue_depth=8, chunk_bytes=ALIGN, background_depth=1) as r:
+        fd = r.open(path)
+        bg = aligned_empty(32 * ALIGN)
+        other = aligned_empty(32 * ALIGN)
+        r.submit_reads([(fd, 0, 32 * ALIGN, bg, "late prefetch")])
+        r.submit_reads([(fd, 200 * ALIGN, 32 * ALIGN, other, "other prefetch")])
+        assert r.in_flight == 1
+        r.expedite(["late prefetch"])
+        assert r.in_flight == 8  # every slot: the expedited chunks are urgent now
+        assert r.queued_urgent > 0
+        assert r.wait("late prefetch") == 32 * ALIGN
+        assert r.wait("other prefetch") == 32 * ALIGN
+        assert bytes(bg) == ref[: 32 * ALIGN]
+        assert bytes(other) == ref[200 * ALIGN : 232 * ALIGN]
+
+
+def test_background_depth_caps_concurrent_background_preads(data_file, monkeypatch) -> None:
+    import threading
+    import time
+
+    path, ref = data_file
+    lock = threading.Lock()
+    now = {"bg": 0, "max_bg": 0, "fg": 0}
+    real = PreadReader._read
+
+    def counted(req, off, start, n, direct):  # type: ignore[no-untyped-def]
+        kind = "fg" if req.tag == "foreground" else "bg"
+        with lock:
+            now[kind] += 1
+            now["max_bg"] = max(now["max_bg"], now["bg"])
+        time.sleep(0.001)  # widen the window in which chunks overlap
+        try:
+            return real(req, off, start, n, direct)
+        finally:
+            with lock:
+                now[kind] -= 1
+
+    monkeypatch.setattr(PreadReader, "_read", staticmethod(counted))
+    with _reader("pread", queue_depth=6, chunk_bytes=ALIGN, background_depth=2) as r:
+        fd = r.open(path)
+        bufs = [aligned_empty(16 * ALIGN) for _ in range(3)]
+        for i, b in enumerate(bufs):
+            r.submit_reads([(fd, i * 16 * ALIGN, 16 * ALIGN, b, f"bg{i}")])
+        fg = aligned_empty(4 * ALIGN)
+        r.submit_reads([(fd, 100 * ALIGN, 4 * ALIGN, fg, "foreground")], urgent=True)
+        r.expedite(["bg2"])
+        done = r.wait_all()
+        assert sorted(done) == ["bg0", "bg1", "bg2", "foreground"]
+        assert now["max_bg"] <= 2 + 16  # bg2's chunks count as urgent once expedited
+        for i, b in enumerate(bufs):
+            assert bytes(b) == ref[i * 16 * ALIGN : (i + 1) * 16 * ALIGN]
+        assert bytes(fg) == ref[100 * ALIGN : 104 * ALIGN]
+
+
+def test_background_depth_caps_concurrent_background_preads_without_expedite(
+    data_file, monkeypatch
+) -> None:
+    import threading
+    import time
+
+    path, ref = data_file
+    lock = threading.Lock()
+    now = {"bg": 0, "max_bg": 0}
+    real = PreadReader._read
+
+    def counted(req, off, start, n, direct):  # type: ignore[no-untyped-def]
+        with lock:
+            now["bg"] += 1
+            now["max_bg"] = max(now["max_bg"], now["bg"])
+        time.sleep(0.001)
+        try:
+            return real(req, off, start, n, direct)
+        finally:
+            with lock:
+                now["bg"] -= 1
+
+    monkeypatch.setattr(PreadReader, "_read", staticmethod(counted))
+    with _reader("pread", queue_depth=6, chunk_bytes=ALIGN, background_depth=2) as r:
+        fd = r.open(path)
+        bufs = [aligned_empty(16 * ALIGN) for _ in range(3)]
+        for i, b in enumerate(bufs):
+            r.submit_reads([(fd, i * 16 * ALIGN, 16 * ALIGN, b, f"bg{i}")])
+        assert sorted(r.wait_all()) == ["bg0", "bg1", "bg2"]
+        assert 1 <= now["max_bg"] <= 2
+        for i, b in enumerate(bufs):
+            assert bytes(b) == ref[i * 16 * ALIGN : (i + 1) * 16 * ALIGN]
+
+
+@pytest.mark.parametrize("bad", [0, -1])
+def test_background_depth_out_of_range_is_bad_input(bad: int) -> None:
+    from mer.errors import BadInput
+
+    with pytest.raises(BadInput, match="--background-depth"):
+        PreadReader(queue_depth=4, background_depth=bad)

@@ -353,3 +353,21 @@ def test_strace_expert_reads_go_through_io_uring(gguf_file: Path, tmp_path: Path
     assert len(enters) >= 1
     assert preads == [], preads[:3]
     assert read_bytes < first_expert
+
+
+@pytest.mark.parametrize("io", ["auto", "pread"])
+def test_background_depth_changes_timing_only(gguf_file: Path, io: str) -> None:
+    """Prefetch chunks held back behind demand reads (background depth 1) and late
+    prefetches expedited: the data flow is the float64 reference's, the counts add up."""
+    tr = _trace(4, seed=11, weights=True)
+    store = ExpertStore.open(gguf_file)
+    rcfg = ReplayConfig(
+        cache_slots=24, predictor="previous-token", pipeline_depth=4, prefetch_inflight=8
+    )
+    res = _run(tr, store, rcfg, io=io, seed=5, ffn="numpy", background_depth=1)
+    ref = _reference_hidden(tr, gguf_file, seed=5)
+    np.testing.assert_allclose(res.hidden, ref, rtol=2e-3, atol=2e-3)
+    s = res.summary
+    assert s.extra["io"]["background_depth"] == 1
+    assert s.prefetch["issued"] > 0
+    assert s.extra["reads"] == s.misses - s.prefetch["late"] + s.prefetch["issued"]

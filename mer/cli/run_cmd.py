@@ -73,6 +73,15 @@ def add_engine_args(p: argparse.ArgumentParser) -> Any:
         help=f"reads in flight (1..{MAX_QUEUE_DEPTH})",
     )
     g.add_argument(
+        "--background-depth",
+        type=int_range(1, MAX_QUEUE_DEPTH),
+        default=None,
+        metavar="N",
+        help="prefetch chunks on the device at once (default: the whole queue depth); the "
+        "others wait behind every demand read, so a miss never queues behind more than N "
+        "prefetch chunks",
+    )
+    g.add_argument(
         "--chunk-bytes",
         type=_size,
         default=DEFAULT_CHUNK_BYTES,
@@ -106,6 +115,7 @@ def engine_config_from_args(args: argparse.Namespace, **overrides: Any) -> Any:
         io=args.io,
         queue_depth=args.queue_depth,
         chunk_bytes=args.chunk_bytes,
+        background_depth=args.background_depth,
         threads=args.threads,
         ffn=args.ffn,
         direct=not args.buffered,

@@ -32,7 +32,10 @@ Usage (the expert store and the executor need only this)::
 
 Any number of requests may be outstanding (foreground and background alike;
 `submit_reads(..., urgent=True)` lets a foreground read overtake queued
-background chunks); tags must be unique among outstanding requests. A reader
+background chunks, and `background_depth` caps how many background chunks may
+be on the device at once, so a demand read never queues behind more than that
+many prefetch chunks in the device's own queue); tags must be unique among
+outstanding requests. A reader
 is driven from one thread (the pool's worker threads are internal). Failures surface as `ReadError`
 (a RuntimeFailure) carrying errno, path, offset, length and tag: from `wait(tag)`
 for that tag, or from `poll()` (completed tags are kept for the next poll).
@@ -164,6 +167,7 @@ class ReaderInfo:
     buffered_files: int
     fixed_buffers: bool
     fallback_reason: str | None
+    background_depth: int = 0  # background chunks allowed on the device at once
 
 
 class Reader(ABC):
@@ -177,6 +181,7 @@ class Reader(ABC):
         queue_depth: int = DEFAULT_QUEUE_DEPTH,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         direct: bool = True,
+        background_depth: int | None = None,
     ) -> None:
         if not 1 <= queue_depth <= MAX_QUEUE_DEPTH:
             raise BadInput(
@@ -188,9 +193,17 @@ class Reader(ABC):
                 f"--chunk-bytes must be a multiple of {ALIGN} from {ALIGN} to "
                 f"{MAX_CHUNK_BYTES >> 20} MiB, got {chunk_bytes}."
             )
+        if background_depth is not None and not 1 <= background_depth <= MAX_QUEUE_DEPTH:
+            raise BadInput(
+                f"--background-depth must be from 1 to {MAX_QUEUE_DEPTH} chunks, got "
+                f"{background_depth}."
+            )
         self.queue_depth = queue_depth
         self.chunk_bytes = chunk_bytes
         self.direct = direct
+        #: background (non-urgent) chunks allowed on the device at once; the rest wait in
+        #: the software queue behind every urgent chunk (None: the whole queue depth)
+        self.background_depth = min(background_depth or queue_depth, queue_depth)
         self.fallback_reason: str | None = None
         self.default_fd: int | None = None
         self._paths: dict[int, str] = {}
@@ -315,6 +328,17 @@ class Reader(ABC):
                 return self._reqs.pop(tag).length
             self._progress(block=True)
 
+    def expedite(self, tags: Iterable[Hashable]) -> None:
+        """Make outstanding background reads urgent: their chunks not yet on the device move
+        behind the urgent ones already queued and no longer count against
+        background_depth (a demand step now waits for a prefetch still in flight)."""
+        reqs = {id(r) for t in tags if (r := self._reqs.get(t)) is not None}
+        if reqs:
+            self._expedite(reqs)
+
+    def _expedite(self, reqs: set[int]) -> None:
+        """Move the queued background chunks of the requests whose id() is in `reqs`."""
+
     def wait_all(self) -> list[Hashable]:
         """Block until every outstanding read is done; return the completed tags."""
         done: list[Hashable] = []
@@ -329,6 +353,11 @@ class Reader(ABC):
         tag = ("__read__", id(dest), offset)
         self.submit_reads([(fd, offset, length, dest, tag)])
         return self.wait(tag)
+
+    @property
+    def queued_urgent(self) -> int:
+        """Urgent chunks waiting in the software queue (not yet on the device)."""
+        return 0
 
     @property
     def outstanding(self) -> int:
@@ -350,6 +379,7 @@ class Reader(ABC):
             buffered_files=len(self._direct_fds) - direct,
             fixed_buffers=self._fixed,
             fallback_reason=self.fallback_reason,
+            background_depth=self.background_depth,
         )
 
     def close(self) -> None:
@@ -468,6 +498,7 @@ def open_reader(
     queue_depth: int = DEFAULT_QUEUE_DEPTH,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     direct: bool = True,
+    background_depth: int | None = None,
 ) -> Reader:
     """A reader of the asked kind; "auto" falls back from io_uring to preadv (noted once)."""
     if kind not in KINDS:
@@ -476,12 +507,12 @@ def open_reader(
 
     reader: Reader
     if kind == "pread":
-        reader = PreadReader(queue_depth, chunk_bytes, direct)
+        reader = PreadReader(queue_depth, chunk_bytes, direct, background_depth)
     else:
         from mer.engine.uring import UringReader, UringUnavailable
 
         try:
-            reader = UringReader(queue_depth, chunk_bytes, direct)
+            reader = UringReader(queue_depth, chunk_bytes, direct, background_depth)
         except UringUnavailable as exc:
             if kind == "uring":
                 raise RuntimeFailure(f"{exc}; use the preadv pool instead (--io pread)") from exc
@@ -489,7 +520,7 @@ def open_reader(
                 "pread-fallback",
                 f"mer: io_uring is not available ({exc}); reading with a thread pool of preadv",
             )
-            reader = PreadReader(queue_depth, chunk_bytes, direct)
+            reader = PreadReader(queue_depth, chunk_bytes, direct, background_depth)
             reader.fallback_reason = str(exc)
     if path is not None:
         reader.default_fd = reader.open(path)

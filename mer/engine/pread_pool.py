@@ -4,8 +4,9 @@ Used where io_uring is not permitted (ENOSYS, EPERM, io_uring_disabled) or the
 extension is missing, and as the baseline in bench/bench_io.py. `queue_depth`
 worker threads each read one chunk at a time (preadv releases the GIL), so the
 device sees up to `queue_depth` requests, as with the ring. Chunks wait in a
-software queue (urgent ones at its front); completions come back through a
-queue drained by poll()/wait().
+software queue (urgent ones first; background ones are taken only while
+fewer than `background_depth` of them are being read); completions come back
+through a queue drained by poll()/wait().
 """
 
 from __future__ import annotations
@@ -34,9 +35,12 @@ class PreadReader(Reader):
         queue_depth: int = DEFAULT_QUEUE_DEPTH,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         direct: bool = True,
+        background_depth: int | None = None,
     ) -> None:
-        super().__init__(queue_depth, chunk_bytes, direct)
+        super().__init__(queue_depth, chunk_bytes, direct, background_depth)
         self._todo: deque[_Chunk] = deque()
+        self._bg_todo: deque[_Chunk] = deque()
+        self._bg_reading = 0
         self._cond = threading.Condition()
         self._stop = False
         self._done: queue.SimpleQueue[_Done] = queue.SimpleQueue()
@@ -51,12 +55,29 @@ class PreadReader(Reader):
     def _worker(self) -> None:
         while True:
             with self._cond:
-                while not self._todo and not self._stop:
+                while not self._todo and not self._bg_ready() and not self._stop:
                     self._cond.wait()
-                if self._stop and not self._todo:
-                    return
-                chunk = self._todo.popleft()
-            self._done.put(self._read(*chunk))
+                if self._todo:
+                    chunk, is_bg = self._todo.popleft(), False
+                elif self._bg_ready():
+                    chunk, is_bg = self._bg_todo.popleft(), True
+                    self._bg_reading += 1
+                else:
+                    return  # stopping, nothing left
+            done = self._read(*chunk)
+            if is_bg:
+                with self._cond:
+                    self._bg_reading -= 1
+                    if self._bg_todo:
+                        self._cond.notify()
+            self._done.put(done)
+
+    @property
+    def queued_urgent(self) -> int:
+        return len(self._todo)
+
+    def _bg_ready(self) -> bool:
+        return bool(self._bg_todo) and self._bg_reading < self.background_depth
 
     @staticmethod
     def _read(req: _Req, off: int, start: int, n: int, direct: bool) -> _Done:
@@ -92,12 +113,17 @@ class PreadReader(Reader):
         if not new:
             return
         with self._cond:
-            if urgent:
-                self._todo.extendleft(reversed(new))
-            else:
-                self._todo.extend(new)
+            (self._todo if urgent else self._bg_todo).extend(new)
             self._running += len(new)
             self._cond.notify(len(new))
+
+    def _expedite(self, reqs: set[int]) -> None:
+        with self._cond:
+            move = [c for c in self._bg_todo if id(c[0]) in reqs]
+            if move:
+                self._bg_todo = deque(c for c in self._bg_todo if id(c[0]) not in reqs)
+                self._todo.extend(move)
+                self._cond.notify(len(move))
 
     def _handle(self, item: _Done) -> None:
         req, off, n, err, got = item

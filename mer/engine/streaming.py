@@ -75,6 +75,9 @@ class EngineConfig:
     io: str = "auto"  # auto | uring | pread
     queue_depth: int = DEFAULT_QUEUE_DEPTH
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    #: prefetch chunks allowed on the device at once (None: the whole queue depth); the
+    #: rest wait in the reader's queue behind every demand read
+    background_depth: int | None = None
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     mode: str = "model"  # model | seed
     ffn: str = "auto"  # expert FFN kernel: auto (native where built) | native | numpy
@@ -122,6 +125,7 @@ class _Reads:
     ) -> None:
         self.reader = reader
         self.pending: dict[Hashable, set[Hashable]] = {}  # read id -> tags not yet completed
+        self.urgent: set[Hashable] = set()  # the pending reads a step waits for (demand)
         self.started: dict[Hashable, float] = {}
         self.on_landed = on_landed  # (key, into_slot, started, landed) on the perf_counter clock
 
@@ -150,6 +154,8 @@ class _Reads:
             reqs.append((fd, offset, length, buf[buf_off : buf_off + length], tag))
             total += length
         self.pending[rid] = tags
+        if urgent:
+            self.urgent.add(rid)
         self.reader.submit_reads(reqs, urgent=urgent)
         self.started[rid] = time.perf_counter()
         return total
@@ -162,6 +168,7 @@ class _Reads:
         tags.discard(tag)
         if not tags:
             del self.pending[rid]
+            self.urgent.discard(rid)
             kind, key = rid  # type: ignore[misc]
             self.on_landed(key, kind == "slot", self.started.pop(rid), time.perf_counter())
 
@@ -169,6 +176,13 @@ class _Reads:
         if self.pending:
             for tag in self.reader.poll():
                 self._done(tag)
+
+    def expedite(self, rid: Hashable) -> None:
+        """A background read is now waited for: its chunks still queued go as urgent."""
+        tags = self.pending.get(rid)
+        if tags:
+            self.urgent.add(rid)
+            self.reader.expedite(tags)
 
     def wait(self, rid: Hashable) -> None:
         """Block until every range of read `rid` has landed."""
@@ -260,7 +274,11 @@ class ExpertStreamer:
         self._allocate()
         cfg = self.cfg
         self.reader = open_reader(
-            kind=cfg.io, queue_depth=cfg.queue_depth, chunk_bytes=cfg.chunk_bytes, direct=cfg.direct
+            kind=cfg.io,
+            queue_depth=cfg.queue_depth,
+            chunk_bytes=cfg.chunk_bytes,
+            direct=cfg.direct,
+            background_depth=cfg.background_depth,
         )
         self.runner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mer-compute")
         try:
@@ -359,8 +377,14 @@ class ExpertStreamer:
         reads = self.reads
         reads.poll()  # see what landed: nothing in flight means the cheaper direct call
         tm = self.timing
-        if not reads.pending:
+        if not reads.pending or not reads.urgent or not self.reader.queued_urgent:
+            # No demand chunk waits to be fed (nothing in flight, only prefetches, or every
+            # demand chunk already on the device, which goes on by itself): a thread polling
+            # meanwhile would only take a core from the FFN on a small machine, so compute
+            # here and poll once after (which feeds whatever queued up).
             out = self.ffn(xin, g, u, d)
+            if reads.pending:
+                reads.poll()
             tm["ffn_direct_s"] += time.perf_counter() - t0
             tm["ffn_direct_n"] += 1
             return out
@@ -397,6 +421,7 @@ class ExpertStreamer:
         rank_of = {k: r for r, k in enumerate(step_keys)}
         nbytes = 0
         slot_of = self.slot_of
+        demand = {adm.key for adm in res.reads}
         for adm in res.reads:
             rank = rank_of[adm.key]
             if adm.evicted is not None:
@@ -442,6 +467,9 @@ class ExpertStreamer:
             for key in step_keys
         ]
         order = [r for r in ranks if not waiting[r]] + [r for r in ranks if waiting[r]]
+        for r in ranks:
+            if waiting[r] and step_keys[r] not in bypass and step_keys[r] not in demand:
+                reads.expedite(("slot", step_keys[r]))  # a late prefetch: now a demand read
         outs: list[F32 | None] = [None] * len(step_keys)
         for rank in order:
             key = step_keys[rank]
@@ -519,6 +547,7 @@ class ExpertStreamer:
                 "fixed_buffers": bool(self.fixed),
                 "fixed_buffers_note": self.fixed_note,
                 "fallback_reason": info.fallback_reason,
+                "background_depth": info.background_depth,
             },
             "threads": int(self.cfg.threads),
             "ffn": ffn_label(self.ffn),

@@ -80,9 +80,10 @@ class UringReader(Reader):
         queue_depth: int = DEFAULT_QUEUE_DEPTH,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         direct: bool = True,
+        background_depth: int | None = None,
         ext: ModuleType | None = None,
     ) -> None:
-        super().__init__(queue_depth, chunk_bytes, direct)
+        super().__init__(queue_depth, chunk_bytes, direct, background_depth)
         if ext is None:
             try:
                 ext = load_extension()
@@ -108,7 +109,12 @@ class UringReader(Reader):
         self._slot_off = [0] * self._depth
         self._slot_addr = [0] * self._depth
         self._slot_len = [0] * self._depth
+        # urgent chunks, then background ones (fed while fewer than background_depth of
+        # them are on the device)
         self._pending: deque[tuple[_Req, int, int, int, int]] = deque()
+        self._bg_pending: deque[tuple[_Req, int, int, int, int]] = deque()
+        self._slot_bg = [False] * self._depth
+        self._bg_in_flight = 0
         # batch arrays handed to C (no per-call allocation)
         d = self._depth
         self._a_fd = np.zeros(d, np.int32)
@@ -136,6 +142,10 @@ class UringReader(Reader):
         self._fixed_ends: list[int] = []
         self._fixed_keep: list[Any] = []
         self.syscalls = 0
+
+    @property
+    def queued_urgent(self) -> int:
+        return len(self._pending)
 
     @property
     def in_flight(self) -> int:
@@ -222,22 +232,47 @@ class UringReader(Reader):
             bi = self._buf_index(req.addr, req.length)
             new.extend((req, off, addr, n, bi) for off, addr, n in chunks)
         if urgent:
-            self._pending.extendleft(reversed(new))
-        else:
             self._pending.extend(new)
+        else:
+            self._bg_pending.extend(new)
         self._feed()
         self._enter(0, False)
 
+    def _expedite(self, reqs: set[int]) -> None:
+        keep: deque[tuple[_Req, int, int, int, int]] = deque()
+        moved = False
+        for item in self._bg_pending:
+            if id(item[0]) in reqs:
+                self._pending.append(item)
+                moved = True
+            else:
+                keep.append(item)
+        if moved:
+            self._bg_pending = keep
+            self._feed()
+            self._enter(0, False)
+
     def _feed(self) -> None:
-        """Move queued chunks into free slots / SQEs (prepared, submitted by _enter)."""
-        pending, free = self._pending, self._free
+        """Move queued chunks into free slots / SQEs (prepared, submitted by _enter):
+        every urgent chunk first, then background ones up to background_depth on the
+        device."""
+        pending, bg, free = self._pending, self._bg_pending, self._free
         k = 0
-        while pending and free:
-            req, off, addr, n, bi = pending.popleft()
+        while free:
+            if pending:
+                is_bg = False
+                req, off, addr, n, bi = pending.popleft()
+            elif bg and self._bg_in_flight < self.background_depth:
+                is_bg = True
+                req, off, addr, n, bi = bg.popleft()
+            else:
+                break
             if req.error is not None:  # the request already failed: skip the rest of it
                 self._chunk_finished(req)
                 continue
             slot = free.pop()
+            self._slot_bg[slot] = is_bg
+            self._bg_in_flight += is_bg
             self._slot_req[slot] = req
             self._slot_off[slot] = off
             self._slot_addr[slot] = addr
@@ -280,6 +315,8 @@ class UringReader(Reader):
             addr = self._slot_addr[slot]
             self._slot_req[slot] = None
             self._free.append(slot)
+            was_bg = self._slot_bg[slot]
+            self._bg_in_flight -= was_bg
             if res < 0:
                 self._fail(req, -res, off, n_want)
             elif res < n_want:
@@ -288,7 +325,8 @@ class UringReader(Reader):
                     self._fail(req, None, off, n_want, res)
                 else:  # a partial read: queue the rest first
                     bi = self._buf_index(addr + res, n_want - res)
-                    self._pending.appendleft((req, end, addr + res, n_want - res, bi))
+                    rest = (req, end, addr + res, n_want - res, bi)
+                    (self._bg_pending if was_bg else self._pending).appendleft(rest)
                     continue
             self._chunk_finished(req)
         return n
@@ -312,7 +350,7 @@ class UringReader(Reader):
             self._feed()
             if not block:
                 self._enter(0, False)
-        if block and not got and not self.in_flight and self._pending:
+        if block and not got and not self.in_flight and (self._pending or self._bg_pending):
             self._feed()
 
     def _after_wait(self) -> None:
