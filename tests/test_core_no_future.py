@@ -90,3 +90,22 @@ def test_the_check_catches_what_reads_the_future():
     assert _same_past(ReplayConfig(policy="opt", cache_slots=9)) > 0
     oracle = ReplayConfig(policy="lru", cache_slots=12, predictor="oracle", pipeline_depth=3)
     assert _same_past(oracle) > 0
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"beta": 0.4, "beta_prev": 0.1, "near": 0.5, "near_decay": 0.6},
+        {"beta": 0.4, "beta_prev": 0.1, "near": 1.0, "near_decay": 1.0},
+    ],
+)
+def test_cooccur_distance_weights_ignore_the_future(params):
+    cfg = ReplayConfig(
+        policy="cycle",
+        cache_slots=12,
+        predictor="cooccur",
+        predictor_params=params,
+        pipeline_depth=6,
+        prefetch_min_prob=0.3,
+    )
+    assert _same_past(cfg) == 0

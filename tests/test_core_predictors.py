@@ -97,3 +97,46 @@ def test_evaluate_precision_and_recall_by_hand():
     # t=0 -> {0,1} vs {0,2}: 1 right; t=1 -> {0,2} vs {3,2}: 1 right.
     assert (res["true_positives"], res["predicted"], res["true"]) == (2, 4, 4)
     assert res["precision"] == 0.5 and res["recall"] == 0.5
+
+
+def test_cooccur_near_weights_match_a_per_layer_brute_force() -> None:
+    """With `near`, a same-token score is beta_prev * ev_prev + sum over the token's routed
+    layers j of (beta + near * decay^(d-1)) * (layer j's log likelihood ratio), d = the
+    distance from j to the target layer: recomputed here from the predictor's tables."""
+    import numpy as np
+
+    from mer.core.cooccur import CooccurPredictor
+    from mer.core.predictor import ReplayContext
+
+    L, E, K = 6, 5, 2
+    rng = np.random.default_rng(3)
+    steps = np.asarray(
+        [
+            [layer * E + int(e) for e in rng.choice(E, K, replace=False)]
+            for _ in range(9)
+            for layer in range(L)
+        ],
+        dtype=np.int32,
+    )
+    ctx = ReplayContext(L, E, K, steps, None)
+    beta, beta_prev, near, decay = 0.3, 0.2, 0.7, 0.5
+    p = CooccurPredictor(ctx, beta=beta, beta_prev=beta_prev, near=near, near_decay=decay)
+    for t in range(len(steps) - 1):
+        p.observe(t, steps[t])
+        layer = t % L
+        if layer == L - 1:
+            continue
+        tok = t // L
+        x = np.zeros(L * E)
+        x[steps[tok * L : t + 1].reshape(-1)] = 1.0
+        for lu in range(layer + 1, L):
+            blk = slice(lu * E, (lu + 1) * E)
+            want = p.logit_prior[blk] + beta_prev * p._ev_prev[blk]
+            for j in range(layer + 1):
+                bj = slice(j * E, (j + 1) * E)
+                ev = x[bj] @ p.W1[bj, blk] + (1 - x[bj]) @ p.W0[bj, blk]
+                want = want + (beta + near * decay ** (lu - j - 1)) * ev
+            np.testing.assert_allclose(p.log_odds(t, tok * L + lu), want, rtol=1e-9, atol=1e-9)
+        for row in p.predict(t, L - 1 - layer):  # best first
+            probs = [prob for _, prob in row]
+            assert probs == sorted(probs, reverse=True)

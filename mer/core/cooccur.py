@@ -13,7 +13,10 @@ far: the layers of the current token already routed, and the previous token.
                           + beta_prev * sum over the previous token's layers of log LR'(y)
 
 LR is the likelihood ratio of layer j's observed state (each of its experts
-picked or not) given y picked vs not, with add-`alpha` smoothing. Naive Bayes
+picked or not) given y picked vs not, with add-`alpha` smoothing. `near` > 0
+weighs the token's own layers by their distance d to y's layer, beta + near *
+near_decay^(d - 1) instead of beta: the routers' mutual information falls with
+distance, so the layers just routed say more than those far behind. Naive Bayes
 counts correlated evidence many times over, so z ranks well but its sigmoid is
 no probability. p is therefore calibrated online: every prediction's z falls
 in a bin (of sign(z) log1p|z|, width 0.1), and once the step it was about has been routed the bin
@@ -50,10 +53,17 @@ class CooccurPredictor(Predictor):
         self.beta = float(params.pop("beta", 0.3))
         self.beta_prev = float(params.pop("beta_prev", 0.3))
         self.alpha = float(params.pop("alpha", 0.5))
+        self.near = float(params.pop("near", 0.0))
+        self.near_decay = float(params.pop("near_decay", 0.5))
         warm = params.pop("warm", None)
         super().__init__(ctx, **params)
         if self.alpha <= 0:
             raise BadInput(f"predictor 'cooccur': alpha must be > 0, got {self.alpha}.")
+        if self.near < 0 or not 0 <= self.near_decay <= 1:
+            raise BadInput(
+                f"predictor 'cooccur': near must be >= 0 and near_decay from 0 to 1, got "
+                f"{self.near} and {self.near_decay}."
+            )
         nk = ctx.n_layers * ctx.n_experts
         self.nk = nk
         self.C = np.zeros((nk, nk))  # same token: both picked
@@ -67,6 +77,10 @@ class CooccurPredictor(Predictor):
         self._prev: np.ndarray | None = None
         self._layer = -1
         self._ev = np.zeros(nk)  # evidence from this token's layers so far
+        L = ctx.n_layers
+        self._ev_layer = np.zeros((L, nk))  # ... layer by layer (for `near`)
+        d = np.arange(L)[:, None] - np.arange(L)[None, :]  # target layer - routed layer
+        self._near_w = np.where(d > 0, self.near * self.near_decay ** np.maximum(d - 1, 0), 0.0)
         self._ev_prev = np.zeros(nk)  # evidence from the previous token
         self._ev_next = np.zeros(nk)  # this token's layers so far, as the next one's past
         # online calibration: bins of z -> (predictions made, right), per "same token" flag
@@ -142,6 +156,7 @@ class CooccurPredictor(Predictor):
             self._prev = x
             self._cur = np.zeros(self.nk)
             self._ev = np.zeros(self.nk)
+            self._ev_layer[:] = 0.0
             # the previous token's evidence, with the tables that now include it
             self._ev_prev = x @ self.V1 + (1.0 - x) @ self.V0
             self._ev_next = np.zeros(self.nk)
@@ -149,7 +164,10 @@ class CooccurPredictor(Predictor):
         block = slice(layer * E, (layer + 1) * E)
         self._cur[np.asarray(keys, dtype=np.int64)] = 1.0
         xs = self._cur[block]
-        self._ev += xs @ self.W1[block] + (1.0 - xs) @ self.W0[block]
+        ev = xs @ self.W1[block] + (1.0 - xs) @ self.W0[block]
+        self._ev += ev
+        if self.near:
+            self._ev_layer[layer] = ev
         self._ev_next += xs @ self.V1[block] + (1.0 - xs) @ self.V0[block]
 
     def predict(self, t: int, depth: int) -> list[Prediction]:
@@ -163,10 +181,14 @@ class CooccurPredictor(Predictor):
         u = np.asarray(us, dtype=np.int64)
         same = (u // L == t // L).astype(np.int64)
         idx = ((u % L) * E)[:, None] + np.arange(E)[None, :]
+        within = self.beta_prev * self._ev_prev[idx] + self.beta * self._ev[idx]
+        if self.near:
+            # sum over routed layers j of near_w[target layer, j] * ev_layer[j, idx]
+            within = within + np.einsum(
+                "uj,uje->ue", self._near_w[u % L], self._ev_layer[:, idx].transpose(1, 0, 2)
+            )
         zz = self.logit_prior[idx] + np.where(
-            same[:, None] == 1,
-            self.beta_prev * self._ev_prev[idx] + self.beta * self._ev[idx],
-            self.beta_prev * self._ev_next[idx],
+            same[:, None] == 1, within, self.beta_prev * self._ev_next[idx]
         )
         zs = np.sign(zz) * np.log1p(np.abs(zz))
         bins = np.clip(((zs - Z_LO) / BIN).astype(np.int64), 0, N_BINS - 1)
@@ -193,6 +215,8 @@ class CooccurPredictor(Predictor):
         block = slice((u % L) * E, (u % L + 1) * E)
         if u // L == t // L:
             z = self.beta_prev * self._ev_prev[block] + self.beta * self._ev[block]
+            if self.near:
+                z = z + self._near_w[u % L] @ self._ev_layer[:, block]
         else:
             z = self.beta_prev * self._ev_next[block]
         return np.asarray(self.logit_prior[block] + z)
@@ -203,4 +227,6 @@ class CooccurPredictor(Predictor):
             "beta": self.beta,
             "beta_prev": self.beta_prev,
             "alpha": self.alpha,
+            "near": self.near,
+            "near_decay": self.near_decay,
         }
