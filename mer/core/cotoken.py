@@ -27,8 +27,9 @@ layer's next visit (1 <= d <= L), z the log-odds of a pick there:
   evidence (its z spans hundreds).
 
 Measured on the real traces (docs/policies.md): the same-token counterpart
-(this token's layers 0..c as evidence for a layer l > c still to come) lowered
-the held-out gap closed by up to 8 points when added, so it is left out.
+(this token's layers 0..c as evidence for a layer l > c still to come) predicts
+better but evicts worse (held out, -5.3 to +0.5 points of the gap closed), so
+it is left out.
 
 The 9 weights are fitted by maximum likelihood over (step, key) pairs of the
 tuning traces (`mer tune --policy cotoken`, `fit`): the features are computed
