@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 
 from mer.core.cooccur import CooccurPredictor
-from mer.core.cycle import EPS, TUNED_ON
+from mer.core.cycle import EPS, TUNED_ON, logistic_fit
 from mer.core.policies import _param
 from mer.core.policy import EvictionPolicy, register_policy
 from mer.core.predictor import ReplayContext
@@ -291,27 +291,15 @@ def training_rows(
 def fit_weights(
     data: Sequence[tuple[np.ndarray, int, int]], *, l2: float = 1e-3, iters: int = 50
 ) -> tuple[tuple[float, ...], dict[str, Any]]:
-    """Maximum-likelihood logistic weights (Newton, a small L2 term: convex, so no start
-    point matters), rounded to 4 decimals as stored, and fit diagnostics."""
+    """Maximum-likelihood logistic weights (`mer.core.cycle.logistic_fit`), rounded
+    to 4 decimals as stored, and fit diagnostics."""
     Xs, ys = zip(*(training_rows(s, n_l, n_e) for s, n_l, n_e in data), strict=True)
     X = np.concatenate(Xs)
     y = np.concatenate(ys)
     if not len(y):
         raise BadInput("fitting 'cotoken' needs traces with at least two tokens.")
-    w = np.zeros(X.shape[1])
+    w, ll, ll0 = logistic_fit(X, y, l2=l2, iters=iters)
     n = len(y)
-    for _ in range(iters):
-        p = 1.0 / (1.0 + np.exp(-(X @ w)))
-        g = X.T @ (p - y) / n + l2 * w
-        h = (X * (p * (1 - p))[:, None]).T @ X / n + l2 * np.eye(len(w))
-        step = np.linalg.solve(h, g)
-        w -= step
-        if np.abs(step).max() < 1e-9:
-            break
-    p = np.clip(1.0 / (1.0 + np.exp(-(X @ w))), 1e-12, 1 - 1e-12)
-    ll = float(np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
-    base = float(y.mean())
-    ll0 = float(base * math.log(base) + (1 - base) * math.log(1 - base)) if 0 < base < 1 else 0.0
     return tuple(round(float(v), 4) for v in w), {
         "rows": int(n),
         "log_likelihood": ll,
