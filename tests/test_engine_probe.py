@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from probes import make_probe_result
 
 from mer.engine.ffn import native_available
 from mer.engine.io import _fs_type
@@ -36,22 +37,7 @@ def _model_points(
 
 
 def _result(points: list[ReadPoint], lat: float, read_bytes: int) -> ProbeResult:
-    return ProbeResult(
-        shape="mixtral-8x7b",
-        expert_read_bytes=read_bytes,
-        file_bytes=1 << 31,
-        filesystem="ext4",
-        io_kind="uring",
-        direct=True,
-        latency_s=lat,
-        latency_p90_s=lat,
-        points=points,
-        ffn_bytes_per_s=1e9,
-        dense_bytes_per_s=1e9,
-        memory_read_bytes_per_s=1e10,
-        threads=2,
-        ram_bytes=1 << 34,
-    )
+    return make_probe_result(points, lat, read_bytes)
 
 
 @pytest.mark.parametrize("channels", [4, 8, 32])

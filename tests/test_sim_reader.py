@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+from probes import make_probe_result
 
 from mer.core import ReplayConfig
 from mer.engine.probe import BURSTS, BurstPoint, ProbeResult, ReadPoint, to_profile
@@ -50,21 +51,14 @@ def synthetic_probe() -> ProbeResult:
     bursts = [
         BurstPoint(k, c, ACCESS + k * c / B_REF, 0.0, 0.0) for c in (512 * KiB,) for k in BURSTS
     ]
-    return ProbeResult(
+    return make_probe_result(
+        points,
+        5e-5,
+        nbytes,
         shape=SHAPE.name,
-        expert_read_bytes=nbytes,
         file_bytes=64 << 20,
-        filesystem="ext4",
-        io_kind="uring",
-        direct=True,
-        latency_s=5e-5,
-        latency_p90_s=6e-5,
-        points=points,
         ffn_bytes_per_s=2e10,
         dense_bytes_per_s=1e10,
-        memory_read_bytes_per_s=5e10,
-        threads=2,
-        ram_bytes=1 << 34,
         bursts=bursts,
         engine_chunk_bytes=512 * KiB,
         engine_queue_depth=32,
