@@ -715,9 +715,8 @@ def _run_vectorised(replay: Replay, tm: _Timing, rec: _Recorder) -> int | None:
 def _run_compiled(replay: Replay, tm: _Timing, rec: _Recorder) -> int | None:
     """`_run_fast` as one C loop (`mer.native.simstep`); None where it does not apply.
 
-    It covers a fresh trace replay at step granularity with a built-in policy that
-    protects the step and needs no future (lru, fifo, lfu, clock, sieve, s3fifo,
-    arc, ...) and a built-in predictor, whose proposals are computed ahead
+    It covers a fresh trace replay at step granularity with one of the built-in
+    policies `simstep.POLICIES` and a built-in predictor, whose proposals are computed ahead
     (`prefetch_proposals`). Everything else runs `_run_fast`. Tests hold the two
     equal (counts exactly, times to the tick).
     """
@@ -736,7 +735,7 @@ def _run_compiled(replay: Replay, tm: _Timing, rec: _Recorder) -> int | None:
     ):
         return None
     pol = compiled_policy(replay)
-    if pol is None or pol.needs_future or not pol.protects_step:
+    if pol is None or pol.name not in simstep.POLICIES:
         return None
     if native.load("simstep") is None:
         return None

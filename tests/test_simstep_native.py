@@ -21,6 +21,7 @@ from test_sim_model import SHAPE, profile
 from mer import native
 from mer.core import Replay, ReplayConfig
 from mer.core.replay import prefetch_proposals
+from mer.native import simstep
 from mer.sim import model
 from mer.sim.hardware import load_profile
 from mer.sim.model import SimOptions, simulate
@@ -30,8 +31,8 @@ pytestmark = pytest.mark.skipif(
     native.load("simstep") is None, reason="the compiled simulation step does not build here"
 )
 
-#: every policy the compiled path takes (step-protecting, no future)
-POLICIES = ["lru", "fifo", "lfu", "clock", "sieve", "s3fifo", "arc"]
+#: every policy the compiled path takes
+POLICIES = list(simstep.POLICIES)
 PREDICTORS = ["oracle", "previous-token", "lookahead", "markov", "popularity", "none"]
 
 
@@ -202,6 +203,7 @@ def test_what_the_compiled_path_leaves_to_python(monkeypatch):
     for cfg in (
         ReplayConfig(policy="seed-lru-locality", cache_slots=4, predictor="oracle"),
         ReplayConfig(policy="opt", cache_slots=4, predictor="oracle"),
+        ReplayConfig(policy="cycle", cache_slots=4, predictor="oracle"),
         ReplayConfig(cache_slots=4, predictor="oracle", granularity="lookup"),
     ):
         fast = simulate(trace, cfg, hw, opts)

@@ -19,6 +19,11 @@ import numpy as np
 
 from mer import native
 
+#: The policies this loop is tested equal to the Python step loop on (step-protecting,
+#: no future). cycle (whose compiled hooks assume the hit-only driver), opt,
+#: seed-lru-locality and plugins run the Python step loop.
+POLICIES = ("lru", "fifo", "lfu", "clock", "sieve", "s3fifo", "arc")
+
 
 @dataclass
 class SimArrays:
