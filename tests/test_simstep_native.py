@@ -33,7 +33,7 @@ pytestmark = pytest.mark.skipif(
 
 #: every policy the compiled path takes
 POLICIES = list(simstep.POLICIES)
-PREDICTORS = ["oracle", "previous-token", "lookahead", "markov", "popularity", "none"]
+PREDICTORS = ["oracle", "previous-token", "lookahead", "markov", "popularity", "cooccur", "none"]
 
 
 def _trace(seed: int, tokens: int, layers: int, n_experts: int, k: int):
@@ -136,7 +136,9 @@ def test_compiled_step_equals_python_on_wrong_guesses(monkeypatch):
             policy=rng.choice(POLICIES),
             cache_slots=rng.choice([6, 9, 12, 16]),
             scope=rng.choice(["global", "per-layer"]),
-            predictor=rng.choice(["markov", "popularity", "previous-token", "lookahead"]),
+            predictor=rng.choice(
+                ["markov", "popularity", "previous-token", "lookahead", "cooccur"]
+            ),
             pipeline_depth=rng.choice([2, 3, 4]),
             prefetch_inflight=rng.choice([2, 8]),
             prefetch_slots=rng.choice([0, 1, 2, 3]),
@@ -165,7 +167,7 @@ def test_compiled_step_equals_the_literal_simpy_engine():
         assert sorted(fast.read_latencies.tolist()) == sorted(literal.read_latencies.tolist())
 
 
-@pytest.mark.parametrize("predictor", ["oracle", "previous-token", "lookahead"])
+@pytest.mark.parametrize("predictor", ["oracle", "previous-token", "lookahead", "popularity"])
 def test_vectorised_proposals_equal_the_rule_step_by_step(predictor):
     rng = random.Random(predictor)
     for i in range(12):
@@ -177,7 +179,9 @@ def test_vectorised_proposals_equal_the_rule_step_by_step(predictor):
             pipeline_depth=rng.choice([1, 2, 3, 6, 9]),
             prefetch_top_n=rng.choice([None, 1, 2, 5]),
             prefetch_lead=rng.choice([1, 2, 3]),
+            prefetch_min_prob=rng.choice([0.0, 0.3, 0.6]),
         )
+        assert Replay.from_trace(trace, cfg).predictor.predict_all(cfg.pipeline_depth) is not None
         fast = prefetch_proposals(Replay.from_trace(trace, cfg))
         # the reference: Replay.prefetch's own rule on the predictor's step-by-step answers
         rep = Replay.from_trace(trace, cfg)
