@@ -15,7 +15,7 @@ import random
 
 import numpy as np
 import pytest
-from test_sim_fast import _summary
+from test_sim_fast import _summary, random_profile
 from test_sim_model import SHAPE, profile
 
 from mer import native
@@ -70,14 +70,7 @@ def _random_case(rng: random.Random, i: int):
     if rng.random() < 0.3:
         hw = load_profile(rng.choice(["nvme-desktop", "ci-tiny", "seed-g2-standard-32"]))
     else:
-        hw = profile(
-            latency=rng.uniform(1e-5, 1e-4),
-            bw=rng.uniform(2e8, 2e9),
-            channels=rng.choice([1, 2, 3, 5]),
-            chunk=rng.choice([9000, 40000, 1 << 30]),
-            ffn_bps=rng.uniform(3e8, 3e9),
-            workers=rng.choice([1, 1, 2, 3]),
-        )
+        hw = random_profile(rng, workers=(1, 1, 2, 3))
     scope = rng.choice(["global", "per-layer"])
     slots = rng.choice([1, 2, k - 1 or 1, k, k + 1, 2 * k, n_keys // 2 or 1, n_keys])
     pin = rng.choice([0, 0, 0, 1, 2])
