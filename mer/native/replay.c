@@ -44,6 +44,13 @@
 
 #define INF_POS ((int64_t)1 << 62) /* "never used again", as mer.core.policies.INF */
 
+/* Hooks marked MER_INLINE are inlined into their policy's driver instances (the hot ones). */
+#if defined(__GNUC__) || defined(__clang__)
+#define MER_INLINE static inline __attribute__((always_inline))
+#else
+#define MER_INLINE static inline
+#endif
+
 /* -- what a policy sees ----------------------------------------------------------- */
 
 typedef struct {
@@ -936,51 +943,69 @@ static void seed_init(void *sv, const mer_ctx *c) {
     s->idcut = -1;
     s->rcut = 0;
 }
-static inline void seed_swap(SeedShared *sh, int32_t i, int32_t j) {
-    int32_t a = sh->order[i], b = sh->order[j];
-    sh->order[i] = b;
-    sh->pos[b] = i;
-    sh->order[j] = a;
-    sh->pos[a] = j;
+/* count[x] +/- 1: x trades places with the first key of its bucket (+1: the bucket
+   then starts one place later) or with the last (-1: its bucket then starts there).
+   The arrays come as restrict locals: with -fno-strict-aliasing every store through
+   a pointer read from *sh would otherwise make the compiler read the others again. */
+MER_INLINE void seed_count(int32_t *restrict counts, int32_t *restrict order,
+                           int32_t *restrict pos, int32_t *restrict gt, int32_t x, int up) {
+    int32_t i = pos[x], j;
+    if (up) j = gt[counts[x]++]++;
+    else j = --gt[--counts[x]];
+    int32_t y = order[j];
+    order[i] = y;
+    pos[y] = i;
+    order[j] = x;
+    pos[x] = j;
 }
-/* count[x] + 1: x trades places with the first key of its bucket, which then ends
-   one place later; count[x] - 1: with the last, and its bucket then starts there */
 static inline void seed_up(SeedShared *sh, int32_t x) {
-    int32_t c = sh->counts[x]++;
-    seed_swap(sh, sh->pos[x], sh->gt[c]);
-    sh->gt[c]++;
+    seed_count(sh->counts, sh->order, sh->pos, sh->gt, x, 1);
     sh->moved[sh->n_moved++] = x;
 }
 static inline void seed_down(SeedShared *sh, int32_t x) {
-    int32_t c = --sh->counts[x];
-    seed_swap(sh, sh->pos[x], --sh->gt[c]);
+    seed_count(sh->counts, sh->order, sh->pos, sh->gt, x, 0);
     sh->moved[sh->n_moved++] = x;
 }
-static void seed_window(SeedShared *sh, const int32_t *keys, int k) {
+MER_INLINE void seed_window(SeedShared *sh, const int32_t *keys, int k) {
     sh->n_moved = 0;
     if (sh->wlen == sh->wsize && sh->wsize >= k && k <= 32) {
         /* full: the step's keys replace the k oldest. Only the net count changes
            matter (the pinned set is read after the whole step), so a key that
            both enters and leaves is left alone. */
+        int32_t *restrict counts = sh->counts, *restrict order = sh->order;
+        int32_t *restrict pos = sh->pos, *restrict gt = sh->gt;
+        int32_t *restrict moved = sh->moved, *restrict ring = sh->ring;
+        int32_t nm = 0;
+        int64_t wh = sh->whead;
+        const int64_t ws = sh->wsize;
         uint32_t left = 0; /* bit r: the r-th oldest still has to leave */
         int32_t out[32];
         for (int r = 0; r < k; r++) {
-            out[r] = sh->ring[sh->whead];
-            sh->ring[sh->whead] = keys[r];
-            if (++sh->whead == sh->wsize) sh->whead = 0;
+            out[r] = ring[wh];
+            ring[wh] = keys[r];
+            if (++wh == ws) wh = 0;
             left |= 1u << r;
         }
+        sh->whead = wh;
         for (int r = 0; r < k; r++) {
             int32_t x = keys[r];
             uint32_t same = 0;
             for (int q = 0; q < k; q++) same |= (uint32_t)(out[q] == x) << q;
             same &= left;
-            if (same) left &= ~(same & -same);
-            else seed_up(sh, x);
+            if (same) {
+                left &= ~(same & -same);
+            } else {
+                seed_count(counts, order, pos, gt, x, 1);
+                moved[nm++] = x;
+            }
         }
         for (int q = 0; q < k; q++)
-            if (left >> q & 1u) seed_down(sh, out[q]);
-        sh->n_hot = sh->gt[sh->hot_min - 1];
+            if (left >> q & 1u) {
+                seed_count(counts, order, pos, gt, out[q], 0);
+                moved[nm++] = out[q];
+            }
+        sh->n_moved = nm;
+        sh->n_hot = gt[sh->hot_min - 1];
         return;
     }
     for (int r = 0; r < k; r++) {
@@ -1061,7 +1086,7 @@ static inline void seed_place(Seed *s, int32_t x) {
     uint8_t want = (uint8_t)(SEED_LIST + seed_is_pinned(s, x)); /* LIST or HELD */
     if (((unsigned)(w - SEED_LIST) < 2u) & (w != want)) seed_move(s, x, want);
 }
-static void seed_begin(void *sv, int64_t t, const int32_t *keys, const int64_t *nu, int k) {
+MER_INLINE void seed_begin(void *sv, int64_t t, const int32_t *keys, const int64_t *nu, int k) {
     Seed *s = sv;
     SeedShared *sh = s->sh;
     const int32_t *gt = sh->gt;
@@ -1104,7 +1129,7 @@ static void seed_begin(void *sv, int64_t t, const int32_t *keys, const int64_t *
         for (int32_t i = gt[chi]; i < end; i++) seed_place(s, sh->order[i]);
     for (int32_t i = 0; i < sh->n_moved; i++) seed_place(s, sh->moved[i]);
 }
-static void seed_hit(void *sv, int32_t x) {
+MER_INLINE void seed_hit(void *sv, int32_t x) {
     Seed *s = sv;
     s->used[x] = ++s->clock;
     if (s->where[x] == SEED_LIST) {
@@ -1112,7 +1137,7 @@ static void seed_hit(void *sv, int32_t x) {
         l_push(s->prv, s->nxt, s->S, x);
     }
 }
-static int32_t seed_evict(void *sv, const mer_prot *p) {
+MER_INLINE int32_t seed_evict(void *sv, const mer_prot *p) {
     Seed *s = sv;
     (void)p; /* static pins never enter the list, and the step is not protected */
     int32_t x = s->nxt[s->S];
@@ -1121,7 +1146,7 @@ static int32_t seed_evict(void *sv, const mer_prot *p) {
     s->where[x] = SEED_OUT;
     return x;
 }
-static void seed_insert(void *sv, int32_t x) {
+MER_INLINE void seed_insert(void *sv, int32_t x) {
     Seed *s = sv;
     s->used[x] = ++s->clock;
     if (s->pinned && s->pinned[x]) {
@@ -1596,8 +1621,13 @@ int mer_next_use(const int32_t *keys, int64_t n, int32_t n_keys, int64_t *out) {
 
 /* == the driver ==================================================================== */
 
-typedef struct {
+struct Handle;
+typedef int (*feed_fn)(struct Handle *h, const int32_t *keys, const int64_t *tidx,
+                       const int64_t *next_use, int64_t n_steps, int8_t *outcome);
+
+typedef struct Handle {
     const mer_policy *pol;
+    feed_fn feed; /* the driver instance for pol (set at the first feed) */
     int k, n_caches, n_params;
     int32_t n_keys, key_base, layer_div, n_layers_out;
     size_t stride;
@@ -1613,6 +1643,7 @@ typedef struct {
     int64_t next_t;
     int32_t *missed;
     uint8_t *hitf;
+    int32_t *lay; /* counter layer of every key: min(key / layer_div, n_layers_out - 1) */
 } Handle;
 
 void mer_replay_free(void *hv) {
@@ -1630,6 +1661,7 @@ void mer_replay_free(void *hv) {
     free(h->shared);
     free(h->missed);
     free(h->hitf);
+    free(h->lay);
     free(h);
 }
 
@@ -1661,16 +1693,21 @@ void *mer_replay_new(int policy, int k, int32_t n_keys, int32_t key_base, int32_
     h->params = malloc(sizeof(double) * (size_t)(n_params > 0 ? n_params : 1) * n_caches);
     h->missed = malloc(sizeof(int32_t) * k);
     h->hitf = malloc(k);
+    h->lay = malloc(sizeof(int32_t) * n_keys);
     if (pinned) {
         h->pinned = malloc(n_keys);
         if (h->pinned) memcpy(h->pinned, pinned, n_keys);
     }
     if (h->pol->shared_size) h->shared = calloc(1, h->pol->shared_size(&c0));
     if (!h->states || !h->res || !h->n_res || !h->pin_res || !h->caps || !h->counts ||
-        !h->mark || !h->params || !h->missed || !h->hitf || (pinned && !h->pinned) ||
+        !h->mark || !h->params || !h->missed || !h->hitf || !h->lay || (pinned && !h->pinned) ||
         (h->pol->shared_size && !h->shared)) {
         mer_replay_free(h);
         return NULL;
+    }
+    for (int32_t x = 0; x < n_keys; x++) {
+        int32_t l = x / layer_div;
+        h->lay[x] = l < n_layers_out ? l : n_layers_out - 1;
     }
     if (n_params > 0) memcpy(h->params, params, sizeof(double) * (size_t)n_params * n_caches);
     for (int c = 0; c < n_caches; c++) {
@@ -1684,40 +1721,51 @@ void *mer_replay_new(int policy, int k, int32_t n_keys, int32_t key_base, int32_
     return h;
 }
 
-int mer_replay_feed(void *hv, const int32_t *keys_all, const int64_t *tidx,
-                    const int64_t *next_use, int64_t n_steps, int8_t *outcome) {
-    Handle *h = hv;
-    const mer_policy *pol = h->pol;
-    const int k = h->k, nc = h->n_caches, L = h->n_layers_out;
-    const int32_t nk = h->n_keys;
+/* The driver's loop, written once and instantiated per policy and per common k
+   (FEED_VARIANTS below): with `pol` a constant the hooks are direct calls the
+   compiler can inline, and with K a constant (0: read h->k) the per-step loops
+   over the step's keys unroll. Every instance makes the same calls in the same
+   order: only the code differs, never a decision. */
+MER_INLINE int feed_impl(Handle *h, const mer_policy *pol, const int K,
+                         const int32_t *keys_all, const int64_t *tidx,
+                         const int64_t *next_use, int64_t n_steps, int8_t *outcome) {
+    const int k = K ? K : h->k, nc = h->n_caches, L = h->n_layers_out;
+    const uint32_t nk = (uint32_t)h->n_keys;
     const uint8_t *pinned = h->pinned;
+    const int32_t *lay = h->lay;
     const int protects = pol->protects_step;
     if (pol->needs_future && !next_use) return -1;
     if (outcome && nc != 1) return -2;
+    for (int64_t i = 0; i < n_steps * k; i++) /* every key in range, before any state moves */
+        if ((uint32_t)keys_all[i] >= nk) return -3;
     mer_prot prot = {h->mark, 0, protects, pinned};
-    int32_t *missed = h->missed;
-    uint8_t *hitf = h->hitf;
+    /* per step: which ranks missed, which hit (on the stack when k is a constant) */
+    int32_t missed_k[K ? K : 1];
+    uint8_t hitf_k[K ? K : 1];
+    int32_t *missed = K ? missed_k : h->missed;
+    uint8_t *hitf = K ? hitf_k : h->hitf;
+    int64_t next_t = h->next_t;
     for (int64_t i = 0; i < n_steps; i++) {
         const int32_t *keys = keys_all + i * k;
-        const int64_t t = tidx ? tidx[i] : h->next_t;
-        h->next_t = t + 1;
+        const int64_t t = tidx ? tidx[i] : next_t;
+        next_t = t + 1;
         const int64_t *nu = next_use ? next_use + i * k : NULL;
-        for (int r = 0; r < k; r++)
-            if (keys[r] < 0 || keys[r] >= nk) return -3;
-        if (++h->stamp == 0) {
-            memset(h->mark, 0, sizeof(uint32_t) * nk);
-            h->stamp = 1;
+        if (protects) { /* the step's keys are protected: mark them */
+            if (++h->stamp == 0) {
+                memset(h->mark, 0, sizeof(uint32_t) * nk);
+                h->stamp = 1;
+            }
+            for (int r = 0; r < k; r++) h->mark[keys[r]] = h->stamp;
+            prot.stamp = h->stamp;
         }
-        for (int r = 0; r < k; r++) h->mark[keys[r]] = h->stamp;
-        prot.stamp = h->stamp;
-        int layer = keys[0] / h->layer_div;
-        if (layer >= L) layer = L - 1;
+        const int layer = lay[keys[0]];
         int8_t *out = outcome ? outcome + i * k : NULL;
         for (int c = 0; c < nc; c++) {
             void *s = h->states + h->stride * c;
             uint8_t *res = h->res + (size_t)c * nk;
             int64_t *cnt = h->counts + (size_t)c * 4 * L;
             const int32_t cap = h->caps[c];
+            int32_t n_res = h->n_res[c], pin_res = h->pin_res[c];
             if (pol->begin) pol->begin(s, t, keys, nu, k);
             int nm = 0;
             for (int r = 0; r < k; r++) {
@@ -1736,15 +1784,15 @@ int mer_replay_feed(void *hv, const int32_t *keys_all, const int64_t *tidx,
                 const int r = missed[mi];
                 const int32_t x = keys[r];
                 if (pol->prepare) pol->prepare(s, x);
-                if (h->n_res[c] >= cap) {
+                if (n_res >= cap) {
                     int32_t v = -1;
                     if (protects) {
-                        int32_t held = h->pin_res[c]; /* protected residents */
+                        int32_t held = pin_res; /* protected residents */
                         for (int r2 = 0; r2 < k; r2++) {
                             int32_t y = keys[r2];
                             if (res[y] && !(pinned && pinned[y])) held++;
                         }
-                        if (h->n_res[c] > held) {
+                        if (n_res > held) {
                             v = pol->evict(s, &prot);
                         } else {
                             /* a cache smaller than the step: the worst-ranked resident
@@ -1767,17 +1815,18 @@ int mer_replay_feed(void *hv, const int32_t *keys_all, const int64_t *tidx,
                         continue;
                     }
                     res[v] = 0;
-                    h->n_res[c]--;
-                    if (pinned && pinned[v]) h->pin_res[c]--;
-                    int vl = v / h->layer_div;
-                    cnt[2 * L + (vl < L ? vl : L - 1)]++;
+                    n_res--;
+                    if (pinned && pinned[v]) pin_res--;
+                    cnt[2 * L + lay[v]]++;
                 }
                 res[x] = 1;
-                h->n_res[c]++;
-                if (pinned && pinned[x]) h->pin_res[c]++;
+                n_res++;
+                if (pinned && pinned[x]) pin_res++;
                 pol->insert(s, x);
                 if (out) out[r] = 0;
             }
+            h->n_res[c] = n_res;
+            h->pin_res[c] = pin_res;
             if (pol->end) pol->end(s, t, keys, k);
             if (out) {
                 for (int r = 0; r < k; r++) {
@@ -1787,7 +1836,53 @@ int mer_replay_feed(void *hv, const int32_t *keys_all, const int64_t *tidx,
             }
         }
     }
+    h->next_t = next_t;
     return 0;
+}
+
+#define FEED_VARIANTS(FN, POL)                                                        \
+    static int FN(Handle *h, const int32_t *keys, const int64_t *tidx,                \
+                  const int64_t *nu, int64_t n, int8_t *out) {                        \
+        if (h->k == 2) return feed_impl(h, &POL, 2, keys, tidx, nu, n, out);          \
+        if (h->k == 1) return feed_impl(h, &POL, 1, keys, tidx, nu, n, out);          \
+        return feed_impl(h, &POL, 0, keys, tidx, nu, n, out);                         \
+    }
+FEED_VARIANTS(feed_lru, LRU_POLICY)
+FEED_VARIANTS(feed_fifo, FIFO_POLICY)
+FEED_VARIANTS(feed_lfu, LFU_POLICY)
+FEED_VARIANTS(feed_clock, CLOCK_POLICY)
+FEED_VARIANTS(feed_sieve, SIEVE_POLICY)
+FEED_VARIANTS(feed_s3fifo, S3FIFO_POLICY)
+FEED_VARIANTS(feed_arc, ARC_POLICY)
+FEED_VARIANTS(feed_opt, OPT_POLICY)
+FEED_VARIANTS(feed_seed, SEED_POLICY)
+FEED_VARIANTS(feed_cycle, CYCLE_POLICY)
+
+/* A policy without a line here runs the generic instance (same decisions, slower). */
+static int feed_generic(Handle *h, const int32_t *keys, const int64_t *tidx,
+                        const int64_t *nu, int64_t n, int8_t *out) {
+    return feed_impl(h, h->pol, 0, keys, tidx, nu, n, out);
+}
+static const struct {
+    const mer_policy *pol;
+    feed_fn feed;
+} FEEDS[] = {
+    {&LRU_POLICY, feed_lru},       {&FIFO_POLICY, feed_fifo},   {&LFU_POLICY, feed_lfu},
+    {&CLOCK_POLICY, feed_clock},   {&SIEVE_POLICY, feed_sieve}, {&S3FIFO_POLICY, feed_s3fifo},
+    {&ARC_POLICY, feed_arc},       {&OPT_POLICY, feed_opt},     {&SEED_POLICY, feed_seed},
+    {&CYCLE_POLICY, feed_cycle},
+};
+static feed_fn feed_of(const mer_policy *pol) {
+    for (size_t i = 0; i < sizeof(FEEDS) / sizeof(FEEDS[0]); i++)
+        if (FEEDS[i].pol == pol) return FEEDS[i].feed;
+    return feed_generic;
+}
+
+int mer_replay_feed(void *hv, const int32_t *keys_all, const int64_t *tidx,
+                    const int64_t *next_use, int64_t n_steps, int8_t *outcome) {
+    Handle *h = hv;
+    if (!h->feed) h->feed = feed_of(h->pol);
+    return h->feed(h, keys_all, tidx, next_use, n_steps, outcome);
 }
 
 void mer_replay_counts(void *hv, int c, int64_t *out) {
