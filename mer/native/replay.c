@@ -860,7 +860,8 @@ typedef struct {
     int32_t *counts; /* window count of every key */
     int32_t *order, *pos; /* keys by count, descending (not sorted within a count) */
     int32_t *gt;     /* gt[c]: keys with count > c; gt[w + 1] = 0 */
-    int32_t *moved;  /* keys whose count changed in this step */
+    int32_t *moved;  /* keys whose count changed in this step, */
+    int32_t *mlo;    /* and the lower of the two counts of each change */
     int32_t *tmp;    /* a bucket's ids, to rank them */
     int32_t n_moved;
     int32_t n_hot;   /* keys with count >= hot_min */
@@ -882,6 +883,7 @@ typedef struct {
     int32_t S, n_pin;
     int32_t cstar, idcut; /* pinned: count > cstar, or == cstar and id <= idcut */
     int32_t rcut;         /* how many of bucket cstar's ids are pinned */
+    int32_t cut;          /* how many keys are pinned: min(hot keys, cap - 1) */
     SeedShared *sh;
 } Seed;
 
@@ -900,9 +902,9 @@ DEFINE_SIZE_INIT(Seed, SEED_ARRAYS)
 static size_t seed_shared_size(const mer_ctx *c) {
     int64_t w = (int64_t)c->p[0];
     if (w < 1) w = 1;
-    return sizeof(SeedShared) + 16 * 7 + sizeof(int32_t) * (size_t)w +
+    return sizeof(SeedShared) + 16 * 8 + sizeof(int32_t) * (size_t)w +
            4 * sizeof(int32_t) * (size_t)c->n_keys + sizeof(int32_t) * (size_t)(w + 2) +
-           sizeof(int32_t) * 2 * (size_t)c->k;
+           2 * sizeof(int32_t) * 2 * (size_t)c->k;
 }
 static void seed_shared_init(SeedShared *sh, const mer_ctx *c) {
     arena a = {(char *)sh, sizeof(SeedShared)};
@@ -915,6 +917,7 @@ static void seed_shared_init(SeedShared *sh, const mer_ctx *c) {
     sh->tmp = take(&a, sizeof(int32_t) * c->n_keys);
     sh->gt = take(&a, sizeof(int32_t) * (size_t)(w + 2));
     sh->moved = take(&a, sizeof(int32_t) * 2 * (size_t)c->k);
+    sh->mlo = take(&a, sizeof(int32_t) * 2 * (size_t)c->k);
     memset(sh->counts, 0, sizeof(int32_t) * c->n_keys);
     memset(sh->gt, 0, sizeof(int32_t) * (size_t)(w + 2));
     for (int32_t i = 0; i < c->n_keys; i++) sh->order[i] = sh->pos[i] = i;
@@ -942,28 +945,35 @@ static void seed_init(void *sv, const mer_ctx *c) {
     s->cstar = (int32_t)(s->sh->wsize + 1); /* nothing pinned */
     s->idcut = -1;
     s->rcut = 0;
+    s->cut = 0;
 }
 /* count[x] +/- 1: x trades places with the first key of its bucket (+1: the bucket
    then starts one place later) or with the last (-1: its bucket then starts there).
    The arrays come as restrict locals: with -fno-strict-aliasing every store through
    a pointer read from *sh would otherwise make the compiler read the others again. */
-MER_INLINE void seed_count(int32_t *restrict counts, int32_t *restrict order,
-                           int32_t *restrict pos, int32_t *restrict gt, int32_t x, int up) {
-    int32_t i = pos[x], j;
-    if (up) j = gt[counts[x]++]++;
-    else j = --gt[--counts[x]];
+MER_INLINE int32_t seed_count(int32_t *restrict counts, int32_t *restrict order,
+                              int32_t *restrict pos, int32_t *restrict gt, int32_t x, int up) {
+    int32_t i = pos[x], j, lo; /* lo: the lower of the old and the new count */
+    if (up) {
+        lo = counts[x]++;
+        j = gt[lo]++;
+    } else {
+        lo = --counts[x];
+        j = --gt[lo];
+    }
     int32_t y = order[j];
     order[i] = y;
     pos[y] = i;
     order[j] = x;
     pos[x] = j;
+    return lo;
 }
 static inline void seed_up(SeedShared *sh, int32_t x) {
-    seed_count(sh->counts, sh->order, sh->pos, sh->gt, x, 1);
+    sh->mlo[sh->n_moved] = seed_count(sh->counts, sh->order, sh->pos, sh->gt, x, 1);
     sh->moved[sh->n_moved++] = x;
 }
 static inline void seed_down(SeedShared *sh, int32_t x) {
-    seed_count(sh->counts, sh->order, sh->pos, sh->gt, x, 0);
+    sh->mlo[sh->n_moved] = seed_count(sh->counts, sh->order, sh->pos, sh->gt, x, 0);
     sh->moved[sh->n_moved++] = x;
 }
 MER_INLINE void seed_window(SeedShared *sh, const int32_t *keys, int k) {
@@ -974,10 +984,32 @@ MER_INLINE void seed_window(SeedShared *sh, const int32_t *keys, int k) {
            both enters and leaves is left alone. */
         int32_t *restrict counts = sh->counts, *restrict order = sh->order;
         int32_t *restrict pos = sh->pos, *restrict gt = sh->gt;
-        int32_t *restrict moved = sh->moved, *restrict ring = sh->ring;
+        int32_t *restrict moved = sh->moved, *restrict mlo = sh->mlo, *restrict ring = sh->ring;
         int32_t nm = 0;
         int64_t wh = sh->whead;
         const int64_t ws = sh->wsize;
+        if (k == 2 && !((ws | wh) & 1)) {
+            /* the common shape, without a branch on which keys coincide: both keys
+               up, both oldest down. A key both in and out goes up and back down,
+               which ends at its count (its place within its bucket may change,
+               which no decision reads) and is listed twice among the moved. */
+            const int32_t i0 = keys[0], i1 = keys[1], o0 = ring[wh], o1 = ring[wh + 1];
+            ring[wh] = i0;
+            ring[wh + 1] = i1;
+            wh += 2;
+            sh->whead = wh == ws ? 0 : wh;
+            mlo[0] = seed_count(counts, order, pos, gt, i0, 1);
+            mlo[1] = seed_count(counts, order, pos, gt, i1, 1);
+            mlo[2] = seed_count(counts, order, pos, gt, o0, 0);
+            mlo[3] = seed_count(counts, order, pos, gt, o1, 0);
+            moved[0] = i0;
+            moved[1] = i1;
+            moved[2] = o0;
+            moved[3] = o1;
+            sh->n_moved = 4;
+            sh->n_hot = gt[sh->hot_min - 1];
+            return;
+        }
         uint32_t left = 0; /* bit r: the r-th oldest still has to leave */
         int32_t out[32];
         for (int r = 0; r < k; r++) {
@@ -995,13 +1027,13 @@ MER_INLINE void seed_window(SeedShared *sh, const int32_t *keys, int k) {
             if (same) {
                 left &= ~(same & -same);
             } else {
-                seed_count(counts, order, pos, gt, x, 1);
+                mlo[nm] = seed_count(counts, order, pos, gt, x, 1);
                 moved[nm++] = x;
             }
         }
         for (int q = 0; q < k; q++)
             if (left >> q & 1u) {
-                seed_count(counts, order, pos, gt, out[q], 0);
+                mlo[nm] = seed_count(counts, order, pos, gt, out[q], 0);
                 moved[nm++] = out[q];
             }
         sh->n_moved = nm;
@@ -1098,6 +1130,13 @@ MER_INLINE void seed_begin(void *sv, int64_t t, const int32_t *keys, const int64
     const int32_t none = (int32_t)(sh->wsize + 1);
     int32_t cut = sh->n_hot < s->n_pin ? sh->n_hot : s->n_pin;
     int32_t old = s->cstar, c = none, r = 0;
+    /* Most steps: the same cut, and no count change from or to the cut bucket's
+       count or the one below. Then gt[old] and gt[old - 1] are unchanged, so are
+       the bucket and the rank found below, and no key changes side. */
+    int quiet = cut == s->cut;
+    for (int32_t i = 0; i < sh->n_moved; i++) quiet &= (uint32_t)(old - sh->mlo[i]) > 1u;
+    if (quiet) return;
+    s->cut = cut;
     if (cut > 0) { /* the bucket of the cut's last key: gt[c] < cut <= gt[c - 1] */
         c = old < none ? old : (int32_t)sh->hot_min;
         while (gt[c] >= cut) c++;
@@ -1105,11 +1144,11 @@ MER_INLINE void seed_begin(void *sv, int64_t t, const int32_t *keys, const int64
         r = cut - gt[c];
     }
     /* The cut stays where it was if its bucket, its rank there and the bucket's keys
-       are the same. Only a moved key can enter or leave the bucket; if none ends
-       within one count of it, none crossed it either: then no key changes side. */
+       are the same. Only a count change from or to c can change the bucket's keys
+       (a change is one step of 1: from lo to lo + 1 or back); if none does, no key
+       crossed the bucket either: then no key changes side. */
     int same = (c == old) & (r == s->rcut);
-    for (int32_t i = 0; i < sh->n_moved; i++)
-        same &= (uint32_t)(sh->counts[sh->moved[i]] - c + 1) > 2u;
+    for (int32_t i = 0; i < sh->n_moved; i++) same &= (uint32_t)(c - sh->mlo[i]) > 1u;
     if (same) return;
     s->cstar = c;
     s->rcut = r;
