@@ -270,7 +270,11 @@ def read_results(path: str | Path) -> pd.DataFrame:
         return pd.DataFrame()
     check_input(p, "sweep results")
     try:
-        df = pd.read_parquet(p)
+        # One open file: pyarrow given a path may open it twice (footer, then pages), and
+        # a concurrent sweep's atomic rename in between would pair one file's footer with
+        # another's pages. An open descriptor keeps its own inode through a rename.
+        with open(p, "rb") as f:
+            df = pd.read_parquet(f)
     except Exception as exc:
         raise BadInput(
             f"{p}: exists but is not a sweep results parquet ({exc}); choose another -o path."
@@ -334,7 +338,8 @@ def run_sweep(
     if backend not in BACKENDS:
         raise BadInput(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}.")
     configs = spec.configs(trace_digest)
-    existing = read_results(out)
+    with locked(out):
+        existing = read_results(out)
     done = set(existing["config_hash"]) if "config_hash" in existing.columns else set()
     todo = [c for c in configs if c["config_hash"] not in done]
     rows: list[dict[str, Any]] = (

@@ -256,3 +256,38 @@ def test_grid_excludes_rows_of_earlier_grids_in_the_same_file(
     assert best["cache_slots"] in (16, 48)
     # Independently: the best of this grid is the max over its 8 rows.
     assert best["tokens_per_s"] == grid["tokens_per_s"].max()
+
+
+def test_results_read_while_another_sweep_replaces_the_file(tmp_path: Path) -> None:
+    """A reader racing a concurrent sweep's atomic rewrites must see one whole file each
+    time. Reading by path let pyarrow pair one version's footer with another's pages
+    (CI saw "Page was smaller than expected"), so the race is provoked many times here."""
+    import os
+    import threading
+
+    from mer.sim.sweep import read_results
+
+    out = tmp_path / "r.parquet"
+    frames = [
+        pd.DataFrame({"config_hash": [f"h{j}" for j in range(n)], "x": np.arange(n)})
+        for n in (5, 17, 40, 83)
+    ]
+    frames[0].to_parquet(out, index=False)
+    stop = threading.Event()
+
+    def writer() -> None:
+        i = 0
+        while not stop.is_set():
+            tmp = tmp_path / f".w{i % 2}"
+            frames[i % len(frames)].to_parquet(tmp, index=False)
+            os.replace(tmp, out)
+            i += 1
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        sizes = {len(read_results(out)) for _ in range(600)}
+    finally:
+        stop.set()
+        t.join()
+    assert sizes <= {len(f) for f in frames}
