@@ -1230,7 +1230,9 @@ static const mer_policy SEED_POLICY = {
 typedef struct {
     double *el, *em, *es, *p, *rp, *invd; /* p: log-odds z; invd[d]: log d */
     int64_t *last, *visits, *rep, *rcount, *gap;
-    uint8_t *pok; /* p[x] is current (p is computed when first needed after a visit) */
+    uint8_t *pok;  /* p[x] is current (p is computed when first needed after a visit) */
+    uint8_t *pick; /* per expert of a layer: picked at this visit (all 0 between visits) */
+    int32_t *kl;   /* local layer of every key */
     int32_t *latest; /* k per local layer */
     int32_t *n_latest, *loc;
     double *inv;
@@ -1243,7 +1245,8 @@ typedef struct {
 
 typedef struct {
     uint8_t *res;   /* residents */
-    int32_t *cand;  /* per local layer: its victim candidate (-1 none), while clean */
+    int32_t *cand;  /* per local layer: its victim candidate (-1 none), while clean, */
+    double *cz;     /* and the candidate's z */
     uint8_t *dirty; /* per local layer: cand must be recomputed */
 } CySet;
 
@@ -1256,22 +1259,6 @@ typedef struct {
     double decay, hl, hc;
     CycleShared *sh;
 } Cycle;
-
-#define CYCLE_ARRAYS(s, a, c)                                               \
-    do {                                                                    \
-        (s)->real.res = take((a), (c)->n_keys);                             \
-        (s)->real.cand = take((a), sizeof(int32_t) * (c)->n_keys);          \
-        (s)->real.dirty = take((a), (c)->n_keys);                           \
-        (s)->shadow.res = take((a), (c)->n_keys);                           \
-        (s)->shadow.cand = take((a), sizeof(int32_t) * (c)->n_keys);        \
-        (s)->shadow.dirty = take((a), (c)->n_keys);                         \
-        (s)->lin = take((a), (c)->n_keys);                                  \
-        (s)->prv = take((a), sizeof(int32_t) * ((c)->n_keys + 1));          \
-        (s)->nxt = take((a), sizeof(int32_t) * ((c)->n_keys + 1));          \
-        (s)->sprv = take((a), sizeof(int32_t) * ((c)->n_keys + 1));         \
-        (s)->snxt = take((a), sizeof(int32_t) * ((c)->n_keys + 1));         \
-    } while (0)
-DEFINE_SIZE_INIT(Cycle, CYCLE_ARRAYS)
 
 /* params: w0..w6 rate_long rate_mid rate_short prior duel duel_decay n_layers n_experts */
 static int32_t cy_E(const mer_ctx *c) {
@@ -1286,33 +1273,57 @@ static int32_t cy_L(const mer_ctx *c) {
     int32_t L = (int32_t)c->p[CY_NW + 6];
     return L > 0 ? L : 1;
 }
-static size_t cycle_shared_size(const mer_ctx *c) {
-    size_t nk = (size_t)c->n_keys, nl = (size_t)cy_nl(c), E = (size_t)cy_E(c);
-    size_t L = (size_t)(cy_L(c) > cy_nl(c) ? cy_L(c) : cy_nl(c));
-    return sizeof(CycleShared) + 16 * 16 + sizeof(double) * 5 * nk + sizeof(int64_t) * 3 * nk +
-           nk + sizeof(double) * (L + 1) +
-           sizeof(int64_t) * nl + sizeof(int64_t) * nl * E * E + sizeof(int32_t) * nl * (c->k + 1) +
-           (sizeof(int32_t) + sizeof(double)) * (size_t)(c->k + 1);
-}
+
+#define CYCLE_ARRAYS(s, a, c)                                               \
+    do {                                                                    \
+        /* per-layer arrays sized by n_keys (>= layers): no parameter read here */ \
+        (s)->real.res = take((a), (c)->n_keys);                             \
+        (s)->real.cand = take((a), sizeof(int32_t) * (c)->n_keys);          \
+        (s)->real.cz = take((a), sizeof(double) * (c)->n_keys);             \
+        (s)->real.dirty = take((a), (c)->n_keys);                           \
+        (s)->shadow.res = take((a), (c)->n_keys);                           \
+        (s)->shadow.cand = take((a), sizeof(int32_t) * (c)->n_keys);        \
+        (s)->shadow.cz = take((a), sizeof(double) * (c)->n_keys);           \
+        (s)->shadow.dirty = take((a), (c)->n_keys);                         \
+        (s)->lin = take((a), (c)->n_keys);                                  \
+        (s)->prv = take((a), sizeof(int32_t) * ((c)->n_keys + 1));          \
+        (s)->nxt = take((a), sizeof(int32_t) * ((c)->n_keys + 1));          \
+        (s)->sprv = take((a), sizeof(int32_t) * ((c)->n_keys + 1));         \
+        (s)->snxt = take((a), sizeof(int32_t) * ((c)->n_keys + 1));         \
+    } while (0)
+DEFINE_SIZE_INIT(Cycle, CYCLE_ARRAYS)
+
+/* The shared block's arrays, laid out once for its size and once for its init. */
+#define CYCLE_SHARED_ARRAYS(sh, a, c)                                                \
+    do {                                                                             \
+        size_t nk_ = (size_t)(c)->n_keys, nl_ = (size_t)cy_nl(c);                    \
+        size_t E_ = (size_t)cy_E(c), k_ = (size_t)(c)->k;                            \
+        size_t L_ = (size_t)(cy_L(c) > cy_nl(c) ? cy_L(c) : cy_nl(c));               \
+        (sh)->el = take((a), sizeof(double) * nk_);                                  \
+        (sh)->em = take((a), sizeof(double) * nk_);                                  \
+        (sh)->es = take((a), sizeof(double) * nk_);                                  \
+        (sh)->p = take((a), sizeof(double) * nk_);                                   \
+        (sh)->rp = take((a), sizeof(double) * nk_);                                  \
+        (sh)->gap = take((a), sizeof(int64_t) * nk_);                                \
+        (sh)->pok = take((a), nk_);                                                  \
+        (sh)->pick = take((a), E_);                                                  \
+        (sh)->kl = take((a), sizeof(int32_t) * nk_);                                 \
+        (sh)->invd = take((a), sizeof(double) * (L_ + 1));                           \
+        (sh)->last = take((a), sizeof(int64_t) * nk_);                               \
+        (sh)->rcount = take((a), sizeof(int64_t) * nk_);                             \
+        (sh)->visits = take((a), sizeof(int64_t) * nl_);                             \
+        (sh)->rep = take((a), sizeof(int64_t) * nl_ * E_ * E_);                      \
+        (sh)->latest = take((a), sizeof(int32_t) * nl_ * k_);                        \
+        (sh)->n_latest = take((a), sizeof(int32_t) * nl_);                           \
+        (sh)->loc = take((a), sizeof(int32_t) * (k_ + 1));                           \
+        (sh)->inv = take((a), sizeof(double) * (k_ + 1));                            \
+    } while (0)
+DEFINE_SIZE_INIT(CycleShared, CYCLE_SHARED_ARRAYS)
+
+static size_t cycle_shared_size(const mer_ctx *c) { return CycleShared_size(c); }
 static void cycle_shared_init(CycleShared *sh, const mer_ctx *c) {
-    arena a = {(char *)sh, sizeof(CycleShared)};
+    CycleShared_lay(sh, c);
     int32_t nk = c->n_keys, E = cy_E(c), nl = cy_nl(c);
-    sh->el = take(&a, sizeof(double) * nk);
-    sh->em = take(&a, sizeof(double) * nk);
-    sh->es = take(&a, sizeof(double) * nk);
-    sh->p = take(&a, sizeof(double) * nk);
-    sh->rp = take(&a, sizeof(double) * nk);
-    sh->gap = take(&a, sizeof(int64_t) * nk);
-    sh->pok = take(&a, nk);
-    sh->invd = take(&a, sizeof(double) * (size_t)((cy_L(c) > nl ? cy_L(c) : nl) + 1));
-    sh->last = take(&a, sizeof(int64_t) * nk);
-    sh->rcount = take(&a, sizeof(int64_t) * nk);
-    sh->visits = take(&a, sizeof(int64_t) * nl);
-    sh->rep = take(&a, sizeof(int64_t) * (size_t)nl * E * E);
-    sh->latest = take(&a, sizeof(int32_t) * (size_t)nl * c->k);
-    sh->n_latest = take(&a, sizeof(int32_t) * nl);
-    sh->loc = take(&a, sizeof(int32_t) * (size_t)(c->k + 1));
-    sh->inv = take(&a, sizeof(double) * (size_t)(c->k + 1));
     for (int i = 0; i < CY_NW; i++) sh->w[i] = c->p[i];
     sh->rl = c->p[CY_NW];
     sh->rm = c->p[CY_NW + 1];
@@ -1332,7 +1343,9 @@ static void cycle_shared_init(CycleShared *sh, const mer_ctx *c) {
         sh->el[i] = sh->em[i] = sh->es[i] = sh->p[i] = sh->rp[i] = 0.0;
         sh->gap[i] = CY_GAP_CAP;
         sh->pok[i] = 0;
+        sh->kl[i] = i / E < nl ? i / E : nl - 1;
     }
+    memset(sh->pick, 0, (size_t)E);
     memset(sh->visits, 0, sizeof(int64_t) * nl);
     memset(sh->rep, 0, sizeof(int64_t) * (size_t)nl * E * E);
     memset(sh->n_latest, 0, sizeof(int32_t) * nl);
@@ -1341,8 +1354,8 @@ static void cycle_shared_init(CycleShared *sh, const mer_ctx *c) {
     sh->cur = sh->layer0;
     sh->ready = 1;
 }
-static double cy_prob(const CycleShared *sh, double el, double em, double es, double used,
-                      int64_t gap, double rep) {
+static inline double cy_prob(const CycleShared *sh, double el, double em, double es,
+                             double used, int64_t gap, double rep) {
     /* terms with weight 0 are skipped, exactly as in Python (they would add 0.0) */
     const double *w = sh->w;
     double z = w[0];
@@ -1354,8 +1367,13 @@ static double cy_prob(const CycleShared *sh, double el, double em, double es, do
     if (w[6] != 0.0) z += w[6] * log(rep + CY_EPS);
     return z; /* the log-odds of a pick: the rule needs no sigmoid */
 }
+/* One visit of a layer: its transition counts, averages, gaps and repeat rates, as
+   the Python class's begin_step computes them (same expressions, same order). An
+   input that only a weight-0 term reads (an average, the repeat rate) is not
+   updated: z never reads it. */
 static void cycle_features(CycleShared *sh, const int32_t *keys, int k) {
     const int32_t E = sh->E;
+    const double *w = sh->w;
     if (!sh->started) {
         double base = (double)k / (double)E;
         double p0 = cy_prob(sh, base, base, base, 0.0, CY_GAP_CAP, base);
@@ -1366,47 +1384,61 @@ static void cycle_features(CycleShared *sh, const int32_t *keys, int k) {
         }
         sh->started = 1;
     }
-    int32_t ll = keys[0] / E, b0 = ll * E;
-    int32_t *lat = sh->latest + (size_t)ll * k;
-    int32_t *loc = sh->loc;
+    int32_t ll = sh->kl[keys[0]], b0 = ll * E;
+    int32_t *restrict lat = sh->latest + (size_t)ll * k;
+    int32_t *restrict loc = sh->loc;
+    uint8_t *restrict pick = sh->pick;
+    int64_t *restrict rep = sh->rep, *restrict rcount = sh->rcount;
     const int n = k;
     for (int r = 0; r < n; r++) loc[r] = keys[r] - b0;
     for (int i = 0; i < sh->n_latest[ll]; i++) {
         int32_t a = lat[i];
-        sh->rcount[b0 + a]++;
-        int64_t *row = sh->rep + ((size_t)b0 + a) * E;
+        rcount[b0 + a]++;
+        int64_t *row = rep + ((size_t)b0 + a) * E;
         for (int r = 0; r < n; r++) row[loc[r]]++;
     }
     for (int r = 0; r < n; r++) lat[r] = loc[r];
     sh->n_latest[ll] = n;
-    int64_t v = ++sh->visits[ll];
-    const double rl = sh->rl, rm = sh->rm, rs = sh->rs;
-    for (int32_t e = 0; e < E; e++) {
-        int32_t x = b0 + e;
-        double in = 0.0;
-        for (int r = 0; r < n; r++)
-            if (loc[r] == e) in = 1.0;
-        sh->el[x] = (1.0 - rl) * sh->el[x] + rl * in;
-        sh->em[x] = (1.0 - rm) * sh->em[x] + rm * in;
-        sh->es[x] = (1.0 - rs) * sh->es[x] + rs * in;
-        if (in != 0.0) sh->last[x] = v;
+    const int64_t v = ++sh->visits[ll];
+    for (int r = 0; r < n; r++) pick[loc[r]] = 1;
+    double *restrict el = sh->el + b0, *restrict em = sh->em + b0, *restrict es = sh->es + b0;
+    int64_t *restrict last = sh->last + b0;
+    if (w[1] != 0.0) {
+        const double rl = sh->rl;
+        for (int32_t e = 0; e < E; e++) el[e] = (1.0 - rl) * el[e] + rl * (double)pick[e];
     }
-    const double prior = sh->prior;
-    const double pk = prior * ((double)k / (double)E);
-    double *inv = sh->inv;
-    for (int r = 0; r < n; r++) inv[r] = 1.0 / ((double)sh->rcount[b0 + loc[r]] + prior);
-    for (int32_t e = 0; e < E; e++) {
-        int32_t x = b0 + e;
-        double rep = 0.0;
-        for (int r = 0; r < n; r++)
-            rep += ((double)sh->rep[((size_t)b0 + loc[r]) * E + e] + pk) * inv[r];
-        rep /= (double)n;
-        int64_t gap = sh->last[x] >= 0 ? v - sh->last[x] : CY_GAP_CAP;
-        if (gap > CY_GAP_CAP) gap = CY_GAP_CAP;
-        sh->rp[x] = rep;
-        sh->gap[x] = gap;
-        sh->pok[x] = 0;
+    if (w[2] != 0.0) {
+        const double rm = sh->rm;
+        for (int32_t e = 0; e < E; e++) em[e] = (1.0 - rm) * em[e] + rm * (double)pick[e];
     }
+    if (w[3] != 0.0) {
+        const double rs = sh->rs;
+        for (int32_t e = 0; e < E; e++) es[e] = (1.0 - rs) * es[e] + rs * (double)pick[e];
+    }
+    for (int r = 0; r < n; r++) last[loc[r]] = v;
+    int64_t *restrict gap = sh->gap + b0;
+    for (int32_t e = 0; e < E; e++) {
+        int64_t g = last[e] >= 0 ? v - last[e] : CY_GAP_CAP;
+        gap[e] = g > CY_GAP_CAP ? CY_GAP_CAP : g;
+    }
+    if (w[6] != 0.0) {
+        const double prior = sh->prior;
+        const double pk = prior * ((double)k / (double)E);
+        double *restrict inv = sh->inv, *restrict rp = sh->rp + b0;
+        for (int r = 0; r < n; r++) inv[r] = 1.0 / ((double)rcount[b0 + loc[r]] + prior);
+        /* x / n == x * (1 / n) exactly when n is a power of two (both round the same
+           real number): the common k = 2 needs no division */
+        const int pow2 = (n & (n - 1)) == 0;
+        const double invn = 1.0 / (double)n;
+        for (int32_t e = 0; e < E; e++) {
+            double acc = 0.0;
+            for (int r = 0; r < n; r++)
+                acc += ((double)rep[((size_t)b0 + loc[r]) * E + e] + pk) * inv[r];
+            rp[e] = pow2 ? acc * invn : acc / (double)n;
+        }
+    }
+    for (int32_t e = 0; e < E; e++) sh->pok[b0 + e] = 0;
+    for (int r = 0; r < n; r++) pick[loc[r]] = 0;
     sh->cur = sh->layer0 + ll;
 }
 /* p of local key x: its inputs change only when its layer is visited, so it is
@@ -1422,11 +1454,12 @@ static inline double cy_p(CycleShared *sh, int32_t x) {
 /* The victim rule: per layer the resident unprotected key with the lowest
    log-odds z (ties: the smaller key), then across layers the lowest z - log d
    (ties: the lower layer). Only the current layer holds protected step keys, and pins never
-   change, so every other layer's candidate is cached until that layer is
+   change, so every other layer's candidate (and its z) is cached until that layer is
    visited or one of its keys enters or leaves (`dirty`). `prot` NULL: the
    shadow, whose only protected keys are the step's. */
-static int32_t cy_layer_cand(CycleShared *sh, const uint8_t *res, int32_t ll,
-                             const mer_prot *prot, const int32_t *step, int k) {
+static inline int32_t cy_layer_cand(CycleShared *sh, const uint8_t *res, int32_t ll,
+                                    const mer_prot *prot, const int32_t *step, int k,
+                                    double *z) {
     int32_t cand = -1;
     double cp = 0.0;
     for (int32_t x = ll * sh->E; x < (ll + 1) * sh->E; x++) {
@@ -1445,31 +1478,45 @@ static int32_t cy_layer_cand(CycleShared *sh, const uint8_t *res, int32_t ll,
             cp = px;
         }
     }
+    *z = cp;
     return cand;
 }
 static int32_t cycle_best(CycleShared *sh, CySet *set, const mer_prot *prot,
                           const int32_t *step, int k) {
-    const int32_t L = sh->L, cur = sh->cur - sh->layer0;
+    const int32_t L = sh->L, nl = sh->nl, cur = sh->cur - sh->layer0;
+    const double *invd = sh->invd;
+    int32_t *cand = set->cand;
+    double *cz = set->cz;
+    uint8_t *dirty = set->dirty;
     int32_t best = -1;
     double best_v = 0.0;
-    for (int32_t ll = 0; ll < sh->nl; ll++) {
-        int32_t cand;
+    /* d: steps until layer ll comes round, (layer - cur - 1) mod L + 1, counted up
+       from layer 0's without a division per layer */
+    int32_t d0 = sh->layer0 - sh->cur;
+    for (int32_t ll = 0; ll < nl; ll++) {
+        int32_t c;
+        double z;
         if (ll == cur) {
-            cand = cy_layer_cand(sh, set->res, ll, prot, step, k);
+            c = cy_layer_cand(sh, set->res, ll, prot, step, k, &z);
         } else {
-            if (set->dirty[ll]) {
+            if (dirty[ll]) {
                 /* no step key here; pins are protected in both calls */
-                set->cand[ll] = cy_layer_cand(sh, set->res, ll, prot, NULL, 0);
-                set->dirty[ll] = 0;
+                cand[ll] = cy_layer_cand(sh, set->res, ll, prot, NULL, 0, &cz[ll]);
+                dirty[ll] = 0;
             }
-            cand = set->cand[ll];
+            c = cand[ll];
+            z = cz[ll];
         }
-        if (cand < 0) continue;
-        int32_t d = (sh->layer0 + ll - sh->cur) % L; /* steps until layer ll comes round */
+        if (c < 0) continue;
+        int32_t d = d0 + ll;
         if (d <= 0) d += L;
-        double val = sh->p[cand] - sh->invd[d];
+        if ((uint32_t)(d - 1) >= (uint32_t)L) { /* layers outside 0..L-1: the literal rule */
+            d = (sh->layer0 + ll - sh->cur) % L;
+            if (d <= 0) d += L;
+        }
+        double val = z - invd[d];
         if (best < 0 || val < best_v) {
-            best = cand;
+            best = c;
             best_v = val;
         }
     }
@@ -1477,7 +1524,7 @@ static int32_t cycle_best(CycleShared *sh, CySet *set, const mer_prot *prot,
 }
 static inline void cy_set_key(CySet *set, const CycleShared *sh, int32_t x, uint8_t on) {
     set->res[x] = on;
-    set->dirty[x / sh->E] = 1;
+    set->dirty[sh->kl[x]] = 1;
 }
 static void cycle_init(void *sv, const mer_ctx *c) {
     Cycle *s = sv;
@@ -1561,14 +1608,15 @@ static void cycle_begin(void *sv, int64_t t, const int32_t *keys, const int64_t 
         sh->last_t = t;
         cycle_features(sh, keys, k);
     }
-    int32_t ll = keys[0] / sh->E; /* its keys' p just changed */
+    int32_t ll = sh->kl[keys[0]]; /* its keys' p just changed */
     s->real.dirty[ll] = s->shadow.dirty[ll] = 1;
     if (s->duel) cycle_duel(s, keys, k);
 }
 static void cycle_end(void *sv, int64_t t, const int32_t *keys, int k) {
     Cycle *s = sv;
     (void)t;
-    s->real.dirty[keys[0] / s->sh->E] = 1; /* its step keys are no longer protected */
+    s->real.dirty[s->sh->kl[keys[0]]] = 1; /* its step keys are no longer protected */
+    if (!s->duel) return; /* the LRU order is read only in the duel's LRU mode */
     for (int r = k - 1; r >= 0; r--) {
         int32_t x = keys[r];
         if (s->prv[x] >= 0) {
@@ -1580,12 +1628,12 @@ static void cycle_end(void *sv, int64_t t, const int32_t *keys, int k) {
 static void cycle_insert(void *sv, int32_t x) {
     Cycle *s = sv;
     cy_set_key(&s->real, s->sh, x, 1);
-    l_push(s->prv, s->nxt, s->S, x);
+    if (s->duel) l_push(s->prv, s->nxt, s->S, x);
 }
 static void cycle_remove(void *sv, int32_t x) {
     Cycle *s = sv;
     cy_set_key(&s->real, s->sh, x, 0);
-    l_unlink(s->prv, s->nxt, x);
+    if (s->duel) l_unlink(s->prv, s->nxt, x);
 }
 static int32_t cycle_evict(void *sv, const mer_prot *p) {
     Cycle *s = sv;
