@@ -1228,10 +1228,17 @@ static const mer_policy SEED_POLICY = {
 #define CY_GAP_CAP 1000
 
 typedef struct {
-    double *el, *em, *es, *p, *rp, *invd; /* p: log-odds z; invd[d]: log d */
-    int64_t *last, *visits, *rep, *rcount, *gap;
+    double *el, *em, *es, *p, *invd; /* p: log-odds z; invd[d]: log d */
+    double *rot;   /* rot[i] = log d for d = (i - 1) mod L + 1: layer ll's log d is
+                      rot[L + layer0 - cur + ll], one slice for all layers */
+    double *rep, *rcount; /* transition counts (whole numbers, exact in a double) */
+    double *linv;  /* per layer, per rank of its latest visit: 1 / (rcount + prior) */
+    int64_t *last, *visits;
     uint8_t *pok;  /* p[x] is current (p is computed when first needed after a visit) */
     uint8_t *pick; /* per expert of a layer: picked at this visit (all 0 between visits) */
+    uint64_t *pinmask; /* per local layer: its static pins (bit e), when E <= 64 */
+    uint64_t stepmask; /* the current step's keys (bits of its layer) */
+    int bits;          /* E <= 64: layers' keys as bit masks (else the byte scans) */
     int32_t *kl;   /* local layer of every key */
     int32_t *latest; /* k per local layer */
     int32_t *n_latest, *loc;
@@ -1244,10 +1251,11 @@ typedef struct {
 } CycleShared;
 
 typedef struct {
-    uint8_t *res;   /* residents */
-    int32_t *cand;  /* per local layer: its victim candidate (-1 none), while clean, */
-    double *cz;     /* and the candidate's z */
-    uint8_t *dirty; /* per local layer: cand must be recomputed */
+    uint8_t *res;    /* residents */
+    uint64_t *rmask; /* per local layer: its residents (bit e), when E <= 64 */
+    int32_t *cand;   /* per local layer: its victim candidate (-1 none), while clean, */
+    double *cz;      /* and the candidate's z */
+    uint64_t *dirty; /* bit per local layer: cand must be recomputed */
 } CySet;
 
 typedef struct {
@@ -1274,17 +1282,21 @@ static int32_t cy_L(const mer_ctx *c) {
     return L > 0 ? L : 1;
 }
 
+/* words of a bit per layer (layers <= n_keys) */
+#define CY_WORDS(c) ((size_t)((c)->n_keys + 63) / 64)
 #define CYCLE_ARRAYS(s, a, c)                                               \
     do {                                                                    \
         /* per-layer arrays sized by n_keys (>= layers): no parameter read here */ \
         (s)->real.res = take((a), (c)->n_keys);                             \
+        (s)->real.rmask = take((a), sizeof(uint64_t) * (c)->n_keys);        \
         (s)->real.cand = take((a), sizeof(int32_t) * (c)->n_keys);          \
         (s)->real.cz = take((a), sizeof(double) * (c)->n_keys);             \
-        (s)->real.dirty = take((a), (c)->n_keys);                           \
+        (s)->real.dirty = take((a), sizeof(uint64_t) * CY_WORDS(c));        \
         (s)->shadow.res = take((a), (c)->n_keys);                           \
+        (s)->shadow.rmask = take((a), sizeof(uint64_t) * (c)->n_keys);      \
         (s)->shadow.cand = take((a), sizeof(int32_t) * (c)->n_keys);        \
         (s)->shadow.cz = take((a), sizeof(double) * (c)->n_keys);           \
-        (s)->shadow.dirty = take((a), (c)->n_keys);                         \
+        (s)->shadow.dirty = take((a), sizeof(uint64_t) * CY_WORDS(c));      \
         (s)->lin = take((a), (c)->n_keys);                                  \
         (s)->prv = take((a), sizeof(int32_t) * ((c)->n_keys + 1));          \
         (s)->nxt = take((a), sizeof(int32_t) * ((c)->n_keys + 1));          \
@@ -1303,16 +1315,17 @@ DEFINE_SIZE_INIT(Cycle, CYCLE_ARRAYS)
         (sh)->em = take((a), sizeof(double) * nk_);                                  \
         (sh)->es = take((a), sizeof(double) * nk_);                                  \
         (sh)->p = take((a), sizeof(double) * nk_);                                   \
-        (sh)->rp = take((a), sizeof(double) * nk_);                                  \
-        (sh)->gap = take((a), sizeof(int64_t) * nk_);                                \
+        (sh)->linv = take((a), sizeof(double) * nl_ * k_);                           \
+        (sh)->rot = take((a), sizeof(double) * (3 * L_ + 1));                        \
         (sh)->pok = take((a), nk_);                                                  \
         (sh)->pick = take((a), E_);                                                  \
+        (sh)->pinmask = take((a), sizeof(uint64_t) * nl_);                           \
         (sh)->kl = take((a), sizeof(int32_t) * nk_);                                 \
         (sh)->invd = take((a), sizeof(double) * (L_ + 1));                           \
         (sh)->last = take((a), sizeof(int64_t) * nk_);                               \
-        (sh)->rcount = take((a), sizeof(int64_t) * nk_);                             \
+        (sh)->rcount = take((a), sizeof(double) * nk_);                              \
         (sh)->visits = take((a), sizeof(int64_t) * nl_);                             \
-        (sh)->rep = take((a), sizeof(int64_t) * nl_ * E_ * E_);                      \
+        (sh)->rep = take((a), sizeof(double) * nl_ * E_ * E_);                       \
         (sh)->latest = take((a), sizeof(int32_t) * nl_ * k_);                        \
         (sh)->n_latest = take((a), sizeof(int32_t) * nl_);                           \
         (sh)->loc = take((a), sizeof(int32_t) * (k_ + 1));                           \
@@ -1332,6 +1345,7 @@ static void cycle_shared_init(CycleShared *sh, const mer_ctx *c) {
     sh->L = cy_L(c) > nl ? cy_L(c) : nl; /* a partition never holds more layers than L */
     sh->invd[0] = 0.0;
     for (int32_t d = 1; d <= sh->L; d++) sh->invd[d] = log((double)d);
+    for (int32_t i = 0; i <= 3 * sh->L; i++) sh->rot[i] = i ? sh->invd[(i - 1) % sh->L + 1] : 0.0;
     sh->E = E;
     sh->nl = nl;
     sh->n_keys = nk;
@@ -1339,15 +1353,23 @@ static void cycle_shared_init(CycleShared *sh, const mer_ctx *c) {
     sh->k = c->k;
     for (int32_t i = 0; i < nk; i++) {
         sh->last[i] = -1;
-        sh->rcount[i] = 0;
-        sh->el[i] = sh->em[i] = sh->es[i] = sh->p[i] = sh->rp[i] = 0.0;
-        sh->gap[i] = CY_GAP_CAP;
+        sh->rcount[i] = 0.0;
+        sh->el[i] = sh->em[i] = sh->es[i] = sh->p[i] = 0.0;
         sh->pok[i] = 0;
         sh->kl[i] = i / E < nl ? i / E : nl - 1;
     }
     memset(sh->pick, 0, (size_t)E);
+    sh->bits = E <= 64;
+    sh->stepmask = 0;
+    for (int32_t ll = 0; ll < nl; ll++) {
+        uint64_t m = 0;
+        for (int32_t e = 0; e < E && e < 64; e++)
+            if (c->pinned && c->pinned[ll * E + e]) m |= (uint64_t)1 << e;
+        sh->pinmask[ll] = m;
+    }
     memset(sh->visits, 0, sizeof(int64_t) * nl);
-    memset(sh->rep, 0, sizeof(int64_t) * (size_t)nl * E * E);
+    for (size_t i = 0; i < (size_t)nl * E * E; i++) sh->rep[i] = 0.0;
+    for (size_t i = 0; i < (size_t)nl * c->k; i++) sh->linv[i] = 0.0;
     memset(sh->n_latest, 0, sizeof(int32_t) * nl);
     sh->started = 0;
     sh->last_t = INT64_MIN;
@@ -1388,21 +1410,20 @@ static void cycle_features(CycleShared *sh, const int32_t *keys, int k) {
     int32_t *restrict lat = sh->latest + (size_t)ll * k;
     int32_t *restrict loc = sh->loc;
     uint8_t *restrict pick = sh->pick;
-    int64_t *restrict rep = sh->rep, *restrict rcount = sh->rcount;
+    double *restrict rep = sh->rep, *restrict rcount = sh->rcount;
     const int n = k;
     for (int r = 0; r < n; r++) loc[r] = keys[r] - b0;
     for (int i = 0; i < sh->n_latest[ll]; i++) {
         int32_t a = lat[i];
-        rcount[b0 + a]++;
-        int64_t *row = rep + ((size_t)b0 + a) * E;
-        for (int r = 0; r < n; r++) row[loc[r]]++;
+        rcount[b0 + a] += 1.0;
+        double *row = rep + ((size_t)b0 + a) * E;
+        for (int r = 0; r < n; r++) row[loc[r]] += 1.0;
     }
     for (int r = 0; r < n; r++) lat[r] = loc[r];
     sh->n_latest[ll] = n;
     const int64_t v = ++sh->visits[ll];
     for (int r = 0; r < n; r++) pick[loc[r]] = 1;
     double *restrict el = sh->el + b0, *restrict em = sh->em + b0, *restrict es = sh->es + b0;
-    int64_t *restrict last = sh->last + b0;
     if (w[1] != 0.0) {
         const double rl = sh->rl;
         for (int32_t e = 0; e < E; e++) el[e] = (1.0 - rl) * el[e] + rl * (double)pick[e];
@@ -1415,38 +1436,45 @@ static void cycle_features(CycleShared *sh, const int32_t *keys, int k) {
         const double rs = sh->rs;
         for (int32_t e = 0; e < E; e++) es[e] = (1.0 - rs) * es[e] + rs * (double)pick[e];
     }
-    for (int r = 0; r < n; r++) last[loc[r]] = v;
-    int64_t *restrict gap = sh->gap + b0;
-    for (int32_t e = 0; e < E; e++) {
-        int64_t g = last[e] >= 0 ? v - last[e] : CY_GAP_CAP;
-        gap[e] = g > CY_GAP_CAP ? CY_GAP_CAP : g;
-    }
+    for (int r = 0; r < n; r++) sh->last[b0 + loc[r]] = v;
+    /* the repeat rate and the gap read only this visit's counts, which stay as they
+       are until the layer's next visit: cy_p computes them for the keys it needs */
     if (w[6] != 0.0) {
-        const double prior = sh->prior;
-        const double pk = prior * ((double)k / (double)E);
-        double *restrict inv = sh->inv, *restrict rp = sh->rp + b0;
-        for (int r = 0; r < n; r++) inv[r] = 1.0 / ((double)rcount[b0 + loc[r]] + prior);
-        /* x / n == x * (1 / n) exactly when n is a power of two (both round the same
-           real number): the common k = 2 needs no division */
-        const int pow2 = (n & (n - 1)) == 0;
-        const double invn = 1.0 / (double)n;
-        for (int32_t e = 0; e < E; e++) {
-            double acc = 0.0;
-            for (int r = 0; r < n; r++)
-                acc += ((double)rep[((size_t)b0 + loc[r]) * E + e] + pk) * inv[r];
-            rp[e] = pow2 ? acc * invn : acc / (double)n;
-        }
+        double *restrict inv = sh->linv + (size_t)ll * k;
+        for (int r = 0; r < n; r++) inv[r] = 1.0 / (rcount[b0 + loc[r]] + sh->prior);
     }
     for (int32_t e = 0; e < E; e++) sh->pok[b0 + e] = 0;
-    for (int r = 0; r < n; r++) pick[loc[r]] = 0;
+    uint64_t sm = 0;
+    for (int r = 0; r < n; r++) {
+        pick[loc[r]] = 0;
+        sm |= (uint64_t)1 << (loc[r] & 63);
+    }
+    sh->stepmask = sm;
     sh->cur = sh->layer0 + ll;
 }
 /* p of local key x: its inputs change only when its layer is visited, so it is
-   computed once per visit, when a victim search first needs it. */
+   computed once per visit, when a victim search first needs it. The repeat rate
+   is the mean over the latest visit's experts a of (rep[a][e] + prior k / E) /
+   (rcount[a] + prior), summed in rank order as the Python class does. */
 static inline double cy_p(CycleShared *sh, int32_t x) {
     if (!sh->pok[x]) {
-        double used = sh->gap[x] == 0 ? 1.0 : 0.0;
-        sh->p[x] = cy_prob(sh, sh->el[x], sh->em[x], sh->es[x], used, sh->gap[x], sh->rp[x]);
+        const int32_t ll = sh->kl[x], E = sh->E, b0 = ll * E, e = x - b0;
+        const int64_t last = sh->last[x], v = sh->visits[ll];
+        int64_t gap = last >= 0 ? v - last : CY_GAP_CAP;
+        if (gap > CY_GAP_CAP) gap = CY_GAP_CAP;
+        double rp = 0.0;
+        if (sh->w[6] != 0.0) {
+            const int n = sh->n_latest[ll];
+            const int32_t *lat = sh->latest + (size_t)ll * sh->k;
+            const double *inv = sh->linv + (size_t)ll * sh->k;
+            const double pk = sh->prior * ((double)sh->k / (double)E);
+            for (int r = 0; r < n; r++) rp += (sh->rep[((size_t)b0 + lat[r]) * E + e] + pk) * inv[r];
+            /* x / n == x * (1 / n) exactly when n is a power of two (both round the
+               same real number): the common k = 2 needs no division */
+            rp = (n & (n - 1)) == 0 ? rp * (1.0 / (double)n) : rp / (double)n;
+        }
+        double used = gap == 0 ? 1.0 : 0.0;
+        sh->p[x] = cy_prob(sh, sh->el[x], sh->em[x], sh->es[x], used, gap, rp);
         sh->pok[x] = 1;
     }
     return sh->p[x];
@@ -1457,7 +1485,7 @@ static inline double cy_p(CycleShared *sh, int32_t x) {
    change, so every other layer's candidate (and its z) is cached until that layer is
    visited or one of its keys enters or leaves (`dirty`). `prot` NULL: the
    shadow, whose only protected keys are the step's. */
-static inline int32_t cy_layer_cand(CycleShared *sh, const uint8_t *res, int32_t ll,
+static inline int32_t cy_layer_scan(CycleShared *sh, const uint8_t *res, int32_t ll,
                                     const mer_prot *prot, const int32_t *step, int k,
                                     double *z) {
     int32_t cand = -1;
@@ -1478,61 +1506,118 @@ static inline int32_t cy_layer_cand(CycleShared *sh, const uint8_t *res, int32_t
             cp = px;
         }
     }
+    *z = cand < 0 ? INFINITY : cp; /* no candidate: never the lowest (see cycle_best) */
+    return cand;
+}
+/* The same scan over a layer's resident bits (E <= 64), in key order: the real
+   cache excludes its pins, and in the current layer both exclude the step's keys. */
+static inline int32_t cy_layer_cand(CycleShared *sh, const CySet *set, int32_t ll,
+                                    const mer_prot *prot, const int32_t *step, int k,
+                                    int is_cur, double *z) {
+    if (!sh->bits) return cy_layer_scan(sh, set->res, ll, prot, step, k, z);
+    uint64_t m = set->rmask[ll];
+    if (prot) m &= ~sh->pinmask[ll];
+    if (is_cur) m &= ~sh->stepmask;
+    int32_t cand = -1;
+    double cp = INFINITY;
+    const int32_t b0 = ll * sh->E;
+    for (; m; m &= m - 1) {
+        int32_t x = b0 + __builtin_ctzll(m);
+        double px = cy_p(sh, x);
+        if (cand < 0 || px < cp) {
+            cand = x;
+            cp = px;
+        }
+    }
     *z = cp;
     return cand;
 }
-static int32_t cycle_best(CycleShared *sh, CySet *set, const mer_prot *prot,
-                          const int32_t *step, int k) {
-    const int32_t L = sh->L, nl = sh->nl, cur = sh->cur - sh->layer0;
-    const double *invd = sh->invd;
-    int32_t *cand = set->cand;
-    double *cz = set->cz;
-    uint8_t *dirty = set->dirty;
+/* The rule as written (a division per layer): for layers outside 0..L-1 and NaN z. */
+static int32_t cycle_best_literal(const CycleShared *sh, const CySet *set) {
+    const int32_t L = sh->L;
     int32_t best = -1;
     double best_v = 0.0;
-    /* d: steps until layer ll comes round, (layer - cur - 1) mod L + 1, counted up
-       from layer 0's without a division per layer */
-    int32_t d0 = sh->layer0 - sh->cur;
-    for (int32_t ll = 0; ll < nl; ll++) {
-        int32_t c;
-        double z;
-        if (ll == cur) {
-            c = cy_layer_cand(sh, set->res, ll, prot, step, k, &z);
-        } else {
-            if (dirty[ll]) {
-                /* no step key here; pins are protected in both calls */
-                cand[ll] = cy_layer_cand(sh, set->res, ll, prot, NULL, 0, &cz[ll]);
-                dirty[ll] = 0;
-            }
-            c = cand[ll];
-            z = cz[ll];
-        }
-        if (c < 0) continue;
-        int32_t d = d0 + ll;
+    for (int32_t ll = 0; ll < sh->nl; ll++) {
+        if (set->cand[ll] < 0) continue;
+        int32_t d = (sh->layer0 + ll - sh->cur) % L;
         if (d <= 0) d += L;
-        if ((uint32_t)(d - 1) >= (uint32_t)L) { /* layers outside 0..L-1: the literal rule */
-            d = (sh->layer0 + ll - sh->cur) % L;
-            if (d <= 0) d += L;
-        }
-        double val = z - invd[d];
+        double val = set->cz[ll] - sh->invd[d];
         if (best < 0 || val < best_v) {
-            best = c;
+            best = set->cand[ll];
             best_v = val;
         }
     }
     return best;
 }
+static int32_t cycle_best(CycleShared *sh, CySet *set, const mer_prot *prot,
+                          const int32_t *step, int k) {
+    const int32_t L = sh->L, nl = sh->nl, cur = sh->cur - sh->layer0;
+    int32_t *restrict cand = set->cand;
+    double *restrict cz = set->cz;
+    uint64_t *restrict dirty = set->dirty;
+    for (int32_t w = 0; w < (nl + 63) / 64; w++) {
+        uint64_t m = dirty[w];
+        if (w == cur >> 6) m &= ~((uint64_t)1 << (cur & 63)); /* stays dirty */
+        dirty[w] ^= m;
+        for (; m; m &= m - 1) {
+            int32_t ll = w * 64 + __builtin_ctzll(m);
+            /* no step key here; pins are protected in both calls */
+            cand[ll] = cy_layer_cand(sh, set, ll, prot, NULL, 0, 0, &cz[ll]);
+        }
+    }
+    /* the current layer, with the step's keys protected: written beside the others
+       for this search only (it stays dirty, so no later search reads it as cached) */
+    cand[cur] = cy_layer_cand(sh, set, cur, prot, step, k, 1, &cz[cur]);
+    /* the lowest z - log d, first in layer order: its value, then the first layer
+       that reaches it (the same key as keeping the first strictly lower one) */
+    const int32_t off = L + sh->layer0 - sh->cur;
+    if (off < 1 || off + nl - 1 > 3 * L) return cycle_best_literal(sh, set);
+    const double *restrict ld = sh->rot + off;
+    double m0 = INFINITY, m1 = INFINITY;
+    int nan = 0;
+    int32_t ll = 0;
+    for (; ll + 1 < nl; ll += 2) {
+        double v0 = cz[ll] - ld[ll], v1 = cz[ll + 1] - ld[ll + 1];
+        nan |= (v0 != v0) | (v1 != v1);
+        m0 = v0 < m0 ? v0 : m0;
+        m1 = v1 < m1 ? v1 : m1;
+    }
+    for (; ll < nl; ll++) {
+        double v0 = cz[ll] - ld[ll];
+        nan |= v0 != v0;
+        m0 = v0 < m0 ? v0 : m0;
+    }
+    if (nan) return cycle_best_literal(sh, set);
+    const double m = m1 < m0 ? m1 : m0;
+    for (ll = 0; ll < nl; ll++)
+        if (cand[ll] >= 0 && cz[ll] - ld[ll] == m) return cand[ll];
+    return -1;
+}
+static inline void cy_dirty(CySet *set, int32_t ll) {
+    set->dirty[ll >> 6] |= (uint64_t)1 << (ll & 63);
+}
 static inline void cy_set_key(CySet *set, const CycleShared *sh, int32_t x, uint8_t on) {
+    const int32_t ll = sh->kl[x];
     set->res[x] = on;
-    set->dirty[sh->kl[x]] = 1;
+    if (sh->bits) {
+        const uint64_t bit = (uint64_t)1 << (x - ll * sh->E);
+        set->rmask[ll] = on ? set->rmask[ll] | bit : set->rmask[ll] & ~bit;
+    }
+    cy_dirty(set, ll);
 }
 static void cycle_init(void *sv, const mer_ctx *c) {
     Cycle *s = sv;
     Cycle_lay(s, c);
     memset(s->real.res, 0, c->n_keys);
     memset(s->shadow.res, 0, c->n_keys);
-    memset(s->real.dirty, 1, c->n_keys);
-    memset(s->shadow.dirty, 1, c->n_keys);
+    memset(s->real.rmask, 0, sizeof(uint64_t) * c->n_keys);
+    memset(s->shadow.rmask, 0, sizeof(uint64_t) * c->n_keys);
+    memset(s->real.dirty, 0, sizeof(uint64_t) * CY_WORDS(c));
+    memset(s->shadow.dirty, 0, sizeof(uint64_t) * CY_WORDS(c));
+    for (int32_t ll = 0; ll < cy_nl(c); ll++) { /* every layer */
+        cy_dirty(&s->real, ll);
+        cy_dirty(&s->shadow, ll);
+    }
     memset(s->lin, 0, c->n_keys);
     for (int32_t i = 0; i < c->n_keys; i++) s->prv[i] = s->nxt[i] = s->sprv[i] = s->snxt[i] = -1;
     s->S = c->n_keys;
@@ -1609,13 +1694,14 @@ static void cycle_begin(void *sv, int64_t t, const int32_t *keys, const int64_t 
         cycle_features(sh, keys, k);
     }
     int32_t ll = sh->kl[keys[0]]; /* its keys' p just changed */
-    s->real.dirty[ll] = s->shadow.dirty[ll] = 1;
+    cy_dirty(&s->real, ll);
+    cy_dirty(&s->shadow, ll);
     if (s->duel) cycle_duel(s, keys, k);
 }
 static void cycle_end(void *sv, int64_t t, const int32_t *keys, int k) {
     Cycle *s = sv;
     (void)t;
-    s->real.dirty[s->sh->kl[keys[0]]] = 1; /* its step keys are no longer protected */
+    cy_dirty(&s->real, s->sh->kl[keys[0]]); /* its step keys are no longer protected */
     if (!s->duel) return; /* the LRU order is read only in the duel's LRU mode */
     for (int r = k - 1; r >= 0; r--) {
         int32_t x = keys[r];
