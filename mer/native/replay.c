@@ -1532,7 +1532,8 @@ static inline int32_t cy_layer_cand(CycleShared *sh, const CySet *set, int32_t l
     *z = cp;
     return cand;
 }
-/* The rule as written (a division per layer): for layers outside 0..L-1 and NaN z. */
+/* The rule as written (a division per layer): for layers outside 0..L-1 and NaN z
+   (neither reaches here through mer: geometry comes from the trace, weights are finite). */
 static int32_t cycle_best_literal(const CycleShared *sh, const CySet *set) {
     const int32_t L = sh->L;
     int32_t best = -1;
