@@ -240,4 +240,3 @@ def test_cycle_beyond_64_experts_per_layer(duel):
             policy_params={"duel": duel},
         )
         assert got == want, (cap, scope, pin)
-
