@@ -146,6 +146,14 @@ def validation_section(table: pd.DataFrame, summary: dict[str, Any], fig_dir: Pa
         trows.append([name, shown, limit, verdict])
     if trows:
         sec.table(["target", "value", "limit", "verdict"], trows, lead="Targets:")
+    cts = summary.get("counts", {})
+    if cts.get("prefetch_on_repeat_spread"):
+        sec.text(
+            "With prefetch on, whether a prefetch is used or late is a race between its read "
+            "and its lookup, run anew in every repeat: the repeats of one configuration "
+            f"differ among themselves by up to {_pct(cts['prefetch_on_repeat_spread'])}% "
+            "of the prefetches issued."
+        )
     rk = summary.get("ranking", {}).get("calibrated", {})
     swaps = rk.get("swapped_pairs", [])
     if swaps:

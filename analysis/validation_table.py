@@ -200,13 +200,21 @@ def summarize(table: pd.DataFrame, configs: Sequence[GridConfig]) -> dict[str, A
         )
     cal = "calibrated" if "calibrated" in out["stages"] else next(iter(out["stages"]))
     st = table[table["stage"] == cal]
-    counts: dict[str, Any] = {"prefetch_off_equal": True, "prefetch_on_worst": 0.0, "configs": {}}
+    counts: dict[str, Any] = {
+        "prefetch_off_equal": True,
+        "prefetch_on_worst": 0.0,
+        # how far the repeats of one configuration differ among themselves (of the issued):
+        # a used / late split is a race between a read and its lookup, decided anew per run
+        "prefetch_on_repeat_spread": 0.0,
+        "configs": {},
+    }
     for name, g in st[st["metric"].isin(COUNTS)].groupby("config", sort=False):
         on = prefetch_of.get(str(name), False)
         issued = g.loc[g["metric"] == "prefetch issued", "measured"]
         scale_pf = float(issued.iloc[0]) if len(issued) else 0.0
         worst = 0.0
         exact = True
+        spread = 0.0
         for r in _records(g):
             # every repeat must equal the prediction exactly when nothing depends on timing
             p, m = float(r["predicted"]), float(r["measured"])
@@ -214,9 +222,18 @@ def summarize(table: pd.DataFrame, configs: Sequence[GridConfig]) -> dict[str, A
             scale = scale_pf if r["metric"] in PREFETCH_COUNTS else abs(m)
             diff = abs(p - m)
             worst = max(worst, diff / scale if scale else (0.0 if diff == 0 else math.inf))
-        counts["configs"][str(name)] = {"prefetch": on, "exact": bool(exact), "worst": worst}
+            if r["metric"] in PREFETCH_COUNTS and scale_pf:
+                rng = float(r["measured_max"]) - float(r["measured_min"])
+                spread = max(spread, rng / scale_pf)
+        counts["configs"][str(name)] = {
+            "prefetch": on,
+            "exact": bool(exact),
+            "worst": worst,
+            "repeat_spread": spread,
+        }
         if on:
             counts["prefetch_on_worst"] = max(counts["prefetch_on_worst"], worst)
+            counts["prefetch_on_repeat_spread"] = max(counts["prefetch_on_repeat_spread"], spread)
         else:
             counts["prefetch_off_equal"] &= bool(exact)
     out["counts"] = counts

@@ -10,6 +10,7 @@ bundled profiles' derivations are in docs/hardware-profile.md.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -80,6 +81,10 @@ class SSDProfile:
     chunk_bytes: int  # reads are split into chunks of (at most) this size
     queue_depth: int | None = None  # chunks submitted to the device at once (None: channels)
     access_latency_s: float = 0.0  # once per read, after its last chunk; occupies no channel
+    # [queue depth, chunk bytes, bytes/s]: the probe's steady streams of whole-expert reads
+    # at each reader setting. Only their ratios are used (reader_scale): the fit above holds
+    # at (queue_depth, chunk_bytes), the table says how another setting differs from it.
+    reader_bandwidth: list[list[float]] = field(default_factory=list)
 
     @property
     def channel_bandwidth(self) -> float:
@@ -98,13 +103,34 @@ class SSDProfile:
         c = self.served_channels(qd)
         return c if qd is None else c * max(1, qd // c)
 
-    def chunk_time_of(self, chunk: float, queue_depth: int | None = None) -> float:
-        """Service time of one chunk of `chunk` bytes on one of the served channels.
+    def chunk_time_of(
+        self, chunk: float, queue_depth: int | None = None, chunk_bytes: int | None = None
+    ) -> float:
+        """Service time of one chunk of `chunk` bytes on one of the served channels, for a
+        reader at (`queue_depth`, `chunk_bytes`) (None: the setting the device was fitted at).
 
         Each channel gets `bandwidth / channels` whatever the reader submits: a
         reader with fewer chunks in flight than channels gets less in aggregate.
+        The measured reader table (`reader_scale`) then says how much faster or
+        slower the device streams at this reader setting than at the fitted one.
         """
-        return self.latency_s + chunk / self.channel_bandwidth
+        scale = self.reader_scale(queue_depth, chunk_bytes)
+        return self.latency_s + chunk / (self.channel_bandwidth * scale)
+
+    def reader_scale(self, queue_depth: int | None, chunk_bytes: int | None) -> float:
+        """Streamed bandwidth at this reader setting over that at the fitted one (1.0
+        without a table): log-linear in queue depth and in chunk size between the
+        measured settings, held at the nearest one outside them."""
+        if not self.reader_bandwidth:
+            return 1.0
+        table = self.reader_bandwidth
+        ref_qd = self.queue_depth if self.queue_depth is not None else self.channels
+        here = _table_bandwidth(
+            table,
+            queue_depth if queue_depth is not None else ref_qd,
+            chunk_bytes if chunk_bytes is not None else self.chunk_bytes,
+        )
+        return here / _table_bandwidth(table, ref_qd, self.chunk_bytes)
 
     def n_chunks(self, nbytes: int) -> int:
         return max(1, -(-nbytes // self.chunk_bytes))
@@ -118,6 +144,32 @@ class SSDProfile:
         """Time of one read alone on an idle device."""
         n = self.n_chunks(nbytes)
         return math.ceil(n / self.channels) * self.chunk_time(nbytes) + self.access_latency_s
+
+
+def _loglinear(points: list[tuple[float, float]], x: float) -> float:
+    """y at x on the polyline through `points` (x ascending) in log2(x), clamped."""
+    if x <= points[0][0]:
+        return points[0][1]
+    if x >= points[-1][0]:
+        return points[-1][1]
+    lx = math.log2(x)
+    for (x0, y0), (x1, y1) in itertools.pairwise(points):
+        if x <= x1:
+            w = (lx - math.log2(x0)) / (math.log2(x1) - math.log2(x0))
+            return y0 + w * (y1 - y0)
+    return points[-1][1]  # pragma: no cover - the loop always returns
+
+
+def _table_bandwidth(table: list[list[float]], queue_depth: float, chunk_bytes: float) -> float:
+    """Bandwidth of the reader table at (queue depth, chunk), interpolated (reader_scale)."""
+    by_chunk: dict[float, list[tuple[float, float]]] = {}
+    for qd, chunk, bw in table:
+        by_chunk.setdefault(float(chunk), []).append((float(qd), float(bw)))
+    at_chunk = [
+        (chunk, _loglinear(sorted(pts), float(queue_depth)))
+        for chunk, pts in sorted(by_chunk.items())
+    ]
+    return _loglinear(at_chunk, float(chunk_bytes))
 
 
 @dataclass
@@ -189,6 +241,7 @@ class HardwareProfile:
                 chunk_bytes=need("ssd", "chunk_bytes"),
                 queue_depth=d["ssd"].get("queue_depth"),
                 access_latency_s=d["ssd"].get("access_latency_s", 0.0),
+                reader_bandwidth=_reader_table(where, d["ssd"].get("reader_bandwidth", [])),
             )
             compute = ComputeProfile(
                 ffn_bytes_per_s=need("compute", "ffn_bytes_per_s"),
@@ -277,6 +330,27 @@ class HardwareProfile:
         self.validate()
         write_json_atomic(path, self.to_dict())
         return Path(path)
+
+
+def _reader_table(where: str, value: Any) -> list[list[float]]:
+    """ssd.reader_bandwidth: a list of [queue depth, chunk bytes, bytes/s], all positive."""
+    if not isinstance(value, list):
+        raise BadInput(
+            f"{where}: field ssd.reader_bandwidth must be a list of "
+            f"[queue depth, chunk bytes, bytes/s], got {type(value).__name__}."
+        )
+    out = []
+    for i, row in enumerate(value):
+        name = f"ssd.reader_bandwidth[{i}]"
+        if not isinstance(row, list | tuple) or len(row) != 3:
+            raise BadInput(
+                f"{where}: field {name} must be [queue depth, chunk bytes, bytes/s], got {row!r}."
+            )
+        qd = validate.integer(where, name + "[0]", row[0], lo=1, hi=1 << 20)
+        chunk = validate.integer(where, name + "[1]", row[1], lo=512, hi=1 << 30)
+        bw = validate.number(where, name + "[2]", row[2], lo=RATE[0], hi=RATE[1])
+        out.append([int(qd), int(chunk), float(bw)])
+    return out
 
 
 def bundled_profiles() -> list[str]:

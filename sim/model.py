@@ -889,7 +889,7 @@ def timing_of(
         seed=seed,
         channels=channels,
         chunks=n_chunks,
-        chunk=ticks(ssd.chunk_time_of(read_bytes / n_chunks)),
+        chunk=ticks(ssd.chunk_time_of(read_bytes / n_chunks, qd, chunk_bytes)),
         window=ssd.window(qd),
         access=ticks(ssd.access_latency_s),
         step=ticks(comp.step_overhead_s),

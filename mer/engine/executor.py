@@ -41,6 +41,7 @@ from mer.engine.streaming import (
     ExpertStreamer,
     current_rss_bytes,
     peak_rss_bytes,
+    thread_cpu_wait_s,
 )
 from mer.errors import BadInput
 from mer.summary import RunSummary, busy_seconds, percentiles, warm_figures
@@ -274,6 +275,7 @@ class Executor:
             ) as streamer:
                 progress = _progress(cfg.progress, n_tokens)
                 t_run0 = clock()
+                cpu_wait0 = thread_cpu_wait_s()
                 with progress as bar:
                     task = bar.add_task("mer run", total=n_tokens) if bar is not None else None
                     for ti in range(n_tokens):
@@ -292,6 +294,8 @@ class Executor:
                         if bar is not None:
                             bar.update(task, advance=1)  # type: ignore[arg-type]
                 wall = clock() - t_run0
+                # the driver's time runnable but off a core: what a loaded machine adds
+                streamer.timing["cpu_wait_s"] = thread_cpu_wait_s() - cpu_wait0
                 streamer.drain()  # background reads still in flight: outside the wall clock
         finally:
             ffn.close()

@@ -68,6 +68,7 @@ MEMORY_FILESYSTEMS = ("tmpfs", "ramfs", "devtmpfs")
 SATURATION = 0.9  # (kept for the grid's summary) share of the best bandwidth
 BURSTS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)  # chunks submitted at once
 CHANNEL_CANDIDATES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+STREAM_ROUNDS = 3  # interleaved rounds of the reader-setting streams
 COLD_BYTES = 96 * MiB  # weights rotated through, beyond any CPU cache
 
 
@@ -98,7 +99,7 @@ class ProbeConfig:
             shape="mixtral-small",
             queue_depths=[1, 4, 16, 64],
             chunk_sizes=[128 * KiB, 512 * KiB],
-            seconds_per_point=0.15,
+            seconds_per_point=0.3,
             latency_reads=50,
             memory_bytes=64 * MiB,
             ffn_working_set_bytes=96 * MiB,
@@ -110,11 +111,20 @@ class ProbeConfig:
 
 @dataclass
 class ReadPoint:
+    """A steady stream of whole-expert reads at one reader setting, `batch` submitted
+    together (a step's demand reads) and the next batch when they have landed."""
+
     queue_depth: int
     chunk_bytes: int
     reads: int
     bytes: int
     seconds: float
+    batch: int = 1
+    # each read's time from the end of its batch's submission to its landing
+    read_p10_s: float = 0.0
+    read_p50_s: float = 0.0
+    read_p90_s: float = 0.0
+    read_mean_s: float = 0.0
 
     @property
     def bandwidth(self) -> float:
@@ -252,7 +262,29 @@ class ProbeResult:
             "queue_depth": int(self.engine_queue_depth),
             "chunk_s": fit.chunk_time(chunk),
             "fit_rms_rel_error": fit.rms_rel_error,
+            "reader_bandwidth": self.reader_table(),
+            # the steady stream at the fitted setting against the bursts' fit: how much more
+            # (or less) a long run's reads get than short bursts predict
+            "stream_over_burst": self.stream_over_burst(float(fit.bandwidth)),
         }
+
+    def stream_over_burst(self, burst_bandwidth: float) -> float | None:
+        ref = [
+            p
+            for p in self.points
+            if p.queue_depth == self.engine_queue_depth and p.chunk_bytes == self.engine_chunk_bytes
+        ]
+        if not ref or burst_bandwidth <= 0 or ref[0].bandwidth <= 0:
+            return None
+        return ref[0].bandwidth / burst_bandwidth
+
+    def reader_table(self) -> list[list[float]]:
+        """[queue depth, chunk bytes, bytes/s] of the steady streams (ssd.reader_bandwidth)."""
+        return [
+            [int(p.queue_depth), int(p.chunk_bytes), float(p.bandwidth)]
+            for p in sorted(self.points, key=lambda p: (p.chunk_bytes, p.queue_depth))
+            if p.bandwidth > 0
+        ]
 
     def fit_grid(self) -> dict[str, Any]:
         """latency, chunk, channels and the model bandwidth reproducing the grid's
@@ -294,7 +326,7 @@ class ProbeResult:
         """The inverse of to_dict (a profile's extra.probe), for re-fitting."""
         kw = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         kw["points"] = [
-            ReadPoint(p["queue_depth"], p["chunk_bytes"], p["reads"], p["bytes"], p["seconds"])
+            ReadPoint(**{k: v for k, v in p.items() if k in ReadPoint.__dataclass_fields__})
             for p in d.get("points", [])
         ]
         kw["bursts"] = [BurstPoint(**b) for b in d.get("bursts", [])]
@@ -353,6 +385,29 @@ def probe_file(directory: Path | None, size: int, seed: int = 0) -> Iterator[Pat
             path.unlink()
 
 
+def merge_points(parts: list[ReadPoint]) -> ReadPoint:
+    """One setting's rounds as one stream: bytes and time summed, the per-read latency
+    figures weighted by each round's reads (quantiles: of the rounds' medians etc.)."""
+    reads = sum(p.reads for p in parts)
+    w = np.array([p.reads for p in parts], dtype=float)
+
+    def avg(name: str) -> float:
+        return float(np.dot(w, [getattr(p, name) for p in parts]) / w.sum())
+
+    return ReadPoint(
+        parts[0].queue_depth,
+        parts[0].chunk_bytes,
+        reads,
+        sum(p.bytes for p in parts),
+        sum(p.seconds for p in parts),
+        parts[0].batch,
+        avg("read_p10_s"),
+        avg("read_p50_s"),
+        avg("read_p90_s"),
+        avg("read_mean_s"),
+    )
+
+
 def measure_reads(
     path: Path,
     read_bytes: int,
@@ -361,11 +416,17 @@ def measure_reads(
     io: str,
     seconds: float,
     rng: np.random.Generator,
-    buf: np.ndarray,
+    batch: int = 1,
 ) -> tuple[ReadPoint, str, bool]:
-    """Whole reads of `read_bytes` at random aligned offsets, one at a time, for ~`seconds`."""
+    """Whole reads of `read_bytes` at random aligned offsets for ~`seconds`, `batch` of
+    them submitted together (as a step submits its demand reads) through a reader at
+    (`queue_depth`, `chunk_bytes`): the stream's bandwidth and each read's latency."""
     size = path.stat().st_size
     n_slots = max(1, size // read_bytes)
+    batch = max(1, min(batch, n_slots))
+    buf = aligned_empty(read_bytes * batch)
+    buf[::ALIGN] = 0
+    lat: list[float] = []
     with open_reader(kind=io, queue_depth=queue_depth, chunk_bytes=chunk_bytes) as reader:
         fd = reader.open(path)
         direct = reader.is_direct(fd)
@@ -375,15 +436,45 @@ def measure_reads(
         reads = 0
         t0 = time.perf_counter()
         while True:
-            off = int(order[reads % n_slots]) * read_bytes
-            reader.read(fd, off, read_bytes, buf)
-            total += read_bytes
-            reads += 1
+            reqs = []
+            for i in range(batch):
+                off = int(order[(reads + i) % n_slots]) * read_bytes
+                reqs.append((fd, off, read_bytes, buf[i * read_bytes : (i + 1) * read_bytes], i))
+            reader.submit_reads(reqs)
+            ts = time.perf_counter()
+            pending = set(range(batch))
+            while pending:
+                got = reader.poll()
+                if not got:
+                    reader.wait(min(pending))  # the oldest first: its landing is timed
+                    got = [min(pending)]
+                now = time.perf_counter()
+                for tag in got:
+                    pending.discard(tag)  # type: ignore[arg-type]
+                    lat.append(now - ts)
+            total += read_bytes * batch
+            reads += batch
             elapsed = time.perf_counter() - t0
             if elapsed >= seconds and reads >= 2:
                 break
         kind = reader.kind
-    return ReadPoint(queue_depth, chunk_bytes, reads, total, elapsed), kind, direct
+    arr = np.asarray(lat)
+    return (
+        ReadPoint(
+            queue_depth,
+            chunk_bytes,
+            reads,
+            total,
+            elapsed,
+            batch,
+            float(np.percentile(arr, 10)),
+            float(np.median(arr)),
+            float(np.percentile(arr, 90)),
+            float(arr.mean()),
+        ),
+        kind,
+        direct,
+    )
 
 
 def measure_latency(path: Path, io: str, n: int, rng: np.random.Generator) -> tuple[float, float]:
@@ -680,8 +771,6 @@ def run_probe(cfg: ProbeConfig, log: Callable[[str], None] | None = None) -> Pro
     points: list[ReadPoint] = []
     kind, direct = cfg.io, True
     with probe_file(cfg.directory, cfg.size_bytes, cfg.seed) as path:
-        buf = aligned_empty(read_bytes)
-        buf[::ALIGN] = 0
         lat, lat90 = measure_latency(path, cfg.io, cfg.latency_reads, rng)
         say(f"latency (4 KiB, QD1): median {lat * 1e6:.0f} us, p90 {lat90 * 1e6:.0f} us")
         bursts = []
@@ -700,16 +789,42 @@ def run_probe(cfg: ProbeConfig, log: Callable[[str], None] | None = None) -> Pro
             f"expert FFN on cold weights: {ffn_direct * 1e3:.3f} ms direct, "
             f"{ffn_busy * 1e3:.3f} ms handed to a thread while a read is in flight"
         )
-        for chunk in cfg.chunk_sizes:
-            for qd in cfg.queue_depths:
+        # The reader settings the engine uses (its default among them): steady streams of
+        # a step's worth of whole-expert reads at a time; the SSD model scales its fitted
+        # bandwidth by how these differ (SSDProfile.reader_scale).
+        # Measured in STREAM_ROUNDS interleaved rounds, each setting a share of its budget
+        # per round in a rotated order, so a disk whose speed drifts during the probe (a
+        # shared one) moves every setting alike instead of skewing their ratios.
+        settings = [
+            (chunk, qd)
+            for chunk in sorted({*cfg.chunk_sizes, cfg.engine_chunk_bytes})
+            for qd in sorted({*cfg.queue_depths, cfg.engine_queue_depth})
+        ]
+        parts: dict[tuple[int, int], list[ReadPoint]] = {s: [] for s in settings}
+        for r in range(STREAM_ROUNDS):
+            shift = r * len(settings) // STREAM_ROUNDS
+            for chunk, qd in settings[shift:] + settings[:shift]:
                 pt, kind, direct = measure_reads(
-                    path, read_bytes, qd, chunk, cfg.io, cfg.seconds_per_point, rng, buf
+                    path,
+                    read_bytes,
+                    qd,
+                    chunk,
+                    cfg.io,
+                    cfg.seconds_per_point / STREAM_ROUNDS,
+                    rng,
+                    batch=shape.top_k,
                 )
-                points.append(pt)
-                say(
-                    f"whole-expert reads ({read_bytes >> 10} KiB), chunk {chunk >> 10} KiB, "
-                    f"QD {qd}: {pt.bandwidth / 1e9:.2f} GB/s ({pt.reads} reads)"
-                )
+                parts[chunk, qd].append(pt)
+        for chunk, qd in settings:
+            pt = merge_points(parts[chunk, qd])
+            points.append(pt)
+            say(
+                f"whole-expert reads ({read_bytes >> 10} KiB, {pt.batch} at a time), "
+                f"chunk {chunk >> 10} KiB, QD {qd}: {pt.bandwidth / 1e9:.2f} GB/s "
+                f"({pt.reads} reads; each p10 {pt.read_p10_s * 1e3:.2f} ms, p50 "
+                f"{pt.read_p50_s * 1e3:.2f} ms, p90 {pt.read_p90_s * 1e3:.2f} ms, mean "
+                f"{pt.read_mean_s * 1e3:.2f} ms)"
+            )
     mem_bps, mem_kind = measure_memory(cfg.memory_bytes, cfg.threads)
     mem1 = mem_bps if cfg.threads == 1 else measure_memory(cfg.memory_bytes, 1)[0]
     ffn_bps, label = measure_ffn(
@@ -774,6 +889,7 @@ def to_profile(result: ProbeResult, name: str | None = None) -> Any:
             chunk_bytes=fit["chunk_bytes"],
             queue_depth=fit.get("queue_depth"),
             access_latency_s=fit.get("access_latency_s", 0.0),
+            reader_bandwidth=fit.get("reader_bandwidth", []),
         ),
         compute=ComputeProfile(
             ffn_bytes_per_s=result.ffn_bytes_per_s,

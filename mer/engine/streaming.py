@@ -109,6 +109,18 @@ def current_rss_bytes() -> int:
         return 0
 
 
+def thread_cpu_wait_s() -> float:
+    """Time this thread has spent runnable but waiting for a core (the kernel's
+    schedstat run delay; 0.0 where it is not available). On a loaded machine the
+    driver then sees a landed read late and looks up late: the simulator's thread
+    runs at once."""
+    try:
+        with open("/proc/thread-self/schedstat") as fh:
+            return int(fh.read().split()[1]) * 1e-9
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process so far (ru_maxrss is KiB on Linux)."""
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
