@@ -1,6 +1,10 @@
 """How fast `cycle` replays beside the classic policies (its compiled loop), one run.
 
     .venv/bin/python bench/bench_cycle.py [--lookups 1000000] [--slots 64,128] [--repeats 3]
+        [--policies lru,arc,s3fifo,opt,cycle]
+
+(`cotoken` has no compiled loop: time it with fewer lookups, e.g.
+`--lookups 100000 --policies lru,cycle,cotoken`.)
 
 The same Mixtral-shaped trace and timing as bench/bench_policies.py (CPU time,
 best of N, `replay_counts` under the step semantics, prefetch off, global):
@@ -33,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lookups", type=int, default=1_000_000)
     ap.add_argument("--slots", default="64,128")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--policies", default=",".join(POLICIES), help="lru first (the ratio's base)")
     args = ap.parse_args(argv)
     steps = mixtral_like(args.lookups)
     n = steps.size
@@ -54,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
                 ldt, _ = time_lcs(path, n, "lru", slots, args.repeats)
                 lcs_rate = n / ldt if ldt > 0 else float("inf")
             lru_rate = 0.0
-            for policy in POLICIES:
+            for policy in args.policies.split(","):
                 cpu, hit = time_mer(steps, policy, slots, args.repeats)
                 rate = n / cpu if cpu > 0 else float("inf")
                 lru_rate = rate if policy == "lru" else lru_rate

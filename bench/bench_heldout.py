@@ -1,14 +1,15 @@
-"""Held-out evaluation of the `cycle` policy: leave one trace out, tune on the others.
+"""Held-out evaluation of the tuned policies: leave one trace out, tune on the others.
 
     .venv/bin/python bench/bench_heldout.py A.parquet B.parquet C.parquet \\
-        [--sizes 64,96,128,192] [--phase decode] [--warmup 32] [--json]
+        [--policy cycle] [--sizes 64,96,128,192] [--phase decode] [--warmup 32] [--json]
 
-For each trace: `cycle` is fitted (`mer tune`'s fit) on the other traces only,
-then every classic policy and the tuned `cycle` are replayed on it (`mer mrc`'s
-curves), cold and after the warm-up window. Prints one markdown table per
-scope: LRU, the best classic online policy at that size, `cycle`, OPT, and the
-share of the LRU->OPT gap `cycle` closes, cold and warm. Everything printed
-for `cycle` is held out: the trace was not used to fit it.
+For each trace: the policy (`cycle` or `cotoken`) is fitted (`mer tune`'s fit)
+on the other traces only, then every classic policy and the tuned one are
+replayed on it (`mer mrc`'s curves), cold and after the warm-up window. Prints
+one markdown table per scope: LRU, the best classic online policy at that size,
+the tuned policy, OPT, and the share of the LRU->OPT gap it closes, cold and
+warm. Everything printed for the tuned policy is held out: the trace was not
+used to fit it.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("traces", nargs="+", type=Path)
+    ap.add_argument("--policy", default="cycle", help="the tuned policy (default cycle)")
     ap.add_argument("--sizes", default="64,96,128,192")
     ap.add_argument("--phase", default="decode")
     ap.add_argument("--warmup", type=int, default=32, help="tokens (default 32)")
@@ -37,18 +39,19 @@ def main(argv: list[str] | None = None) -> int:
     if len(args.traces) < 2:
         ap.error("give at least two traces: each is held out while the others tune")
     sizes = [int(s) for s in args.sizes.split(",")]
+    pol = args.policy
     traces = {p: read_trace(p) for p in args.traces}
     rows = []
     t0 = time.perf_counter()
     for held in args.traces:
         others = [(p, traces[p]) for p in args.traces if p != held]
-        tuned = tune_policy("cycle", others, phase=args.phase, sizes=sizes)
+        tuned = tune_policy(pol, others, phase=args.phase, sizes=sizes)
         tr = traces[held].select_phase(args.phase)
         steps = tr.keys().reshape(-1, tr.top_k)
         req = MRCRequest(
-            policies=[*CLASSIC, "cycle", "opt"],
+            policies=[*CLASSIC, pol, "opt"],
             sizes=sizes,
-            policy_params={"cycle": tuned.params},
+            policy_params={pol: tuned.params},
             warmup_steps=min(args.warmup, tr.n_tokens // 2) * tr.n_layers,
         )
         df = compute_mrc(steps, tr.n_layers, tr.n_experts, req)
@@ -66,13 +69,13 @@ def main(argv: list[str] | None = None) -> int:
                     "best_classic": best,
                     "best_classic_hit_rate": float(g.loc[best, "hit_rate"]),
                     "best_classic_gap_closed": float(g.loc[best, "gap_closed"]),
-                    "cycle": float(g.loc["cycle", "hit_rate"]),
+                    "policy": pol,
+                    "hit_rate": float(g.loc[pol, "hit_rate"]),
                     "opt": float(g.loc["opt", "hit_rate"]),
-                    "gap_closed": float(g.loc["cycle", "gap_closed"]),
-                    "warm_cycle": float(g.loc["cycle", "warm_hit_rate"]),
-                    "warm_gap_closed": float(g.loc["cycle", "warm_gap_closed"]),
-                    "vs_lru_points": 100
-                    * float(g.loc["cycle", "hit_rate"] - g.loc["lru", "hit_rate"]),
+                    "gap_closed": float(g.loc[pol, "gap_closed"]),
+                    "warm_hit_rate": float(g.loc[pol, "warm_hit_rate"]),
+                    "warm_gap_closed": float(g.loc[pol, "warm_gap_closed"]),
+                    "vs_lru_points": 100 * float(g.loc[pol, "hit_rate"] - g.loc["lru", "hit_rate"]),
                 }
             )
     seconds = time.perf_counter() - t0
@@ -84,9 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         return "-" if v != v else f"{100 * v:.1f}%"
 
     for scope in ("global", "per-layer"):
-        print(f"\nscope {scope} (phase {args.phase}; cycle tuned on the other traces):\n")
+        print(f"\nscope {scope} (phase {args.phase}; {pol} tuned on the other traces):\n")
         print(
-            "| trace | slots | LRU | best classic | cycle | OPT | gap closed (cold) | "
+            f"| trace | slots | LRU | best classic | {pol} | OPT | gap closed (cold) | "
             "gap closed (warm) |"
         )
         print("|---|---:|---:|---|---:|---:|---:|---:|")
@@ -96,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"| {r['trace']} | {r['cache_slots']} | {pct(r['lru'])} | "
                 f"{r['best_classic']} {pct(r['best_classic_hit_rate'])} "
-                f"({pct(r['best_classic_gap_closed'])}) | {pct(r['cycle'])} | {pct(r['opt'])} | "
+                f"({pct(r['best_classic_gap_closed'])}) | {pct(r['hit_rate'])} | {pct(r['opt'])} | "
                 f"{pct(r['gap_closed'])} | {pct(r['warm_gap_closed'])} |"
             )
     print(f"\n({seconds:.1f} s; warm = after the first {args.warmup} tokens)")

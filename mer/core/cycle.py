@@ -420,11 +420,28 @@ def fit_weights(
     y = np.concatenate(ys)
     if not len(y):
         raise BadInput("fitting 'cycle' needs traces with at least two tokens.")
+    w, ll, ll0 = logistic_fit(X, y, l2=l2, iters=iters)
+    n = len(y)
+    full = [0.0] * len(FEATURES)
+    for c, v in zip(cols, w, strict=True):
+        full[c] = round(float(v), 4)
+    return tuple(full), {
+        "visits": int(n),
+        "log_likelihood": ll,
+        "log_likelihood_constant": ll0,
+    }
+
+
+def logistic_fit(
+    X: np.ndarray, y: np.ndarray, *, l2: float = 1e-3, iters: int = 50
+) -> tuple[np.ndarray, float, float]:
+    """Logistic regression by Newton's method with a small L2 term (convex: no start
+    point matters). Returns the weights, the mean log-likelihood, and that of the
+    best constant (the base rate), for the fit diagnostics of `mer tune`."""
     w = np.zeros(X.shape[1])
     n = len(y)
     for _ in range(iters):
-        z = X @ w
-        p = 1.0 / (1.0 + np.exp(-z))
+        p = 1.0 / (1.0 + np.exp(-(X @ w)))
         g = X.T @ (p - y) / n + l2 * w
         h = (X * (p * (1 - p))[:, None]).T @ X / n + l2 * np.eye(len(w))
         step = np.linalg.solve(h, g)
@@ -435,11 +452,4 @@ def fit_weights(
     ll = float(np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
     base = float(y.mean())
     ll0 = float(base * math.log(base) + (1 - base) * math.log(1 - base)) if 0 < base < 1 else 0.0
-    full = [0.0] * len(FEATURES)
-    for c, v in zip(cols, w, strict=True):
-        full[c] = round(float(v), 4)
-    return tuple(full), {
-        "visits": int(n),
-        "log_likelihood": ll,
-        "log_likelihood_constant": ll0,
-    }
+    return w, ll, ll0
