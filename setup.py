@@ -49,7 +49,9 @@ for top in MAPPED:
     packages += [f"mer.{p}" for p in find_packages(include=[top, f"{top}.*"])]
     package_dir[f"mer.{top}"] = top
 
-kernels = ["stackdist", "replay", "q4_0"] + (["uring"] if sys.platform.startswith("linux") else [])
+kernels = ["stackdist", "replay", "simstep", "q4_0"] + (
+    ["uring"] if sys.platform.startswith("linux") else []
+)
 
 setup(
     packages=packages,

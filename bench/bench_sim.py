@@ -1,10 +1,13 @@
-"""Simulator speed: simulated lookups/s with prefetch on, and a 100-configuration sweep.
+"""Simulator speed: simulated lookups/s, prefetch off and on, and a 100-configuration sweep.
 
     .venv/bin/python bench/bench_sim.py [--trace T] [--quick]
 
 Uses the bundled Mixtral trace (traces/data/mixtral-offloading-h39s.parquet) when
 present, else a generated Mixtral-shaped trace (32 x 8, top-2, Zipf-skewed).
 Prints Markdown rows for docs/benchmarks.md and the command that produced them.
+Each configuration runs the default path (`sim_path`: "arrays" with prefetch off,
+"compiled" with prefetch on where the C step covers it) and, in the same run, the
+fast engine's Python step loop it is tested equal to; the ratio is theirs.
 """
 
 from __future__ import annotations
@@ -64,10 +67,15 @@ def main() -> int:
     print(f"command: .venv/bin/python bench/bench_sim.py{' --quick' if args.quick else ''}")
     print(f"trace: {name}, {lookups:,} lookups\n")
     print(
-        "| configuration | engine | simulated lookups per CPU-second (best of 3) | core alone (replay_counts) |"
+        "| configuration | path | simulated lookups per CPU-second (best of 3) "
+        "| Python step loop, same run | ratio | core alone (replay_counts) |"
     )
-    print("|---|---|---|---|")
+    print("|---|---|---|---|---|---|")
     from mer.core import Replay, replay_counts
+    from mer.sim import model
+
+    def python_path(*_a: object) -> None:
+        return None
 
     repeats = 1 if args.quick else 3
     # CPU time, not wall time: the figure must not depend on what else the machine runs.
@@ -76,22 +84,36 @@ def main() -> int:
         ("lru", 64, "oracle"),
         ("lru", 64, "previous-token"),
         ("lru", 128, "oracle"),
+        ("s3fifo", 64, "previous-token"),
+        ("lru", 64, "popularity"),
     ):
         cfg = ReplayConfig(policy=policy, cache_slots=slots, predictor=predictor, pipeline_depth=1)
-        sim_cpu, core_cpu = [], []
+        sim_cpu, py_cpu, core_cpu = [], [], []
+        path = ""
         for _ in range(repeats):
             c0 = time.process_time()
-            simulate(trace, cfg, hw, SimOptions())
+            res = simulate(trace, cfg, hw, SimOptions())
             sim_cpu.append(time.process_time() - c0)
+            path = res.summary.extra["sim_path"]
+            # the reference: the fast engine's Python step loop (Replay.step / prefetch)
+            saved = model._run_compiled, model._run_vectorised
+            model._run_compiled = model._run_vectorised = python_path
+            try:
+                c0 = time.process_time()
+                simulate(trace, cfg, hw, SimOptions())
+                py_cpu.append(time.process_time() - c0)
+            finally:
+                model._run_compiled, model._run_vectorised = saved
             rep = Replay.from_trace(trace, cfg)
             c0 = time.process_time()
             replay_counts(rep)
             core_cpu.append(time.process_time() - c0)
-        best, core = min(sim_cpu), min(core_cpu)
+        best, py, core = min(sim_cpu), min(py_cpu), min(core_cpu)
         print(
-            f"| {policy} {slots} slots, predictor {predictor} | fast | {lookups / best:,.0f} "
-            f"| {lookups / core:,.0f} |"
+            f"| {policy} {slots} slots, predictor {predictor} | {path} | {lookups / best:,.0f} "
+            f"| {lookups / py:,.0f} | {py / best:.1f}x | {lookups / core:,.0f} |"
         )
+    print(f"\nload average after the table: {os.getloadavg()[0]:.1f}")
 
     # 5 policies x 10 sizes x 2 predictors = 100 configurations
     policies = policy_names()[:5]

@@ -47,6 +47,7 @@ import numpy as np
 import pandas as pd
 import simpy
 
+from mer import native
 from mer.core.cache import CacheStats
 from mer.core.replay import Replay, ReplayConfig, auto_lead
 from mer.errors import BadInput
@@ -398,6 +399,7 @@ class _Recorder:
         # poll; a < b: blocked waiting, so every completion in between is seen at once).
         self.observe = observe
         self.read_lat_ticks: np.ndarray | None = None  # set by the array path instead
+        self.finish_ticks: np.ndarray | None = None  # the compiled path's read finishes
         self.read_busy_ticks = 0
         self.obs_a: list[int] = []
         self.obs_b: list[int] = []
@@ -424,7 +426,10 @@ class _Recorder:
 
     def observed(self) -> np.ndarray:
         """When the driver saw each read land: the first reap at or after its end."""
-        fin = np.asarray([r.finish for r in self.finish], dtype=np.int64)
+        if self.finish_ticks is not None:
+            fin = self.finish_ticks
+        else:
+            fin = np.asarray([r.finish for r in self.finish], dtype=np.int64)
         if not self.observe or not self.obs_b or fin.size == 0:
             return fin
         a = np.asarray(self.obs_a, dtype=np.int64)
@@ -704,6 +709,84 @@ def _run_vectorised(replay: Replay, tm: _Timing, rec: _Recorder) -> int | None:
     return int(span.sum()) + tm.dense * len(misses)
 
 
+# -- the fast engine, prefetch on: one compiled loop ------------------------------------
+
+
+def _run_compiled(replay: Replay, tm: _Timing, rec: _Recorder) -> int | None:
+    """`_run_fast` as one C loop (`mer.native.simstep`); None where it does not apply.
+
+    It covers a fresh trace replay at step granularity with one of the built-in
+    policies `simstep.POLICIES` and a built-in predictor, whose proposals are computed ahead
+    (`prefetch_proposals`). Everything else runs `_run_fast`. Tests hold the two
+    equal (counts exactly, times to the tick).
+    """
+    from mer.core.replay import compiled_policy, prefetch_proposals
+    from mer.native import replay as native_replay
+    from mer.native import simstep
+
+    cfg = replay.config
+    cache = replay.cache
+    if (
+        replay.is_live
+        or replay.lookup_granularity
+        or cache.state
+        or cache.stats.lookups
+        or replay.n_steps == 0
+    ):
+        return None
+    pol = compiled_policy(replay)
+    if pol is None or pol.name not in simstep.POLICIES:
+        return None
+    if native.load("simstep") is None:
+        return None
+    n_exp = replay.n_experts
+    steps = replay.steps
+    if cache.scope == "per-layer":
+        layers = steps // n_exp
+        if not bool((layers == layers[:, :1]).all()):
+            return None
+    proposals = prefetch_proposals(replay)
+    if proposals is None:
+        return None
+    params = np.asarray(
+        [native_replay.policy_params(pol, p.policy) for p in cache.partitions], dtype=np.float64
+    ).reshape(len(cache.partitions), len(pol.params))
+    pinned = None
+    if cache.pinned:
+        pinned = np.zeros(replay.n_layers * n_exp, dtype=np.uint8)
+        pinned[sorted(cache.pinned)] = 1
+    res = simstep.run(
+        policy_index=pol.index,
+        steps=steps,
+        n_layers=replay.n_layers,
+        n_experts=n_exp,
+        global_scope=cache.scope == "global",
+        caps=[p.capacity for p in cache.partitions],
+        params=params,
+        pinned=pinned,
+        proposals=proposals,
+        prefetch_slots=cfg.prefetch_slots,
+        prefetch_reclaim=cfg.prefetch_reclaim,
+        max_inflight=replay.rule.max_inflight,
+        tm=tm,
+    )
+    if res is None:
+        return None
+    cols = res.per_step.T
+    rec.iter_time, rec.io, rec.comp, rec.n_busy, rec.over = (c.tolist() for c in cols[:5])
+    rec.hits, rec.late, rec.pf, rec.reads = (c.tolist() for c in cols[5:])
+    rec.issued = res.read_issued.tolist()
+    rec.keys = res.read_key.tolist()
+    rec.read_step = res.read_step.tolist()
+    rec.finish_ticks = res.read_finish
+    if rec.observe:
+        rec.obs_a, rec.obs_b, rec.obs_p = (o.tolist() for o in res.obs)
+    stats = cache.stats
+    for i, name in enumerate(stats.COUNTERS):
+        getattr(stats, name)[:] += res.stats[i]
+    return res.end
+
+
 # -- the literal simpy engine ----------------------------------------------------------
 
 
@@ -934,10 +1017,20 @@ def simulate(
     replay = Replay.from_trace(tr, config)
     rec = _Recorder(observe=tm.workers == 1)
     t_start = time.perf_counter()
-    done = _run_vectorised(replay, tm, rec) if opts.engine == "fast" else None
-    if done is None:
-        runner = _run_fast if opts.engine == "fast" else _run_simpy
-        done = runner(replay, tm, rec)
+    done = None
+    path = opts.engine
+    if opts.engine == "fast":
+        # the fastest path that covers the run; the step-by-step Python engine otherwise
+        done = _run_vectorised(replay, tm, rec)
+        path = "arrays"
+        if done is None:
+            done = _run_compiled(replay, tm, rec)
+            path = "compiled"
+        if done is None:
+            path = "python"
+            done = _run_fast(replay, tm, rec)
+    else:
+        done = _run_simpy(replay, tm, rec)
     wall_ticks = done
     sim_seconds = time.perf_counter() - t_start
     stats = replay.stats
@@ -1036,6 +1129,10 @@ def simulate(
         config=config.to_dict(),
         extra={
             "engine": opts.engine,
+            # which implementation ran: "arrays" (prefetch off, compiled decisions and
+            # tabulated timing), "compiled" (prefetch on, one C loop), "python" (the fast
+            # engine's step loop), "simpy" (the literal engine); all give equal results
+            "sim_path": path,
             "evictions": stats.total("evictions"),
             "bypass": stats.total("bypass"),
             "reads": n_reads,

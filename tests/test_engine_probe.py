@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from probes import make_probe_result
 
 from mer.engine.ffn import native_available
 from mer.engine.io import _fs_type
@@ -36,22 +37,7 @@ def _model_points(
 
 
 def _result(points: list[ReadPoint], lat: float, read_bytes: int) -> ProbeResult:
-    return ProbeResult(
-        shape="mixtral-8x7b",
-        expert_read_bytes=read_bytes,
-        file_bytes=1 << 31,
-        filesystem="ext4",
-        io_kind="uring",
-        direct=True,
-        latency_s=lat,
-        latency_p90_s=lat,
-        points=points,
-        ffn_bytes_per_s=1e9,
-        dense_bytes_per_s=1e9,
-        memory_read_bytes_per_s=1e10,
-        threads=2,
-        ram_bytes=1 << 34,
-    )
+    return make_probe_result(points, lat, read_bytes)
 
 
 @pytest.mark.parametrize("channels", [4, 8, 32])
@@ -165,20 +151,36 @@ def test_quick_probe_writes_a_loadable_profile_and_deletes_its_file(tmp_path: Pa
     assert prof.ssd.chunk_bytes == probe["engine_chunk_bytes"]
     assert prof.ssd.queue_depth == probe["engine_queue_depth"]
     assert [b["chunks"] for b in probe["bursts"]] == list(BURSTS) * 2
-    # the profile's model reproduces the measured burst times as well as the fit says
+    # the burst model reproduces the measured burst times as well as the fit says
     ssd = prof.ssd
+    fit = probe["fit"]
+    burst_per_byte = ssd.channels / fit["burst_bandwidth_bytes_per_s"]
     rel = [
         (
             ssd.access_latency_s
-            + math.ceil(b["chunks"] / ssd.channels) * ssd.chunk_time_of(b["chunk_bytes"])
+            + math.ceil(b["chunks"] / ssd.channels)
+            * (ssd.latency_s + b["chunk_bytes"] * burst_per_byte)
         )
         / b["seconds"]
         - 1
         for b in probe["bursts"]
     ]
     assert math.sqrt(sum(r * r for r in rel) / len(rel)) == pytest.approx(
-        probe["fit"]["fit_rms_rel_error"], rel=1e-6
+        fit["fit_rms_rel_error"], rel=1e-6
     )
+    # and the profile's level is the steady stream's at the engine's setting: a batch of
+    # the stream's reads takes, in the model, what it took on the disk
+    ref = next(
+        p
+        for p in probe["points"]
+        if (p["queue_depth"], p["chunk_bytes"]) == (ssd.queue_depth, ssd.chunk_bytes)
+    )
+    if fit["stream_over_burst"] is not None:
+        per_read = ref["bytes"] / ref["reads"]
+        n = math.ceil(per_read / ssd.chunk_bytes)
+        waves = math.ceil(ref["batch"] * n / ssd.channels)
+        model = ssd.access_latency_s + waves * ssd.chunk_time_of(per_read / n)
+        assert model == pytest.approx(ref["seconds"] * ref["batch"] / ref["reads"], rel=1e-9)
     assert prof.compute.ffn_bytes_per_s > 0 and prof.memory.read_bandwidth_bytes_per_s > 0
     assert prof.compute.read_submit_s > 0 and prof.compute.step_overhead_s > 0
     # the kernel that runs is the one measured, and it is reported next to memory

@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+from probes import make_probe_result
 
 from mer.core import ReplayConfig
 from mer.engine.probe import BURSTS, BurstPoint, ProbeResult, ReadPoint, to_profile
@@ -38,42 +39,44 @@ def synthetic_disk_read_s(nbytes: int, qd: int, chunk: int) -> float:
     return ACCESS + n * ((nbytes / n) / (B_REF * FACTOR[(qd, chunk)]))
 
 
-def synthetic_probe() -> ProbeResult:
+def synthetic_probe(burst_speed: float = 1.0) -> ProbeResult:
     """What the probe measures on the synthetic disk: bursts at the default setting and
-    steady streams of whole-expert reads at every setting (at any level: only ratios
-    between settings may matter, so the streams are at 0.7x the burst rate)."""
+    steady streams at every setting, two whole-expert reads submitted together, the next
+    two when they have landed: each batch takes ACCESS + 2 n chunks' transfer.
+    `burst_speed` > 1: short bursts run that much faster than the disk sustains (a
+    cache, an idle spell); a run's reads get the streams' rate."""
     nbytes = SHAPE.slot_bytes
     points = []
     for (qd, chunk), f in FACTOR.items():
-        t = 40 * nbytes / (0.7 * B_REF * f)
-        points.append(ReadPoint(qd, chunk, 40, 40 * nbytes, t, batch=2))
+        batch_s = ACCESS + 2 * nbytes / (B_REF * f)
+        points.append(ReadPoint(qd, chunk, 40, 40 * nbytes, 20 * batch_s, batch=2))
     bursts = [
-        BurstPoint(k, c, ACCESS + k * c / B_REF, 0.0, 0.0) for c in (512 * KiB,) for k in BURSTS
+        BurstPoint(k, c, ACCESS + k * c / (burst_speed * B_REF), 0.0, 0.0)
+        for c in (512 * KiB,)
+        for k in BURSTS
     ]
-    return ProbeResult(
+    return make_probe_result(
+        points,
+        5e-5,
+        nbytes,
         shape=SHAPE.name,
-        expert_read_bytes=nbytes,
         file_bytes=64 << 20,
-        filesystem="ext4",
-        io_kind="uring",
-        direct=True,
-        latency_s=5e-5,
-        latency_p90_s=6e-5,
-        points=points,
         ffn_bytes_per_s=2e10,
         dense_bytes_per_s=1e10,
-        memory_read_bytes_per_s=5e10,
-        threads=2,
-        ram_bytes=1 << 34,
         bursts=bursts,
         engine_chunk_bytes=512 * KiB,
         engine_queue_depth=32,
     )
 
 
+@pytest.mark.parametrize("burst_speed", [1.0, 3.0])
 @pytest.mark.parametrize(("qd", "chunk"), sorted(FACTOR))
-def test_synthetic_disk_read_time_is_predicted_exactly(qd: int, chunk: int) -> None:
-    prof = HardwareProfile.from_dict(to_profile(synthetic_probe()).to_dict())  # through JSON
+def test_synthetic_disk_read_time_is_predicted_exactly(
+    qd: int, chunk: int, burst_speed: float
+) -> None:
+    probe = synthetic_probe(burst_speed)
+    prof = HardwareProfile.from_dict(to_profile(probe).to_dict())  # through JSON
+    assert probe.fit_ssd()["stream_over_burst"] == pytest.approx(1 / burst_speed, rel=1e-9)
     nbytes = SHAPE.slot_bytes
     tm, read_bytes = timing_of(
         prof, SHAPE, SimOptions(shape=SHAPE.name, queue_depth=qd, chunk_bytes=chunk)

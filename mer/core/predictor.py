@@ -78,6 +78,13 @@ class Predictor(ABC):
     def describe(self) -> dict[str, Any]:
         return {"predictor": self.name}
 
+    def predict_all(self, depth: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """Optional, for speed: every step's `predict(t, depth)` of a trace replay at once,
+        as if each step had been observed in turn: keys (n_steps, depth, width) int32
+        (-1 past a prediction's end) and their probabilities. None: drive it step by step.
+        Only for predictors whose predictions depend on the trace alone."""
+        return None
+
 
 _REGISTRY: plugins.Registry[Predictor] = plugins.Registry(
     "predictor",
@@ -129,6 +136,14 @@ class OraclePredictor(Predictor):
         steps = self.ctx.steps
         return [[(int(k), 1.0) for k in steps[u]] for u in _horizon(self.ctx, t, depth)]
 
+    def predict_all(self, depth: int) -> tuple[np.ndarray, np.ndarray] | None:
+        steps = self.ctx.steps
+        n, k = steps.shape
+        keys = np.full((n, depth, k), -1, dtype=np.int32)
+        for d in range(1, depth + 1):
+            keys[: max(0, n - d), d - 1] = steps[d:]
+        return keys, np.ones(keys.shape)
+
 
 @register_predictor
 class PreviousTokenPredictor(Predictor):
@@ -150,3 +165,16 @@ class PreviousTokenPredictor(Predictor):
             prev = self._last.get(u % n_layers)
             out.append([] if prev is None else [(int(k), 1.0) for k in prev])
         return out
+
+    def predict_all(self, depth: int) -> tuple[np.ndarray, np.ndarray] | None:
+        # after observing steps 0..t, layer u's latest keys are step u - L * ceil((u - t) / L)
+        steps = self.ctx.steps
+        n, k = steps.shape
+        n_layers = self.ctx.n_layers
+        keys = np.full((n, depth, k), -1, dtype=np.int32)
+        t = np.arange(n)
+        for d in range(1, depth + 1):
+            src = t + d - n_layers * (-(-d // n_layers))
+            ok = (src >= 0) & (t + d < n)
+            keys[ok, d - 1] = steps[src[ok]]
+        return keys, np.ones(keys.shape)

@@ -180,6 +180,17 @@ class LookaheadPredictor(Predictor):
         first = [] if row is None else [(int(k), 1.0) for k in row]
         return [first] + [[] for _ in range(len(horizon) - 1)]
 
+    def predict_all(self, depth: int) -> tuple[np.ndarray, np.ndarray] | None:
+        la = self.ctx.lookahead
+        if not isinstance(la, np.ndarray):
+            return None
+        n = len(self.ctx.steps)
+        k = la.shape[1]
+        keys = np.full((n, depth, k), -1, dtype=np.int32)
+        if depth and n > 1:
+            keys[: n - 1, 0] = la[1:n]
+        return keys, np.ones(keys.shape)
+
 
 def evaluate(predictor: Predictor, steps: np.ndarray, depth: int = 1) -> list[dict[str, Any]]:
     """Precision and recall of a predictor's top-k per future distance 1..depth.

@@ -37,7 +37,7 @@ import numpy as np
 from mer.core.cache import READY, Admission, CacheStats, ExpertCache, StepResult
 from mer.core.policies import FIFO, LRU, Clock
 from mer.core.policy import POLICIES, EvictionPolicy, not_resident
-from mer.core.predictor import Predictor, ReplayContext, make_predictor
+from mer.core.predictor import Prediction, Predictor, ReplayContext, make_predictor
 from mer.errors import BadInput
 
 GRANULARITIES = ("step", "lookup")
@@ -356,19 +356,7 @@ class Replay:
         if depth == 0 or not self.config.prefetch_on:
             return []
         rule = self.rule
-        top_n = rule.top_n or self.top_k
-        wanted: list[int] = []
-        target: dict[int, int] = {}  # key -> the (first) step it is predicted for
-        lead = max(1, self.config.prefetch_lead)  # 0 (auto) unresolved: no timing here
-        for d, pred in enumerate(self.predictor.predict(t, depth), 1):
-            if d < lead:
-                continue  # too close to arrive in time: leave it to the demand read
-            for key, prob in pred[:top_n]:
-                if prob < rule.min_prob:
-                    break
-                if key not in target:
-                    wanted.append(key)
-                    target[key] = t + d
+        wanted, target = self.proposals(t, self.predictor.predict(t, depth))
         if not wanted:
             return []
         # A prefetch never evicts the current step's keys nor another wanted key.
@@ -382,6 +370,25 @@ class Replay:
             if adm is not None:
                 out.append(adm)
         return out
+
+    def proposals(self, t: int, preds: list[Prediction]) -> tuple[list[int], dict[int, int]]:
+        """The prefetch rule on step t's predictions: the keys wanted, in order, and the
+        (first) step each is predicted for. Nothing here reads the cache."""
+        top_n = self.rule.top_n or self.top_k
+        min_prob = self.rule.min_prob
+        wanted: list[int] = []
+        target: dict[int, int] = {}
+        lead = max(1, self.config.prefetch_lead)  # 0 (auto) unresolved: no timing here
+        for d, pred in enumerate(preds, 1):
+            if d < lead:
+                continue  # too close to arrive in time: leave it to the demand read
+            for key, prob in pred[:top_n]:
+                if prob < min_prob:
+                    break
+                if key not in target:
+                    wanted.append(key)
+                    target[key] = t + d
+        return wanted, target
 
     def complete(self, key: int) -> None:
         self.cache.complete(key)
@@ -735,3 +742,69 @@ def _fused_clock(replay: Replay) -> CacheStats:
         part.policy._ring = ring  # type: ignore[attr-defined]
     residents = [set(r) for r in rings]
     return _finish(replay, residents, hits, misses, evictions, [0] * n_layers)
+
+
+def prefetch_proposals(replay: Replay) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Every step's prefetch proposals of a fresh trace replay, ahead of the run, as CSR
+    arrays (offsets (n_steps + 1,), keys, target steps): what `Replay.prefetch(t)` hands
+    the cache, in order. None for a predictor that is not built in (a plugin may read
+    more than its context).
+
+    Exact because no built-in predictor reads the cache or the clock: its predictions
+    depend on the trace alone (`observe` gets the trace's keys). A predictor with a
+    vectorised `predict_all` is read in one go; the others are driven step by step
+    (observe, predict) and their predictions go through `Replay.proposals`, the rule
+    itself. Consumes the replay's predictor.
+    """
+    from mer.core.predictor import PREDICTORS
+
+    pred = replay.predictor
+    name = replay.config.predictor
+    if replay.is_live or type(pred) is not PREDICTORS.get(name):
+        return None
+    if not type(pred).__module__.startswith("mer.core."):
+        return None
+    n = replay.n_steps
+    depth = replay.config.pipeline_depth
+    if depth == 0 or not replay.config.prefetch_on or n == 0:
+        return np.zeros(n + 1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int64)
+    arrays = pred.predict_all(depth)
+    if arrays is not None:
+        return _proposals_of_arrays(replay, *arrays)
+    off = np.zeros(n + 1, dtype=np.int64)
+    keys: list[int] = []
+    targets: list[int] = []
+    steps = replay.steps
+    for t in range(n):
+        pred.observe(t, steps[t])
+        wanted, target = replay.proposals(t, pred.predict(t, depth))
+        keys.extend(wanted)
+        targets.extend(target[key] for key in wanted)
+        off[t + 1] = len(keys)
+    return off, np.asarray(keys, dtype=np.int32), np.asarray(targets, dtype=np.int64)
+
+
+def _proposals_of_arrays(
+    replay: Replay, keys: np.ndarray, probs: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`Replay.proposals` over every step at once, on padded predictions: keys and probs
+    (n_steps, depth, width), key -1 where a prediction is shorter (only at its end)."""
+    n, depth, _ = keys.shape
+    top_n = replay.rule.top_n or replay.top_k
+    keys = keys[:, :, :top_n]
+    probs = probs[:, :, :top_n]
+    w = keys.shape[2]
+    # a prediction is read in rank order up to its first key below min_prob
+    valid = (keys >= 0) & np.cumprod(probs >= replay.rule.min_prob, axis=2).astype(bool)
+    lead = max(1, replay.config.prefetch_lead)
+    valid[:, : lead - 1, :] = False
+    flat = keys.reshape(n, depth * w)
+    ok = valid.reshape(n, depth * w).copy()
+    for j in range(1, depth * w):  # a key already wanted (nearer step first) is not again
+        for i in range(j):
+            ok[:, j] &= ~(ok[:, i] & (flat[:, i] == flat[:, j]))
+    d_of_col = np.repeat(np.arange(1, depth + 1, dtype=np.int64), w)
+    target = np.arange(n, dtype=np.int64)[:, None] + d_of_col[None, :]
+    off = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(ok.sum(axis=1), out=off[1:])
+    return off, np.ascontiguousarray(flat[ok], dtype=np.int32), target[ok]

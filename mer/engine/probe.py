@@ -253,38 +253,70 @@ class ProbeResult:
             return self.fit_grid()
         chunk = self.engine_chunk_bytes
         fit = fit_device([(b.chunks, b.chunk_bytes, b.seconds) for b in self.bursts])
+        burst_bw = float(fit.bandwidth)
+        steady = self.steady_bandwidth(fit)
+        if steady is not None:
+            # The bursts give the device's shape (channels, latencies); its level is what a
+            # steady stream of a step's reads sustains at the engine's setting, which is
+            # what a run's reads get (bursts of a few ms can ride a cache or an idle spell).
+            fit.seconds_per_byte = fit.channels / steady
         return {
             "latency_s": fit.latency_s,
             "access_latency_s": fit.access_s,
             "bandwidth_bytes_per_s": float(fit.bandwidth),
+            "burst_bandwidth_bytes_per_s": burst_bw,
             "channels": int(fit.channels),
             "chunk_bytes": int(chunk),
             "queue_depth": int(self.engine_queue_depth),
             "chunk_s": fit.chunk_time(chunk),
             "fit_rms_rel_error": fit.rms_rel_error,
-            "reader_bandwidth": self.reader_table(),
-            # the steady stream at the fitted setting against the bursts' fit: how much more
-            # (or less) a long run's reads get than short bursts predict
-            "stream_over_burst": self.stream_over_burst(float(fit.bandwidth)),
+            "reader_bandwidth": self.reader_table(fit),
+            # the steady stream against the bursts' fit: how much more (or less) a long
+            # run's reads get than short bursts say
+            "stream_over_burst": None if steady is None else steady / burst_bw,
         }
 
-    def stream_over_burst(self, burst_bandwidth: float) -> float | None:
-        ref = [
-            p
-            for p in self.points
-            if p.queue_depth == self.engine_queue_depth and p.chunk_bytes == self.engine_chunk_bytes
-        ]
-        if not ref or burst_bandwidth <= 0 or ref[0].bandwidth <= 0:
-            return None
-        return ref[0].bandwidth / burst_bandwidth
+    def reference_point(self) -> ReadPoint | None:
+        """The steady stream at the engine's setting (the one the device is fitted at)."""
+        for p in self.points:
+            if (p.queue_depth, p.chunk_bytes) == (self.engine_queue_depth, self.engine_chunk_bytes):
+                return p
+        return None
 
-    def reader_table(self) -> list[list[float]]:
-        """[queue depth, chunk bytes, bytes/s] of the steady streams (ssd.reader_bandwidth)."""
-        return [
-            [int(p.queue_depth), int(p.chunk_bytes), float(p.bandwidth)]
-            for p in sorted(self.points, key=lambda p: (p.chunk_bytes, p.queue_depth))
-            if p.bandwidth > 0
-        ]
+    @staticmethod
+    def model_bandwidth(p: ReadPoint, fit: DeviceFit) -> float | None:
+        """The bandwidth that makes the fitted device take stream `p`'s time per batch:
+        `batch` reads of n chunks each, submitted together, served in waves on the
+        channels the reader keeps busy, then the access latency (None when the stream
+        is empty or the fitted fixed costs alone exceed its time)."""
+        if p.reads <= 0 or p.seconds <= 0 or p.batch <= 0:
+            return None
+        n = max(1, -(-(p.bytes // p.reads) // p.chunk_bytes))
+        per_chunk = p.bytes / p.reads / n
+        per_batch = p.seconds / (p.reads / p.batch)
+        served = max(1, min(fit.channels, p.queue_depth))
+        waves = -(-(p.batch * n) // served)
+        transfer = (per_batch - fit.access_s) / waves - fit.latency_s
+        if transfer <= 0:
+            return None
+        return per_chunk * fit.channels / transfer
+
+    def steady_bandwidth(self, fit: DeviceFit) -> float | None:
+        """model_bandwidth of the stream at the engine's setting."""
+        p = self.reference_point()
+        return None if p is None else self.model_bandwidth(p, fit)
+
+    def reader_table(self, fit: DeviceFit | None = None) -> list[list[float]]:
+        """[queue depth, chunk bytes, bytes/s] per steady stream (ssd.reader_bandwidth):
+        the model bandwidth that reproduces each stream given the fitted fixed costs (so
+        their ratios are the transfer's alone), or the stream's own bandwidth without
+        a fit."""
+        out = []
+        for p in sorted(self.points, key=lambda p: (p.chunk_bytes, p.queue_depth)):
+            bw = p.bandwidth if fit is None else self.model_bandwidth(p, fit)
+            if bw is not None and bw > 0:
+                out.append([int(p.queue_depth), int(p.chunk_bytes), float(bw)])
+        return out
 
     def fit_grid(self) -> dict[str, Any]:
         """latency, chunk, channels and the model bandwidth reproducing the grid's

@@ -81,6 +81,13 @@ KERNELS: dict[str, Kernel] = {
             libraries=("m",),
         ),
         Kernel(
+            "simstep",
+            "the compiled prefetch-on simulation step",
+            "the fast engine's Python step loop (mer.sim.model)",
+            libraries=("m",),
+            depends=("replay.c", "replay.h"),
+        ),
+        Kernel(
             "uring",
             "the io_uring reader",
             "a thread pool of preadv",
@@ -126,6 +133,7 @@ def _install_builder(name: str) -> FFI | None:
 # setup.py's cffi_modules entries: "mer/native/build.py:<name>_builder"
 stackdist_builder = _install_builder("stackdist")
 replay_builder = _install_builder("replay")
+simstep_builder = _install_builder("simstep")
 uring_builder = _install_builder("uring")
 q4_0_builder = _install_builder("q4_0")
 
