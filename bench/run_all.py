@@ -26,6 +26,18 @@ def steps(quick: bool) -> list[tuple[str, list[str]]]:
         ("synth", ["bench/bench_synth.py"]),
         ("policies", ["bench/bench_policies.py", "--lookups", "200000" if quick else "1000000"]),
         ("cycle", ["bench/bench_cycle.py", "--lookups", "200000" if quick else "1000000"]),
+        (
+            "cotoken",
+            [
+                "bench/bench_cycle.py",
+                "--lookups",
+                "20000" if quick else "100000",
+                "--repeats",
+                "1",
+                "--policies",
+                "lru,cycle,cotoken",
+            ],
+        ),
         ("sim", ["bench/bench_sim.py", *(["--quick"] if quick else [])]),
         ("ffn", ["bench/bench_ffn.py", "--repeats", "2" if quick else "5"]),
         (

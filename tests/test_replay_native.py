@@ -213,3 +213,30 @@ def test_seed_locality_pinned_heavy(k):
                 assert side_by_side[cap] == want[0]["hits"], (n_layers, epl, cap, scope)
     passed = np.asarray(skipped)
     assert (passed > 0).mean() > 0.3 and (passed >= 4).sum() > 100, np.bincount(passed[passed >= 0])
+
+
+@pytest.mark.parametrize("duel", [0, 1])
+def test_cycle_beyond_64_experts_per_layer(duel):
+    # Up to 64 experts a layer's residents are bit masks in the compiled cycle; past
+    # that it scans the layer's keys one by one. Both must equal the Python class.
+    rng = np.random.default_rng(11)
+    n_layers, n_experts, k = 2, 70, 2
+    w = rng.random(n_experts) ** 4 + 1e-3
+    rows = [
+        [layer * n_experts + int(e) for e in rng.choice(n_experts, k, replace=False, p=w / w.sum())]
+        for _ in range(120)
+        for layer in range(n_layers)
+    ]
+    steps = np.asarray(rows, dtype=np.int32)
+    for cap, scope, pin in ((3, "global", 0), (17, "global", 2), (40, "per-layer", 1)):
+        got, want = both(
+            steps,
+            n_layers,
+            n_experts,
+            policy="cycle",
+            cache_slots=cap,
+            scope=scope,
+            pin=pin,
+            policy_params={"duel": duel},
+        )
+        assert got == want, (cap, scope, pin)

@@ -43,17 +43,22 @@ def _summary(res):
     return d
 
 
+def random_profile(rng: random.Random, workers: tuple[int, ...] = (1, 2, 3)):
+    """A hardware profile with random SSD and compute figures (for engine comparisons)."""
+    return profile(
+        latency=rng.uniform(1e-5, 1e-4),
+        bw=rng.uniform(2e8, 2e9),
+        channels=rng.choice([1, 2, 3, 5]),
+        chunk=rng.choice([9000, 40000, 1 << 30]),
+        ffn_bps=rng.uniform(3e8, 3e9),
+        workers=rng.choice(workers),
+    )
+
+
 def test_array_path_equals_the_step_engines(monkeypatch):
     rng = random.Random(5)
     for i in range(14):
-        hw = profile(
-            latency=rng.uniform(1e-5, 1e-4),
-            bw=rng.uniform(2e8, 2e9),
-            channels=rng.choice([1, 2, 3, 5]),
-            chunk=rng.choice([9000, 40000, 1 << 30]),
-            ffn_bps=rng.uniform(3e8, 3e9),
-            workers=rng.choice([1, 2, 3]),
-        )
+        hw = random_profile(rng)
         k = rng.choice([1, 2, 3])
         trace = _trace(i, k=k)
         cfg = ReplayConfig(

@@ -15,7 +15,7 @@ import random
 
 import numpy as np
 import pytest
-from test_sim_fast import _summary
+from test_sim_fast import _summary, random_profile
 from test_sim_model import SHAPE, profile
 
 from mer import native
@@ -33,7 +33,7 @@ pytestmark = pytest.mark.skipif(
 
 #: every policy the compiled path takes
 POLICIES = list(simstep.POLICIES)
-PREDICTORS = ["oracle", "previous-token", "lookahead", "markov", "popularity", "none"]
+PREDICTORS = ["oracle", "previous-token", "lookahead", "markov", "popularity", "cooccur", "none"]
 
 
 def _trace(seed: int, tokens: int, layers: int, n_experts: int, k: int):
@@ -70,14 +70,7 @@ def _random_case(rng: random.Random, i: int):
     if rng.random() < 0.3:
         hw = load_profile(rng.choice(["nvme-desktop", "ci-tiny", "seed-g2-standard-32"]))
     else:
-        hw = profile(
-            latency=rng.uniform(1e-5, 1e-4),
-            bw=rng.uniform(2e8, 2e9),
-            channels=rng.choice([1, 2, 3, 5]),
-            chunk=rng.choice([9000, 40000, 1 << 30]),
-            ffn_bps=rng.uniform(3e8, 3e9),
-            workers=rng.choice([1, 1, 2, 3]),
-        )
+        hw = random_profile(rng, workers=(1, 1, 2, 3))
     scope = rng.choice(["global", "per-layer"])
     slots = rng.choice([1, 2, k - 1 or 1, k, k + 1, 2 * k, n_keys // 2 or 1, n_keys])
     pin = rng.choice([0, 0, 0, 1, 2])
@@ -136,7 +129,9 @@ def test_compiled_step_equals_python_on_wrong_guesses(monkeypatch):
             policy=rng.choice(POLICIES),
             cache_slots=rng.choice([6, 9, 12, 16]),
             scope=rng.choice(["global", "per-layer"]),
-            predictor=rng.choice(["markov", "popularity", "previous-token", "lookahead"]),
+            predictor=rng.choice(
+                ["markov", "popularity", "previous-token", "lookahead", "cooccur"]
+            ),
             pipeline_depth=rng.choice([2, 3, 4]),
             prefetch_inflight=rng.choice([2, 8]),
             prefetch_slots=rng.choice([0, 1, 2, 3]),
@@ -165,7 +160,7 @@ def test_compiled_step_equals_the_literal_simpy_engine():
         assert sorted(fast.read_latencies.tolist()) == sorted(literal.read_latencies.tolist())
 
 
-@pytest.mark.parametrize("predictor", ["oracle", "previous-token", "lookahead"])
+@pytest.mark.parametrize("predictor", ["oracle", "previous-token", "lookahead", "popularity"])
 def test_vectorised_proposals_equal_the_rule_step_by_step(predictor):
     rng = random.Random(predictor)
     for i in range(12):
@@ -177,7 +172,9 @@ def test_vectorised_proposals_equal_the_rule_step_by_step(predictor):
             pipeline_depth=rng.choice([1, 2, 3, 6, 9]),
             prefetch_top_n=rng.choice([None, 1, 2, 5]),
             prefetch_lead=rng.choice([1, 2, 3]),
+            prefetch_min_prob=rng.choice([0.0, 0.3, 0.6]),
         )
+        assert Replay.from_trace(trace, cfg).predictor.predict_all(cfg.pipeline_depth) is not None
         fast = prefetch_proposals(Replay.from_trace(trace, cfg))
         # the reference: Replay.prefetch's own rule on the predictor's step-by-step answers
         rep = Replay.from_trace(trace, cfg)

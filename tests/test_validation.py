@@ -128,6 +128,10 @@ def test_counts_check_prefetch_off_exact_on_within_one_percent() -> None:
     # 101 against 100, relative to themselves: the worst
     assert c["configs"]["on"]["worst"] == pytest.approx(max(1.5 / 200, 1 / 100))
     assert s["targets"]["counts with prefetch on, abs. error"]["met"]
+    # the repeats among themselves: late 30 and 31, one of the 200 issued
+    assert c["configs"]["on"]["repeat_spread"] == pytest.approx(1 / 200)
+    assert c["prefetch_on_repeat_spread"] == pytest.approx(1 / 200)
+    assert c["configs"]["off"]["repeat_spread"] == 0.0
     measured["off"][1] = _summary(hits=101, misses=539)
     s = summarize(build_table([off, on], measured, predicted), [off, on])
     assert not s["counts"]["prefetch_off_equal"]

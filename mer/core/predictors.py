@@ -156,6 +156,44 @@ class PopularityPredictor(Predictor):
             out.append([(key, c / n) for key, c in ranked])
         return out
 
+    #: predict_all's largest padded array (steps x depth x experts); beyond it, step by step
+    MAX_CELLS = 1 << 24
+
+    def predict_all(self, depth: int) -> tuple[np.ndarray, np.ndarray] | None:
+        # Step t's prediction for u = t + d is layer u's counts after its latest step
+        # src <= t (src = u - L * ceil(d / L)), ranked by (-count, key), observed keys only.
+        ctx = self.ctx
+        steps = ctx.steps
+        n, k = steps.shape
+        n_layers, n_exp = ctx.n_layers, ctx.n_experts
+        if n * max(depth, 1) * n_exp > self.MAX_CELLS or self._steps:
+            return None
+        layer_of = np.arange(n) % n_layers
+        local = steps.astype(np.int64) - (layer_of * n_exp)[:, None]
+        if local.min(initial=0) < 0 or local.max(initial=0) >= n_exp:
+            return None  # a step outside its layer's keys: leave it to predict()
+        hits = np.zeros((n, n_exp), dtype=np.int64)
+        np.add.at(hits, (np.repeat(np.arange(n), k), local.reshape(-1)), 1)
+        cum = np.zeros_like(hits)  # counts of step s's layer over its steps <= s
+        for layer in range(n_layers):
+            cum[layer::n_layers] = np.cumsum(hits[layer::n_layers], axis=0)
+        keys = np.full((n, depth, n_exp), -1, dtype=np.int32)
+        probs = np.zeros((n, depth, n_exp))
+        t = np.arange(n)
+        for d in range(1, depth + 1):
+            src = t + d - n_layers * (-(-d // n_layers))
+            ok = np.flatnonzero((src >= 0) & (t + d < n))
+            if not ok.size:
+                continue
+            c = cum[src[ok]]
+            order = np.argsort(-c, axis=1, kind="stable")  # ties: the smaller key first
+            cs = np.take_along_axis(c, order, axis=1)
+            seen = (src[ok] // n_layers + 1)[:, None]  # the layer's observed steps
+            base = (((t[ok] + d) % n_layers) * n_exp)[:, None]
+            keys[ok, d - 1] = np.where(cs > 0, base + order, -1)
+            probs[ok, d - 1] = cs / seen
+        return keys, probs
+
 
 @register_predictor
 class LookaheadPredictor(Predictor):

@@ -75,6 +75,9 @@ KERNELS: dict[str, Kernel] = {
             "replay",
             "the compiled policy replays",
             "the Python policies in the core's lean replay loop",
+            # floating point as Python evaluates it (no fused multiply-adds), in every
+            # driver instance a policy's hooks are inlined into
+            extra_flags=("-ffp-contract=off",),
             libraries=("m",),
         ),
         Kernel(

@@ -44,6 +44,13 @@
 
 #define INF_POS ((int64_t)1 << 62) /* "never used again", as mer.core.policies.INF */
 
+/* Hooks marked MER_INLINE are inlined into their policy's driver instances (the hot ones). */
+#if defined(__GNUC__) || defined(__clang__)
+#define MER_INLINE static inline __attribute__((always_inline))
+#else
+#define MER_INLINE static inline
+#endif
+
 /* -- what a policy sees ----------------------------------------------------------- */
 
 typedef struct {
@@ -853,7 +860,8 @@ typedef struct {
     int32_t *counts; /* window count of every key */
     int32_t *order, *pos; /* keys by count, descending (not sorted within a count) */
     int32_t *gt;     /* gt[c]: keys with count > c; gt[w + 1] = 0 */
-    int32_t *moved;  /* keys whose count changed in this step */
+    int32_t *moved;  /* keys whose count changed in this step, */
+    int32_t *mlo;    /* and the lower of the two counts of each change */
     int32_t *tmp;    /* a bucket's ids, to rank them */
     int32_t n_moved;
     int32_t n_hot;   /* keys with count >= hot_min */
@@ -875,6 +883,7 @@ typedef struct {
     int32_t S, n_pin;
     int32_t cstar, idcut; /* pinned: count > cstar, or == cstar and id <= idcut */
     int32_t rcut;         /* how many of bucket cstar's ids are pinned */
+    int32_t cut;          /* how many keys are pinned: min(hot keys, cap - 1) */
     SeedShared *sh;
 } Seed;
 
@@ -893,9 +902,9 @@ DEFINE_SIZE_INIT(Seed, SEED_ARRAYS)
 static size_t seed_shared_size(const mer_ctx *c) {
     int64_t w = (int64_t)c->p[0];
     if (w < 1) w = 1;
-    return sizeof(SeedShared) + 16 * 7 + sizeof(int32_t) * (size_t)w +
+    return sizeof(SeedShared) + 16 * 8 + sizeof(int32_t) * (size_t)w +
            4 * sizeof(int32_t) * (size_t)c->n_keys + sizeof(int32_t) * (size_t)(w + 2) +
-           sizeof(int32_t) * 2 * (size_t)c->k;
+           2 * sizeof(int32_t) * 2 * (size_t)c->k;
 }
 static void seed_shared_init(SeedShared *sh, const mer_ctx *c) {
     arena a = {(char *)sh, sizeof(SeedShared)};
@@ -908,6 +917,7 @@ static void seed_shared_init(SeedShared *sh, const mer_ctx *c) {
     sh->tmp = take(&a, sizeof(int32_t) * c->n_keys);
     sh->gt = take(&a, sizeof(int32_t) * (size_t)(w + 2));
     sh->moved = take(&a, sizeof(int32_t) * 2 * (size_t)c->k);
+    sh->mlo = take(&a, sizeof(int32_t) * 2 * (size_t)c->k);
     memset(sh->counts, 0, sizeof(int32_t) * c->n_keys);
     memset(sh->gt, 0, sizeof(int32_t) * (size_t)(w + 2));
     for (int32_t i = 0; i < c->n_keys; i++) sh->order[i] = sh->pos[i] = i;
@@ -935,52 +945,99 @@ static void seed_init(void *sv, const mer_ctx *c) {
     s->cstar = (int32_t)(s->sh->wsize + 1); /* nothing pinned */
     s->idcut = -1;
     s->rcut = 0;
+    s->cut = 0;
 }
-static inline void seed_swap(SeedShared *sh, int32_t i, int32_t j) {
-    int32_t a = sh->order[i], b = sh->order[j];
-    sh->order[i] = b;
-    sh->pos[b] = i;
-    sh->order[j] = a;
-    sh->pos[a] = j;
+/* count[x] +/- 1: x trades places with the first key of its bucket (+1: the bucket
+   then starts one place later) or with the last (-1: its bucket then starts there).
+   The arrays come as restrict locals: with -fno-strict-aliasing every store through
+   a pointer read from *sh would otherwise make the compiler read the others again. */
+MER_INLINE int32_t seed_count(int32_t *restrict counts, int32_t *restrict order,
+                              int32_t *restrict pos, int32_t *restrict gt, int32_t x, int up) {
+    int32_t i = pos[x], j, lo; /* lo: the lower of the old and the new count */
+    if (up) {
+        lo = counts[x]++;
+        j = gt[lo]++;
+    } else {
+        lo = --counts[x];
+        j = --gt[lo];
+    }
+    int32_t y = order[j];
+    order[i] = y;
+    pos[y] = i;
+    order[j] = x;
+    pos[x] = j;
+    return lo;
 }
-/* count[x] + 1: x trades places with the first key of its bucket, which then ends
-   one place later; count[x] - 1: with the last, and its bucket then starts there */
 static inline void seed_up(SeedShared *sh, int32_t x) {
-    int32_t c = sh->counts[x]++;
-    seed_swap(sh, sh->pos[x], sh->gt[c]);
-    sh->gt[c]++;
+    sh->mlo[sh->n_moved] = seed_count(sh->counts, sh->order, sh->pos, sh->gt, x, 1);
     sh->moved[sh->n_moved++] = x;
 }
 static inline void seed_down(SeedShared *sh, int32_t x) {
-    int32_t c = --sh->counts[x];
-    seed_swap(sh, sh->pos[x], --sh->gt[c]);
+    sh->mlo[sh->n_moved] = seed_count(sh->counts, sh->order, sh->pos, sh->gt, x, 0);
     sh->moved[sh->n_moved++] = x;
 }
-static void seed_window(SeedShared *sh, const int32_t *keys, int k) {
+MER_INLINE void seed_window(SeedShared *sh, const int32_t *keys, int k) {
     sh->n_moved = 0;
     if (sh->wlen == sh->wsize && sh->wsize >= k && k <= 32) {
         /* full: the step's keys replace the k oldest. Only the net count changes
            matter (the pinned set is read after the whole step), so a key that
            both enters and leaves is left alone. */
+        int32_t *restrict counts = sh->counts, *restrict order = sh->order;
+        int32_t *restrict pos = sh->pos, *restrict gt = sh->gt;
+        int32_t *restrict moved = sh->moved, *restrict mlo = sh->mlo, *restrict ring = sh->ring;
+        int32_t nm = 0;
+        int64_t wh = sh->whead;
+        const int64_t ws = sh->wsize;
+        if (k == 2 && !((ws | wh) & 1)) {
+            /* the common shape, without a branch on which keys coincide: both keys
+               up, both oldest down. A key both in and out goes up and back down,
+               which ends at its count (its place within its bucket may change,
+               which no decision reads) and is listed twice among the moved. */
+            const int32_t i0 = keys[0], i1 = keys[1], o0 = ring[wh], o1 = ring[wh + 1];
+            ring[wh] = i0;
+            ring[wh + 1] = i1;
+            wh += 2;
+            sh->whead = wh == ws ? 0 : wh;
+            mlo[0] = seed_count(counts, order, pos, gt, i0, 1);
+            mlo[1] = seed_count(counts, order, pos, gt, i1, 1);
+            mlo[2] = seed_count(counts, order, pos, gt, o0, 0);
+            mlo[3] = seed_count(counts, order, pos, gt, o1, 0);
+            moved[0] = i0;
+            moved[1] = i1;
+            moved[2] = o0;
+            moved[3] = o1;
+            sh->n_moved = 4;
+            sh->n_hot = gt[sh->hot_min - 1];
+            return;
+        }
         uint32_t left = 0; /* bit r: the r-th oldest still has to leave */
         int32_t out[32];
         for (int r = 0; r < k; r++) {
-            out[r] = sh->ring[sh->whead];
-            sh->ring[sh->whead] = keys[r];
-            if (++sh->whead == sh->wsize) sh->whead = 0;
+            out[r] = ring[wh];
+            ring[wh] = keys[r];
+            if (++wh == ws) wh = 0;
             left |= 1u << r;
         }
+        sh->whead = wh;
         for (int r = 0; r < k; r++) {
             int32_t x = keys[r];
             uint32_t same = 0;
             for (int q = 0; q < k; q++) same |= (uint32_t)(out[q] == x) << q;
             same &= left;
-            if (same) left &= ~(same & -same);
-            else seed_up(sh, x);
+            if (same) {
+                left &= ~(same & -same);
+            } else {
+                mlo[nm] = seed_count(counts, order, pos, gt, x, 1);
+                moved[nm++] = x;
+            }
         }
         for (int q = 0; q < k; q++)
-            if (left >> q & 1u) seed_down(sh, out[q]);
-        sh->n_hot = sh->gt[sh->hot_min - 1];
+            if (left >> q & 1u) {
+                mlo[nm] = seed_count(counts, order, pos, gt, out[q], 0);
+                moved[nm++] = out[q];
+            }
+        sh->n_moved = nm;
+        sh->n_hot = gt[sh->hot_min - 1];
         return;
     }
     for (int r = 0; r < k; r++) {
@@ -1061,7 +1118,7 @@ static inline void seed_place(Seed *s, int32_t x) {
     uint8_t want = (uint8_t)(SEED_LIST + seed_is_pinned(s, x)); /* LIST or HELD */
     if (((unsigned)(w - SEED_LIST) < 2u) & (w != want)) seed_move(s, x, want);
 }
-static void seed_begin(void *sv, int64_t t, const int32_t *keys, const int64_t *nu, int k) {
+MER_INLINE void seed_begin(void *sv, int64_t t, const int32_t *keys, const int64_t *nu, int k) {
     Seed *s = sv;
     SeedShared *sh = s->sh;
     const int32_t *gt = sh->gt;
@@ -1073,6 +1130,13 @@ static void seed_begin(void *sv, int64_t t, const int32_t *keys, const int64_t *
     const int32_t none = (int32_t)(sh->wsize + 1);
     int32_t cut = sh->n_hot < s->n_pin ? sh->n_hot : s->n_pin;
     int32_t old = s->cstar, c = none, r = 0;
+    /* Most steps: the same cut, and no count change from or to the cut bucket's
+       count or the one below. Then gt[old] and gt[old - 1] are unchanged, so are
+       the bucket and the rank found below, and no key changes side. */
+    int quiet = cut == s->cut;
+    for (int32_t i = 0; i < sh->n_moved; i++) quiet &= (uint32_t)(old - sh->mlo[i]) > 1u;
+    if (quiet) return;
+    s->cut = cut;
     if (cut > 0) { /* the bucket of the cut's last key: gt[c] < cut <= gt[c - 1] */
         c = old < none ? old : (int32_t)sh->hot_min;
         while (gt[c] >= cut) c++;
@@ -1080,11 +1144,11 @@ static void seed_begin(void *sv, int64_t t, const int32_t *keys, const int64_t *
         r = cut - gt[c];
     }
     /* The cut stays where it was if its bucket, its rank there and the bucket's keys
-       are the same. Only a moved key can enter or leave the bucket; if none ends
-       within one count of it, none crossed it either: then no key changes side. */
+       are the same. Only a count change from or to c can change the bucket's keys
+       (a change is one step of 1: from lo to lo + 1 or back); if none does, no key
+       crossed the bucket either: then no key changes side. */
     int same = (c == old) & (r == s->rcut);
-    for (int32_t i = 0; i < sh->n_moved; i++)
-        same &= (uint32_t)(sh->counts[sh->moved[i]] - c + 1) > 2u;
+    for (int32_t i = 0; i < sh->n_moved; i++) same &= (uint32_t)(c - sh->mlo[i]) > 1u;
     if (same) return;
     s->cstar = c;
     s->rcut = r;
@@ -1104,7 +1168,7 @@ static void seed_begin(void *sv, int64_t t, const int32_t *keys, const int64_t *
         for (int32_t i = gt[chi]; i < end; i++) seed_place(s, sh->order[i]);
     for (int32_t i = 0; i < sh->n_moved; i++) seed_place(s, sh->moved[i]);
 }
-static void seed_hit(void *sv, int32_t x) {
+MER_INLINE void seed_hit(void *sv, int32_t x) {
     Seed *s = sv;
     s->used[x] = ++s->clock;
     if (s->where[x] == SEED_LIST) {
@@ -1112,7 +1176,7 @@ static void seed_hit(void *sv, int32_t x) {
         l_push(s->prv, s->nxt, s->S, x);
     }
 }
-static int32_t seed_evict(void *sv, const mer_prot *p) {
+MER_INLINE int32_t seed_evict(void *sv, const mer_prot *p) {
     Seed *s = sv;
     (void)p; /* static pins never enter the list, and the step is not protected */
     int32_t x = s->nxt[s->S];
@@ -1121,7 +1185,7 @@ static int32_t seed_evict(void *sv, const mer_prot *p) {
     s->where[x] = SEED_OUT;
     return x;
 }
-static void seed_insert(void *sv, int32_t x) {
+MER_INLINE void seed_insert(void *sv, int32_t x) {
     Seed *s = sv;
     s->used[x] = ++s->clock;
     if (s->pinned && s->pinned[x]) {
@@ -1164,9 +1228,18 @@ static const mer_policy SEED_POLICY = {
 #define CY_GAP_CAP 1000
 
 typedef struct {
-    double *el, *em, *es, *p, *rp, *invd; /* p: log-odds z; invd[d]: log d */
-    int64_t *last, *visits, *rep, *rcount, *gap;
-    uint8_t *pok; /* p[x] is current (p is computed when first needed after a visit) */
+    double *el, *em, *es, *p, *invd; /* p: log-odds z; invd[d]: log d */
+    double *rot;   /* rot[i] = log d for d = (i - 1) mod L + 1: layer ll's log d is
+                      rot[L + layer0 - cur + ll], one slice for all layers */
+    double *rep, *rcount; /* transition counts (whole numbers, exact in a double) */
+    double *linv;  /* per layer, per rank of its latest visit: 1 / (rcount + prior) */
+    int64_t *last, *visits;
+    uint8_t *pok;  /* p[x] is current (p is computed when first needed after a visit) */
+    uint8_t *pick; /* per expert of a layer: picked at this visit (all 0 between visits) */
+    uint64_t *pinmask; /* per local layer: its static pins (bit e), when E <= 64 */
+    uint64_t stepmask; /* the current step's keys (bits of its layer) */
+    int bits;          /* E <= 64: layers' keys as bit masks (else the byte scans) */
+    int32_t *kl;   /* local layer of every key */
     int32_t *latest; /* k per local layer */
     int32_t *n_latest, *loc;
     double *inv;
@@ -1178,9 +1251,11 @@ typedef struct {
 } CycleShared;
 
 typedef struct {
-    uint8_t *res;   /* residents */
-    int32_t *cand;  /* per local layer: its victim candidate (-1 none), while clean */
-    uint8_t *dirty; /* per local layer: cand must be recomputed */
+    uint8_t *res;    /* residents */
+    uint64_t *rmask; /* per local layer: its residents (bit e), when E <= 64 */
+    int32_t *cand;   /* per local layer: its victim candidate (-1 none), while clean, */
+    double *cz;      /* and the candidate's z */
+    uint64_t *dirty; /* bit per local layer: cand must be recomputed */
 } CySet;
 
 typedef struct {
@@ -1192,22 +1267,6 @@ typedef struct {
     double decay, hl, hc;
     CycleShared *sh;
 } Cycle;
-
-#define CYCLE_ARRAYS(s, a, c)                                               \
-    do {                                                                    \
-        (s)->real.res = take((a), (c)->n_keys);                             \
-        (s)->real.cand = take((a), sizeof(int32_t) * (c)->n_keys);          \
-        (s)->real.dirty = take((a), (c)->n_keys);                           \
-        (s)->shadow.res = take((a), (c)->n_keys);                           \
-        (s)->shadow.cand = take((a), sizeof(int32_t) * (c)->n_keys);        \
-        (s)->shadow.dirty = take((a), (c)->n_keys);                         \
-        (s)->lin = take((a), (c)->n_keys);                                  \
-        (s)->prv = take((a), sizeof(int32_t) * ((c)->n_keys + 1));          \
-        (s)->nxt = take((a), sizeof(int32_t) * ((c)->n_keys + 1));          \
-        (s)->sprv = take((a), sizeof(int32_t) * ((c)->n_keys + 1));         \
-        (s)->snxt = take((a), sizeof(int32_t) * ((c)->n_keys + 1));         \
-    } while (0)
-DEFINE_SIZE_INIT(Cycle, CYCLE_ARRAYS)
 
 /* params: w0..w6 rate_long rate_mid rate_short prior duel duel_decay n_layers n_experts */
 static int32_t cy_E(const mer_ctx *c) {
@@ -1222,33 +1281,62 @@ static int32_t cy_L(const mer_ctx *c) {
     int32_t L = (int32_t)c->p[CY_NW + 6];
     return L > 0 ? L : 1;
 }
-static size_t cycle_shared_size(const mer_ctx *c) {
-    size_t nk = (size_t)c->n_keys, nl = (size_t)cy_nl(c), E = (size_t)cy_E(c);
-    size_t L = (size_t)(cy_L(c) > cy_nl(c) ? cy_L(c) : cy_nl(c));
-    return sizeof(CycleShared) + 16 * 16 + sizeof(double) * 5 * nk + sizeof(int64_t) * 3 * nk +
-           nk + sizeof(double) * (L + 1) +
-           sizeof(int64_t) * nl + sizeof(int64_t) * nl * E * E + sizeof(int32_t) * nl * (c->k + 1) +
-           (sizeof(int32_t) + sizeof(double)) * (size_t)(c->k + 1);
-}
+
+/* words of a bit per layer (layers <= n_keys) */
+#define CY_WORDS(c) ((size_t)((c)->n_keys + 63) / 64)
+#define CYCLE_ARRAYS(s, a, c)                                               \
+    do {                                                                    \
+        /* per-layer arrays sized by n_keys (>= layers): no parameter read here */ \
+        (s)->real.res = take((a), (c)->n_keys);                             \
+        (s)->real.rmask = take((a), sizeof(uint64_t) * (c)->n_keys);        \
+        (s)->real.cand = take((a), sizeof(int32_t) * (c)->n_keys);          \
+        (s)->real.cz = take((a), sizeof(double) * (c)->n_keys);             \
+        (s)->real.dirty = take((a), sizeof(uint64_t) * CY_WORDS(c));        \
+        (s)->shadow.res = take((a), (c)->n_keys);                           \
+        (s)->shadow.rmask = take((a), sizeof(uint64_t) * (c)->n_keys);      \
+        (s)->shadow.cand = take((a), sizeof(int32_t) * (c)->n_keys);        \
+        (s)->shadow.cz = take((a), sizeof(double) * (c)->n_keys);           \
+        (s)->shadow.dirty = take((a), sizeof(uint64_t) * CY_WORDS(c));      \
+        (s)->lin = take((a), (c)->n_keys);                                  \
+        (s)->prv = take((a), sizeof(int32_t) * ((c)->n_keys + 1));          \
+        (s)->nxt = take((a), sizeof(int32_t) * ((c)->n_keys + 1));          \
+        (s)->sprv = take((a), sizeof(int32_t) * ((c)->n_keys + 1));         \
+        (s)->snxt = take((a), sizeof(int32_t) * ((c)->n_keys + 1));         \
+    } while (0)
+DEFINE_SIZE_INIT(Cycle, CYCLE_ARRAYS)
+
+/* The shared block's arrays, laid out once for its size and once for its init. */
+#define CYCLE_SHARED_ARRAYS(sh, a, c)                                                \
+    do {                                                                             \
+        size_t nk_ = (size_t)(c)->n_keys, nl_ = (size_t)cy_nl(c);                    \
+        size_t E_ = (size_t)cy_E(c), k_ = (size_t)(c)->k;                            \
+        size_t L_ = (size_t)(cy_L(c) > cy_nl(c) ? cy_L(c) : cy_nl(c));               \
+        (sh)->el = take((a), sizeof(double) * nk_);                                  \
+        (sh)->em = take((a), sizeof(double) * nk_);                                  \
+        (sh)->es = take((a), sizeof(double) * nk_);                                  \
+        (sh)->p = take((a), sizeof(double) * nk_);                                   \
+        (sh)->linv = take((a), sizeof(double) * nl_ * k_);                           \
+        (sh)->rot = take((a), sizeof(double) * (3 * L_ + 1));                        \
+        (sh)->pok = take((a), nk_);                                                  \
+        (sh)->pick = take((a), E_);                                                  \
+        (sh)->pinmask = take((a), sizeof(uint64_t) * nl_);                           \
+        (sh)->kl = take((a), sizeof(int32_t) * nk_);                                 \
+        (sh)->invd = take((a), sizeof(double) * (L_ + 1));                           \
+        (sh)->last = take((a), sizeof(int64_t) * nk_);                               \
+        (sh)->rcount = take((a), sizeof(double) * nk_);                              \
+        (sh)->visits = take((a), sizeof(int64_t) * nl_);                             \
+        (sh)->rep = take((a), sizeof(double) * nl_ * E_ * E_);                       \
+        (sh)->latest = take((a), sizeof(int32_t) * nl_ * k_);                        \
+        (sh)->n_latest = take((a), sizeof(int32_t) * nl_);                           \
+        (sh)->loc = take((a), sizeof(int32_t) * (k_ + 1));                           \
+        (sh)->inv = take((a), sizeof(double) * (k_ + 1));                            \
+    } while (0)
+DEFINE_SIZE_INIT(CycleShared, CYCLE_SHARED_ARRAYS)
+
+static size_t cycle_shared_size(const mer_ctx *c) { return CycleShared_size(c); }
 static void cycle_shared_init(CycleShared *sh, const mer_ctx *c) {
-    arena a = {(char *)sh, sizeof(CycleShared)};
+    CycleShared_lay(sh, c);
     int32_t nk = c->n_keys, E = cy_E(c), nl = cy_nl(c);
-    sh->el = take(&a, sizeof(double) * nk);
-    sh->em = take(&a, sizeof(double) * nk);
-    sh->es = take(&a, sizeof(double) * nk);
-    sh->p = take(&a, sizeof(double) * nk);
-    sh->rp = take(&a, sizeof(double) * nk);
-    sh->gap = take(&a, sizeof(int64_t) * nk);
-    sh->pok = take(&a, nk);
-    sh->invd = take(&a, sizeof(double) * (size_t)((cy_L(c) > nl ? cy_L(c) : nl) + 1));
-    sh->last = take(&a, sizeof(int64_t) * nk);
-    sh->rcount = take(&a, sizeof(int64_t) * nk);
-    sh->visits = take(&a, sizeof(int64_t) * nl);
-    sh->rep = take(&a, sizeof(int64_t) * (size_t)nl * E * E);
-    sh->latest = take(&a, sizeof(int32_t) * (size_t)nl * c->k);
-    sh->n_latest = take(&a, sizeof(int32_t) * nl);
-    sh->loc = take(&a, sizeof(int32_t) * (size_t)(c->k + 1));
-    sh->inv = take(&a, sizeof(double) * (size_t)(c->k + 1));
     for (int i = 0; i < CY_NW; i++) sh->w[i] = c->p[i];
     sh->rl = c->p[CY_NW];
     sh->rm = c->p[CY_NW + 1];
@@ -1257,6 +1345,7 @@ static void cycle_shared_init(CycleShared *sh, const mer_ctx *c) {
     sh->L = cy_L(c) > nl ? cy_L(c) : nl; /* a partition never holds more layers than L */
     sh->invd[0] = 0.0;
     for (int32_t d = 1; d <= sh->L; d++) sh->invd[d] = log((double)d);
+    for (int32_t i = 0; i <= 3 * sh->L; i++) sh->rot[i] = i ? sh->invd[(i - 1) % sh->L + 1] : 0.0;
     sh->E = E;
     sh->nl = nl;
     sh->n_keys = nk;
@@ -1264,21 +1353,31 @@ static void cycle_shared_init(CycleShared *sh, const mer_ctx *c) {
     sh->k = c->k;
     for (int32_t i = 0; i < nk; i++) {
         sh->last[i] = -1;
-        sh->rcount[i] = 0;
-        sh->el[i] = sh->em[i] = sh->es[i] = sh->p[i] = sh->rp[i] = 0.0;
-        sh->gap[i] = CY_GAP_CAP;
+        sh->rcount[i] = 0.0;
+        sh->el[i] = sh->em[i] = sh->es[i] = sh->p[i] = 0.0;
         sh->pok[i] = 0;
+        sh->kl[i] = i / E < nl ? i / E : nl - 1;
+    }
+    memset(sh->pick, 0, (size_t)E);
+    sh->bits = E <= 64;
+    sh->stepmask = 0;
+    for (int32_t ll = 0; ll < nl; ll++) {
+        uint64_t m = 0;
+        for (int32_t e = 0; e < E && e < 64; e++)
+            if (c->pinned && c->pinned[ll * E + e]) m |= (uint64_t)1 << e;
+        sh->pinmask[ll] = m;
     }
     memset(sh->visits, 0, sizeof(int64_t) * nl);
-    memset(sh->rep, 0, sizeof(int64_t) * (size_t)nl * E * E);
+    for (size_t i = 0; i < (size_t)nl * E * E; i++) sh->rep[i] = 0.0;
+    for (size_t i = 0; i < (size_t)nl * c->k; i++) sh->linv[i] = 0.0;
     memset(sh->n_latest, 0, sizeof(int32_t) * nl);
     sh->started = 0;
     sh->last_t = INT64_MIN;
     sh->cur = sh->layer0;
     sh->ready = 1;
 }
-static double cy_prob(const CycleShared *sh, double el, double em, double es, double used,
-                      int64_t gap, double rep) {
+static inline double cy_prob(const CycleShared *sh, double el, double em, double es,
+                             double used, int64_t gap, double rep) {
     /* terms with weight 0 are skipped, exactly as in Python (they would add 0.0) */
     const double *w = sh->w;
     double z = w[0];
@@ -1290,8 +1389,13 @@ static double cy_prob(const CycleShared *sh, double el, double em, double es, do
     if (w[6] != 0.0) z += w[6] * log(rep + CY_EPS);
     return z; /* the log-odds of a pick: the rule needs no sigmoid */
 }
+/* One visit of a layer: its transition counts, averages, gaps and repeat rates, as
+   the Python class's begin_step computes them (same expressions, same order). An
+   input that only a weight-0 term reads (an average, the repeat rate) is not
+   updated: z never reads it. */
 static void cycle_features(CycleShared *sh, const int32_t *keys, int k) {
     const int32_t E = sh->E;
+    const double *w = sh->w;
     if (!sh->started) {
         double base = (double)k / (double)E;
         double p0 = cy_prob(sh, base, base, base, 0.0, CY_GAP_CAP, base);
@@ -1302,55 +1406,75 @@ static void cycle_features(CycleShared *sh, const int32_t *keys, int k) {
         }
         sh->started = 1;
     }
-    int32_t ll = keys[0] / E, b0 = ll * E;
-    int32_t *lat = sh->latest + (size_t)ll * k;
-    int32_t *loc = sh->loc;
+    int32_t ll = sh->kl[keys[0]], b0 = ll * E;
+    int32_t *restrict lat = sh->latest + (size_t)ll * k;
+    int32_t *restrict loc = sh->loc;
+    uint8_t *restrict pick = sh->pick;
+    double *restrict rep = sh->rep, *restrict rcount = sh->rcount;
     const int n = k;
     for (int r = 0; r < n; r++) loc[r] = keys[r] - b0;
     for (int i = 0; i < sh->n_latest[ll]; i++) {
         int32_t a = lat[i];
-        sh->rcount[b0 + a]++;
-        int64_t *row = sh->rep + ((size_t)b0 + a) * E;
-        for (int r = 0; r < n; r++) row[loc[r]]++;
+        rcount[b0 + a] += 1.0;
+        double *row = rep + ((size_t)b0 + a) * E;
+        for (int r = 0; r < n; r++) row[loc[r]] += 1.0;
     }
     for (int r = 0; r < n; r++) lat[r] = loc[r];
     sh->n_latest[ll] = n;
-    int64_t v = ++sh->visits[ll];
-    const double rl = sh->rl, rm = sh->rm, rs = sh->rs;
-    for (int32_t e = 0; e < E; e++) {
-        int32_t x = b0 + e;
-        double in = 0.0;
-        for (int r = 0; r < n; r++)
-            if (loc[r] == e) in = 1.0;
-        sh->el[x] = (1.0 - rl) * sh->el[x] + rl * in;
-        sh->em[x] = (1.0 - rm) * sh->em[x] + rm * in;
-        sh->es[x] = (1.0 - rs) * sh->es[x] + rs * in;
-        if (in != 0.0) sh->last[x] = v;
+    const int64_t v = ++sh->visits[ll];
+    for (int r = 0; r < n; r++) pick[loc[r]] = 1;
+    double *restrict el = sh->el + b0, *restrict em = sh->em + b0, *restrict es = sh->es + b0;
+    if (w[1] != 0.0) {
+        const double rl = sh->rl;
+        for (int32_t e = 0; e < E; e++) el[e] = (1.0 - rl) * el[e] + rl * (double)pick[e];
     }
-    const double prior = sh->prior;
-    const double pk = prior * ((double)k / (double)E);
-    double *inv = sh->inv;
-    for (int r = 0; r < n; r++) inv[r] = 1.0 / ((double)sh->rcount[b0 + loc[r]] + prior);
-    for (int32_t e = 0; e < E; e++) {
-        int32_t x = b0 + e;
-        double rep = 0.0;
-        for (int r = 0; r < n; r++)
-            rep += ((double)sh->rep[((size_t)b0 + loc[r]) * E + e] + pk) * inv[r];
-        rep /= (double)n;
-        int64_t gap = sh->last[x] >= 0 ? v - sh->last[x] : CY_GAP_CAP;
-        if (gap > CY_GAP_CAP) gap = CY_GAP_CAP;
-        sh->rp[x] = rep;
-        sh->gap[x] = gap;
-        sh->pok[x] = 0;
+    if (w[2] != 0.0) {
+        const double rm = sh->rm;
+        for (int32_t e = 0; e < E; e++) em[e] = (1.0 - rm) * em[e] + rm * (double)pick[e];
     }
+    if (w[3] != 0.0) {
+        const double rs = sh->rs;
+        for (int32_t e = 0; e < E; e++) es[e] = (1.0 - rs) * es[e] + rs * (double)pick[e];
+    }
+    for (int r = 0; r < n; r++) sh->last[b0 + loc[r]] = v;
+    /* the repeat rate and the gap read only this visit's counts, which stay as they
+       are until the layer's next visit: cy_p computes them for the keys it needs */
+    if (w[6] != 0.0) {
+        double *restrict inv = sh->linv + (size_t)ll * k;
+        for (int r = 0; r < n; r++) inv[r] = 1.0 / (rcount[b0 + loc[r]] + sh->prior);
+    }
+    for (int32_t e = 0; e < E; e++) sh->pok[b0 + e] = 0;
+    uint64_t sm = 0;
+    for (int r = 0; r < n; r++) {
+        pick[loc[r]] = 0;
+        sm |= (uint64_t)1 << (loc[r] & 63);
+    }
+    sh->stepmask = sm;
     sh->cur = sh->layer0 + ll;
 }
 /* p of local key x: its inputs change only when its layer is visited, so it is
-   computed once per visit, when a victim search first needs it. */
+   computed once per visit, when a victim search first needs it. The repeat rate
+   is the mean over the latest visit's experts a of (rep[a][e] + prior k / E) /
+   (rcount[a] + prior), summed in rank order as the Python class does. */
 static inline double cy_p(CycleShared *sh, int32_t x) {
     if (!sh->pok[x]) {
-        double used = sh->gap[x] == 0 ? 1.0 : 0.0;
-        sh->p[x] = cy_prob(sh, sh->el[x], sh->em[x], sh->es[x], used, sh->gap[x], sh->rp[x]);
+        const int32_t ll = sh->kl[x], E = sh->E, b0 = ll * E, e = x - b0;
+        const int64_t last = sh->last[x], v = sh->visits[ll];
+        int64_t gap = last >= 0 ? v - last : CY_GAP_CAP;
+        if (gap > CY_GAP_CAP) gap = CY_GAP_CAP;
+        double rp = 0.0;
+        if (sh->w[6] != 0.0) {
+            const int n = sh->n_latest[ll];
+            const int32_t *lat = sh->latest + (size_t)ll * sh->k;
+            const double *inv = sh->linv + (size_t)ll * sh->k;
+            const double pk = sh->prior * ((double)sh->k / (double)E);
+            for (int r = 0; r < n; r++) rp += (sh->rep[((size_t)b0 + lat[r]) * E + e] + pk) * inv[r];
+            /* x / n == x * (1 / n) exactly when n is a power of two (both round the
+               same real number): the common k = 2 needs no division */
+            rp = (n & (n - 1)) == 0 ? rp * (1.0 / (double)n) : rp / (double)n;
+        }
+        double used = gap == 0 ? 1.0 : 0.0;
+        sh->p[x] = cy_prob(sh, sh->el[x], sh->em[x], sh->es[x], used, gap, rp);
         sh->pok[x] = 1;
     }
     return sh->p[x];
@@ -1358,11 +1482,12 @@ static inline double cy_p(CycleShared *sh, int32_t x) {
 /* The victim rule: per layer the resident unprotected key with the lowest
    log-odds z (ties: the smaller key), then across layers the lowest z - log d
    (ties: the lower layer). Only the current layer holds protected step keys, and pins never
-   change, so every other layer's candidate is cached until that layer is
+   change, so every other layer's candidate (and its z) is cached until that layer is
    visited or one of its keys enters or leaves (`dirty`). `prot` NULL: the
    shadow, whose only protected keys are the step's. */
-static int32_t cy_layer_cand(CycleShared *sh, const uint8_t *res, int32_t ll,
-                             const mer_prot *prot, const int32_t *step, int k) {
+static inline int32_t cy_layer_scan(CycleShared *sh, const uint8_t *res, int32_t ll,
+                                    const mer_prot *prot, const int32_t *step, int k,
+                                    double *z) {
     int32_t cand = -1;
     double cp = 0.0;
     for (int32_t x = ll * sh->E; x < (ll + 1) * sh->E; x++) {
@@ -1381,47 +1506,119 @@ static int32_t cy_layer_cand(CycleShared *sh, const uint8_t *res, int32_t ll,
             cp = px;
         }
     }
+    *z = cand < 0 ? INFINITY : cp; /* no candidate: never the lowest (see cycle_best) */
     return cand;
 }
-static int32_t cycle_best(CycleShared *sh, CySet *set, const mer_prot *prot,
-                          const int32_t *step, int k) {
-    const int32_t L = sh->L, cur = sh->cur - sh->layer0;
+/* The same scan over a layer's resident bits (E <= 64), in key order: the real
+   cache excludes its pins, and in the current layer both exclude the step's keys. */
+static inline int32_t cy_layer_cand(CycleShared *sh, const CySet *set, int32_t ll,
+                                    const mer_prot *prot, const int32_t *step, int k,
+                                    int is_cur, double *z) {
+    if (!sh->bits) return cy_layer_scan(sh, set->res, ll, prot, step, k, z);
+    uint64_t m = set->rmask[ll];
+    if (prot) m &= ~sh->pinmask[ll];
+    if (is_cur) m &= ~sh->stepmask;
+    int32_t cand = -1;
+    double cp = INFINITY;
+    const int32_t b0 = ll * sh->E;
+    for (; m; m &= m - 1) {
+        int32_t x = b0 + __builtin_ctzll(m);
+        double px = cy_p(sh, x);
+        if (cand < 0 || px < cp) {
+            cand = x;
+            cp = px;
+        }
+    }
+    *z = cp;
+    return cand;
+}
+/* The rule as written (a division per layer): for layers outside 0..L-1 and NaN z
+   (neither reaches here through mer: geometry comes from the trace, weights are finite). */
+static int32_t cycle_best_literal(const CycleShared *sh, const CySet *set) {
+    const int32_t L = sh->L;
     int32_t best = -1;
     double best_v = 0.0;
     for (int32_t ll = 0; ll < sh->nl; ll++) {
-        int32_t cand;
-        if (ll == cur) {
-            cand = cy_layer_cand(sh, set->res, ll, prot, step, k);
-        } else {
-            if (set->dirty[ll]) {
-                /* no step key here; pins are protected in both calls */
-                set->cand[ll] = cy_layer_cand(sh, set->res, ll, prot, NULL, 0);
-                set->dirty[ll] = 0;
-            }
-            cand = set->cand[ll];
-        }
-        if (cand < 0) continue;
-        int32_t d = (sh->layer0 + ll - sh->cur) % L; /* steps until layer ll comes round */
+        if (set->cand[ll] < 0) continue;
+        int32_t d = (sh->layer0 + ll - sh->cur) % L;
         if (d <= 0) d += L;
-        double val = sh->p[cand] - sh->invd[d];
+        double val = set->cz[ll] - sh->invd[d];
         if (best < 0 || val < best_v) {
-            best = cand;
+            best = set->cand[ll];
             best_v = val;
         }
     }
     return best;
 }
+static int32_t cycle_best(CycleShared *sh, CySet *set, const mer_prot *prot,
+                          const int32_t *step, int k) {
+    const int32_t L = sh->L, nl = sh->nl, cur = sh->cur - sh->layer0;
+    int32_t *restrict cand = set->cand;
+    double *restrict cz = set->cz;
+    uint64_t *restrict dirty = set->dirty;
+    for (int32_t w = 0; w < (nl + 63) / 64; w++) {
+        uint64_t m = dirty[w];
+        if (w == cur >> 6) m &= ~((uint64_t)1 << (cur & 63)); /* stays dirty */
+        dirty[w] ^= m;
+        for (; m; m &= m - 1) {
+            int32_t ll = w * 64 + __builtin_ctzll(m);
+            /* no step key here; pins are protected in both calls */
+            cand[ll] = cy_layer_cand(sh, set, ll, prot, NULL, 0, 0, &cz[ll]);
+        }
+    }
+    /* the current layer, with the step's keys protected: written beside the others
+       for this search only (it stays dirty, so no later search reads it as cached) */
+    cand[cur] = cy_layer_cand(sh, set, cur, prot, step, k, 1, &cz[cur]);
+    /* the lowest z - log d, first in layer order: its value, then the first layer
+       that reaches it (the same key as keeping the first strictly lower one) */
+    const int32_t off = L + sh->layer0 - sh->cur;
+    if (off < 1 || off + nl - 1 > 3 * L) return cycle_best_literal(sh, set);
+    const double *restrict ld = sh->rot + off;
+    double m0 = INFINITY, m1 = INFINITY;
+    int nan = 0;
+    int32_t ll = 0;
+    for (; ll + 1 < nl; ll += 2) {
+        double v0 = cz[ll] - ld[ll], v1 = cz[ll + 1] - ld[ll + 1];
+        nan |= (v0 != v0) | (v1 != v1);
+        m0 = v0 < m0 ? v0 : m0;
+        m1 = v1 < m1 ? v1 : m1;
+    }
+    for (; ll < nl; ll++) {
+        double v0 = cz[ll] - ld[ll];
+        nan |= v0 != v0;
+        m0 = v0 < m0 ? v0 : m0;
+    }
+    if (nan) return cycle_best_literal(sh, set);
+    const double m = m1 < m0 ? m1 : m0;
+    for (ll = 0; ll < nl; ll++)
+        if (cand[ll] >= 0 && cz[ll] - ld[ll] == m) return cand[ll];
+    return -1;
+}
+static inline void cy_dirty(CySet *set, int32_t ll) {
+    set->dirty[ll >> 6] |= (uint64_t)1 << (ll & 63);
+}
 static inline void cy_set_key(CySet *set, const CycleShared *sh, int32_t x, uint8_t on) {
+    const int32_t ll = sh->kl[x];
     set->res[x] = on;
-    set->dirty[x / sh->E] = 1;
+    if (sh->bits) {
+        const uint64_t bit = (uint64_t)1 << (x - ll * sh->E);
+        set->rmask[ll] = on ? set->rmask[ll] | bit : set->rmask[ll] & ~bit;
+    }
+    cy_dirty(set, ll);
 }
 static void cycle_init(void *sv, const mer_ctx *c) {
     Cycle *s = sv;
     Cycle_lay(s, c);
     memset(s->real.res, 0, c->n_keys);
     memset(s->shadow.res, 0, c->n_keys);
-    memset(s->real.dirty, 1, c->n_keys);
-    memset(s->shadow.dirty, 1, c->n_keys);
+    memset(s->real.rmask, 0, sizeof(uint64_t) * c->n_keys);
+    memset(s->shadow.rmask, 0, sizeof(uint64_t) * c->n_keys);
+    memset(s->real.dirty, 0, sizeof(uint64_t) * CY_WORDS(c));
+    memset(s->shadow.dirty, 0, sizeof(uint64_t) * CY_WORDS(c));
+    for (int32_t ll = 0; ll < cy_nl(c); ll++) { /* every layer */
+        cy_dirty(&s->real, ll);
+        cy_dirty(&s->shadow, ll);
+    }
     memset(s->lin, 0, c->n_keys);
     for (int32_t i = 0; i < c->n_keys; i++) s->prv[i] = s->nxt[i] = s->sprv[i] = s->snxt[i] = -1;
     s->S = c->n_keys;
@@ -1497,14 +1694,16 @@ static void cycle_begin(void *sv, int64_t t, const int32_t *keys, const int64_t 
         sh->last_t = t;
         cycle_features(sh, keys, k);
     }
-    int32_t ll = keys[0] / sh->E; /* its keys' p just changed */
-    s->real.dirty[ll] = s->shadow.dirty[ll] = 1;
+    int32_t ll = sh->kl[keys[0]]; /* its keys' p just changed */
+    cy_dirty(&s->real, ll);
+    cy_dirty(&s->shadow, ll);
     if (s->duel) cycle_duel(s, keys, k);
 }
 static void cycle_end(void *sv, int64_t t, const int32_t *keys, int k) {
     Cycle *s = sv;
     (void)t;
-    s->real.dirty[keys[0] / s->sh->E] = 1; /* its step keys are no longer protected */
+    cy_dirty(&s->real, s->sh->kl[keys[0]]); /* its step keys are no longer protected */
+    if (!s->duel) return; /* the LRU order is read only in the duel's LRU mode */
     for (int r = k - 1; r >= 0; r--) {
         int32_t x = keys[r];
         if (s->prv[x] >= 0) {
@@ -1516,12 +1715,12 @@ static void cycle_end(void *sv, int64_t t, const int32_t *keys, int k) {
 static void cycle_insert(void *sv, int32_t x) {
     Cycle *s = sv;
     cy_set_key(&s->real, s->sh, x, 1);
-    l_push(s->prv, s->nxt, s->S, x);
+    if (s->duel) l_push(s->prv, s->nxt, s->S, x);
 }
 static void cycle_remove(void *sv, int32_t x) {
     Cycle *s = sv;
     cy_set_key(&s->real, s->sh, x, 0);
-    l_unlink(s->prv, s->nxt, x);
+    if (s->duel) l_unlink(s->prv, s->nxt, x);
 }
 static int32_t cycle_evict(void *sv, const mer_prot *p) {
     Cycle *s = sv;
@@ -1596,8 +1795,13 @@ int mer_next_use(const int32_t *keys, int64_t n, int32_t n_keys, int64_t *out) {
 
 /* == the driver ==================================================================== */
 
-typedef struct {
+struct Handle;
+typedef int (*feed_fn)(struct Handle *h, const int32_t *keys, const int64_t *tidx,
+                       const int64_t *next_use, int64_t n_steps, int8_t *outcome);
+
+typedef struct Handle {
     const mer_policy *pol;
+    feed_fn feed; /* the driver instance for pol (set at the first feed) */
     int k, n_caches, n_params;
     int32_t n_keys, key_base, layer_div, n_layers_out;
     size_t stride;
@@ -1613,6 +1817,7 @@ typedef struct {
     int64_t next_t;
     int32_t *missed;
     uint8_t *hitf;
+    int32_t *lay; /* counter layer of every key: min(key / layer_div, n_layers_out - 1) */
 } Handle;
 
 void mer_replay_free(void *hv) {
@@ -1630,6 +1835,7 @@ void mer_replay_free(void *hv) {
     free(h->shared);
     free(h->missed);
     free(h->hitf);
+    free(h->lay);
     free(h);
 }
 
@@ -1661,16 +1867,21 @@ void *mer_replay_new(int policy, int k, int32_t n_keys, int32_t key_base, int32_
     h->params = malloc(sizeof(double) * (size_t)(n_params > 0 ? n_params : 1) * n_caches);
     h->missed = malloc(sizeof(int32_t) * k);
     h->hitf = malloc(k);
+    h->lay = malloc(sizeof(int32_t) * n_keys);
     if (pinned) {
         h->pinned = malloc(n_keys);
         if (h->pinned) memcpy(h->pinned, pinned, n_keys);
     }
     if (h->pol->shared_size) h->shared = calloc(1, h->pol->shared_size(&c0));
     if (!h->states || !h->res || !h->n_res || !h->pin_res || !h->caps || !h->counts ||
-        !h->mark || !h->params || !h->missed || !h->hitf || (pinned && !h->pinned) ||
+        !h->mark || !h->params || !h->missed || !h->hitf || !h->lay || (pinned && !h->pinned) ||
         (h->pol->shared_size && !h->shared)) {
         mer_replay_free(h);
         return NULL;
+    }
+    for (int32_t x = 0; x < n_keys; x++) {
+        int32_t l = x / layer_div;
+        h->lay[x] = l < n_layers_out ? l : n_layers_out - 1;
     }
     if (n_params > 0) memcpy(h->params, params, sizeof(double) * (size_t)n_params * n_caches);
     for (int c = 0; c < n_caches; c++) {
@@ -1684,40 +1895,51 @@ void *mer_replay_new(int policy, int k, int32_t n_keys, int32_t key_base, int32_
     return h;
 }
 
-int mer_replay_feed(void *hv, const int32_t *keys_all, const int64_t *tidx,
-                    const int64_t *next_use, int64_t n_steps, int8_t *outcome) {
-    Handle *h = hv;
-    const mer_policy *pol = h->pol;
-    const int k = h->k, nc = h->n_caches, L = h->n_layers_out;
-    const int32_t nk = h->n_keys;
+/* The driver's loop, written once and instantiated per policy and per common k
+   (FEED_VARIANTS below): with `pol` a constant the hooks are direct calls the
+   compiler can inline, and with K a constant (0: read h->k) the per-step loops
+   over the step's keys unroll. Every instance makes the same calls in the same
+   order: only the code differs, never a decision. */
+MER_INLINE int feed_impl(Handle *h, const mer_policy *pol, const int K,
+                         const int32_t *keys_all, const int64_t *tidx,
+                         const int64_t *next_use, int64_t n_steps, int8_t *outcome) {
+    const int k = K ? K : h->k, nc = h->n_caches, L = h->n_layers_out;
+    const uint32_t nk = (uint32_t)h->n_keys;
     const uint8_t *pinned = h->pinned;
+    const int32_t *lay = h->lay;
     const int protects = pol->protects_step;
     if (pol->needs_future && !next_use) return -1;
     if (outcome && nc != 1) return -2;
+    for (int64_t i = 0; i < n_steps * k; i++) /* every key in range, before any state moves */
+        if ((uint32_t)keys_all[i] >= nk) return -3;
     mer_prot prot = {h->mark, 0, protects, pinned};
-    int32_t *missed = h->missed;
-    uint8_t *hitf = h->hitf;
+    /* per step: which ranks missed, which hit (on the stack when k is a constant) */
+    int32_t missed_k[K ? K : 1];
+    uint8_t hitf_k[K ? K : 1];
+    int32_t *missed = K ? missed_k : h->missed;
+    uint8_t *hitf = K ? hitf_k : h->hitf;
+    int64_t next_t = h->next_t;
     for (int64_t i = 0; i < n_steps; i++) {
         const int32_t *keys = keys_all + i * k;
-        const int64_t t = tidx ? tidx[i] : h->next_t;
-        h->next_t = t + 1;
+        const int64_t t = tidx ? tidx[i] : next_t;
+        next_t = t + 1;
         const int64_t *nu = next_use ? next_use + i * k : NULL;
-        for (int r = 0; r < k; r++)
-            if (keys[r] < 0 || keys[r] >= nk) return -3;
-        if (++h->stamp == 0) {
-            memset(h->mark, 0, sizeof(uint32_t) * nk);
-            h->stamp = 1;
+        if (protects) { /* the step's keys are protected: mark them */
+            if (++h->stamp == 0) {
+                memset(h->mark, 0, sizeof(uint32_t) * nk);
+                h->stamp = 1;
+            }
+            for (int r = 0; r < k; r++) h->mark[keys[r]] = h->stamp;
+            prot.stamp = h->stamp;
         }
-        for (int r = 0; r < k; r++) h->mark[keys[r]] = h->stamp;
-        prot.stamp = h->stamp;
-        int layer = keys[0] / h->layer_div;
-        if (layer >= L) layer = L - 1;
+        const int layer = lay[keys[0]];
         int8_t *out = outcome ? outcome + i * k : NULL;
         for (int c = 0; c < nc; c++) {
             void *s = h->states + h->stride * c;
             uint8_t *res = h->res + (size_t)c * nk;
             int64_t *cnt = h->counts + (size_t)c * 4 * L;
             const int32_t cap = h->caps[c];
+            int32_t n_res = h->n_res[c], pin_res = h->pin_res[c];
             if (pol->begin) pol->begin(s, t, keys, nu, k);
             int nm = 0;
             for (int r = 0; r < k; r++) {
@@ -1736,15 +1958,15 @@ int mer_replay_feed(void *hv, const int32_t *keys_all, const int64_t *tidx,
                 const int r = missed[mi];
                 const int32_t x = keys[r];
                 if (pol->prepare) pol->prepare(s, x);
-                if (h->n_res[c] >= cap) {
+                if (n_res >= cap) {
                     int32_t v = -1;
                     if (protects) {
-                        int32_t held = h->pin_res[c]; /* protected residents */
+                        int32_t held = pin_res; /* protected residents */
                         for (int r2 = 0; r2 < k; r2++) {
                             int32_t y = keys[r2];
                             if (res[y] && !(pinned && pinned[y])) held++;
                         }
-                        if (h->n_res[c] > held) {
+                        if (n_res > held) {
                             v = pol->evict(s, &prot);
                         } else {
                             /* a cache smaller than the step: the worst-ranked resident
@@ -1767,17 +1989,18 @@ int mer_replay_feed(void *hv, const int32_t *keys_all, const int64_t *tidx,
                         continue;
                     }
                     res[v] = 0;
-                    h->n_res[c]--;
-                    if (pinned && pinned[v]) h->pin_res[c]--;
-                    int vl = v / h->layer_div;
-                    cnt[2 * L + (vl < L ? vl : L - 1)]++;
+                    n_res--;
+                    if (pinned && pinned[v]) pin_res--;
+                    cnt[2 * L + lay[v]]++;
                 }
                 res[x] = 1;
-                h->n_res[c]++;
-                if (pinned && pinned[x]) h->pin_res[c]++;
+                n_res++;
+                if (pinned && pinned[x]) pin_res++;
                 pol->insert(s, x);
                 if (out) out[r] = 0;
             }
+            h->n_res[c] = n_res;
+            h->pin_res[c] = pin_res;
             if (pol->end) pol->end(s, t, keys, k);
             if (out) {
                 for (int r = 0; r < k; r++) {
@@ -1787,7 +2010,53 @@ int mer_replay_feed(void *hv, const int32_t *keys_all, const int64_t *tidx,
             }
         }
     }
+    h->next_t = next_t;
     return 0;
+}
+
+#define FEED_VARIANTS(FN, POL)                                                        \
+    static int FN(Handle *h, const int32_t *keys, const int64_t *tidx,                \
+                  const int64_t *nu, int64_t n, int8_t *out) {                        \
+        if (h->k == 2) return feed_impl(h, &POL, 2, keys, tidx, nu, n, out);          \
+        if (h->k == 1) return feed_impl(h, &POL, 1, keys, tidx, nu, n, out);          \
+        return feed_impl(h, &POL, 0, keys, tidx, nu, n, out);                         \
+    }
+FEED_VARIANTS(feed_lru, LRU_POLICY)
+FEED_VARIANTS(feed_fifo, FIFO_POLICY)
+FEED_VARIANTS(feed_lfu, LFU_POLICY)
+FEED_VARIANTS(feed_clock, CLOCK_POLICY)
+FEED_VARIANTS(feed_sieve, SIEVE_POLICY)
+FEED_VARIANTS(feed_s3fifo, S3FIFO_POLICY)
+FEED_VARIANTS(feed_arc, ARC_POLICY)
+FEED_VARIANTS(feed_opt, OPT_POLICY)
+FEED_VARIANTS(feed_seed, SEED_POLICY)
+FEED_VARIANTS(feed_cycle, CYCLE_POLICY)
+
+/* A policy without a line here runs the generic instance (same decisions, slower). */
+static int feed_generic(Handle *h, const int32_t *keys, const int64_t *tidx,
+                        const int64_t *nu, int64_t n, int8_t *out) {
+    return feed_impl(h, h->pol, 0, keys, tidx, nu, n, out);
+}
+static const struct {
+    const mer_policy *pol;
+    feed_fn feed;
+} FEEDS[] = {
+    {&LRU_POLICY, feed_lru},       {&FIFO_POLICY, feed_fifo},   {&LFU_POLICY, feed_lfu},
+    {&CLOCK_POLICY, feed_clock},   {&SIEVE_POLICY, feed_sieve}, {&S3FIFO_POLICY, feed_s3fifo},
+    {&ARC_POLICY, feed_arc},       {&OPT_POLICY, feed_opt},     {&SEED_POLICY, feed_seed},
+    {&CYCLE_POLICY, feed_cycle},
+};
+static feed_fn feed_of(const mer_policy *pol) {
+    for (size_t i = 0; i < sizeof(FEEDS) / sizeof(FEEDS[0]); i++)
+        if (FEEDS[i].pol == pol) return FEEDS[i].feed;
+    return feed_generic;
+}
+
+int mer_replay_feed(void *hv, const int32_t *keys_all, const int64_t *tidx,
+                    const int64_t *next_use, int64_t n_steps, int8_t *outcome) {
+    Handle *h = hv;
+    if (!h->feed) h->feed = feed_of(h->pol);
+    return h->feed(h, keys_all, tidx, next_use, n_steps, outcome);
 }
 
 void mer_replay_counts(void *hv, int c, int64_t *out) {

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from mer import native
+from mer.native.replay import _ptr
 
 #: The policies this loop is tested equal to the Python step loop on (step-protecting,
 #: no future). cycle (whose compiled hooks assume the hit-only driver), opt,
@@ -37,12 +38,6 @@ class SimArrays:
     obs: tuple[np.ndarray, np.ndarray, np.ndarray]  # the driver's reaping windows (a, b, p)
     stats: np.ndarray  # (8, n_layers): CacheStats.COUNTERS
     end: int
-
-
-def _ptr(mod: Any, ctype: str, arr: np.ndarray | None) -> Any:
-    if arr is None:
-        return mod.ffi.NULL
-    return mod.ffi.cast(ctype, mod.ffi.from_buffer(arr))
 
 
 def run(
