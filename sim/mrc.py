@@ -285,9 +285,17 @@ class MRCRequest:
 
 
 def default_policies(n_layers: int) -> list[str]:
-    """All registered policies; the public engine's only on flat (1-layer) traces."""
+    """All registered policies; the public engine's only on flat (1-layer) traces, and
+    none that asks to be left out of the default curves (`in_default_curves`)."""
+    from mer.core.policy import POLICIES
+
     names = policy_names()
-    return [p for p in names if p != "seed-lru-locality" or n_layers == 1]
+    return [
+        p
+        for p in names
+        if (p != "seed-lru-locality" or n_layers == 1)
+        and getattr(POLICIES.get(p), "in_default_curves", True)
+    ]
 
 
 def granular(steps: np.ndarray, granularity: str) -> np.ndarray:

@@ -210,3 +210,44 @@ def test_replay_step_keeps_one_pass_curves_whole_and_replays_a_subset() -> None:
     assert list(fifo.index) == [1, 5, 10, 15, 20, 25, 30, 32]
     full_fifo = full[full.policy == "fifo"].set_index("cache_slots")["hits"]
     assert all(fifo[s] == full_fifo[s] for s in fifo.index)
+
+
+def test_default_curves_leave_out_python_only_policies_until_asked(tmp_path):
+    """cotoken replays at Python speed: a default `mer mrc` must not spend half an hour on
+    it, while every compiled policy stays in and naming cotoken still draws it."""
+    from mer.core.policy import POLICIES, policy_names
+    from mer.native import replay as native_replay
+    from mer.sim.mrc import default_policies
+
+    names = default_policies(32)
+    assert "cotoken" not in names
+    assert "seed-lru-locality" not in names and "seed-lru-locality" in default_policies(1)
+    for p in policy_names():
+        if p not in ("cotoken", "seed-lru-locality") and POLICIES[p].in_default_curves:
+            assert p in names
+    if native_replay.compiled_names():
+        for p in names:  # everything drawn by default has a compiled or one-pass curve
+            assert native_replay.lookup(p) is not None or p in ("lru", "opt"), p
+
+    rng = np.random.default_rng(3)
+    steps = np.stack([rng.choice(8, 2, replace=False) for _ in range(4 * 32)]).astype(np.int16)
+    trace = from_arrays(
+        steps.reshape(4, 32, 2), TraceMeta(model="t", n_layers=32, n_experts=8, top_k=2), name="t"
+    )
+    write_trace(trace, tmp_path / "t.parquet")
+    out = tmp_path / "m.parquet"
+    rc = main(
+        [
+            "mrc",
+            str(tmp_path / "t.parquet"),
+            "--policies",
+            "lru,cotoken",
+            "--sizes",
+            "4,8",
+            "-o",
+            str(out),
+            "--no-progress",
+        ]
+    )
+    assert rc == 0
+    assert set(pd.read_parquet(out)["policy"]) == {"lru", "cotoken", "opt"}

@@ -60,8 +60,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--policies",
         type=str_list,
         default=None,
-        help="comma-separated policies (default: all registered; seed-lru-locality only "
-        "on 1-layer traces; opt is always added as the ceiling)",
+        help="comma-separated policies (default: all registered, except cotoken, which "
+        "has no compiled replay and is drawn only when named here or given by --tuned; "
+        "seed-lru-locality only on 1-layer traces; opt is always added as the ceiling)",
     )
     p.add_argument(
         "--scopes",
