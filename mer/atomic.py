@@ -125,6 +125,28 @@ def _check_dest(dest: Path) -> None:
             )
 
 
+#: Temporaries of writes in progress in this process. The CLI removes what is left here
+#: when an interrupt unwinds (`remove_live_temporaries`), because the interrupt may have
+#: hit a window that `atomic_path`'s own cleanup cannot cover (between creating the file
+#: and entering its `try`, or inside the context manager's machinery) and the CLI then
+#: leaves with `os._exit`, so no finaliser runs after it.
+_LIVE: set[Path] = set()
+
+
+def remove_live_temporaries() -> list[Path]:
+    """Remove this process's temporaries of unfinished writes; return those removed."""
+    removed = []
+    for p in list(_LIVE):
+        try:
+            p.unlink()
+        except OSError:
+            pass
+        else:
+            removed.append(p)
+        _LIVE.discard(p)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside `dest`; rename it onto `dest` on success."""
@@ -133,7 +155,12 @@ def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
     dest.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(dest)
     tmp_path = temp_name(dest)
-    fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    _LIVE.add(tmp_path)  # before it exists: a signal may land between creating it and `try`
+    try:
+        fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        _LIVE.discard(tmp_path)  # not ours to remove
+        raise
     os.close(fd)
     try:
         yield tmp_path
@@ -143,6 +170,8 @@ def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             tmp_path.unlink()
         raise
+    finally:
+        _LIVE.discard(tmp_path)
 
 
 def write_text_atomic(dest: str | os.PathLike[str], text: str) -> None:

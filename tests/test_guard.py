@@ -65,6 +65,32 @@ def test_failed_write_leaves_destination_and_no_temporary(tmp_path: Path) -> Non
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.txt"]
 
 
+def test_interrupt_between_creating_the_temporary_and_its_try_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C can land right after the temporary is created, before `atomic_path`'s own
+    cleanup is armed (CI saw such a stray after a SIGINT mid-sweep). The CLI then leaves
+    with os._exit, so no finaliser removes it: the CLI must."""
+    from mer import atomic
+    from mer.cli import main
+
+    real_open = os.open
+
+    def open_then_interrupt(path, flags, *a, **kw):  # type: ignore[no-untyped-def]
+        fd = real_open(path, flags, *a, **kw)
+        if str(path).endswith(".tmp"):
+            os.close(fd)
+            raise KeyboardInterrupt  # as a signal handler would, once the call returned
+        return fd
+
+    monkeypatch.setattr(atomic.os, "open", open_then_interrupt)
+    out = tmp_path / "t.parquet"
+    rc = main(["trace", "bundled", "-o", str(out)])
+    assert rc == 130
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_stale_temporary_of_a_dead_process_is_removed_by_the_next_write(tmp_path: Path) -> None:
     dest = tmp_path / "big.gguf"
     proc = subprocess.run(

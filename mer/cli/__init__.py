@@ -121,6 +121,9 @@ def _interrupted(code: int, argv: Sequence[str] | None) -> int:
     """As the `mer` command (argv None), leave at once with `code`: cleanup has run while
     the interrupt unwound, and interpreter shutdown could be cut short by the signal's
     default action (an exit status of -2 instead of 130). In-process callers get `code`."""
+    from mer.atomic import remove_live_temporaries
+
+    remove_live_temporaries()
     if argv is not None:
         return code
     for stream in (sys.stdout, sys.stderr):
