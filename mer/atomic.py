@@ -133,18 +133,12 @@ def _check_dest(dest: Path) -> None:
 _LIVE: set[Path] = set()
 
 
-def remove_live_temporaries() -> list[Path]:
-    """Remove this process's temporaries of unfinished writes; return those removed."""
-    removed = []
+def remove_live_temporaries() -> None:
+    """Remove this process's temporaries of unfinished writes."""
     for p in list(_LIVE):
-        try:
+        with contextlib.suppress(OSError):
             p.unlink()
-        except OSError:
-            pass
-        else:
-            removed.append(p)
         _LIVE.discard(p)
-    return removed
 
 
 @contextlib.contextmanager
