@@ -228,6 +228,49 @@ def test_synthetic_machine_is_predicted_exactly_after_calibration(tmp_path: Path
     assert "figures/validation-tokens-per-s.png" in md and "lru-256" in md
 
 
+def test_io_bound_calibration_fits_only_io_and_predicts_exactly(tmp_path: Path) -> None:
+    """From an I/O-bound calibration run only the SSD and the per-read costs are fitted;
+    compute stays the probe's. With the probe right about compute and wrong about the
+    disk, the calibrated prediction is exact; a wrong compute figure is kept, not fitted."""
+    trace = read_trace(bundled_trace_path())
+    truth = _truth()
+    truth.ssd.bandwidth_bytes_per_s /= 4  # a slow disk: the calibration run waits on reads
+    m = ModelMachine(trace, truth, shape="mixtral-tiny", queue_depth=8, chunk_bytes=32768)
+    cal_cfg = CALIBRATION.__class__("cal-io", cache_slots=24)
+    probe = copy.deepcopy(truth)
+    probe.name = "probe"
+    probe.ssd.bandwidth_bytes_per_s *= 1.6
+    probe.compute.read_submit_s = 5e-6
+    probe.compute.read_complete_s = 0.0
+    grid = Grid(cal_cfg, GRID.configs, name="io").check()
+    res = run_validation(m, trace, grid, probe, tmp_path, ValidateOptions(tokens=4, repeats=1))
+    prof = res.profiles[0]
+    moved = prof.extra["calibration"]["moved"]
+    assert set(moved) == {
+        "compute.read_submit_s",
+        "compute.read_complete_s",
+        "ssd.bandwidth_bytes_per_s",
+    }
+    assert prof.compute.read_submit_s == pytest.approx(truth.compute.read_submit_s)
+    assert prof.compute.read_complete_s == pytest.approx(truth.compute.read_complete_s)
+    assert prof.ssd.bandwidth_bytes_per_s == pytest.approx(
+        truth.ssd.bandwidth_bytes_per_s, rel=1e-6
+    )
+    cal = res.table[res.table.stage == "calibrated"]
+    assert cal["abs_rel_error"].max() < 1e-6, cal.sort_values("abs_rel_error").tail(3)
+    # the same run from a profile whose FFN is wrong: compute is kept as it was
+    wrong = copy.deepcopy(probe)
+    wrong.compute.ffn_bytes_per_s *= 2
+    run = m.run(cal_cfg, 4)
+    assert run.io_wait_share > 0.5
+    from mer.analysis.calibrate import calibrate
+
+    c2 = calibrate(run, wrong, trace=trace)
+    assert c2.profile.compute.ffn_bytes_per_s == wrong.compute.ffn_bytes_per_s
+    assert "compute.ffn_bytes_per_s" in c2.kept and "compute.ffn_bytes_per_s" not in c2.moved
+    assert "I/O-bound" in c2.format_text()
+
+
 def test_drift_recalibrates_and_resume_reruns_nothing(tmp_path: Path) -> None:
     trace = read_trace(bundled_trace_path())
     truth = _truth()
