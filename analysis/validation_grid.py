@@ -93,10 +93,7 @@ def _g(name: str, **kw: Any) -> GridConfig:
 
 #: Calibrated on: one I/O-bound run that exercises both FFN paths (a read in flight
 #: or not), queued demand reads and the device; none of the grid's configurations.
-#: The calibration run: 128 tokens (4x the held-out runs' default), so that its own noise
-#: (a 32-token run of it moved the fitted SSD bandwidth by up to 2.5x from one round to
-#: the next on a shared VM disk) stays small against the drift it is there to follow.
-CALIBRATION = _g("calibration", policy="lru", cache_slots=96, scope="global", tokens=128)
+CALIBRATION = _g("calibration", policy="lru", cache_slots=96, scope="global")
 
 #: The held-out grid: 5 policies, cache sizes from 32 slots to every expert, both
 #: scopes, prefetch off and on (the oracle at depth 2 prefetches usefully, markov

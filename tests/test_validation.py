@@ -115,23 +115,31 @@ def test_counts_check_prefetch_off_exact_on_within_one_percent() -> None:
         "off": [_summary(), _summary()],
         "on": [_summary(prefetch=pf), _summary(prefetch={**pf, "late": 31})],
     }
+    # predicted: two of the used prefetches late instead of on time (a race between a read
+    # and its lookup: two hits fewer, two late more), and one more late prefetch
     predicted = {
         "calibrated": {
             "off": [_summary()],
-            "on": [_summary(prefetch={**pf, "late": 32}, hits=101)],
+            "on": [_summary(prefetch={**pf, "used": 148, "late": 33}, hits=98)],
         }
     }
     s = summarize(build_table([off, on], measured, predicted), [off, on])
     c = s["counts"]
     assert c["prefetch_off_equal"] and c["configs"]["off"]["exact"]
-    # late: predicted 32 vs the median of 30, 31 = 30.5, relative to the 200 issued; hits:
-    # 101 against 100, relative to themselves: the worst
-    assert c["configs"]["on"]["worst"] == pytest.approx(max(1.5 / 200, 1 / 100))
+    # the decisions, by hand: hits incl. late predicted 98 + 33 = 131 against the median of
+    # 130 and 131 = 130.5, relative to itself; used incl. late 148 + 33 = 181 against 180.5,
+    # relative to the 200 issued; issued and wasted equal. The on-time split does not count.
+    assert c["configs"]["on"]["worst"] == pytest.approx(max(0.5 / 130.5, 0.5 / 200))
     assert s["targets"]["counts with prefetch on, abs. error"]["met"]
-    # the repeats among themselves: late 30 and 31, one of the 200 issued
+    # the repeats among themselves: used incl. late 180 and 181, one of the 200 issued
     assert c["configs"]["on"]["repeat_spread"] == pytest.approx(1 / 200)
     assert c["prefetch_on_repeat_spread"] == pytest.approx(1 / 200)
     assert c["configs"]["off"]["repeat_spread"] == 0.0
+    # a decision that differs does count: 3 more prefetches issued of 200
+    predicted["calibrated"]["on"] = [_summary(prefetch={**pf, "issued": 203, "late": 30})]
+    s = summarize(build_table([off, on], measured, predicted), [off, on])
+    assert s["counts"]["configs"]["on"]["worst"] == pytest.approx(3 / 200)
+    assert not s["targets"]["counts with prefetch on, abs. error"]["met"]
     measured["off"][1] = _summary(hits=101, misses=539)
     s = summarize(build_table([off, on], measured, predicted), [off, on])
     assert not s["counts"]["prefetch_off_equal"]
@@ -244,6 +252,7 @@ def test_io_bound_calibration_fits_only_io_and_predicts_exactly(tmp_path: Path) 
     probe.compute.read_complete_s = 0.0
     grid = Grid(cal_cfg, GRID.configs, name="io").check()
     res = run_validation(m, trace, grid, probe, tmp_path, ValidateOptions(tokens=4, repeats=1))
+    assert res.summary["calibration_tokens"] == 16  # 4 x the held-out runs' 4 tokens
     prof = res.profiles[0]
     moved = prof.extra["calibration"]["moved"]
     assert set(moved) == {
