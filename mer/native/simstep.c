@@ -418,7 +418,10 @@ static void cache_free(Cache *c) {
     free(c->soff);
     free(c->states);
     if (c->shared)
-        for (int p = 0; p < c->n_parts; p++) free(c->shared[p]);
+        for (int p = 0; p < c->n_parts; p++) {
+            if (c->shared[p] && c->pol && c->pol->free_shared) c->pol->free_shared(c->shared[p]);
+            free(c->shared[p]);
+        }
     free(c->shared);
     free(c->cap);
     free(c->resident);
