@@ -95,6 +95,15 @@ def main(argv: list[str] | None = None) -> int:
                 "hit_rate_none": n["hit_rate"],
                 "hit_rate_prefetch": p["hit_rate"],
                 **{k: p["prefetch"][k] for k in ("issued", "used", "late", "wasted")},
+                "cancelled": p["prefetch"].get("cancelled", 0),
+                "cancelled_reads": p["extra"].get("cancelled_reads", 0),
+                "cancelled_gib": p["extra"].get("cancelled_bytes", 0) / float(1 << 30),
+                "gib_read_none": n["bytes_read"] / float(1 << 30),
+                "gib_read_prefetch": p["bytes_read"] / float(1 << 30),
+                "io_wait_share_none": n["io_wait_share"],
+                "io_wait_share_prefetch": p["io_wait_share"],
+                "hidden_read_share_none": n.get("hidden_read_share"),
+                "hidden_read_share_prefetch": p.get("hidden_read_share"),
                 "load": load(),
             }
         )

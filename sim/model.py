@@ -204,6 +204,21 @@ class AnalyticSSD:
             self.bg.append(r)
         return r
 
+    def cancel(self, read: _Read, a: int) -> None:
+        """Abandon `read` at `a` (a dropped prefetch): its chunks not yet in the device
+        are never served; those already are run on (as the engine's do). It is never
+        reported done. Call after commit(a)."""
+        read.registered = False
+        if read.remaining == 0:
+            return  # every chunk dispatched already: it lands, unreported
+        q = self.fg if read.fg else self.bg
+        q.remove(read)
+        self.queued_chunks -= read.remaining
+        if read.fg:
+            self.fg_chunks -= read.remaining
+        read.remaining = 0
+        read.finish = max(a, read.issued)
+
     def busy_until(self) -> int:
         """When the last read issued so far lands (reads are outstanding before it)."""
         if self.queued_chunks:
@@ -512,6 +527,7 @@ def _run_fast(replay: Replay, tm: _Timing, rec: _Recorder) -> int:
     prefetch = replay.prefetch
     complete = replay.complete
     issue = ssd.issue
+    cancel = ssd.cancel
     finish_of = ssd.finish_of
     commit = ssd.commit
     busy_until = ssd.busy_until
@@ -547,6 +563,10 @@ def _run_fast(replay: Replay, tm: _Timing, rec: _Recorder) -> int:
             finish_reads(t1)
             look(t1)
             res = step(t)
+            for key in res.cancelled:  # dropped guesses: their queued chunks go unread
+                r = inflight.pop(key, None)
+                if r is not None:
+                    cancel(r, t1)
             reads = res.reads
             late = res.late
             keys = res.keys
@@ -728,6 +748,7 @@ def _run_compiled(replay: Replay, tm: _Timing, rec: _Recorder) -> int | None:
     cache = replay.cache
     if (
         replay.is_live
+        or cfg.prefetch_cancel  # the compiled loop has no cancellation: _run_fast's
         or replay.lookup_granularity
         or cache.state
         or cache.stats.lookups
@@ -782,8 +803,8 @@ def _run_compiled(replay: Replay, tm: _Timing, rec: _Recorder) -> int | None:
     if rec.observe:
         rec.obs_a, rec.obs_b, rec.obs_p = (o.tolist() for o in res.obs)
     stats = cache.stats
-    for i, name in enumerate(stats.COUNTERS):
-        getattr(stats, name)[:] += res.stats[i]
+    for name, row in zip(stats.COUNTERS, res.stats, strict=False):  # (it has no cancelled)
+        getattr(stats, name)[:] += row
     return res.end
 
 
@@ -802,10 +823,11 @@ class _AfterNow(simpy.events.Event):
 
 
 class _Landed:
-    __slots__ = ("finish",)
+    __slots__ = ("dropped", "finish")
 
     def __init__(self) -> None:
         self.finish = -1
+        self.dropped = False  # a cancelled prefetch: it lands, never completed
 
 
 def _run_simpy(replay: Replay, tm: _Timing, rec: _Recorder) -> int:
@@ -817,6 +839,7 @@ def _run_simpy(replay: Replay, tm: _Timing, rec: _Recorder) -> int:
     inflight: dict[int, simpy.Process] = {}
     outstanding = [0]  # reads issued and not yet landed
     landed: list[int] = []  # landed, not yet reaped by the driver
+    logs: dict[int, _Landed] = {}  # the registered reads' landing records, by key
     k = replay.top_k
 
     def chunk(prio: int) -> Any:
@@ -834,7 +857,7 @@ def _run_simpy(replay: Replay, tm: _Timing, rec: _Recorder) -> int:
             yield env.timeout(tm.access)
         log.finish = int(env.now)
         outstanding[0] -= 1
-        if registered:
+        if registered and not log.dropped:
             landed.append(key)  # the driver completes it when it next reaps (at a lookup)
 
     def start_read(t: int, key: int, fg: bool, registered: bool) -> simpy.Process:
@@ -844,6 +867,8 @@ def _run_simpy(replay: Replay, tm: _Timing, rec: _Recorder) -> int:
         rec.read_step.append(t)
         rec.finish.append(log)
         outstanding[0] += 1
+        if registered:
+            logs[key] = log
         return env.process(read(key, fg, registered, log))
 
     def ffn_job(wait: simpy.Event | None, gate: simpy.Event | None, out: list[int]) -> Any:
@@ -872,6 +897,11 @@ def _run_simpy(replay: Replay, tm: _Timing, rec: _Recorder) -> int:
                 replay.complete(key)
             landed.clear()
             res = replay.step(t)
+            for key in res.cancelled:
+                # a dropped guess still in flight reads on here (this engine serves every
+                # chunk it was given), but never lands in the cache
+                if inflight.pop(key, None) is not None:
+                    logs.pop(key).dropped = True
             if tm.step:
                 yield env.timeout(tm.step)
             waits: list[simpy.Process | None] = [None] * k

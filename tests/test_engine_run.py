@@ -371,3 +371,38 @@ def test_background_depth_changes_timing_only(gguf_file: Path, io: str) -> None:
     assert s.extra["io"]["background_depth"] == 1
     assert s.prefetch["issued"] > 0
     assert s.extra["reads"] == s.misses - s.prefetch["late"] + s.prefetch["issued"]
+
+
+def test_cancelled_prefetches_are_the_same_in_the_run_its_simulation_and_the_core(
+    gguf_file: Path,
+) -> None:
+    """--prefetch-cancel decides from the trace and the cache alone, so the engine, the
+    simulator and the clockless core drop the same guesses and issue the same prefetches;
+    timing only splits the used ones into hits and late ones. No in-flight cap binds, and
+    LRU's victims at 48 slots are never the reads still in flight."""
+    from mer.sim.hardware import load_profile
+    from mer.sim.model import options_like, simulate
+
+    tr = read_bundled(6)
+    store = ExpertStore.open(gguf_file)
+    rcfg = ReplayConfig(
+        cache_slots=48,
+        predictor="markov",
+        pipeline_depth=3,
+        prefetch_lead=2,
+        prefetch_top_n=1,
+        prefetch_inflight=1000,
+        prefetch_cancel=1024,
+    )
+    ref = replay_counts(Replay.from_trace(tr, rcfg))
+    assert ref.total("prefetch_cancelled") > 0
+    run = _run(tr, store, rcfg, mode="model").summary
+    sim = simulate(tr, rcfg, load_profile("ci-tiny"), options_like(run)).summary
+    for out in (run, sim):
+        pf = out.prefetch
+        assert pf["issued"] == ref.total("prefetch_issued"), out.kind
+        assert pf["cancelled"] == ref.total("prefetch_cancelled"), out.kind
+        assert pf["wasted"] == ref.total("prefetch_wasted"), out.kind
+        assert pf["used"] + pf["late"] == ref.total("prefetch_used"), out.kind
+        assert out.hits + pf["late"] == ref.total("hits"), out.kind
+    assert run.extra["cancelled_reads"] <= run.prefetch["cancelled"]

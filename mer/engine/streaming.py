@@ -196,6 +196,21 @@ class _Reads:
             self.urgent.add(rid)
             self.reader.expedite(tags)
 
+    def cancel(self, rid: Hashable) -> int:
+        """Abandon read `rid` (a dropped prefetch): drop its chunks still queued, wait for
+        those already on the device (its buffer is about to be reused), and never report it
+        landed. Returns the bytes it did not read."""
+        tags = self.pending.get(rid)
+        if tags is None:
+            return 0
+        dropped = self.reader.cancel(tags)
+        for tag in list(tags):
+            self.reader.wait(tag)
+        del self.pending[rid]
+        self.urgent.discard(rid)
+        self.started.pop(rid, None)
+        return dropped
+
     def wait(self, rid: Hashable) -> None:
         """Block until every range of read `rid` has landed."""
         while rid in self.pending:
@@ -267,7 +282,14 @@ class ExpertStreamer:
         self.read_lat: list[float] = []
         self.read_span: list[tuple[float, float]] = []  # (submitted, seen landed) per read
         self.it_compute: list[float] = []
-        self.counters = {"stashed": 0, "bypass_reads": 0, "reads": 0, "payload_bytes": 0}
+        self.counters = {
+            "stashed": 0,
+            "bypass_reads": 0,
+            "reads": 0,
+            "payload_bytes": 0,
+            "cancelled_reads": 0,  # dropped guesses still in flight when dropped
+            "cancelled_bytes": 0,  # what their queued chunks would have read
+        }
         # The driver's time by kind (what the simulator's timing model is fitted to):
         # FFNs run directly (nothing in flight) or handed to a thread while reads are
         # polled; submissions of reads.
@@ -426,6 +448,11 @@ class ExpertStreamer:
         # simulator completes reads at the instant they land).
         self.reads.poll()
         res = replay.step(t) if keys is None else replay.step(t, keys)
+        for key in res.cancelled:  # dropped guesses: free their slots, stop their reads
+            self.slot_of.pop(key, None)
+            if ("slot", key) in self.reads.pending:
+                self.counters["cancelled_reads"] += 1
+                self.counters["cancelled_bytes"] += self.reads.cancel(("slot", key))
         step_keys = res.keys
         layer = step_keys[0] // n_exp
         stash: dict[int, int] = {}  # step key -> scratch index holding its bytes
@@ -550,6 +577,8 @@ class ExpertStreamer:
             "read_bytes_by_key": list(read_bytes_by_key(self.store)),
             "bypass_reads": int(self.counters["bypass_reads"]),
             "stashed_step_victims": int(self.counters["stashed"]),
+            "cancelled_reads": int(self.counters["cancelled_reads"]),
+            "cancelled_bytes": int(self.counters["cancelled_bytes"]),
             "evictions": self.replay.stats.total("evictions"),
             "io": {
                 "kind": info.kind,
