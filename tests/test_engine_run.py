@@ -438,5 +438,6 @@ def test_prefetch_on_engine_and_simulator_take_the_same_decisions(
         assert s.extra["evictions"] == ref.total("evictions"), s.kind
         assert s.extra["reads"] == ref.total("misses") + ref.total("prefetch_issued"), s.kind
     assert runs[1].bytes_read == eng.bytes_read
-    # the slow model disk: late prefetches happen, and the split is all that moves
-    assert runs[1].prefetch["late"] > 0
+    # the slow model disk: late prefetches happen, and the split is all that moves (with
+    # cancellation the guesses aimed 2 steps ahead are few and land in the disk's idle time)
+    assert runs[1].prefetch["late"] > 0 or rcfg.prefetch_cancel
