@@ -19,7 +19,9 @@ OPT would evict (the farthest next use among the same candidates) and prints:
   (step, key) of that z as a probability, so the table says how good the
   next-visit prediction must be for a given share of the gap; and when the true
   answers for the next two visits enter d + L (1 - p1) / max(p2, 0.2) (ties again
-  broken by the online score).
+  broken by the online score). Two more columns make the answer certain for one
+  group of layers only: those this token has routed (their next visit is the
+  next token's) and those still to come in this token.
 
 Only the real policy's online score is held out; the oracle rows read the
 future on purpose (they are ceilings, not policies).
@@ -142,6 +144,13 @@ def main(argv: list[str] | None = None) -> int:
             zs = z + s_ * (2 * p1 - 1)
             lls[s_] = log_likelihood(zs[known], y)
             oracles[s_] = zs - logd
+        # the certain answer for one group of layers only: those routed in this token
+        # (next visit: the next token) or those still to come (next visit: this token)
+        routed = np.arange(nk)[None, :] // E <= (t_idx % L)[:, None]
+        part = {
+            g: z + 4.0 * (2 * p1 - 1) * m - logd
+            for g, m in (("routed", routed), ("to come", ~routed))
+        }
         oracle2 = -np.log(d + L * (1 - p1) / np.maximum(p2, 0.2)) + 1e-3 * sc
         lru = one_pass_hits("lru", steps, L, E, "global")
         opt = one_pass_hits("opt", steps, L, E, "global")
@@ -155,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             gap_rows.append(
                 (held.name, cap, gap(h),
                  [gap(replay(steps, oracles[s_], cap)[0]) for s_ in STRENGTHS],
+                 [gap(replay(steps, part[g], cap)[0]) for g in ("routed", "to come")],
                  gap(replay(steps, oracle2, cap)[0]))
             )  # fmt: skip
             R = np.asarray(ev, dtype=np.int64)
@@ -179,10 +189,13 @@ def main(argv: list[str] | None = None) -> int:
 
     print("\ngap closed, global (cotoken held out; the oracle columns read the future):\n")
     heads = " | ".join(f"z + {s_} (2y - 1)" for s_ in STRENGTHS)
-    print(f"| trace | slots | cotoken | {heads} | true next two visits |")
-    print("|---|---:|---:|" + "---:|" * (len(STRENGTHS) + 1))
-    for name, cap, g, o1, o2 in gap_rows:
-        cells = " | ".join(pct(v) for v in o1)
+    print(
+        f"| trace | slots | cotoken | {heads} | certain, layers routed this token only | "
+        "certain, layers to come only | true next two visits |"
+    )
+    print("|---|---:|---:|" + "---:|" * (len(STRENGTHS) + 3))
+    for name, cap, g, o1, op, o2 in gap_rows:
+        cells = " | ".join(pct(v) for v in [*o1, *op])
         print(f"| {name} | {cap} | {pct(g)} | {cells} | {pct(o2)} |")
     print("\nlog-likelihood per (step, key) of the next-visit answer y under sigmoid(z):\n")
     print(f"| trace | constant | cotoken | {heads} |")
