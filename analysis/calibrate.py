@@ -15,6 +15,19 @@ Each quantity is refitted from the figure of the run that isolates it:
   the simulated I/O wait equals the measured one (the read p50 when the run
   hardly waited); without the trace, from the median whole-expert read.
 
+Which of these one run identifies depends on where its time went (`identifies`):
+a run that waited on reads for more than MAX_IO_SHARE_FOR_COMPUTE of its wall
+time says little about compute. Its FFN and dense figures were taken while the
+completion path competed for the same few cores, and together they decide less
+than half of its time, so an error in them barely moves its simulated tokens/s:
+fitting them to such a run mistakes I/O effects for compute (the FFN came out 44%
+slower than the probe's and the compute-bound configurations were then predicted
+37% too slow). From an I/O-bound run only the I/O parameters are fitted (the
+SSD, the per-read submit and reap costs, the driver's time per step held at the
+probe's); compute (FFN, FFN while reads are in flight, dense, per-step cost) stays
+as the probe measured it. A compute-bound run refits both. The result lists what
+was fitted, what was kept and why (`Calibration.kept`).
+
 Channels, latency, chunk size and queue depth are kept: they come from the
 probe (one run cannot separate them). Runs of an older mer (no driver
 figures) refit only FFN throughput, dense time and bandwidth, as before.
@@ -37,6 +50,14 @@ from mer.summary import RunSummary
 
 #: Below this I/O wait share the bandwidth is fitted to the read p50 instead.
 MIN_IO_SHARE = 0.05
+#: Above this I/O wait share a run does not identify compute: its compute figures are kept.
+MAX_IO_SHARE_FOR_COMPUTE = 0.5
+COMPUTE_FIELDS = (
+    "compute.ffn_bytes_per_s",
+    "compute.ffn_busy_overhead_s",
+    "compute.dense_s_per_layer",
+    "compute.step_overhead_s",
+)
 BISECT_STEPS = 28
 
 
@@ -45,9 +66,16 @@ class Calibration:
     profile: HardwareProfile
     moved: dict[str, dict[str, float]] = field(default_factory=dict)  # field -> before, after, rel
     notes: list[str] = field(default_factory=list)
+    #: field -> why it was kept from the starting profile (not identified by this run)
+    kept: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"profile": self.profile.to_dict(), "moved": self.moved, "notes": self.notes}
+        return {
+            "profile": self.profile.to_dict(),
+            "moved": self.moved,
+            "notes": self.notes,
+            "kept": self.kept,
+        }
 
     def format_text(self) -> str:
         lines = [f"calibrated profile {self.profile.name!r}:"]
@@ -59,6 +87,7 @@ class Calibration:
             lines.append(
                 "  nothing could be fitted from this run (no reads and no compute measured)"
             )
+        lines += [f"  kept {name}: {why}" for name, why in self.kept.items()]
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -72,6 +101,33 @@ def _solve_bandwidth(profile: HardwareProfile, nbytes: int, read_s: float) -> fl
     if transfer <= 0:
         return None
     return (nbytes / n) / transfer * ssd.channels
+
+
+def identifies(run: RunSummary) -> tuple[bool, str]:
+    """(whether `run` identifies the compute parameters, the stated reason)."""
+    share = run.io_wait_share
+    if share > MAX_IO_SHARE_FOR_COMPUTE:
+        return False, (
+            f"the run waited on reads {share * 100:.0f}% of its time (> "
+            f"{MAX_IO_SHARE_FOR_COMPUTE * 100:.0f}%): I/O-bound, it does not identify compute; "
+            "kept the probe's"
+        )
+    return True, (
+        f"the run waited on reads {share * 100:.0f}% of its time (<= "
+        f"{MAX_IO_SHARE_FOR_COMPUTE * 100:.0f}%): compute fitted from it"
+    )
+
+
+def fit_complete(drv: dict[str, Any], layers: int, submit_s: float, step_s: float) -> float | None:
+    """Reaping cost per read with the per-step cost held at `step_s` (the probe's): the
+    least-squares slope through the origin of (token overhead - layers * step) against
+    the token's reads, less the submission. None without reads."""
+    over = np.asarray(drv.get("token_overhead_s") or [], dtype=float)
+    reads = np.asarray(drv.get("token_reads") or [], dtype=float)
+    if over.size != reads.size or not float(np.sum(reads * reads)) > 0:
+        return None
+    per_read = float(np.sum((over - layers * step_s) * reads) / np.sum(reads * reads))
+    return max(0.0, per_read - submit_s)
 
 
 def fit_overhead(drv: dict[str, Any], layers: int, submit_s: float) -> tuple[float, float] | None:
@@ -188,7 +244,12 @@ def calibrate(
 
     drv = (run.extra or {}).get("driver_time") or {}
     bpe = shape.bytes_per_expert
-    if drv.get("ffn_direct_n", 0) > 0 and drv.get("ffn_direct_s", 0) > 0:
+    fit_compute, why = identifies(run)
+    notes.append(why)
+    kept: dict[str, str] = {}
+    if not fit_compute:
+        kept = {name: "not identified by an I/O-bound run" for name in COMPUTE_FIELDS}
+    if fit_compute and drv.get("ffn_direct_n", 0) > 0 and drv.get("ffn_direct_s", 0) > 0:
         direct = drv["ffn_direct_s"] / drv["ffn_direct_n"]
         ffn = bpe / direct
         record("compute.ffn_bytes_per_s", profile.compute.ffn_bytes_per_s, ffn)
@@ -197,12 +258,12 @@ def calibrate(
             extra = max(0.0, drv["ffn_busy_s"] / drv["ffn_busy_n"] - direct)
             record("compute.ffn_busy_overhead_s", profile.compute.ffn_busy_overhead_s, extra)
             new.compute.ffn_busy_overhead_s = extra
-    elif run.compute_s > 0 and run.lookups:
+    elif fit_compute and run.compute_s > 0 and run.lookups:
         # compute_s sums expert-FFN time; every routed expert runs its FFN once.
         ffn = bpe / (run.compute_s / run.lookups)
         record("compute.ffn_bytes_per_s", profile.compute.ffn_bytes_per_s, ffn)
         new.compute.ffn_bytes_per_s = ffn
-    if run.mode != "seed" and run.dense_s > 0:
+    if fit_compute and run.mode != "seed" and run.dense_s > 0:
         dense = run.dense_s / iters
         before = profile.compute.dense_time(shape.dense_bytes_per_layer)
         record("compute.dense_s_per_layer", before, dense)
@@ -213,15 +274,23 @@ def calibrate(
         new.compute.read_submit_s = sub
     if "overhead_s" in drv and drv.get("steps", 0) > 0:
         sub = drv["submit_s"] / drv["submit_n"] if drv.get("submit_n", 0) else 0.0
-        fit = fit_overhead(drv, run.layers, sub)
-        if fit is not None:
-            step, complete = fit
-            record("compute.read_complete_s", profile.compute.read_complete_s, complete)
-            new.compute.read_complete_s = complete
+        if fit_compute:
+            fit = fit_overhead(drv, run.layers, sub)
+            if fit is not None:
+                step, complete = fit
+                record("compute.read_complete_s", profile.compute.read_complete_s, complete)
+                new.compute.read_complete_s = complete
+            else:
+                step = max(0.0, (drv["overhead_s"] - drv.get("submit_s", 0.0)) / drv["steps"])
+            record("compute.step_overhead_s", profile.compute.step_overhead_s, step)
+            new.compute.step_overhead_s = step
         else:
-            step = max(0.0, (drv["overhead_s"] - drv.get("submit_s", 0.0)) / drv["steps"])
-        record("compute.step_overhead_s", profile.compute.step_overhead_s, step)
-        new.compute.step_overhead_s = step
+            # the per-step cost is the probe's; what the run spent beyond it grows with its
+            # reads: the cost of reaping a completion on this machine
+            reap = fit_complete(drv, run.layers, sub, profile.compute.step_overhead_s)
+            if reap is not None:
+                record("compute.read_complete_s", profile.compute.read_complete_s, reap)
+                new.compute.read_complete_s = reap
     read_p50 = run.latency.get("read", {}).get("p50", 0.0)
     if run.misses > 0 and read_p50 > 0:
         fitted: float | None = None
@@ -242,9 +311,9 @@ def calibrate(
             new.ssd.bandwidth_bytes_per_s = fitted
     new.extra = {
         **profile.extra,
-        "calibration": {"run": run.trace, "moved": moved, "notes": notes},
+        "calibration": {"run": run.trace, "moved": moved, "notes": notes, "kept": kept},
     }
     if "compute.ffn_bytes_per_s" in moved:
         new.extra["measured_shape"] = run.shape  # the FFN rate now holds for this shape
     new.validate()
-    return Calibration(new, moved, notes)
+    return Calibration(new, moved, notes, kept)

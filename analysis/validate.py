@@ -4,8 +4,10 @@ The steps, on one machine (`Machine`: the real engine, or a model of one for
 tests):
 
 1. start from a hardware profile (probed, bundled or a file);
-2. one short calibration run of a configuration outside the grid, and
-   `mer calibrate` on it (with the trace: the SSD is fitted by simulating it);
+2. one calibration run of a configuration outside the grid (CALIBRATION_LENGTH
+   times as many tokens as a held-out run, so its own noise is smaller), and
+   `mer calibrate` on it (with the trace: the SSD is fitted by simulating it; an
+   I/O-bound run refits only the I/O parameters, `calibrate.identifies`);
 3. predict every configuration of the grid with the profile before and after
    calibration;
 4. run every configuration `repeats` times for real, in rounds (each round in
@@ -180,21 +182,37 @@ class ModelMachine:
         )
 
 
+#: The calibration run is this many times as long as a held-out run (unless its
+#: configuration sets its own tokens): a 32-token run of it moved the fitted SSD bandwidth
+#: by up to 2.8x from one round to the next on a shared VM disk (bench_calibration.py).
+CALIBRATION_LENGTH = 4
+
+
 @dataclass
 class ValidateOptions:
     tokens: int = 32
     repeats: int = 3
+    #: tokens of the calibration run (None: CALIBRATION_LENGTH x tokens)
+    calibration_tokens: int | None = None
     drift: float = 0.15  # largest relative change of a pulse figure before recalibrating
     sim_engine: str = "fast"
 
     def check(self) -> ValidateOptions:
         if not 1 <= self.tokens <= 1 << 20:
             raise BadInput(f"--tokens must be from 1 to {1 << 20}, got {self.tokens}.")
+        if self.calibration_tokens is not None and not 1 <= self.calibration_tokens <= 1 << 20:
+            raise BadInput(
+                f"--calibration-tokens must be from 1 to {1 << 20}, got {self.calibration_tokens}."
+            )
         if not 1 <= self.repeats <= 100:
             raise BadInput(f"--repeats must be from 1 to 100, got {self.repeats}.")
         if not 0 < self.drift <= 10:
             raise BadInput(f"--drift must be a share above 0 (0.15 = 15%), got {self.drift}.")
         return self
+
+    @property
+    def cal_tokens(self) -> int:
+        return self.calibration_tokens or CALIBRATION_LENGTH * self.tokens
 
 
 @dataclass
@@ -267,6 +285,7 @@ def run_validation(
     fp = {
         "grid": [c.to_dict() for c in (grid.calibration, *grid.configs)],
         "tokens": o.tokens,
+        "calibration_tokens": o.cal_tokens,
         "repeats": o.repeats,
         "profile": profile.to_dict(),
         "machine": machine.description,
@@ -281,17 +300,17 @@ def run_validation(
         so.engine = o.sim_engine
         return simulate(trace, cfg.replay_config(o.tokens), prof, so).summary
 
-    def real(name: str, cfg: GridConfig) -> RunSummary:
+    def real(name: str, cfg: GridConfig, tokens: int) -> RunSummary:
         got = st.load_run(name)
         if got is not None:
             say(f"validate: {name}: kept from an earlier, interrupted validation")
             return got
         t0 = time.perf_counter()
-        s = machine.run(cfg, o.tokens)
+        s = machine.run(cfg, tokens)
         s.extra["validate"] = {
             "config": cfg.to_dict(),
             "run": name,
-            "tokens": cfg.tokens or o.tokens,
+            "tokens": cfg.tokens or tokens,
         }
         st.save_run(name, s)
         say(
@@ -304,7 +323,7 @@ def run_validation(
     cal_runs: list[RunSummary] = []
 
     def recalibrate(tag: str) -> tuple[HardwareProfile, dict[str, float]]:
-        run = real(f"calibration-{tag}", grid.calibration)
+        run = real(f"calibration-{tag}", grid.calibration, o.cal_tokens)
         cal = calibrate(run, profile, trace=trace)
         prof = cal.profile
         prof.name = f"{profile.name}-calibrated-{tag}"
@@ -318,7 +337,10 @@ def run_validation(
         return prof, pulse
 
     profile.save(out / "profile-start.json")
-    say(f"validate: calibration run ({grid.calibration.describe()}), {o.tokens} tokens")
+    say(
+        f"validate: calibration run ({grid.calibration.describe()}), "
+        f"{grid.calibration.tokens or o.cal_tokens} tokens"
+    )
     current, ref = recalibrate("0")
     version = 0
     before = {c.name: sim(c, profile) for c in configs}
@@ -353,7 +375,7 @@ def run_validation(
             after_by_version[version] = {c.name: sim(c, current) for c in configs}
         shift = rnd % len(configs)
         for cfg in configs[shift:] + configs[:shift]:
-            s = real(f"{cfg.name}-r{rnd}", cfg)
+            s = real(f"{cfg.name}-r{rnd}", cfg, o.tokens)
             measured[cfg.name].append(s)
             pred_before[cfg.name].append(before[cfg.name])
             pa = after_by_version[version][cfg.name]
@@ -379,6 +401,7 @@ def run_validation(
             "machine": machine.description,
             "trace": getattr(trace, "name", ""),
             "tokens": o.tokens,
+            "calibration_tokens": grid.calibration.tokens or o.cal_tokens,
             "repeats": o.repeats,
             "drift_threshold": o.drift,
             "drift_events": st.state["events"],

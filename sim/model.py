@@ -510,7 +510,7 @@ def _run_fast(replay: Replay, tm: _Timing, rec: _Recorder) -> int:
     step_oh, submit, reap = tm.step, tm.submit, tm.complete
     step = replay.step
     prefetch = replay.prefetch
-    complete = replay.complete
+    mark_late = replay.mark_late
     issue = ssd.issue
     finish_of = ssd.finish_of
     commit = ssd.commit
@@ -525,13 +525,14 @@ def _run_fast(replay: Replay, tm: _Timing, rec: _Recorder) -> int:
     schedule = functools.partial(_ffn_schedule, tm, k)
 
     def finish_reads(t: int) -> None:
+        # Reads landed by t leave `inflight` (the decisions had them landed already:
+        # Replay._landed); a key evicted and read again keeps its newer read.
         if ssd.queued_chunks:  # else commit would only move idle channels; issue() does that
             commit(t)
         if done and done[0][0] <= t:
             for r in ssd.pop_done(t):
-                if r.registered:
+                if r.registered and inflight.get(r.key) is r:
                     del inflight[r.key]
-                    complete(r.key)
 
     n_layers = replay.n_layers
 
@@ -548,9 +549,17 @@ def _run_fast(replay: Replay, tm: _Timing, rec: _Recorder) -> int:
             look(t1)
             res = step(t)
             reads = res.reads
-            late = res.late
             keys = res.keys
+            hit = res.hit
             ready = [t1] * k
+            # a hit still being read (a prefetch not landed by t1): late, wait for it
+            n_late = 0
+            if inflight:
+                for i in range(k):
+                    if hit[i] and keys[i] in inflight:
+                        n_late += 1
+                        mark_late(keys[i])
+                        ready[i] = -1 - i  # resolved once this step's reads are queued
             at = t1 + step_oh
             for adm in reads:
                 at += submit
@@ -574,11 +583,9 @@ def _run_fast(replay: Replay, tm: _Timing, rec: _Recorder) -> int:
                 inflight[adm.key] = r
             tc = at + (len(reads) + len(pfs)) * reap
             look(tc)
-            n_late = 0
-            if True in late:
+            if n_late:
                 for i in range(k):
-                    if late[i]:
-                        n_late += 1
+                    if ready[i] < 0:
                         ready[i] = finish_of(inflight[keys[i]])
             for i in range(k):
                 if ready[i] < tc:
@@ -589,7 +596,7 @@ def _run_fast(replay: Replay, tm: _Timing, rec: _Recorder) -> int:
             r_comp.append(sum(durs))
             r_busy.append(sum(1 for x in durs if x > ffn) if tm.ffn_busy else 0)
             r_over.append(tc - t1)
-            r_hits.append(sum(res.hit))
+            r_hits.append(sum(hit) - n_late)
             r_late.append(n_late)
             n_pf = len(pfs)
             r_pf.append(n_pf)
@@ -816,7 +823,8 @@ def _run_simpy(replay: Replay, tm: _Timing, rec: _Recorder) -> int:
     m, d = tm.chunks, tm.chunk
     inflight: dict[int, simpy.Process] = {}
     outstanding = [0]  # reads issued and not yet landed
-    landed: list[int] = []  # landed, not yet reaped by the driver
+    landed: list[tuple[int, _Landed]] = []  # landed, not yet reaped by the driver
+    logs: dict[simpy.Process, _Landed] = {}
     k = replay.top_k
 
     def chunk(prio: int) -> Any:
@@ -835,7 +843,7 @@ def _run_simpy(replay: Replay, tm: _Timing, rec: _Recorder) -> int:
         log.finish = int(env.now)
         outstanding[0] -= 1
         if registered:
-            landed.append(key)  # the driver completes it when it next reaps (at a lookup)
+            landed.append((key, log))  # the driver sees it when it next reaps (at a lookup)
 
     def start_read(t: int, key: int, fg: bool, registered: bool) -> simpy.Process:
         log = _Landed()
@@ -844,7 +852,9 @@ def _run_simpy(replay: Replay, tm: _Timing, rec: _Recorder) -> int:
         rec.read_step.append(t)
         rec.finish.append(log)
         outstanding[0] += 1
-        return env.process(read(key, fg, registered, log))
+        proc = env.process(read(key, fg, registered, log))
+        logs[proc] = log
+        return proc
 
     def ffn_job(wait: simpy.Event | None, gate: simpy.Event | None, out: list[int]) -> Any:
         # One FFN on a worker held from its turn (the list schedule): wait for its
@@ -867,14 +877,24 @@ def _run_simpy(replay: Replay, tm: _Timing, rec: _Recorder) -> int:
             yield _AfterNow(env)
             t1 = int(env.now)
             rec.look(t1)
-            for key in landed:
-                del inflight[key]
-                replay.complete(key)
+            for key, log in landed:
+                # the decisions had it landed already (Replay._landed); a key evicted and
+                # read again keeps its newer read
+                if key in inflight and logs[inflight[key]] is log:
+                    del inflight[key]
             landed.clear()
             res = replay.step(t)
+            n_late = 0
+            for i in range(k):
+                if res.hit[i] and res.keys[i] in inflight:
+                    n_late += 1  # a hit still being read: late, its FFN waits for it
+                    replay.mark_late(res.keys[i])
             if tm.step:
                 yield env.timeout(tm.step)
-            waits: list[simpy.Process | None] = [None] * k
+            waits: list[simpy.Process | None] = [
+                inflight[key] if hit and key in inflight else None
+                for key, hit in zip(res.keys, res.hit, strict=True)
+            ]
             for adm in res.reads:
                 if tm.submit:
                     yield env.timeout(tm.submit)
@@ -932,8 +952,8 @@ def _run_simpy(replay: Replay, tm: _Timing, rec: _Recorder) -> int:
             rec.comp.append(sum(durs))
             rec.n_busy.append(sum(1 for x in durs if x > tm.ffn) if tm.ffn_busy else 0)
             rec.over.append(tc - t1)
-            rec.hits.append(sum(res.hit))
-            rec.late.append(sum(res.late))
+            rec.hits.append(sum(res.hit) - n_late)
+            rec.late.append(n_late)
             rec.pf.append(len(pfs))
             rec.reads.append(len(res.reads) + len(pfs))
         return env.now

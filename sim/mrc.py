@@ -286,15 +286,20 @@ class MRCRequest:
 
 def default_policies(n_layers: int) -> list[str]:
     """All registered policies; the public engine's only on flat (1-layer) traces, and
-    none that asks to be left out of the default curves (`in_default_curves`)."""
+    those too slow in Python (`in_default_curves` False) only where their compiled
+    replay runs."""
     from mer.core.policy import POLICIES
+    from mer.native import replay as native_replay
 
     names = policy_names()
     return [
         p
         for p in names
         if (p != "seed-lru-locality" or n_layers == 1)
-        and getattr(POLICIES.get(p), "in_default_curves", True)
+        and (
+            getattr(POLICIES.get(p), "in_default_curves", True)
+            or native_replay.lookup(p) is not None
+        )
     ]
 
 

@@ -371,3 +371,56 @@ def test_background_depth_changes_timing_only(gguf_file: Path, io: str) -> None:
     assert s.extra["io"]["background_depth"] == 1
     assert s.prefetch["issued"] > 0
     assert s.extra["reads"] == s.misses - s.prefetch["late"] + s.prefetch["issued"]
+
+
+@pytest.mark.parametrize(
+    "rcfg",
+    [
+        ReplayConfig(cache_slots=24, predictor="oracle", pipeline_depth=2, prefetch_inflight=2),
+        ReplayConfig(policy="fifo", cache_slots=40, predictor="markov"),
+        ReplayConfig(
+            cache_slots=20,
+            predictor="previous-token",
+            pipeline_depth=4,
+            prefetch_inflight=3,
+            prefetch_reclaim=True,
+        ),
+        ReplayConfig(
+            policy="lfu", scope="per-layer", cache_slots=64, predictor="oracle", pipeline_depth=3
+        ),
+    ],
+    ids=["oracle-inflight2", "fifo-markov", "prev-token-reclaim", "lfu-per-layer-oracle"],
+)
+def test_prefetch_on_engine_and_simulator_take_the_same_decisions(
+    gguf_file: Path, rcfg: ReplayConfig
+) -> None:
+    """With prefetch on, the engine (real reads) and the simulator (a model disk that is far
+    slower than this one) issue, use and waste exactly the prefetches of the clock-free
+    replay (every read landed at once, `replay_counts`): no decision depends on when a read
+    lands. Only the split of the used prefetches into on time and late is the clock's."""
+    from mer.sim.hardware import load_profile
+    from mer.sim.model import options_like, simulate
+
+    tr = read_bundled(6)
+    store = ExpertStore.open(gguf_file)
+    ref = replay_counts(Replay.from_trace(tr, ReplayConfig(**rcfg.to_dict())), fast=False)
+    assert ref.total("late") == 0  # nothing is ever in flight at a lookup there
+    eng = _run(tr, store, rcfg, mode="model").summary
+    slow = load_profile("ci-tiny")
+    slow.ssd.bandwidth_bytes_per_s /= 50  # every prefetch lands late in the model
+    runs = [eng]
+    for engine in ("fast", "simpy"):
+        opts = options_like(eng, engine=engine)
+        runs.append(simulate(tr, rcfg, slow, opts).summary)
+    assert ref.total("prefetch_issued") > 0
+    for s in runs:
+        pf = s.prefetch
+        assert pf["issued"] == ref.total("prefetch_issued"), s.kind
+        assert pf["wasted"] == ref.total("prefetch_wasted"), s.kind
+        assert pf["used"] + pf["late"] == ref.total("prefetch_used"), s.kind
+        assert s.hits + pf["late"] == ref.total("hits"), s.kind
+        assert s.extra["evictions"] == ref.total("evictions"), s.kind
+        assert s.extra["reads"] == ref.total("misses") + ref.total("prefetch_issued"), s.kind
+    assert runs[1].bytes_read == eng.bytes_read
+    # the slow model disk: late prefetches happen, and the split is all that moves
+    assert runs[1].prefetch["late"] > 0

@@ -212,21 +212,31 @@ def test_replay_step_keeps_one_pass_curves_whole_and_replays_a_subset() -> None:
     assert all(fifo[s] == full_fifo[s] for s in fifo.index)
 
 
-def test_default_curves_leave_out_python_only_policies_until_asked(tmp_path):
-    """cotoken replays at Python speed: a default `mer mrc` must not spend half an hour on
-    it, while every compiled policy stays in and naming cotoken still draws it."""
+def test_default_curves_leave_out_python_only_policies_until_asked(tmp_path, monkeypatch):
+    """cotoken replays at Python speed without its compiled twin: a default `mer mrc` must
+    not spend half an hour on it there, while every other policy stays in and naming
+    cotoken still draws it. Where the twin runs, the default curves draw it."""
+    from mer import native
     from mer.core.policy import POLICIES, policy_names
     from mer.native import replay as native_replay
     from mer.sim.mrc import default_policies
 
-    names = default_policies(32)
+    compiled = bool(native_replay.compiled_names())
+    assert ("cotoken" in default_policies(32)) == compiled
+    monkeypatch.setenv("MER_NO_NATIVE", "1")
+    native.reset()
+    try:
+        names = default_policies(32)
+    finally:
+        monkeypatch.delenv("MER_NO_NATIVE")
+        native.reset()
     assert "cotoken" not in names
     assert "seed-lru-locality" not in names and "seed-lru-locality" in default_policies(1)
     for p in policy_names():
         if p not in ("cotoken", "seed-lru-locality") and POLICIES[p].in_default_curves:
             assert p in names
-    if native_replay.compiled_names():
-        for p in names:  # everything drawn by default has a compiled or one-pass curve
+    if compiled:
+        for p in default_policies(32):  # everything drawn by default has a fast curve
             assert native_replay.lookup(p) is not None or p in ("lru", "opt"), p
 
     rng = np.random.default_rng(3)

@@ -33,6 +33,7 @@ BUILTIN = [
     "opt",
     "seed-lru-locality",
     "cycle",
+    "cotoken",
 ]
 
 
@@ -72,6 +73,14 @@ def params_for(policy, n_experts, rng):
     if policy == "cycle":  # the duel, every term of the model, and a flat prior
         w = {f"w{i}": float(v) for i, v in enumerate(rng.normal(0, 1, 7).round(3))}
         return {**w, "duel": int(rng.integers(0, 2)), "prior": float(rng.choice([0.5, 2.0]))}
+    if policy == "cotoken":  # every weight, a flat prior, other smoothing and rates
+        w = {f"w{i}": float(v) for i, v in enumerate(rng.normal(0, 1, 9).round(3))}
+        return {
+            **w,
+            "prior": float(rng.choice([0.5, 2.0])),
+            "alpha": float(rng.choice([0.3, 0.5, 2.0])),
+            "rate_mid": float(rng.choice([0.2, 0.7])),
+        }
     return {}
 
 
@@ -103,7 +112,9 @@ def test_compiled_equals_python(policy, k, data):
         assert got == want, (policy, scope, cap, pin, params)
 
 
-@pytest.mark.parametrize("policy", ["lru", "lfu", "s3fifo", "arc", "opt", "sieve", "cycle"])
+@pytest.mark.parametrize(
+    "policy", ["lru", "lfu", "s3fifo", "arc", "opt", "sieve", "cycle", "cotoken"]
+)
 def test_longer_trace_every_size(policy):
     # Longer than the hypothesis traces: ARC's target, S3-FIFO's ghost and LFU's
     # renormalisation (decay 0.5 passes 1e100 after ~330 steps) all get exercised.

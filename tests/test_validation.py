@@ -115,23 +115,31 @@ def test_counts_check_prefetch_off_exact_on_within_one_percent() -> None:
         "off": [_summary(), _summary()],
         "on": [_summary(prefetch=pf), _summary(prefetch={**pf, "late": 31})],
     }
+    # predicted: two of the used prefetches late instead of on time (a race between a read
+    # and its lookup: two hits fewer, two late more), and one more late prefetch
     predicted = {
         "calibrated": {
             "off": [_summary()],
-            "on": [_summary(prefetch={**pf, "late": 32}, hits=101)],
+            "on": [_summary(prefetch={**pf, "used": 148, "late": 33}, hits=98)],
         }
     }
     s = summarize(build_table([off, on], measured, predicted), [off, on])
     c = s["counts"]
     assert c["prefetch_off_equal"] and c["configs"]["off"]["exact"]
-    # late: predicted 32 vs the median of 30, 31 = 30.5, relative to the 200 issued; hits:
-    # 101 against 100, relative to themselves: the worst
-    assert c["configs"]["on"]["worst"] == pytest.approx(max(1.5 / 200, 1 / 100))
+    # the decisions, by hand: hits incl. late predicted 98 + 33 = 131 against the median of
+    # 130 and 131 = 130.5, relative to itself; used incl. late 148 + 33 = 181 against 180.5,
+    # relative to the 200 issued; issued and wasted equal. The on-time split does not count.
+    assert c["configs"]["on"]["worst"] == pytest.approx(max(0.5 / 130.5, 0.5 / 200))
     assert s["targets"]["counts with prefetch on, abs. error"]["met"]
-    # the repeats among themselves: late 30 and 31, one of the 200 issued
+    # the repeats among themselves: used incl. late 180 and 181, one of the 200 issued
     assert c["configs"]["on"]["repeat_spread"] == pytest.approx(1 / 200)
     assert c["prefetch_on_repeat_spread"] == pytest.approx(1 / 200)
     assert c["configs"]["off"]["repeat_spread"] == 0.0
+    # a decision that differs does count: 3 more prefetches issued of 200
+    predicted["calibrated"]["on"] = [_summary(prefetch={**pf, "issued": 203, "late": 30})]
+    s = summarize(build_table([off, on], measured, predicted), [off, on])
+    assert s["counts"]["configs"]["on"]["worst"] == pytest.approx(3 / 200)
+    assert not s["targets"]["counts with prefetch on, abs. error"]["met"]
     measured["off"][1] = _summary(hits=101, misses=539)
     s = summarize(build_table([off, on], measured, predicted), [off, on])
     assert not s["counts"]["prefetch_off_equal"]
@@ -226,6 +234,50 @@ def test_synthetic_machine_is_predicted_exactly_after_calibration(tmp_path: Path
     assert len(pd.read_parquet(tmp_path / "runs.parquet")) == 2 * len(GRID.configs)
     md = (tmp_path / "validation.md").read_text()
     assert "figures/validation-tokens-per-s.png" in md and "lru-256" in md
+
+
+def test_io_bound_calibration_fits_only_io_and_predicts_exactly(tmp_path: Path) -> None:
+    """From an I/O-bound calibration run only the SSD and the per-read costs are fitted;
+    compute stays the probe's. With the probe right about compute and wrong about the
+    disk, the calibrated prediction is exact; a wrong compute figure is kept, not fitted."""
+    trace = read_trace(bundled_trace_path())
+    truth = _truth()
+    truth.ssd.bandwidth_bytes_per_s /= 4  # a slow disk: the calibration run waits on reads
+    m = ModelMachine(trace, truth, shape="mixtral-tiny", queue_depth=8, chunk_bytes=32768)
+    cal_cfg = CALIBRATION.__class__("cal-io", cache_slots=24)
+    probe = copy.deepcopy(truth)
+    probe.name = "probe"
+    probe.ssd.bandwidth_bytes_per_s *= 1.6
+    probe.compute.read_submit_s = 5e-6
+    probe.compute.read_complete_s = 0.0
+    grid = Grid(cal_cfg, GRID.configs, name="io").check()
+    res = run_validation(m, trace, grid, probe, tmp_path, ValidateOptions(tokens=4, repeats=1))
+    assert res.summary["calibration_tokens"] == 16  # 4 x the held-out runs' 4 tokens
+    prof = res.profiles[0]
+    moved = prof.extra["calibration"]["moved"]
+    assert set(moved) == {
+        "compute.read_submit_s",
+        "compute.read_complete_s",
+        "ssd.bandwidth_bytes_per_s",
+    }
+    assert prof.compute.read_submit_s == pytest.approx(truth.compute.read_submit_s)
+    assert prof.compute.read_complete_s == pytest.approx(truth.compute.read_complete_s)
+    assert prof.ssd.bandwidth_bytes_per_s == pytest.approx(
+        truth.ssd.bandwidth_bytes_per_s, rel=1e-6
+    )
+    cal = res.table[res.table.stage == "calibrated"]
+    assert cal["abs_rel_error"].max() < 1e-6, cal.sort_values("abs_rel_error").tail(3)
+    # the same run from a profile whose FFN is wrong: compute is kept as it was
+    wrong = copy.deepcopy(probe)
+    wrong.compute.ffn_bytes_per_s *= 2
+    run = m.run(cal_cfg, 4)
+    assert run.io_wait_share > 0.5
+    from mer.analysis.calibrate import calibrate
+
+    c2 = calibrate(run, wrong, trace=trace)
+    assert c2.profile.compute.ffn_bytes_per_s == wrong.compute.ffn_bytes_per_s
+    assert "compute.ffn_bytes_per_s" in c2.kept and "compute.ffn_bytes_per_s" not in c2.moved
+    assert "I/O-bound" in c2.format_text()
 
 
 def test_drift_recalibrates_and_resume_reruns_nothing(tmp_path: Path) -> None:

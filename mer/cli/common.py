@@ -224,7 +224,8 @@ def add_replay_args(p: argparse.ArgumentParser, *, sweep: bool = False, live: bo
         "--prefetch-inflight",
         type=positive_int,
         default=8,
-        help="at most N prefetch reads in flight (default 8)",
+        help="at most N prefetches outstanding: aimed at a step still ahead and not yet "
+        "looked up (default 8; decided from the trace, never from when reads land)",
     )
     p.add_argument(
         "--prefetch-slots",

@@ -60,9 +60,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--policies",
         type=str_list,
         default=None,
-        help="comma-separated policies (default: all registered, except cotoken, which "
-        "has no compiled replay and is drawn only when named here or given by --tuned; "
-        "seed-lru-locality only on 1-layer traces; opt is always added as the ceiling)",
+        help="comma-separated policies (default: all registered; cotoken only where its "
+        "compiled replay runs, since in Python it takes minutes, else when named here or "
+        "given by --tuned; seed-lru-locality only on 1-layer traces; opt is always added "
+        "as the ceiling)",
     )
     p.add_argument(
         "--scopes",

@@ -59,6 +59,13 @@ def register(sub: Any) -> None:
         "--tokens", type=int_range(1, 1 << 20), default=32, help="tokens per run (first N)"
     )
     p.add_argument(
+        "--calibration-tokens",
+        type=int_range(1, 1 << 20),
+        default=None,
+        help="tokens of the calibration run (default: 4 x --tokens, so that its own noise "
+        "is small against the drift it follows)",
+    )
+    p.add_argument(
         "--repeats", type=int_range(1, 100), default=3, help="real runs per configuration"
     )
     p.add_argument(
@@ -88,7 +95,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from mer.traces.format import read_trace
 
     grid = load_grid(args.grid)
-    opts = ValidateOptions(tokens=args.tokens, repeats=args.repeats, drift=args.drift).check()
+    opts = ValidateOptions(
+        tokens=args.tokens,
+        repeats=args.repeats,
+        drift=args.drift,
+        calibration_tokens=args.calibration_tokens,
+    ).check()
     trace = read_trace(args.trace)
     engine = EngineConfig(
         io=args.io,
@@ -130,7 +142,8 @@ def format_text(res: Any) -> str:
     lines = [
         f"=== mer validate: {s.get('trace')} on {s.get('machine')} ===",
         f"{len(s.get('configs', []))} held-out configurations x {s.get('repeats')} runs of "
-        f"{s.get('tokens')} tokens; calibration runs {s.get('recalibrations', 0) + 1}",
+        f"{s.get('tokens')} tokens; calibration runs {s.get('recalibrations', 0) + 1} of "
+        f"{s.get('calibration_tokens')} tokens",
         f"{'configuration':<28}{'measured t/s':>13}{'spread':>9}{'predicted':>11}{'error':>9}"
         f"{'inside':>8}{'before cal.':>12}",
     ]

@@ -517,6 +517,16 @@ class ExpertCache:
             adm = Admission(adm.key, adm.slot, recycled, True)
         return adm
 
+    def mark_late(self, key: int) -> None:
+        """`key`, just counted a hit and a used prefetch, was still being read when its
+        step looked it up: count it a late prefetch and a miss (`Replay.mark_late`)."""
+        layer = key // self.n_experts
+        st = self.stats
+        st.hits[layer] -= 1
+        st.misses[layer] += 1
+        st.prefetch_used[layer] -= 1
+        st.late[layer] += 1
+
     def complete(self, key: int) -> None:
         """The read of `key` finished: it is now resident."""
         if self.state.get(key) != IN_FLIGHT:

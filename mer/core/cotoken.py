@@ -88,8 +88,9 @@ class Cotoken(EvictionPolicy):
     """cycle's hit density z - log d, z with this token's routing as evidence (module doc)."""
 
     name = "cotoken"
-    # Python only, about 25k lookups per CPU-second: its 512 default curves of the
-    # bundled trace would take about half an hour, so it is drawn only when asked for.
+    # About 25k lookups per CPU-second in Python: its 512 default curves of the bundled
+    # trace would take about half an hour there, so the default curves draw it only
+    # where its compiled twin (mer/native/replay.c) runs (under a second).
     in_default_curves = False
     tunable = tuple(f"w{i}" for i in range(len(FEATURES)))
     tuned_on = TUNED_ON

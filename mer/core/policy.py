@@ -33,9 +33,10 @@ class EvictionPolicy(ABC):
     protects_step: ClassVar[bool] = True
     #: True for offline policies that need `attach_future` (OPT).
     needs_future: ClassVar[bool] = False
-    #: False for policies too slow to replay at every size by default (Python only, no
-    #: compiled twin): `mer mrc` then draws them only when asked with --policies, so the
-    #: default curves of every size stay seconds, not the better part of an hour.
+    #: False for policies too slow in Python to replay at every size by default: `mer mrc`
+    #: then draws them by default only where their compiled twin runs (mer.native.replay),
+    #: else only when asked with --policies, so the default curves of every size stay
+    #: seconds, not the better part of an hour, even without a C compiler.
     in_default_curves: ClassVar[bool] = True
     #: For `mer tune`: candidate values per parameter (grid search; `fit` wins if defined),
     #: the parameters whose defaults were fitted, and the traces they were fitted on

@@ -47,7 +47,9 @@ GRANULARITIES = ("step", "lookup")
 class PrefetchRule:
     """Which predictions become reads: the top `top_n` per future step whose
     probability is at least `min_prob`, while fewer than `max_inflight`
-    prefetches are in flight. top_n None means the model's top_k."""
+    prefetches are outstanding (aimed at a step still ahead, not yet looked up:
+    a function of the trace and the cache, never of when a read lands). top_n
+    None means the model's top_k."""
 
     top_n: int | None = None
     min_prob: float = 0.0
@@ -230,6 +232,7 @@ class Replay:
         self.rule = PrefetchRule(
             config.prefetch_top_n, config.prefetch_min_prob, config.prefetch_inflight
         )
+        self._ahead: list[int] = []  # prefetched keys, oldest first (see prefetch)
 
     @functools.cached_property
     def _keys_list(self) -> list[list[int]]:
@@ -320,12 +323,16 @@ class Replay:
         return t % self.n_layers
 
     def step(self, t: int, keys: Sequence[int] | None = None) -> StepResult:
-        """Step t's lookups; a live replay is given the step's keys (rank order)."""
+        """Step t's lookups; a live replay is given the step's keys (rank order).
+
+        The step's reads land, for every later decision, as soon as it returns
+        (`_landed`): no decision depends on when a read really completes."""
         if keys is None:
             if self.is_live:
                 raise ValueError("a live replay needs each step's keys: step(t, keys)")
             result = self.cache.access_step(t, self._keys_list[t])
             self.predictor.observe(t, self.steps[t])
+            self._landed(result.reads)
             return result
         if not self.is_live:
             raise ValueError("a trace replay takes its keys from the trace: step(t)")
@@ -337,7 +344,32 @@ class Replay:
         self._live_la.pop(t, None)  # consumed: the step it predicted is here
         result = self.cache.access_step(t, row)
         self.predictor.observe(t, np.asarray(row, dtype=np.int32))
+        self._landed(result.reads)
         return result
+
+    def _landed(self, reads: Sequence[Admission]) -> None:
+        """Reads land, for the decisions, at the end of the call that issued them.
+
+        The simulator and the engine must issue the same reads, evict the same keys
+        and count the same hits, so no decision may depend on when a read really
+        completes (a clock the two do not share). A read issued by step t (or by
+        prefetch(t)) is therefore resident for every decision from the next call on:
+        the "infinitely fast SSD" of `replay_counts`, which this makes every replay.
+        Timing only splits the prefetches later used into on time and late: a driver
+        that finds a hit of step t still being read waits for it and reports it
+        (`mark_late`). `--prefetch-inflight N` bounds the guesses outstanding: aimed at
+        a step still ahead and not yet looked up (`prefetch`). Drivers that still call
+        `complete` change nothing."""
+        cache = self.cache
+        for adm in reads:
+            if adm.slot is not None:
+                cache.complete(adm.key)
+
+    def mark_late(self, key: int) -> None:
+        """The driver found `key`, a hit of the step just looked up (a prefetch not yet
+        used), still being read: the step waits for it. Counted as a late prefetch
+        and a miss instead of a used prefetch and a hit; no decision changes."""
+        self.cache.mark_late(key)
 
     def supply_lookahead(self, u: int, keys: Sequence[int]) -> None:
         """Live: the lookahead prediction of step u (read by the lookahead predictor)."""
@@ -362,13 +394,20 @@ class Replay:
         # A prefetch never evicts the current step's keys nor another wanted key.
         protect = self._step_keys(t) + wanted
         cache = self.cache
+        spec = cache.spec
+        # Outstanding: guesses aimed at a step still ahead and not yet looked up (the
+        # deterministic stand-in for "in flight": a read must land by the step it is for).
+        ahead = [k for k in self._ahead if (tg := spec.get(k)) is not None and tg > t]
         out: list[Admission] = []
         for key in wanted:
-            if cache.n_inflight_prefetch >= rule.max_inflight:
+            if len(ahead) >= rule.max_inflight:
                 break
             adm = cache.prefetch(key, protect, target[key])
             if adm is not None:
                 out.append(adm)
+                ahead.append(key)
+        self._ahead = ahead
+        self._landed(out)
         return out
 
     def proposals(self, t: int, preds: list[Prediction]) -> tuple[list[int], dict[int, int]]:
@@ -391,6 +430,8 @@ class Replay:
         return wanted, target
 
     def complete(self, key: int) -> None:
+        """A read landed (a no-op since reads land at the end of the call that issued
+        them, `_landed`; kept for drivers and callers that report landings)."""
         self.cache.complete(key)
 
 

@@ -267,7 +267,13 @@ class ExpertStreamer:
         self.read_lat: list[float] = []
         self.read_span: list[tuple[float, float]] = []  # (submitted, seen landed) per read
         self.it_compute: list[float] = []
-        self.counters = {"stashed": 0, "bypass_reads": 0, "reads": 0, "payload_bytes": 0}
+        self.counters = {
+            "stashed": 0,
+            "bypass_reads": 0,
+            "reads": 0,
+            "payload_bytes": 0,
+            "evicted_in_flight": 0,  # reads waited for before their slot was reused
+        }
         # The driver's time by kind (what the simulator's timing model is fitted to):
         # FFNs run directly (nothing in flight) or handed to a thread while reads are
         # polled; submissions of reads.
@@ -303,10 +309,9 @@ class ExpertStreamer:
             raise
 
         def landed(key: int, into_slot: bool, started: float, seen: float) -> None:
+            # Only timing: the decisions had the read landed already (Replay._landed).
             self.read_lat.append(seen - started)
             self.read_span.append((started, seen))
-            if into_slot:
-                self.replay.complete(key)
 
         self.reads = _Reads(self.reader, landed)
         self._open = True
@@ -405,6 +410,17 @@ class ExpertStreamer:
         tm["ffn_busy_n"] += 1
         return out
 
+    def _settle(self, key: int) -> None:
+        """Before `key`'s slot takes another read: let `key`'s own read land if it is
+        still in flight (a prefetch evicted before it arrived), so that read cannot
+        overwrite the new one's bytes. The decision was made without it (a timing cost
+        only: the wait is the device's time for what is left of that read)."""
+        rid = ("slot", key)
+        if rid in self.reads.pending:
+            self.reads.expedite(rid)
+            self.reads.wait(rid)
+            self.counters["evicted_in_flight"] += 1
+
     def step(
         self,
         t: int,
@@ -422,11 +438,17 @@ class ExpertStreamer:
         replay = self.replay
         clock = time.perf_counter
         n_exp = self.n_experts
-        # Reap what landed first, so a prefetch that is in by now counts as a hit (the
-        # simulator completes reads at the instant they land).
+        # Reap what landed first: a prefetch that is in by now is on time (the simulator
+        # sees reads at the instant they land); one still being read is late.
         self.reads.poll()
         res = replay.step(t) if keys is None else replay.step(t, keys)
         step_keys = res.keys
+        pending = self.reads.pending
+        n_late = 0
+        for key, hit in zip(step_keys, res.hit, strict=True):
+            if hit and ("slot", key) in pending:
+                n_late += 1
+                replay.mark_late(key)
         layer = step_keys[0] // n_exp
         stash: dict[int, int] = {}  # step key -> scratch index holding its bytes
         bypass: dict[int, int] = {}  # step key -> scratch index of its bypass read
@@ -437,6 +459,7 @@ class ExpertStreamer:
         for adm in res.reads:
             rank = rank_of[adm.key]
             if adm.evicted is not None:
+                self._settle(adm.evicted)
                 old = slot_of.pop(adm.evicted)
                 if adm.evicted in rank_of:
                     # A hit of this step chosen as the victim of an earlier-ranked
@@ -455,6 +478,7 @@ class ExpertStreamer:
         pf_n = 0
         for adm in replay.prefetch(t):
             if adm.evicted is not None:
+                self._settle(adm.evicted)
                 slot_of.pop(adm.evicted, None)
             slot_of[adm.key] = adm.slot  # type: ignore[assignment]
             nbytes += self._issue(adm.key, adm.slot, 0, urgent=False)
@@ -509,9 +533,9 @@ class ExpertStreamer:
             y += np.float32(weights[rank]) * o
         self.it_compute.append(step_comp)
         outcome = StepOutcome(
-            hits=res.n_hits,
-            misses=res.n_misses,
-            late=sum(res.late),
+            hits=res.n_hits - n_late,
+            misses=res.n_misses + n_late,
+            late=sum(res.late) + n_late,
             prefetch_issued=pf_n,
             bytes_read=nbytes,
             io_wait_s=io_wait,
@@ -550,6 +574,7 @@ class ExpertStreamer:
             "read_bytes_by_key": list(read_bytes_by_key(self.store)),
             "bypass_reads": int(self.counters["bypass_reads"]),
             "stashed_step_victims": int(self.counters["stashed"]),
+            "evicted_in_flight": int(self.counters["evicted_in_flight"]),
             "evictions": self.replay.stats.total("evictions"),
             "io": {
                 "kind": info.kind,

@@ -90,6 +90,10 @@ typedef struct {
     void (*remove)(void *s, int32_t key);
     void (*insert)(void *s, int32_t key);
     void (*end)(void *s, int64_t t, const int32_t *keys, int k);
+    /* optional: release what the shared block allocated on its own (NULL: nothing),
+       and whether a hook ran out of memory (NULL: none can) */
+    void (*free_shared)(void *shared);
+    int (*failed)(const void *shared);
 } mer_policy;
 
 /* -- layout helper: one function lays out a state's arrays for size() and init() -- */
@@ -1745,6 +1749,476 @@ static const mer_policy CYCLE_POLICY = {
     cycle_remove, cycle_insert, cycle_end,
 };
 
+
+/* == cotoken: cycle's hit density with the whole token as evidence (mer/core/cotoken.py) == */
+/* Every feature depends on the trace only, so one shared block serves every cache of
+   a pass (as cycle's); each cache keeps only its residents. The score of a key is
+   computed when a victim search first needs it in a step (z - log d, the Python
+   class's `F @ w - log d`), and the naive-Bayes evidence of a key (the `cooccur`
+   model's `_ev_next`: one block of likelihood ratios per observed layer of this
+   token) is brought up to date only then, adding the blocks in the order Python adds
+   them. The likelihood ratios come from the pair counts through tables of log(m +
+   alpha) and log(m + 2 alpha) (log q1 - log q0 = log(P + a) - log(Nn + 2a) - ...),
+   which is the Python expression in exact arithmetic; numpy's own vectorised
+   logarithms and BLAS sums are not libm's, so the two agree to rounding, and the
+   property tests hold their decisions equal (tests/test_replay_native.py). */
+
+#define CT_NW 9
+#define CT_EPS 0.01
+
+typedef struct {
+    int32_t n_keys, E, L, nl, layer0, k;
+    int nb; /* naive Bayes: a global view of two layers or more */
+    double w[CT_NW], rm, prior, alpha;
+    /* cycle's terms per key, at its layer's latest visit */
+    double *ema, *t1, *t2, *t3, *zs, *zn; /* zs, zn: the terms times w0..3, w4..7 */
+    double *rep, *rcount, *r;             /* transition counts; r: a visit's repeat rates */
+    int32_t *latest, *n_latest, *loc;
+    double *logd;                          /* log d, d = 0..L */
+    /* the per-step score cache */
+    double *score;
+    uint32_t *score_at, stamp;
+    int64_t last_t;
+    int32_t cur; /* global layer of the current step (-1 before the first) */
+    int started, ready;
+    /* naive Bayes (nb): counts, this and the previous token, tables, this token's blocks */
+    int32_t *P, *n, *n_prev, *n_next;
+    int64_t T, Tp;
+    uint8_t *curtok, *prevtok;
+    int32_t *prev_on, n_prev_on, *cur_on, n_cur_on;
+    int has_prev, nb_layer;
+    double *LA, *LB; /* log(m + alpha), log(m + 2 alpha) for m < tab_n */
+    int64_t tab_n;
+    int32_t *ev_layer, n_ev, ev_cap; /* this token's observed blocks: layer, and xs */
+    uint8_t *ev_x;
+    double *acc; /* _ev_next of every key, after its first acc_n[x] blocks */
+    int32_t *acc_n;
+    double *lp; /* logit prior (once per token: lp_at) */
+    int64_t *lp_at, tok;
+    int oom;
+    /* many caches side by side (`mer mrc`): every key's score, sorted once per step,
+       and each cache takes the first of its residents in that order */
+    int sorted;
+    struct ct_rank *order;
+    uint32_t order_at;
+} CotokenShared;
+
+struct ct_rank {
+    double s;
+    int32_t x;
+};
+/* Passes of at least this many caches rank every key once per step (same victims). */
+#define CT_SORT_MIN 4
+
+typedef struct {
+    int32_t *list, *pos; /* residents, unordered, and each one's index in list (-1: out) */
+    int32_t n;
+    CotokenShared *sh;
+} Cotoken;
+
+/* params: w0..w8 rate_mid prior alpha n_layers n_experts */
+static int32_t ct_E(const mer_ctx *c) {
+    int32_t E = (int32_t)c->p[CT_NW + 4];
+    return E > 0 ? E : 1;
+}
+static int32_t ct_nl(const mer_ctx *c) {
+    int32_t E = ct_E(c);
+    return c->n_keys / E > 0 ? c->n_keys / E : 1;
+}
+static int32_t ct_L(const mer_ctx *c) {
+    int32_t L = (int32_t)c->p[CT_NW + 3];
+    int32_t nl = ct_nl(c);
+    return L > nl ? L : nl;
+}
+static int ct_has_nb(const mer_ctx *c) { return ct_L(c) > 1 && c->n_keys > ct_E(c); }
+
+#define COTOKEN_ARRAYS(s, a, c)                                   \
+    do {                                                          \
+        (s)->list = take((a), sizeof(int32_t) * (c)->n_keys);     \
+        (s)->pos = take((a), sizeof(int32_t) * (c)->n_keys);      \
+    } while (0)
+DEFINE_SIZE_INIT(Cotoken, COTOKEN_ARRAYS)
+
+#define CT_EV0 64 /* blocks kept per token before they are added to every key at once */
+#define COTOKEN_SHARED_ARRAYS(sh, a, c)                                              \
+    do {                                                                             \
+        size_t nk_ = (size_t)(c)->n_keys, nl_ = (size_t)ct_nl(c);                    \
+        size_t E_ = (size_t)ct_E(c), k_ = (size_t)(c)->k, L_ = (size_t)ct_L(c);      \
+        size_t nb_ = (size_t)ct_has_nb(c);                                           \
+        (sh)->ema = take((a), sizeof(double) * nk_);                                 \
+        (sh)->t1 = take((a), sizeof(double) * nk_);                                  \
+        (sh)->t2 = take((a), sizeof(double) * nk_);                                  \
+        (sh)->t3 = take((a), sizeof(double) * nk_);                                  \
+        (sh)->zs = take((a), sizeof(double) * nk_);                                  \
+        (sh)->zn = take((a), sizeof(double) * nk_);                                  \
+        (sh)->rep = take((a), sizeof(double) * nl_ * E_ * E_);                       \
+        (sh)->rcount = take((a), sizeof(double) * nk_);                              \
+        (sh)->r = take((a), sizeof(double) * E_);                                    \
+        (sh)->latest = take((a), sizeof(int32_t) * nl_ * k_);                        \
+        (sh)->n_latest = take((a), sizeof(int32_t) * nl_);                           \
+        (sh)->loc = take((a), sizeof(int32_t) * (k_ + 1));                           \
+        (sh)->logd = take((a), sizeof(double) * (L_ + 1));                           \
+        (sh)->score = take((a), sizeof(double) * nk_);                               \
+        (sh)->score_at = take((a), sizeof(uint32_t) * nk_);                          \
+        (sh)->P = take((a), sizeof(int32_t) * nk_ * nk_ * nb_);                      \
+        (sh)->n = take((a), sizeof(int32_t) * nk_);                                  \
+        (sh)->n_prev = take((a), sizeof(int32_t) * nk_);                             \
+        (sh)->n_next = take((a), sizeof(int32_t) * nk_);                             \
+        (sh)->curtok = take((a), nk_);                                               \
+        (sh)->prevtok = take((a), nk_);                                              \
+        (sh)->prev_on = take((a), sizeof(int32_t) * nk_);                            \
+        (sh)->cur_on = take((a), sizeof(int32_t) * nk_);                             \
+        (sh)->ev_layer = take((a), sizeof(int32_t) * CT_EV0);                        \
+        (sh)->ev_x = take((a), E_ * CT_EV0);                                         \
+        (sh)->acc = take((a), sizeof(double) * nk_);                                 \
+        (sh)->acc_n = take((a), sizeof(int32_t) * nk_);                              \
+        (sh)->lp = take((a), sizeof(double) * nk_);                                  \
+        (sh)->lp_at = take((a), sizeof(int64_t) * nk_);                              \
+        (sh)->order = take((a), sizeof(struct ct_rank) * nk_);                       \
+    } while (0)
+DEFINE_SIZE_INIT(CotokenShared, COTOKEN_SHARED_ARRAYS)
+
+static size_t cotoken_shared_size(const mer_ctx *c) { return CotokenShared_size(c); }
+
+static inline double ct_dot_same(const CotokenShared *sh, int32_t x) {
+    const double *w = sh->w;
+    return ((w[0] + w[1] * sh->t1[x]) + w[2] * sh->t2[x]) + w[3] * sh->t3[x];
+}
+static inline double ct_dot_next(const CotokenShared *sh, int32_t x) {
+    const double *w = sh->w;
+    return ((w[4] + w[5] * sh->t1[x]) + w[6] * sh->t2[x]) + w[7] * sh->t3[x];
+}
+
+static void cotoken_shared_init(CotokenShared *sh, const mer_ctx *c) {
+    CotokenShared_lay(sh, c);
+    int32_t nk = c->n_keys, E = ct_E(c), nl = ct_nl(c);
+    for (int i = 0; i < CT_NW; i++) sh->w[i] = c->p[i];
+    sh->rm = c->p[CT_NW];
+    sh->prior = c->p[CT_NW + 1];
+    sh->alpha = c->p[CT_NW + 2];
+    sh->n_keys = nk;
+    sh->E = E;
+    sh->nl = nl;
+    sh->L = ct_L(c);
+    sh->layer0 = c->key_base / E;
+    sh->k = c->k;
+    sh->nb = ct_has_nb(c);
+    sh->logd[0] = 0.0;
+    for (int32_t d = 1; d <= sh->L; d++) sh->logd[d] = log((double)d);
+    memset(sh->rep, 0, sizeof(double) * (size_t)nl * E * E);
+    memset(sh->rcount, 0, sizeof(double) * nk);
+    memset(sh->n_latest, 0, sizeof(int32_t) * nl);
+    memset(sh->score_at, 0, sizeof(uint32_t) * nk);
+    sh->stamp = 0;
+    sh->last_t = INT64_MIN;
+    sh->cur = -1;
+    sh->started = 0;
+    if (sh->nb) memset(sh->P, 0, sizeof(int32_t) * (size_t)nk * nk);
+    memset(sh->n, 0, sizeof(int32_t) * nk);
+    memset(sh->n_prev, 0, sizeof(int32_t) * nk);
+    memset(sh->n_next, 0, sizeof(int32_t) * nk);
+    memset(sh->curtok, 0, nk);
+    memset(sh->prevtok, 0, nk);
+    sh->n_prev_on = sh->n_cur_on = 0;
+    sh->T = sh->Tp = 0;
+    sh->has_prev = 0;
+    sh->nb_layer = -1;
+    sh->LA = sh->LB = NULL;
+    sh->tab_n = 0;
+    sh->n_ev = 0;
+    sh->ev_cap = CT_EV0;
+    memset(sh->acc, 0, sizeof(double) * nk);
+    memset(sh->acc_n, 0, sizeof(int32_t) * nk);
+    for (int32_t i = 0; i < nk; i++) sh->lp_at[i] = -1;
+    sh->tok = 0;
+    sh->oom = 0;
+    sh->sorted = c->n_caches >= CT_SORT_MIN;
+    sh->order_at = 0;
+    sh->ready = 1;
+}
+/* Tables of log(m + alpha) and log(m + 2 alpha) for every count m <= the tokens seen. */
+static void ct_tables(CotokenShared *sh, int64_t need) {
+    if (need <= sh->tab_n) return;
+    int64_t n = sh->tab_n ? sh->tab_n : 64;
+    while (n < need) n *= 2;
+    double *la = realloc(sh->LA, sizeof(double) * n), *lb;
+    if (!la) {
+        sh->oom = 1;
+        return;
+    }
+    sh->LA = la;
+    lb = realloc(sh->LB, sizeof(double) * n);
+    if (!lb) {
+        sh->oom = 1;
+        return;
+    }
+    sh->LB = lb;
+    const double a = sh->alpha;
+    for (int64_t m = sh->tab_n; m < n; m++) {
+        sh->LA[m] = log((double)m + a);
+        sh->LB[m] = log((double)m + 2 * a);
+    }
+    sh->tab_n = n;
+}
+/* The first step: every expert at the uninformed rate k / E (Python `_start`). */
+static void ct_start(CotokenShared *sh) {
+    const double base = (double)sh->k / (double)sh->E;
+    const double lb = log(base + CT_EPS);
+    for (int32_t x = 0; x < sh->n_keys; x++) {
+        sh->ema[x] = base;
+        sh->t1[x] = lb;
+        sh->t2[x] = 0.0;
+        sh->t3[x] = lb;
+        sh->zs[x] = ct_dot_same(sh, x);
+        sh->zn[x] = ct_dot_next(sh, x);
+    }
+    if (sh->nb) ct_tables(sh, 2);
+    sh->started = 1;
+}
+/* One visit of a layer: cycle's recurrences (Python `_visit`, same expressions). */
+static void ct_visit(CotokenShared *sh, const int32_t *keys, int k) {
+    const int32_t E = sh->E;
+    int32_t ll = keys[0] / E;
+    if (ll >= sh->nl) ll = sh->nl - 1;
+    const int32_t b0 = ll * E;
+    int32_t *lat = sh->latest + (size_t)ll * sh->k, *loc = sh->loc;
+    for (int r = 0; r < k; r++) loc[r] = keys[r] - b0;
+    for (int i = 0; i < sh->n_latest[ll]; i++) {
+        int32_t a = lat[i];
+        sh->rcount[b0 + a] += 1.0;
+        double *row = sh->rep + ((size_t)b0 + a) * E;
+        for (int r = 0; r < k; r++) row[loc[r]] += 1.0;
+    }
+    for (int r = 0; r < k; r++) lat[r] = loc[r];
+    sh->n_latest[ll] = k;
+    const double rm = sh->rm, pk = sh->prior * ((double)sh->k / (double)E);
+    double *t2 = sh->t2 + b0;
+    for (int32_t e = 0; e < E; e++) t2[e] = 0.0;
+    for (int r = 0; r < k; r++) t2[loc[r]] = 1.0;
+    double *ema = sh->ema + b0, *r_ = sh->r;
+    for (int32_t e = 0; e < E; e++) {
+        ema[e] = (1.0 - rm) * ema[e] + rm * t2[e];
+        r_[e] = 0.0;
+    }
+    /* the mean over the visit's experts a of (rep[a][e] + pk) / (rcount[a] + prior),
+       summed in rank order, then divided by their number (numpy's mean) */
+    for (int r = 0; r < k; r++) {
+        const double den = sh->rcount[b0 + loc[r]] + sh->prior;
+        const double *row = sh->rep + ((size_t)b0 + loc[r]) * E;
+        for (int32_t e = 0; e < E; e++) r_[e] += (row[e] + pk) / den;
+    }
+    for (int32_t e = 0; e < E; e++) {
+        const int32_t x = b0 + e;
+        sh->t1[x] = log(ema[e] + CT_EPS);
+        sh->t3[x] = log(r_[e] / (double)k + CT_EPS);
+        sh->zs[x] = ct_dot_same(sh, x);
+        sh->zn[x] = ct_dot_next(sh, x);
+    }
+}
+/* One observed block's likelihood ratios, added to key y's evidence (Python
+   `xs @ V1[block] + (1 - xs) @ V0[block]`, V from the counts). */
+static inline double ct_block(const CotokenShared *sh, int32_t layer, const uint8_t *xs,
+                              int32_t y) {
+    const int32_t E = sh->E, nk = sh->n_keys;
+    const int64_t Tp = sh->Tp;
+    const int32_t nn = sh->n_next[y];
+    const double *LA = sh->LA, *LB = sh->LB;
+    const double lb1 = LB[nn], lb0 = LB[Tp - nn];
+    double s1 = 0.0, s0 = 0.0;
+    const int32_t *P = sh->P + (size_t)layer * E * nk + y;
+    const int32_t *np_ = sh->n_prev + (size_t)layer * E;
+    for (int32_t e = 0; e < E; e++) {
+        const int32_t p = P[(size_t)e * nk], q = np_[e];
+        if (xs[e])
+            s1 += (LA[p] - lb1) - (LA[q - p] - lb0);
+        else
+            s0 += (LA[nn - p] - lb1) - (LA[Tp - nn - q + p] - lb0);
+    }
+    return s1 + s0;
+}
+static inline void ct_catch_up(CotokenShared *sh, int32_t y) {
+    for (int32_t i = sh->acc_n[y]; i < sh->n_ev; i++)
+        sh->acc[y] += ct_block(sh, sh->ev_layer[i], sh->ev_x + (size_t)i * sh->E, y);
+    sh->acc_n[y] = sh->n_ev;
+}
+/* cooccur's `observe` for the parts cotoken reads: counts at a token's end, this
+   token's indicator, and its layer's block of evidence for the next token. */
+static void ct_observe(CotokenShared *sh, const int32_t *keys, int k, int32_t layer) {
+    const int32_t nk = sh->n_keys, E = sh->E;
+    if (layer == 0 && sh->nb_layer >= 0) { /* a new token: count the finished one */
+        sh->n_cur_on = 0;
+        for (int32_t x = 0; x < nk; x++)
+            if (sh->curtok[x]) {
+                sh->cur_on[sh->n_cur_on++] = x;
+                sh->n[x]++;
+            }
+        sh->T++;
+        if (sh->has_prev) {
+            for (int i = 0; i < sh->n_prev_on; i++) {
+                const int32_t a = sh->prev_on[i];
+                int32_t *row = sh->P + (size_t)a * nk;
+                for (int j = 0; j < sh->n_cur_on; j++) row[sh->cur_on[j]]++;
+                sh->n_prev[a]++;
+            }
+            for (int j = 0; j < sh->n_cur_on; j++) sh->n_next[sh->cur_on[j]]++;
+            sh->Tp++;
+        }
+        ct_tables(sh, sh->T + 2);
+        memcpy(sh->prevtok, sh->curtok, nk);
+        memcpy(sh->prev_on, sh->cur_on, sizeof(int32_t) * sh->n_cur_on);
+        sh->n_prev_on = sh->n_cur_on;
+        sh->has_prev = 1;
+        memset(sh->curtok, 0, nk);
+        memset(sh->acc, 0, sizeof(double) * nk);
+        memset(sh->acc_n, 0, sizeof(int32_t) * nk);
+        sh->n_ev = 0;
+        sh->tok++;
+    }
+    sh->nb_layer = layer;
+    for (int r = 0; r < k; r++) sh->curtok[keys[r]] = 1;
+    if (sh->n_ev == sh->ev_cap) { /* add the kept blocks to every key, in order */
+        for (int32_t y = 0; y < nk; y++) ct_catch_up(sh, y);
+        memset(sh->acc_n, 0, sizeof(int32_t) * nk);
+        sh->n_ev = 0;
+    }
+    sh->ev_layer[sh->n_ev] = layer;
+    memcpy(sh->ev_x + (size_t)sh->n_ev * E, sh->curtok + (size_t)layer * E, E);
+    sh->n_ev++;
+}
+/* z - log d of local key x after this step's begin (Python `F @ w - log d`). */
+static inline double ct_score(CotokenShared *sh, int32_t x) {
+    if (sh->score_at[x] == sh->stamp) return sh->score[x];
+    const int32_t E = sh->E, L = sh->L;
+    int32_t ll = x / E;
+    if (ll >= sh->nl) ll = sh->nl - 1;
+    const int32_t gl = sh->layer0 + ll, cur = sh->cur;
+    int32_t d = (gl - cur - 1) % L;
+    if (d < 0) d += L;
+    d += 1;
+    double z;
+    if (gl > cur) {
+        z = sh->zs[x];
+    } else {
+        z = sh->zn[x];
+        if (sh->nb) {
+            ct_catch_up(sh, x);
+            if (sh->lp_at[x] != sh->tok) {
+                sh->lp[x] = sh->LA[sh->n[x]] - sh->LA[sh->T - sh->n[x]];
+                sh->lp_at[x] = sh->tok;
+            }
+            const double v = sh->lp[x] + sh->acc[x];
+            const double s = v > 0 ? log1p(v) : v < 0 ? -log1p(-v) : 0.0;
+            z = z + sh->w[8] * s;
+        }
+    }
+    const double sc = z - sh->logd[d];
+    sh->score[x] = sc;
+    sh->score_at[x] = sh->stamp;
+    return sc;
+}
+static void cotoken_init(void *sv, const mer_ctx *c) {
+    Cotoken *s = sv;
+    Cotoken_lay(s, c);
+    for (int32_t i = 0; i < c->n_keys; i++) s->pos[i] = -1;
+    s->n = 0;
+    s->sh = c->shared;
+    if (!s->sh->ready) cotoken_shared_init(s->sh, c);
+}
+static void cotoken_begin(void *sv, int64_t t, const int32_t *keys, const int64_t *nu, int k) {
+    Cotoken *s = sv;
+    CotokenShared *sh = s->sh;
+    (void)nu;
+    if (sh->last_t == t) return; /* another cache of the pass saw step t first */
+    sh->last_t = t;
+    if (!sh->started) ct_start(sh);
+    ct_visit(sh, keys, k);
+    int32_t ll = keys[0] / sh->E;
+    if (ll >= sh->nl) ll = sh->nl - 1;
+    const int32_t layer = sh->layer0 + ll;
+    if (sh->nb && layer != sh->cur) ct_observe(sh, keys, k, layer);
+    sh->cur = layer;
+    if (++sh->stamp == 0) { /* every 2^32 steps: forget every cached score */
+        memset(sh->score_at, 0, sizeof(uint32_t) * sh->n_keys);
+        sh->order_at = 0;
+        sh->stamp = 1;
+    }
+}
+static void cotoken_insert(void *sv, int32_t x) {
+    Cotoken *s = sv;
+    s->pos[x] = s->n;
+    s->list[s->n++] = x;
+}
+static void cotoken_remove(void *sv, int32_t x) {
+    Cotoken *s = sv;
+    const int32_t i = s->pos[x], y = s->list[--s->n];
+    s->list[i] = y;
+    s->pos[y] = i;
+    s->pos[x] = -1;
+}
+static int ct_rank_cmp(const void *a, const void *b) {
+    const struct ct_rank *u = a, *v = b;
+    if (u->s < v->s) return -1;
+    if (u->s > v->s) return 1;
+    return (u->x > v->x) - (u->x < v->x);
+}
+/* The resident unprotected key with the lowest score, ties to the smaller key (the
+   Python class's stable argsort). */
+static int32_t cotoken_evict(void *sv, const mer_prot *p) {
+    Cotoken *s = sv;
+    CotokenShared *sh = s->sh;
+    int32_t best = -1;
+    double bs = 0.0;
+    if (sh->sorted) {
+        if (sh->order_at != sh->stamp) {
+            for (int32_t x = 0; x < sh->n_keys; x++) {
+                sh->order[x].s = ct_score(sh, x);
+                sh->order[x].x = x;
+            }
+            qsort(sh->order, (size_t)sh->n_keys, sizeof(struct ct_rank), ct_rank_cmp);
+            sh->order_at = sh->stamp;
+        }
+        for (int32_t i = 0; i < sh->n_keys; i++) {
+            const int32_t x = sh->order[i].x;
+            if (s->pos[x] >= 0 && !is_prot(p, x)) {
+                best = x;
+                break;
+            }
+        }
+        if (best >= 0) cotoken_remove(s, best);
+        return best;
+    }
+    for (int32_t i = 0; i < s->n; i++) {
+        const int32_t x = s->list[i];
+        if (is_prot(p, x)) continue;
+        const double v = ct_score(s->sh, x);
+        if (best < 0 || v < bs || (v == bs && x < best)) {
+            best = x;
+            bs = v;
+        }
+    }
+    if (best >= 0) cotoken_remove(s, best);
+    return best;
+}
+static void cotoken_free_shared(void *shv) {
+    CotokenShared *sh = shv;
+    if (!sh || !sh->ready) return;
+    free(sh->LA);
+    free(sh->LB);
+    sh->LA = sh->LB = NULL;
+}
+
+static int cotoken_failed(const void *shv) {
+    const CotokenShared *sh = shv;
+    return sh && sh->ready && sh->oom;
+}
+
+static const mer_policy COTOKEN_POLICY = {
+    "cotoken",
+    "w0 w1 w2 w3 w4 w5 w6 w7 w8 rate_mid prior alpha n_layers n_experts",
+    1, 0, Cotoken_size, cotoken_shared_size, cotoken_init, cotoken_begin, NULL, NULL,
+    cotoken_evict, cotoken_remove, cotoken_insert, NULL, cotoken_free_shared, cotoken_failed,
+};
+
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC pop_options
 #endif
@@ -1754,6 +2228,7 @@ static const mer_policy CYCLE_POLICY = {
 static const mer_policy *const REGISTRY[] = {
     &LRU_POLICY, &FIFO_POLICY, &LFU_POLICY, &CLOCK_POLICY, &SIEVE_POLICY,
     &S3FIFO_POLICY, &ARC_POLICY, &OPT_POLICY, &SEED_POLICY, &CYCLE_POLICY,
+    &COTOKEN_POLICY,
 };
 #define N_POLICIES ((int)(sizeof(REGISTRY) / sizeof(REGISTRY[0])))
 
@@ -1797,7 +2272,8 @@ int mer_next_use(const int32_t *keys, int64_t n, int32_t n_keys, int64_t *out) {
 
 struct Handle;
 typedef int (*feed_fn)(struct Handle *h, const int32_t *keys, const int64_t *tidx,
-                       const int64_t *next_use, int64_t n_steps, int8_t *outcome);
+                       const int64_t *next_use, int64_t n_steps, int8_t *outcome,
+                       int32_t *victim);
 
 typedef struct Handle {
     const mer_policy *pol;
@@ -1832,6 +2308,7 @@ void mer_replay_free(void *hv) {
     free(h->pinned);
     free(h->mark);
     free(h->params);
+    if (h->shared && h->pol->free_shared) h->pol->free_shared(h->shared);
     free(h->shared);
     free(h->missed);
     free(h->hitf);
@@ -1902,14 +2379,15 @@ void *mer_replay_new(int policy, int k, int32_t n_keys, int32_t key_base, int32_
    order: only the code differs, never a decision. */
 MER_INLINE int feed_impl(Handle *h, const mer_policy *pol, const int K,
                          const int32_t *keys_all, const int64_t *tidx,
-                         const int64_t *next_use, int64_t n_steps, int8_t *outcome) {
+                         const int64_t *next_use, int64_t n_steps, int8_t *outcome,
+                         int32_t *victim) {
     const int k = K ? K : h->k, nc = h->n_caches, L = h->n_layers_out;
     const uint32_t nk = (uint32_t)h->n_keys;
     const uint8_t *pinned = h->pinned;
     const int32_t *lay = h->lay;
     const int protects = pol->protects_step;
     if (pol->needs_future && !next_use) return -1;
-    if (outcome && nc != 1) return -2;
+    if ((outcome || victim) && nc != 1) return -2;
     for (int64_t i = 0; i < n_steps * k; i++) /* every key in range, before any state moves */
         if ((uint32_t)keys_all[i] >= nk) return -3;
     mer_prot prot = {h->mark, 0, protects, pinned};
@@ -1934,6 +2412,9 @@ MER_INLINE int feed_impl(Handle *h, const mer_policy *pol, const int K,
         }
         const int layer = lay[keys[0]];
         int8_t *out = outcome ? outcome + i * k : NULL;
+        int32_t *vic = victim ? victim + i * k : NULL;
+        if (vic)
+            for (int r = 0; r < k; r++) vic[r] = -1;
         for (int c = 0; c < nc; c++) {
             void *s = h->states + h->stride * c;
             uint8_t *res = h->res + (size_t)c * nk;
@@ -1988,6 +2469,7 @@ MER_INLINE int feed_impl(Handle *h, const mer_policy *pol, const int K,
                         if (out) out[r] = 2;
                         continue;
                     }
+                    if (vic) vic[r] = v;
                     res[v] = 0;
                     n_res--;
                     if (pinned && pinned[v]) pin_res--;
@@ -2016,10 +2498,10 @@ MER_INLINE int feed_impl(Handle *h, const mer_policy *pol, const int K,
 
 #define FEED_VARIANTS(FN, POL)                                                        \
     static int FN(Handle *h, const int32_t *keys, const int64_t *tidx,                \
-                  const int64_t *nu, int64_t n, int8_t *out) {                        \
-        if (h->k == 2) return feed_impl(h, &POL, 2, keys, tidx, nu, n, out);          \
-        if (h->k == 1) return feed_impl(h, &POL, 1, keys, tidx, nu, n, out);          \
-        return feed_impl(h, &POL, 0, keys, tidx, nu, n, out);                         \
+                  const int64_t *nu, int64_t n, int8_t *out, int32_t *vic) {          \
+        if (h->k == 2) return feed_impl(h, &POL, 2, keys, tidx, nu, n, out, vic);     \
+        if (h->k == 1) return feed_impl(h, &POL, 1, keys, tidx, nu, n, out, vic);     \
+        return feed_impl(h, &POL, 0, keys, tidx, nu, n, out, vic);                    \
     }
 FEED_VARIANTS(feed_lru, LRU_POLICY)
 FEED_VARIANTS(feed_fifo, FIFO_POLICY)
@@ -2031,11 +2513,12 @@ FEED_VARIANTS(feed_arc, ARC_POLICY)
 FEED_VARIANTS(feed_opt, OPT_POLICY)
 FEED_VARIANTS(feed_seed, SEED_POLICY)
 FEED_VARIANTS(feed_cycle, CYCLE_POLICY)
+FEED_VARIANTS(feed_cotoken, COTOKEN_POLICY)
 
 /* A policy without a line here runs the generic instance (same decisions, slower). */
 static int feed_generic(Handle *h, const int32_t *keys, const int64_t *tidx,
-                        const int64_t *nu, int64_t n, int8_t *out) {
-    return feed_impl(h, h->pol, 0, keys, tidx, nu, n, out);
+                        const int64_t *nu, int64_t n, int8_t *out, int32_t *vic) {
+    return feed_impl(h, h->pol, 0, keys, tidx, nu, n, out, vic);
 }
 static const struct {
     const mer_policy *pol;
@@ -2044,7 +2527,7 @@ static const struct {
     {&LRU_POLICY, feed_lru},       {&FIFO_POLICY, feed_fifo},   {&LFU_POLICY, feed_lfu},
     {&CLOCK_POLICY, feed_clock},   {&SIEVE_POLICY, feed_sieve}, {&S3FIFO_POLICY, feed_s3fifo},
     {&ARC_POLICY, feed_arc},       {&OPT_POLICY, feed_opt},     {&SEED_POLICY, feed_seed},
-    {&CYCLE_POLICY, feed_cycle},
+    {&CYCLE_POLICY, feed_cycle},   {&COTOKEN_POLICY, feed_cotoken},
 };
 static feed_fn feed_of(const mer_policy *pol) {
     for (size_t i = 0; i < sizeof(FEEDS) / sizeof(FEEDS[0]); i++)
@@ -2053,10 +2536,13 @@ static feed_fn feed_of(const mer_policy *pol) {
 }
 
 int mer_replay_feed(void *hv, const int32_t *keys_all, const int64_t *tidx,
-                    const int64_t *next_use, int64_t n_steps, int8_t *outcome) {
+                    const int64_t *next_use, int64_t n_steps, int8_t *outcome,
+                    int32_t *victim) {
     Handle *h = hv;
     if (!h->feed) h->feed = feed_of(h->pol);
-    return h->feed(h, keys_all, tidx, next_use, n_steps, outcome);
+    int rc = h->feed(h, keys_all, tidx, next_use, n_steps, outcome, victim);
+    if (rc == 0 && h->pol->failed && h->pol->failed(h->shared)) return -4; /* out of memory */
+    return rc;
 }
 
 void mer_replay_counts(void *hv, int c, int64_t *out) {

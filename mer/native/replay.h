@@ -28,9 +28,11 @@ void *mer_replay_new(int policy, int k, int32_t n_keys, int32_t key_base,
    (NULL unless the policy needs the future), and optionally each lookup's
    outcome (n_steps * k bytes; only with one cache): 1 hit, 0 miss read into a
    slot, 2 miss that bypassed the cache (no victim, or evicted again within
-   its step). */
+   its step); and optionally the key each miss evicted (n_steps * k, -1 none;
+   only with one cache). */
 int mer_replay_feed(void *h, const int32_t *keys, const int64_t *tidx,
-                    const int64_t *next_use, int64_t n_steps, int8_t *outcome);
+                    const int64_t *next_use, int64_t n_steps, int8_t *outcome,
+                    int32_t *victim);
 
 /* Counters of cache c, per output layer: hits, misses, evictions, bypass
    (4 x n_layers_out int64), and its resident keys (n_keys bytes). */

@@ -147,6 +147,8 @@ class PassResult:
     outcome: np.ndarray | None  # (n_steps, k) int8: 1 hit, 0 miss into a slot, 2 bypass
     #: the counts after the first `split` steps (run_pass(split=...)), else None
     counts_before: np.ndarray | None = None
+    #: (n_steps, k) int32: the key each miss evicted, -1 none (run_pass(victims=True))
+    victims: np.ndarray | None = None
 
 
 def _ptr(mod: Any, ctype: str, arr: np.ndarray | None) -> Any:
@@ -165,12 +167,15 @@ def run_pass(
     resident: bool = False,
     progress: Callable[[int], None] | None = None,
     split: int | None = None,
+    victims: bool = False,
 ) -> PassResult:
     """One read of the partition's steps with len(caps) caches side by side.
 
     `params`: (len(caps), len(pol.params)) float64, one row per cache.
     `split`: also read the counters after the first `split` steps (a warm-up
     window: counts over the rest are `counts - counts_before`).
+    `victims`: also keep the key each miss evicted (one cache only: decision by
+    decision comparisons with the Python class).
     `progress(n)` is called with the steps just done, after each chunk.
     """
     mod = native.load("replay")
@@ -178,7 +183,7 @@ def run_pass(
         raise RuntimeError("the compiled replays are unavailable")
     lib, ffi = mod.lib, mod.ffi
     n_caches = len(caps)
-    if outcome and n_caches != 1:
+    if (outcome or victims) and n_caches != 1:
         raise ValueError("per-lookup outcomes need exactly one cache")
     k = part.keys.shape[1] if part.keys.ndim == 2 else 1
     caps_arr = np.ascontiguousarray(caps, dtype=np.int32)
@@ -202,6 +207,7 @@ def run_pass(
         keys = np.ascontiguousarray(part.keys, dtype=np.int32)
         nu = next_use(keys, part.n_keys) if pol.needs_future else None
         out = np.zeros(keys.shape, dtype=np.int8) if outcome else None
+        vic = np.full(keys.shape, -1, dtype=np.int32) if victims else None
         tidx = None if part.tidx is None else np.ascontiguousarray(part.tidx, dtype=np.int64)
         n = part.n_steps
         cut = None if split is None else max(0, min(int(split), n))
@@ -217,7 +223,10 @@ def run_pass(
                 _ptr(mod, "int64_t *", None if nu is None else nu[a * k : b * k]),
                 b - a,
                 _ptr(mod, "int8_t *", None if out is None else out[a:b]),
+                _ptr(mod, "int32_t *", None if vic is None else vic[a:b]),
             )
+            if rc == -4:
+                raise MemoryError(f"compiled replay of {pol.name}: out of memory")
             if rc != 0:
                 raise ValueError(f"compiled replay of {pol.name}: bad input (code {rc})")
             if progress:
@@ -230,7 +239,7 @@ def run_pass(
             res = np.zeros((n_caches, part.n_keys), dtype=np.uint8)
             for c in range(n_caches):
                 lib.mer_replay_resident(h, c, _ptr(mod, "uint8_t *", res[c]))
-        return PassResult(counts, None if res is None else res.astype(bool), out, before)
+        return PassResult(counts, None if res is None else res.astype(bool), out, before, vic)
     finally:
         lib.mer_replay_free(h)
 

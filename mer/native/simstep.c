@@ -418,7 +418,10 @@ static void cache_free(Cache *c) {
     free(c->soff);
     free(c->states);
     if (c->shared)
-        for (int p = 0; p < c->n_parts; p++) free(c->shared[p]);
+        for (int p = 0; p < c->n_parts; p++) {
+            if (c->shared[p] && c->pol && c->pol->free_shared) c->pol->free_shared(c->shared[p]);
+            free(c->shared[p]);
+        }
     free(c->shared);
     free(c->cap);
     free(c->resident);
@@ -588,18 +591,17 @@ static void ssd_free(SSD *s) {
     free(s->rd);
 }
 
-/* finish_reads: commit to t, then complete every registered read landed by t */
-static void finish_reads(SSD *s, Cache *c, int64_t *inflight_read, int64_t t) {
+/* finish_reads: commit to t, then forget every registered read landed by t */
+static void finish_reads(SSD *s, int64_t *inflight_read, int64_t t) {
     if (s->queued) ssd_commit(s, t);
     int64_t j = 0;
     for (int64_t i = 0; i < s->n_done; i++) {
         int64_t ri = s->done[i];
         Rd *r = &s->rd[ri];
         if (r->finish <= t) {
-            if (r->registered) {
-                inflight_read[r->key] = -1;
-                complete_key(c, r->key);
-            }
+            /* the decisions had it landed already (Replay._landed); a key evicted and
+               read again keeps its newer read */
+            if (r->registered && inflight_read[r->key] == ri) inflight_read[r->key] = -1;
         } else {
             s->done[j++] = ri;
         }
@@ -629,9 +631,11 @@ int mer_sim_run(const mer_sim_cfg *g, const int32_t *steps, int64_t n_steps,
         if (w_off[t + 1] - w_off[t] > max_w) max_w = w_off[t + 1] - w_off[t];
     int32_t *protect = malloc(sizeof(int32_t) * (k + max_w));
     int32_t *pfs = malloc(sizeof(int32_t) * (max_w + 1));
+    int32_t *ahead = malloc(sizeof(int32_t) * (N + max_w + 1)); /* Replay._ahead */
+    int64_t n_ahead = 0;
     int64_t *ready = malloc(sizeof(int64_t) * k), *durs = malloc(sizeof(int64_t) * k);
     int32_t *rk_read = malloc(sizeof(int32_t) * k);
-    uint8_t *hit = malloc(k), *late = malloc(k);
+    uint8_t *hit = malloc(k), *late = malloc(k), *phys = malloc(k);
     int rc = cache_init(&c, g, pinned, params, caps, o->stats);
     s.C = g->channels;
     s.m = g->chunks;
@@ -644,7 +648,7 @@ int mer_sim_run(const mer_sim_cfg *g, const int32_t *steps, int64_t n_steps,
     s.done = malloc(sizeof(int64_t) * (o->max_reads + 1));
     s.rd = malloc(sizeof(Rd) * (o->max_reads + 1));
     if (!rc && (!inflight_read || !protect || !pfs || !ready || !durs || !rk_read || !hit ||
-                !late || !s.free || !s.fgq || !s.bgq || !s.done ||
+                !late || !phys || !ahead || !s.free || !s.fgq || !s.bgq || !s.done ||
                 !s.rd))
         rc = -1;
     if (rc) goto out;
@@ -656,7 +660,7 @@ int mer_sim_run(const mer_sim_cfg *g, const int32_t *steps, int64_t n_steps,
     for (int64_t t = 0; t < n_steps; t++) {
         const int32_t *keys = steps + t * k;
         const int64_t t0 = now, t1 = t0 + g->dense;
-        finish_reads(&s, &c, inflight_read, t1);
+        finish_reads(&s, inflight_read, t1);
         if ((rc = rec_look(&rec, t1, t1, 0))) goto out;
         /* -- access_step -- */
         const int p = part_of(&c, keys[0]);
@@ -689,8 +693,20 @@ int mer_sim_run(const mer_sim_cfg *g, const int32_t *steps, int64_t n_steps,
                 }
             }
         }
+        /* Replay.mark_late: a hit still being read (a prefetch not landed by t1) */
+        int n_late = 0;
+        for (int r = 0; r < k; r++) {
+            phys[r] = 0;
+            if (hit[r] && inflight_read[keys[r]] >= 0) {
+                phys[r] = 1;
+                n_late++;
+            }
+        }
+        nh -= n_late;
         c.st[S_HITS * c.L + keys[0] / c.E] += nh;
         c.st[S_MISSES * c.L + keys[0] / c.E] += k - nh;
+        c.st[S_PF_USED * c.L + keys[0] / c.E] -= n_late;
+        c.st[S_LATE * c.L + keys[0] / c.E] += n_late;
         int nr = 0;
         for (int r = 0; r < k; r++) c.step_read[keys[r]] = 0;
         for (int r = 0; r < k; r++) {
@@ -719,19 +735,32 @@ int mer_sim_run(const mer_sim_cfg *g, const int32_t *steps, int64_t n_steps,
             if (registered) inflight_read[x] = ri;
             ready[r] = s.fg_finish;
         }
+        /* Replay._landed: the step's reads land for every later decision */
+        for (int j = 0; j < nr; j++)
+            if (rk_read[j] >= 0) complete_key(&c, keys[rk_read[j]]);
         /* -- Replay.prefetch -- */
         int npf = 0;
         const int64_t w0 = w_off[t], nw = w_off[t + 1] - w0;
         if (nw) {
             for (int r = 0; r < k; r++) protect[r] = keys[r];
             for (int64_t j = 0; j < nw; j++) protect[k + j] = w_key[w0 + j];
+            /* outstanding guesses: aimed at a step still ahead, not yet looked up */
+            int64_t na = 0;
+            for (int64_t j = 0; j < n_ahead; j++) {
+                int32_t y = ahead[j];
+                if (oset_has(&c.spec, y) && c.spec_target[y] > t) ahead[na++] = y;
+            }
+            n_ahead = na;
             for (int64_t j = 0; j < nw; j++) {
-                if (c.n_infl_pf >= g->max_inflight) break;
+                if (n_ahead >= g->max_inflight) break;
                 int32_t x = w_key[w0 + j];
-                if (prefetch_key(&c, x, protect, (int)(k + nw), w_target[w0 + j]))
+                if (prefetch_key(&c, x, protect, (int)(k + nw), w_target[w0 + j])) {
                     pfs[npf++] = x;
+                    ahead[n_ahead++] = x;
+                }
             }
         }
+        for (int j = 0; j < npf; j++) complete_key(&c, pfs[j]); /* Replay._landed */
         for (int j = 0; j < npf; j++) {
             at += g->submit;
             if (o->n_reads >= o->max_reads) {
@@ -747,12 +776,8 @@ int mer_sim_run(const mer_sim_cfg *g, const int32_t *steps, int64_t n_steps,
         }
         const int64_t tc = at + (int64_t)(nr + npf) * reap;
         if ((rc = rec_look(&rec, tc, tc, 0))) goto out;
-        int n_late = 0;
         for (int r = 0; r < k; r++) {
-            if (late[r]) {
-                n_late++;
-                ready[r] = ssd_finish_of(&s, inflight_read[keys[r]]);
-            }
+            if (late[r] || phys[r]) ready[r] = ssd_finish_of(&s, inflight_read[keys[r]]);
             if (ready[r] < tc) ready[r] = tc;
         }
         int64_t t2;
@@ -776,7 +801,7 @@ int mer_sim_run(const mer_sim_cfg *g, const int32_t *steps, int64_t n_steps,
         now = t2;
     }
     o->end = now;
-    finish_reads(&s, &c, inflight_read, now);
+    finish_reads(&s, inflight_read, now);
     if (s.queued) ssd_commit(&s, ssd_start(&s, s.queued - 1) + s.d);
     for (int64_t i = 0; i < o->n_reads; i++) o->read_finish[i] = s.rd[i].finish;
 out:
@@ -785,10 +810,12 @@ out:
     free(inflight_read);
     free(protect);
     free(pfs);
+    free(ahead);
     free(ready);
     free(durs);
     free(rk_read);
     free(hit);
     free(late);
+    free(phys);
     return rc;
 }

@@ -21,9 +21,10 @@ from mer import native
 from mer.native.replay import _ptr
 
 #: The policies this loop is tested equal to the Python step loop on (step-protecting,
-#: no future). cycle (whose compiled hooks assume the hit-only driver), opt,
-#: seed-lru-locality and plugins run the Python step loop.
-POLICIES = ("lru", "fifo", "lfu", "clock", "sieve", "s3fifo", "arc")
+#: no future; cotoken's hooks read only the state its begin_step left, so a victim for a
+#: prefetch is chosen as Python chooses it). cycle (whose compiled hooks assume the
+#: hit-only driver), opt, seed-lru-locality and plugins run the Python step loop.
+POLICIES = ("lru", "fifo", "lfu", "clock", "sieve", "s3fifo", "arc", "cotoken")
 
 
 @dataclass

@@ -1,0 +1,230 @@
+"""cotoken's compiled twin (mer/native/replay.c) against the Python class, decision by decision.
+
+The reference is the Python class under the core's general path
+(`replay_counts(..., fast=False)`); every lookup's outcome (hit, miss into a slot,
+bypass) and every eviction, in order, must be the same as the compiled loop's
+(`run_pass(outcome=True, victims=True)`), on the bundled trace and on random
+traces with random weights, including traces whose steps do not follow the layer
+cycle (the naive-Bayes model's token boundaries then fall where Python puts them).
+Counters per layer and final residents at every size are the property tests of
+tests/test_replay_native.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mer import native
+from mer.core import Replay, ReplayConfig, replay_counts
+from mer.core.cotoken import FEATURES, Cotoken
+from mer.native import replay as native_replay
+
+pytestmark = pytest.mark.skipif(
+    native.load("replay") is None, reason="the compiled replays do not build here"
+)
+
+BUNDLED = (
+    Path(__file__).resolve().parents[1] / "traces" / "data" / "mixtral-offloading-h39s.parquet"
+)
+
+
+def python_decisions(steps, n_layers, n_experts, cfg, monkeypatch):
+    """Every lookup's outcome (1 hit, 0 miss into a slot, 2 bypass) and the evicted keys
+    in order, from the Python class (hooks wrapped, decisions untouched)."""
+    removed: list[int] = []
+    out = np.full(steps.shape, -1, dtype=np.int8)
+    begin, remove = Cotoken.begin_step, Cotoken.on_remove
+
+    def close_step(self):
+        # the previous step of this partition: a miss still resident now went into a slot
+        t, keys = getattr(self, "_test_prev", (None, ()))
+        for r, key in enumerate(keys):
+            if out[t, r] != 1:
+                out[t, r] = 0 if self._res[key] else 2
+
+    def on_begin(self, t, keys):
+        close_step(self)
+        out[t] = [1 if self._res[k] else -1 for k in keys]
+        self._test_prev = (t, list(keys))
+        begin(self, t, keys)
+
+    def on_remove(self, key):
+        removed.append(int(key))
+        remove(self, key)
+
+    monkeypatch.setattr(Cotoken, "begin_step", on_begin)
+    monkeypatch.setattr(Cotoken, "on_remove", on_remove)
+    rep = Replay(steps, n_layers=n_layers, n_experts=n_experts, config=cfg)
+    replay_counts(rep, fast=False)
+    monkeypatch.undo()
+    for part in rep.cache.partitions:
+        close_step(part.policy)
+    return out, removed
+
+
+def compiled_decisions(steps, n_layers, n_experts, cfg):
+    rep = Replay(steps, n_layers=n_layers, n_experts=n_experts, config=cfg)
+    pol = native_replay.lookup("cotoken")
+    assert pol is not None
+    cache = rep.cache
+    parts = native_replay.split_partitions(
+        rep.decision_steps, n_layers, n_experts, cache.scope, sorted(cache.pinned)
+    )
+    out = np.zeros(steps.shape, dtype=np.int8)
+    removed_by_part = []
+    for part, cpart in zip(parts, cache.partitions, strict=True):
+        params = np.asarray([native_replay.policy_params(pol, cpart.policy)])
+        res = native_replay.run_pass(
+            pol, part, [cpart.capacity], params, outcome=True, victims=True
+        )
+        assert res.outcome is not None and res.victims is not None
+        if part.tidx is None:
+            out[:] = res.outcome
+        else:
+            out[part.tidx] = res.outcome
+        v = res.victims.reshape(-1)
+        removed_by_part.append((v[v >= 0] + part.key_base).tolist())
+    return out, removed_by_part
+
+
+def assert_same_decisions(steps, n_layers, n_experts, cfg, monkeypatch):
+    want_out, want_removed = python_decisions(steps, n_layers, n_experts, cfg, monkeypatch)
+    got_out, got_removed = compiled_decisions(steps, n_layers, n_experts, cfg)
+    assert (want_out >= 0).all()
+    bad = np.flatnonzero((got_out != want_out).any(axis=1))
+    assert not len(bad), f"first different step {bad[0] if len(bad) else None}"
+    if cfg.scope == "global":
+        assert got_removed == [want_removed]
+    else:  # one partition per layer: Python's log split by layer, in order
+        by_layer = [
+            [k for k in want_removed if k // n_experts == layer] for layer in range(n_layers)
+        ]
+        assert got_removed == by_layer
+    return int((want_out == 1).sum()), len(want_removed)
+
+
+def random_weights(rng):
+    w = rng.normal(0, 1, len(FEATURES)).round(3)
+    return {
+        **{f"w{i}": float(v) for i, v in enumerate(w)},
+        "rate_mid": float(rng.choice([0.1, 0.5])),
+        "prior": float(rng.choice([0.5, 3.0])),
+        "alpha": float(rng.choice([0.25, 1.0])),
+    }
+
+
+@pytest.mark.skipif(not BUNDLED.exists(), reason="the bundled trace is not in this checkout")
+@pytest.mark.parametrize(("slots", "scope"), [(64, "global"), (128, "global"), (96, "per-layer")])
+def test_bundled_trace_decision_by_decision(slots, scope, monkeypatch):
+    from mer.traces.format import read_trace
+
+    tr = read_trace(BUNDLED)
+    steps = np.ascontiguousarray(tr.keys().reshape(-1, tr.top_k)[:6000], dtype=np.int32)
+    cfg = ReplayConfig(policy="cotoken", cache_slots=slots, scope=scope)
+    n_hits, n_evicted = assert_same_decisions(steps, tr.n_layers, tr.n_experts, cfg, monkeypatch)
+    assert n_hits > 1000 and n_evicted > 1000
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_traces_random_weights_decision_by_decision(seed, monkeypatch):
+    rng = np.random.default_rng(seed)
+    n_layers = int(rng.integers(2, 6))
+    n_experts = int(rng.choice([4, 8, 70]))
+    k = int(rng.integers(1, 4))
+    n_tokens = int(rng.integers(40, 120))
+    pop = rng.dirichlet(np.full(n_experts, 0.5), size=n_layers)
+    if seed % 2:  # layers in the cycle, each token repeating its predecessor half the time
+        layers = np.tile(np.arange(n_layers), n_tokens)
+    else:  # layers in any order: token boundaries only where layer 0 comes round
+        layers = rng.integers(0, n_layers, size=n_tokens * n_layers)
+    rows = [
+        [
+            int(layer) * n_experts + int(e)
+            for e in rng.choice(n_experts, k, replace=False, p=pop[layer])
+        ]
+        for layer in layers
+    ]
+    steps = np.asarray(rows, dtype=np.int32)
+    params = random_weights(rng)
+    seen = np.zeros(2, dtype=np.int64)
+    for slots, scope in (
+        (max(2, k), "global"),
+        (n_layers * n_experts // 3, "global"),
+        (n_layers * 3, "per-layer"),
+    ):
+        cfg = ReplayConfig(policy="cotoken", cache_slots=slots, scope=scope, policy_params=params)
+        seen += assert_same_decisions(steps, n_layers, n_experts, cfg, monkeypatch)
+    assert (seen > 0).all()  # hits and evictions were compared
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_every_size_side_by_side_equals_per_size_python(seed):
+    # `mer mrc`'s pass: all sizes in one read of the trace, where the compiled loop ranks
+    # every key once per step and each cache takes its first resident in that order.
+    from mer.sim.mrc import compiled_hits
+
+    rng = np.random.default_rng(100 + seed)
+    n_layers, n_experts, k = 3, 6, 2
+    pop = rng.dirichlet(np.full(n_experts, 0.5), size=n_layers)
+    rows = [
+        [layer * n_experts + int(e) for e in rng.choice(n_experts, k, replace=False, p=pop[layer])]
+        for _ in range(60)
+        for layer in range(n_layers)
+    ]
+    steps = np.asarray(rows, dtype=np.int32)
+    params = random_weights(rng) if seed else {}
+    sizes = list(range(1, n_layers * n_experts + 1))
+    for scope in ("global", "per-layer"):
+        got = compiled_hits("cotoken", steps, n_layers, n_experts, scope, sizes, params=params)
+        assert got is not None
+        for c in sizes:
+            cfg = ReplayConfig(policy="cotoken", cache_slots=c, scope=scope, policy_params=params)
+            rep = Replay(steps, n_layers=n_layers, n_experts=n_experts, config=cfg)
+            assert got[c] == replay_counts(rep, engine="python").total("hits"), (scope, c)
+
+
+@pytest.mark.skipif(native.load("simstep") is None, reason="the compiled step does not build")
+def test_prefetch_on_compiled_step_equals_the_python_step(monkeypatch):
+    # The simulator's compiled prefetch-on loop drives the same hooks at other moments
+    # (victims for prefetches, reclaim of missed guesses, a speculative budget); every
+    # counter, the summary, the per-token table and the read latencies must equal the
+    # Python step loop's.
+    import random
+    from dataclasses import replace
+
+    from test_sim_fast import _summary
+    from test_sim_model import SHAPE, profile
+    from test_simstep_native import _python, _random_case, _trace
+
+    from mer.sim.model import SimOptions, simulate
+
+    rng = random.Random(41)
+    cases = [_random_case(rng, i) for i in range(14)]
+    for i in range(6):  # longer, full caches, often-wrong guesses
+        cfg = ReplayConfig(
+            policy="cotoken",
+            cache_slots=rng.choice([6, 9, 12]),
+            scope=rng.choice(["global", "per-layer"]),
+            predictor=rng.choice(["markov", "popularity", "previous-token", "cooccur"]),
+            pipeline_depth=rng.choice([2, 3]),
+            prefetch_inflight=rng.choice([2, 8]),
+            prefetch_slots=rng.choice([0, 2]),
+            prefetch_reclaim=i % 2 == 0,
+        )
+        cases.append((_trace(300 + i, 40, 4, 8, 2), cfg, profile(), SimOptions(shape=SHAPE.name)))
+    ran = 0
+    for trace, cfg, hw, opts in cases:
+        cfg = replace(
+            cfg, policy="cotoken", policy_params=random_weights(np.random.default_rng(ran))
+        )
+        fast = simulate(trace, cfg, hw, opts)
+        ref = _python(monkeypatch, trace, cfg, hw, opts)
+        ran += fast.summary.extra["sim_path"] == "compiled"
+        assert fast.stats.to_dict(per_layer=True) == ref.stats.to_dict(per_layer=True), cfg
+        assert _summary(fast) == _summary(ref), cfg
+        assert fast.tokens.equals(ref.tokens), cfg
+        assert fast.read_latencies.tolist() == ref.read_latencies.tolist(), cfg
+    assert ran >= 12
