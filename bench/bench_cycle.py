@@ -3,8 +3,8 @@
     .venv/bin/python bench/bench_cycle.py [--lookups 1000000] [--slots 64,128] [--repeats 3]
         [--policies lru,arc,s3fifo,opt,cycle]
 
-(`cotoken` has no compiled loop: time it with fewer lookups, e.g.
-`--lookups 100000 --policies lru,cycle,cotoken`.)
+(`--policies lru,cycle,cotoken` adds cotoken's compiled loop; MER_NO_NATIVE=1 with
+fewer lookups, e.g. `--lookups 100000`, times the Python classes.)
 
 The same Mixtral-shaped trace and timing as bench/bench_policies.py (CPU time,
 best of N, `replay_counts` under the step semantics, prefetch off, global):

@@ -11,7 +11,8 @@ token's pair with probability 0.5 (temporal locality), seed 0.
    replay), beside libCacheSim's same policy on the same trace flattened to one
    request per lookup (`process_trace` over an oracleGeneral file, in its C
    loop), CPU time of each (`time.process_time`). Policies libCacheSim lacks are
-   set against its LRU (the public engine's policy is an LRU with pinning).
+   set against its LRU (the public engine's policy is an LRU with pinning, and
+   the layer-aware `cycle` and `cotoken` have no counterpart there).
 2. The full curve: all sizes x every built-in policy x both scopes (`compute_mrc`,
    2 processes), wall time.
 3. `mer mrc` on the bundled trace, every policy and size, wall time of the command.
@@ -39,6 +40,9 @@ from mer.sim.mrc import MRCRequest, compute_mrc
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = ROOT / "traces" / "data" / "mixtral-offloading-h39s.parquet"
 BUILTIN = ["lru", "fifo", "lfu", "clock", "sieve", "s3fifo", "arc", "opt", "seed-lru-locality"]
+#: mer's layer-aware policies (compiled twins of mer/core/cycle.py and cotoken.py): rows
+#: of the first table, left out of the full curve so that it stays comparable
+LAYER_AWARE = ["cycle", "cotoken"]
 #: mer policy (and config) -> the libCacheSim policy it is timed against
 PEER = {
     "lru": "lru",
@@ -51,6 +55,8 @@ PEER = {
     "opt": "belady",
     "seed-lru-locality": "lru",
     "lru --pin 16": "lru",
+    "cycle": "lru",
+    "cotoken": "lru",
 }
 
 
@@ -141,7 +147,7 @@ def main() -> int:
         path = Path(tmp) / "trace.oracleGeneral"
         if have_lcs:
             peers.write_oracle_trace(steps.reshape(-1), path)
-        for label in [*BUILTIN, "lru --pin 16"]:
+        for label in [*BUILTIN, "lru --pin 16", *LAYER_AWARE]:
             dt, rate = time_mer(steps, label, args.slots, repeats)
             row = f"| {label} | {100 * rate:.2f}% | {n / dt:,.0f} |"
             if have_lcs:

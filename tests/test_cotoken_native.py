@@ -228,3 +228,18 @@ def test_prefetch_on_compiled_step_equals_the_python_step(monkeypatch):
         assert fast.tokens.equals(ref.tokens), cfg
         assert fast.read_latencies.tolist() == ref.read_latencies.tolist(), cfg
     assert ran >= 12
+
+
+def test_simulate_and_mrc_take_the_compiled_paths():
+    from test_sim_model import SHAPE, profile
+    from test_simstep_native import _trace
+
+    from mer.sim.model import SimOptions, simulate
+    from mer.sim.mrc import MRCRequest, _kind, default_policies
+
+    trace = _trace(5, 8, 3, 6, 2)
+    opts = SimOptions(shape=SHAPE.name)
+    off = simulate(trace, ReplayConfig(policy="cotoken", cache_slots=5), profile(), opts)
+    assert off.summary.extra["sim_path"] == "arrays"
+    assert "cotoken" in default_policies(32)
+    assert _kind(MRCRequest(policies=["cotoken"]), "cotoken") == "compiled"

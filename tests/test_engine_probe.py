@@ -203,3 +203,19 @@ def test_probe_refuses_a_memory_file_system() -> None:
     )
     assert proc.returncode == 2
     assert "RAM" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_profile_ffn_rate_is_the_streamers_direct_call() -> None:
+    """The profile charges per expert what the streamer's direct call took (the median on
+    cold weights), not the kernel's mean throughput; without that figure, the throughput."""
+    from mer.engine.probe import to_profile
+    from mer.shapes import get_shape
+
+    read_bytes = 25 << 20
+    pts = [ReadPoint(q, 256 << 10, 5, 5 * read_bytes, 5 * read_bytes / 1e9) for q in (1, 4)]
+    bpe = get_shape("mixtral-8x7b").bytes_per_expert
+    got = to_profile(make_probe_result(pts, 1e-4, read_bytes, ffn_direct_s=0.004))
+    assert got.compute.ffn_bytes_per_s == pytest.approx(bpe / 0.004)
+    assert got.compute.ffn_time(bpe) == pytest.approx(0.004)
+    old = to_profile(make_probe_result(pts, 1e-4, read_bytes))
+    assert old.compute.ffn_bytes_per_s == 1e9

@@ -242,6 +242,21 @@ class ProbeResult:
     read_submit_s: float = 0.0
     ffn_busy_overhead_s: float = 0.0
     step_overhead_s: float = 0.0
+    #: median seconds of one expert FFN on cold weights, called the way the streamer calls
+    #: it with nothing in flight (0: not measured)
+    ffn_direct_s: float = 0.0
+
+    @property
+    def ffn_engine_bytes_per_s(self) -> float:
+        """The FFN rate the profile carries: the median of the streamer's own direct calls
+        on cold weights (what the simulator charges per expert; a median, so a busy
+        neighbour's bursts move it less than the kernel's mean throughput), else that
+        throughput."""
+        if self.ffn_direct_s > 0:
+            from mer.shapes import get_shape
+
+            return get_shape(self.shape).bytes_per_expert / self.ffn_direct_s
+        return self.ffn_bytes_per_s
 
     def best(self) -> ReadPoint:
         return max(self.points, key=lambda p: p.bandwidth)
@@ -896,6 +911,7 @@ def run_probe(cfg: ProbeConfig, log: Callable[[str], None] | None = None) -> Pro
         read_submit_s=submit_s,
         ffn_busy_overhead_s=max(0.0, ffn_busy - ffn_direct),
         step_overhead_s=step_s,
+        ffn_direct_s=ffn_direct,
     )
 
 
@@ -924,7 +940,7 @@ def to_profile(result: ProbeResult, name: str | None = None) -> Any:
             reader_bandwidth=fit.get("reader_bandwidth", []),
         ),
         compute=ComputeProfile(
-            ffn_bytes_per_s=result.ffn_bytes_per_s,
+            ffn_bytes_per_s=result.ffn_engine_bytes_per_s,
             dense_bytes_per_s=result.dense_bytes_per_s,
             dense_s_per_layer=None,
             workers=1,  # the engine computes one expert at a time, on all threads

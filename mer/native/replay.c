@@ -2025,10 +2025,10 @@ static inline double ct_block(const CotokenShared *sh, int32_t layer, const uint
     const double *LA = sh->LA, *LB = sh->LB;
     const double lb1 = LB[nn], lb0 = LB[Tp - nn];
     double s1 = 0.0, s0 = 0.0;
-    const int32_t *P = sh->P + (size_t)layer * E * nk + y;
+    const int32_t *P = sh->P + (size_t)y * nk + (size_t)layer * E; /* P[y][x]: a block's x together */
     const int32_t *np_ = sh->n_prev + (size_t)layer * E;
     for (int32_t e = 0; e < E; e++) {
-        const int32_t p = P[(size_t)e * nk], q = np_[e];
+        const int32_t p = P[e], q = np_[e];
         if (xs[e])
             s1 += (LA[p] - lb1) - (LA[q - p] - lb0);
         else
@@ -2054,12 +2054,11 @@ static void ct_observe(CotokenShared *sh, const int32_t *keys, int k, int32_t la
             }
         sh->T++;
         if (sh->has_prev) {
-            for (int i = 0; i < sh->n_prev_on; i++) {
-                const int32_t a = sh->prev_on[i];
-                int32_t *row = sh->P + (size_t)a * nk;
-                for (int j = 0; j < sh->n_cur_on; j++) row[sh->cur_on[j]]++;
-                sh->n_prev[a]++;
+            for (int j = 0; j < sh->n_cur_on; j++) {
+                int32_t *row = sh->P + (size_t)sh->cur_on[j] * nk; /* stored P[y][x] */
+                for (int i = 0; i < sh->n_prev_on; i++) row[sh->prev_on[i]]++;
             }
+            for (int i = 0; i < sh->n_prev_on; i++) sh->n_prev[sh->prev_on[i]]++;
             for (int j = 0; j < sh->n_cur_on; j++) sh->n_next[sh->cur_on[j]]++;
             sh->Tp++;
         }
