@@ -1272,19 +1272,20 @@ typedef struct {
     CycleShared *sh;
 } Cycle;
 
-/* params: w0..w6 rate_long rate_mid rate_short prior duel duel_decay n_layers n_experts */
-static int32_t cy_E(const mer_ctx *c) {
-    int32_t E = (int32_t)c->p[CY_NW + 7];
-    return E > 0 ? E : 1;
+/* The geometry of the layer-aware policies (cycle, cotoken): parameter i as a count of
+   at least 1 (n_layers, n_experts), and the layers a partition of n_keys keys holds. */
+static int32_t geo_param(const mer_ctx *c, int i) {
+    int32_t v = (int32_t)c->p[i];
+    return v > 0 ? v : 1;
 }
-static int32_t cy_nl(const mer_ctx *c) {
-    int32_t E = cy_E(c);
+static int32_t geo_layers_held(const mer_ctx *c, int32_t E) {
     return c->n_keys / E > 0 ? c->n_keys / E : 1;
 }
-static int32_t cy_L(const mer_ctx *c) {
-    int32_t L = (int32_t)c->p[CY_NW + 6];
-    return L > 0 ? L : 1;
-}
+
+/* params: w0..w6 rate_long rate_mid rate_short prior duel duel_decay n_layers n_experts */
+static int32_t cy_E(const mer_ctx *c) { return geo_param(c, CY_NW + 7); }
+static int32_t cy_nl(const mer_ctx *c) { return geo_layers_held(c, cy_E(c)); }
+static int32_t cy_L(const mer_ctx *c) { return geo_param(c, CY_NW + 6); }
 
 /* words of a bit per layer (layers <= n_keys) */
 #define CY_WORDS(c) ((size_t)((c)->n_keys + 63) / 64)
@@ -1817,17 +1818,10 @@ typedef struct {
 } Cotoken;
 
 /* params: w0..w8 rate_mid prior alpha n_layers n_experts */
-static int32_t ct_E(const mer_ctx *c) {
-    int32_t E = (int32_t)c->p[CT_NW + 4];
-    return E > 0 ? E : 1;
-}
-static int32_t ct_nl(const mer_ctx *c) {
-    int32_t E = ct_E(c);
-    return c->n_keys / E > 0 ? c->n_keys / E : 1;
-}
+static int32_t ct_E(const mer_ctx *c) { return geo_param(c, CT_NW + 4); }
+static int32_t ct_nl(const mer_ctx *c) { return geo_layers_held(c, ct_E(c)); }
 static int32_t ct_L(const mer_ctx *c) {
-    int32_t L = (int32_t)c->p[CT_NW + 3];
-    int32_t nl = ct_nl(c);
+    const int32_t L = geo_param(c, CT_NW + 3), nl = ct_nl(c);
     return L > nl ? L : nl;
 }
 static int ct_has_nb(const mer_ctx *c) { return ct_L(c) > 1 && c->n_keys > ct_E(c); }
