@@ -12,9 +12,16 @@ OPT would evict (the farthest next use among the same candidates) and prints:
   round): cotoken's against OPT's choice among the same candidates;
 - how often cotoken's victim is picked at its layer's very next visit, or
   within two tokens (OPT's choice: never at the next visit, by definition);
-- the ceiling of the rule z - log d itself: the gap closed when z is the *true*
-  answer to "picked at the layer's next visit" (an oracle, +-5), and when the
-  true answers for the next two visits enter d + L (1 - p1) / max(p2, 0.2).
+- the ceiling of the rule z - log d itself: the gap closed when the *true*
+  answer to "picked at the layer's next visit" is added to cotoken's z with a
+  strength s (z + s (2 y - 1); s = 4 makes the answer certain while the online
+  z still orders the keys the answer leaves tied), with the log-likelihood per
+  (step, key) of that z as a probability, so the table says how good the
+  next-visit prediction must be for a given share of the gap; and when the true
+  answers for the next two visits enter d + L (1 - p1) / max(p2, 0.2) (ties again
+  broken by the online score). Two more columns make the answer certain for one
+  group of layers only: those this token has routed (their next visit is the
+  next token's) and those still to come in this token.
 
 Only the real policy's online score is held out; the oracle rows read the
 future on purpose (they are ceilings, not policies).
@@ -29,20 +36,32 @@ from pathlib import Path
 
 import numpy as np
 
+#: Strengths of the true next-visit answer added to cotoken's z (the oracle columns).
+STRENGTHS = (0.1, 0.2, 4.0)
 
-def scores(steps: np.ndarray, n_layers: int, n_experts: int, w: dict[str, float]) -> np.ndarray:
-    """cotoken's score z - log d of every key after each step's begin_step."""
+
+def scores(
+    steps: np.ndarray, n_layers: int, n_experts: int, w: dict[str, float]
+) -> tuple[np.ndarray, np.ndarray]:
+    """cotoken's log-odds z and log d of every key after each step's begin_step."""
     from mer.core.cotoken import Cotoken
 
     pol = Cotoken(1, **w)
     pol.attach_keyspace(n_layers * n_experts)
     pol.attach_geometry(n_layers, n_experts)
-    out = np.zeros((len(steps), n_layers * n_experts))
+    z = np.zeros((len(steps), n_layers * n_experts))
+    logd = np.zeros_like(z)
     for t, keys in enumerate(steps.tolist()):
         pol.begin_step(t, keys)
         F, d = pol.features()
-        out[t] = F @ pol._w - np.log(d)
-    return out
+        z[t] = F @ pol._w
+        logd[t] = np.log(d)
+    return z, logd
+
+
+def log_likelihood(z: np.ndarray, y: np.ndarray) -> float:
+    """Mean log-likelihood of the answers y under the probabilities sigmoid(z)."""
+    return float(np.mean(-np.logaddexp(0.0, np.where(y > 0, -z, z))))
 
 
 def replay(steps: np.ndarray, score: np.ndarray, cap: int, nxt: np.ndarray | None = None):
@@ -91,11 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     for p in args.traces:
         tr = read_trace(p).select_phase(args.phase)
         data[p] = (tr.keys().reshape(-1, tr.top_k).astype(np.int64), tr.n_layers, tr.n_experts)
-    gap_rows, src_rows = [], []
+    gap_rows, src_rows, ll_rows = [], [], []
     for held in args.traces:
         steps, L, E = data[held]
         w, _ = fit_weights([data[p] for p in args.traces if p != held])
-        sc = scores(steps, L, E, {f"w{i}": v for i, v in enumerate(w)})
+        z, logd = scores(steps, L, E, {f"w{i}": v for i, v in enumerate(w)})
+        sc = z - logd
         S, nk = len(steps), L * E
         nxt = np.full((S, nk), 10**9, dtype=np.int64)  # next use strictly after step t
         last = np.full(nk, 10**9, dtype=np.int64)
@@ -114,10 +134,27 @@ def main(argv: list[str] | None = None) -> int:
         cols = np.arange(nk)[None, :]
         p1 = picked[nxt_visit, cols].astype(float)
         p2 = picked[nxt_visit + 1, cols].astype(float)
-        oracle1 = 10 * p1 - 5 - np.log(d)
-        oracle2 = -np.log(d + L * (1 - p1) / np.maximum(p2, 0.2))
+        known = nxt_visit < S // L  # the layer's next visit is in the trace
+        y = p1[known]
+        base = float(y.mean())
+        lls = {"constant": base * np.log(base) + (1 - base) * np.log(1 - base)}
+        lls["cotoken"] = log_likelihood(z[known], y)
+        oracles = {}
+        for s_ in STRENGTHS:
+            zs = z + s_ * (2 * p1 - 1)
+            lls[s_] = log_likelihood(zs[known], y)
+            oracles[s_] = zs - logd
+        # the certain answer for one group of layers only: those routed in this token
+        # (next visit: the next token) or those still to come (next visit: this token)
+        routed = np.arange(nk)[None, :] // E <= (t_idx % L)[:, None]
+        part = {
+            g: z + 4.0 * (2 * p1 - 1) * m - logd
+            for g, m in (("routed", routed), ("to come", ~routed))
+        }
+        oracle2 = -np.log(d + L * (1 - p1) / np.maximum(p2, 0.2)) + 1e-3 * sc
         lru = one_pass_hits("lru", steps, L, E, "global")
         opt = one_pass_hits("opt", steps, L, E, "global")
+        ll_rows.append((held.name, lls))
         for cap in sizes:
 
             def gap(h: int, lo: int = int(lru[cap]), hi: int = int(opt[cap])) -> float:
@@ -125,7 +162,9 @@ def main(argv: list[str] | None = None) -> int:
 
             h, ev = replay(steps, sc, cap, nxt)
             gap_rows.append(
-                (held.name, cap, gap(h), gap(replay(steps, oracle1, cap)[0]),
+                (held.name, cap, gap(h),
+                 [gap(replay(steps, oracles[s_], cap)[0]) for s_ in STRENGTHS],
+                 [gap(replay(steps, part[g], cap)[0]) for g in ("routed", "to come")],
                  gap(replay(steps, oracle2, cap)[0]))
             )  # fmt: skip
             R = np.asarray(ev, dtype=np.int64)
@@ -148,13 +187,22 @@ def main(argv: list[str] | None = None) -> int:
     def pct(v: float) -> str:
         return f"{100 * v:.1f}%"
 
-    print("\ngap closed, global (cotoken held out; the oracle rows read the future):\n")
+    print("\ngap closed, global (cotoken held out; the oracle columns read the future):\n")
+    heads = " | ".join(f"z + {s_} (2y - 1)" for s_ in STRENGTHS)
     print(
-        "| trace | slots | cotoken | rule with the true next-visit pick | with the next two visits |"
+        f"| trace | slots | cotoken | {heads} | certain, layers routed this token only | "
+        "certain, layers to come only | true next two visits |"
     )
-    print("|---|---:|---:|---:|---:|")
-    for name, cap, g, o1, o2 in gap_rows:
-        print(f"| {name} | {cap} | {pct(g)} | {pct(o1)} | {pct(o2)} |")
+    print("|---|---:|---:|" + "---:|" * (len(STRENGTHS) + 3))
+    for name, cap, g, o1, op, o2 in gap_rows:
+        cells = " | ".join(pct(v) for v in [*o1, *op])
+        print(f"| {name} | {cap} | {pct(g)} | {cells} | {pct(o2)} |")
+    print("\nlog-likelihood per (step, key) of the next-visit answer y under sigmoid(z):\n")
+    print(f"| trace | constant | cotoken | {heads} |")
+    print("|---|---:|---:|" + "---:|" * len(STRENGTHS))
+    for name, lls in ll_rows:
+        cells = " | ".join(f"{lls[s_]:.3f}" for s_ in STRENGTHS)
+        print(f"| {name} | {lls['constant']:.3f} | {lls['cotoken']:.3f} | {cells} |")
     print("\nwhere the victims come from (d = steps until the victim's layer comes round):\n")
     print(
         "| trace | slots | evictions | d 1-2 cotoken / OPT | d 3-8 | d 9-16 | d 17-32 | "

@@ -11,10 +11,15 @@ prefetch reads used / late / wasted) and the median ratio with its spread, and t
 average before and after. The ratio of each round is taken within the round (two runs a
 few seconds apart): on a shared machine that is the figure to quote, not tokens/s.
 
-The default rule: cooccur (beta 0.2, beta_prev 0.2), only guesses with calibrated
-probability >= 0.7, at most 2 per layer, for the next 4 layers from the next one on, at
-most 4 prefetch reads in flight, and at most 4 prefetch chunks on the device at once
-(`--background-depth 4`: a demand read never queues behind more than that).
+The default rule: cooccur (beta 0.4, beta_prev 0.1, near 0.3), one guess per step, for the
+next layer only (depth 1, lead 1: the guess with the most of the token's own routing behind
+it), only at calibrated probability >= 0.5, one prefetch read in flight, at most 2
+prefetch chunks on the device (`--background-depth 2`: a demand read never queues behind
+more than 1 MiB of prefetch), and the guess dropped at the next step if that step's router
+did not pick it (`--prefetch-cancel 1`: its chunks not yet read are never read). In an
+I/O-bound run the disk is idle only while the last expert of a step computes; the rule
+spends that idle time on the next layer's likeliest expert and gives back at once what
+the router proves useless, so a wrong guess costs almost no bandwidth.
 """
 
 from __future__ import annotations
@@ -33,9 +38,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 TRACE = ROOT / "traces" / "data" / "mixtral-offloading-h39s.parquet"
 RULE = (
-    "--predictor cooccur --predictor-param beta=0.2 --predictor-param beta_prev=0.2 "
-    "--prefetch-min-prob 0.7 --prefetch-top-n 2 --pipeline-depth 4 --prefetch-lead 1 "
-    "--prefetch-inflight 4 --background-depth 4"
+    "--predictor cooccur --predictor-param beta=0.4 --predictor-param beta_prev=0.1 "
+    "--predictor-param near=0.3 --prefetch-min-prob 0.5 --prefetch-top-n 1 --pipeline-depth 1 "
+    "--prefetch-lead 1 --prefetch-inflight 1 --background-depth 2 --prefetch-cancel 1"
 )
 
 
@@ -95,6 +100,15 @@ def main(argv: list[str] | None = None) -> int:
                 "hit_rate_none": n["hit_rate"],
                 "hit_rate_prefetch": p["hit_rate"],
                 **{k: p["prefetch"][k] for k in ("issued", "used", "late", "wasted")},
+                "cancelled": p["prefetch"].get("cancelled", 0),
+                "cancelled_reads": p["extra"].get("cancelled_reads", 0),
+                "cancelled_gib": p["extra"].get("cancelled_bytes", 0) / float(1 << 30),
+                "gib_read_none": n["bytes_read"] / float(1 << 30),
+                "gib_read_prefetch": p["bytes_read"] / float(1 << 30),
+                "io_wait_share_none": n["io_wait_share"],
+                "io_wait_share_prefetch": p["io_wait_share"],
+                "hidden_read_share_none": n.get("hidden_read_share"),
+                "hidden_read_share_prefetch": p.get("hidden_read_share"),
                 "load": load(),
             }
         )
@@ -118,15 +132,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         "| round | tokens/s, no prefetch | tokens/s, prefetch | ratio | hit rate (none -> "
-        "prefetch) | prefetch reads used / late / wasted |"
+        "prefetch) | prefetch reads used / late / wasted (cancelled) | GiB requested, none -> "
+        "prefetch (not read: cancelled) | I/O wait share, none -> prefetch | load |"
     )
-    print("|---:|---:|---:|---:|---|---|")
+    print("|---:|---:|---:|---:|---|---|---|---|---|")
     for row in rows:
         print(
             f"| {row['round']} | {row['tokens_per_s_none']:.2f} | "
             f"{row['tokens_per_s_prefetch']:.2f} | {row['ratio']:.3f}x | "
             f"{100 * row['hit_rate_none']:.1f}% -> {100 * row['hit_rate_prefetch']:.1f}% | "
-            f"{row['used']} / {row['late']} / {row['wasted']} |"
+            f"{row['used']} / {row['late']} / {row['wasted']} ({row['cancelled']}) | "
+            f"{row['gib_read_none']:.1f} -> {row['gib_read_prefetch']:.1f} "
+            f"({row['cancelled_gib']:.1f}) | {100 * row['io_wait_share_none']:.0f}% -> "
+            f"{100 * row['io_wait_share_prefetch']:.0f}% | {row['load']} |"
         )
     print(
         f"\nmedian {summary['median_ratio']:.3f}x (rounds {summary['min_ratio']:.3f}x to "

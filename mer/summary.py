@@ -360,7 +360,8 @@ def prefetch_figures(stats: Any, bytes_per_read: int = 0) -> dict[str, Any]:
     Every prefetch read ends one of four ways: *used* (resident when its step
     looked it up: a hit), *late* (still in flight then: the step waited for it,
     a miss with a shorter wait), *wasted* (evicted unused), or *unused* (neither
-    by the end of the run). precision = (used + late) / issued: the share of
+    by the end of the run); *cancelled* counts the wasted ones dropped at the
+    step that routed their layer without them (`--prefetch-cancel`). precision = (used + late) / issued: the share of
     prefetch reads the router then asked for. recall = (used + late) / (used +
     misses): the share of the lookups that were not resident without prefetch
     that a prefetch had already started to read. Bytes are the counts times one
@@ -371,6 +372,8 @@ def prefetch_figures(stats: Any, bytes_per_read: int = 0) -> dict[str, Any]:
     used = stats.total("prefetch_used")
     late = stats.total("late")
     wasted = stats.total("prefetch_wasted")
+    # of the wasted, those dropped at their step (`--prefetch-cancel`); older results lack it
+    cancelled = stats.total("prefetch_cancelled") if hasattr(stats, "prefetch_cancelled") else 0
     misses = stats.total("misses")
     unused = max(0, issued - used - late - wasted)
     need = used + misses
@@ -379,6 +382,7 @@ def prefetch_figures(stats: Any, bytes_per_read: int = 0) -> dict[str, Any]:
         "used": used,
         "late": late,
         "wasted": wasted,
+        "cancelled": cancelled,
         "unused": unused,
         "precision": (used + late) / issued if issued else 0.0,
         "recall": (used + late) / need if need else 0.0,

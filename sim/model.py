@@ -204,6 +204,21 @@ class AnalyticSSD:
             self.bg.append(r)
         return r
 
+    def cancel(self, read: _Read, a: int) -> None:
+        """Abandon `read` at `a` (a dropped prefetch): its chunks not yet in the device
+        are never served; those already are run on (as the engine's do). It is never
+        reported done. Call after commit(a)."""
+        read.registered = False
+        if read.remaining == 0:
+            return  # every chunk dispatched already: it lands, unreported
+        q = self.fg if read.fg else self.bg
+        q.remove(read)
+        self.queued_chunks -= read.remaining
+        if read.fg:
+            self.fg_chunks -= read.remaining
+        read.remaining = 0
+        read.finish = max(a, read.issued)
+
     def busy_until(self) -> int:
         """When the last read issued so far lands (reads are outstanding before it)."""
         if self.queued_chunks:
@@ -512,6 +527,7 @@ def _run_fast(replay: Replay, tm: _Timing, rec: _Recorder) -> int:
     prefetch = replay.prefetch
     mark_late = replay.mark_late
     issue = ssd.issue
+    cancel = ssd.cancel
     finish_of = ssd.finish_of
     commit = ssd.commit
     busy_until = ssd.busy_until
@@ -548,6 +564,10 @@ def _run_fast(replay: Replay, tm: _Timing, rec: _Recorder) -> int:
             finish_reads(t1)
             look(t1)
             res = step(t)
+            for key in res.cancelled:  # dropped guesses: their queued chunks go unread
+                r = inflight.pop(key, None)
+                if r is not None:
+                    cancel(r, t1)
             reads = res.reads
             keys = res.keys
             hit = res.hit
@@ -735,6 +755,7 @@ def _run_compiled(replay: Replay, tm: _Timing, rec: _Recorder) -> int | None:
     cache = replay.cache
     if (
         replay.is_live
+        or cfg.prefetch_cancel  # the compiled loop has no cancellation: _run_fast's
         or replay.lookup_granularity
         or cache.state
         or cache.stats.lookups
@@ -789,8 +810,8 @@ def _run_compiled(replay: Replay, tm: _Timing, rec: _Recorder) -> int | None:
     if rec.observe:
         rec.obs_a, rec.obs_b, rec.obs_p = (o.tolist() for o in res.obs)
     stats = cache.stats
-    for i, name in enumerate(stats.COUNTERS):
-        getattr(stats, name)[:] += res.stats[i]
+    for name, row in zip(stats.COUNTERS, res.stats, strict=False):  # (it has no cancelled)
+        getattr(stats, name)[:] += row
     return res.end
 
 
@@ -884,6 +905,10 @@ def _run_simpy(replay: Replay, tm: _Timing, rec: _Recorder) -> int:
                     del inflight[key]
             landed.clear()
             res = replay.step(t)
+            for key in res.cancelled:
+                # a dropped guess still in flight reads on here (this engine serves every
+                # chunk it was given); out of `inflight`, its landing changes nothing
+                inflight.pop(key, None)
             n_late = 0
             for i in range(k):
                 if res.hit[i] and res.keys[i] in inflight:

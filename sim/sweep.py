@@ -42,6 +42,7 @@ BASE_KEYS = (
     "prefetch_inflight",
     "prefetch_slots",
     "prefetch_reclaim",
+    "prefetch_cancel",
     "prefetch_lead",
     "pin",
     "phase",
@@ -58,6 +59,7 @@ OMIT_AT_DEFAULT: dict[str, Any] = {
     "granularity": "step",
     "prefetch_slots": 0,
     "prefetch_reclaim": False,
+    "prefetch_cancel": 0,
     "prefetch_lead": 1,
 }
 
@@ -548,6 +550,7 @@ def run_command(row: dict[str, Any], experts: str = "EXPERTS.gguf") -> str:
         "prefetch_top_n": None,
         "prefetch_slots": 0,
         "prefetch_lead": 1,
+        "prefetch_cancel": 0,
         "pin": 0,
     }
     for key, flag in (
@@ -555,6 +558,7 @@ def run_command(row: dict[str, Any], experts: str = "EXPERTS.gguf") -> str:
         ("prefetch_top_n", "--prefetch-top-n"),
         ("prefetch_slots", "--prefetch-slots"),
         ("prefetch_lead", "--prefetch-lead"),
+        ("prefetch_cancel", "--prefetch-cancel"),
         ("pin", "--pin"),
     ):
         value = row.get(key)

@@ -41,6 +41,13 @@ def _drive(rep, steps, lag=1):
             rep.complete(key)
             resident.add(key)
         res = rep.step(t)
+        for key in res.cancelled:  # dropped at its step: a wasted prefetch, never landing
+            assert key in fate and key not in res.keys
+            outcome["wasted"] += 1
+            del fate[key]
+            for keys in landing.values():
+                if key in keys:
+                    keys.remove(key)
         for key, h, late in zip(res.keys, res.hit, res.late, strict=True):
             if key in fate:
                 outcome["used" if h else "late"] += 1 if (h or late) else 0
@@ -64,9 +71,9 @@ def _drive(rep, steps, lag=1):
 
 
 @pytest.mark.parametrize("slots", [0, 1, 3])
-@pytest.mark.parametrize("reclaim", [False, True])
+@pytest.mark.parametrize(("reclaim", "cancel"), [(False, False), (True, False), (False, True)])
 @pytest.mark.parametrize("predictor", ["markov", "cooccur", "previous-token"])
-def test_every_prefetch_ends_one_way(slots, reclaim, predictor):
+def test_every_prefetch_ends_one_way(slots, reclaim, cancel, predictor):
     steps = _steps(3)
     cfg = ReplayConfig(
         policy="lru",
@@ -75,6 +82,7 @@ def test_every_prefetch_ends_one_way(slots, reclaim, predictor):
         pipeline_depth=2,
         prefetch_slots=slots,
         prefetch_reclaim=reclaim,
+        prefetch_cancel=1024 if cancel else 0,
     )
     rep = Replay(steps, n_layers=L, n_experts=E, config=cfg)
     outcome, left = _drive(rep, steps)
@@ -88,6 +96,105 @@ def test_every_prefetch_ends_one_way(slots, reclaim, predictor):
     assert pf["recall"] == pytest.approx((pf["used"] + pf["late"]) / need)
     assert pf["wasted_bytes"] == 100 * pf["wasted"]
     assert pf["wasted"] == outcome["wasted"] and pf["unused"] == left
+    if not cancel:
+        assert pf["cancelled"] == 0
+
+
+@pytest.mark.parametrize("landed", [False, True])
+def test_cancel_drops_a_guess_its_step_routed_without(landed):
+    # layer 0 only; key 3 is prefetched for step 1, which routes 0 and 1
+    steps = np.asarray([[0, 1], [0, 1], [2, 4]], dtype=np.int32)
+    cfg = ReplayConfig(policy="lru", cache_slots=3, prefetch_cancel=1024)
+    rep = Replay(steps, n_layers=1, n_experts=5, config=cfg)
+    for a in rep.step(0).reads:
+        rep.complete(a.key)
+    adm = rep.cache.prefetch(3, protect=[0, 1], target=1)
+    assert adm is not None and adm.evicted is None
+    if landed:
+        rep.complete(3)
+    res = rep.step(1)
+    assert res.cancelled == (3,) and res.n_hits == 2
+    assert 3 not in rep.cache.state and rep.cache.n_inflight_prefetch == 0
+    rep.complete(3)  # a read that lands after it was dropped changes nothing
+    assert 3 not in rep.cache.state
+    res = rep.step(2)  # two misses: the first takes the dropped guess's slot, no eviction
+    assert res.reads[0].evicted is None and res.reads[1].evicted in (0, 1)
+    assert res.reads[0].slot == adm.slot
+    st = rep.stats
+    assert st.total("prefetch_wasted") == st.total("prefetch_cancelled") == 1
+    assert st.total("evictions") == 2  # the dropped guess, then LRU's victim
+
+
+def test_cancel_keeps_a_guess_read_from_longer_ago_than_its_window():
+    # key 3 is read at step 0 for step 2; with a window of 1 step it has landed by then
+    # (older than the window) and stays, a wasted read only if it is evicted later
+    steps = np.asarray([[0, 1], [0, 1], [0, 1], [2, 4]], dtype=np.int32)
+    for window, dropped in ((1, ()), (2, (3,))):
+        cfg = ReplayConfig(policy="lru", cache_slots=3, prefetch_cancel=window)
+        rep = Replay(steps, n_layers=1, n_experts=5, config=cfg)
+        for a in rep.step(0).reads:
+            rep.complete(a.key)
+        assert rep.cache.prefetch(3, protect=[0, 1], target=2) is not None
+        rep.step(1)
+        assert rep.step(2).cancelled == dropped
+        assert (3 in rep.cache.state) == (not dropped)
+
+
+def _cancel_run(steps, cfg, lag):
+    """Prefetches land `lag` steps after issue (0: at once); per step, the prefetches
+    issued and the guesses cancelled."""
+    rep = Replay(steps, n_layers=L, n_experts=E, config=cfg)
+    landing: dict[int, list[int]] = {}
+    log = []
+    for t in range(len(steps)):
+        for key in landing.pop(t, []):
+            rep.complete(key)
+        res = rep.step(t)
+        for a in res.reads:
+            rep.complete(a.key)
+        for keys in landing.values():
+            for key in res.cancelled:
+                if key in keys:
+                    keys.remove(key)
+        issued = []
+        for a in rep.prefetch(t):
+            issued.append(a.key)
+            if lag == 0:
+                rep.complete(a.key)
+            else:
+                landing.setdefault(t + lag, []).append(a.key)
+        log.append((tuple(issued), res.cancelled))
+    return log, rep.stats
+
+
+@pytest.mark.parametrize("predictor", ["markov", "cooccur"])
+def test_cancel_decisions_do_not_depend_on_when_reads_land(predictor):
+    """What is prefetched and cancelled is a function of the trace and the cache's
+    decisions: with no in-flight cap binding and an LRU whose victims are never the
+    reads still in flight, every landing time gives the same decisions step by step;
+    timing only moves used prefetches to late."""
+    steps = _steps(11, 40)
+    cfg = ReplayConfig(
+        policy="lru",
+        cache_slots=9,
+        predictor=predictor,
+        pipeline_depth=3,
+        prefetch_lead=2,
+        prefetch_top_n=1,
+        prefetch_inflight=1000,
+        prefetch_cancel=1024,
+    )
+    ref, ref_st = _cancel_run(steps, cfg, 0)
+    assert ref_st.total("prefetch_cancelled") > 0
+    assert ref_st.total("late") == 0
+    for lag in (1, 2, 4):
+        log, st = _cancel_run(steps, cfg, lag)
+        assert log == ref
+        for name in ("prefetch_issued", "prefetch_wasted", "prefetch_cancelled", "misses"):
+            if name == "misses":
+                assert st.total(name) - st.total("late") == ref_st.total(name)
+            else:
+                assert st.total(name) == ref_st.total(name), name
 
 
 def test_the_budget_bounds_the_guesses_in_the_cache():

@@ -396,22 +396,29 @@ def test_background_depth_caps_background_chunks_on_the_ring(data_file) -> None:
 
 
 @pytest.mark.skipif(_NO_URING is not None, reason=f"io_uring unavailable: {_NO_URING}")
-def test_expedite_moves_queued_background_chunks_to_the_device(data_file) -> None:
+@pytest.mark.parametrize("action", ["expedite", "cancel"])
+def test_a_queued_background_read_is_expedited_or_cancelled(data_file, action: str) -> None:
     path, ref = data_file
     with _reader("uring", queue_depth=8, chunk_bytes=ALIGN, background_depth=1) as r:
         fd = r.open(path)
         bg = aligned_empty(32 * ALIGN)
         other = aligned_empty(32 * ALIGN)
-        r.submit_reads([(fd, 0, 32 * ALIGN, bg, "late prefetch")])
+        r.submit_reads([(fd, 0, 32 * ALIGN, bg, "this prefetch")])
         r.submit_reads([(fd, 200 * ALIGN, 32 * ALIGN, other, "other prefetch")])
-        assert r.in_flight == 1
-        r.expedite(["late prefetch"])
-        assert r.in_flight == 8  # every slot: the expedited chunks are urgent now
-        assert r.queued_urgent > 0
-        assert r.wait("late prefetch") == 32 * ALIGN
+        assert r.in_flight == 1  # one background chunk on the device, the rest queued
+        if action == "expedite":
+            r.expedite(["this prefetch"])
+            assert r.in_flight == 8  # every slot: the expedited chunks are urgent now
+            assert r.queued_urgent > 0
+            assert r.wait("this prefetch") == 32 * ALIGN
+            assert bytes(bg) == ref[: 32 * ALIGN]
+        else:
+            # the chunk on the device lands; the 31 queued ones of that read are never read
+            assert r.cancel(["this prefetch", "no such read"]) == 31 * ALIGN
+            r.wait("this prefetch")  # completes once its chunk on the device is in
         assert r.wait("other prefetch") == 32 * ALIGN
-        assert bytes(bg) == ref[: 32 * ALIGN]
         assert bytes(other) == ref[200 * ALIGN : 232 * ALIGN]
+        assert r.outstanding == 0 and r.in_flight == 0
 
 
 def _count_concurrent_preads(monkeypatch) -> dict[str, int]:
@@ -468,3 +475,19 @@ def test_background_depth_out_of_range_is_bad_input(bad: int) -> None:
 
     with pytest.raises(BadInput, match="--background-depth"):
         PreadReader(queue_depth=4, background_depth=bad)
+
+
+def test_cancel_on_the_thread_pool_reads_each_chunk_at_most_once(data_file) -> None:
+    path, ref = data_file
+    with _reader("pread", queue_depth=2, chunk_bytes=ALIGN, background_depth=1) as r:
+        fd = r.open(path)
+        bg = aligned_empty(64 * ALIGN)
+        r.submit_reads([(fd, 0, 64 * ALIGN, bg, "useless prefetch")])
+        dropped = r.cancel(["useless prefetch"])
+        assert 0 <= dropped <= 64 * ALIGN and dropped % ALIGN == 0
+        r.wait("useless prefetch")
+        assert r.outstanding == 0
+        # what was read is the file's bytes: the chunks before the dropped ones (a worker
+        # takes chunks in order), so the buffer's head is right however many it took
+        got = 64 * ALIGN - dropped
+        assert bytes(bg[:got]) == ref[:got]

@@ -251,6 +251,17 @@ def add_replay_args(p: argparse.ArgumentParser, *, sweep: bool = False, live: bo
         help="a prefetched expert whose step came and went without it is proven wrong: "
         "once landed it is the first victim of the next read, giving back the slot it took",
     )
+    p.add_argument(
+        "--prefetch-cancel",
+        type=non_negative_int,
+        default=0,
+        metavar="N",
+        help="a prefetched expert whose layer was routed without it (the router has proven "
+        "it useless), read from at most N steps before, is dropped at that step, landed or "
+        "not: its slot goes to the step's misses and what is still queued of its read is "
+        "never read; older guesses have landed and stay (default 0: never drop; about read "
+        "time / step time, 1024: always)",
+    )
     if not live:
         p.add_argument(
             "--pin",
@@ -335,6 +346,7 @@ def replay_config_from_args(
         prefetch_inflight=args.prefetch_inflight,
         prefetch_slots=getattr(args, "prefetch_slots", 0),
         prefetch_reclaim=bool(getattr(args, "prefetch_reclaim", False)),
+        prefetch_cancel=getattr(args, "prefetch_cancel", 0),
         prefetch_lead=getattr(args, "prefetch_lead", 1),
         pin=getattr(args, "pin", 0),
         phase=getattr(args, "phase", "all"),

@@ -49,6 +49,10 @@ class StepResult:
     hit: tuple[bool, ...]
     late: tuple[bool, ...]  # in flight (a prefetch not yet arrived): wait for it, no new read
     reads: list[Admission]  # demand reads to issue now (misses, in rank order)
+    #: guesses dropped at this step (`prefetch_cancel`): predicted for it, not routed.
+    #: Their slots are free again; a driver abandons the read of any still in flight
+    #: (drops its queued chunks, lets those on the device land, never completes it).
+    cancelled: tuple[int, ...] = ()
 
     @property
     def n_hits(self) -> int:
@@ -72,6 +76,7 @@ class CacheStats:
     prefetch_issued: np.ndarray = field(init=False)
     prefetch_used: np.ndarray = field(init=False)
     prefetch_wasted: np.ndarray = field(init=False)
+    prefetch_cancelled: np.ndarray = field(init=False)
 
     COUNTERS = (
         "hits",
@@ -82,6 +87,7 @@ class CacheStats:
         "prefetch_issued",
         "prefetch_used",
         "prefetch_wasted",
+        "prefetch_cancelled",  # of the wasted: dropped at their step (`prefetch_cancel`)
     )
 
     def __post_init__(self) -> None:
@@ -187,6 +193,7 @@ class ExpertCache:
         granularity: str = "step",
         prefetch_slots: int = 0,
         prefetch_reclaim: bool = False,
+        prefetch_cancel: int = 0,
     ) -> None:
         if scope not in SCOPES:
             raise BadInput(f"--scope must be one of {', '.join(SCOPES)}, got {scope!r}.")
@@ -245,6 +252,18 @@ class ExpertCache:
         # wrong; once it has landed it is the first victim of the next admission.
         self.prefetch_reclaim = bool(prefetch_reclaim)
         self.useless: dict[int, None] = {}  # proven-wrong guesses, oldest first
+        # `prefetch_cancel` N > 0: a guess whose step looked up its layer without it, and
+        # whose read was issued at most N steps before, is dropped there and then, before the
+        # step's misses are admitted (which may take its slot instead of the policy's
+        # victim). The decision reads the trace, the cache's decisions and the steps of
+        # issue and target, never whether the read has landed, so every driver drops the same
+        # guesses; what a driver saves is the bandwidth of what it had not read yet. Only a
+        # recent read is likely to be still in flight (N about read time / step time); an
+        # older guess has landed, costs no more bandwidth, and may still hit at its layer's
+        # next visit, so it stays.
+        self.prefetch_cancel = int(prefetch_cancel)
+        self.spec_issued: dict[int, int] = {}  # guess -> the step its read was issued at
+        self.now = -1  # the step being looked up (prefetches follow it)
         # Demand reads issued by the current step: a policy without step protection
         # (the public engine's) may evict them again within the same step.
         self.step_reads: set[int] = set()
@@ -299,6 +318,7 @@ class ExpertCache:
             st = state.get(key)
             if spec and key in spec:
                 del spec[key]  # looked up: no longer a guess
+                self.spec_issued.pop(key, None)
                 self.useless.pop(key, None)
             if st == READY:
                 hit.append(True)
@@ -316,6 +336,8 @@ class ExpertCache:
         n_hits = sum(hit)
         stats.hits[layer] += n_hits
         stats.misses[layer] += len(keys) - n_hits
+        self.now = t
+        cancelled = self._cancel_missed(t) if self.prefetch_cancel and spec else ()
         reads: list[Admission] = []
         self.step_reads.clear()
         for rank, key in enumerate(keys):
@@ -336,7 +358,7 @@ class ExpertCache:
             part.policy.end_step(t, keys)
         if self.prefetch_reclaim and spec:
             self._mark_missed(t)
-        return StepResult(t, tuple(keys), tuple(hit), tuple(late), reads)
+        return StepResult(t, tuple(keys), tuple(hit), tuple(late), reads, cancelled)
 
     def _access_lookups(self, t: int, keys: Sequence[int]) -> StepResult:
         """Granularity lookup: each key a step of its own (t * k + rank), in rank order."""
@@ -356,6 +378,7 @@ class ExpertCache:
             layer = key // n_exp
             st = state.get(key)
             self.spec.pop(key, None)
+            self.spec_issued.pop(key, None)
             self.useless.pop(key, None)
             if st == READY:
                 hit.append(True)
@@ -437,6 +460,30 @@ class ExpertCache:
             if target is not None and target <= t and key not in self.useless:
                 self.useless[key] = None
 
+    def _cancel_missed(self, t: int) -> tuple[int, ...]:
+        """Drop the guesses predicted for step t or earlier that step t did not look up
+        (its keys left `spec` already): landed or still in flight, each is a wasted
+        prefetch, and its slot is free for this step's misses."""
+        oldest = t - self.prefetch_cancel
+        issued = self.spec_issued
+        gone = tuple(
+            k
+            for k, target in self.spec.items()
+            if target is not None
+            and target <= t
+            and issued.get(k, t) >= oldest
+            and k not in self.pinned
+        )
+        for key in gone:
+            layer = key // self.n_experts
+            if self.state.get(key) == IN_FLIGHT:
+                self.inflight_prefetch.discard(key)
+                self.claimed.discard(key)
+                self.prefetched_unused.add(key)  # so _evict counts it wasted
+            self._evict(self.partition_of(key), key)
+            self.stats.prefetch_cancelled[layer] += 1
+        return gone
+
     def _reclaim_victim(self, part: _Partition, protected: Container[int]) -> int | None:
         """The oldest proven-wrong guess of this partition that has landed."""
         for key in self.useless:
@@ -475,6 +522,7 @@ class ExpertCache:
             self.prefetched_unused.discard(key)
             self.stats.prefetch_wasted[layer] += 1
         self.spec.pop(key, None)
+        self.spec_issued.pop(key, None)
         self.useless.pop(key, None)
 
     # -- prefetch and completion ---------------------------------------------------------
@@ -513,6 +561,7 @@ class ExpertCache:
         if adm.slot is None:
             return None
         self.spec[key] = target
+        self.spec_issued[key] = self.now
         if recycled is not None:  # the slot the driver must reuse is the recycled guess's
             adm = Admission(adm.key, adm.slot, recycled, True)
         return adm

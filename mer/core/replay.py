@@ -74,6 +74,10 @@ class ReplayConfig:
     #: a prefetched expert whose step passed without it is the next victim (its slot goes
     #: back to the next admission instead of costing the policy's victim)
     prefetch_reclaim: bool = False
+    #: N > 0: a prefetched expert whose step routed its layer without it, read from at most
+    #: N steps before, is dropped at that step, landed or not: its slot goes to the step's
+    #: misses and a driver stops reading it (0: never; about read time / step time)
+    prefetch_cancel: int = 0
     #: prefetch only for steps at least this far ahead (1: the next step on); a read
     #: needs about read time / step time steps of lead to land before its step
     #: (0: auto, resolved by the simulator from the hardware profile: `auto_lead`)
@@ -114,6 +118,7 @@ class ReplayConfig:
         count("--prefetch-inflight", self.prefetch_inflight, 1)
         count("--prefetch-slots", self.prefetch_slots, 0)
         count("--prefetch-lead", self.prefetch_lead, 0, 1024)
+        count("--prefetch-cancel", self.prefetch_cancel, 0, 1024)
         count("--pin", self.pin, 0)
         count("--tokens", self.tokens, 1, none_ok=True)
         p = self.prefetch_min_prob
@@ -216,6 +221,7 @@ class Replay:
             granularity=config.granularity,
             prefetch_slots=config.prefetch_slots,
             prefetch_reclaim=config.prefetch_reclaim,
+            prefetch_cancel=config.prefetch_cancel,
         )
         self.cache.attach_future(self.decision_steps)
         self.ctx = ReplayContext(

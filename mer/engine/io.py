@@ -339,6 +339,19 @@ class Reader(ABC):
     def _expedite(self, reqs: set[int]) -> None:
         """Move the queued background chunks of the requests whose id() is in `reqs`."""
 
+    def cancel(self, tags: Iterable[Hashable]) -> int:
+        """Give up outstanding reads: their chunks not yet on the device are dropped and
+        the bytes they would have read returned; the chunks on the device land as usual.
+        A cancelled tag completes (poll, wait) once those have landed, with its buffer only
+        partly written (a prefetch the router has proven useless: nobody reads it)."""
+        reqs = {id(r): r for t in tags if (r := self._reqs.get(t)) is not None}
+        return self._cancel(reqs) if reqs else 0
+
+    def _cancel(self, reqs: dict[int, _Req]) -> int:
+        """Drop the queued chunks of the requests whose id() is in `reqs` (each dropped chunk
+        counts as finished); return their bytes. A reader without a queue drops nothing."""
+        return 0
+
     def wait_all(self) -> list[Hashable]:
         """Block until every outstanding read is done; return the completed tags."""
         done: list[Hashable] = []

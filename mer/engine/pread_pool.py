@@ -125,6 +125,23 @@ class PreadReader(Reader):
                 self._todo.extend(move)
                 self._cond.notify(len(move))
 
+    def _cancel(self, reqs: dict[int, _Req]) -> int:
+        dropped = 0
+        gone: list[_Req] = []
+        with self._cond:
+            for name in ("_todo", "_bg_todo"):
+                q = getattr(self, name)
+                mine = [c for c in q if id(c[0]) in reqs]
+                if mine:
+                    setattr(self, name, deque(c for c in q if id(c[0]) not in reqs))
+                    for c in mine:
+                        dropped += c[3]
+                        gone.append(c[0])
+            self._running -= len(gone)
+        for req in gone:
+            self._chunk_finished(req)
+        return dropped
+
     def _handle(self, item: _Done) -> None:
         req, off, n, err, got = item
         self._running -= 1

@@ -196,6 +196,21 @@ class _Reads:
             self.urgent.add(rid)
             self.reader.expedite(tags)
 
+    def cancel(self, rid: Hashable) -> int:
+        """Abandon read `rid` (a dropped prefetch): drop its chunks still queued, wait for
+        those already on the device (its buffer is about to be reused), and never report it
+        landed. Returns the bytes it did not read."""
+        tags = self.pending.get(rid)
+        if tags is None:
+            return 0
+        dropped = self.reader.cancel(tags)
+        for tag in list(tags):
+            self.reader.wait(tag)
+        del self.pending[rid]
+        self.urgent.discard(rid)
+        self.started.pop(rid, None)
+        return dropped
+
     def wait(self, rid: Hashable) -> None:
         """Block until every range of read `rid` has landed."""
         while rid in self.pending:
@@ -272,6 +287,8 @@ class ExpertStreamer:
             "bypass_reads": 0,
             "reads": 0,
             "payload_bytes": 0,
+            "cancelled_reads": 0,  # dropped guesses still in flight when dropped
+            "cancelled_bytes": 0,  # what their queued chunks would have read
             "evicted_in_flight": 0,  # reads waited for before their slot was reused
         }
         # The driver's time by kind (what the simulator's timing model is fitted to):
@@ -442,6 +459,11 @@ class ExpertStreamer:
         # sees reads at the instant they land); one still being read is late.
         self.reads.poll()
         res = replay.step(t) if keys is None else replay.step(t, keys)
+        for key in res.cancelled:  # dropped guesses: free their slots, stop their reads
+            self.slot_of.pop(key, None)
+            if ("slot", key) in self.reads.pending:
+                self.counters["cancelled_reads"] += 1
+                self.counters["cancelled_bytes"] += self.reads.cancel(("slot", key))
         step_keys = res.keys
         pending = self.reads.pending
         n_late = 0
@@ -574,6 +596,8 @@ class ExpertStreamer:
             "read_bytes_by_key": list(read_bytes_by_key(self.store)),
             "bypass_reads": int(self.counters["bypass_reads"]),
             "stashed_step_victims": int(self.counters["stashed"]),
+            "cancelled_reads": int(self.counters["cancelled_reads"]),
+            "cancelled_bytes": int(self.counters["cancelled_bytes"]),
             "evicted_in_flight": int(self.counters["evicted_in_flight"]),
             "evictions": self.replay.stats.total("evictions"),
             "io": {

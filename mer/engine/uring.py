@@ -252,6 +252,22 @@ class UringReader(Reader):
             self._feed()
             self._enter(0, False)
 
+    def _cancel(self, reqs: dict[int, _Req]) -> int:
+        dropped = 0
+        for name in ("_pending", "_bg_pending"):
+            q = getattr(self, name)
+            if not any(id(item[0]) in reqs for item in q):
+                continue
+            keep: deque[tuple[_Req, int, int, int, int]] = deque()
+            for item in q:
+                if id(item[0]) in reqs:
+                    dropped += item[3]
+                    self._chunk_finished(item[0])
+                else:
+                    keep.append(item)
+            setattr(self, name, keep)
+        return dropped
+
     def _feed(self) -> None:
         """Move queued chunks into free slots / SQEs (prepared, submitted by _enter):
         every urgent chunk first, then background ones up to background_depth on the
