@@ -525,7 +525,7 @@ def _run_fast(replay: Replay, tm: _Timing, rec: _Recorder) -> int:
     step_oh, submit, reap = tm.step, tm.submit, tm.complete
     step = replay.step
     prefetch = replay.prefetch
-    mark_late = replay.mark_late
+    mark_late_hits = replay.mark_late_hits
     issue = ssd.issue
     cancel = ssd.cancel
     finish_of = ssd.finish_of
@@ -575,11 +575,10 @@ def _run_fast(replay: Replay, tm: _Timing, rec: _Recorder) -> int:
             # a hit still being read (a prefetch not landed by t1): late, wait for it
             n_late = 0
             if inflight:
-                for i in range(k):
-                    if hit[i] and keys[i] in inflight:
-                        n_late += 1
-                        mark_late(keys[i])
-                        ready[i] = -1 - i  # resolved once this step's reads are queued
+                late = mark_late_hits(res, inflight)
+                n_late = len(late)
+                for i in late:
+                    ready[i] = -1 - i  # resolved once this step's reads are queued
             at = t1 + step_oh
             for adm in reads:
                 at += submit
@@ -909,11 +908,8 @@ def _run_simpy(replay: Replay, tm: _Timing, rec: _Recorder) -> int:
                 # a dropped guess still in flight reads on here (this engine serves every
                 # chunk it was given); out of `inflight`, its landing changes nothing
                 inflight.pop(key, None)
-            n_late = 0
-            for i in range(k):
-                if res.hit[i] and res.keys[i] in inflight:
-                    n_late += 1  # a hit still being read: late, its FFN waits for it
-                    replay.mark_late(res.keys[i])
+            # a hit still being read: late, its FFN waits for it
+            n_late = len(replay.mark_late_hits(res, inflight))
             if tm.step:
                 yield env.timeout(tm.step)
             waits: list[simpy.Process | None] = [

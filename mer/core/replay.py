@@ -28,7 +28,7 @@ from __future__ import annotations
 import functools
 import math
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -376,6 +376,19 @@ class Replay:
         used), still being read: the step waits for it. Counted as a late prefetch
         and a miss instead of a used prefetch and a hit; no decision changes."""
         self.cache.mark_late(key)
+
+    def mark_late_hits(self, result: StepResult, reading: Container[int]) -> list[int]:
+        """The ranks of `result`'s hits whose key is still being read (in `reading`),
+        each counted late (`mark_late`): the one rule by which every driver (the engine
+        and both simulator engines) turns its own clock into late prefetches."""
+        late = [
+            i
+            for i, (key, hit) in enumerate(zip(result.keys, result.hit, strict=True))
+            if hit and key in reading
+        ]
+        for i in late:
+            self.cache.mark_late(result.keys[i])
+        return late
 
     def supply_lookahead(self, u: int, keys: Sequence[int]) -> None:
         """Live: the lookahead prediction of step u (read by the lookahead predictor)."""

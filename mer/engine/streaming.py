@@ -181,7 +181,7 @@ class _Reads:
         if not tags:
             del self.pending[rid]
             self.urgent.discard(rid)
-            kind, key = rid  # type: ignore[misc]
+            kind, key = rid
             self.on_landed(key, kind == "slot", self.started.pop(rid), time.perf_counter())
 
     def poll(self) -> None:
@@ -465,12 +465,8 @@ class ExpertStreamer:
                 self.counters["cancelled_reads"] += 1
                 self.counters["cancelled_bytes"] += self.reads.cancel(("slot", key))
         step_keys = res.keys
-        pending = self.reads.pending
-        n_late = 0
-        for key, hit in zip(step_keys, res.hit, strict=True):
-            if hit and ("slot", key) in pending:
-                n_late += 1
-                replay.mark_late(key)
+        reading = {rid[1] for rid in self.reads.pending if rid[0] == "slot"}  # type: ignore[index]
+        n_late = len(replay.mark_late_hits(res, reading)) if reading else 0
         layer = step_keys[0] // n_exp
         stash: dict[int, int] = {}  # step key -> scratch index holding its bytes
         bypass: dict[int, int] = {}  # step key -> scratch index of its bypass read
