@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -39,7 +40,7 @@ import pandas as pd
 
 from mer.analysis.calibrate import calibrate
 from mer.analysis.validation_grid import Grid, GridConfig
-from mer.analysis.validation_table import build_table, summarize
+from mer.analysis.validation_table import PULSE_STAGE, build_table, summarize
 from mer.atomic import write_json_atomic, write_text_atomic
 from mer.errors import BadInput
 from mer.sim.hardware import HardwareProfile
@@ -58,6 +59,8 @@ class Machine(Protocol):
 
     def pulse(self) -> dict[str, float]: ...
 
+    def disk_pulse(self) -> float: ...
+
     def sim_options(self, cfg: GridConfig) -> SimOptions: ...
 
 
@@ -75,6 +78,7 @@ class EngineMachine:
         self.store = ExpertStore.open(experts)
         self.engine = engine  # EngineConfig: the defaults every configuration starts from
         self.digest = digest
+        self.pulses = 0
         self.read_ranges = typical_read_ranges(self.store)
         self.key_bytes = read_bytes_by_key(self.store)
         self.description = (
@@ -115,6 +119,21 @@ class EngineMachine:
             chunk_bytes=self.engine.chunk_bytes,
         )
 
+    def disk_pulse(self) -> float:
+        """The expert file's read rate now, in bytes/s (`probe.disk_pulse`), each pulse
+        on other random experts."""
+        from mer.engine.probe import disk_pulse
+
+        self.pulses += 1
+        return disk_pulse(
+            self.store,
+            io=self.engine.io,
+            queue_depth=self.engine.queue_depth,
+            chunk_bytes=self.engine.chunk_bytes,
+            experts=PULSE_EXPERTS,
+            seed=self.pulses,
+        )["read_bytes_per_s"]
+
     def sim_options(self, cfg: GridConfig) -> SimOptions:
         return SimOptions(
             shape=self.store.shape.name,
@@ -128,7 +147,9 @@ class EngineMachine:
 class ModelMachine:
     """A machine that behaves exactly as the simulator says on a hidden `truth` profile
     (optionally slowed by `slowdown(run_index)`): the synthetic disk and CPU against
-    which a calibrated prediction must be exact. For tests and for checking a grid."""
+    which a calibrated prediction must be exact. For tests and for checking a grid.
+    `disk_slowdown(run_index)` slows the device alone (bandwidth / f, latencies x f), as
+    a shared disk does; `disk_pulse` reports the device's bandwidth at that moment."""
 
     def __init__(
         self,
@@ -140,6 +161,7 @@ class ModelMachine:
         queue_depth: int = 32,
         chunk_bytes: int = 512 << 10,
         slowdown: Callable[[int], float] | None = None,
+        disk_slowdown: Callable[[int], float] | None = None,
     ) -> None:
         self.trace = trace
         self.truth = truth
@@ -148,6 +170,7 @@ class ModelMachine:
         self.queue_depth = queue_depth
         self.chunk_bytes = chunk_bytes
         self.slowdown = slowdown or (lambda _i: 1.0)
+        self.disk_slowdown = disk_slowdown or (lambda _i: 1.0)
         self.runs = 0
         self.description = f"a model of a machine (profile {truth.name})"
 
@@ -155,7 +178,7 @@ class ModelMachine:
         p = copy.deepcopy(self.truth)
         f = self.slowdown(self.runs)
         p.compute.ffn_bytes_per_s /= f
-        return p
+        return scale_ssd(p, 1.0 / self.disk_slowdown(self.runs))
 
     def run(self, cfg: GridConfig, tokens: int) -> RunSummary:
         s = simulate(
@@ -173,6 +196,9 @@ class ModelMachine:
     def pulse(self) -> dict[str, float]:
         return {"ffn_s": 1.0 / self.profile_now().compute.ffn_bytes_per_s}
 
+    def disk_pulse(self) -> float:
+        return self.profile_now().ssd.bandwidth_bytes_per_s
+
     def sim_options(self, cfg: GridConfig) -> SimOptions:
         return SimOptions(
             shape=self.shape,
@@ -186,6 +212,8 @@ class ModelMachine:
 #: configuration sets its own tokens): a 32-token run of it moved the fitted SSD bandwidth
 #: by up to 2.8x from one round to the next on a shared VM disk (bench_calibration.py).
 CALIBRATION_LENGTH = 4
+#: Experts a disk pulse reads (about 50 MB of mixtral-small, a twentieth of a second).
+PULSE_EXPERTS = 32
 
 
 @dataclass
@@ -196,6 +224,9 @@ class ValidateOptions:
     calibration_tokens: int | None = None
     drift: float = 0.15  # largest relative change of a pulse figure before recalibrating
     sim_engine: str = "fast"
+    #: pulse the disk before every held-out run and predict it also with the calibrated
+    #: SSD scaled by that pulse over the calibration run's (the "pulse-scaled" stage)
+    pulse_scale: bool = False
 
     def check(self) -> ValidateOptions:
         if not 1 <= self.tokens <= 1 << 20:
@@ -222,6 +253,18 @@ class ValidationResult:
     runs: pd.DataFrame
     profiles: list[HardwareProfile] = field(default_factory=list)
     paths: dict[str, str] = field(default_factory=dict)
+
+
+def scale_ssd(profile: HardwareProfile, ratio: float) -> HardwareProfile:
+    """A copy of `profile` whose device runs `ratio` times as fast: bandwidth x ratio,
+    the device's per-chunk and per-read latencies / ratio (the CPU's submission and
+    reaping costs unchanged). `ratio` is a disk pulse now over the pulse taken at
+    calibration: a probe of the machine, not a fit to the run it predicts."""
+    p = copy.deepcopy(profile)
+    p.ssd.bandwidth_bytes_per_s *= ratio
+    p.ssd.latency_s /= ratio
+    p.ssd.access_latency_s /= ratio
+    return p
 
 
 def _drift(now: dict[str, float], ref: dict[str, float]) -> float:
@@ -287,6 +330,7 @@ def run_validation(
         "tokens": o.tokens,
         "calibration_tokens": o.cal_tokens,
         "repeats": o.repeats,
+        "pulse_scale": o.pulse_scale,
         "profile": profile.to_dict(),
         "machine": machine.description,
         "trace": getattr(trace, "name", ""),
@@ -321,9 +365,24 @@ def run_validation(
 
     profiles: list[HardwareProfile] = []
     cal_runs: list[RunSummary] = []
+    disk_ref: dict[int, float] = {}  # profile version -> the calibration run's disk pulse
+
+    def disk_pulse(key: str, fresh: bool) -> float:
+        """The disk pulse stored under `key`, taken now unless kept (and not `fresh`)."""
+        dp = st.state.setdefault("disk_pulses", {})
+        if fresh or key not in dp:
+            dp[key] = machine.disk_pulse()
+            st.save_state()
+        return float(dp[key])
 
     def recalibrate(tag: str) -> tuple[HardwareProfile, dict[str, float]]:
-        run = real(f"calibration-{tag}", grid.calibration, o.cal_tokens)
+        name = f"calibration-{tag}"
+        if o.pulse_scale:
+            before = disk_pulse(f"{name}:before", st.load_run(name) is None)
+        run = real(name, grid.calibration, o.cal_tokens)
+        if o.pulse_scale:
+            # the calibration run spans both pulses: their geometric mean is its disk
+            disk_ref[int(tag)] = math.sqrt(before * disk_pulse(f"{name}:after", False))
         cal = calibrate(run, profile, trace=trace)
         prof = cal.profile
         prof.name = f"{profile.name}-calibrated-{tag}"
@@ -348,6 +407,7 @@ def run_validation(
     measured: dict[str, list[RunSummary]] = {c.name: [] for c in configs}
     pred_before: dict[str, list[RunSummary]] = {c.name: [] for c in configs}
     pred_after: dict[str, list[RunSummary]] = {c.name: [] for c in configs}
+    pred_pulse: dict[str, list[RunSummary]] = {c.name: [] for c in configs}
     run_rows: list[dict[str, Any]] = []
     for rnd in range(o.repeats):
         rkey = str(rnd)
@@ -375,11 +435,21 @@ def run_validation(
             after_by_version[version] = {c.name: sim(c, current) for c in configs}
         shift = rnd % len(configs)
         for cfg in configs[shift:] + configs[:shift]:
-            s = real(f"{cfg.name}-r{rnd}", cfg, o.tokens)
+            name = f"{cfg.name}-r{rnd}"
+            ratio = float("nan")
+            if o.pulse_scale:
+                # a pulse right before the run (kept with it when the run is kept)
+                now = disk_pulse(f"{name}:before", st.load_run(name) is None)
+                ratio = now / disk_ref[version]
+            s = real(name, cfg, o.tokens)
             measured[cfg.name].append(s)
             pred_before[cfg.name].append(before[cfg.name])
             pa = after_by_version[version][cfg.name]
             pred_after[cfg.name].append(pa)
+            pp = None
+            if o.pulse_scale:
+                pp = sim(cfg, scale_ssd(current, ratio))
+                pred_pulse[cfg.name].append(pp)
             run_rows.append(
                 {
                     "config": cfg.name,
@@ -387,6 +457,10 @@ def run_validation(
                     "profile_version": version,
                     "tokens_per_s": s.tokens_per_s,
                     "predicted_tokens_per_s": pa.tokens_per_s,
+                    "disk_pulse_ratio": ratio,
+                    "pulse_scaled_tokens_per_s": (
+                        pp.tokens_per_s if pp is not None else float("nan")
+                    ),
                     "io_wait_share": s.io_wait_share,
                     "read_p50_s": s.latency.get("read", {}).get("p50", float("nan")),
                     "hits": s.hits,
@@ -394,7 +468,10 @@ def run_validation(
                     "wall_s": s.wall_s,
                 }
             )
-    table = build_table(configs, measured, {"uncalibrated": pred_before, "calibrated": pred_after})
+    stages = {"uncalibrated": pred_before, "calibrated": pred_after}
+    if o.pulse_scale:
+        stages[PULSE_STAGE] = pred_pulse
+    table = build_table(configs, measured, stages)
     summary = summarize(table, configs)
     summary.update(
         {
@@ -404,6 +481,8 @@ def run_validation(
             "calibration_tokens": grid.calibration.tokens or o.cal_tokens,
             "repeats": o.repeats,
             "drift_threshold": o.drift,
+            "pulse_scale": o.pulse_scale,
+            "disk_pulse_reference": [disk_ref[v] for v in sorted(disk_ref)],
             "drift_events": st.state["events"],
             "recalibrations": len(profiles) - 1,
             "profile": profile.name,

@@ -11,7 +11,7 @@ import pandas as pd
 from mer.analysis.plots import plot_validation
 from mer.analysis.report import signed
 from mer.analysis.sections import FigureRef, Section
-from mer.analysis.validation_table import METRICS, TARGETS
+from mer.analysis.validation_table import METRICS, PULSE_STAGE, TARGETS
 
 FIGURE = "validation-tokens-per-s"
 
@@ -49,6 +49,16 @@ def validation_section(table: pd.DataFrame, summary: dict[str, Any], fig_dir: Pa
         "(fastest to slowest run). Before every round a short pulse (FFN, dense block, a burst "
         f"of reads) was held against the one after calibration: {len(events)} round(s) drifted "
         f"by more than {summary.get('drift_threshold', 0) * 100:.0f}% and were recalibrated first."
+        + (
+            " Right before every run (and before and after each calibration run) a disk pulse "
+            "read a few random experts from the expert file; the *pulse-scaled* prediction is "
+            "the calibrated profile with its SSD bandwidth (and device latencies) scaled by "
+            "that pulse's read rate over the calibration run's. The pulse is a probe of the "
+            "machine at that moment, not a fit to the run it predicts; the fixed-calibration "
+            "prediction is shown beside it."
+            if summary.get("pulse_scale")
+            else ""
+        )
     )
     sec.figure(
         plot_validation(table, fig_dir / FIGURE, title=figure_title(summary), summary=summary),
@@ -58,6 +68,8 @@ def validation_section(table: pd.DataFrame, summary: dict[str, Any], fig_dir: Pa
     tps = table[table["metric"] == "tokens/s"]
     c = tps[tps["stage"] == "calibrated"].set_index("config")
     u = tps[tps["stage"] == "uncalibrated"].set_index("config")
+    ps = tps[tps["stage"] == PULSE_STAGE].set_index("config")
+    pulsed = not ps.empty
     io = table[(table["metric"] == "I/O wait share") & (table["stage"] == "calibrated")]
     io = io.set_index("config")
     rows = []
@@ -74,11 +86,20 @@ def validation_section(table: pd.DataFrame, summary: dict[str, Any], fig_dir: Pa
                 float(r["measured"]),
                 f"{float(r['measured_min']):.3g} to {float(r['measured_max']):.3g}",
                 _pct(float(r["spread"])),
+                _pct(float(r["median_se"])),
                 float(r["predicted"]),
                 signed(float(r["rel_error"]) * 100),
                 "yes" if bool(r["within_spread"]) else "no",
                 signed(float(u.loc[n, "rel_error"]) * 100) if n in u.index else "-",
             ]
+            + (
+                [
+                    signed(float(ps.loc[n, "rel_error"]) * 100),
+                    "yes" if bool(ps.loc[n, "within_spread"]) else "no",
+                ]
+                if pulsed and n in ps.index
+                else (["-", "-"] if pulsed else [])
+            )
         )
     if rows:
         sec.table(
@@ -89,11 +110,13 @@ def validation_section(table: pd.DataFrame, summary: dict[str, Any], fig_dir: Pa
                 "measured tokens/s (median)",
                 "runs' range",
                 "spread (%)",
+                "SE of median (%)",
                 "predicted tokens/s",
                 "error (%)",
                 "inside spread",
                 "error before calibration (%)",
-            ],
+            ]
+            + (["pulse-scaled error (%)", "pulse-scaled inside spread"] if pulsed else []),
             rows,
         )
     stages = summary.get("stages", {})
@@ -103,6 +126,7 @@ def validation_section(table: pd.DataFrame, summary: dict[str, Any], fig_dir: Pa
     for metric in sorted(present, key=lambda m: known.index(m) if m in known else len(known)):
         a = stages["calibrated"][metric]
         b = stages.get("uncalibrated", {}).get(metric, {})
+        q = stages.get(PULSE_STAGE, {}).get(metric, {})
         metric_rows.append(
             [
                 metric,
@@ -110,8 +134,11 @@ def validation_section(table: pd.DataFrame, summary: dict[str, Any], fig_dir: Pa
                 _pct(a.get("median")),
                 _pct(a.get("worst")),
                 f"{a.get('within_spread', 0)} of {a.get('configs', 0)}",
+                f"{a.get('within_2se', 0)} of {a.get('configs', 0)}",
                 _pct(a.get("median_spread")),
+                _pct(a.get("median_se")),
             ]
+            + ([_pct(q.get("median")), _pct(q.get("worst"))] if pulsed else [])
         )
     if metric_rows:
         sec.table(
@@ -121,31 +148,41 @@ def validation_section(table: pd.DataFrame, summary: dict[str, Any], fig_dir: Pa
                 "median abs. error (%)",
                 "worst abs. error (%)",
                 "inside spread",
+                "within 2 SE of the median",
                 "median measured spread (%)",
-            ],
+                "median SE of the median (%)",
+            ]
+            + (
+                ["pulse-scaled median abs. error (%)", "pulse-scaled worst abs. error (%)"]
+                if pulsed
+                else []
+            ),
             metric_rows,
             lead="Every metric, over the held-out configurations:",
         )
     trows = []
     targets = summary.get("targets", {})
+    tp = summary.get("targets_by_stage", {}).get(PULSE_STAGE, {}) if pulsed else {}
     order = [*TARGETS, "counts equal with prefetch off", "ranking by tokens/s"]
     for name in sorted(targets, key=lambda n: order.index(n) if n in order else len(order)):
         t = targets[name]
-        v = t.get("value")
-        if name.startswith("ranking"):
-            shown = f"Kendall tau {v:.2f}" if v is not None else "-"
-        else:
-            shown = f"{_pct(v)}%" if v is not None else ""
         limit = f"{t['target'] * 100:g}%" if t.get("target") is not None else ""
-        short = t.get("short_by")
-        verdict = (
-            "met"
-            if t.get("met")
-            else "not met" + (f" (short by {short * 100:.1f} points)" if short else "")
+        trows.append(
+            [name, *_target_cells(name, t), limit]
+            + (_target_cells(name, tp[name]) if name in tp else ["", ""] if tp else [])
         )
-        trows.append([name, shown, limit, verdict])
     if trows:
-        sec.table(["target", "value", "limit", "verdict"], trows, lead="Targets:")
+        head = ["target", "value", "verdict", "limit"]
+        if tp:
+            head = [
+                "target",
+                "fixed calibration",
+                "verdict",
+                "limit",
+                "pulse-scaled",
+                "verdict (pulse-scaled)",
+            ]
+        sec.table(head, trows, lead="Targets:")
     cts = summary.get("counts", {})
     if cts.get("prefetch_on_repeat_spread"):
         sec.text(
@@ -169,6 +206,22 @@ def validation_section(table: pd.DataFrame, summary: dict[str, Any], fig_dir: Pa
     elif rk:
         sec.text("The ranking by predicted tokens/s equals the measured ranking.")
     return sec
+
+
+def _target_cells(name: str, t: dict[str, Any]) -> list[str]:
+    """A target's value and verdict, as two cells."""
+    v = t.get("value")
+    if name.startswith("ranking"):
+        shown = f"Kendall tau {v:.2f}" if v is not None else "-"
+    else:
+        shown = f"{_pct(v)}%" if v is not None else ""
+    short = t.get("short_by")
+    verdict = (
+        "met"
+        if t.get("met")
+        else "not met" + (f" (short by {short * 100:.1f} points)" if short else "")
+    )
+    return [shown, verdict]
 
 
 def section_markdown(sec: Section, out_dir: Path) -> str:

@@ -79,6 +79,9 @@ TARGETS = {
     "I/O wait share median abs. error": 0.15,
     "counts with prefetch on, abs. error": 0.01,
 }
+#: The stage predicted from the calibrated profile with its SSD scaled by a disk pulse taken
+#: right before each run (over the calibration run's pulse): a probe of the machine then.
+PULSE_STAGE = "pulse-scaled"
 IO_BOUND, COMPUTE_BOUND = 0.5, 0.2  # measured I/O wait share at or above / at or below
 #: Relative slack of "inside the spread" (a spread of one value is a point)
 TOL = 1e-6
@@ -91,6 +94,16 @@ def rel_error(predicted: float, measured: float) -> float:
     if measured == 0:
         return 0.0 if predicted == 0 else float("nan")
     return (predicted - measured) / measured
+
+
+def median_se(values: np.ndarray) -> float:
+    """Standard error of the median of `values` (the large-sample sqrt(pi/2) sigma/sqrt(n)
+    of a normal sample; NaN below 2 values): how far the measured median itself may sit
+    from the one more repeats would find."""
+    v = values[np.isfinite(values)]
+    if v.size < 2:
+        return float("nan")
+    return float(math.sqrt(math.pi / 2) * np.std(v, ddof=1) / math.sqrt(v.size))
 
 
 def bound_of(io_share: float) -> str:
@@ -127,6 +140,7 @@ def build_table(
                 lo, hi = float(np.nanmin(m)), float(np.nanmax(m))
                 pv = float(np.nanmedian(p))
                 err = rel_error(pv, med)
+                se = median_se(m)
                 rows.append(
                     {
                         "config": cfg.name,
@@ -138,9 +152,16 @@ def build_table(
                         "measured_max": hi,
                         "n_runs": int(np.isfinite(m).sum()),
                         "spread": (hi - lo) / abs(med) if med else (0.0 if hi == lo else math.inf),
+                        # the standard error of the measured median, relative to it
+                        "median_se": se / abs(med) if med else (0.0 if se == 0 else math.nan),
                         "rel_error": err,
                         "abs_rel_error": abs(err),
                         "within_spread": bool(lo - TOL * abs(lo) <= pv <= hi + TOL * abs(hi)),
+                        # within two standard errors of the measured median (NaN-safe:
+                        # False with a single run unless exact)
+                        "within_2se": bool(
+                            abs(pv - med) <= (2 * se if se == se else 0.0) + TOL * abs(med)
+                        ),
                         "bound": bound_of(io),
                         **{k: v for k, v in cfg.to_dict().items() if k != "name"},
                     }
@@ -208,6 +229,9 @@ def summarize(table: pd.DataFrame, configs: Sequence[GridConfig]) -> dict[str, A
         for metric, g in st.groupby("metric", sort=False):
             s = _stat(g["abs_rel_error"])
             s["within_spread"] = int(g["within_spread"].sum())
+            s["within_2se"] = int(g["within_2se"].sum())
+            se = g["median_se"].dropna()
+            s["median_se"] = float(np.median(se)) if len(se) else None
             s["configs"] = len(g)
             s["median_spread"] = float(np.median(g["spread"])) if len(g) else None
             per[str(metric)] = s
@@ -265,8 +289,19 @@ def summarize(table: pd.DataFrame, configs: Sequence[GridConfig]) -> dict[str, A
         else:
             counts["prefetch_off_equal"] &= bool(exact)
     out["counts"] = counts
-    per = out["stages"][cal]
+    out["targets"] = _targets(out["stages"][cal], counts, out["ranking"].get(cal, {}))
+    # the same targets for every timing stage after calibration (the counts are the
+    # decisions', one for all stages)
+    out["targets_by_stage"] = {
+        str(stage): _targets(out["stages"][str(stage)], counts, out["ranking"].get(str(stage), {}))
+        for stage in out["stages"]
+        if stage != "uncalibrated"
+    }
+    out["calibrated_stage"] = cal
+    return out
 
+
+def _targets(per: dict[str, Any], counts: dict[str, Any], rk: dict[str, Any]) -> dict[str, Any]:
     def get(metric: str, key: str) -> float | None:
         v = per.get(metric, {}).get(key)
         return None if v is None else float(v)
@@ -278,7 +313,7 @@ def summarize(table: pd.DataFrame, configs: Sequence[GridConfig]) -> dict[str, A
         "I/O wait share median abs. error": get("I/O wait share", "median"),
         "counts with prefetch on, abs. error": counts["prefetch_on_worst"],
     }
-    out["targets"] = {
+    targets: dict[str, Any] = {
         name: {
             "value": v,
             "target": TARGETS[name],
@@ -287,18 +322,16 @@ def summarize(table: pd.DataFrame, configs: Sequence[GridConfig]) -> dict[str, A
         }
         for name, v in values.items()
     }
-    out["targets"]["counts equal with prefetch off"] = {
+    targets["counts equal with prefetch off"] = {
         "value": None,
         "target": None,
         "met": bool(counts["prefetch_off_equal"]),
         "short_by": None,
     }
-    rk = out["ranking"].get(cal, {})
-    out["targets"]["ranking by tokens/s"] = {
+    targets["ranking by tokens/s"] = {
         "value": rk.get("kendall_tau"),
         "target": None,
         "met": bool(rk.get("equal", False)),
         "short_by": None,
     }
-    out["calibrated_stage"] = cal
-    return out
+    return targets

@@ -75,9 +75,13 @@ def test_table_median_spread_error_and_inside() -> None:
     assert row.spread == pytest.approx(2.0 / 11.0)
     assert row.rel_error == pytest.approx(0.5 / 11.0)
     assert bool(row.within_spread) and row.n_runs == 3 and row.bound == "I/O-bound"
+    # standard error of the median: sqrt(pi/2) * s / sqrt(n), s = 1 (10, 11, 12)
+    assert row.median_se == pytest.approx(math.sqrt(math.pi / 2) / math.sqrt(3) / 11.0)
+    assert bool(row.within_2se)  # 0.5 from the median, 2 SE = 1.45
     row = t[(t.config == "b") & (t.stage == "calibrated") & (t.metric == "tokens/s")].iloc[0]
     assert row.measured == 5.5 and row.rel_error == pytest.approx(1.5 / 5.5)
     assert not bool(row.within_spread) and row.bound == "compute-bound"
+    assert not bool(row.within_2se)  # 1.5 from the median, 2 SE = 2 * 1.2533 * 0.5 / 1.732
     s = summarize(t, [a, b])
     cal = s["stages"]["calibrated"]["tokens/s"]
     assert cal["median"] == pytest.approx(np.median([0.5 / 11.0, 1.5 / 5.5]))
@@ -280,6 +284,52 @@ def test_io_bound_calibration_fits_only_io_and_predicts_exactly(tmp_path: Path) 
     assert "I/O-bound" in c2.format_text()
 
 
+def test_disk_pulse_scaling_predicts_a_disk_that_moves_exactly(tmp_path: Path) -> None:
+    """The device alone runs 2.5x slower in every other held-out run (after calibration):
+    the fixed calibration misses those runs, the prediction scaled by the pulse right
+    before each run is exact, and both stand in the table and the summary."""
+    trace = read_trace(bundled_trace_path())
+    truth = _truth()
+
+    def disk(i: int) -> float:  # run 0 is the calibration, pulsed before (0) and after (1)
+        return 2.5 if i >= 2 and i % 2 else 1.0
+
+    m = ModelMachine(
+        trace, truth, shape="mixtral-tiny", queue_depth=8, chunk_bytes=32768, disk_slowdown=disk
+    )
+    opts = ValidateOptions(tokens=4, repeats=2, pulse_scale=True)
+    res = run_validation(m, trace, GRID, _start(truth), tmp_path, opts, log=None)
+    t = res.table
+    assert set(t.stage) == {"uncalibrated", "calibrated", "pulse-scaled"}
+    tps = t[t.metric == "tokens/s"].set_index(["stage", "config"])
+    pulsed = t[t.stage == "pulse-scaled"]
+    assert pulsed["abs_rel_error"].max() < 1e-6, pulsed.sort_values("abs_rel_error").tail(3)
+    assert tps.loc["calibrated", "abs_rel_error"].median() > 0.05  # the fixed profile misses
+    runs = res.runs
+    slow = runs.disk_pulse_ratio < 0.5
+    assert slow.sum() == 5  # runs 3, 5, 7, 9 and 11 of the 12 held-out runs (1..12)
+    assert np.allclose(runs.disk_pulse_ratio[slow], 1 / 2.5)
+    assert np.allclose(runs.pulse_scaled_tokens_per_s, runs.tokens_per_s, rtol=1e-6)
+    s = res.summary
+    assert (
+        s["pulse_scale"]
+        and s["targets_by_stage"]["pulse-scaled"]["tokens/s worst abs. error"]["met"]
+    )
+    assert not s["targets"]["tokens/s median abs. error"]["met"]  # the fixed calibration's
+    md = (tmp_path / "validation.md").read_text()
+    assert "pulse-scaled error (%)" in md and "fixed calibration" in md
+    # off: the stage is gone
+    res2 = run_validation(
+        m,
+        trace,
+        GRID,
+        _start(truth),
+        tmp_path / "off",
+        ValidateOptions(tokens=4, repeats=1, pulse_scale=False),
+    )
+    assert "pulse-scaled" not in set(res2.table.stage)
+
+
 def test_drift_recalibrates_and_resume_reruns_nothing(tmp_path: Path) -> None:
     trace = read_trace(bundled_trace_path())
     truth = _truth()
@@ -428,3 +478,30 @@ def test_cli_validate_end_to_end_on_the_real_engine(tmp_path: Path) -> None:
     assert float(row.measured.iloc[0]) == pytest.approx(float(np.median(mine)))
     assert s["counts"]["prefetch_off_equal"]  # one decision core: hits equal exactly
     assert (out / "figures" / "validation-tokens-per-s.svg").exists()
+
+
+def test_disk_pulse_reads_whole_experts_from_the_file(tmp_path: Path) -> None:
+    """The pulse reads `experts` distinct experts through the engine's reader, every byte
+    of each one's read plan (the sizes come from the store's plans, not the pulse)."""
+    from mer.engine.gguf_synth import synth_gguf
+    from mer.engine.probe import disk_pulse
+    from mer.engine.store import ExpertStore
+    from mer.shapes import get_shape
+
+    path = tmp_path / "tiny.gguf"
+    synth_gguf(path, get_shape("mixtral-tiny"), seed=1)
+    store = ExpertStore.open(path)
+    n = store.n_layers * store.n_experts
+    sizes = [
+        sum(r.length for r in store.read_plan(layer, e))
+        for layer in range(store.n_layers)
+        for e in range(store.n_experts)
+    ]
+    p = disk_pulse(store, experts=6, seed=2)
+    assert set(p) == {"read_bytes_per_s", "expert_read_s", "seconds"}
+    got = p["read_bytes_per_s"] * p["seconds"]
+    assert 6 * min(sizes) - 1e-6 <= got <= 6 * max(sizes) + 1e-6
+    assert 0 < p["expert_read_s"] <= p["seconds"]
+    # more experts than the file has: each is read once, every byte of its plan
+    q = disk_pulse(store, experts=n + 5, seed=2)
+    assert q["read_bytes_per_s"] * q["seconds"] == pytest.approx(sum(sizes))

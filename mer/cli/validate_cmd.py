@@ -74,6 +74,14 @@ def register(sub: Any) -> None:
         default=0.15,
         help="recalibrate before a round when a pulse figure moved by more than this share",
     )
+    p.add_argument(
+        "--pulse-scale",
+        action="store_true",
+        help="before every run, read a pulse of random experts from the expert file and "
+        "predict the run also with the calibrated SSD scaled by that pulse's read rate over "
+        "the calibration run's (the pulse-scaled stage, reported beside the fixed "
+        "calibration); on a shared VM disk the pulse predicted a run poorly (see the docs)",
+    )
     g = p.add_argument_group("engine (as `mer run`)")
     g.add_argument("--io", choices=("auto", "uring", "pread"), default="auto")
     g.add_argument("--queue-depth", type=int_range(1, MAX_QUEUE_DEPTH), default=DEFAULT_QUEUE_DEPTH)
@@ -100,6 +108,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         drift=args.drift,
         calibration_tokens=args.calibration_tokens,
+        pulse_scale=args.pulse_scale,
     ).check()
     trace = read_trace(args.trace)
     engine = EngineConfig(
@@ -145,18 +154,20 @@ def format_text(res: Any) -> str:
         f"{s.get('tokens')} tokens; calibration runs {s.get('recalibrations', 0) + 1} of "
         f"{s.get('calibration_tokens')} tokens",
         f"{'configuration':<28}{'measured t/s':>13}{'spread':>9}{'predicted':>11}{'error':>9}"
-        f"{'inside':>8}{'before cal.':>12}",
+        f"{'inside':>8}{'before cal.':>12}{'pulse-scaled':>13}",
     ]
     tps = t[t["metric"] == "tokens/s"]
     cal = tps[tps["stage"] == "calibrated"].set_index("config")
     unc = tps[tps["stage"] == "uncalibrated"].set_index("config")
+    pul = tps[tps["stage"] == "pulse-scaled"].set_index("config")
     for name in cal.index:
         r = cal.loc[name]
         u = unc.loc[name, "rel_error"] if name in unc.index else float("nan")
+        q = pul.loc[name, "rel_error"] if name in pul.index else float("nan")
         lines.append(
             f"{name:<28}{r['measured']:>13.3f}{r['spread'] * 100:>8.1f}%{r['predicted']:>11.3f}"
             f"{r['rel_error'] * 100:>+8.1f}%{'yes' if r['within_spread'] else 'no':>8}"
-            f"{u * 100:>+11.1f}%"
+            f"{u * 100:>+11.1f}%{q * 100:>+12.1f}%"
         )
     lines.append("targets (held-out, calibrated):")
     for name, tg in s.get("targets", {}).items():
@@ -166,6 +177,15 @@ def format_text(res: Any) -> str:
         )
         lim = "" if tg.get("target") is None else f" (<= {tg['target'] * 100:.0f}%)"
         lines.append(f"  {name:<40} {shown:>8}{lim:<10} {'met' if tg.get('met') else 'NOT met'}")
+    pt = s.get("targets_by_stage", {}).get("pulse-scaled", {})
+    if pt:
+        lines.append("the same, pulse-scaled (SSD scaled by a disk pulse right before each run):")
+    for name, tg in pt.items():
+        v = tg.get("value")
+        if v is None or name.startswith("counts"):
+            continue
+        shown = f"{v:.2f}" if name.startswith("ranking") else f"{v * 100:.1f}%"
+        lines.append(f"  {name:<40} {shown:>8}{'':<10} {'met' if tg.get('met') else 'NOT met'}")
     swaps = s.get("ranking", {}).get("calibrated", {}).get("swapped_pairs", [])
     if len(swaps) > 8:
         lines.append(f"  {len(swaps)} pairs swapped; the first 8 (all in summary.json):")

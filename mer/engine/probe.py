@@ -1056,3 +1056,61 @@ def pulse(
         "burst4_s": float(np.median(bursts)),
         "expert_read_s": float(stream_s),
     }
+
+
+def disk_pulse(
+    store: Any,
+    *,
+    io: str = "auto",
+    chunk_bytes: int = 512 * KiB,
+    queue_depth: int = 32,
+    experts: int = 32,
+    seed: int | None = None,
+    reader: Any = None,
+) -> dict[str, float]:
+    """The expert file's read rate right now: `experts` random experts read back to back
+    as a demand miss reads them (one expert's chunks submitted together, then the next),
+    in bytes/s, and the median time of one expert. A tenth of a second on a 1 GB/s disk,
+    no CPU work: short enough to take right before every held-out run of `mer validate`,
+    whose disk's rate moves from one run to the next (bench/bench_disk_noise.py).
+    `reader`: an open reader to reuse (the pulse then opens no ring of its own)."""
+    rng = np.random.default_rng(seed)
+    n_keys = store.n_layers * store.n_experts
+    picks = rng.choice(n_keys, size=min(experts, n_keys), replace=False)
+    buf = aligned_empty(int(store.slot_bytes))
+    times: list[float] = []
+    nbytes = 0
+    with contextlib.ExitStack() as stack:
+        if reader is None:
+            reader = stack.enter_context(
+                open_reader(kind=io, queue_depth=queue_depth, chunk_bytes=chunk_bytes)
+            )
+        fd = reader.open(store.data_path)
+        stack.callback(reader.close_file, fd)
+        t_all = time.perf_counter()
+        for i, key in enumerate(picks):
+            layer, expert = divmod(int(key), store.n_experts)
+            plan = store.read_plan(layer, expert)
+            t0 = time.perf_counter()
+            reader.submit_reads(
+                [
+                    (
+                        fd,
+                        r.offset,
+                        r.length,
+                        buf[r.buf_offset : r.buf_offset + r.length],
+                        ("p", i, j),
+                    )
+                    for j, r in enumerate(plan)
+                ]
+            )
+            for j in range(len(plan)):
+                reader.wait(("p", i, j))
+            times.append(time.perf_counter() - t0)
+            nbytes += sum(r.length for r in plan)
+        total = time.perf_counter() - t_all
+    return {
+        "read_bytes_per_s": nbytes / total,
+        "expert_read_s": float(np.median(times)),
+        "seconds": total,
+    }
