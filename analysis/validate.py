@@ -227,6 +227,10 @@ class ValidateOptions:
     #: pulse the disk before every held-out run and predict it also with the calibrated
     #: SSD scaled by that pulse over the calibration run's (the "pulse-scaled" stage)
     pulse_scale: bool = False
+    #: more rounds, up to this many, while the median (over configurations) of the measured
+    #: medians' standard error of tokens/s is above target_se (None: exactly `repeats`)
+    max_repeats: int | None = None
+    target_se: float = 0.025
 
     def check(self) -> ValidateOptions:
         if not 1 <= self.tokens <= 1 << 20:
@@ -237,9 +241,22 @@ class ValidateOptions:
             )
         if not 1 <= self.repeats <= 100:
             raise BadInput(f"--repeats must be from 1 to 100, got {self.repeats}.")
+        if self.max_repeats is not None and not self.repeats <= self.max_repeats <= 100:
+            raise BadInput(
+                f"--max-repeats must be from --repeats ({self.repeats}) to 100, got "
+                f"{self.max_repeats}."
+            )
+        if not 0 < self.target_se < 1:
+            raise BadInput(
+                f"--target-se must be a share between 0 and 1 (0.025 = 2.5%), got {self.target_se}."
+            )
         if not 0 < self.drift <= 10:
             raise BadInput(f"--drift must be a share above 0 (0.15 = 15%), got {self.drift}.")
         return self
+
+    @property
+    def most_repeats(self) -> int:
+        return self.max_repeats if self.max_repeats is not None else self.repeats
 
     @property
     def cal_tokens(self) -> int:
@@ -265,6 +282,24 @@ def scale_ssd(profile: HardwareProfile, ratio: float) -> HardwareProfile:
     p.ssd.latency_s /= ratio
     p.ssd.access_latency_s /= ratio
     return p
+
+
+def median_se_of(measured: dict[str, list[RunSummary]]) -> float:
+    """The median over configurations of the relative standard error of each one's
+    measured median tokens/s (inf while any configuration has fewer than 2 runs)."""
+    import numpy as np
+
+    from mer.analysis.validation_table import median_se
+
+    ses = []
+    for runs in measured.values():
+        v = np.array([r.tokens_per_s for r in runs], dtype=float)
+        med = float(np.median(v)) if v.size else 0.0
+        se = median_se(v)
+        if not med or se != se:
+            return math.inf
+        ses.append(se / med)
+    return float(np.median(ses)) if ses else math.inf
 
 
 def _drift(now: dict[str, float], ref: dict[str, float]) -> float:
@@ -330,6 +365,8 @@ def run_validation(
         "tokens": o.tokens,
         "calibration_tokens": o.cal_tokens,
         "repeats": o.repeats,
+        "max_repeats": o.most_repeats,
+        "target_se": o.target_se,
         "pulse_scale": o.pulse_scale,
         "profile": profile.to_dict(),
         "machine": machine.description,
@@ -409,7 +446,23 @@ def run_validation(
     pred_after: dict[str, list[RunSummary]] = {c.name: [] for c in configs}
     pred_pulse: dict[str, list[RunSummary]] = {c.name: [] for c in configs}
     run_rows: list[dict[str, Any]] = []
-    for rnd in range(o.repeats):
+    rnd = -1
+    while True:
+        rnd += 1
+        if rnd >= o.repeats:
+            se = median_se_of(measured)
+            if rnd >= o.most_repeats or se <= o.target_se:
+                if o.most_repeats > o.repeats:
+                    say(
+                        f"validate: {rnd} rounds; the measured medians' standard error is "
+                        f"{se * 100:.1f}% (median over configurations; target "
+                        f"{o.target_se * 100:.1f}%)"
+                    )
+                break
+            say(
+                f"validate: the measured medians' standard error is {se * 100:.1f}% "
+                f"(median over configurations), above {o.target_se * 100:.1f}%: one more round"
+            )
         rkey = str(rnd)
         rstate = st.state["rounds"].get(rkey)
         if rstate is None:
@@ -466,6 +519,13 @@ def run_validation(
                     "hits": s.hits,
                     "misses": s.misses,
                     "wall_s": s.wall_s,
+                    # the driver's time runnable but off a core, of the run's wall time:
+                    # the noise a disk pulse does not see (bench/bench_disk_noise.py)
+                    "cpu_wait_share": (
+                        float(s.extra.get("driver_time", {}).get("cpu_wait_s", 0.0)) / s.wall_s
+                        if s.wall_s
+                        else float("nan")
+                    ),
                 }
             )
     stages = {"uncalibrated": pred_before, "calibrated": pred_after}
@@ -479,7 +539,10 @@ def run_validation(
             "trace": getattr(trace, "name", ""),
             "tokens": o.tokens,
             "calibration_tokens": grid.calibration.tokens or o.cal_tokens,
-            "repeats": o.repeats,
+            "repeats": rnd,
+            "min_repeats": o.repeats,
+            "max_repeats": o.most_repeats,
+            "target_se": o.target_se,
             "drift_threshold": o.drift,
             "pulse_scale": o.pulse_scale,
             "disk_pulse_reference": [disk_ref[v] for v in sorted(disk_ref)],

@@ -59,6 +59,13 @@ def validation_section(table: pd.DataFrame, summary: dict[str, Any], fig_dir: Pa
             if summary.get("pulse_scale")
             else ""
         )
+        + (
+            f" Rounds were added (from {summary.get('min_repeats')}, up to "
+            f"{summary.get('max_repeats')}) while the median standard error of the measured "
+            f"medians of tokens/s was above {summary.get('target_se', 0) * 100:.1f}%."
+            if (summary.get("max_repeats") or 0) > (summary.get("min_repeats") or 0)
+            else ""
+        )
     )
     sec.figure(
         plot_validation(table, fig_dir / FIGURE, title=figure_title(summary), summary=summary),

@@ -41,7 +41,7 @@ from mer.analysis.calibrate import calibrate
 from mer.analysis.validate import EngineMachine, scale_ssd
 from mer.analysis.validation_grid import CALIBRATION, FULL
 from mer.engine.executor import EngineConfig
-from mer.engine.probe import disk_pulse
+from mer.engine.probe import cpu_pulse, disk_pulse
 from mer.sim.hardware import load_profile
 from mer.sim.model import simulate
 from mer.traces.format import read_trace
@@ -140,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--pulse-experts", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--cpu-pulse-seconds", type=float, default=0.2, help="spin before each run (CPU pulse)"
+    )
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args(argv)
     rng = np.random.default_rng(a.seed)
@@ -181,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(a.runs):
             cfg = configs[i % len(configs)]
             load = os.getloadavg()[0]
+            cpu = cpu_pulse(a.cpu_pulse_seconds)["cpu_wait_share"]
             before = pulse()
             s = m.run(cfg, a.tokens)
             after = pulse()
@@ -197,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
                     "after": after / ref,
                     "io_wait_share": s.io_wait_share,
                     "load": load,
+                    "cpu_pulse": cpu,
                     # the driver thread's time runnable but off a core: the CPU's share
                     "cpu_wait_share": s.extra.get("driver_time", {}).get("cpu_wait_s", 0.0)
                     / s.wall_s,
@@ -224,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
         # not pulses: what the machine's CPU did (the load average before the run, and the
         # run's own driver time spent waiting for a core), to tell disk noise from CPU noise
         corr["load average before the run (not a pulse)"] = pearson([r["load"] for r in runs], y)
+        corr["CPU pulse before the run: log(1 - wait share)"] = pearson(
+            [math.log(max(1e-3, 1 - r["cpu_pulse"])) for r in runs], y
+        )
         corr["run's driver CPU-wait share (not a pulse)"] = pearson(
             [r["cpu_wait_share"] for r in runs], y
         )
@@ -280,6 +288,14 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
         out["per_run_median_abs_error"] = per_run
+        cw = [r["cpu_wait_share"] for r in runs]
+        cp = [r["cpu_pulse"] for r in runs]
+        print(
+            f"\nCPU pulse before a run ({a.cpu_pulse_seconds:g} s spin): wait share "
+            f"{min(cp) * 100:.0f}% to {max(cp) * 100:.0f}% (median {np.median(cp) * 100:.0f}%); "
+            f"the runs' driver CPU-wait share {min(cw) * 100:.0f}% to {max(cw) * 100:.0f}% "
+            f"(median {np.median(cw) * 100:.0f}%); r(CPU pulse, run's share) = {pearson(cp, cw):.2f}"
+        )
     print(f"\nload average {os.getloadavg()[0]:.2f} at the end")
     if a.json:
         a.json.write_text(json.dumps(out, indent=1))

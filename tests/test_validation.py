@@ -330,6 +330,34 @@ def test_disk_pulse_scaling_predicts_a_disk_that_moves_exactly(tmp_path: Path) -
     assert "pulse-scaled" not in set(res2.table.stage)
 
 
+def test_rounds_continue_while_the_medians_standard_error_is_above_target(tmp_path: Path) -> None:
+    trace = read_trace(bundled_trace_path())
+    truth = _truth()
+    grid = Grid(GRID.calibration, GRID.configs[:2], name="two").check()
+    # a machine that repeats itself exactly: no standard error, the minimum of rounds
+    m = ModelMachine(trace, truth, shape="mixtral-tiny", queue_depth=8, chunk_bytes=32768)
+    opts = ValidateOptions(tokens=4, repeats=2, max_repeats=5, target_se=0.01, drift=10.0)
+    res = run_validation(m, trace, grid, _start(truth), tmp_path / "a", opts, log=None)
+    assert res.summary["repeats"] == 2 and m.runs == 1 + 2 * 2
+    # every other run slower (CPU): the medians stay uncertain, all 5 rounds are run
+    m = ModelMachine(
+        trace,
+        truth,
+        shape="mixtral-tiny",
+        queue_depth=8,
+        chunk_bytes=32768,
+        slowdown=lambda i: 2.0 if i % 2 else 1.0,
+    )
+    res = run_validation(m, trace, grid, _start(truth), tmp_path / "b", opts, log=None)
+    assert res.summary["repeats"] == 5 and m.runs == 1 + 5 * 2
+    assert len(res.runs) == 10 and res.runs.cpu_wait_share.eq(0).all()
+    t = res.table
+    row = t[(t.stage == "calibrated") & (t.metric == "tokens/s")].iloc[0]
+    assert row.n_runs == 5
+    with pytest.raises(BadInput, match="--max-repeats"):
+        ValidateOptions(repeats=3, max_repeats=2).check()
+
+
 def test_drift_recalibrates_and_resume_reruns_nothing(tmp_path: Path) -> None:
     trace = read_trace(bundled_trace_path())
     truth = _truth()

@@ -69,6 +69,20 @@ def register(sub: Any) -> None:
         "--repeats", type=int_range(1, 100), default=3, help="real runs per configuration"
     )
     p.add_argument(
+        "--max-repeats",
+        type=int_range(1, 100),
+        default=None,
+        help="keep adding rounds, up to this many, while the measured medians' standard "
+        "error (median over configurations) is above --target-se (default: exactly --repeats)",
+    )
+    p.add_argument(
+        "--target-se",
+        type=float_range(1e-4, 0.99, what="a share such as 0.025"),
+        default=0.025,
+        help="with --max-repeats: stop adding rounds once the median standard error of the "
+        "measured medians of tokens/s is at most this share",
+    )
+    p.add_argument(
         "--drift",
         type=float_range(1e-3, 10.0, what="a share such as 0.15"),
         default=0.15,
@@ -109,6 +123,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
         drift=args.drift,
         calibration_tokens=args.calibration_tokens,
         pulse_scale=args.pulse_scale,
+        max_repeats=args.max_repeats,
+        target_se=args.target_se,
     ).check()
     trace = read_trace(args.trace)
     engine = EngineConfig(

@@ -1114,3 +1114,19 @@ def disk_pulse(
         "expert_read_s": float(np.median(times)),
         "seconds": total,
     }
+
+
+def cpu_pulse(seconds: float = 0.2) -> dict[str, float]:
+    """How much of a core a busy thread gets right now: spin for `seconds` of wall time
+    and read the kernel's run delay of this thread (schedstat: runnable, off a core).
+    On a 2-core machine shared with other work, a run's driver loses that share of its
+    time (bench/bench_disk_noise.py); 0.0 where schedstat is not available."""
+    from mer.engine.streaming import thread_cpu_wait_s
+
+    w0 = thread_cpu_wait_s()
+    t0 = time.perf_counter()
+    n = 0
+    while time.perf_counter() - t0 < seconds:
+        n += 1
+    wall = time.perf_counter() - t0
+    return {"cpu_wait_share": (thread_cpu_wait_s() - w0) / wall, "seconds": wall}
