@@ -960,6 +960,31 @@ def to_profile(result: ProbeResult, name: str | None = None) -> Any:
     return prof.validate()
 
 
+def read_experts(
+    reader: Any, fd: int, store: Any, keys: Any, bufs: list[np.ndarray]
+) -> tuple[list[float], int]:
+    """Read experts `keys` (layer * n_experts + expert) one after the other, as a demand
+    miss reads one (its plan's chunks submitted together), each into its buffer: the
+    time of each and the bytes read."""
+    times = []
+    nbytes = 0
+    for i, (key, buf) in enumerate(zip(keys, bufs, strict=True)):
+        layer, expert = divmod(int(key), store.n_experts)
+        plan = store.read_plan(layer, expert)
+        t0 = time.perf_counter()
+        reader.submit_reads(
+            [
+                (fd, r.offset, r.length, buf[r.buf_offset : r.buf_offset + r.length], ("e", i, j))
+                for j, r in enumerate(plan)
+            ]
+        )
+        for j in range(len(plan)):
+            reader.wait(("e", i, j))
+        times.append(time.perf_counter() - t0)
+        nbytes += sum(r.length for r in plan)
+    return times, nbytes
+
+
 def pulse(
     store: Any,
     *,
@@ -994,23 +1019,7 @@ def pulse(
     with open_reader(kind=io, queue_depth=32, chunk_bytes=chunk_bytes) as reader:
         fd = reader.open(store.data_path)
         t_stream = time.perf_counter()
-        for i, (key, buf) in enumerate(zip(picks, bufs, strict=True)):
-            layer, expert = divmod(int(key), store.n_experts)
-            plan = store.read_plan(layer, expert)
-            reader.submit_reads(
-                [
-                    (
-                        fd,
-                        r.offset,
-                        r.length,
-                        buf[r.buf_offset : r.buf_offset + r.length],
-                        ("e", i, j),
-                    )
-                    for j, r in enumerate(plan)
-                ]
-            )
-            for j in range(len(plan)):
-                reader.wait(("e", i, j))
+        read_experts(reader, fd, store, picks, bufs)
         stream_s = (time.perf_counter() - t_stream) / len(picks)
         for rep in range(6):
             offs = rng.integers(0, span, size=4) * ALIGN
@@ -1078,8 +1087,6 @@ def disk_pulse(
     n_keys = store.n_layers * store.n_experts
     picks = rng.choice(n_keys, size=min(experts, n_keys), replace=False)
     buf = aligned_empty(int(store.slot_bytes))
-    times: list[float] = []
-    nbytes = 0
     with contextlib.ExitStack() as stack:
         if reader is None:
             reader = stack.enter_context(
@@ -1088,26 +1095,7 @@ def disk_pulse(
         fd = reader.open(store.data_path)
         stack.callback(reader.close_file, fd)
         t_all = time.perf_counter()
-        for i, key in enumerate(picks):
-            layer, expert = divmod(int(key), store.n_experts)
-            plan = store.read_plan(layer, expert)
-            t0 = time.perf_counter()
-            reader.submit_reads(
-                [
-                    (
-                        fd,
-                        r.offset,
-                        r.length,
-                        buf[r.buf_offset : r.buf_offset + r.length],
-                        ("p", i, j),
-                    )
-                    for j, r in enumerate(plan)
-                ]
-            )
-            for j in range(len(plan)):
-                reader.wait(("p", i, j))
-            times.append(time.perf_counter() - t0)
-            nbytes += sum(r.length for r in plan)
+        times, nbytes = read_experts(reader, fd, store, picks, [buf] * len(picks))
         total = time.perf_counter() - t_all
     return {
         "read_bytes_per_s": nbytes / total,
