@@ -36,11 +36,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import pandas as pd
 
 from mer.analysis.calibrate import calibrate
 from mer.analysis.validation_grid import Grid, GridConfig
-from mer.analysis.validation_table import PULSE_STAGE, build_table, summarize
+from mer.analysis.validation_table import PULSE_STAGE, build_table, median_se, summarize
 from mer.atomic import write_json_atomic, write_text_atomic
 from mer.errors import BadInput
 from mer.sim.hardware import HardwareProfile
@@ -287,10 +288,6 @@ def scale_ssd(profile: HardwareProfile, ratio: float) -> HardwareProfile:
 def median_se_of(measured: dict[str, list[RunSummary]]) -> float:
     """The median over configurations of the relative standard error of each one's
     measured median tokens/s (inf while any configuration has fewer than 2 runs)."""
-    import numpy as np
-
-    from mer.analysis.validation_table import median_se
-
     ses = []
     for runs in measured.values():
         v = np.array([r.tokens_per_s for r in runs], dtype=float)
