@@ -533,3 +533,24 @@ def test_disk_pulse_reads_whole_experts_from_the_file(tmp_path: Path) -> None:
     # more experts than the file has: each is read once, every byte of its plan
     q = disk_pulse(store, experts=n + 5, seed=2)
     assert q["read_bytes_per_s"] * q["seconds"] == pytest.approx(sum(sizes))
+
+
+def test_cli_resume_keeps_the_probe_it_started_with(tmp_path: Path) -> None:
+    """Without --hardware, an interrupted validation (its probe and state in OUT) resumes
+    from that probe instead of probing again: a new probe would not match the state."""
+    experts = tmp_path / "tiny.gguf"
+    assert _mer("experts", "synth", "--shape", "mixtral-tiny", "-o", str(experts)).returncode == 0
+    grid = _grid_file(
+        tmp_path,
+        {"calibration": {"name": "cal", "cache_slots": 40}, "configs": [{"name": "a"}]},
+    )
+    out = tmp_path / "v"
+    out.mkdir()
+    load_profile("ci-tiny").save(out / "profile-probed.json")
+    (out / "state.json").write_text("{}")  # what an interrupted validation leaves
+    args = ("--grid", str(grid), "--tokens", "2", "--repeats", "1", "-o", str(out))
+    p = _mer("validate", str(bundled_trace_path()), "--experts", str(experts), *args)
+    assert p.returncode == 0, p.stderr
+    assert "resuming with the probe" in p.stderr and "probing this machine" not in p.stderr
+    s = json.loads((out / "summary.json").read_text())
+    assert s["profile"] == "ci-tiny"

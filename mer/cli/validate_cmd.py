@@ -140,8 +140,16 @@ def cmd_validate(args: argparse.Namespace) -> int:
     check_geometry(trace, machine.store, str(args.trace), str(args.experts))
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
+    probed = out / "profile-probed.json"
     if args.hardware is not None:
         profile = load_profile(args.hardware)
+    elif probed.exists() and (out / "state.json").exists():
+        # an interrupted validation resumes only from the profile it started with
+        note(
+            f"resuming with the probe of the interrupted validation ({probed}); "
+            "give another -o to probe again"
+        )
+        profile = load_profile(probed)
     else:
         from mer.engine.probe import ProbeConfig, run_probe, to_profile
 
@@ -155,7 +163,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         cfg.engine_chunk_bytes = args.chunk_bytes
         cfg.engine_queue_depth = args.queue_depth
         profile = to_profile(run_probe(cfg, log=note), "probe")
-        profile.save(out / "profile-probed.json")
+        profile.save(probed)
     res = run_validation(machine, trace, grid, profile, out, opts, log=note)
     emit(args, {**res.summary, "paths": res.paths}, format_text(res))
     return 0
