@@ -35,7 +35,10 @@ def register(sub: Any) -> None:
             "stage and metric: predicted, measured median, min, max, relative error, inside "
             "the spread), OUT/runs.parquet (every real run), OUT/summary.json (median and "
             "worst errors, targets, ranking), OUT/figures/validation-tokens-per-s.png and "
-            "OUT/validation.md. Rerunning the same command in the same directory resumes."
+            "OUT/validation.md (with each median's standard error). --max-repeats adds rounds "
+            "while those standard errors are above --target-se; --pulse-scale also predicts "
+            "each run from a disk pulse taken right before it. Rerunning the same command in "
+            "the same directory resumes."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
