@@ -489,8 +489,8 @@ def run_validation(
             ratio = float("nan")
             if o.pulse_scale:
                 # a pulse right before the run (kept with it when the run is kept)
-                now = disk_pulse(f"{name}:before", st.load_run(name) is None)
-                ratio = now / disk_ref[version]
+                rate = disk_pulse(f"{name}:before", st.load_run(name) is None)
+                ratio = rate / disk_ref[version]
             s = real(name, cfg, o.tokens)
             measured[cfg.name].append(s)
             pred_before[cfg.name].append(before[cfg.name])
