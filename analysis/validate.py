@@ -299,6 +299,31 @@ def median_se_of(measured: dict[str, list[RunSummary]]) -> float:
     return float(np.median(ses)) if ses else math.inf
 
 
+def cpu_wait_summary(runs: pd.DataFrame) -> dict[str, float | None]:
+    """How much of each run its driver spent waiting for a core (median, range), and the
+    correlation over runs of that share with log(measured / predicted tokens/s): on a
+    shared machine most of the runs' noise, which no pulse before a run foresees."""
+    if runs.empty or "cpu_wait_share" not in runs:
+        return {"median": None, "min": None, "max": None, "r_with_error": None}
+    w = runs["cpu_wait_share"].to_numpy(dtype=float)
+    x = np.log(
+        runs["tokens_per_s"].to_numpy(dtype=float)
+        / runs["predicted_tokens_per_s"].to_numpy(dtype=float)
+    )
+    ok = np.isfinite(w) & np.isfinite(x)
+    r = None
+    if ok.sum() >= 3 and np.std(w[ok]) > 0 and np.std(x[ok]) > 0:
+        r = float(np.corrcoef(w[ok], x[ok])[0, 1])
+    if not ok.any():
+        return {"median": None, "min": None, "max": None, "r_with_error": r}
+    return {
+        "median": float(np.median(w[ok])),
+        "min": float(w[ok].min()),
+        "max": float(w[ok].max()),
+        "r_with_error": r,
+    }
+
+
 def _drift(now: dict[str, float], ref: dict[str, float]) -> float:
     keys = [k for k in ref if k in now and ref[k] > 0]
     return max((abs(now[k] / ref[k] - 1) for k in keys), default=0.0)
@@ -556,6 +581,7 @@ def run_validation(
         }
     )
     runs = pd.DataFrame(run_rows)
+    summary["cpu_wait"] = cpu_wait_summary(runs)
     res = ValidationResult(table, summary, runs, profiles)
     res.paths = write_outputs(res, out)
     return res

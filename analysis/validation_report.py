@@ -190,6 +190,19 @@ def validation_section(table: pd.DataFrame, summary: dict[str, Any], fig_dir: Pa
                 "verdict (pulse-scaled)",
             ]
         sec.table(head, trows, lead="Targets:")
+    cw = summary.get("cpu_wait", {})
+    if cw.get("median") is not None and cw.get("max"):
+        sec.text(
+            f"The runs' driver thread waited for a core {_pct(cw['median'])}% of its wall time "
+            f"(median; {_pct(cw.get('min'))}% to {_pct(cw['max'])}%)"
+            + (
+                f", and that share correlates {cw['r_with_error']:.2f} with log(measured / "
+                "predicted tokens/s) over the runs: the model's driver never waits for a core"
+                if cw.get("r_with_error") is not None
+                else ""
+            )
+            + "."
+        )
     cts = summary.get("counts", {})
     if cts.get("prefetch_on_repeat_spread"):
         sec.text(

@@ -351,11 +351,29 @@ def test_rounds_continue_while_the_medians_standard_error_is_above_target(tmp_pa
     res = run_validation(m, trace, grid, _start(truth), tmp_path / "b", opts, log=None)
     assert res.summary["repeats"] == 5 and m.runs == 1 + 5 * 2
     assert len(res.runs) == 10 and res.runs.cpu_wait_share.eq(0).all()
+    assert res.summary["cpu_wait"]["median"] == 0.0
+    assert res.summary["cpu_wait"]["r_with_error"] is None  # no variation, no correlation
     t = res.table
     row = t[(t.stage == "calibrated") & (t.metric == "tokens/s")].iloc[0]
     assert row.n_runs == 5
     with pytest.raises(BadInput, match="--max-repeats"):
         ValidateOptions(repeats=3, max_repeats=2).check()
+
+
+def test_cpu_wait_summary_by_hand() -> None:
+    from mer.analysis.validate import cpu_wait_summary
+
+    runs = pd.DataFrame(
+        {
+            "cpu_wait_share": [0.1, 0.3, 0.5],
+            # measured / predicted = e^0, e^-1, e^-2: the error falls in step with the wait
+            "tokens_per_s": [10.0, 10.0 * math.exp(-1), 10.0 * math.exp(-2)],
+            "predicted_tokens_per_s": [10.0, 10.0, 10.0],
+        }
+    )
+    s = cpu_wait_summary(runs)
+    assert (s["median"], s["min"], s["max"]) == (0.3, 0.1, 0.5)
+    assert s["r_with_error"] == pytest.approx(-1.0)
 
 
 def test_drift_recalibrates_and_resume_reruns_nothing(tmp_path: Path) -> None:
