@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             )
     print(f"\nload average at the end: {load()}")
     print(
-        f"bandwidth fitted to the reference run's wall, per round: "
+        "bandwidth fitted to the reference run's wall, per round: "
         + ", ".join(f"{b / 1e9:.3f}" for b in fitted)
         + " GB/s"
     )
