@@ -1773,6 +1773,10 @@ typedef struct {
     double w[CT_NW], rm, prior, alpha;
     /* cycle's terms per key, at its layer's latest visit */
     double *ema, *t1, *t2, *t3, *zs, *zn; /* zs, zn: the terms times w0..3, w4..7 */
+    double *rq;   /* the repeat rate over k of the latest visit: t3 = log(rq + eps) */
+    uint8_t *zok; /* t1, t3, zs, zn are current (computed when first needed after a visit) */
+    struct ct_pend *pend; /* an eviction's keys whose score is only bounded so far */
+    double *slog_tab;      /* log1p of the bound grid (see ct_lower) */
     double *rep, *rcount, *r;             /* transition counts; r: a visit's repeat rates */
     int32_t *latest, *n_latest, *loc;
     double *logd;                          /* log d, d = 0..L */
@@ -1808,6 +1812,10 @@ struct ct_rank {
     double s;
     int32_t x;
 };
+struct ct_pend {
+    double lb;
+    int32_t x;
+};
 /* Passes of at least this many caches rank every key once per step (same victims). */
 #define CT_SORT_MIN 4
 
@@ -1833,6 +1841,11 @@ static int ct_has_nb(const mer_ctx *c) { return ct_L(c) > 1 && c->n_keys > ct_E(
     } while (0)
 DEFINE_SIZE_INIT(Cotoken, COTOKEN_ARRAYS)
 
+/* The grid of ct_lower's bounds: |v| in [2^CT_EMIN, 2^CT_EMAX), 2^CT_MB points an octave. */
+#define CT_EMIN (-24)
+#define CT_EMAX 24
+#define CT_MB 5
+#define CT_TAB ((((CT_EMAX) - (CT_EMIN)) << CT_MB) + 1)
 #define CT_EV0 64 /* blocks kept per token before they are added to every key at once */
 #define COTOKEN_SHARED_ARRAYS(sh, a, c)                                              \
     do {                                                                             \
@@ -1845,6 +1858,10 @@ DEFINE_SIZE_INIT(Cotoken, COTOKEN_ARRAYS)
         (sh)->t3 = take((a), sizeof(double) * nk_);                                  \
         (sh)->zs = take((a), sizeof(double) * nk_);                                  \
         (sh)->zn = take((a), sizeof(double) * nk_);                                  \
+        (sh)->rq = take((a), sizeof(double) * nk_);                                  \
+        (sh)->zok = take((a), nk_);                                                  \
+        (sh)->pend = take((a), sizeof(struct ct_pend) * nk_);                        \
+        (sh)->slog_tab = take((a), sizeof(double) * CT_TAB);                         \
         (sh)->rep = take((a), sizeof(double) * nl_ * E_ * E_);                       \
         (sh)->rcount = take((a), sizeof(double) * nk_);                              \
         (sh)->r = take((a), sizeof(double) * E_);                                    \
@@ -1927,6 +1944,13 @@ static void cotoken_shared_init(CotokenShared *sh, const mer_ctx *c) {
     sh->tok = 0;
     sh->oom = 0;
     sh->sorted = c->n_caches >= CT_SORT_MIN;
+    for (int i = 0; i < CT_TAB; i++) { /* log1p at the grid points 2^e (1 + j / 2^CT_MB) */
+        const uint64_t bits = ((uint64_t)(1023 + CT_EMIN) << CT_MB) + (uint64_t)i;
+        double g;
+        const uint64_t gb = bits << (52 - CT_MB);
+        memcpy(&g, &gb, sizeof g);
+        sh->slog_tab[i] = log1p(g);
+    }
     sh->order_at = 0;
     sh->ready = 1;
 }
@@ -1965,6 +1989,7 @@ static void ct_start(CotokenShared *sh) {
         sh->t3[x] = lb;
         sh->zs[x] = ct_dot_same(sh, x);
         sh->zn[x] = ct_dot_next(sh, x);
+        sh->zok[x] = 1;
     }
     if (sh->nb) ct_tables(sh, 2);
     sh->started = 1;
@@ -2001,13 +2026,21 @@ static void ct_visit(CotokenShared *sh, const int32_t *keys, int k) {
         const double *row = sh->rep + ((size_t)b0 + loc[r]) * E;
         for (int32_t e = 0; e < E; e++) r_[e] += (row[e] + pk) / den;
     }
+    /* the logarithms wait until a score needs them (ct_terms): most keys are not resident */
     for (int32_t e = 0; e < E; e++) {
-        const int32_t x = b0 + e;
-        sh->t1[x] = log(ema[e] + CT_EPS);
-        sh->t3[x] = log(r_[e] / (double)k + CT_EPS);
-        sh->zs[x] = ct_dot_same(sh, x);
-        sh->zn[x] = ct_dot_next(sh, x);
+        sh->rq[b0 + e] = r_[e] / (double)k;
+        sh->zok[b0 + e] = 0;
     }
+}
+/* t1, t3, zs and zn of key x at its layer's latest visit: its ema and rq are as that
+   visit left them, so these are the values the visit would have computed. */
+static inline void ct_terms(CotokenShared *sh, int32_t x) {
+    if (sh->zok[x]) return;
+    sh->t1[x] = log(sh->ema[x] + CT_EPS);
+    sh->t3[x] = log(sh->rq[x] + CT_EPS);
+    sh->zs[x] = ct_dot_same(sh, x);
+    sh->zn[x] = ct_dot_next(sh, x);
+    sh->zok[x] = 1;
 }
 /* One observed block's likelihood ratios, added to key y's evidence (Python
    `xs @ V1[block] + (1 - xs) @ V0[block]`, V from the counts). */
@@ -2081,6 +2114,7 @@ static void ct_observe(CotokenShared *sh, const int32_t *keys, int k, int32_t la
 /* z - log d of local key x after this step's begin (Python `F @ w - log d`). */
 static inline double ct_score(CotokenShared *sh, int32_t x) {
     if (sh->score_at[x] == sh->stamp) return sh->score[x];
+    ct_terms(sh, x);
     const int32_t E = sh->E, L = sh->L;
     int32_t ll = x / E;
     if (ll >= sh->nl) ll = sh->nl - 1;
@@ -2108,6 +2142,50 @@ static inline double ct_score(CotokenShared *sh, int32_t x) {
     sh->score[x] = sc;
     sh->score_at[x] = sh->stamp;
     return sc;
+}
+/* A lower bound of ct_score(x) without its log1p, or NAN where there is none to give
+   (the caller then computes the score). For a key of a layer already visited this token
+   (naive Bayes on, w8 > 0) the score is zn + w8 slog(v) - log d, increasing in slog(v),
+   and slog is increasing: slog(v) >= slog(g) for the grid point g at or below v, whose
+   log1p is tabulated. The table's values are moved down by 2^-40 of themselves, far more
+   than log1p's rounding, so the bound holds for the computed score, not only the exact
+   one: every later operation (a multiply by w8 > 0, an add, a subtract) rounds monotonically. */
+static inline double ct_lower(CotokenShared *sh, int32_t x) {
+    if (sh->score_at[x] == sh->stamp) return sh->score[x];
+    if (!sh->nb || !(sh->w[8] > 0.0)) return NAN;
+    const int32_t E = sh->E, L = sh->L;
+    int32_t ll = x / E;
+    if (ll >= sh->nl) ll = sh->nl - 1;
+    const int32_t gl = sh->layer0 + ll, cur = sh->cur;
+    if (gl > cur) return NAN; /* z = zs: no log1p to save */
+    ct_terms(sh, x);
+    ct_catch_up(sh, x);
+    if (sh->lp_at[x] != sh->tok) {
+        sh->lp[x] = sh->LA[sh->n[x]] - sh->LA[sh->T - sh->n[x]];
+        sh->lp_at[x] = sh->tok;
+    }
+    const double v = sh->lp[x] + sh->acc[x];
+    const double a = fabs(v);
+    double s;
+    if (!(a < 0x1p24)) return NAN; /* past the grid (or NaN) */
+    if (a < 0x1p-24) {
+        s = v >= 0 ? 0.0 : -0x1p-23; /* 0 <= log1p(a) <= a */
+    } else {
+        uint64_t b;
+        memcpy(&b, &a, sizeof b);
+        const int64_t i = (int64_t)(b >> (52 - CT_MB)) - ((int64_t)(1023 + CT_EMIN) << CT_MB);
+        if (v >= 0) {
+            const double g = sh->slog_tab[i];
+            s = g - g * 0x1p-40;
+        } else {
+            const double g = sh->slog_tab[i + 1]; /* the grid point above a */
+            s = -(g + g * 0x1p-40);
+        }
+    }
+    int32_t d = (gl - cur - 1) % L;
+    if (d < 0) d += L;
+    d += 1;
+    return (sh->zn[x] + sh->w[8] * s) - sh->logd[d];
 }
 static void cotoken_init(void *sv, const mer_ctx *c) {
     Cotoken *s = sv;
@@ -2180,10 +2258,33 @@ static int32_t cotoken_evict(void *sv, const mer_prot *p) {
         if (best >= 0) cotoken_remove(s, best);
         return best;
     }
+    /* the lowest (score, key): scores that cost no log1p first, then the others only
+       where their lower bound does not exceed the best so far (a key whose bound is
+       above it scores above it too, so it can neither win nor tie) */
+    struct ct_pend *pend = sh->pend;
+    int32_t n_pend = 0, first = -1;
     for (int32_t i = 0; i < s->n; i++) {
         const int32_t x = s->list[i];
         if (is_prot(p, x)) continue;
-        const double v = ct_score(s->sh, x);
+        const double lb = ct_lower(sh, x);
+        if (lb != lb || sh->score_at[x] == sh->stamp) {
+            const double v = ct_score(sh, x);
+            if (best < 0 || v < bs || (v == bs && x < best)) {
+                best = x;
+                bs = v;
+            }
+        } else {
+            if (first < 0 || lb < pend[first].lb) first = n_pend;
+            pend[n_pend].lb = lb;
+            pend[n_pend++].x = x;
+        }
+    }
+    for (int32_t j = -1; j < n_pend; j++) { /* the lowest bound first, then the rest */
+        if (j == first) continue;
+        const struct ct_pend *q = &pend[j < 0 ? first : j];
+        if (best >= 0 && q->lb > bs) continue;
+        const int32_t x = q->x;
+        const double v = ct_score(sh, x);
         if (best < 0 || v < bs || (v == bs && x < best)) {
             best = x;
             bs = v;
