@@ -37,6 +37,9 @@
 
 #include <math.h>
 #include <stdint.h>
+#ifdef __SSE2__
+#include <emmintrin.h>
+#endif
 #include <stdlib.h>
 #include <string.h>
 
@@ -1239,7 +1242,6 @@ typedef struct {
     double *linv;  /* per layer, per rank of its latest visit: 1 / (rcount + prior) */
     int64_t *last, *visits;
     uint8_t *pok;  /* p[x] is current (p is computed when first needed after a visit) */
-    uint8_t *pick; /* per expert of a layer: picked at this visit (all 0 between visits) */
     uint64_t *pinmask; /* per local layer: its static pins (bit e), when E <= 64 */
     uint64_t stepmask; /* the current step's keys (bits of its layer) */
     int bits;          /* E <= 64: layers' keys as bit masks (else the byte scans) */
@@ -1323,7 +1325,6 @@ DEFINE_SIZE_INIT(Cycle, CYCLE_ARRAYS)
         (sh)->linv = take((a), sizeof(double) * nl_ * k_);                           \
         (sh)->rot = take((a), sizeof(double) * (3 * L_ + 1));                        \
         (sh)->pok = take((a), nk_);                                                  \
-        (sh)->pick = take((a), E_);                                                  \
         (sh)->pinmask = take((a), sizeof(uint64_t) * nl_);                           \
         (sh)->kl = take((a), sizeof(int32_t) * nk_);                                 \
         (sh)->invd = take((a), sizeof(double) * (L_ + 1));                           \
@@ -1363,7 +1364,6 @@ static void cycle_shared_init(CycleShared *sh, const mer_ctx *c) {
         sh->pok[i] = 0;
         sh->kl[i] = i / E < nl ? i / E : nl - 1;
     }
-    memset(sh->pick, 0, (size_t)E);
     sh->bits = E <= 64;
     sh->stepmask = 0;
     for (int32_t ll = 0; ll < nl; ll++) {
@@ -1394,6 +1394,20 @@ static inline double cy_prob(const CycleShared *sh, double el, double em, double
     if (w[6] != 0.0) z += w[6] * log(rep + CY_EPS);
     return z; /* the log-odds of a pick: the rule needs no sigmoid */
 }
+/* The Python class's `(1 - rate) * x + rate * picked` over a layer's experts: rate * 0.0
+   adds +0.0 to a product >= +0 (the averages never go negative), and rate * 1.0 is rate,
+   so scaling every expert and then adding rate to the picked ones gives the same bits
+   without an indicator array. An expert listed twice in a step is picked once. */
+static inline void cy_ema(double *restrict x, int32_t E, double rate, const int32_t *loc,
+                          int n) {
+    const double c = 1.0 - rate;
+    for (int32_t e = 0; e < E; e++) x[e] = c * x[e];
+    for (int r = 0; r < n; r++) {
+        int dup = 0;
+        for (int r2 = 0; r2 < r; r2++) dup |= loc[r2] == loc[r];
+        if (!dup) x[loc[r]] = x[loc[r]] + rate;
+    }
+}
 /* One visit of a layer: its transition counts, averages, gaps and repeat rates, as
    the Python class's begin_step computes them (same expressions, same order). An
    input that only a weight-0 term reads (an average, the repeat rate) is not
@@ -1414,7 +1428,6 @@ static void cycle_features(CycleShared *sh, const int32_t *keys, int k) {
     int32_t ll = sh->kl[keys[0]], b0 = ll * E;
     int32_t *restrict lat = sh->latest + (size_t)ll * k;
     int32_t *restrict loc = sh->loc;
-    uint8_t *restrict pick = sh->pick;
     double *restrict rep = sh->rep, *restrict rcount = sh->rcount;
     const int n = k;
     for (int r = 0; r < n; r++) loc[r] = keys[r] - b0;
@@ -1427,20 +1440,9 @@ static void cycle_features(CycleShared *sh, const int32_t *keys, int k) {
     for (int r = 0; r < n; r++) lat[r] = loc[r];
     sh->n_latest[ll] = n;
     const int64_t v = ++sh->visits[ll];
-    for (int r = 0; r < n; r++) pick[loc[r]] = 1;
-    double *restrict el = sh->el + b0, *restrict em = sh->em + b0, *restrict es = sh->es + b0;
-    if (w[1] != 0.0) {
-        const double rl = sh->rl;
-        for (int32_t e = 0; e < E; e++) el[e] = (1.0 - rl) * el[e] + rl * (double)pick[e];
-    }
-    if (w[2] != 0.0) {
-        const double rm = sh->rm;
-        for (int32_t e = 0; e < E; e++) em[e] = (1.0 - rm) * em[e] + rm * (double)pick[e];
-    }
-    if (w[3] != 0.0) {
-        const double rs = sh->rs;
-        for (int32_t e = 0; e < E; e++) es[e] = (1.0 - rs) * es[e] + rs * (double)pick[e];
-    }
+    if (w[1] != 0.0) cy_ema(sh->el + b0, E, sh->rl, loc, n);
+    if (w[2] != 0.0) cy_ema(sh->em + b0, E, sh->rm, loc, n);
+    if (w[3] != 0.0) cy_ema(sh->es + b0, E, sh->rs, loc, n);
     for (int r = 0; r < n; r++) sh->last[b0 + loc[r]] = v;
     /* the repeat rate and the gap read only this visit's counts, which stay as they
        are until the layer's next visit: cy_p computes them for the keys it needs */
@@ -1450,10 +1452,7 @@ static void cycle_features(CycleShared *sh, const int32_t *keys, int k) {
     }
     for (int32_t e = 0; e < E; e++) sh->pok[b0 + e] = 0;
     uint64_t sm = 0;
-    for (int r = 0; r < n; r++) {
-        pick[loc[r]] = 0;
-        sm |= (uint64_t)1 << (loc[r] & 63);
-    }
+    for (int r = 0; r < n; r++) sm |= (uint64_t)1 << (loc[r] & 63);
     sh->stepmask = sm;
     sh->cur = sh->layer0 + ll;
 }
@@ -1582,6 +1581,18 @@ static int32_t cycle_best(CycleShared *sh, CySet *set, const mer_prot *prot,
     double m0 = INFINITY, m1 = INFINITY;
     int nan = 0;
     int32_t ll = 0;
+#ifdef __SSE2__
+    /* two layers a lane pair: MINPD(v, m) is `v < m ? v : m`, as the scalar loop */
+    __m128d mv = _mm_set1_pd(INFINITY), bad = _mm_setzero_pd();
+    for (; ll + 1 < nl; ll += 2) {
+        const __m128d v = _mm_sub_pd(_mm_loadu_pd(cz + ll), _mm_loadu_pd(ld + ll));
+        bad = _mm_or_pd(bad, _mm_cmpunord_pd(v, v));
+        mv = _mm_min_pd(v, mv);
+    }
+    nan = _mm_movemask_pd(bad) != 0;
+    m0 = _mm_cvtsd_f64(mv);
+    m1 = _mm_cvtsd_f64(_mm_unpackhi_pd(mv, mv));
+#endif
     for (; ll + 1 < nl; ll += 2) {
         double v0 = cz[ll] - ld[ll], v1 = cz[ll + 1] - ld[ll + 1];
         nan |= (v0 != v0) | (v1 != v1);
@@ -1594,8 +1605,20 @@ static int32_t cycle_best(CycleShared *sh, CySet *set, const mer_prot *prot,
         m0 = v0 < m0 ? v0 : m0;
     }
     if (nan) return cycle_best_literal(sh, set);
+    /* the minimum of numbers is the same in any order (a -0 / +0 pick does not matter:
+       both compare equal below) */
     const double m = m1 < m0 ? m1 : m0;
-    for (ll = 0; ll < nl; ll++)
+    ll = 0;
+#ifdef __SSE2__
+    const __m128d mm = _mm_set1_pd(m);
+    for (; ll + 1 < nl; ll += 2) {
+        const __m128d v = _mm_sub_pd(_mm_loadu_pd(cz + ll), _mm_loadu_pd(ld + ll));
+        const int hit = _mm_movemask_pd(_mm_cmpeq_pd(v, mm));
+        if ((hit & 1) && cand[ll] >= 0) return cand[ll];
+        if ((hit & 2) && cand[ll + 1] >= 0) return cand[ll + 1];
+    }
+#endif
+    for (; ll < nl; ll++)
         if (cand[ll] >= 0 && cz[ll] - ld[ll] == m) return cand[ll];
     return -1;
 }
@@ -1795,7 +1818,8 @@ typedef struct {
     double *LA, *LB; /* log(m + alpha), log(m + 2 alpha) for m < tab_n */
     int64_t tab_n;
     int32_t *ev_layer, n_ev, ev_cap; /* this token's observed blocks: layer, and xs */
-    uint8_t *ev_x;
+    int32_t *ev_e, *ev_np; /* per block: its experts picked first, then the others (each
+                              in expert order), and how many were picked */
     double *acc; /* _ev_next of every key, after its first acc_n[x] blocks */
     int32_t *acc_n;
     double *lp; /* logit prior (once per token: lp_at) */
@@ -1880,7 +1904,8 @@ DEFINE_SIZE_INIT(Cotoken, COTOKEN_ARRAYS)
         (sh)->prev_on = take((a), sizeof(int32_t) * nk_);                            \
         (sh)->cur_on = take((a), sizeof(int32_t) * nk_);                             \
         (sh)->ev_layer = take((a), sizeof(int32_t) * CT_EV0);                        \
-        (sh)->ev_x = take((a), E_ * CT_EV0);                                         \
+        (sh)->ev_e = take((a), sizeof(int32_t) * E_ * CT_EV0);                       \
+        (sh)->ev_np = take((a), sizeof(int32_t) * CT_EV0);                           \
         (sh)->acc = take((a), sizeof(double) * nk_);                                 \
         (sh)->acc_n = take((a), sizeof(int32_t) * nk_);                              \
         (sh)->lp = take((a), sizeof(double) * nk_);                                  \
@@ -2044,8 +2069,12 @@ static inline void ct_terms(CotokenShared *sh, int32_t x) {
 }
 /* One observed block's likelihood ratios, added to key y's evidence (Python
    `xs @ V1[block] + (1 - xs) @ V0[block]`, V from the counts). */
-static inline double ct_block(const CotokenShared *sh, int32_t layer, const uint8_t *xs,
-                              int32_t y) {
+/* One observed block's likelihood ratios, added to key y's evidence (Python
+   `xs @ V1[block] + (1 - xs) @ V0[block]`, V from the counts): the picked experts'
+   terms summed in expert order, then the others', as a branch on xs[e] in expert order
+   would sum them (the block lists its picked experts first: no branch to mispredict). */
+static inline double ct_block(const CotokenShared *sh, int32_t layer, const int32_t *ev,
+                              int32_t np, int32_t y) {
     const int32_t E = sh->E, nk = sh->n_keys;
     const int64_t Tp = sh->Tp;
     const int32_t nn = sh->n_next[y];
@@ -2054,18 +2083,21 @@ static inline double ct_block(const CotokenShared *sh, int32_t layer, const uint
     double s1 = 0.0, s0 = 0.0;
     const int32_t *P = sh->P + (size_t)y * nk + (size_t)layer * E; /* P[y][x]: a block's x together */
     const int32_t *np_ = sh->n_prev + (size_t)layer * E;
-    for (int32_t e = 0; e < E; e++) {
-        const int32_t p = P[e], q = np_[e];
-        if (xs[e])
-            s1 += (LA[p] - lb1) - (LA[q - p] - lb0);
-        else
-            s0 += (LA[nn - p] - lb1) - (LA[Tp - nn - q + p] - lb0);
+    int32_t j = 0;
+    for (; j < np; j++) {
+        const int32_t e = ev[j], p = P[e], q = np_[e];
+        s1 += (LA[p] - lb1) - (LA[q - p] - lb0);
+    }
+    for (; j < E; j++) {
+        const int32_t e = ev[j], p = P[e], q = np_[e];
+        s0 += (LA[nn - p] - lb1) - (LA[Tp - nn - q + p] - lb0);
     }
     return s1 + s0;
 }
 static inline void ct_catch_up(CotokenShared *sh, int32_t y) {
     for (int32_t i = sh->acc_n[y]; i < sh->n_ev; i++)
-        sh->acc[y] += ct_block(sh, sh->ev_layer[i], sh->ev_x + (size_t)i * sh->E, y);
+        sh->acc[y] += ct_block(sh, sh->ev_layer[i], sh->ev_e + (size_t)i * sh->E,
+                               sh->ev_np[i], y);
     sh->acc_n[y] = sh->n_ev;
 }
 /* cooccur's `observe` for the parts cotoken reads: counts at a token's end, this
@@ -2108,7 +2140,15 @@ static void ct_observe(CotokenShared *sh, const int32_t *keys, int k, int32_t la
         sh->n_ev = 0;
     }
     sh->ev_layer[sh->n_ev] = layer;
-    memcpy(sh->ev_x + (size_t)sh->n_ev * E, sh->curtok + (size_t)layer * E, E);
+    {
+        const uint8_t *xs = sh->curtok + (size_t)layer * E;
+        int32_t *ev = sh->ev_e + (size_t)sh->n_ev * E, np = 0;
+        for (int32_t e = 0; e < E; e++)
+            if (xs[e]) ev[np++] = e;
+        sh->ev_np[sh->n_ev] = np;
+        for (int32_t e = 0; e < E; e++)
+            if (!xs[e]) ev[np++] = e;
+    }
     sh->n_ev++;
 }
 /* z - log d of local key x after this step's begin (Python `F @ w - log d`). */
