@@ -2404,6 +2404,19 @@ int mer_next_use(const int32_t *keys, int64_t n, int32_t n_keys, int64_t *out) {
 
 /* == the driver ==================================================================== */
 
+/* Every step names k distinct keys (a token's top-k experts at one layer: the trace
+   reader refuses anything else); the drivers and the policies' per-step loops rely on
+   it. The first step that does not, or -1. */
+static int64_t mer_first_repeat(const int32_t *keys, int64_t n_steps, int k) {
+    for (int64_t i = 0; i < n_steps; i++) {
+        const int32_t *s = keys + i * k;
+        for (int r = 1; r < k; r++)
+            for (int r2 = 0; r2 < r; r2++)
+                if (s[r] == s[r2]) return i;
+    }
+    return -1;
+}
+
 struct Handle;
 typedef int (*feed_fn)(struct Handle *h, const int32_t *keys, const int64_t *tidx,
                        const int64_t *next_use, int64_t n_steps, int8_t *outcome,
@@ -2524,6 +2537,7 @@ MER_INLINE int feed_impl(Handle *h, const mer_policy *pol, const int K,
     if ((outcome || victim) && nc != 1) return -2;
     for (int64_t i = 0; i < n_steps * k; i++) /* every key in range, before any state moves */
         if ((uint32_t)keys_all[i] >= nk) return -3;
+    if (mer_first_repeat(keys_all, n_steps, k) >= 0) return -5; /* a key twice in a step */
     mer_prot prot = {h->mark, 0, protects, pinned};
     /* per step: which ranks missed, which hit (on the stack when k is a constant) */
     int32_t missed_k[K ? K : 1];
