@@ -2406,7 +2406,11 @@ int mer_next_use(const int32_t *keys, int64_t n, int32_t n_keys, int64_t *out) {
 
 /* Every step names k distinct keys (a token's top-k experts at one layer: the trace
    reader refuses anything else); the drivers and the policies' per-step loops rely on
-   it. The first step that does not, or -1. */
+   it. The first step that does not, or -1 (the simulation step's driver; this file's
+   checks it while it checks the keys' range). */
+#if defined(__GNUC__) || defined(__clang__)
+__attribute__((unused))
+#endif
 static int64_t mer_first_repeat(const int32_t *keys, int64_t n_steps, int k) {
     for (int64_t i = 0; i < n_steps; i++) {
         const int32_t *s = keys + i * k;
@@ -2535,9 +2539,15 @@ MER_INLINE int feed_impl(Handle *h, const mer_policy *pol, const int K,
     const int protects = pol->protects_step;
     if (pol->needs_future && !next_use) return -1;
     if ((outcome || victim) && nc != 1) return -2;
-    for (int64_t i = 0; i < n_steps * k; i++) /* every key in range, before any state moves */
-        if ((uint32_t)keys_all[i] >= nk) return -3;
-    if (mer_first_repeat(keys_all, n_steps, k) >= 0) return -5; /* a key twice in a step */
+    /* every key in range and no key twice in a step, before any state moves */
+    for (int64_t i = 0; i < n_steps; i++) {
+        const int32_t *st = keys_all + i * k;
+        for (int r = 0; r < k; r++) {
+            if ((uint32_t)st[r] >= nk) return -3;
+            for (int r2 = 0; r2 < r; r2++)
+                if (st[r] == st[r2]) return -5;
+        }
+    }
     mer_prot prot = {h->mark, 0, protects, pinned};
     /* per step: which ranks missed, which hit (on the stack when k is a constant) */
     int32_t missed_k[K ? K : 1];
