@@ -1250,6 +1250,7 @@ typedef struct {
     int32_t *n_latest, *loc;
     double *inv;
     double w[CY_NW], rl, rm, rs, prior;
+    double pk, inv_k; /* prior k / E and 1 / k, as cy_p's expressions compute them */
     int32_t n_keys, E, L, nl, layer0;
     int k, started, ready;
     int64_t last_t;
@@ -1357,6 +1358,8 @@ static void cycle_shared_init(CycleShared *sh, const mer_ctx *c) {
     sh->n_keys = nk;
     sh->layer0 = c->key_base / E;
     sh->k = c->k;
+    sh->pk = sh->prior * ((double)sh->k / (double)E);
+    sh->inv_k = 1.0 / (double)sh->k;
     for (int32_t i = 0; i < nk; i++) {
         sh->last[i] = -1;
         sh->rcount[i] = 0.0;
@@ -1471,11 +1474,14 @@ static inline double cy_p(CycleShared *sh, int32_t x) {
             const int n = sh->n_latest[ll];
             const int32_t *lat = sh->latest + (size_t)ll * sh->k;
             const double *inv = sh->linv + (size_t)ll * sh->k;
-            const double pk = sh->prior * ((double)sh->k / (double)E);
+            const double pk = sh->pk;
             for (int r = 0; r < n; r++) rp += (sh->rep[((size_t)b0 + lat[r]) * E + e] + pk) * inv[r];
             /* x / n == x * (1 / n) exactly when n is a power of two (both round the
                same real number): the common k = 2 needs no division */
-            rp = (n & (n - 1)) == 0 ? rp * (1.0 / (double)n) : rp / (double)n;
+            if ((n & (n - 1)) == 0)
+                rp = rp * (n == sh->k ? sh->inv_k : 1.0 / (double)n);
+            else
+                rp = rp / (double)n;
         }
         double used = gap == 0 ? 1.0 : 0.0;
         sh->p[x] = cy_prob(sh, sh->el[x], sh->em[x], sh->es[x], used, gap, rp);
@@ -2406,11 +2412,7 @@ int mer_next_use(const int32_t *keys, int64_t n, int32_t n_keys, int64_t *out) {
 
 /* Every step names k distinct keys (a token's top-k experts at one layer: the trace
    reader refuses anything else); the drivers and the policies' per-step loops rely on
-   it. The first step that does not, or -1 (the simulation step's driver; this file's
-   checks it while it checks the keys' range). */
-#if defined(__GNUC__) || defined(__clang__)
-__attribute__((unused))
-#endif
+   it. The first step that does not, or -1. */
 static int64_t mer_first_repeat(const int32_t *keys, int64_t n_steps, int k) {
     for (int64_t i = 0; i < n_steps; i++) {
         const int32_t *s = keys + i * k;
@@ -2539,15 +2541,17 @@ MER_INLINE int feed_impl(Handle *h, const mer_policy *pol, const int K,
     const int protects = pol->protects_step;
     if (pol->needs_future && !next_use) return -1;
     if ((outcome || victim) && nc != 1) return -2;
-    /* every key in range and no key twice in a step, before any state moves */
-    for (int64_t i = 0; i < n_steps; i++) {
-        const int32_t *st = keys_all + i * k;
-        for (int r = 0; r < k; r++) {
-            if ((uint32_t)st[r] >= nk) return -3;
-            for (int r2 = 0; r2 < r; r2++)
-                if (st[r] == st[r2]) return -5;
-        }
+    /* every key in range and no key twice in a step, before any state moves (loops
+       without an early exit, which the compiler vectorises) */
+    int out_of_range = 0, repeat = 0;
+    for (int64_t i = 0; i < n_steps * k; i++) out_of_range |= (uint32_t)keys_all[i] >= nk;
+    if (out_of_range) return -3;
+    if (k == 2) {
+        for (int64_t i = 0; i < n_steps; i++) repeat |= keys_all[2 * i] == keys_all[2 * i + 1];
+    } else if (k > 2) {
+        repeat = mer_first_repeat(keys_all, n_steps, k) >= 0;
     }
+    if (repeat) return -5;
     mer_prot prot = {h->mark, 0, protects, pinned};
     /* per step: which ranks missed, which hit (on the stack when k is a constant) */
     int32_t missed_k[K ? K : 1];
