@@ -1809,6 +1809,9 @@ typedef struct {
     double *rep, *rcount, *r;             /* transition counts; r: a visit's repeat rates */
     int32_t *latest, *n_latest, *loc;
     double *logd;                          /* log d, d = 0..L */
+    int32_t *kl;                           /* local layer of every key */
+    double *ldl;     /* per local layer, this step: log d of its next visit */
+    uint8_t *later;  /* per local layer, this step: still to come in this token */
     /* the per-step score cache */
     double *score;
     uint32_t *score_at, stamp;
@@ -1899,6 +1902,9 @@ DEFINE_SIZE_INIT(Cotoken, COTOKEN_ARRAYS)
         (sh)->n_latest = take((a), sizeof(int32_t) * nl_);                           \
         (sh)->loc = take((a), sizeof(int32_t) * (k_ + 1));                           \
         (sh)->logd = take((a), sizeof(double) * (L_ + 1));                           \
+        (sh)->kl = take((a), sizeof(int32_t) * nk_);                                 \
+        (sh)->ldl = take((a), sizeof(double) * nl_);                                 \
+        (sh)->later = take((a), nl_);                                                \
         (sh)->score = take((a), sizeof(double) * nk_);                               \
         (sh)->score_at = take((a), sizeof(uint32_t) * nk_);                          \
         (sh)->P = take((a), sizeof(int32_t) * nk_ * nk_ * nb_);                      \
@@ -1947,6 +1953,7 @@ static void cotoken_shared_init(CotokenShared *sh, const mer_ctx *c) {
     sh->nb = ct_has_nb(c);
     sh->logd[0] = 0.0;
     for (int32_t d = 1; d <= sh->L; d++) sh->logd[d] = log((double)d);
+    for (int32_t x = 0; x < nk; x++) sh->kl[x] = x / E < nl ? x / E : nl - 1;
     memset(sh->rep, 0, sizeof(double) * (size_t)nl * E * E);
     memset(sh->rcount, 0, sizeof(double) * nk);
     memset(sh->n_latest, 0, sizeof(int32_t) * nl);
@@ -2161,15 +2168,9 @@ static void ct_observe(CotokenShared *sh, const int32_t *keys, int k, int32_t la
 static inline double ct_score(CotokenShared *sh, int32_t x) {
     if (sh->score_at[x] == sh->stamp) return sh->score[x];
     ct_terms(sh, x);
-    const int32_t E = sh->E, L = sh->L;
-    int32_t ll = x / E;
-    if (ll >= sh->nl) ll = sh->nl - 1;
-    const int32_t gl = sh->layer0 + ll, cur = sh->cur;
-    int32_t d = (gl - cur - 1) % L;
-    if (d < 0) d += L;
-    d += 1;
+    const int32_t ll = sh->kl[x];
     double z;
-    if (gl > cur) {
+    if (sh->later[ll]) {
         z = sh->zs[x];
     } else {
         z = sh->zn[x];
@@ -2184,7 +2185,7 @@ static inline double ct_score(CotokenShared *sh, int32_t x) {
             z = z + sh->w[8] * s;
         }
     }
-    const double sc = z - sh->logd[d];
+    const double sc = z - sh->ldl[ll];
     sh->score[x] = sc;
     sh->score_at[x] = sh->stamp;
     return sc;
@@ -2199,11 +2200,8 @@ static inline double ct_score(CotokenShared *sh, int32_t x) {
 static inline double ct_lower(CotokenShared *sh, int32_t x) {
     if (sh->score_at[x] == sh->stamp) return sh->score[x];
     if (!sh->nb || !(sh->w[8] > 0.0)) return NAN;
-    const int32_t E = sh->E, L = sh->L;
-    int32_t ll = x / E;
-    if (ll >= sh->nl) ll = sh->nl - 1;
-    const int32_t gl = sh->layer0 + ll, cur = sh->cur;
-    if (gl > cur) return NAN; /* z = zs: no log1p to save */
+    const int32_t ll = sh->kl[x];
+    if (sh->later[ll]) return NAN; /* z = zs: no log1p to save */
     ct_terms(sh, x);
     ct_catch_up(sh, x);
     if (sh->lp_at[x] != sh->tok) {
@@ -2228,10 +2226,7 @@ static inline double ct_lower(CotokenShared *sh, int32_t x) {
             s = -(g + g * 0x1p-40);
         }
     }
-    int32_t d = (gl - cur - 1) % L;
-    if (d < 0) d += L;
-    d += 1;
-    return (sh->zn[x] + sh->w[8] * s) - sh->logd[d];
+    return (sh->zn[x] + sh->w[8] * s) - sh->ldl[ll];
 }
 static void cotoken_init(void *sv, const mer_ctx *c) {
     Cotoken *s = sv;
@@ -2254,6 +2249,15 @@ static void cotoken_begin(void *sv, int64_t t, const int32_t *keys, const int64_
     const int32_t layer = sh->layer0 + ll;
     if (sh->nb && layer != sh->cur) ct_observe(sh, keys, k, layer);
     sh->cur = layer;
+    /* each layer's d = (its layer - cur - 1) mod L + 1 and whether it is still to come,
+       for this step's scores (one modulo a step, not one per score) */
+    int32_t r = (sh->layer0 - layer - 1) % sh->L;
+    if (r < 0) r += sh->L;
+    for (int32_t l2 = 0; l2 < sh->nl; l2++) {
+        sh->ldl[l2] = sh->logd[r + 1];
+        sh->later[l2] = sh->layer0 + l2 > layer;
+        if (++r == sh->L) r = 0;
+    }
     if (++sh->stamp == 0) { /* every 2^32 steps: forget every cached score */
         memset(sh->score_at, 0, sizeof(uint32_t) * sh->n_keys);
         sh->order_at = 0;
