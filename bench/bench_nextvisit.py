@@ -1,0 +1,235 @@
+"""An online nearest-neighbour model of the routing, held out: next-visit log-likelihood
+and the LRU->OPT gap it closes, against cotoken's, one command.
+
+    .venv/bin/python bench/bench_nextvisit.py A.parquet B.parquet C.parquet \\
+        [--sizes 96,128,192] [--phase decode] [--beta 0.5] [--window 0]
+
+The protocol is bench_gap_sources.py's: each trace is held out in turn, every
+weight is fitted on the others (logistic, maximum likelihood, every 5th step),
+y = "the key is picked at its layer's next visit" over every (step, key) whose
+next visit is in the trace, and the replay has the step semantics (lookups
+first, admissions in rank order, the step's keys protected, the lowest score
+evicted).
+
+The model (online, past only). Text repeats itself (code, numbers, phrases), and
+a token whose routing repeats a past token's tends to be followed by what
+followed that one. At step (tau, c) the similarity of a past token sigma to the
+current one is the number of picks they share over layers 0..c (this token's
+routed layers); the vote for key (l, e) is the softmax(beta * similarity)-weighted
+share of the past tokens' successors sigma + a that picked it, a = 1 for the next
+visit of a layer already routed in this token (l <= c, visited next token),
+a = 2 for its visit after next; a layer still to come (l > c) gets the vote of
+a = 1 for its visit after next (the next token's). A successor is used only
+where it has already been routed: sigma + a < tau, or sigma + a = tau and
+l <= c. `--window N` keeps the last N tokens only (0: all). log(vote + 0.02) is
+stacked as one more feature onto cotoken's nine (one feature per group, fitted
+with them).
+
+Printed: the log-likelihood per (step, key) of the next-visit answer (all keys,
+and the layers routed in this token, where the gap's ceiling is), that of a
+second model of the visit after next, and the gap closed, global, by four
+rules: cotoken's z - log d; the same with the kNN feature; the hit density of
+the next two visits, log(p1 / d + p2 / (d + L)), without and with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_gap_sources import log_likelihood, replay  # noqa: E402
+
+#: Added to a vote before its logarithm (a vote of 0 is a weak "no", not a sure one).
+VOTE_EPS = 0.02
+#: Fit on every FIT_STRIDE-th step, as cotoken's own fit.
+FIT_STRIDE = 5
+
+
+def knn_votes(
+    picked: np.ndarray, n_layers: int, *, beta: float = 0.5, window: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The votes at every step (tau, c), per key: (next visit of a routed layer,
+    visit after next of a routed layer, visit after next of a layer to come).
+
+    picked: (T, L * E) bool, token tau's picks. Only tokens 0..tau-1 and token
+    tau's layers 0..c enter the vote at step (tau, c) (module doc). A step with no
+    eligible past token votes the uninformed share k / E.
+    """
+    T, nk = picked.shape
+    L = n_layers
+    E = nk // L
+    P = picked.reshape(T, L, E).astype(np.float64)
+    Pf = picked.astype(np.float64)
+    prior = float(picked[0].sum()) / nk if T else 0.0
+    lay = np.arange(nk) // E
+    out = [np.full((T * L, nk), prior) for _ in range(3)]
+    for tau in range(1, T):
+        lo = max(0, tau - window) if window else 0
+        sig = np.arange(lo, tau)
+        m = np.einsum("le,sle->sl", P[tau], P[sig])  # shared picks per layer
+        sim = beta * np.cumsum(m, axis=1).T  # (c, sigma): over layers 0..c
+        for which, a, routed_only in ((0, 1, True), (1, 2, True), (2, 1, False)):
+            # successor sigma + a: routed (usable for l <= c) if <= tau, else if < tau
+            last = tau - a if routed_only else tau - a - 1
+            ok = sig <= last
+            if not ok.any():
+                continue
+            s = sim[:, ok]
+            w = np.exp(s - s.max(axis=1, keepdims=True))
+            w /= w.sum(axis=1, keepdims=True)
+            V = w @ Pf[sig[ok] + a]  # (c, nk)
+            block = out[which][tau * L : (tau + 1) * L]
+            mask = lay[None, :] <= np.arange(L)[:, None]  # l <= c
+            if not routed_only:
+                mask = ~mask
+            block[mask] = V[mask]
+    return out[0], out[1], out[2]
+
+
+def cotoken_features(steps: np.ndarray, L: int, E: int, w: tuple[float, ...]) -> np.ndarray:
+    """cotoken's nine features of every key after each step's begin_step (float32)."""
+    from mer.core.cotoken import Cotoken
+
+    pol = Cotoken(1, **{f"w{i}": v for i, v in enumerate(w)})
+    pol.attach_keyspace(L * E)
+    pol.attach_geometry(L, E)
+    F = np.zeros((len(steps), L * E, 9), dtype=np.float32)
+    for t, keys in enumerate(steps.tolist()):
+        pol.begin_step(t, keys)
+        F[t] = pol.features()[0]
+    return F
+
+
+def prepare(steps: np.ndarray, L: int, E: int, beta: float, window: int) -> dict[str, np.ndarray]:
+    """Features and answers of one trace."""
+    from mer.core.cotoken import DEFAULT_WEIGHTS
+
+    S, nk = len(steps), L * E
+    T = S // L
+    t_idx = np.arange(S)
+    tok = t_idx // L
+    routed = np.arange(nk)[None, :] // E <= (t_idx % L)[:, None]
+    nxt = np.where(routed, tok[:, None] + 1, tok[:, None])
+    picked = np.zeros((T + 3, nk), dtype=bool)
+    for r in range(steps.shape[1]):
+        picked[tok, steps[:, r]] = True
+    cols = np.arange(nk)[None, :]
+    F = cotoken_features(steps, L, E, DEFAULT_WEIGHTS)  # the weights are refitted below
+    v1, v2r, v2c = knn_votes(picked[:T], L, beta=beta, window=window)
+    k1 = np.where(routed, np.log(v1 + VOTE_EPS), 0.0)
+    k2r = np.where(routed, np.log(v2r + VOTE_EPS), 0.0)
+    k2c = np.where(routed, 0.0, np.log(v2c + VOTE_EPS))
+    return {
+        "steps": steps,
+        "d": ((np.arange(nk)[None, :] // E - (t_idx % L)[:, None] - 1) % L + 1).astype(float),
+        "routed": routed,
+        "y1": picked[nxt, cols],
+        "known1": nxt < T,
+        "y2": picked[nxt + 1, cols],
+        "known2": nxt + 1 < T,
+        "cot": F,
+        "cot+knn": np.concatenate([F, k1[..., None].astype(np.float32)], axis=-1),
+        "cot2+knn": np.concatenate(
+            [F, k2r[..., None].astype(np.float32), k2c[..., None].astype(np.float32)], axis=-1
+        ),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mer.core.cycle import logistic_fit
+    from mer.sim.mrc import one_pass_hits
+    from mer.traces.format import read_trace
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("traces", nargs="+", type=Path)
+    ap.add_argument("--sizes", default="96,128,192")
+    ap.add_argument("--phase", default="decode")
+    ap.add_argument("--beta", type=float, default=0.5, help="similarity sharpness (0.5)")
+    ap.add_argument("--window", type=int, default=0, help="past tokens voting (0: all)")
+    args = ap.parse_args(argv)
+    if len(args.traces) < 2:
+        ap.error("give at least two traces: each is held out while the others tune")
+    sizes = [int(s) for s in args.sizes.split(",")]
+    t0 = time.perf_counter()
+    data, geo = {}, {}
+    for p in args.traces:
+        tr = read_trace(p).select_phase(args.phase)
+        steps = tr.keys().reshape(-1, tr.top_k).astype(np.int64)
+        data[p] = prepare(steps, tr.n_layers, tr.n_experts, args.beta, args.window)
+        geo[p] = (tr.n_layers, tr.n_experts)
+    ll_rows, gap_rows = [], []
+    for held in args.traces:
+        h = data[held]
+        L, E = geo[held]
+        others = [p for p in args.traces if p != held]
+
+        def fit(feat: str, y: str, known: str, others: list[Path] = others) -> np.ndarray:
+            Xs, ys = [], []
+            for p in others:
+                x = data[p]
+                sel = np.zeros(len(x["steps"]), dtype=bool)
+                sel[geo[p][0] :: FIT_STRIDE] = True  # from the second token on
+                k = x[known][sel]
+                Xs.append(x[feat][sel][k].astype(np.float64))
+                ys.append(x[y][sel][k].astype(np.float64))
+            return logistic_fit(np.concatenate(Xs), np.concatenate(ys))[0]
+
+        z = {f: h[f].astype(np.float64) @ fit(f, "y1", "known1") for f in ("cot", "cot+knn")}
+        z2 = {f: h[f].astype(np.float64) @ fit(f, "y2", "known2") for f in ("cot", "cot2+knn")}
+        k1, r = h["known1"], h["routed"]
+        y1 = h["y1"]
+        base = float(y1[k1].mean())
+        ll_rows.append(
+            (
+                held.name,
+                base * np.log(base) + (1 - base) * np.log(1 - base),
+                *(log_likelihood(z[f][k1], y1[k1]) for f in z),
+                *(log_likelihood(z[f][k1 & r], y1[k1 & r]) for f in z),
+                *(log_likelihood(z2[f][h["known2"]], h["y2"][h["known2"]]) for f in z2),
+            )
+        )
+        d = h["d"]
+
+        def density(a: str, b: str, z: dict = z, z2: dict = z2, d: np.ndarray = d) -> np.ndarray:
+            p1 = 1.0 / (1.0 + np.exp(-z[a]))
+            p2 = 1.0 / (1.0 + np.exp(-z2[b]))
+            return np.log(p1 / d + p2 / (d + L))
+
+        rules = {
+            "cotoken": z["cot"] - np.log(d),
+            "+kNN": z["cot+knn"] - np.log(d),
+            "two visits": density("cot", "cot"),
+            "two visits, kNN": density("cot+knn", "cot2+knn"),
+        }
+        lru = one_pass_hits("lru", h["steps"], L, E, "global")
+        opt = one_pass_hits("opt", h["steps"], L, E, "global")
+        for cap in sizes:
+            lo, hi = int(lru[cap]), int(opt[cap])
+            gaps = [(replay(h["steps"], sc, cap)[0] - lo) / (hi - lo) for sc in rules.values()]
+            gap_rows.append((held.name, cap, gaps))
+
+    print(f"\nnext-visit log-likelihood per (step, key), held out (beta {args.beta}, window "
+          f"{args.window or 'all'}):\n")  # fmt: skip
+    print(
+        "| trace | constant | cotoken | cotoken + kNN | routed layers: cotoken | "
+        "routed layers: cotoken + kNN | visit after next: cotoken | visit after next: + kNN |"
+    )
+    print("|---|" + "---:|" * 7)
+    for name, *v in ll_rows:
+        print(f"| {name} | " + " | ".join(f"{x:.4f}" for x in v) + " |")
+    print("\ngap closed, global, held out:\n")
+    print("| trace | slots | " + " | ".join(rules) + " |")
+    print("|---|---:|" + "---:|" * len(rules))
+    for name, cap, gaps in gap_rows:
+        print(f"| {name} | {cap} | " + " | ".join(f"{100 * g:.1f}%" for g in gaps) + " |")
+    print(f"\n({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
