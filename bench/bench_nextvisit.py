@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gap_sources import log_likelihood, replay  # noqa: E402
+from bench_gap_sources import log_likelihood, replay
 
 #: Added to a vote before its logarithm (a vote of 0 is a weak "no", not a sure one).
 VOTE_EPS = 0.02
@@ -195,7 +195,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         d = h["d"]
 
-        def density(a: str, b: str, z: dict = z, z2: dict = z2, d: np.ndarray = d) -> np.ndarray:
+        def density(
+            a: str, b: str, z: dict = z, z2: dict = z2, d: np.ndarray = d, L: int = L
+        ) -> np.ndarray:
             p1 = 1.0 / (1.0 + np.exp(-z[a]))
             p2 = 1.0 / (1.0 + np.exp(-z2[b]))
             return np.log(p1 / d + p2 / (d + L))

@@ -18,7 +18,9 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
 def bench():
     sys.path.insert(0, str(BENCH))
     try:
-        spec = importlib.util.spec_from_file_location("bench_nextvisit", BENCH / "bench_nextvisit.py")
+        spec = importlib.util.spec_from_file_location(
+            "bench_nextvisit", BENCH / "bench_nextvisit.py"
+        )
         assert spec is not None and spec.loader is not None
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
@@ -48,9 +50,7 @@ def brute_vote(picked, L, tau, c, key, a, routed_only, beta, window):
         succ = sigma + a
         if not (succ < tau or (succ == tau and routed_only)):
             continue
-        shared = sum(
-            int(picked[tau, j] and picked[sigma, j]) for j in range(L * E) if j // E <= c
-        )
+        shared = sum(int(picked[tau, j] and picked[sigma, j]) for j in range(L * E) if j // E <= c)
         sims.append((sigma, beta * shared))
     if not sims:
         return float(picked[0].sum()) / picked.shape[1]
