@@ -2,7 +2,7 @@
 and the LRU->OPT gap it closes, against cotoken's, one command.
 
     .venv/bin/python bench/bench_nextvisit.py A.parquet B.parquet C.parquet \\
-        [--sizes 96,128,192] [--phase decode] [--beta 0.5] [--window 0]
+        [--sizes 96,128,192] [--phase decode] [--beta 0.5] [--window 0] [--visits 3]
 
 The protocol is bench_gap_sources.py's: each trace is held out in turn, every
 weight is fitted on the others (logistic, maximum likelihood, every 5th step),
@@ -16,20 +16,21 @@ a token whose routing repeats a past token's tends to be followed by what
 followed that one. At step (tau, c) the similarity of a past token sigma to the
 current one is the number of picks they share over layers 0..c (this token's
 routed layers); the vote for key (l, e) is the softmax(beta * similarity)-weighted
-share of the past tokens' successors sigma + a that picked it, a = 1 for the next
-visit of a layer already routed in this token (l <= c, visited next token),
-a = 2 for its visit after next; a layer still to come (l > c) gets the vote of
-a = 1 for its visit after next (the next token's). A successor is used only
-where it has already been routed: sigma + a < tau, or sigma + a = tau and
-l <= c. `--window N` keeps the last N tokens only (0: all). log(vote + 0.02) is
-stacked as one more feature onto cotoken's nine (one feature per group, fitted
-with them).
+share of the past tokens' successors sigma + a that picked it: for a layer
+already routed in this token (l <= c), its j-th visit from now is token tau + j,
+so a = j; for a layer still to come (l > c) the next visit is this token (no
+vote: cotoken's terms only) and the j-th is token tau + j - 1, so a = j - 1. A
+successor is used only where it has already been routed: sigma + a < tau, or
+sigma + a = tau and l <= c. `--window N` keeps the last N tokens only (0: all).
+For each visit j, log(vote + 0.02) is stacked onto cotoken's nine features (one
+column per group of layers) and the weights are fitted for that visit's answer.
 
 Printed: the log-likelihood per (step, key) of the next-visit answer (all keys,
-and the layers routed in this token, where the gap's ceiling is), that of a
-second model of the visit after next, and the gap closed, global, by four
-rules: cotoken's z - log d; the same with the kNN feature; the hit density of
-the next two visits, log(p1 / d + p2 / (d + L)), without and with it.
+and the layers routed in this token, where the gap's ceiling is), and of the
+visit after next, cotoken's features alone and with the vote; then the gap
+closed, global, by cotoken's rule z - log d, the same z with the vote, and the
+hit density summed over the next j visits, log(sum_i p_i / (d + (i - 1) L)),
+with cotoken's features alone (two visits) and with the votes (j = 2..--visits).
 """
 
 from __future__ import annotations
@@ -51,10 +52,13 @@ FIT_STRIDE = 5
 
 
 def knn_votes(
-    picked: np.ndarray, n_layers: int, *, beta: float = 0.5, window: int = 0
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The votes at every step (tau, c), per key: (next visit of a routed layer,
-    visit after next of a routed layer, visit after next of a layer to come).
+    picked: np.ndarray, n_layers: int, *, beta: float = 0.5, window: int = 0, visits: int = 2
+) -> dict[tuple[int, bool], np.ndarray]:
+    """The votes at every step (tau, c), per key, for the successors sigma + a:
+    (a, True) for a = 1..visits, a layer routed in this token (l <= c), whose a-th
+    visit from now is token tau + a; (a, False) for a = 1..visits - 1, a layer still
+    to come (l > c), whose visit after the next is token tau + a. The other group's
+    keys hold 0.
 
     picked: (T, L * E) bool, token tau's picks. Only tokens 0..tau-1 and token
     tau's layers 0..c enter the vote at step (tau, c) (module doc). A step with no
@@ -67,28 +71,26 @@ def knn_votes(
     Pf = picked.astype(np.float64)
     prior = float(picked[0].sum()) / nk if T else 0.0
     lay = np.arange(nk) // E
-    out = [np.full((T * L, nk), prior) for _ in range(3)]
+    routed = lay[None, :] <= np.arange(L)[:, None]  # (c, key): l <= c
+    groups = [(a, True) for a in range(1, visits + 1)] + [(a, False) for a in range(1, visits)]
+    out = {g: np.where(np.tile(routed if g[1] else ~routed, (T, 1)), prior, 0.0) for g in groups}
     for tau in range(1, T):
         lo = max(0, tau - window) if window else 0
         sig = np.arange(lo, tau)
         m = np.einsum("le,sle->sl", P[tau], P[sig])  # shared picks per layer
         sim = beta * np.cumsum(m, axis=1).T  # (c, sigma): over layers 0..c
-        for which, a, routed_only in ((0, 1, True), (1, 2, True), (2, 1, False)):
-            # successor sigma + a: routed (usable for l <= c) if <= tau, else if < tau
-            last = tau - a if routed_only else tau - a - 1
-            ok = sig <= last
+        for a, is_routed in groups:
+            # successor sigma + a: usable for a routed layer once <= tau, else once < tau
+            ok = sig <= (tau - a if is_routed else tau - a - 1)
             if not ok.any():
                 continue
             s = sim[:, ok]
             w = np.exp(s - s.max(axis=1, keepdims=True))
             w /= w.sum(axis=1, keepdims=True)
             V = w @ Pf[sig[ok] + a]  # (c, nk)
-            block = out[which][tau * L : (tau + 1) * L]
-            mask = lay[None, :] <= np.arange(L)[:, None]  # l <= c
-            if not routed_only:
-                mask = ~mask
-            block[mask] = V[mask]
-    return out[0], out[1], out[2]
+            mask = routed if is_routed else ~routed
+            out[a, is_routed][tau * L : (tau + 1) * L][mask] = V[mask]
+    return out
 
 
 def cotoken_features(steps: np.ndarray, L: int, E: int, w: tuple[float, ...]) -> np.ndarray:
@@ -105,8 +107,12 @@ def cotoken_features(steps: np.ndarray, L: int, E: int, w: tuple[float, ...]) ->
     return F
 
 
-def prepare(steps: np.ndarray, L: int, E: int, beta: float, window: int) -> dict[str, np.ndarray]:
-    """Features and answers of one trace."""
+def prepare(
+    steps: np.ndarray, L: int, E: int, beta: float, window: int, visits: int
+) -> dict[str, np.ndarray]:
+    """Features and answers of one trace: for visit j = 1..visits from now, y{j} (picked
+    there), known{j} (that visit is in the trace) and knn{j} (cotoken's features and
+    the vote for it, one column per group of layers)."""
     from mer.core.cotoken import DEFAULT_WEIGHTS
 
     S, nk = len(steps), L * E
@@ -115,29 +121,28 @@ def prepare(steps: np.ndarray, L: int, E: int, beta: float, window: int) -> dict
     tok = t_idx // L
     routed = np.arange(nk)[None, :] // E <= (t_idx % L)[:, None]
     nxt = np.where(routed, tok[:, None] + 1, tok[:, None])
-    picked = np.zeros((T + 3, nk), dtype=bool)
+    picked = np.zeros((T + visits + 1, nk), dtype=bool)
     for r in range(steps.shape[1]):
         picked[tok, steps[:, r]] = True
     cols = np.arange(nk)[None, :]
     F = cotoken_features(steps, L, E, DEFAULT_WEIGHTS)  # the weights are refitted below
-    v1, v2r, v2c = knn_votes(picked[:T], L, beta=beta, window=window)
-    k1 = np.where(routed, np.log(v1 + VOTE_EPS), 0.0)
-    k2r = np.where(routed, np.log(v2r + VOTE_EPS), 0.0)
-    k2c = np.where(routed, 0.0, np.log(v2c + VOTE_EPS))
-    return {
+    votes = knn_votes(picked[:T], L, beta=beta, window=window, visits=visits)
+    out = {
         "steps": steps,
         "d": ((np.arange(nk)[None, :] // E - (t_idx % L)[:, None] - 1) % L + 1).astype(float),
         "routed": routed,
-        "y1": picked[nxt, cols],
-        "known1": nxt < T,
-        "y2": picked[nxt + 1, cols],
-        "known2": nxt + 1 < T,
         "cot": F,
-        "cot+knn": np.concatenate([F, k1[..., None].astype(np.float32)], axis=-1),
-        "cot2+knn": np.concatenate(
-            [F, k2r[..., None].astype(np.float32), k2c[..., None].astype(np.float32)], axis=-1
-        ),
     }
+    for j in range(1, visits + 1):
+        out[f"y{j}"] = picked[nxt + j - 1, cols]
+        out[f"known{j}"] = nxt + j - 1 < T
+        extra = [np.where(routed, np.log(votes[j, True] + VOTE_EPS), 0.0)]
+        if j > 1:  # a layer still to come: its j-th visit is token tau + j - 1
+            extra.append(np.where(routed, 0.0, np.log(votes[j - 1, False] + VOTE_EPS)))
+        out[f"knn{j}"] = np.concatenate(
+            [F, *(x[..., None].astype(np.float32) for x in extra)], axis=-1
+        )
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,16 +156,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--phase", default="decode")
     ap.add_argument("--beta", type=float, default=0.5, help="similarity sharpness (0.5)")
     ap.add_argument("--window", type=int, default=0, help="past tokens voting (0: all)")
+    ap.add_argument("--visits", type=int, default=3, help="visits ahead scored (2 or more; 3)")
     args = ap.parse_args(argv)
     if len(args.traces) < 2:
         ap.error("give at least two traces: each is held out while the others tune")
+    if args.visits < 2:
+        ap.error("--visits must be 2 or more")
     sizes = [int(s) for s in args.sizes.split(",")]
     t0 = time.perf_counter()
     data, geo = {}, {}
     for p in args.traces:
         tr = read_trace(p).select_phase(args.phase)
         steps = tr.keys().reshape(-1, tr.top_k).astype(np.int64)
-        data[p] = prepare(steps, tr.n_layers, tr.n_experts, args.beta, args.window)
+        data[p] = prepare(steps, tr.n_layers, tr.n_experts, args.beta, args.window, args.visits)
         geo[p] = (tr.n_layers, tr.n_experts)
     ll_rows, gap_rows = [], []
     for held in args.traces:
@@ -179,34 +187,41 @@ def main(argv: list[str] | None = None) -> int:
                 ys.append(x[y][sel][k].astype(np.float64))
             return logistic_fit(np.concatenate(Xs), np.concatenate(ys))[0]
 
-        z = {f: h[f].astype(np.float64) @ fit(f, "y1", "known1") for f in ("cot", "cot+knn")}
-        z2 = {f: h[f].astype(np.float64) @ fit(f, "y2", "known2") for f in ("cot", "cot2+knn")}
-        k1, r = h["known1"], h["routed"]
-        y1 = h["y1"]
+        V = args.visits
+        zc = {j: h["cot"].astype(np.float64) @ fit("cot", f"y{j}", f"known{j}") for j in (1, 2)}
+        zk = {
+            j: h[f"knn{j}"].astype(np.float64) @ fit(f"knn{j}", f"y{j}", f"known{j}")
+            for j in range(1, V + 1)
+        }
+        k1, k2, r = h["known1"], h["known2"], h["routed"]
+        y1, y2 = h["y1"], h["y2"]
         base = float(y1[k1].mean())
         ll_rows.append(
             (
                 held.name,
                 base * np.log(base) + (1 - base) * np.log(1 - base),
-                *(log_likelihood(z[f][k1], y1[k1]) for f in z),
-                *(log_likelihood(z[f][k1 & r], y1[k1 & r]) for f in z),
-                *(log_likelihood(z2[f][h["known2"]], h["y2"][h["known2"]]) for f in z2),
+                log_likelihood(zc[1][k1], y1[k1]),
+                log_likelihood(zk[1][k1], y1[k1]),
+                log_likelihood(zc[1][k1 & r], y1[k1 & r]),
+                log_likelihood(zk[1][k1 & r], y1[k1 & r]),
+                log_likelihood(zc[2][k2], y2[k2]),
+                log_likelihood(zk[2][k2], y2[k2]),
             )
         )
         d = h["d"]
 
-        def density(
-            a: str, b: str, z: dict = z, z2: dict = z2, d: np.ndarray = d, L: int = L
-        ) -> np.ndarray:
-            p1 = 1.0 / (1.0 + np.exp(-z[a]))
-            p2 = 1.0 / (1.0 + np.exp(-z2[b]))
-            return np.log(p1 / d + p2 / (d + L))
+        def density(zs: list[np.ndarray], d: np.ndarray = d, L: int = L) -> np.ndarray:
+            """log of the hit density summed over the next len(zs) visits."""
+            return np.log(sum(1.0 / (1.0 + np.exp(-z)) / (d + i * L) for i, z in enumerate(zs)))
 
         rules = {
-            "cotoken": z["cot"] - np.log(d),
-            "+kNN": z["cot+knn"] - np.log(d),
-            "two visits": density("cot", "cot"),
-            "two visits, kNN": density("cot+knn", "cot2+knn"),
+            "cotoken": zc[1] - np.log(d),
+            "+kNN": zk[1] - np.log(d),
+            "two visits": density([zc[1], zc[2]]),
+            **{
+                f"{j} visits, kNN": density([zk[i] for i in range(1, j + 1)])
+                for j in range(2, V + 1)
+            },
         }
         lru = one_pass_hits("lru", h["steps"], L, E, "global")
         opt = one_pass_hits("opt", h["steps"], L, E, "global")

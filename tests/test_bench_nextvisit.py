@@ -67,20 +67,18 @@ def test_votes_equal_brute_force(bench, window):
     rng = np.random.default_rng(7)
     T, L, E, k = 8, 3, 4, 2
     picked = random_picked(rng, T, L, E, k)
-    v1, v2r, v2c = bench.knn_votes(picked, L, beta=0.7, window=window)
-    for tau in range(T):
-        for c in range(L):
-            t = tau * L + c
-            for key in range(L * E):
-                routed = key // E <= c
-                if routed:
-                    want1 = brute_vote(picked, L, tau, c, key, 1, True, 0.7, window)
-                    want2 = brute_vote(picked, L, tau, c, key, 2, True, 0.7, window)
-                    assert v1[t, key] == pytest.approx(want1, abs=1e-12)
-                    assert v2r[t, key] == pytest.approx(want2, abs=1e-12)
-                else:
-                    want = brute_vote(picked, L, tau, c, key, 1, False, 0.7, window)
-                    assert v2c[t, key] == pytest.approx(want, abs=1e-12)
+    votes = bench.knn_votes(picked, L, beta=0.7, window=window, visits=3)
+    assert sorted(votes) == [(1, False), (1, True), (2, False), (2, True), (3, True)]
+    for (a, is_routed), v in votes.items():
+        for tau in range(T):
+            for c in range(L):
+                for key in range(L * E):
+                    got = v[tau * L + c, key]
+                    if (key // E <= c) != is_routed:
+                        assert got == 0.0  # the other group of layers
+                        continue
+                    want = brute_vote(picked, L, tau, c, key, a, is_routed, 0.7, window)
+                    assert got == pytest.approx(want, abs=1e-12)
 
 
 def test_votes_never_read_the_future(bench):
@@ -94,9 +92,10 @@ def test_votes_never_read_the_future(bench):
     b[fork_tok, fork_layer * E :] = np.roll(a[fork_tok, fork_layer * E :], 1)
     b[fork_tok + 1 :] = np.roll(a[fork_tok + 1 :], 3, axis=1)
     assert (a != b).any()
-    va = bench.knn_votes(a, L, beta=0.5)
-    vb = bench.knn_votes(b, L, beta=0.5)
+    va = bench.knn_votes(a, L, beta=0.5, visits=3)
+    vb = bench.knn_votes(b, L, beta=0.5, visits=3)
     upto = fork_tok * L + fork_layer  # step index of the first step that differs
-    for x, y in zip(va, vb, strict=True):
+    for g in va:
+        x, y = va[g], vb[g]
         np.testing.assert_array_equal(x[:upto], y[:upto])
         assert (x[upto:] != y[upto:]).any()  # the check can fail: later votes do move
