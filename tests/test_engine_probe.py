@@ -219,3 +219,42 @@ def test_profile_ffn_rate_is_the_streamers_direct_call() -> None:
     assert got.compute.ffn_time(bpe) == pytest.approx(0.004)
     old = to_profile(make_probe_result(pts, 1e-4, read_bytes))
     assert old.compute.ffn_bytes_per_s == 1e9
+
+
+def test_engine_step_layers_fill_the_file_budget() -> None:
+    """As many whole layers of experts as the budget holds, at least one, at most all."""
+    from mer.engine.probe import engine_step_layers
+    from mer.shapes import get_shape
+
+    shape = get_shape("mixtral-small")
+    per_layer = shape.n_experts * shape.slot_bytes
+    assert engine_step_layers(shape, 5 * per_layer + per_layer // 2) == 5
+    assert engine_step_layers(shape, per_layer - 1) == 1
+    assert engine_step_layers(shape, 10**15) == shape.n_layers
+
+
+def test_engine_step_is_the_executors_own_steps(tmp_path: Path) -> None:
+    """The engine-step figures come from an all-resident replay by the executor (real
+    GGUF file, real reads, real FFNs) that leaves nothing behind, and the profile then
+    charges exactly them per step, per FFN and per dense block."""
+    from mer.engine.probe import ProbeConfig, engine_step_layers, measure_engine_step, to_profile
+    from mer.shapes import get_shape
+
+    shape = get_shape("mixtral-tiny")
+    cfg = ProbeConfig.quick(shape="mixtral-tiny", threads=1, step_file_bytes=3 << 20)
+    es = measure_engine_step(tmp_path, shape, cfg, 0.05)
+    assert list(tmp_path.iterdir()) == []
+    assert es.layers == engine_step_layers(shape, 3 << 20) and 1 <= es.layers < shape.n_layers
+    assert es.tokens >= 1 and es.ffn_s > 0 and es.dense_s > 0 and es.step_overhead_s >= 0
+    read_bytes = shape.slot_bytes
+    pts = [ReadPoint(q, 256 << 10, 5, 5 * read_bytes, 5 * read_bytes / 1e9) for q in (1, 4)]
+    res = make_probe_result(
+        pts, 1e-4, read_bytes, shape="mixtral-tiny", engine_step=es.to_dict(), ffn_direct_s=1.0
+    )
+    prof = to_profile(res)
+    assert prof.compute.ffn_time(shape.bytes_per_expert) == pytest.approx(es.ffn_s)
+    assert prof.compute.dense_time(shape.dense_bytes_per_layer) == pytest.approx(es.dense_s)
+    assert prof.compute.step_overhead_s == es.step_overhead_s
+    # a probe result without the engine's step (an older mer) keeps the figures timed apart
+    old = to_profile(make_probe_result(pts, 1e-4, read_bytes, step_overhead_s=2e-5))
+    assert old.compute.step_overhead_s == 2e-5 and old.compute.dense_bytes_per_s == 1e9

@@ -35,6 +35,16 @@ handed to a thread while a read is in flight against a direct call
 (`ffn_busy_overhead_s`), and the decision core's work per step
 (`step_overhead_s`). FFN and dense throughputs are timed on weights rotated
 through more memory than the CPU caches hold, as the engine's slots are.
+
+What the profile charges per step, per FFN and per dense block comes from the engine
+itself (`measure_engine_step`): a short replay by `mer run`'s executor of an expert
+file of the shape with fewer layers, written next to the probe file, with every expert
+resident. Timed apart, the decision core and the hidden update took 16 us a step on
+a quiet 2-core VM while a compute-bound run's steps spent 44-47 us outside FFNs, dense
+and I/O (slot book-keeping, the FFN's views and polls, the token accounting), and
+FFN and dense block ran 54-62 us and 31-33 us inside the steps against 50 and 26 us
+alone (the dense weights leave the caches while the experts stream through them):
+that run was then predicted about 20% too fast.
 """
 
 from __future__ import annotations
@@ -90,6 +100,9 @@ class ProbeConfig:
     engine_chunk_bytes: int = 512 * KiB  # the chunk size the model is fitted at
     engine_queue_depth: int = 32
     burst_repeats: int = 25
+    #: expert bytes of the engine-step replay's file (at least one layer of the shape)
+    step_file_bytes: int = 128 * MiB
+    step_seconds: float = 1.0  # budget of the engine-step replay
 
     @classmethod
     def quick(cls, **kw: Any) -> ProbeConfig:
@@ -104,6 +117,8 @@ class ProbeConfig:
             memory_bytes=64 * MiB,
             ffn_working_set_bytes=96 * MiB,
             burst_repeats=9,
+            step_file_bytes=96 * MiB,
+            step_seconds=0.5,
         )
         base.update({k: v for k, v in kw.items() if v is not None})
         return cls(**base)
@@ -245,18 +260,40 @@ class ProbeResult:
     #: median seconds of one expert FFN on cold weights, called the way the streamer calls
     #: it with nothing in flight (0: not measured)
     ffn_direct_s: float = 0.0
+    #: the engine's own step, FFN and dense figures (EngineStep.to_dict; None: not measured,
+    #: then the figures timed apart above are the profile's)
+    engine_step: dict[str, Any] | None = None
 
     @property
     def ffn_engine_bytes_per_s(self) -> float:
-        """The FFN rate the profile carries: the median of the streamer's own direct calls
-        on cold weights (what the simulator charges per expert; a median, so a busy
-        neighbour's bursts move it less than the kernel's mean throughput), else that
-        throughput."""
+        """The FFN rate the profile carries: the engine's own FFNs inside its steps
+        (median per token), else the median of the streamer's direct calls on cold weights
+        (a median, so a busy neighbour's bursts move it less than the kernel's mean
+        throughput), else that throughput."""
+        es = self.engine_step or {}
+        if es.get("ffn_s", 0) > 0:
+            return get_shape(self.shape).bytes_per_expert / float(es["ffn_s"])
         if self.ffn_direct_s > 0:
-            from mer.shapes import get_shape
-
             return get_shape(self.shape).bytes_per_expert / self.ffn_direct_s
         return self.ffn_bytes_per_s
+
+    @property
+    def dense_engine_bytes_per_s(self) -> float:
+        """The dense rate the profile carries: the engine's own dense blocks inside its
+        steps (median), else the block timed alone."""
+        es = self.engine_step or {}
+        if es.get("dense_s", 0) > 0:
+            return get_shape(self.shape).dense_bytes_per_layer / float(es["dense_s"])
+        return self.dense_bytes_per_s
+
+    @property
+    def step_engine_s(self) -> float:
+        """The per-step driver cost the profile carries: the engine's own, else the
+        decision core and hidden update timed alone (`step_overhead_s`)."""
+        es = self.engine_step
+        if es and es.get("step_overhead_s") is not None:
+            return float(es["step_overhead_s"])
+        return self.step_overhead_s
 
     def best(self) -> ReadPoint:
         return max(self.points, key=lambda p: p.bandwidth)
@@ -801,6 +838,101 @@ def measure_step_overhead(shape: ModelShape, seconds: float, seed: int = 0) -> f
             return (time.perf_counter() - t0) / done
 
 
+@dataclass
+class EngineStep:
+    """Per-step figures of the engine's own replay with every expert resident (medians
+    over its tokens, so a neighbour's burst of load moves them less)."""
+
+    step_overhead_s: float  # driver time per step outside FFNs and the dense block
+    ffn_s: float  # one expert FFN as the streamer runs it (views, polls included)
+    dense_s: float  # one dense block inside the step
+    layers: int  # of the replayed file (the shape's, or fewer)
+    tokens: int  # replayed without a read (the ones the medians are over)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def engine_step_layers(shape: ModelShape, file_bytes: int) -> int:
+    """Layers of the engine-step file: as many as `file_bytes` of experts hold (at least
+    one, at most the shape's), so the replay's working set defeats the CPU caches as a
+    run's slots do without writing the whole model."""
+    per_layer = shape.n_experts * shape.slot_bytes
+    return max(1, min(shape.n_layers, file_bytes // max(1, per_layer)))
+
+
+def measure_engine_step(
+    directory: Path, shape: ModelShape, cfg: ProbeConfig, seconds: float
+) -> EngineStep:
+    """The engine's step timed by the engine: `mer run`'s executor replays a random
+    routing over an expert file of the shape (fewer layers, `engine_step_layers`) written
+    in `directory`, with a cache that holds every expert, so after the first reads every
+    step is the FFNs, the dense block and the driver's own work. Per token the executor
+    reports dense, FFN and the rest (`TokenRows`); the tokens that read nothing give the
+    per-step cost, the FFN and the dense block as a run's steps spend them. The file is
+    deleted."""
+    import dataclasses
+
+    from mer.core.replay import ReplayConfig
+    from mer.engine.executor import Executor
+    from mer.engine.gguf_synth import synth_gguf
+    from mer.engine.store import ExpertStore
+    from mer.engine.streaming import EngineConfig
+    from mer.traces.format import TraceMeta, from_arrays
+
+    n_layers = engine_step_layers(shape, cfg.step_file_bytes)
+    small = dataclasses.replace(shape, n_layers=n_layers)
+    rng = np.random.default_rng(cfg.seed + 7)
+    ecfg = EngineConfig(
+        io=cfg.io,
+        queue_depth=cfg.engine_queue_depth,
+        chunk_bytes=cfg.engine_chunk_bytes,
+        threads=cfg.threads,
+        ffn=cfg.ffn,
+        progress=False,
+    )
+    rows = []
+    with tempfile.TemporaryDirectory(dir=directory, prefix=".mer-probe-step-") as tmp:
+        path = Path(tmp) / "experts.gguf"
+        synth_gguf(path, small, seed=cfg.seed)
+        store = ExpertStore.open(path)
+        tokens = 16
+        t_end = time.perf_counter() + seconds
+        while True:
+            picks = np.argsort(rng.random((tokens, n_layers, shape.n_experts)), axis=2)
+            trace = from_arrays(
+                picks[:, :, : shape.top_k],
+                TraceMeta(
+                    model="probe", n_layers=n_layers, n_experts=shape.n_experts, top_k=shape.top_k
+                ),
+                name="probe routing",
+            )
+            rcfg = ReplayConfig(cache_slots=n_layers * shape.n_experts)
+            t0 = time.perf_counter()
+            got = Executor(trace, store, rcfg, ecfg, trace_name="probe routing").run().tokens
+            rows.append(got)
+            left = t_end - time.perf_counter()
+            if left <= 0:
+                break
+            # the next replay about as long as the time left (each starts cold: its reads)
+            per_token = (time.perf_counter() - t0) / tokens
+            tokens = int(min(4096, max(16, left / max(per_token, 1e-6))))
+    import pandas as pd
+
+    df = pd.concat(rows, ignore_index=True)
+    quiet = df[(df["misses"] == 0) & (df["prefetch_issued"] == 0)]
+    if quiet.empty:  # cannot happen: a cache of every expert misses only the first visits
+        raise RuntimeFailure("the engine-step replay read on every token")
+    rest = quiet["time_s"] - quiet["io_wait_s"] - quiet["compute_s"] - quiet["dense_s"]
+    return EngineStep(
+        step_overhead_s=max(0.0, float(np.median(rest))) / n_layers,
+        ffn_s=float(np.median(quiet["compute_s"])) / (n_layers * shape.top_k),
+        dense_s=float(np.median(quiet["dense_s"])) / n_layers,
+        layers=n_layers,
+        tokens=len(quiet),
+    )
+
+
 def run_probe(cfg: ProbeConfig, log: Callable[[str], None] | None = None) -> ProbeResult:
     """Measure everything (see the module docstring); the probe file is always deleted."""
     say = log or (lambda _m: None)
@@ -886,6 +1018,16 @@ def run_probe(cfg: ProbeConfig, log: Callable[[str], None] | None = None) -> Pro
     say(f"decision core and hidden update per step: {step_s * 1e6:.1f} us")
     dense_bps = measure_dense(shape, cfg.threads, compute_s, cfg.seed, cfg.ffn)
     say(f"dense block: {dense_bps / 1e9:.3f} GB/s of weights")
+    es = measure_engine_step(target, shape, cfg, cfg.step_seconds)
+    say(
+        f"the engine's own steps ({es.layers} layers of {shape.name}, every expert resident, "
+        f"{es.tokens} tokens): {es.step_overhead_s * 1e6:.1f} us of driver work per step, "
+        f"FFN {es.ffn_s * 1e3:.3f} ms, dense block {es.dense_s * 1e3:.3f} ms "
+        f"({shape.dense_bytes_per_layer / es.dense_s / 1e9:.3f} GB/s)"
+        if es.dense_s > 0
+        else f"the engine's own steps: {es.step_overhead_s * 1e6:.1f} us per step, "
+        f"FFN {es.ffn_s * 1e3:.3f} ms"
+    )
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return ProbeResult(
         shape=shape.name,
@@ -912,6 +1054,7 @@ def run_probe(cfg: ProbeConfig, log: Callable[[str], None] | None = None) -> Pro
         ffn_busy_overhead_s=max(0.0, ffn_busy - ffn_direct),
         step_overhead_s=step_s,
         ffn_direct_s=ffn_direct,
+        engine_step=es.to_dict(),
     )
 
 
@@ -941,11 +1084,11 @@ def to_profile(result: ProbeResult, name: str | None = None) -> Any:
         ),
         compute=ComputeProfile(
             ffn_bytes_per_s=result.ffn_engine_bytes_per_s,
-            dense_bytes_per_s=result.dense_bytes_per_s,
+            dense_bytes_per_s=result.dense_engine_bytes_per_s,
             dense_s_per_layer=None,
             workers=1,  # the engine computes one expert at a time, on all threads
             kernel=result.ffn_kernel,
-            step_overhead_s=result.step_overhead_s,
+            step_overhead_s=result.step_engine_s,
             read_submit_s=result.read_submit_s,
             ffn_busy_overhead_s=result.ffn_busy_overhead_s,
         ),
