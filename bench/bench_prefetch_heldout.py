@@ -17,7 +17,7 @@ The grid: the cooccur predictor's weight of the token's routed layers (beta 0.3,
 beta_prev 0.1, near 0.3 fixed), the calibrated probability threshold (0.35, 0.45,
 0.55), guesses per layer (1, 2), the lead in steps (3, 4), the hold in steps (0: a guess
 is outstanding until its step; 4: for at most 4 steps, about read time / step time on
-nvme-desktop), depth 16, one prefetch read in flight; then, on the best of those, each
+nvme-desktop), the depth (12, 16), one prefetch read in flight: 96 rules; then, on the best of those, each
 of: a speculative-slot budget of 8, reclaim of proven-wrong guesses, cancellation of
 those read from at most 3 steps before (`--prefetch-cancel 3`), and cancellation with
 the budget (tried on top of the best, kept if better where the rule is chosen).
@@ -35,7 +35,6 @@ from typing import Any
 
 BASE: dict[str, Any] = {
     "predictor": "cooccur",
-    "pipeline_depth": 16,
     "prefetch_inflight": 1,
 }
 GRID = {
@@ -44,6 +43,7 @@ GRID = {
     "prefetch_top_n": (1, 2),
     "prefetch_lead": (3, 4),
     "prefetch_hold": (0, 4),
+    "pipeline_depth": (12, 16),
 }
 EXTRAS: tuple[dict[str, Any], ...] = (
     {"prefetch_slots": 8},
@@ -53,9 +53,12 @@ EXTRAS: tuple[dict[str, Any], ...] = (
 )
 
 
-def rule_of(beta: float, min_prob: float, top_n: int, lead: int, hold: int) -> dict[str, Any]:
+def rule_of(
+    beta: float, min_prob: float, top_n: int, lead: int, hold: int, depth: int
+) -> dict[str, Any]:
     return {
         **BASE,
+        "pipeline_depth": depth,
         "predictor_params": {"beta": beta, "beta_prev": 0.1, "near": 0.3},
         "prefetch_min_prob": min_prob,
         "prefetch_top_n": top_n,
@@ -68,7 +71,7 @@ def label(rule: dict[str, Any]) -> str:
     p = rule["predictor_params"]
     s = (
         f"beta {p['beta']}, min prob {rule['prefetch_min_prob']}, top {rule['prefetch_top_n']}, "
-        f"lead {rule['prefetch_lead']}"
+        f"lead {rule['prefetch_lead']}, depth {rule['pipeline_depth']}"
     )
     if rule.get("prefetch_hold"):
         s += f", hold {rule['prefetch_hold']}"
@@ -81,10 +84,39 @@ def label(rule: dict[str, Any]) -> str:
     return s
 
 
-def main(argv: list[str] | None = None) -> int:
+#: What the simulations share (set by main before any worker is forked).
+_STATE: dict[str, Any] = {}
+
+
+def _summary(name: str, rule: dict[str, Any] | None) -> Any:
     from mer.core import ReplayConfig
-    from mer.sim.hardware import load_profile
     from mer.sim.model import simulate
+
+    cfg = ReplayConfig(
+        policy=_STATE["policy"], cache_slots=_STATE["slots"], phase="decode", **(rule or {})
+    ).validate()
+    return simulate(_STATE["traces"][name], cfg, _STATE["hw"]).summary
+
+
+def _tokens_per_s(name: str, rule: dict[str, Any] | None) -> float:
+    return float(_summary(name, rule).tokens_per_s)
+
+
+def _gain(name: str, rule: dict[str, Any], base_tps: float) -> dict[str, Any]:
+    s = _summary(name, rule)
+    pf = s.prefetch
+    return {
+        "gain": s.tokens_per_s / base_tps - 1,
+        "hit_rate": s.hit_rate,
+        "precision": pf["precision"],
+        "recall": pf["recall"],
+        "issued": pf["issued"],
+        "cancelled": pf["cancelled"],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mer.sim.hardware import load_profile
     from mer.traces.format import read_trace
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -100,6 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache-slots", type=int, default=128)
     ap.add_argument("--hardware", default="nvme-desktop")
     ap.add_argument("--rotations", choices=("all", "first"), default="all")
+    ap.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="simulate the grid in this many processes (default 1)",
+    )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     if len(args.traces) < 2:
@@ -110,29 +148,14 @@ def main(argv: list[str] | None = None) -> int:
     base_tps: dict[str, float] = {}
     cache: dict[tuple[str, str], dict[str, Any]] = {}
 
-    def cfg(**kw: Any) -> Any:
-        return ReplayConfig(
-            policy=args.policy, cache_slots=args.cache_slots, phase="decode", **kw
-        ).validate()
+    _STATE.update(traces=traces, hw=hw, policy=args.policy, slots=args.cache_slots)
+    base_tps.update({n: _tokens_per_s(n, None) for n in traces})
 
     def gain(name: str, rule: dict[str, Any]) -> dict[str, Any]:
         key = (name, json.dumps(rule, sort_keys=True))
-        if key in cache:
-            return cache[key]
-        if name not in base_tps:
-            base_tps[name] = simulate(traces[name], cfg(), hw).summary.tokens_per_s
-        s = simulate(traces[name], cfg(**rule), hw).summary
-        pf = s.prefetch
-        out = {
-            "gain": s.tokens_per_s / base_tps[name] - 1,
-            "hit_rate": s.hit_rate,
-            "precision": pf["precision"],
-            "recall": pf["recall"],
-            "issued": pf["issued"],
-            "cancelled": pf["cancelled"],
-        }
-        cache[key] = out
-        return out
+        if key not in cache:
+            cache[key] = _gain(name, rule, base_tps[name])
+        return cache[key]
 
     names = list(traces)
     select = args.select or ("loo" if len(names) >= 3 else "single")
@@ -142,6 +165,16 @@ def main(argv: list[str] | None = None) -> int:
     # loo: rotation r holds trace r out and chooses on the others; single: chooses on r
     rotations = [[n for n in names if n != r] if select == "loo" else [r] for r in rotate]
 
+    grid = [rule_of(*values) for values in itertools.product(*GRID.values())]
+    if args.processes > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("fork").Pool(args.processes) as pool:
+            todo = [(n, rule) for rule in grid for n in names]
+            jobs = [(n, rule, base_tps[n]) for n, rule in todo]
+            for (n, rule), out in zip(todo, pool.starmap(_gain, jobs), strict=True):
+                cache[(n, json.dumps(rule, sort_keys=True))] = out
+
     def score(rule: dict[str, Any], on: list[str]) -> tuple[float, float]:
         gains = [gain(n, rule)["gain"] for n in on]
         return min(gains), sum(gains) / len(gains)
@@ -150,8 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     for chosen_on in rotations:
         best: dict[str, Any] | None = None
         best_score = (float("-inf"), float("-inf"))
-        for values in itertools.product(*GRID.values()):
-            rule = rule_of(*values)
+        for rule in grid:
             sc = score(rule, chosen_on)
             if sc > best_score:
                 best, best_score = rule, sc
@@ -183,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(
         f"\n{args.hardware}, {args.cache_slots} slots, {args.policy}, global, decode; "
-        "cooccur (beta_prev 0.1, near 0.3), depth 16, 1 in flight; "
+        "cooccur (beta_prev 0.1, near 0.3), 1 in flight; "
         f"{'leave-one-out' if select == 'loo' else 'chosen on one trace'}\n"
     )
     print(
