@@ -239,3 +239,26 @@ def test_simulate_and_mrc_take_the_compiled_paths():
     assert off.summary.extra["sim_path"] == "arrays"
     assert "cotoken" in default_policies(32)
     assert _kind(MRCRequest(policies=["cotoken"]), "cotoken") == "compiled"
+
+
+@pytest.mark.parametrize("scope", ["global", "per-layer"])
+def test_exact_ties_at_every_size_decision_by_decision(scope, monkeypatch):
+    # Experts that are always picked together share every count, feature and score bit
+    # for bit, and every layer routes alike: victims are settled by the tie rule (the
+    # smaller key), and the table bounds that spare a key its log1p meet scores equal to
+    # the best so far instead of above it.
+    n_layers, n_experts = 4, 4
+    pattern = [[0, 1], [2, 3], [0, 1], [0, 1], [2, 3], [1, 2]]
+    rows = [
+        [layer * n_experts + e for e in pattern[(t // 2) % len(pattern)]]
+        for t in range(48)
+        for layer in range(n_layers)
+    ]
+    steps = np.asarray(rows, dtype=np.int32)
+    seen = np.zeros(2, dtype=np.int64)
+    for slots in range(2, n_layers * n_experts + 1, 2):
+        if scope == "per-layer" and slots % n_layers:
+            continue
+        cfg = ReplayConfig(policy="cotoken", cache_slots=slots, scope=scope)
+        seen += assert_same_decisions(steps, n_layers, n_experts, cfg, monkeypatch)
+    assert (seen > 0).all()

@@ -163,6 +163,16 @@ def test_engine_c_refuses_what_it_cannot_run():
         replay_counts(Replay(steps, n_layers=1, n_experts=4, config=cfg), engine="c")
 
 
+@pytest.mark.parametrize("policy", ["lru", "cycle", "cotoken"])
+def test_a_step_naming_a_key_twice_is_refused_not_crashed(policy):
+    # The compiled loops assume a step's keys are distinct (the trace reader refuses
+    # anything else): an array handed to Replay directly gets one clear error, not a crash.
+    steps = np.asarray([[0, 1], [2, 3], [4, 4], [6, 7]] * 5, dtype=np.int32)
+    cfg = ReplayConfig(policy=policy, cache_slots=3)
+    with pytest.raises(BadInput, match="same expert twice"):
+        replay_counts(Replay(steps, n_layers=4, n_experts=2, config=cfg))
+
+
 @pytest.mark.parametrize("k", [2, 4])
 def test_seed_locality_pinned_heavy(k):
     # The compiled seed-lru-locality keeps only unpinned residents in its recency

@@ -37,6 +37,9 @@
 
 #include <math.h>
 #include <stdint.h>
+#ifdef __SSE2__
+#include <emmintrin.h>
+#endif
 #include <stdlib.h>
 #include <string.h>
 
@@ -1239,7 +1242,6 @@ typedef struct {
     double *linv;  /* per layer, per rank of its latest visit: 1 / (rcount + prior) */
     int64_t *last, *visits;
     uint8_t *pok;  /* p[x] is current (p is computed when first needed after a visit) */
-    uint8_t *pick; /* per expert of a layer: picked at this visit (all 0 between visits) */
     uint64_t *pinmask; /* per local layer: its static pins (bit e), when E <= 64 */
     uint64_t stepmask; /* the current step's keys (bits of its layer) */
     int bits;          /* E <= 64: layers' keys as bit masks (else the byte scans) */
@@ -1248,6 +1250,7 @@ typedef struct {
     int32_t *n_latest, *loc;
     double *inv;
     double w[CY_NW], rl, rm, rs, prior;
+    double pk, inv_k; /* prior k / E and 1 / k, as cy_p's expressions compute them */
     int32_t n_keys, E, L, nl, layer0;
     int k, started, ready;
     int64_t last_t;
@@ -1323,7 +1326,6 @@ DEFINE_SIZE_INIT(Cycle, CYCLE_ARRAYS)
         (sh)->linv = take((a), sizeof(double) * nl_ * k_);                           \
         (sh)->rot = take((a), sizeof(double) * (3 * L_ + 1));                        \
         (sh)->pok = take((a), nk_);                                                  \
-        (sh)->pick = take((a), E_);                                                  \
         (sh)->pinmask = take((a), sizeof(uint64_t) * nl_);                           \
         (sh)->kl = take((a), sizeof(int32_t) * nk_);                                 \
         (sh)->invd = take((a), sizeof(double) * (L_ + 1));                           \
@@ -1356,6 +1358,8 @@ static void cycle_shared_init(CycleShared *sh, const mer_ctx *c) {
     sh->n_keys = nk;
     sh->layer0 = c->key_base / E;
     sh->k = c->k;
+    sh->pk = sh->prior * ((double)sh->k / (double)E);
+    sh->inv_k = 1.0 / (double)sh->k;
     for (int32_t i = 0; i < nk; i++) {
         sh->last[i] = -1;
         sh->rcount[i] = 0.0;
@@ -1363,7 +1367,6 @@ static void cycle_shared_init(CycleShared *sh, const mer_ctx *c) {
         sh->pok[i] = 0;
         sh->kl[i] = i / E < nl ? i / E : nl - 1;
     }
-    memset(sh->pick, 0, (size_t)E);
     sh->bits = E <= 64;
     sh->stepmask = 0;
     for (int32_t ll = 0; ll < nl; ll++) {
@@ -1394,6 +1397,20 @@ static inline double cy_prob(const CycleShared *sh, double el, double em, double
     if (w[6] != 0.0) z += w[6] * log(rep + CY_EPS);
     return z; /* the log-odds of a pick: the rule needs no sigmoid */
 }
+/* The Python class's `(1 - rate) * x + rate * picked` over a layer's experts: rate * 0.0
+   adds +0.0 to a product >= +0 (the averages never go negative), and rate * 1.0 is rate,
+   so scaling every expert and then adding rate to the picked ones gives the same bits
+   without an indicator array. An expert listed twice in a step is picked once. */
+static inline void cy_ema(double *restrict x, int32_t E, double rate, const int32_t *loc,
+                          int n) {
+    const double c = 1.0 - rate;
+    for (int32_t e = 0; e < E; e++) x[e] = c * x[e];
+    for (int r = 0; r < n; r++) {
+        int dup = 0;
+        for (int r2 = 0; r2 < r; r2++) dup |= loc[r2] == loc[r];
+        if (!dup) x[loc[r]] = x[loc[r]] + rate;
+    }
+}
 /* One visit of a layer: its transition counts, averages, gaps and repeat rates, as
    the Python class's begin_step computes them (same expressions, same order). An
    input that only a weight-0 term reads (an average, the repeat rate) is not
@@ -1414,7 +1431,6 @@ static void cycle_features(CycleShared *sh, const int32_t *keys, int k) {
     int32_t ll = sh->kl[keys[0]], b0 = ll * E;
     int32_t *restrict lat = sh->latest + (size_t)ll * k;
     int32_t *restrict loc = sh->loc;
-    uint8_t *restrict pick = sh->pick;
     double *restrict rep = sh->rep, *restrict rcount = sh->rcount;
     const int n = k;
     for (int r = 0; r < n; r++) loc[r] = keys[r] - b0;
@@ -1427,20 +1443,9 @@ static void cycle_features(CycleShared *sh, const int32_t *keys, int k) {
     for (int r = 0; r < n; r++) lat[r] = loc[r];
     sh->n_latest[ll] = n;
     const int64_t v = ++sh->visits[ll];
-    for (int r = 0; r < n; r++) pick[loc[r]] = 1;
-    double *restrict el = sh->el + b0, *restrict em = sh->em + b0, *restrict es = sh->es + b0;
-    if (w[1] != 0.0) {
-        const double rl = sh->rl;
-        for (int32_t e = 0; e < E; e++) el[e] = (1.0 - rl) * el[e] + rl * (double)pick[e];
-    }
-    if (w[2] != 0.0) {
-        const double rm = sh->rm;
-        for (int32_t e = 0; e < E; e++) em[e] = (1.0 - rm) * em[e] + rm * (double)pick[e];
-    }
-    if (w[3] != 0.0) {
-        const double rs = sh->rs;
-        for (int32_t e = 0; e < E; e++) es[e] = (1.0 - rs) * es[e] + rs * (double)pick[e];
-    }
+    if (w[1] != 0.0) cy_ema(sh->el + b0, E, sh->rl, loc, n);
+    if (w[2] != 0.0) cy_ema(sh->em + b0, E, sh->rm, loc, n);
+    if (w[3] != 0.0) cy_ema(sh->es + b0, E, sh->rs, loc, n);
     for (int r = 0; r < n; r++) sh->last[b0 + loc[r]] = v;
     /* the repeat rate and the gap read only this visit's counts, which stay as they
        are until the layer's next visit: cy_p computes them for the keys it needs */
@@ -1450,10 +1455,7 @@ static void cycle_features(CycleShared *sh, const int32_t *keys, int k) {
     }
     for (int32_t e = 0; e < E; e++) sh->pok[b0 + e] = 0;
     uint64_t sm = 0;
-    for (int r = 0; r < n; r++) {
-        pick[loc[r]] = 0;
-        sm |= (uint64_t)1 << (loc[r] & 63);
-    }
+    for (int r = 0; r < n; r++) sm |= (uint64_t)1 << (loc[r] & 63);
     sh->stepmask = sm;
     sh->cur = sh->layer0 + ll;
 }
@@ -1472,11 +1474,14 @@ static inline double cy_p(CycleShared *sh, int32_t x) {
             const int n = sh->n_latest[ll];
             const int32_t *lat = sh->latest + (size_t)ll * sh->k;
             const double *inv = sh->linv + (size_t)ll * sh->k;
-            const double pk = sh->prior * ((double)sh->k / (double)E);
+            const double pk = sh->pk;
             for (int r = 0; r < n; r++) rp += (sh->rep[((size_t)b0 + lat[r]) * E + e] + pk) * inv[r];
             /* x / n == x * (1 / n) exactly when n is a power of two (both round the
                same real number): the common k = 2 needs no division */
-            rp = (n & (n - 1)) == 0 ? rp * (1.0 / (double)n) : rp / (double)n;
+            if ((n & (n - 1)) == 0)
+                rp = rp * (n == sh->k ? sh->inv_k : 1.0 / (double)n);
+            else
+                rp = rp / (double)n;
         }
         double used = gap == 0 ? 1.0 : 0.0;
         sh->p[x] = cy_prob(sh, sh->el[x], sh->em[x], sh->es[x], used, gap, rp);
@@ -1582,6 +1587,18 @@ static int32_t cycle_best(CycleShared *sh, CySet *set, const mer_prot *prot,
     double m0 = INFINITY, m1 = INFINITY;
     int nan = 0;
     int32_t ll = 0;
+#ifdef __SSE2__
+    /* two layers a lane pair: MINPD(v, m) is `v < m ? v : m`, as the scalar loop */
+    __m128d mv = _mm_set1_pd(INFINITY), bad = _mm_setzero_pd();
+    for (; ll + 1 < nl; ll += 2) {
+        const __m128d v = _mm_sub_pd(_mm_loadu_pd(cz + ll), _mm_loadu_pd(ld + ll));
+        bad = _mm_or_pd(bad, _mm_cmpunord_pd(v, v));
+        mv = _mm_min_pd(v, mv);
+    }
+    nan = _mm_movemask_pd(bad) != 0;
+    m0 = _mm_cvtsd_f64(mv);
+    m1 = _mm_cvtsd_f64(_mm_unpackhi_pd(mv, mv));
+#endif
     for (; ll + 1 < nl; ll += 2) {
         double v0 = cz[ll] - ld[ll], v1 = cz[ll + 1] - ld[ll + 1];
         nan |= (v0 != v0) | (v1 != v1);
@@ -1594,8 +1611,20 @@ static int32_t cycle_best(CycleShared *sh, CySet *set, const mer_prot *prot,
         m0 = v0 < m0 ? v0 : m0;
     }
     if (nan) return cycle_best_literal(sh, set);
+    /* the minimum of numbers is the same in any order (a -0 / +0 pick does not matter:
+       both compare equal below) */
     const double m = m1 < m0 ? m1 : m0;
-    for (ll = 0; ll < nl; ll++)
+    ll = 0;
+#ifdef __SSE2__
+    const __m128d mm = _mm_set1_pd(m);
+    for (; ll + 1 < nl; ll += 2) {
+        const __m128d v = _mm_sub_pd(_mm_loadu_pd(cz + ll), _mm_loadu_pd(ld + ll));
+        const int hit = _mm_movemask_pd(_mm_cmpeq_pd(v, mm));
+        if ((hit & 1) && cand[ll] >= 0) return cand[ll];
+        if ((hit & 2) && cand[ll + 1] >= 0) return cand[ll + 1];
+    }
+#endif
+    for (; ll < nl; ll++)
         if (cand[ll] >= 0 && cz[ll] - ld[ll] == m) return cand[ll];
     return -1;
 }
@@ -1773,9 +1802,16 @@ typedef struct {
     double w[CT_NW], rm, prior, alpha;
     /* cycle's terms per key, at its layer's latest visit */
     double *ema, *t1, *t2, *t3, *zs, *zn; /* zs, zn: the terms times w0..3, w4..7 */
+    double *rq;   /* the repeat rate over k of the latest visit: t3 = log(rq + eps) */
+    uint8_t *zok; /* t1, t3, zs, zn are current (computed when first needed after a visit) */
+    struct ct_pend *pend; /* an eviction's keys whose score is only bounded so far */
+    double *slog_tab;      /* log1p of the bound grid (see ct_lower) */
     double *rep, *rcount, *r;             /* transition counts; r: a visit's repeat rates */
     int32_t *latest, *n_latest, *loc;
     double *logd;                          /* log d, d = 0..L */
+    int32_t *kl;                           /* local layer of every key */
+    double *ldl;     /* per local layer, this step: log d of its next visit */
+    uint8_t *later;  /* per local layer, this step: still to come in this token */
     /* the per-step score cache */
     double *score;
     uint32_t *score_at, stamp;
@@ -1791,7 +1827,8 @@ typedef struct {
     double *LA, *LB; /* log(m + alpha), log(m + 2 alpha) for m < tab_n */
     int64_t tab_n;
     int32_t *ev_layer, n_ev, ev_cap; /* this token's observed blocks: layer, and xs */
-    uint8_t *ev_x;
+    int32_t *ev_e, *ev_np; /* per block: its experts picked first, then the others (each
+                              in expert order), and how many were picked */
     double *acc; /* _ev_next of every key, after its first acc_n[x] blocks */
     int32_t *acc_n;
     double *lp; /* logit prior (once per token: lp_at) */
@@ -1806,6 +1843,10 @@ typedef struct {
 
 struct ct_rank {
     double s;
+    int32_t x;
+};
+struct ct_pend {
+    double lb;
     int32_t x;
 };
 /* Passes of at least this many caches rank every key once per step (same victims). */
@@ -1833,6 +1874,11 @@ static int ct_has_nb(const mer_ctx *c) { return ct_L(c) > 1 && c->n_keys > ct_E(
     } while (0)
 DEFINE_SIZE_INIT(Cotoken, COTOKEN_ARRAYS)
 
+/* The grid of ct_lower's bounds: |v| in [2^CT_EMIN, 2^CT_EMAX), 2^CT_MB points an octave. */
+#define CT_EMIN (-24)
+#define CT_EMAX 24
+#define CT_MB 5
+#define CT_TAB ((((CT_EMAX) - (CT_EMIN)) << CT_MB) + 1)
 #define CT_EV0 64 /* blocks kept per token before they are added to every key at once */
 #define COTOKEN_SHARED_ARRAYS(sh, a, c)                                              \
     do {                                                                             \
@@ -1845,6 +1891,10 @@ DEFINE_SIZE_INIT(Cotoken, COTOKEN_ARRAYS)
         (sh)->t3 = take((a), sizeof(double) * nk_);                                  \
         (sh)->zs = take((a), sizeof(double) * nk_);                                  \
         (sh)->zn = take((a), sizeof(double) * nk_);                                  \
+        (sh)->rq = take((a), sizeof(double) * nk_);                                  \
+        (sh)->zok = take((a), nk_);                                                  \
+        (sh)->pend = take((a), sizeof(struct ct_pend) * nk_);                        \
+        (sh)->slog_tab = take((a), sizeof(double) * CT_TAB);                         \
         (sh)->rep = take((a), sizeof(double) * nl_ * E_ * E_);                       \
         (sh)->rcount = take((a), sizeof(double) * nk_);                              \
         (sh)->r = take((a), sizeof(double) * E_);                                    \
@@ -1852,6 +1902,9 @@ DEFINE_SIZE_INIT(Cotoken, COTOKEN_ARRAYS)
         (sh)->n_latest = take((a), sizeof(int32_t) * nl_);                           \
         (sh)->loc = take((a), sizeof(int32_t) * (k_ + 1));                           \
         (sh)->logd = take((a), sizeof(double) * (L_ + 1));                           \
+        (sh)->kl = take((a), sizeof(int32_t) * nk_);                                 \
+        (sh)->ldl = take((a), sizeof(double) * nl_);                                 \
+        (sh)->later = take((a), nl_);                                                \
         (sh)->score = take((a), sizeof(double) * nk_);                               \
         (sh)->score_at = take((a), sizeof(uint32_t) * nk_);                          \
         (sh)->P = take((a), sizeof(int32_t) * nk_ * nk_ * nb_);                      \
@@ -1863,7 +1916,8 @@ DEFINE_SIZE_INIT(Cotoken, COTOKEN_ARRAYS)
         (sh)->prev_on = take((a), sizeof(int32_t) * nk_);                            \
         (sh)->cur_on = take((a), sizeof(int32_t) * nk_);                             \
         (sh)->ev_layer = take((a), sizeof(int32_t) * CT_EV0);                        \
-        (sh)->ev_x = take((a), E_ * CT_EV0);                                         \
+        (sh)->ev_e = take((a), sizeof(int32_t) * E_ * CT_EV0);                       \
+        (sh)->ev_np = take((a), sizeof(int32_t) * CT_EV0);                           \
         (sh)->acc = take((a), sizeof(double) * nk_);                                 \
         (sh)->acc_n = take((a), sizeof(int32_t) * nk_);                              \
         (sh)->lp = take((a), sizeof(double) * nk_);                                  \
@@ -1899,6 +1953,7 @@ static void cotoken_shared_init(CotokenShared *sh, const mer_ctx *c) {
     sh->nb = ct_has_nb(c);
     sh->logd[0] = 0.0;
     for (int32_t d = 1; d <= sh->L; d++) sh->logd[d] = log((double)d);
+    for (int32_t x = 0; x < nk; x++) sh->kl[x] = x / E < nl ? x / E : nl - 1;
     memset(sh->rep, 0, sizeof(double) * (size_t)nl * E * E);
     memset(sh->rcount, 0, sizeof(double) * nk);
     memset(sh->n_latest, 0, sizeof(int32_t) * nl);
@@ -1927,6 +1982,13 @@ static void cotoken_shared_init(CotokenShared *sh, const mer_ctx *c) {
     sh->tok = 0;
     sh->oom = 0;
     sh->sorted = c->n_caches >= CT_SORT_MIN;
+    for (int i = 0; i < CT_TAB; i++) { /* log1p at the grid points 2^e (1 + j / 2^CT_MB) */
+        const uint64_t bits = ((uint64_t)(1023 + CT_EMIN) << CT_MB) + (uint64_t)i;
+        double g;
+        const uint64_t gb = bits << (52 - CT_MB);
+        memcpy(&g, &gb, sizeof g);
+        sh->slog_tab[i] = log1p(g);
+    }
     sh->order_at = 0;
     sh->ready = 1;
 }
@@ -1965,6 +2027,7 @@ static void ct_start(CotokenShared *sh) {
         sh->t3[x] = lb;
         sh->zs[x] = ct_dot_same(sh, x);
         sh->zn[x] = ct_dot_next(sh, x);
+        sh->zok[x] = 1;
     }
     if (sh->nb) ct_tables(sh, 2);
     sh->started = 1;
@@ -2001,18 +2064,30 @@ static void ct_visit(CotokenShared *sh, const int32_t *keys, int k) {
         const double *row = sh->rep + ((size_t)b0 + loc[r]) * E;
         for (int32_t e = 0; e < E; e++) r_[e] += (row[e] + pk) / den;
     }
+    /* the logarithms wait until a score needs them (ct_terms): most keys are not resident */
     for (int32_t e = 0; e < E; e++) {
-        const int32_t x = b0 + e;
-        sh->t1[x] = log(ema[e] + CT_EPS);
-        sh->t3[x] = log(r_[e] / (double)k + CT_EPS);
-        sh->zs[x] = ct_dot_same(sh, x);
-        sh->zn[x] = ct_dot_next(sh, x);
+        sh->rq[b0 + e] = r_[e] / (double)k;
+        sh->zok[b0 + e] = 0;
     }
+}
+/* t1, t3, zs and zn of key x at its layer's latest visit: its ema and rq are as that
+   visit left them, so these are the values the visit would have computed. */
+static inline void ct_terms(CotokenShared *sh, int32_t x) {
+    if (sh->zok[x]) return;
+    sh->t1[x] = log(sh->ema[x] + CT_EPS);
+    sh->t3[x] = log(sh->rq[x] + CT_EPS);
+    sh->zs[x] = ct_dot_same(sh, x);
+    sh->zn[x] = ct_dot_next(sh, x);
+    sh->zok[x] = 1;
 }
 /* One observed block's likelihood ratios, added to key y's evidence (Python
    `xs @ V1[block] + (1 - xs) @ V0[block]`, V from the counts). */
-static inline double ct_block(const CotokenShared *sh, int32_t layer, const uint8_t *xs,
-                              int32_t y) {
+/* One observed block's likelihood ratios, added to key y's evidence (Python
+   `xs @ V1[block] + (1 - xs) @ V0[block]`, V from the counts): the picked experts'
+   terms summed in expert order, then the others', as a branch on xs[e] in expert order
+   would sum them (the block lists its picked experts first: no branch to mispredict). */
+static inline double ct_block(const CotokenShared *sh, int32_t layer, const int32_t *ev,
+                              int32_t np, int32_t y) {
     const int32_t E = sh->E, nk = sh->n_keys;
     const int64_t Tp = sh->Tp;
     const int32_t nn = sh->n_next[y];
@@ -2021,18 +2096,21 @@ static inline double ct_block(const CotokenShared *sh, int32_t layer, const uint
     double s1 = 0.0, s0 = 0.0;
     const int32_t *P = sh->P + (size_t)y * nk + (size_t)layer * E; /* P[y][x]: a block's x together */
     const int32_t *np_ = sh->n_prev + (size_t)layer * E;
-    for (int32_t e = 0; e < E; e++) {
-        const int32_t p = P[e], q = np_[e];
-        if (xs[e])
-            s1 += (LA[p] - lb1) - (LA[q - p] - lb0);
-        else
-            s0 += (LA[nn - p] - lb1) - (LA[Tp - nn - q + p] - lb0);
+    int32_t j = 0;
+    for (; j < np; j++) {
+        const int32_t e = ev[j], p = P[e], q = np_[e];
+        s1 += (LA[p] - lb1) - (LA[q - p] - lb0);
+    }
+    for (; j < E; j++) {
+        const int32_t e = ev[j], p = P[e], q = np_[e];
+        s0 += (LA[nn - p] - lb1) - (LA[Tp - nn - q + p] - lb0);
     }
     return s1 + s0;
 }
 static inline void ct_catch_up(CotokenShared *sh, int32_t y) {
     for (int32_t i = sh->acc_n[y]; i < sh->n_ev; i++)
-        sh->acc[y] += ct_block(sh, sh->ev_layer[i], sh->ev_x + (size_t)i * sh->E, y);
+        sh->acc[y] += ct_block(sh, sh->ev_layer[i], sh->ev_e + (size_t)i * sh->E,
+                               sh->ev_np[i], y);
     sh->acc_n[y] = sh->n_ev;
 }
 /* cooccur's `observe` for the parts cotoken reads: counts at a token's end, this
@@ -2075,21 +2153,24 @@ static void ct_observe(CotokenShared *sh, const int32_t *keys, int k, int32_t la
         sh->n_ev = 0;
     }
     sh->ev_layer[sh->n_ev] = layer;
-    memcpy(sh->ev_x + (size_t)sh->n_ev * E, sh->curtok + (size_t)layer * E, E);
+    {
+        const uint8_t *xs = sh->curtok + (size_t)layer * E;
+        int32_t *ev = sh->ev_e + (size_t)sh->n_ev * E, np = 0;
+        for (int32_t e = 0; e < E; e++)
+            if (xs[e]) ev[np++] = e;
+        sh->ev_np[sh->n_ev] = np;
+        for (int32_t e = 0; e < E; e++)
+            if (!xs[e]) ev[np++] = e;
+    }
     sh->n_ev++;
 }
 /* z - log d of local key x after this step's begin (Python `F @ w - log d`). */
 static inline double ct_score(CotokenShared *sh, int32_t x) {
     if (sh->score_at[x] == sh->stamp) return sh->score[x];
-    const int32_t E = sh->E, L = sh->L;
-    int32_t ll = x / E;
-    if (ll >= sh->nl) ll = sh->nl - 1;
-    const int32_t gl = sh->layer0 + ll, cur = sh->cur;
-    int32_t d = (gl - cur - 1) % L;
-    if (d < 0) d += L;
-    d += 1;
+    ct_terms(sh, x);
+    const int32_t ll = sh->kl[x];
     double z;
-    if (gl > cur) {
+    if (sh->later[ll]) {
         z = sh->zs[x];
     } else {
         z = sh->zn[x];
@@ -2104,10 +2185,48 @@ static inline double ct_score(CotokenShared *sh, int32_t x) {
             z = z + sh->w[8] * s;
         }
     }
-    const double sc = z - sh->logd[d];
+    const double sc = z - sh->ldl[ll];
     sh->score[x] = sc;
     sh->score_at[x] = sh->stamp;
     return sc;
+}
+/* A lower bound of ct_score(x) without its log1p, or NAN where there is none to give
+   (the caller then computes the score). For a key of a layer already visited this token
+   (naive Bayes on, w8 > 0) the score is zn + w8 slog(v) - log d, increasing in slog(v),
+   and slog is increasing: slog(v) >= slog(g) for the grid point g at or below v, whose
+   log1p is tabulated. The table's values are moved down by 2^-40 of themselves, far more
+   than log1p's rounding, so the bound holds for the computed score, not only the exact
+   one: every later operation (a multiply by w8 > 0, an add, a subtract) rounds monotonically. */
+static inline double ct_lower(CotokenShared *sh, int32_t x) {
+    if (sh->score_at[x] == sh->stamp) return sh->score[x];
+    if (!sh->nb || !(sh->w[8] > 0.0)) return NAN;
+    const int32_t ll = sh->kl[x];
+    if (sh->later[ll]) return NAN; /* z = zs: no log1p to save */
+    ct_terms(sh, x);
+    ct_catch_up(sh, x);
+    if (sh->lp_at[x] != sh->tok) {
+        sh->lp[x] = sh->LA[sh->n[x]] - sh->LA[sh->T - sh->n[x]];
+        sh->lp_at[x] = sh->tok;
+    }
+    const double v = sh->lp[x] + sh->acc[x];
+    const double a = fabs(v);
+    double s;
+    if (!(a < 0x1p24)) return NAN; /* past the grid (or NaN) */
+    if (a < 0x1p-24) {
+        s = v >= 0 ? 0.0 : -0x1p-23; /* 0 <= log1p(a) <= a */
+    } else {
+        uint64_t b;
+        memcpy(&b, &a, sizeof b);
+        const int64_t i = (int64_t)(b >> (52 - CT_MB)) - ((int64_t)(1023 + CT_EMIN) << CT_MB);
+        if (v >= 0) {
+            const double g = sh->slog_tab[i];
+            s = g - g * 0x1p-40;
+        } else {
+            const double g = sh->slog_tab[i + 1]; /* the grid point above a */
+            s = -(g + g * 0x1p-40);
+        }
+    }
+    return (sh->zn[x] + sh->w[8] * s) - sh->ldl[ll];
 }
 static void cotoken_init(void *sv, const mer_ctx *c) {
     Cotoken *s = sv;
@@ -2130,6 +2249,15 @@ static void cotoken_begin(void *sv, int64_t t, const int32_t *keys, const int64_
     const int32_t layer = sh->layer0 + ll;
     if (sh->nb && layer != sh->cur) ct_observe(sh, keys, k, layer);
     sh->cur = layer;
+    /* each layer's d = (its layer - cur - 1) mod L + 1 and whether it is still to come,
+       for this step's scores (one modulo a step, not one per score) */
+    int32_t r = (sh->layer0 - layer - 1) % sh->L;
+    if (r < 0) r += sh->L;
+    for (int32_t l2 = 0; l2 < sh->nl; l2++) {
+        sh->ldl[l2] = sh->logd[r + 1];
+        sh->later[l2] = sh->layer0 + l2 > layer;
+        if (++r == sh->L) r = 0;
+    }
     if (++sh->stamp == 0) { /* every 2^32 steps: forget every cached score */
         memset(sh->score_at, 0, sizeof(uint32_t) * sh->n_keys);
         sh->order_at = 0;
@@ -2180,10 +2308,33 @@ static int32_t cotoken_evict(void *sv, const mer_prot *p) {
         if (best >= 0) cotoken_remove(s, best);
         return best;
     }
+    /* the lowest (score, key): scores that cost no log1p first, then the others only
+       where their lower bound does not exceed the best so far (a key whose bound is
+       above it scores above it too, so it can neither win nor tie) */
+    struct ct_pend *pend = sh->pend;
+    int32_t n_pend = 0, first = -1;
     for (int32_t i = 0; i < s->n; i++) {
         const int32_t x = s->list[i];
         if (is_prot(p, x)) continue;
-        const double v = ct_score(s->sh, x);
+        const double lb = ct_lower(sh, x);
+        if (lb != lb || sh->score_at[x] == sh->stamp) {
+            const double v = ct_score(sh, x);
+            if (best < 0 || v < bs || (v == bs && x < best)) {
+                best = x;
+                bs = v;
+            }
+        } else {
+            if (first < 0 || lb < pend[first].lb) first = n_pend;
+            pend[n_pend].lb = lb;
+            pend[n_pend++].x = x;
+        }
+    }
+    for (int32_t j = -1; j < n_pend; j++) { /* the lowest bound first, then the rest */
+        if (j == first) continue;
+        const struct ct_pend *q = &pend[j < 0 ? first : j];
+        if (best >= 0 && q->lb > bs) continue;
+        const int32_t x = q->x;
+        const double v = ct_score(sh, x);
         if (best < 0 || v < bs || (v == bs && x < best)) {
             best = x;
             bs = v;
@@ -2262,6 +2413,19 @@ int mer_next_use(const int32_t *keys, int64_t n, int32_t n_keys, int64_t *out) {
 }
 
 /* == the driver ==================================================================== */
+
+/* Every step names k distinct keys (a token's top-k experts at one layer: the trace
+   reader refuses anything else); the drivers and the policies' per-step loops rely on
+   it. The first step that does not, or -1. */
+static int64_t mer_first_repeat(const int32_t *keys, int64_t n_steps, int k) {
+    for (int64_t i = 0; i < n_steps; i++) {
+        const int32_t *s = keys + i * k;
+        for (int r = 1; r < k; r++)
+            for (int r2 = 0; r2 < r; r2++)
+                if (s[r] == s[r2]) return i;
+    }
+    return -1;
+}
 
 struct Handle;
 typedef int (*feed_fn)(struct Handle *h, const int32_t *keys, const int64_t *tidx,
@@ -2381,8 +2545,17 @@ MER_INLINE int feed_impl(Handle *h, const mer_policy *pol, const int K,
     const int protects = pol->protects_step;
     if (pol->needs_future && !next_use) return -1;
     if ((outcome || victim) && nc != 1) return -2;
-    for (int64_t i = 0; i < n_steps * k; i++) /* every key in range, before any state moves */
-        if ((uint32_t)keys_all[i] >= nk) return -3;
+    /* every key in range and no key twice in a step, before any state moves (loops
+       without an early exit, which the compiler vectorises) */
+    int out_of_range = 0, repeat = 0;
+    for (int64_t i = 0; i < n_steps * k; i++) out_of_range |= (uint32_t)keys_all[i] >= nk;
+    if (out_of_range) return -3;
+    if (k == 2) {
+        for (int64_t i = 0; i < n_steps; i++) repeat |= keys_all[2 * i] == keys_all[2 * i + 1];
+    } else if (k > 2) {
+        repeat = mer_first_repeat(keys_all, n_steps, k) >= 0;
+    }
+    if (repeat) return -5;
     mer_prot prot = {h->mark, 0, protects, pinned};
     /* per step: which ranks missed, which hit (on the stack when k is a constant) */
     int32_t missed_k[K ? K : 1];

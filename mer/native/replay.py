@@ -24,6 +24,14 @@ from typing import Any
 import numpy as np
 
 from mer import native
+from mer.errors import BadInput
+
+#: A step that names one key twice (the compiled loops refuse it; traces never hold one).
+REPEAT_MESSAGE = (
+    "a step names the same expert twice: each step's keys are one token's top-k experts "
+    "at one layer and must be distinct (mer's trace reader refuses such traces; fix the "
+    "array passed to Replay)."
+)
 
 #: Steps fed to C per call: progress and Ctrl-C are seen between chunks.
 CHUNK_STEPS = 1 << 15
@@ -227,6 +235,8 @@ def run_pass(
             )
             if rc == -4:
                 raise MemoryError(f"compiled replay of {pol.name}: out of memory")
+            if rc == -5:
+                raise BadInput(REPEAT_MESSAGE)
             if rc != 0:
                 raise ValueError(f"compiled replay of {pol.name}: bad input (code {rc})")
             if progress:

@@ -620,6 +620,7 @@ int mer_sim_run(const mer_sim_cfg *g, const int32_t *steps, int64_t n_steps,
         if (steps[i] < 0 || steps[i] >= N) return -3;
     for (int64_t i = 0; i < w_off[n_steps]; i++)
         if (w_key[i] < 0 || w_key[i] >= N) return -3;
+    if (mer_first_repeat(steps, n_steps, k) >= 0) return -5; /* a key twice in a step */
     memset(o->stats, 0, sizeof(int64_t) * 8 * g->n_layers);
     o->n_reads = o->n_obs = 0;
     Cache c;

@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from mer import native
-from mer.native.replay import _ptr
+from mer.errors import BadInput
+from mer.native.replay import REPEAT_MESSAGE, _ptr
 
 #: The policies this loop is tested equal to the Python step loop on (step-protecting,
 #: no future; cotoken's hooks read only the state its begin_step left, so a victim for a
@@ -129,6 +130,8 @@ def run(
     )
     if rc == -1:
         raise MemoryError("compiled simulation: out of memory")
+    if rc == -5:
+        raise BadInput(REPEAT_MESSAGE)
     if rc != 0:
         raise ValueError(f"compiled simulation: bad input (code {rc})")
     n, m = int(out.n_reads), int(out.n_obs)
