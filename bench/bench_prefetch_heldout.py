@@ -1,24 +1,26 @@
-"""Prefetch that pays, held out: the rule chosen on one trace, its gain shown on the others.
+"""Prefetch that pays, held out: the rule chosen without the trace it is shown on.
 
     .venv/bin/python bench/bench_prefetch_heldout.py A.parquet B.parquet [C.parquet ...] \\
-        [--policy cycle] [--cache-slots 128] [--hardware nvme-desktop] [--rotations all|first]
-        [--json]
+        [--select loo|single] [--policy cycle] [--cache-slots 128] [--hardware nvme-desktop]
+        [--rotations all|first] [--json]
 
-For each trace in turn (`--rotations all`; `first`: only the first trace), every rule of
-the grid below runs in `mer simulate` on that trace alone (decode phase, global scope);
-the rule with the highest simulated tokens/s gain over the same policy without prefetch
-is chosen there and then run, unchanged, on every other trace. The table prints the
-chosen rule and its gain on the traces it was not chosen on: the held-out figure. The
-in-sample gain (on the trace it was chosen on) is printed beside it, to show how much of
-it is selection.
+Every rule of the grid below runs in `mer simulate` on each trace (decode phase, global
+scope), scored by its simulated tokens/s gain over the same policy without prefetch.
+`--select loo` (the default with three traces or more): each trace in turn is held out
+and the rule is chosen on all the others, as the one whose smallest gain there is the
+largest (ties: the larger mean); it is then shown, unchanged, on the held-out trace.
+`--select single`: the rule is chosen on one trace alone and shown on every other. The
+table prints the chosen rule, its gain on the held-out trace (the held-out figure) and,
+beside it, its gains where it was chosen (in sample), to show how much of it is selection.
 
 The grid: the cooccur predictor's weight of the token's routed layers (beta 0.3, 0.4;
 beta_prev 0.1, near 0.3 fixed), the calibrated probability threshold (0.35, 0.45,
-0.55), guesses per layer (1, 2), the lead in steps (2, 3, 4), depth 16, one prefetch
-read in flight; then, on the best of those, each of: a speculative-slot budget of 8,
-reclaim of proven-wrong guesses, cancellation of those read from at most 3 steps before
-(`--prefetch-cancel 3`), and cancellation with the budget (tried on top of the best,
-kept if better).
+0.55), guesses per layer (1, 2), the lead in steps (3, 4), the hold in steps (0: a guess
+is outstanding until its step; 4: for at most 4 steps, about read time / step time on
+nvme-desktop), the depth (12, 16), one prefetch read in flight: 96 rules; then, on the best of those, each
+of: a speculative-slot budget of 8, reclaim of proven-wrong guesses, cancellation of
+those read from at most 3 steps before (`--prefetch-cancel 3`), and cancellation with
+the budget (tried on top of the best, kept if better where the rule is chosen).
 """
 
 from __future__ import annotations
@@ -33,14 +35,15 @@ from typing import Any
 
 BASE: dict[str, Any] = {
     "predictor": "cooccur",
-    "pipeline_depth": 16,
     "prefetch_inflight": 1,
 }
 GRID = {
     "beta": (0.3, 0.4),
     "prefetch_min_prob": (0.35, 0.45, 0.55),
     "prefetch_top_n": (1, 2),
-    "prefetch_lead": (2, 3, 4),
+    "prefetch_lead": (3, 4),
+    "prefetch_hold": (0, 4),
+    "pipeline_depth": (12, 16),
 }
 EXTRAS: tuple[dict[str, Any], ...] = (
     {"prefetch_slots": 8},
@@ -50,13 +53,17 @@ EXTRAS: tuple[dict[str, Any], ...] = (
 )
 
 
-def rule_of(beta: float, min_prob: float, top_n: int, lead: int) -> dict[str, Any]:
+def rule_of(
+    beta: float, min_prob: float, top_n: int, lead: int, hold: int, depth: int
+) -> dict[str, Any]:
     return {
         **BASE,
+        "pipeline_depth": depth,
         "predictor_params": {"beta": beta, "beta_prev": 0.1, "near": 0.3},
         "prefetch_min_prob": min_prob,
         "prefetch_top_n": top_n,
         "prefetch_lead": lead,
+        "prefetch_hold": hold,
     }
 
 
@@ -64,8 +71,10 @@ def label(rule: dict[str, Any]) -> str:
     p = rule["predictor_params"]
     s = (
         f"beta {p['beta']}, min prob {rule['prefetch_min_prob']}, top {rule['prefetch_top_n']}, "
-        f"lead {rule['prefetch_lead']}"
+        f"lead {rule['prefetch_lead']}, depth {rule['pipeline_depth']}"
     )
+    if rule.get("prefetch_hold"):
+        s += f", hold {rule['prefetch_hold']}"
     if rule.get("prefetch_slots"):
         s += f", slots {rule['prefetch_slots']}"
     if rule.get("prefetch_reclaim"):
@@ -75,18 +84,60 @@ def label(rule: dict[str, Any]) -> str:
     return s
 
 
-def main(argv: list[str] | None = None) -> int:
+#: What the simulations share (set by main before any worker is forked).
+_STATE: dict[str, Any] = {}
+
+
+def _summary(name: str, rule: dict[str, Any] | None) -> Any:
     from mer.core import ReplayConfig
-    from mer.sim.hardware import load_profile
     from mer.sim.model import simulate
+
+    cfg = ReplayConfig(
+        policy=_STATE["policy"], cache_slots=_STATE["slots"], phase="decode", **(rule or {})
+    ).validate()
+    return simulate(_STATE["traces"][name], cfg, _STATE["hw"]).summary
+
+
+def _tokens_per_s(name: str, rule: dict[str, Any] | None) -> float:
+    return float(_summary(name, rule).tokens_per_s)
+
+
+def _gain(name: str, rule: dict[str, Any], base_tps: float) -> dict[str, Any]:
+    s = _summary(name, rule)
+    pf = s.prefetch
+    return {
+        "gain": s.tokens_per_s / base_tps - 1,
+        "hit_rate": s.hit_rate,
+        "precision": pf["precision"],
+        "recall": pf["recall"],
+        "issued": pf["issued"],
+        "cancelled": pf["cancelled"],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mer.sim.hardware import load_profile
     from mer.traces.format import read_trace
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("traces", nargs="+", type=Path)
+    ap.add_argument(
+        "--select",
+        choices=("loo", "single"),
+        default=None,
+        help="loo: choose on every trace but the held-out one (default with 3+ traces); "
+        "single: choose on one trace, show on the others (default with 2)",
+    )
     ap.add_argument("--policy", default="cycle")
     ap.add_argument("--cache-slots", type=int, default=128)
     ap.add_argument("--hardware", default="nvme-desktop")
     ap.add_argument("--rotations", choices=("all", "first"), default="all")
+    ap.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="simulate the grid in this many processes (default 1)",
+    )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     if len(args.traces) < 2:
@@ -97,60 +148,75 @@ def main(argv: list[str] | None = None) -> int:
     base_tps: dict[str, float] = {}
     cache: dict[tuple[str, str], dict[str, Any]] = {}
 
-    def cfg(**kw: Any) -> Any:
-        return ReplayConfig(
-            policy=args.policy, cache_slots=args.cache_slots, phase="decode", **kw
-        ).validate()
+    _STATE.update(traces=traces, hw=hw, policy=args.policy, slots=args.cache_slots)
+    base_tps.update({n: _tokens_per_s(n, None) for n in traces})
 
     def gain(name: str, rule: dict[str, Any]) -> dict[str, Any]:
         key = (name, json.dumps(rule, sort_keys=True))
-        if key in cache:
-            return cache[key]
-        if name not in base_tps:
-            base_tps[name] = simulate(traces[name], cfg(), hw).summary.tokens_per_s
-        s = simulate(traces[name], cfg(**rule), hw).summary
-        pf = s.prefetch
-        out = {
-            "gain": s.tokens_per_s / base_tps[name] - 1,
-            "hit_rate": s.hit_rate,
-            "precision": pf["precision"],
-            "recall": pf["recall"],
-            "issued": pf["issued"],
-            "cancelled": pf["cancelled"],
-        }
-        cache[key] = out
-        return out
+        if key not in cache:
+            cache[key] = _gain(name, rule, base_tps[name])
+        return cache[key]
 
     names = list(traces)
-    choose_on = names if args.rotations == "all" else names[:1]
+    select = args.select or ("loo" if len(names) >= 3 else "single")
+    if select == "loo" and len(names) < 3:
+        ap.error("--select loo needs three traces or more: one held out, two to choose on")
+    rotate = names if args.rotations == "all" else names[:1]
+    # loo: rotation r holds trace r out and chooses on the others; single: chooses on r
+    rotations = [[n for n in names if n != r] if select == "loo" else [r] for r in rotate]
+
+    grid = [rule_of(*values) for values in itertools.product(*GRID.values())]
+    if args.processes > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("fork").Pool(args.processes) as pool:
+            todo = [(n, rule) for rule in grid for n in names]
+            jobs = [(n, rule, base_tps[n]) for n, rule in todo]
+            for (n, rule), out in zip(todo, pool.starmap(_gain, jobs), strict=True):
+                cache[(n, json.dumps(rule, sort_keys=True))] = out
+
+    def score(rule: dict[str, Any], on: list[str]) -> tuple[float, float]:
+        gains = [gain(n, rule)["gain"] for n in on]
+        return min(gains), sum(gains) / len(gains)
+
     rows = []
-    for chosen in choose_on:
+    for chosen_on in rotations:
         best: dict[str, Any] | None = None
-        best_gain = float("-inf")
-        for beta, mp, top, lead in itertools.product(*GRID.values()):
-            rule = rule_of(beta, mp, top, lead)
-            g = gain(chosen, rule)["gain"]
-            if g > best_gain:
-                best, best_gain = rule, g
+        best_score = (float("-inf"), float("-inf"))
+        for rule in grid:
+            sc = score(rule, chosen_on)
+            if sc > best_score:
+                best, best_score = rule, sc
         assert best is not None
         for extra in EXTRAS:
             rule = {**best, **extra}
-            g = gain(chosen, rule)["gain"]
-            if g > best_gain:
-                best, best_gain = rule, g
-        print(f"  chosen on {chosen}: {label(best)} ({100 * best_gain:+.2f}%)", file=sys.stderr)
+            sc = score(rule, chosen_on)
+            if sc > best_score:
+                best, best_score = rule, sc
+        on = ", ".join(chosen_on)
+        print(
+            f"  chosen on {on}: {label(best)} (smallest gain there {100 * best_score[0]:+.2f}%)",
+            file=sys.stderr,
+        )
         for name in names:
-            r = gain(name, best)
+            g = gain(name, best)
             rows.append(
-                {"chosen_on": chosen, "trace": name, "held_out": name != chosen, "rule": best, **r}
+                {
+                    "chosen_on": chosen_on,
+                    "trace": name,
+                    "held_out": name not in chosen_on,
+                    "rule": best,
+                    **g,
+                }
             )
     seconds = time.perf_counter() - t0
     if args.json:
-        print(json.dumps({"rows": rows, "seconds": seconds}, indent=1))
+        print(json.dumps({"select": select, "rows": rows, "seconds": seconds}, indent=1))
         return 0
     print(
         f"\n{args.hardware}, {args.cache_slots} slots, {args.policy}, global, decode; "
-        "cooccur (beta_prev 0.1, near 0.3), depth 16, 1 in flight\n"
+        "cooccur (beta_prev 0.1, near 0.3), 1 in flight; "
+        f"{'leave-one-out' if select == 'loo' else 'chosen on one trace'}\n"
     )
     print(
         "| chosen on | rule | shown on | held out | gain | hit rate | precision | recall | "
@@ -159,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
-            f"| {r['chosen_on']} | {label(r['rule'])} | {r['trace']} | "
+            f"| {', '.join(r['chosen_on'])} | {label(r['rule'])} | {r['trace']} | "
             f"{'yes' if r['held_out'] else 'no (in sample)'} | {100 * r['gain']:+.2f}% | "
             f"{100 * r['hit_rate']:.1f}% | {100 * r['precision']:.1f}% | "
             f"{100 * r['recall']:.1f}% | {r['issued']:,} |"

@@ -795,6 +795,7 @@ def _run_compiled(replay: Replay, tm: _Timing, rec: _Recorder) -> int | None:
         prefetch_slots=cfg.prefetch_slots,
         prefetch_reclaim=cfg.prefetch_reclaim,
         max_inflight=replay.rule.max_inflight,
+        hold=replay.rule.hold,
         tm=tm,
     )
     if res is None:

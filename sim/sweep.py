@@ -43,6 +43,7 @@ BASE_KEYS = (
     "prefetch_slots",
     "prefetch_reclaim",
     "prefetch_cancel",
+    "prefetch_hold",
     "prefetch_lead",
     "pin",
     "phase",
@@ -60,6 +61,7 @@ OMIT_AT_DEFAULT: dict[str, Any] = {
     "prefetch_slots": 0,
     "prefetch_reclaim": False,
     "prefetch_cancel": 0,
+    "prefetch_hold": 0,
     "prefetch_lead": 1,
 }
 
@@ -551,6 +553,7 @@ def run_command(row: dict[str, Any], experts: str = "EXPERTS.gguf") -> str:
         "prefetch_slots": 0,
         "prefetch_lead": 1,
         "prefetch_cancel": 0,
+        "prefetch_hold": 0,
         "pin": 0,
     }
     for key, flag in (
@@ -559,6 +562,7 @@ def run_command(row: dict[str, Any], experts: str = "EXPERTS.gguf") -> str:
         ("prefetch_slots", "--prefetch-slots"),
         ("prefetch_lead", "--prefetch-lead"),
         ("prefetch_cancel", "--prefetch-cancel"),
+        ("prefetch_hold", "--prefetch-hold"),
         ("pin", "--pin"),
     ):
         value = row.get(key)

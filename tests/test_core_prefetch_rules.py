@@ -333,3 +333,48 @@ def test_lead_skips_the_steps_too_close_to_land_in_time():
                 u = rep.cache.spec[a.key]
                 assert t + lead <= u <= t + 3
                 assert a.key in steps[u]
+
+
+@pytest.mark.parametrize("hold", [0, 1, 2, 3])
+@pytest.mark.parametrize("inflight", [1, 2])
+def test_hold_frees_a_guess_after_the_steps_its_read_takes(hold, inflight):
+    """--prefetch-hold N: a guess stops counting against --prefetch-inflight N steps after
+    it was issued, or when it is looked up or evicted, whichever comes first (0: no cap
+    in steps). The outstanding guesses and the keys wanted are tracked here from the trace
+    and the admissions alone; the oracle wants each step's keys from `lead` steps ahead on,
+    in rank order."""
+    steps = _steps(5, 20)
+    depth, lead, n = 4, 3, len(steps)
+    cfg = ReplayConfig(
+        policy="lru",
+        cache_slots=12,
+        predictor="oracle",
+        pipeline_depth=depth,
+        prefetch_top_n=K,
+        prefetch_inflight=inflight,
+        prefetch_lead=lead,
+        prefetch_hold=hold,
+    )
+    rep = Replay(steps, n_layers=L, n_experts=E, config=cfg)
+    issued: dict[int, tuple[int, int]] = {}  # key -> (issued at, aimed at)
+    total = 0
+    for t in range(n):
+        res = rep.step(t)
+        for key in res.keys:
+            issued.pop(key, None)  # looked up: used (or it was never a guess)
+        for a in res.reads:
+            issued.pop(a.evicted, None)
+        outstanding = [k for k, (s, u) in issued.items() if u > t and (hold == 0 or t - s < hold)]
+        wanted: list[int] = []
+        for u in range(t + lead, min(n, t + depth + 1)):
+            wanted += [int(k) for k in steps[u] if int(k) not in wanted]
+        fresh = [k for k in wanted if k not in rep.cache.state]
+        expect = fresh[: max(0, inflight - len(outstanding))]
+        got = rep.prefetch(t)
+        assert [a.key for a in got] == expect, (t, outstanding)
+        for a in got:
+            issued.pop(a.evicted, None)
+            u = next(u for u in range(t + 1, n) if a.key in steps[u])
+            issued[a.key] = (t, u)
+        total += len(got)
+    assert total > 0

@@ -396,6 +396,14 @@ def test_background_depth_changes_timing_only(gguf_file: Path, io: str) -> None:
             prefetch_top_n=1,
             prefetch_cancel=2,
         ),
+        ReplayConfig(
+            cache_slots=40,
+            predictor="cooccur",
+            pipeline_depth=6,
+            prefetch_lead=2,
+            prefetch_inflight=2,
+            prefetch_hold=1,
+        ),
     ],
     ids=[
         "oracle-inflight2",
@@ -403,6 +411,7 @@ def test_background_depth_changes_timing_only(gguf_file: Path, io: str) -> None:
         "prev-token-reclaim",
         "lfu-per-layer-oracle",
         "markov-cancel",
+        "cooccur-hold",
     ],
 )
 def test_prefetch_on_engine_and_simulator_take_the_same_decisions(

@@ -92,6 +92,7 @@ def _random_case(rng: random.Random, i: int):
         prefetch_reclaim=rng.choice([False, True]),
         prefetch_lead=rng.choice([1, 1, 2, 0]),
     )
+    cfg.prefetch_hold = rng.choice([0, 0, 1, 2, 4])
     return trace, cfg, hw, SimOptions(mode=rng.choice(["model", "seed"]), shape=SHAPE.name)
 
 
@@ -141,6 +142,8 @@ def test_compiled_step_equals_python_on_wrong_guesses(monkeypatch):
             prefetch_inflight=rng.choice([2, 8]),
             prefetch_slots=rng.choice([0, 1, 2, 3]),
             prefetch_reclaim=i % 2 == 0,
+            prefetch_lead=rng.choice([1, 2]),
+            prefetch_hold=rng.choice([0, 1, 3]),
         )
         opts = SimOptions(shape=SHAPE.name)
         fast = simulate(trace, cfg, hw, opts)

@@ -262,6 +262,17 @@ def add_replay_args(p: argparse.ArgumentParser, *, sweep: bool = False, live: bo
         "never read; older guesses have landed and stay (default 0: never drop; about read "
         "time / step time, 1024: always)",
     )
+    p.add_argument(
+        "--prefetch-hold",
+        type=non_negative_int,
+        default=0,
+        metavar="N",
+        help="a prefetch counts against --prefetch-inflight for at most N steps after it "
+        "was issued (about read time / step time: the steps its read takes), so the next "
+        "guess starts when the read would have landed rather than when its layer comes; a "
+        "count of steps, never a clock, so the simulator and the engine issue the same "
+        "reads (default 0: until its layer is looked up)",
+    )
     if not live:
         p.add_argument(
             "--pin",
@@ -347,6 +358,7 @@ def replay_config_from_args(
         prefetch_slots=getattr(args, "prefetch_slots", 0),
         prefetch_reclaim=bool(getattr(args, "prefetch_reclaim", False)),
         prefetch_cancel=getattr(args, "prefetch_cancel", 0),
+        prefetch_hold=getattr(args, "prefetch_hold", 0),
         prefetch_lead=getattr(args, "prefetch_lead", 1),
         pin=getattr(args, "pin", 0),
         phase=getattr(args, "phase", "all"),

@@ -54,6 +54,9 @@ class PrefetchRule:
     top_n: int | None = None
     min_prob: float = 0.0
     max_inflight: int = 8
+    #: N > 0: a guess stops counting as outstanding N steps after it was issued (the
+    #: steps its read is assumed to take), even if its step is still ahead; 0: never
+    hold: int = 0
 
 
 @dataclass
@@ -82,6 +85,11 @@ class ReplayConfig:
     #: needs about read time / step time steps of lead to land before its step
     #: (0: auto, resolved by the simulator from the hardware profile: `auto_lead`)
     prefetch_lead: int = 1
+    #: N > 0: a guess counts against --prefetch-inflight for at most N steps after it was
+    #: issued (about read time / step time: the steps its read is assumed to take), so the
+    #: next guess starts when the read would have landed instead of when its step comes;
+    #: a count of steps, never a clock (0: until its step is looked up)
+    prefetch_hold: int = 0
     pin: int = 0  # static pinning of the N most popular experts (offline knowledge)
     phase: str = "all"
     tokens: int | None = None  # replay only the first N tokens (after the phase filter)
@@ -119,6 +127,7 @@ class ReplayConfig:
         count("--prefetch-slots", self.prefetch_slots, 0)
         count("--prefetch-lead", self.prefetch_lead, 0, 1024)
         count("--prefetch-cancel", self.prefetch_cancel, 0, 1024)
+        count("--prefetch-hold", self.prefetch_hold, 0, 1024)
         count("--pin", self.pin, 0)
         count("--tokens", self.tokens, 1, none_ok=True)
         p = self.prefetch_min_prob
@@ -236,9 +245,13 @@ class Replay:
             config.predictor, self.ctx, **config.predictor_params
         )
         self.rule = PrefetchRule(
-            config.prefetch_top_n, config.prefetch_min_prob, config.prefetch_inflight
+            config.prefetch_top_n,
+            config.prefetch_min_prob,
+            config.prefetch_inflight,
+            config.prefetch_hold,
         )
-        self._ahead: list[int] = []  # prefetched keys, oldest first (see prefetch)
+        # prefetched keys and the step that issued each, oldest first (see prefetch)
+        self._ahead: list[tuple[int, int]] = []
 
     @functools.cached_property
     def _keys_list(self) -> list[list[int]]:
@@ -415,8 +428,14 @@ class Replay:
         cache = self.cache
         spec = cache.spec
         # Outstanding: guesses aimed at a step still ahead and not yet looked up (the
-        # deterministic stand-in for "in flight": a read must land by the step it is for).
-        ahead = [k for k in self._ahead if (tg := spec.get(k)) is not None and tg > t]
+        # deterministic stand-in for "in flight": a read must land by the step it is for),
+        # with --prefetch-hold N issued fewer than N steps ago (its read assumed to take N).
+        since = t - rule.hold if rule.hold else -1
+        ahead = [
+            (k, s)
+            for k, s in self._ahead
+            if s > since and (tg := spec.get(k)) is not None and tg > t
+        ]
         out: list[Admission] = []
         for key in wanted:
             if len(ahead) >= rule.max_inflight:
@@ -424,7 +443,7 @@ class Replay:
             adm = cache.prefetch(key, protect, target[key])
             if adm is not None:
                 out.append(adm)
-                ahead.append(key)
+                ahead.append((key, t))
         self._ahead = ahead
         self._landed(out)
         return out

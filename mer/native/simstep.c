@@ -633,6 +633,7 @@ int mer_sim_run(const mer_sim_cfg *g, const int32_t *steps, int64_t n_steps,
     int32_t *protect = malloc(sizeof(int32_t) * (k + max_w));
     int32_t *pfs = malloc(sizeof(int32_t) * (max_w + 1));
     int32_t *ahead = malloc(sizeof(int32_t) * (N + max_w + 1)); /* Replay._ahead */
+    int64_t *ahead_at = malloc(sizeof(int64_t) * (N + max_w + 1)); /* ... issued at */
     int64_t n_ahead = 0;
     int64_t *ready = malloc(sizeof(int64_t) * k), *durs = malloc(sizeof(int64_t) * k);
     int32_t *rk_read = malloc(sizeof(int32_t) * k);
@@ -649,7 +650,7 @@ int mer_sim_run(const mer_sim_cfg *g, const int32_t *steps, int64_t n_steps,
     s.done = malloc(sizeof(int64_t) * (o->max_reads + 1));
     s.rd = malloc(sizeof(Rd) * (o->max_reads + 1));
     if (!rc && (!inflight_read || !protect || !pfs || !ready || !durs || !rk_read || !hit ||
-                !late || !phys || !ahead || !s.free || !s.fgq || !s.bgq || !s.done ||
+                !late || !phys || !ahead || !ahead_at || !s.free || !s.fgq || !s.bgq || !s.done ||
                 !s.rd))
         rc = -1;
     if (rc) goto out;
@@ -745,11 +746,16 @@ int mer_sim_run(const mer_sim_cfg *g, const int32_t *steps, int64_t n_steps,
         if (nw) {
             for (int r = 0; r < k; r++) protect[r] = keys[r];
             for (int64_t j = 0; j < nw; j++) protect[k + j] = w_key[w0 + j];
-            /* outstanding guesses: aimed at a step still ahead, not yet looked up */
+            /* outstanding guesses: aimed at a step still ahead, not yet looked up, and
+               (hold > 0) issued fewer than hold steps ago */
+            const int64_t since = g->hold > 0 ? t - g->hold : -1;
             int64_t na = 0;
             for (int64_t j = 0; j < n_ahead; j++) {
                 int32_t y = ahead[j];
-                if (oset_has(&c.spec, y) && c.spec_target[y] > t) ahead[na++] = y;
+                if (ahead_at[j] > since && oset_has(&c.spec, y) && c.spec_target[y] > t) {
+                    ahead_at[na] = ahead_at[j];
+                    ahead[na++] = y;
+                }
             }
             n_ahead = na;
             for (int64_t j = 0; j < nw; j++) {
@@ -757,6 +763,7 @@ int mer_sim_run(const mer_sim_cfg *g, const int32_t *steps, int64_t n_steps,
                 int32_t x = w_key[w0 + j];
                 if (prefetch_key(&c, x, protect, (int)(k + nw), w_target[w0 + j])) {
                     pfs[npf++] = x;
+                    ahead_at[n_ahead] = t;
                     ahead[n_ahead++] = x;
                 }
             }
@@ -812,6 +819,7 @@ out:
     free(protect);
     free(pfs);
     free(ahead);
+    free(ahead_at);
     free(ready);
     free(durs);
     free(rk_read);

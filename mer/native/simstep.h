@@ -10,6 +10,7 @@ typedef struct {
     int32_t prefetch_slots;  /* speculative budget per partition (0: none) */
     int32_t prefetch_reclaim;
     int32_t max_inflight;    /* prefetches in flight at most */
+    int32_t hold;            /* a guess is outstanding at most this many steps (0: no cap) */
     /* the timing, in ticks (sim/model.py `_Timing`) */
     int64_t dense, ffn, ffn_busy, poll, step, submit, complete;
     int32_t workers, seed, channels, chunks;

@@ -57,6 +57,7 @@ def run(
     prefetch_reclaim: bool,
     max_inflight: int,
     tm: Any,
+    hold: int = 0,
 ) -> SimArrays | None:
     """One compiled run of a whole trace, or None without a compiler."""
     mod = native.load("simstep")
@@ -82,6 +83,7 @@ def run(
     cfg.prefetch_slots = prefetch_slots
     cfg.prefetch_reclaim = 1 if prefetch_reclaim else 0
     cfg.max_inflight = max_inflight
+    cfg.hold = hold
     for name in ("dense", "ffn", "ffn_busy", "poll", "step", "submit", "complete"):
         setattr(cfg, name, int(getattr(tm, name)))
     cfg.workers = tm.workers
