@@ -19,6 +19,7 @@ from summaries import make_summary
 from mer.analysis.validate import ModelMachine, ValidateOptions, run_validation
 from mer.analysis.validation_grid import CALIBRATION, Grid, GridConfig, load_grid
 from mer.analysis.validation_table import build_table, rel_error, summarize
+from mer.cli.validate_cmd import format_text
 from mer.errors import BadInput
 from mer.sim.hardware import load_profile
 from mer.summary import RunSummary, busy_seconds
@@ -328,6 +329,10 @@ def test_disk_pulse_scaling_predicts_a_disk_that_moves_exactly(tmp_path: Path) -
         ValidateOptions(tokens=4, repeats=1, pulse_scale=False),
     )
     assert "pulse-scaled" not in set(res2.table.stage)
+    # the text table carries the pulse-scaled column only when it was measured
+    assert "pulse-scaled" in format_text(res).splitlines()[2]
+    off_text = format_text(res2)
+    assert "pulse-scaled" not in off_text and "nan" not in off_text
 
 
 def test_rounds_continue_while_the_medians_standard_error_is_above_target(tmp_path: Path) -> None:

@@ -181,12 +181,16 @@ def format_text(res: Any) -> str:
         f"{s.get('tokens')} tokens; calibration runs {s.get('recalibrations', 0) + 1} of "
         f"{s.get('calibration_tokens')} tokens",
         f"{'configuration':<28}{'measured t/s':>13}{'spread':>9}{'predicted':>11}{'error':>9}"
-        f"{'inside':>8}{'before cal.':>12}{'pulse-scaled':>13}",
+        f"{'inside':>8}{'before cal.':>12}",
     ]
     tps = t[t["metric"] == "tokens/s"]
     cal = tps[tps["stage"] == "calibrated"].set_index("config")
     unc = tps[tps["stage"] == "uncalibrated"].set_index("config")
     pul = tps[tps["stage"] == "pulse-scaled"].set_index("config")
+    # The pulse-scaled column exists only when --pulse-scale ran; without it a column of
+    # "nan" would read as a failure.
+    if len(pul):
+        lines[-1] += f"{'pulse-scaled':>13}"
     for name in cal.index:
         r = cal.loc[name]
         u = unc.loc[name, "rel_error"] if name in unc.index else float("nan")
@@ -194,7 +198,7 @@ def format_text(res: Any) -> str:
         lines.append(
             f"{name:<28}{r['measured']:>13.3f}{r['spread'] * 100:>8.1f}%{r['predicted']:>11.3f}"
             f"{r['rel_error'] * 100:>+8.1f}%{'yes' if r['within_spread'] else 'no':>8}"
-            f"{u * 100:>+11.1f}%{q * 100:>+12.1f}%"
+            f"{u * 100:>+11.1f}%" + (f"{q * 100:>+12.1f}%" if len(pul) else "")
         )
     lines.append("targets (held-out, calibrated):")
     for name, tg in s.get("targets", {}).items():
