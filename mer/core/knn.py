@@ -342,7 +342,7 @@ def fit_weights(
         for i, v in enumerate(w):
             params[f"w{j + 1}_{i}"] = round(float(v), 4)
         diag[f"visit{j + 1}"] = {
-            "rows": int(len(y)),
+            "rows": len(y),
             "log_likelihood": ll,
             "log_likelihood_constant": ll0,
         }
