@@ -45,7 +45,7 @@ engine sees the router's output (tests/test_core_no_future.py).
 from __future__ import annotations
 
 import math
-from collections.abc import Container, Sequence
+from collections.abc import Container, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -279,6 +279,24 @@ def token_picks(
     return picked
 
 
+def sampled_steps(
+    pol: Cotoken, steps: np.ndarray, n_layers: int, n_experts: int, stride: int
+) -> Iterator[np.ndarray]:
+    """Run `pol` over `steps` (one global partition); after the begin_step of every
+    `stride`-th step from the second token on (the first: nothing learnt yet), yield
+    each key's next-visit token (this token for a layer still to come, else the next)."""
+    L, E = n_layers, n_experts
+    pol.attach_keyspace(L * E)
+    pol.attach_geometry(L, E)
+    lay = np.arange(L * E) // E
+    for t in range(len(steps)):
+        pol.begin_step(t, steps[t].tolist())
+        if t % stride or t < L:
+            continue
+        tau, c = divmod(t, L)
+        yield np.where(lay > c, tau, tau + 1)
+
+
 def training_rows(
     steps: np.ndarray, n_layers: int, n_experts: int, *, stride: int = FIT_STRIDE
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -287,18 +305,10 @@ def training_rows(
     steps = np.asarray(steps, dtype=np.int64)
     L, E = n_layers, n_experts
     picked = token_picks(steps, L, E, "cotoken")
-    n_steps, T = len(steps), len(picked)
+    T = len(picked)
     pol = Cotoken(1)
-    pol.attach_keyspace(L * E)
-    pol.attach_geometry(L, E)
-    lay = np.arange(L * E) // E
     Xs, ys = [], []
-    for t in range(n_steps):
-        pol.begin_step(t, steps[t].tolist())
-        if t % stride or t < L:  # the first token: nothing learnt yet
-            continue
-        tau, c = divmod(t, L)
-        nxt = np.where(lay > c, tau, tau + 1)
+    for nxt in sampled_steps(pol, steps, L, E, stride):
         ok = nxt < T
         F, _ = pol.features()
         Xs.append(F[ok])

@@ -58,7 +58,7 @@ from typing import Any
 import numpy as np
 
 from mer.core.cotoken import FEATURES as COTOKEN_FEATURES
-from mer.core.cotoken import Cotoken, token_picks
+from mer.core.cotoken import Cotoken, sampled_steps, token_picks
 from mer.core.cycle import TUNED_ON, logistic_fit
 from mer.core.policies import _param
 from mer.core.policy import register_policy
@@ -267,19 +267,11 @@ def training_rows(
     steps = np.asarray(steps, dtype=np.int64)
     L, E = n_layers, n_experts
     picked = token_picks(steps, L, E, "knn", pad=MAX_VISITS)
-    n_steps, T = len(steps), len(picked) - MAX_VISITS
+    T = len(picked) - MAX_VISITS
     pol = Knn(1, beta=beta, window=window)
-    pol.attach_keyspace(L * E)
-    pol.attach_geometry(L, E)
-    lay = np.arange(L * E) // E
     cols = np.arange(L * E)
     rows: list[tuple[list[np.ndarray], list[np.ndarray]]] = [([], []) for _ in range(MAX_VISITS)]
-    for t in range(n_steps):
-        pol.begin_step(t, steps[t].tolist())
-        if t % stride or t < L:  # the first token: nothing learnt yet
-            continue
-        tau, c = divmod(t, L)
-        nxt = np.where(lay > c, tau, tau + 1)
+    for nxt in sampled_steps(pol, steps, L, E, stride):
         X, _ = pol.visit_features()
         for j in range(MAX_VISITS):
             at = nxt + j
