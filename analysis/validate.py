@@ -86,6 +86,7 @@ class EngineMachine:
             f"this machine, expert file {experts.name} ({self.store.shape.name}), "
             f"{engine.io} reads, queue depth {engine.queue_depth}, chunk "
             f"{engine.chunk_bytes >> 10} KiB, {engine.threads} threads"
+            + ("" if getattr(engine, "huge_pages", True) else ", 4 KiB-page buffers")
         )
 
     def run(self, cfg: GridConfig, tokens: int) -> RunSummary:

@@ -105,7 +105,35 @@ def add_engine_args(p: argparse.ArgumentParser) -> Any:
         action="store_true",
         help="read through the page cache instead of O_DIRECT (not a fair measurement)",
     )
+    add_huge_pages_arg(g)
+    add_realtime_arg(g)
     return g
+
+
+def add_huge_pages_arg(g: Any) -> None:
+    g.add_argument(
+        "--no-huge-pages",
+        action="store_true",
+        help="slot buffers on plain 4 KiB pages instead of transparent huge pages (the old "
+        "arrangement: runs of one configuration then vary more, by how the kernel places "
+        "the pages; also MER_HUGE_PAGES=0)",
+    )
+
+
+def add_realtime_arg(g: Any) -> None:
+    g.add_argument(
+        "--no-realtime",
+        action="store_true",
+        help="keep the driver thread at normal priority (by default it runs the timed loop "
+        "under SCHED_FIFO where permitted, so a landed read wakes it at once: on a busy "
+        "machine runs of one configuration then agree more closely)",
+    )
+
+
+def huge_pages_from_args(args: argparse.Namespace) -> bool:
+    from mer.engine.aligned import huge_pages_default
+
+    return huge_pages_default() and not getattr(args, "no_huge_pages", False)
 
 
 def engine_config_from_args(args: argparse.Namespace, **overrides: Any) -> Any:
@@ -119,6 +147,8 @@ def engine_config_from_args(args: argparse.Namespace, **overrides: Any) -> Any:
         threads=args.threads,
         ffn=args.ffn,
         direct=not args.buffered,
+        huge_pages=huge_pages_from_args(args),
+        realtime=not getattr(args, "no_realtime", False),
         progress=not args.no_progress,
     )
     values.update(overrides)
