@@ -135,3 +135,13 @@ def test_arrangement_changes_timing_only(tmp_path: Path) -> None:
     for k in ("hits", "misses", "bytes_read", "tokens"):
         assert getattr(new, k) == getattr(old, k), k
     assert new.extra["reads"] == old.extra["reads"]
+
+
+def test_validation_runs_record_the_arrangement() -> None:
+    import math
+
+    from mer.analysis.validate import huge_share
+
+    extra = {"cache_buffer_bytes": 8 << 20, "huge_pages": {"cache_huge_bytes": 2 << 20}}
+    assert huge_share(extra) == 0.25
+    assert math.isnan(huge_share({}))

@@ -105,29 +105,27 @@ def add_engine_args(p: argparse.ArgumentParser) -> Any:
         action="store_true",
         help="read through the page cache instead of O_DIRECT (not a fair measurement)",
     )
-    add_huge_pages_arg(g)
-    add_realtime_arg(g)
+    add_arrangement_args(g)
     return g
 
 
-def add_huge_pages_arg(g: Any) -> None:
-    g.add_argument(
-        "--no-huge-pages",
-        action="store_true",
-        help="slot buffers on plain 4 KiB pages instead of transparent huge pages (the old "
-        "arrangement: runs of one configuration then vary more, by how the kernel places "
-        "the pages; also MER_HUGE_PAGES=0)",
-    )
-
-
-def add_realtime_arg(g: Any) -> None:
-    g.add_argument(
-        "--no-realtime",
-        action="store_true",
-        help="keep the driver thread at normal priority (by default it runs the timed loop "
-        "under SCHED_FIFO where permitted, so a landed read wakes it at once: on a busy "
-        "machine runs of one configuration then agree more closely)",
-    )
+def add_arrangement_args(g: Any) -> None:
+    """The engine's memory and priority arrangement (both only change timing)."""
+    for flag, text in (
+        (
+            "--no-huge-pages",
+            "slot buffers on plain 4 KiB pages instead of transparent huge pages (the old "
+            "arrangement: runs of one configuration then vary more, by how the kernel places "
+            "the pages; also MER_HUGE_PAGES=0)",
+        ),
+        (
+            "--no-realtime",
+            "keep the driver thread at normal priority (by default it runs the timed loop "
+            "under SCHED_FIFO where permitted, so a landed read wakes it at once: on a busy "
+            "machine runs of one configuration then agree more closely)",
+        ),
+    ):
+        g.add_argument(flag, action="store_true", help=text)
 
 
 def huge_pages_from_args(args: argparse.Namespace) -> bool:

@@ -18,7 +18,7 @@ from mer.cli.common import (
 
 
 def register(sub: Any) -> None:
-    from mer.cli.run_cmd import _size, add_huge_pages_arg, add_realtime_arg
+    from mer.cli.run_cmd import _size, add_arrangement_args
     from mer.engine.io import DEFAULT_CHUNK_BYTES, DEFAULT_QUEUE_DEPTH, MAX_QUEUE_DEPTH
 
     p = sub.add_parser(
@@ -104,8 +104,7 @@ def register(sub: Any) -> None:
     g.add_argument("--queue-depth", type=int_range(1, MAX_QUEUE_DEPTH), default=DEFAULT_QUEUE_DEPTH)
     g.add_argument("--chunk-bytes", type=_size, default=DEFAULT_CHUNK_BYTES)
     g.add_argument("--threads", type=int_range(1, 1024), default=os.cpu_count() or 1)
-    add_huge_pages_arg(g)
-    add_realtime_arg(g)
+    add_arrangement_args(g)
     p.add_argument(
         "-o", "--output", type=output_dir, required=True, help="directory for every result"
     )
