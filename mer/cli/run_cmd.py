@@ -120,9 +120,10 @@ def add_arrangement_args(g: Any) -> None:
         ),
         (
             "--no-realtime",
-            "keep the driver thread at normal priority (by default it runs the timed loop "
-            "under SCHED_FIFO where permitted, so a landed read wakes it at once: on a busy "
-            "machine runs of one configuration then agree more closely)",
+            "keep the driver thread at normal priority (by default `mer run` and `mer "
+            "validate` run their timed loop under SCHED_FIFO where permitted, so a landed read "
+            "wakes the driver at once: on a busy machine runs of one configuration then agree "
+            "more closely; `mer generate` stays at normal priority either way)",
         ),
     ):
         g.add_argument(flag, action="store_true", help=text)
