@@ -456,6 +456,28 @@ def test_disk_full(kit: Kit, tiny_tmpfs: Path, capsys) -> None:
     assert stray(mnt) == [] and not (mnt / "sw.parquet").exists()
 
 
+def reading_without_mmap(pid: int, path: Path, timeout: float = 120.0) -> None:
+    """Wait until the run holds `path` open for its reads and no longer maps it.
+
+    The GGUF header is parsed through gguf's memory map; cutting the file while
+    that map is being read kills the process with SIGBUS, which no program can
+    turn into a message. On a loaded machine a fixed sleep landed inside that
+    window, so the test waits for the state it means to test: reads under way.
+    """
+    target = str(path.resolve())
+    deadline = time.monotonic() + timeout
+    time.sleep(1.0)
+    steady = 0
+    while time.monotonic() < deadline and steady < 3:
+        try:
+            fds = {os.path.realpath(f) for f in Path(f"/proc/{pid}/fd").iterdir()}
+            mapped = target in Path(f"/proc/{pid}/maps").read_text()
+        except OSError:
+            return  # the process ended; the caller's poll() says so
+        steady = steady + 1 if target in fds and not mapped else 0
+        time.sleep(0.3)
+
+
 def test_expert_file_truncated_mid_run(kit: Kit, tmp_path: Path) -> None:
     import shutil
 
@@ -478,7 +500,7 @@ def test_expert_file_truncated_mid_run(kit: Kit, tmp_path: Path) -> None:
         "--threads",
         "1",
     )
-    time.sleep(3.0)
+    reading_without_mmap(p.pid, gguf)
     assert p.poll() is None, "the run finished before the file could be cut"
     with open(gguf, "r+b") as fh:
         fh.truncate(8192)
