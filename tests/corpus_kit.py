@@ -26,7 +26,9 @@ import pytest
 from mer.cli import main
 from mer.traces.format import ARROW_SCHEMA, META_KEY, TraceMeta, from_arrays, write_trace
 
-HANG_S = 30
+# Long enough for a process-pool command on a 2-core machine at load 15 (30 s was
+# not: a pooled `mrc` hit it there); a real hang still fails, only later.
+HANG_S = 90
 PROFILE_DIR = Path(__file__).resolve().parents[1] / "sim" / "profiles"
 
 
