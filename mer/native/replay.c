@@ -1238,15 +1238,17 @@ static const mer_policy SEED_POLICY = {
    no libm call), and exactly (zlo == zhi, cy_exact: libm, the Python class's bits) only
    where the bounds cannot settle a comparison. Every decision is the one the exact
    values give (see cy_layer_cand, cycle_best). */
-#define CY_LOGT_BITS 10
-#define CY_LOGT_N (1 << CY_LOGT_BITS)
+#define CY_LOGT_BITS 8   /* buckets an octave */
+#define CY_LOGT_E0 (-7)  /* the octaves [2^-7, 2): every y (an average or a rate, + CY_EPS) */
+#define CY_LOGT_N ((1 - CY_LOGT_E0) << CY_LOGT_BITS)
 #define CY_LOG_MARGIN 1e-9 /* >> libm's error (< 1 ulp) and the rounding of the bound */
 #define CY_WMAX 1e100     /* |weights| above this (or not finite): exact values only */
+#define CY_LN2 0.6931471805599453
 
 typedef struct {
     double *el, *em, *es, *invd; /* invd[d]: log d */
     double *zlo, *zhi; /* bounds of the log-odds z (equal once exact) */
-    double *logt;  /* logt[i] = log(1 + i / CY_LOGT_N), i = 0..CY_LOGT_N */
+    double *logt;  /* logt[j]: below log of bucket j's lower end (cy_logb), j = 0..CY_LOGT_N */
     double *l1p;   /* l1p[g] = log1p(g), g = 0..CY_GAP_CAP: libm's own values */
     double *rot;   /* rot[i] = log d for d = (i - 1) mod L + 1: layer ll's log d is
                       rot[L + layer0 - cur + ll], one slice for all layers */
@@ -1373,7 +1375,11 @@ static void cycle_shared_init(CycleShared *sh, const mer_ctx *c) {
     sh->invd[0] = 0.0;
     for (int32_t d = 1; d <= sh->L; d++) sh->invd[d] = log((double)d);
     for (int32_t i = 0; i <= 3 * sh->L; i++) sh->rot[i] = i ? sh->invd[(i - 1) % sh->L + 1] : 0.0;
-    for (int32_t i = 0; i <= CY_LOGT_N; i++) sh->logt[i] = log(1.0 + (double)i / CY_LOGT_N);
+    for (int32_t j = 0; j <= CY_LOGT_N; j++) {
+        const int32_t e = CY_LOGT_E0 + (j >> CY_LOGT_BITS), i = j & ((1 << CY_LOGT_BITS) - 1);
+        const double m = 1.0 + (double)i / (double)(1 << CY_LOGT_BITS); /* exact */
+        sh->logt[j] = ((double)e * CY_LN2 + log(m)) - CY_LOG_MARGIN;
+    }
     for (int32_t g = 0; g <= CY_GAP_CAP; g++) sh->l1p[g] = log1p((double)g);
     sh->exact_only = 0;
     for (int i = 0; i < CY_NW; i++)
@@ -1543,23 +1549,23 @@ static double cy_exact(CycleShared *sh, int32_t x) {
     }
     return sh->zlo[x];
 }
-#define CY_LN2 0.6931471805599453
-/* Bounds of libm's log(y) for a positive normal y = m 2^e, m in [1 + i/N, 1 + (i+1)/N):
-   e ln 2 + log(1 + i/N) and e ln 2 + log(1 + (i+1)/N), widened by CY_LOG_MARGIN, which
-   covers libm's error and every rounding here many times over (they are below 1e-13
-   for any double). Other y (never reached: y >= CY_EPS) get libm's value itself. */
+/* Bounds of libm's log(y), y in bucket j of [2^-7, 2) (the octave of y, then the top
+   CY_LOGT_BITS bits of its mantissa: y = 2^e m, m in [1 + i/N, 1 + (i+1)/N), N = 2^bits):
+   the logarithms of the bucket's ends, e ln 2 + log(m_end), widened by CY_LOG_MARGIN,
+   which covers libm's error and every rounding here many times over (they are below
+   1e-15 for these y). Other y (never reached: y is an average in [0, 1] or a rate in
+   [0, 1], plus CY_EPS) get libm's value itself. */
 MER_INLINE void cy_logb(const double *restrict logt, double y, double *lo, double *hi) {
     uint64_t b;
     memcpy(&b, &y, sizeof b);
-    const uint64_t ex = b >> 52; /* sign and biased exponent: 1..2046 = positive normal */
-    if (__builtin_expect(ex - 1 >= 2046, 0)) {
+    /* sign, biased exponent and the top mantissa bits, from the first bucket */
+    const uint64_t j = (b >> (52 - CY_LOGT_BITS)) - ((uint64_t)(1023 + CY_LOGT_E0) << CY_LOGT_BITS);
+    if (__builtin_expect(j >= CY_LOGT_N, 0)) {
         *lo = *hi = log(y);
         return;
     }
-    const double e = (double)((int64_t)ex - 1023) * CY_LN2;
-    const uint32_t i = (uint32_t)(b >> (52 - CY_LOGT_BITS)) & (CY_LOGT_N - 1);
-    *lo = (e + logt[i]) - CY_LOG_MARGIN;
-    *hi = (e + logt[i + 1]) + CY_LOG_MARGIN;
+    *lo = logt[j];
+    *hi = logt[j + 1] + 2.0 * CY_LOG_MARGIN;
 }
 /* z += w * log(y) for log(y) in [a, b]: rounding is monotone, so the same expression on
    the ends bounds the exact one (ends swapped for w < 0). */
@@ -2016,10 +2022,12 @@ MER_INLINE void cycle_begin(void *sv, int64_t t, const int32_t *keys, const int6
         sh->last_t = t;
         cycle_features(sh, keys, k);
     }
-    int32_t ll = sh->kl[keys[0]]; /* its keys' p just changed */
+    int32_t ll = sh->kl[keys[0]]; /* its keys' z just changed */
     cy_dirty(&s->real, ll);
-    cy_dirty(&s->shadow, ll);
-    if (s->duel) cycle_duel(s, keys, k);
+    if (s->duel) {
+        cy_dirty(&s->shadow, ll);
+        cycle_duel(s, keys, k);
+    }
 }
 MER_INLINE void cycle_end(void *sv, int64_t t, const int32_t *keys, int k) {
     Cycle *s = sv;
@@ -2374,9 +2382,9 @@ static inline void ct_terms(CotokenShared *sh, int32_t x) {
    `xs @ V1[block] + (1 - xs) @ V0[block]`, V from the counts): the picked experts'
    terms summed in expert order, then the others', as a branch on xs[e] in expert order
    would sum them (the block lists its picked experts first: no branch to mispredict). */
-static inline double ct_block(const CotokenShared *sh, int32_t layer, const int32_t *ev,
-                              int32_t np, int32_t y) {
-    const int32_t E = sh->E, nk = sh->n_keys;
+MER_INLINE double ct_block_e(const CotokenShared *sh, int32_t layer, const int32_t *ev,
+                             const int32_t np, int32_t y, const int32_t E) {
+    const int32_t nk = sh->n_keys;
     const int64_t Tp = sh->Tp;
     const int32_t nn = sh->n_next[y];
     const double *LA = sh->LA, *LB = sh->LB;
@@ -2394,6 +2402,12 @@ static inline double ct_block(const CotokenShared *sh, int32_t layer, const int3
         s0 += (LA[nn - p] - lb1) - (LA[Tp - nn - q + p] - lb0);
     }
     return s1 + s0;
+}
+/* ct_block_e unrolled for Mixtral's 8 experts and top-2 (same sums, same order) */
+static inline double ct_block(const CotokenShared *sh, int32_t layer, const int32_t *ev,
+                              int32_t np, int32_t y) {
+    if (sh->E == 8 && np == 2) return ct_block_e(sh, layer, ev, 2, y, 8);
+    return ct_block_e(sh, layer, ev, np, y, sh->E);
 }
 static inline void ct_catch_up(CotokenShared *sh, int32_t y) {
     for (int32_t i = sh->acc_n[y]; i < sh->n_ev; i++)
