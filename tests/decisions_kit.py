@@ -9,6 +9,8 @@ The reference is the Python class under the core's general path
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from mer.core import Replay, ReplayConfig, replay_counts
@@ -104,3 +106,42 @@ def side_by_side_equals_python(policy, steps, n_layers, n_experts, params):
             cfg = ReplayConfig(policy=policy, cache_slots=c, scope=scope, policy_params=params)
             rep = Replay(steps, n_layers=n_layers, n_experts=n_experts, config=cfg)
             assert got[c] == replay_counts(rep, engine="python").total("hits"), (scope, c)
+
+
+BUNDLED = (
+    Path(__file__).resolve().parents[1] / "traces" / "data" / "mixtral-offloading-h39s.parquet"
+)
+
+
+def bundled_trace_same_decisions(cls, slots, scope, monkeypatch):
+    """The first 6000 steps of the bundled trace, the default weights."""
+    from mer.traces.format import read_trace
+
+    tr = read_trace(BUNDLED)
+    steps = np.ascontiguousarray(tr.keys().reshape(-1, tr.top_k)[:6000], dtype=np.int32)
+    cfg = ReplayConfig(policy=cls.name, cache_slots=slots, scope=scope)
+    n_hits, n_evicted = assert_same_decisions(
+        cls, steps, tr.n_layers, tr.n_experts, cfg, monkeypatch
+    )
+    assert n_hits > 1000 and n_evicted > 1000
+
+
+def exact_ties_same_decisions(cls, scope, params, monkeypatch):
+    """Experts that are always picked together share every count, feature and score bit
+    for bit, and every layer routes alike: victims are settled by the tie rule (the
+    smaller key, then the lower layer). Every even size of 4 layers x 4 experts."""
+    n_layers, n_experts = 4, 4
+    pattern = [[0, 1], [2, 3], [0, 1], [0, 1], [2, 3], [1, 2]]
+    rows = [
+        [layer * n_experts + e for e in pattern[(t // 2) % len(pattern)]]
+        for t in range(48)
+        for layer in range(n_layers)
+    ]
+    steps = np.asarray(rows, dtype=np.int32)
+    seen = np.zeros(2, dtype=np.int64)
+    for slots in range(2, n_layers * n_experts + 1, 2):
+        if scope == "per-layer" and slots % n_layers:
+            continue
+        cfg = ReplayConfig(policy=cls.name, cache_slots=slots, scope=scope, policy_params=params)
+        seen += assert_same_decisions(cls, steps, n_layers, n_experts, cfg, monkeypatch)
+    assert (seen > 0).all()

@@ -12,8 +12,6 @@ tests/test_replay_native.py.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import decisions_kit
 import numpy as np
 import pytest
@@ -24,10 +22,6 @@ from mer.core.cotoken import FEATURES, Cotoken
 
 pytestmark = pytest.mark.skipif(
     native.load("replay") is None, reason="the compiled replays do not build here"
-)
-
-BUNDLED = (
-    Path(__file__).resolve().parents[1] / "traces" / "data" / "mixtral-offloading-h39s.parquet"
 )
 
 
@@ -47,16 +41,12 @@ def random_weights(rng):
     }
 
 
-@pytest.mark.skipif(not BUNDLED.exists(), reason="the bundled trace is not in this checkout")
+@pytest.mark.skipif(
+    not decisions_kit.BUNDLED.exists(), reason="the bundled trace is not in this checkout"
+)
 @pytest.mark.parametrize(("slots", "scope"), [(64, "global"), (128, "global"), (96, "per-layer")])
 def test_bundled_trace_decision_by_decision(slots, scope, monkeypatch):
-    from mer.traces.format import read_trace
-
-    tr = read_trace(BUNDLED)
-    steps = np.ascontiguousarray(tr.keys().reshape(-1, tr.top_k)[:6000], dtype=np.int32)
-    cfg = ReplayConfig(policy="cotoken", cache_slots=slots, scope=scope)
-    n_hits, n_evicted = assert_same_decisions(steps, tr.n_layers, tr.n_experts, cfg, monkeypatch)
-    assert n_hits > 1000 and n_evicted > 1000
+    decisions_kit.bundled_trace_same_decisions(Cotoken, slots, scope, monkeypatch)
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -165,22 +155,6 @@ def test_simulate_and_mrc_take_the_compiled_paths():
 
 @pytest.mark.parametrize("scope", ["global", "per-layer"])
 def test_exact_ties_at_every_size_decision_by_decision(scope, monkeypatch):
-    # Experts that are always picked together share every count, feature and score bit
-    # for bit, and every layer routes alike: victims are settled by the tie rule (the
-    # smaller key), and the table bounds that spare a key its log1p meet scores equal to
-    # the best so far instead of above it.
-    n_layers, n_experts = 4, 4
-    pattern = [[0, 1], [2, 3], [0, 1], [0, 1], [2, 3], [1, 2]]
-    rows = [
-        [layer * n_experts + e for e in pattern[(t // 2) % len(pattern)]]
-        for t in range(48)
-        for layer in range(n_layers)
-    ]
-    steps = np.asarray(rows, dtype=np.int32)
-    seen = np.zeros(2, dtype=np.int64)
-    for slots in range(2, n_layers * n_experts + 1, 2):
-        if scope == "per-layer" and slots % n_layers:
-            continue
-        cfg = ReplayConfig(policy="cotoken", cache_slots=slots, scope=scope)
-        seen += assert_same_decisions(steps, n_layers, n_experts, cfg, monkeypatch)
-    assert (seen > 0).all()
+    # The table bounds that spare a key its log1p meet scores equal to the best so far
+    # instead of above it.
+    decisions_kit.exact_ties_same_decisions(Cotoken, scope, {}, monkeypatch)

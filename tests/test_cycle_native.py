@@ -12,8 +12,6 @@ more than 64 experts a layer, the duel, and every size side by side.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import decisions_kit
 import numpy as np
 import pytest
@@ -24,10 +22,6 @@ from mer.core.cycle import FEATURES, Cycle
 
 pytestmark = pytest.mark.skipif(
     native.load("replay") is None, reason="the compiled replays do not build here"
-)
-
-BUNDLED = (
-    Path(__file__).resolve().parents[1] / "traces" / "data" / "mixtral-offloading-h39s.parquet"
 )
 
 
@@ -60,16 +54,12 @@ def cycle_trace(rng, n_layers, n_experts, k, n_tokens, repeat=0.5):
     return np.asarray(rows, dtype=np.int32)
 
 
-@pytest.mark.skipif(not BUNDLED.exists(), reason="the bundled trace is not in this checkout")
+@pytest.mark.skipif(
+    not decisions_kit.BUNDLED.exists(), reason="the bundled trace is not in this checkout"
+)
 @pytest.mark.parametrize(("slots", "scope"), [(64, "global"), (128, "global"), (96, "per-layer")])
 def test_bundled_trace_decision_by_decision(slots, scope, monkeypatch):
-    from mer.traces.format import read_trace
-
-    tr = read_trace(BUNDLED)
-    steps = np.ascontiguousarray(tr.keys().reshape(-1, tr.top_k)[:6000], dtype=np.int32)
-    cfg = ReplayConfig(policy="cycle", cache_slots=slots, scope=scope)
-    n_hits, n_evicted = assert_same_decisions(steps, tr.n_layers, tr.n_experts, cfg, monkeypatch)
-    assert n_hits > 1000 and n_evicted > 1000
+    decisions_kit.bundled_trace_same_decisions(Cycle, slots, scope, monkeypatch)
 
 
 @pytest.mark.parametrize("seed", range(8))
@@ -98,27 +88,9 @@ def test_random_traces_random_weights_decision_by_decision(seed, monkeypatch):
 @pytest.mark.parametrize("scope", ["global", "per-layer"])
 @pytest.mark.parametrize("duel", [0, 1])
 def test_exact_ties_at_every_size_decision_by_decision(scope, duel, monkeypatch):
-    # Experts that are always picked together share every count, average and score bit
-    # for bit, and every layer routes alike, so scores tie exactly within a layer and
-    # across layers at equal distance: the bounds overlap, the exact values decide and
-    # the tie rule (the smaller key, then the lower layer) settles every victim.
-    n_layers, n_experts = 4, 4
-    pattern = [[0, 1], [2, 3], [0, 1], [0, 1], [2, 3], [1, 2]]
-    rows = [
-        [layer * n_experts + e for e in pattern[(t // 2) % len(pattern)]]
-        for t in range(48)
-        for layer in range(n_layers)
-    ]
-    steps = np.asarray(rows, dtype=np.int32)
-    seen = np.zeros(2, dtype=np.int64)
-    for slots in range(2, n_layers * n_experts + 1, 2):
-        if scope == "per-layer" and slots % n_layers:
-            continue
-        cfg = ReplayConfig(
-            policy="cycle", cache_slots=slots, scope=scope, policy_params={"duel": duel}
-        )
-        seen += assert_same_decisions(steps, n_layers, n_experts, cfg, monkeypatch)
-    assert (seen > 0).all()
+    # Scores tie exactly within a layer and across layers at equal distance: the bounds
+    # overlap, and the exact values and the tie rule decide.
+    decisions_kit.exact_ties_same_decisions(Cycle, scope, {"duel": duel}, monkeypatch)
 
 
 @pytest.mark.parametrize("big", [1e150, -1e150])
