@@ -19,7 +19,8 @@ beta_prev 0.1, near 0.3 fixed), the calibrated probability threshold (0.35, 0.45
 first (0: nearest layer first; 2 or 3: among the layers lead .. lead + W - 1, the most
 probable guess first), one prefetch read in flight held for at most 4 steps (about read
 time / step time on nvme-desktop), depth 12: 72 rules (`--grid hold` is the earlier grid
-without the window: hold 0 or 4, depth 12 or 16, 96 rules); then, on the best of those, each
+without the window: hold 0 or 4, depth 12 or 16, 96 rules; `--grid window-lead3` only
+min prob 0.45 and lead 3, which every rotation of that earlier grid chose: 12 rules); then, on the best of those, each
 of: a speculative-slot budget of 8, reclaim of proven-wrong guesses, cancellation of
 those read from at most 3 steps before (`--prefetch-cancel 3`), and cancellation with
 the budget (tried on top of the best, kept if better where the rule is chosen).
@@ -45,6 +46,15 @@ GRIDS = {
         "prefetch_min_prob": (0.35, 0.45, 0.55),
         "prefetch_top_n": (1, 2),
         "prefetch_lead": (3, 4),
+        "prefetch_hold": (4,),
+        "pipeline_depth": (12,),
+        "prefetch_window": (0, 2, 3),
+    },
+    "window-lead3": {  # the window grid at the earlier grid's choice of min prob and lead
+        "beta": (0.3, 0.4),
+        "prefetch_min_prob": (0.45,),
+        "prefetch_top_n": (1, 2),
+        "prefetch_lead": (3,),
         "prefetch_hold": (4,),
         "pipeline_depth": (12,),
         "prefetch_window": (0, 2, 3),
@@ -155,8 +165,9 @@ def main(argv: list[str] | None = None) -> int:
         choices=tuple(GRIDS),
         default="window",
         help="window (default): the window read most probable first, 0, 2 or 3, with the "
-        "hold of 4 and depth 12; hold: the earlier grid, hold 0 or 4, depth 12 or 16, nearest "
-        "first",
+        "hold of 4 and depth 12 (72 rules); window-lead3: the same at min prob 0.45 and lead "
+        "3 only, what every rotation of the hold grid chose (12 rules); hold: the earlier "
+        "grid, hold 0 or 4, depth 12 or 16, nearest first (96 rules)",
     )
     ap.add_argument(
         "--processes",
