@@ -298,13 +298,18 @@ class ProbeResult:
     def best(self) -> ReadPoint:
         return max(self.points, key=lambda p: p.bandwidth)
 
-    def fit_ssd(self) -> dict[str, Any]:
-        """The SSD model fitted to the bursts (see the module docstring); without bursts
-        (a probe result of an older mer) the grid fit below."""
+    def fit_ssd(self, ssd_model: str = "shared") -> dict[str, Any]:
+        """The SSD model fitted to the bursts (see the module docstring): the shared device
+        (`shared_fit`) or, with `ssd_model` "channels" or without the stream it is levelled
+        at, the channel model; without bursts (a probe result of an older mer) the grid
+        fit below."""
         if not self.bursts:
             return self.fit_grid()
         chunk = self.engine_chunk_bytes
         fit = fit_device([(b.chunks, b.chunk_bytes, b.seconds) for b in self.bursts])
+        shared = self.shared_fit(fit) if ssd_model == "shared" else None
+        if shared is not None:
+            return shared
         burst_bw = float(fit.bandwidth)
         steady = self.steady_bandwidth(fit)
         if steady is not None:
@@ -326,6 +331,65 @@ class ProbeResult:
             # the steady stream against the bursts' fit: how much more (or less) a long
             # run's reads get than short bursts say
             "stream_over_burst": None if steady is None else steady / burst_bw,
+        }
+
+    def burst_curve(self) -> list[list[float]]:
+        """The bursts as the profile's ssd.burst_curve: [chunks, chunk bytes, seconds]."""
+        return [
+            [int(b.chunks), int(b.chunk_bytes), float(b.seconds)]
+            for b in sorted(self.bursts, key=lambda b: (b.chunk_bytes, b.chunks))
+            if b.seconds > 0
+        ]
+
+    def shared_level(self, p: ReadPoint, curve: list[list[float]], access: float) -> float | None:
+        """The full-device rate at which the shared device (the bursts' curve) takes stream
+        `p`'s time per batch: `batch` reads of n chunks each submitted together (None when
+        the stream is empty or the access latency alone exceeds its time)."""
+        from mer.sim.hardware import SSDProfile
+
+        if p.reads <= 0 or p.seconds <= 0 or p.batch <= 0:
+            return None
+        n = max(1, -(-(p.bytes // p.reads) // p.chunk_bytes))
+        per_chunk = p.bytes / p.reads / n
+        per_batch = p.seconds / (p.reads / p.batch)
+        if per_batch <= access:
+            return None
+        unit = SSDProfile(0.0, 1.0, 1, p.chunk_bytes, p.queue_depth, access, [], curve)
+        return unit.burst_seconds(p.batch * n, per_chunk) / (per_batch - access)
+
+    def shared_fit(self, fit: DeviceFit) -> dict[str, Any] | None:
+        """The shared device (sim.hardware.SSDProfile.shared): the bursts' curve (whole
+        times: a burst's fixed costs are part of its rate, no access latency apart), its
+        level the full-device rate that reproduces the steady stream at the engine's
+        setting, and the reader table of every stream's level (None without that stream).
+        The bursts of a few ms and a run's steady reads see the disk at different rates
+        (1.4x on this project's VM), so the curve gives the shape and the stream the level."""
+        curve = self.burst_curve()
+        ref = self.reference_point()
+        if not curve or ref is None:
+            return None
+        level = self.shared_level(ref, curve, 0.0)
+        if level is None:
+            return None
+        table = []
+        for p in sorted(self.points, key=lambda p: (p.chunk_bytes, p.queue_depth)):
+            bw = self.shared_level(p, curve, 0.0)
+            if bw is not None and bw > 0:
+                table.append([int(p.queue_depth), int(p.chunk_bytes), float(bw)])
+        return {
+            "model": "shared",
+            "latency_s": 0.0,
+            # a burst's whole time is its curve point: the fixed costs are in it
+            "access_latency_s": 0.0,
+            "bandwidth_bytes_per_s": float(level),
+            "burst_bandwidth_bytes_per_s": float(fit.bandwidth),
+            "channels": 1,
+            "chunk_bytes": int(self.engine_chunk_bytes),
+            "queue_depth": int(self.engine_queue_depth),
+            "chunk_s": fit.chunk_time(self.engine_chunk_bytes),
+            "fit_rms_rel_error": fit.rms_rel_error,
+            "reader_bandwidth": table,
+            "burst_curve": curve,
         }
 
     def reference_point(self) -> ReadPoint | None:
@@ -1058,11 +1122,12 @@ def run_probe(cfg: ProbeConfig, log: Callable[[str], None] | None = None) -> Pro
     )
 
 
-def to_profile(result: ProbeResult, name: str | None = None) -> Any:
-    """The simulator's HardwareProfile for this measurement."""
+def to_profile(result: ProbeResult, name: str | None = None, ssd_model: str = "shared") -> Any:
+    """The simulator's HardwareProfile for this measurement (`ssd_model`: "shared", reads
+    in flight sharing the device as the bursts did, or "channels")."""
     from mer.sim.hardware import ComputeProfile, HardwareProfile, MemoryProfile, SSDProfile
 
-    fit = result.fit_ssd()
+    fit = result.fit_ssd(ssd_model)
     host = platform.node() or "this-machine"
     prof = HardwareProfile(
         name=name or f"probe-{host}",
@@ -1081,6 +1146,7 @@ def to_profile(result: ProbeResult, name: str | None = None) -> Any:
             queue_depth=fit.get("queue_depth"),
             access_latency_s=fit.get("access_latency_s", 0.0),
             reader_bandwidth=fit.get("reader_bandwidth", []),
+            burst_curve=fit.get("burst_curve", []),
         ),
         compute=ComputeProfile(
             ffn_bytes_per_s=result.ffn_engine_bytes_per_s,
