@@ -417,46 +417,34 @@ class HardwareProfile:
         return Path(path)
 
 
-def _reader_table(where: str, value: Any) -> list[list[float]]:
-    """ssd.reader_bandwidth: a list of [queue depth, chunk bytes, bytes/s], all positive."""
+def _triples(
+    where: str, field_: str, value: Any, what: str, last: tuple[float, float]
+) -> list[list[float]]:
+    """A list of [integer, chunk bytes, number in `last`] rows (`what` names them)."""
     if not isinstance(value, list):
         raise BadInput(
-            f"{where}: field ssd.reader_bandwidth must be a list of "
-            f"[queue depth, chunk bytes, bytes/s], got {type(value).__name__}."
+            f"{where}: field {field_} must be a list of [{what}], got {type(value).__name__}."
         )
     out = []
     for i, row in enumerate(value):
-        name = f"ssd.reader_bandwidth[{i}]"
+        name = f"{field_}[{i}]"
         if not isinstance(row, list | tuple) or len(row) != 3:
-            raise BadInput(
-                f"{where}: field {name} must be [queue depth, chunk bytes, bytes/s], got {row!r}."
-            )
-        qd = validate.integer(where, name + "[0]", row[0], lo=1, hi=1 << 20)
+            raise BadInput(f"{where}: field {name} must be [{what}], got {row!r}.")
+        n = validate.integer(where, name + "[0]", row[0], lo=1, hi=1 << 20)
         chunk = validate.integer(where, name + "[1]", row[1], lo=512, hi=1 << 30)
-        bw = validate.number(where, name + "[2]", row[2], lo=RATE[0], hi=RATE[1])
-        out.append([int(qd), int(chunk), float(bw)])
+        x = validate.number(where, name + "[2]", row[2], lo=last[0], hi=last[1])
+        out.append([int(n), int(chunk), float(x)])
     return out
+
+
+def _reader_table(where: str, value: Any) -> list[list[float]]:
+    """ssd.reader_bandwidth: a list of [queue depth, chunk bytes, bytes/s], all positive."""
+    return _triples(where, "ssd.reader_bandwidth", value, "queue depth, chunk bytes, bytes/s", RATE)
 
 
 def _burst_curve(where: str, value: Any) -> list[list[float]]:
     """ssd.burst_curve: a list of [chunks, chunk bytes, seconds], all positive."""
-    if not isinstance(value, list):
-        raise BadInput(
-            f"{where}: field ssd.burst_curve must be a list of [chunks, chunk bytes, seconds], "
-            f"got {type(value).__name__}."
-        )
-    out = []
-    for i, row in enumerate(value):
-        name = f"ssd.burst_curve[{i}]"
-        if not isinstance(row, list | tuple) or len(row) != 3:
-            raise BadInput(
-                f"{where}: field {name} must be [chunks, chunk bytes, seconds], got {row!r}."
-            )
-        k = validate.integer(where, name + "[0]", row[0], lo=1, hi=1 << 20)
-        chunk = validate.integer(where, name + "[1]", row[1], lo=512, hi=1 << 30)
-        sec = validate.number(where, name + "[2]", row[2], lo=1e-9, hi=3600.0)
-        out.append([int(k), int(chunk), float(sec)])
-    return out
+    return _triples(where, "ssd.burst_curve", value, "chunks, chunk bytes, seconds", (1e-9, 3600.0))
 
 
 def bundled_profiles() -> list[str]:

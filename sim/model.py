@@ -104,7 +104,21 @@ class _Read:
         self.cut = False  # cancelled with chunks still queued (SharedSSD)
 
 
-class AnalyticSSD:
+class _Landings:
+    """What both SSDs share: the reads landed and not yet reported, by finish time."""
+
+    done: list[tuple[int, int, _Read]]
+
+    def pop_done(self, t: int) -> list[_Read]:
+        """Reads landed by `t`, in finish order (call after commit(t))."""
+        out = []
+        done = self.done
+        while done and done[0][0] <= t:
+            out.append(heapq.heappop(done)[2])
+        return out
+
+
+class AnalyticSSD(_Landings):
     """Chunked reads on C channels, foreground first, solved without per-chunk events.
 
     The channels' free times are `free[i] + shift`, `free` sorted ascending. Their
@@ -242,14 +256,6 @@ class AnalyticSSD:
                 pos += r.remaining
         raise AssertionError("read not queued")  # pragma: no cover
 
-    def pop_done(self, t: int) -> list[_Read]:
-        """Reads finished by `t`, in finish order (call after commit(t))."""
-        out = []
-        done = self.done
-        while done and done[0][0] <= t:
-            out.append(heapq.heappop(done)[2])
-        return out
-
     def drain(self) -> list[_Read]:
         """Dispatch everything still queued and return every unreported read."""
         if self.queued_chunks:
@@ -264,7 +270,7 @@ class AnalyticSSD:
 SHARE_UNITS = 1 << 30
 
 
-class SharedSSD:
+class SharedSSD(_Landings):
     """Reads in flight share the device: the chunks in it are served all at once.
 
     The device holds at most W chunks (the reader's queue depth); the rest wait in
@@ -414,14 +420,6 @@ class SharedSSD:
         if read.finish >= 0:
             return read.finish
         return self._project()[0][read]
-
-    def pop_done(self, t: int) -> list[_Read]:
-        """Reads landed by `t`, in finish order (call after commit(t))."""
-        out = []
-        done = self.done
-        while done and done[0][0] <= t:
-            out.append(heapq.heappop(done)[2])
-        return out
 
     def drain(self) -> list[_Read]:
         """Serve everything still issued and return every unreported read."""

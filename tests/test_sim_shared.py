@@ -231,3 +231,12 @@ def test_probe_fits_the_shared_device_it_measured() -> None:
     # the stream at queue depth 32 (two 3-chunk reads together) is reproduced
     assert ssd.burst_seconds(6, chunk) + access == pytest.approx(points[2].seconds / 10, rel=2e-3)
     assert res.fit_ssd("channels")["channels"] >= 1  # the channel model is still there
+
+
+def test_calibration_without_a_trace_solves_the_shared_bandwidth() -> None:
+    from mer.analysis.calibrate import _solve_bandwidth
+
+    hw = _shared_profile(2e9, 1.0e-4, 1.5e-4)
+    # a lone read of a slot took 1 ms: R(1) = slot / 1 ms, and R(1) = bw * 1.5 / 2
+    bw = _solve_bandwidth(hw, SHAPE.slot_bytes, 1e-3)
+    assert bw == pytest.approx(SHAPE.slot_bytes / 1e-3 / (1.5e-4 / 2e-4), rel=1e-9)
