@@ -963,8 +963,6 @@ def _run_compiled(replay: Replay, tm: _Timing, rec: _Recorder) -> int | None:
     pol = compiled_policy(replay)
     if pol is None or pol.name not in simstep.POLICIES:
         return None
-    if tm.share and not simstep.SHARED:
-        return None
     if native.load("simstep") is None:
         return None
     n_exp = replay.n_experts

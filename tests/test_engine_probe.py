@@ -185,6 +185,7 @@ def test_quick_probe_writes_a_loadable_profile_and_deletes_its_file(tmp_path: Pa
     )
     assert prof.compute.ffn_bytes_per_s > 0 and prof.memory.read_bandwidth_bytes_per_s > 0
     assert prof.compute.read_submit_s > 0 and prof.compute.step_overhead_s > 0
+    assert prof.compute.read_complete_s == probe["read_complete_s"] > 0  # reaping, measured
     # the kernel that runs is the one measured, and it is reported next to memory
     want = "native" if native_available() else "numpy"
     assert prof.compute.kernel.startswith(want) and probe["ffn_kernel"] == prof.compute.kernel

@@ -30,7 +30,8 @@ flat start.) The whole-expert grid over queue depths and chunk sizes is kept in
 the profile's `extra`, to check the fit against.
 
 The driver's own costs, which a fast FFN makes visible, are measured on the
-engine's code paths too: submitting one expert read (`read_submit_s`), an FFN
+engine's code paths too: submitting one expert read (`read_submit_s`), reaping it once
+it has landed, outside a wait (`read_complete_s`), an FFN
 handed to a thread while a read is in flight against a direct call
 (`ffn_busy_overhead_s`), and the decision core's work per step
 (`step_overhead_s`). FFN and dense throughputs are timed on weights rotated
@@ -255,6 +256,8 @@ class ProbeResult:
     engine_chunk_bytes: int = 512 * KiB
     engine_queue_depth: int = 32
     read_submit_s: float = 0.0
+    #: median seconds to reap one landed expert read outside a wait (0: not measured)
+    read_complete_s: float = 0.0
     ffn_busy_overhead_s: float = 0.0
     step_overhead_s: float = 0.0
     #: median seconds of one expert FFN on cold weights, called the way the streamer calls
@@ -790,8 +793,10 @@ def _stacked_plan(shape: ModelShape, slot_offset: int) -> list[tuple[int, int, i
 
 def measure_submit(
     path: Path, shape: ModelShape, cfg: ProbeConfig, rng: np.random.Generator
-) -> float:
-    """Median driver time to submit one expert read (the streamer's own call)."""
+) -> tuple[float, float]:
+    """Median driver times to submit one expert read and to reap it once it has landed
+    (the streamer's own calls: `_Reads.submit`, and `_Reads.poll` outside a wait, as at a
+    lookup or between FFNs)."""
     from mer.engine.streaming import _Reads
 
     plan0 = _stacked_plan(shape, 0)
@@ -801,6 +806,8 @@ def measure_submit(
     buf = aligned_empty(read_bytes)
     buf[::ALIGN] = 0
     times = []
+    reaps = []
+    landed_s = 1e-3  # how long a read took last time: wait a few times that before reaping
     with open_reader(
         kind=cfg.io, queue_depth=cfg.engine_queue_depth, chunk_bytes=cfg.engine_chunk_bytes
     ) as reader:
@@ -813,8 +820,17 @@ def measure_submit(
             t0 = time.perf_counter()
             reads.submit(("slot", i), i, plan, fd, buf, urgent=True)
             times.append(time.perf_counter() - t0)
+            if i % 2:  # every other read: let it land, then reap it in one poll
+                time.sleep(min(0.5, 3 * landed_s))
+                t0 = time.perf_counter()
+                reads.poll()
+                if ("slot", i) not in reads.pending:
+                    reaps.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
             reads.wait(("slot", i))
-    return float(np.median(times[1:]))
+            if not i % 2:
+                landed_s = time.perf_counter() - t0
+    return float(np.median(times[1:])), float(np.median(reaps)) if reaps else 0.0
 
 
 def measure_ffn_paths(
@@ -1024,8 +1040,11 @@ def run_probe(cfg: ProbeConfig, log: Callable[[str], None] | None = None) -> Pro
                 f"bursts of {chunk >> 10} KiB chunks submitted together: "
                 + ", ".join(f"{b.chunks}: {b.seconds * 1e3:.2f} ms" for b in got)
             )
-        submit_s = measure_submit(path, shape, cfg, rng)
-        say(f"submitting one expert read: {submit_s * 1e6:.0f} us")
+        submit_s, reap_s = measure_submit(path, shape, cfg, rng)
+        say(
+            f"submitting one expert read: {submit_s * 1e6:.0f} us; reaping it once landed: "
+            f"{reap_s * 1e6:.0f} us"
+        )
         compute_s = max(0.3, cfg.seconds_per_point)
         ffn_direct, ffn_busy = measure_ffn_paths(path, shape, cfg, 2 * compute_s)
         say(
@@ -1115,6 +1134,7 @@ def run_probe(cfg: ProbeConfig, log: Callable[[str], None] | None = None) -> Pro
         engine_chunk_bytes=cfg.engine_chunk_bytes,
         engine_queue_depth=cfg.engine_queue_depth,
         read_submit_s=submit_s,
+        read_complete_s=reap_s,
         ffn_busy_overhead_s=max(0.0, ffn_busy - ffn_direct),
         step_overhead_s=step_s,
         ffn_direct_s=ffn_direct,
@@ -1156,6 +1176,7 @@ def to_profile(result: ProbeResult, name: str | None = None, ssd_model: str = "s
             kernel=result.ffn_kernel,
             step_overhead_s=result.step_engine_s,
             read_submit_s=result.read_submit_s,
+            read_complete_s=result.read_complete_s,
             ffn_busy_overhead_s=result.ffn_busy_overhead_s,
         ),
         memory=MemoryProfile(

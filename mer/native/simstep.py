@@ -42,10 +42,6 @@ class SimArrays:
     end: int
 
 
-#: whether the compiled step models the shared device (SharedSSD)
-SHARED = True
-
-
 def run(
     *,
     policy_index: int,
