@@ -84,6 +84,8 @@ def _run(trace, store, rcfg: ReplayConfig, **kw: object):
         ("fifo", "per-layer", 40),
         ("cycle", "global", 40),
         ("cycle", "per-layer", 64),
+        ("knn", "global", 40),
+        ("knn", "per-layer", 64),
         ("lru", "global", 1),  # smaller than a step: bypass reads and step victims
         ("lru", "global", 2),
     ],

@@ -111,7 +111,7 @@ _REGISTRY: plugins.Registry[EvictionPolicy] = plugins.Registry(
     "policy",
     EvictionPolicy,  # type: ignore[type-abstract]  # the base, never instantiated
     plugins.POLICY_GROUP,
-    ("mer.core.policies", "mer.core.cycle", "mer.core.cotoken"),
+    ("mer.core.policies", "mer.core.cycle", "mer.core.cotoken", "mer.core.knn"),
 )
 POLICIES: dict[str, type[EvictionPolicy]] = _REGISTRY.classes
 #: Class decorator: adding a policy is one class plus this one line.
