@@ -65,6 +65,13 @@ class Machine(Protocol):
     def sim_options(self, cfg: GridConfig) -> SimOptions: ...
 
 
+def huge_share(extra: dict[str, Any]) -> float:
+    """Share of a measured run's slot buffers the kernel put on huge pages (nan if none)."""
+    total = float(extra.get("cache_buffer_bytes", 0) or 0)
+    huge = float(extra.get("huge_pages", {}).get("cache_huge_bytes", 0) or 0)
+    return huge / total if total else float("nan")
+
+
 class EngineMachine:
     """The real engine (`mer run`'s executor) on an expert file, in this process."""
 
@@ -86,6 +93,7 @@ class EngineMachine:
             f"this machine, expert file {experts.name} ({self.store.shape.name}), "
             f"{engine.io} reads, queue depth {engine.queue_depth}, chunk "
             f"{engine.chunk_bytes >> 10} KiB, {engine.threads} threads"
+            + ("" if getattr(engine, "huge_pages", True) else ", 4 KiB-page buffers")
         )
 
     def run(self, cfg: GridConfig, tokens: int) -> RunSummary:
@@ -548,6 +556,10 @@ def run_validation(
                         if s.wall_s
                         else float("nan")
                     ),
+                    # the arrangement the run got: realtime / off / normal (why), and the
+                    # share of its slot buffers on huge pages (mer.engine.aligned)
+                    "driver_priority": str(s.extra.get("driver_priority", "")),
+                    "huge_page_share": huge_share(s.extra),
                 }
             )
     stages = {"uncalibrated": pred_before, "calibrated": pred_after}

@@ -105,7 +105,34 @@ def add_engine_args(p: argparse.ArgumentParser) -> Any:
         action="store_true",
         help="read through the page cache instead of O_DIRECT (not a fair measurement)",
     )
+    add_arrangement_args(g)
     return g
+
+
+def add_arrangement_args(g: Any) -> None:
+    """The engine's memory and priority arrangement (both only change timing)."""
+    for flag, text in (
+        (
+            "--no-huge-pages",
+            "slot buffers on plain 4 KiB pages instead of transparent huge pages (the old "
+            "arrangement: runs of one configuration then vary more, by how the kernel places "
+            "the pages; also MER_HUGE_PAGES=0)",
+        ),
+        (
+            "--no-realtime",
+            "keep the driver thread at normal priority (by default `mer run` and `mer "
+            "validate` run their timed loop under SCHED_FIFO where permitted, so a landed read "
+            "wakes the driver at once: on a busy machine runs of one configuration then agree "
+            "more closely; `mer generate` stays at normal priority either way)",
+        ),
+    ):
+        g.add_argument(flag, action="store_true", help=text)
+
+
+def huge_pages_from_args(args: argparse.Namespace) -> bool:
+    from mer.engine.aligned import huge_pages_default
+
+    return huge_pages_default() and not getattr(args, "no_huge_pages", False)
 
 
 def engine_config_from_args(args: argparse.Namespace, **overrides: Any) -> Any:
@@ -119,6 +146,8 @@ def engine_config_from_args(args: argparse.Namespace, **overrides: Any) -> Any:
         threads=args.threads,
         ffn=args.ffn,
         direct=not args.buffered,
+        huge_pages=huge_pages_from_args(args),
+        realtime=not getattr(args, "no_realtime", False),
         progress=not args.no_progress,
     )
     values.update(overrides)

@@ -18,7 +18,7 @@ from mer.cli.common import (
 
 
 def register(sub: Any) -> None:
-    from mer.cli.run_cmd import _size
+    from mer.cli.run_cmd import _size, add_arrangement_args
     from mer.engine.io import DEFAULT_CHUNK_BYTES, DEFAULT_QUEUE_DEPTH, MAX_QUEUE_DEPTH
 
     p = sub.add_parser(
@@ -104,6 +104,7 @@ def register(sub: Any) -> None:
     g.add_argument("--queue-depth", type=int_range(1, MAX_QUEUE_DEPTH), default=DEFAULT_QUEUE_DEPTH)
     g.add_argument("--chunk-bytes", type=_size, default=DEFAULT_CHUNK_BYTES)
     g.add_argument("--threads", type=int_range(1, 1024), default=os.cpu_count() or 1)
+    add_arrangement_args(g)
     p.add_argument(
         "-o", "--output", type=output_dir, required=True, help="directory for every result"
     )
@@ -114,6 +115,7 @@ def register(sub: Any) -> None:
 def cmd_validate(args: argparse.Namespace) -> int:
     from mer.analysis.validate import EngineMachine, ValidateOptions, run_validation
     from mer.analysis.validation_grid import load_grid
+    from mer.cli.run_cmd import huge_pages_from_args
     from mer.engine.executor import EngineConfig, check_geometry
     from mer.sim.hardware import load_profile
     from mer.summary import trace_digest
@@ -135,6 +137,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
         queue_depth=args.queue_depth,
         chunk_bytes=args.chunk_bytes,
         threads=args.threads,
+        huge_pages=huge_pages_from_args(args),
+        realtime=not args.no_realtime,
         progress=False,
     )
     machine = EngineMachine(

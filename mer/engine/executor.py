@@ -40,6 +40,7 @@ from mer.engine.streaming import (
     EngineConfig,
     ExpertStreamer,
     current_rss_bytes,
+    driver_priority,
     peak_rss_bytes,
     thread_cpu_wait_s,
 )
@@ -274,9 +275,9 @@ class Executor:
                 self.store, replay, cfg, ffn=ffn, seed_cycle=cfg.mode == "seed"
             ) as streamer:
                 progress = _progress(cfg.progress, n_tokens)
-                t_run0 = clock()
-                cpu_wait0 = thread_cpu_wait_s()
-                with progress as bar:
+                with driver_priority(cfg.realtime) as priority, progress as bar:
+                    t_run0 = clock()
+                    cpu_wait0 = thread_cpu_wait_s()
                     task = bar.add_task("mer run", total=n_tokens) if bar is not None else None
                     for ti in range(n_tokens):
                         tok0 = clock()
@@ -293,9 +294,9 @@ class Executor:
                         acc.end_token(tok0 - t_run0, clock() - tok0)
                         if bar is not None:
                             bar.update(task, advance=1)  # type: ignore[arg-type]
-                wall = clock() - t_run0
-                # the driver's time runnable but off a core: what a loaded machine adds
-                streamer.timing["cpu_wait_s"] = thread_cpu_wait_s() - cpu_wait0
+                    wall = clock() - t_run0
+                    # the driver's time runnable but off a core: what a loaded machine adds
+                    streamer.timing["cpu_wait_s"] = thread_cpu_wait_s() - cpu_wait0
                 streamer.drain()  # background reads still in flight: outside the wall clock
         finally:
             ffn.close()
@@ -315,6 +316,7 @@ class Executor:
             extra={
                 "dense_resident_bytes": int(dense.resident_bytes if dense is not None else 0),
                 "expert_file": self.store_path,
+                "driver_priority": priority,
             },
         )
         return RunResult(summary, rows, x)

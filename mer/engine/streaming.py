@@ -38,10 +38,11 @@ cache + a fixed working set.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
 from dataclasses import asdict, dataclass, field
@@ -52,7 +53,7 @@ import numpy.typing as npt
 
 from mer.core.cache import physical_slots
 from mer.core.replay import Replay
-from mer.engine.aligned import aligned_empty
+from mer.engine.aligned import aligned_empty, huge_page_bytes, huge_pages_default, thp_mode
 from mer.engine.ffn import ExpertFFN, ffn_label
 from mer.engine.io import (
     DEFAULT_CHUNK_BYTES,
@@ -62,6 +63,7 @@ from mer.engine.io import (
     open_reader,
 )
 from mer.engine.store import read_bytes_by_key, typical_read_ranges
+from mer.notes import note_once
 from mer.validate import check_memory
 
 F32 = npt.NDArray[np.float32]
@@ -84,6 +86,13 @@ class EngineConfig:
     direct: bool = True
     seed: int = 0
     register_buffers: bool = True
+    #: slot buffers on transparent huge pages (mer.engine.aligned): without them, the same
+    #: run went at one of two speeds ~30% apart, by how the kernel placed its pages
+    huge_pages: bool = field(default_factory=huge_pages_default)
+    #: the driver thread runs its timed loop under SCHED_FIFO where permitted (see
+    #: `driver_priority`): a read that lands wakes it at once instead of after another
+    #: process's time slice
+    realtime: bool = True
     progress: bool = False
 
     def to_dict(self) -> dict[str, Any]:
@@ -122,6 +131,52 @@ def thread_cpu_wait_s() -> float:
             return int(fh.read().split()[1]) * 1e-9
     except (OSError, ValueError, IndexError):
         return 0.0
+
+
+REALTIME_PRIORITY = (
+    1  # the lowest SCHED_FIFO priority: above every normal thread, below the kernel's
+)
+
+
+@contextlib.contextmanager
+def driver_priority(realtime: bool) -> Iterator[str]:
+    """The calling (driver) thread under SCHED_FIFO for the block, then back as it was.
+
+    Why: the driver sleeps on every read it waits for, and on a shared 2-core machine the
+    wake-up then waits for a core: measured, runs of one configuration spent 5-50% of
+    their time runnable but off a core, and that share decided their speed (r = -0.8 to
+    -0.9 with log tokens/s). Under SCHED_FIFO a landed read wakes the driver at once
+    (CPU wait ~0). It blocks on every wait and the kernel caps real-time threads at 95%
+    of a core, so other processes keep running. Threads started meanwhile (FFN workers)
+    start as normal threads (SCHED_RESET_ON_FORK). Yields what it did: 'realtime',
+    'off' (not asked), or 'normal (why)' where the kernel refused (no CAP_SYS_NICE and
+    RLIMIT_RTPRIO 0: said once)."""
+    if not realtime:
+        yield "off"
+        return
+    if not hasattr(os, "sched_setscheduler"):
+        yield "normal (no sched_setscheduler here)"
+        return
+    try:
+        old_policy = os.sched_getscheduler(0)
+        old_param = os.sched_getparam(0)
+        flag = getattr(os, "SCHED_RESET_ON_FORK", 0)
+        os.sched_setscheduler(0, os.SCHED_FIFO | flag, os.sched_param(REALTIME_PRIORITY))
+    except OSError as exc:
+        why = f"normal (SCHED_FIFO refused: {exc.strerror})"
+        note_once(
+            "engine:realtime",
+            "mer: the engine's driver thread runs at normal priority (the kernel refused "
+            f"SCHED_FIFO: {exc.strerror}; grant CAP_SYS_NICE or an RLIMIT_RTPRIO of 1, or pass "
+            "--no-realtime to silence this); on a busy machine runs then vary more",
+        )
+        yield why
+        return
+    try:
+        yield "realtime"
+    finally:
+        with contextlib.suppress(OSError):
+            os.sched_setscheduler(0, old_policy, old_param)
 
 
 def peak_rss_bytes() -> int:
@@ -361,11 +416,20 @@ class ExpertStreamer:
             f"--cache-slots {cfg.cache_slots} ({n} slot buffers of {slot_bytes:,} bytes)",
         )
         self.rss_before_buffers = current_rss_bytes()
-        self.cache_buf = aligned_empty(n * slot_bytes)
-        self.scratch_buf = aligned_empty(self.top_k * slot_bytes)
+        huge = bool(self.cfg.huge_pages)
+        self.cache_buf = aligned_empty(n * slot_bytes, huge=huge)
+        self.scratch_buf = aligned_empty(self.top_k * slot_bytes, huge=huge)
         # Pre-fault every page now, so the run measures reads and compute, not page faults,
         # and RSS shows the whole preallocation from the start.
         self.cache_buf[::4096] = 0  # scratch stays untouched until a bypass or stash needs it
+        self.huge_bytes = huge_page_bytes(self.cache_buf) if huge else 0
+        if huge and self.cache_buf.nbytes >= 4 << 20 and self.huge_bytes == 0:
+            note_once(
+                "engine:huge-pages",
+                f"mer: the kernel gave the slot buffers no huge pages (transparent huge pages: "
+                f"{thp_mode()}); reads go into 4 KiB pages, which can run slower and vary more "
+                "from run to run (enable THP in madvise or always mode to avoid it)",
+            )
         self.slots = [self.cache_buf[i * slot_bytes : (i + 1) * slot_bytes] for i in range(n)]
         self.scratch = [
             self.scratch_buf[i * slot_bytes : (i + 1) * slot_bytes] for i in range(self.top_k)
@@ -608,4 +672,9 @@ class ExpertStreamer:
             },
             "threads": int(self.cfg.threads),
             "ffn": ffn_label(self.ffn),
+            "huge_pages": {
+                "asked": bool(self.cfg.huge_pages),
+                "cache_huge_bytes": int(self.huge_bytes),
+                "thp": thp_mode(),
+            },
         }
