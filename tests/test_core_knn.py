@@ -12,41 +12,17 @@ tests/test_core_no_future.py; equal counts in the engine in tests/test_engine_ru
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
+
+# the bench module as a fixture (its votes are held against brute force there)
+from test_bench_nextvisit import bench  # noqa: F401
 
 from mer.core import Replay, ReplayConfig, replay_counts
 from mer.core.knn import MAX_VISITS, N_WEIGHTS, WEIGHT_NAMES, Knn, fit_weights, training_rows
 from mer.errors import BadInput
 from mer.sim.tune import tune_policy
 from mer.traces.format import TraceMeta, from_arrays
-
-BENCH = Path(__file__).resolve().parent.parent / "bench"
-
-
-@pytest.fixture(scope="module")
-def bench():
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location(
-            "bench_nextvisit", BENCH / "bench_nextvisit.py"
-        )
-        assert spec is not None and spec.loader is not None
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        gap = importlib.util.spec_from_file_location(
-            "bench_gap_sources", BENCH / "bench_gap_sources.py"
-        )
-        assert gap is not None and gap.loader is not None
-        gmod = importlib.util.module_from_spec(gap)
-        gap.loader.exec_module(gmod)
-        yield mod, gmod
-    finally:
-        sys.path.remove(str(BENCH))
 
 
 def repeating_steps(seed: int, n_tokens: int, L: int, E: int, k: int) -> np.ndarray:
@@ -68,7 +44,7 @@ def random_weights(seed: int) -> dict[str, float]:
 
 def bench_scores(mods, steps, L, E, w, beta, window, visits):
     """The bench's score matrix (n_steps, n_keys): the hit density over `visits` visits."""
-    nv, _ = mods
+    nv = mods
     data = nv.prepare(steps, L, E, beta, window, MAX_VISITS)
     d = data["d"]
     dens = np.zeros_like(d)
@@ -80,7 +56,7 @@ def bench_scores(mods, steps, L, E, w, beta, window, visits):
 
 
 @pytest.mark.parametrize(("beta", "window", "visits"), [(0.5, 0, 3), (1.3, 3, 2), (0.7, 0, 1)])
-def test_scores_equal_the_bench_model(bench, beta, window, visits):
+def test_scores_equal_the_bench_model(bench, beta, window, visits):  # noqa: F811
     L, E, k = 4, 6, 2
     steps = repeating_steps(5, 14, L, E, k)
     w = random_weights(1)
@@ -95,12 +71,12 @@ def test_scores_equal_the_bench_model(bench, beta, window, visits):
 
 
 @pytest.mark.parametrize("cap", [5, 9, 14])
-def test_hits_equal_the_bench_replay(bench, cap):
+def test_hits_equal_the_bench_replay(bench, cap):  # noqa: F811
     L, E, k = 4, 6, 2
     steps = repeating_steps(9, 18, L, E, k)
     w = random_weights(4)
     score = bench_scores(bench, steps, L, E, w, 0.5, 0, 3)
-    want, _ = bench[1].replay(steps, score, cap)
+    want, _ = bench.replay(steps, score, cap)
     cfg = ReplayConfig(policy="knn", cache_slots=cap, scope="global", policy_params=w)
     rep = Replay(steps.astype(np.int32), n_layers=L, n_experts=E, config=cfg)
     assert replay_counts(rep).total("hits") == want

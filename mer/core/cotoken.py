@@ -45,7 +45,7 @@ engine sees the router's output (tests/test_core_no_future.py).
 from __future__ import annotations
 
 import math
-from collections.abc import Container, Sequence
+from collections.abc import Container, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -231,21 +231,28 @@ class Cotoken(EvictionPolicy):
     def on_remove(self, key: int) -> None:
         self._res[key] = False
 
+    def scores(self) -> np.ndarray:
+        """Every key's z - log d after the current step's `begin_step` (lowest: evicted)."""
+        F, d = self.features()
+        return np.asarray(F @ self._w - np.log(d))
+
     def victim(self, protected: Container[int]) -> int | None:
         if self._order is None:
-            F, d = self.features()
-            score = F @ self._w - np.log(d)
-            self._order = np.argsort(score, kind="stable")  # ties: the smaller key
+            self._order = np.argsort(self.scores(), kind="stable")  # ties: the smaller key
         res = self._res
         for key in self._order.tolist():
             if res[key] and key not in protected:
                 return int(key)
         return None
 
+    def model_params(self) -> dict[str, Any]:
+        """The parameters of the score (for `describe`)."""
+        return {f"w{i}": getattr(self, f"w{i}") for i in range(len(FEATURES))}
+
     def describe(self) -> dict[str, Any]:
         return {
             "policy": self.name,
-            **{f"w{i}": getattr(self, f"w{i}") for i in range(len(FEATURES))},
+            **self.model_params(),
             "rate_mid": self.rate_mid,
             "prior": self.prior,
             "alpha": self.alpha,
@@ -255,34 +262,53 @@ class Cotoken(EvictionPolicy):
 # -- fitting the weights (mer tune) ----------------------------------------------------------
 
 
+def token_picks(
+    steps: np.ndarray, n_layers: int, n_experts: int, policy: str, pad: int = 0
+) -> np.ndarray:
+    """(tokens + pad, keys) bool: which keys each token picked, for fitting `policy`
+    (whole tokens, steps in layer order, else BadInput); `pad` rows of False after."""
+    n_steps, k = steps.shape
+    L, E = n_layers, n_experts
+    if n_steps % L:
+        raise BadInput(f"fitting {policy!r} needs whole tokens: {n_steps} steps, {L} layers.")
+    if (steps // E != (np.arange(n_steps) % L)[:, None]).any():
+        raise BadInput(f"fitting {policy!r} needs steps in layer order (step t = layer t mod L).")
+    picked = np.zeros((n_steps // L + pad, L * E), dtype=bool)
+    for r in range(k):
+        picked[np.arange(n_steps) // L, steps[:, r]] = True
+    return picked
+
+
+def sampled_steps(
+    pol: Cotoken, steps: np.ndarray, n_layers: int, n_experts: int, stride: int
+) -> Iterator[np.ndarray]:
+    """Run `pol` over `steps` (one global partition); after the begin_step of every
+    `stride`-th step from the second token on (the first: nothing learnt yet), yield
+    each key's next-visit token (this token for a layer still to come, else the next)."""
+    L, E = n_layers, n_experts
+    pol.attach_keyspace(L * E)
+    pol.attach_geometry(L, E)
+    lay = np.arange(L * E) // E
+    for t in range(len(steps)):
+        pol.begin_step(t, steps[t].tolist())
+        if t % stride or t < L:
+            continue
+        tau, c = divmod(t, L)
+        yield np.where(lay > c, tau, tau + 1)
+
+
 def training_rows(
     steps: np.ndarray, n_layers: int, n_experts: int, *, stride: int = FIT_STRIDE
 ) -> tuple[np.ndarray, np.ndarray]:
     """(X, y): the policy's own features at every `stride`-th step, for every key whose
     layer has a next visit in the trace, and whether that visit picks the key."""
     steps = np.asarray(steps, dtype=np.int64)
-    n_steps, k = steps.shape
     L, E = n_layers, n_experts
-    if n_steps % L:
-        raise BadInput(f"fitting 'cotoken' needs whole tokens: {n_steps} steps, {L} layers.")
-    layer_of = np.arange(n_steps) % L
-    if (steps // E != layer_of[:, None]).any():
-        raise BadInput("fitting 'cotoken' needs steps in layer order (step t = layer t mod L).")
-    T = n_steps // L
-    picked = np.zeros((T, L * E), dtype=bool)
-    for r in range(k):
-        picked[np.arange(n_steps) // L, steps[:, r]] = True
+    picked = token_picks(steps, L, E, "cotoken")
+    T = len(picked)
     pol = Cotoken(1)
-    pol.attach_keyspace(L * E)
-    pol.attach_geometry(L, E)
-    lay = np.arange(L * E) // E
     Xs, ys = [], []
-    for t in range(n_steps):
-        pol.begin_step(t, steps[t].tolist())
-        if t % stride or t < L:  # the first token: nothing learnt yet
-            continue
-        tau, c = divmod(t, L)
-        nxt = np.where(lay > c, tau, tau + 1)
+    for nxt in sampled_steps(pol, steps, L, E, stride):
         ok = nxt < T
         F, _ = pol.features()
         Xs.append(F[ok])

@@ -52,13 +52,13 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Container, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from mer.core.cotoken import FEATURES as COTOKEN_FEATURES
-from mer.core.cotoken import Cotoken
+from mer.core.cotoken import Cotoken, sampled_steps, token_picks
 from mer.core.cycle import TUNED_ON, logistic_fit
 from mer.core.policies import _param
 from mer.core.policy import register_policy
@@ -245,26 +245,8 @@ class Knn(Cotoken):
             dens += 1.0 / (1.0 + np.exp(-(x @ self._wv[i]))) / (d + i * L)
         return np.asarray(np.log(dens))
 
-    def victim(self, protected: Container[int]) -> int | None:
-        if self._order is None:
-            self._order = np.argsort(self.scores(), kind="stable")  # ties: the smaller key
-        res = self._res
-        for key in self._order.tolist():
-            if res[key] and key not in protected:
-                return int(key)
-        return None
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "policy": self.name,
-            **self.weights,
-            "beta": self.beta,
-            "window": self.window,
-            "visits": self.visits,
-            "rate_mid": self.rate_mid,
-            "prior": self.prior,
-            "alpha": self.alpha,
-        }
+    def model_params(self) -> dict[str, Any]:
+        return {**self.weights, "beta": self.beta, "window": self.window, "visits": self.visits}
 
 
 # -- fitting the weights (mer tune) ----------------------------------------------------------
@@ -283,28 +265,13 @@ def training_rows(
     the second token on), for every key whose layer's j-th visit is in the trace, and
     whether that visit picks the key."""
     steps = np.asarray(steps, dtype=np.int64)
-    n_steps, k = steps.shape
     L, E = n_layers, n_experts
-    if n_steps % L:
-        raise BadInput(f"fitting 'knn' needs whole tokens: {n_steps} steps, {L} layers.")
-    if (steps // E != (np.arange(n_steps) % L)[:, None]).any():
-        raise BadInput("fitting 'knn' needs steps in layer order (step t = layer t mod L).")
-    T = n_steps // L
-    picked = np.zeros((T + MAX_VISITS, L * E), dtype=bool)
-    for r in range(k):
-        picked[np.arange(n_steps) // L, steps[:, r]] = True
+    picked = token_picks(steps, L, E, "knn", pad=MAX_VISITS)
+    T = len(picked) - MAX_VISITS
     pol = Knn(1, beta=beta, window=window)
-    pol.attach_keyspace(L * E)
-    pol.attach_geometry(L, E)
-    lay = np.arange(L * E) // E
     cols = np.arange(L * E)
     rows: list[tuple[list[np.ndarray], list[np.ndarray]]] = [([], []) for _ in range(MAX_VISITS)]
-    for t in range(n_steps):
-        pol.begin_step(t, steps[t].tolist())
-        if t % stride or t < L:  # the first token: nothing learnt yet
-            continue
-        tau, c = divmod(t, L)
-        nxt = np.where(lay > c, tau, tau + 1)
+    for nxt in sampled_steps(pol, steps, L, E, stride):
         X, _ = pol.visit_features()
         for j in range(MAX_VISITS):
             at = nxt + j
