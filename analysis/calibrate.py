@@ -95,6 +95,11 @@ class Calibration:
 def _solve_bandwidth(profile: HardwareProfile, nbytes: int, read_s: float) -> float | None:
     """Aggregate bandwidth that makes read_time(nbytes) equal the measured read time."""
     ssd = profile.ssd
+    if ssd.shared:
+        # the transfer scales as 1 / bandwidth on the shared device: rescale its time
+        now = ssd.read_time(nbytes) - ssd.access_latency_s
+        want = read_s - ssd.access_latency_s
+        return ssd.bandwidth_bytes_per_s * now / want if want > 0 and now > 0 else None
     n = ssd.n_chunks(nbytes)
     waves = math.ceil(n / ssd.channels)
     transfer = (read_s - ssd.access_latency_s) / waves - ssd.latency_s  # per chunk

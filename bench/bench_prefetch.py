@@ -9,14 +9,15 @@ gain in tokens/s with the prefetch figures (precision, recall, bytes useful,
 late and wasted). Decode phase, global scope. The rule: cooccur with beta 0.4
 (the token's routed layers), near 0.3 (the nearest of them weigh more: 0.3 x
 0.5^(distance - 1) on top of beta) and beta_prev 0.1 (the previous token);
-prefetch only guesses with calibrated probability >= 0.45, at most 1 per
+prefetch only guesses with calibrated probability >= 0.45, at most 2 per
 layer, for layers 3 or more steps ahead (read time / step time on
 nvme-desktop is 3.6: a read aimed 3 steps ahead lands a little late but hides
 most of its time, one aimed 4 ahead is guessed from a layer less) up to 12,
 one prefetch read in flight at a time, each guess holding its place in flight
-for at most 4 steps (the steps its read takes). That is the rule
-bench_prefetch_heldout.py chose with the bundled trace and with humaneval_2
-held out; these figures are in sample (all traces).
+for at most 4 steps (the steps its read takes), the most probable guess of
+the layers 3 and 4 steps ahead read first (`--prefetch-window 2`). That is the
+rule bench_prefetch_heldout.py chose with the bundled trace and with
+humaneval_2 held out; these figures are in sample (all traces).
 """
 
 from __future__ import annotations
@@ -31,11 +32,12 @@ RULE = {
     "predictor": "cooccur",
     "predictor_params": {"beta": 0.4, "beta_prev": 0.1, "near": 0.3},
     "prefetch_min_prob": 0.45,
-    "prefetch_top_n": 1,
+    "prefetch_top_n": 2,
     "pipeline_depth": 12,
     "prefetch_inflight": 1,
     "prefetch_lead": 3,
     "prefetch_hold": 4,
+    "prefetch_window": 2,
 }
 
 
@@ -92,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     gib = float(1 << 30)
     print(
         f"\n{args.hardware}, {args.cache_slots} slots, global, decode; rule: cooccur "
-        "(beta 0.4, near 0.3, beta_prev 0.1), min prob 0.45, top 1, lead 3, depth 12, "
-        "1 in flight, hold 4\n"
+        "(beta 0.4, near 0.3, beta_prev 0.1), min prob 0.45, top 2, lead 3, depth 12, "
+        "1 in flight, hold 4, window 2\n"
     )
     print(
         "| trace | policy | tokens/s, no prefetch | tokens/s, prefetch | gain | hit rate "

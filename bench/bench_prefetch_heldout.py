@@ -15,9 +15,12 @@ beside it, its gains where it was chosen (in sample), to show how much of it is 
 
 The grid: the cooccur predictor's weight of the token's routed layers (beta 0.3, 0.4;
 beta_prev 0.1, near 0.3 fixed), the calibrated probability threshold (0.35, 0.45,
-0.55), guesses per layer (1, 2), the lead in steps (3, 4), the hold in steps (0: a guess
-is outstanding until its step; 4: for at most 4 steps, about read time / step time on
-nvme-desktop), the depth (12, 16), one prefetch read in flight: 96 rules; then, on the best of those, each
+0.55), guesses per layer (1, 2), the lead in steps (3, 4), the window read most probable
+first (0: nearest layer first; 2 or 3: among the layers lead .. lead + W - 1, the most
+probable guess first), one prefetch read in flight held for at most 4 steps (about read
+time / step time on nvme-desktop), depth 12: 72 rules (`--grid hold` is the earlier grid
+without the window: hold 0 or 4, depth 12 or 16, 96 rules; `--grid window-lead3` only
+min prob 0.45 and lead 3, which every rotation of that earlier grid chose: 12 rules); then, on the best of those, each
 of: a speculative-slot budget of 8, reclaim of proven-wrong guesses, cancellation of
 those read from at most 3 steps before (`--prefetch-cancel 3`), and cancellation with
 the budget (tried on top of the best, kept if better where the rule is chosen).
@@ -37,13 +40,34 @@ BASE: dict[str, Any] = {
     "predictor": "cooccur",
     "prefetch_inflight": 1,
 }
-GRID = {
-    "beta": (0.3, 0.4),
-    "prefetch_min_prob": (0.35, 0.45, 0.55),
-    "prefetch_top_n": (1, 2),
-    "prefetch_lead": (3, 4),
-    "prefetch_hold": (0, 4),
-    "pipeline_depth": (12, 16),
+GRIDS = {
+    "window": {
+        "beta": (0.3, 0.4),
+        "prefetch_min_prob": (0.35, 0.45, 0.55),
+        "prefetch_top_n": (1, 2),
+        "prefetch_lead": (3, 4),
+        "prefetch_hold": (4,),
+        "pipeline_depth": (12,),
+        "prefetch_window": (0, 2, 3),
+    },
+    "window-lead3": {  # the window grid at the earlier grid's choice of min prob and lead
+        "beta": (0.3, 0.4),
+        "prefetch_min_prob": (0.45,),
+        "prefetch_top_n": (1, 2),
+        "prefetch_lead": (3,),
+        "prefetch_hold": (4,),
+        "pipeline_depth": (12,),
+        "prefetch_window": (0, 2, 3),
+    },
+    "hold": {
+        "beta": (0.3, 0.4),
+        "prefetch_min_prob": (0.35, 0.45, 0.55),
+        "prefetch_top_n": (1, 2),
+        "prefetch_lead": (3, 4),
+        "prefetch_hold": (0, 4),
+        "pipeline_depth": (12, 16),
+        "prefetch_window": (0,),
+    },
 }
 EXTRAS: tuple[dict[str, Any], ...] = (
     {"prefetch_slots": 8},
@@ -54,9 +78,11 @@ EXTRAS: tuple[dict[str, Any], ...] = (
 
 
 def rule_of(
-    beta: float, min_prob: float, top_n: int, lead: int, hold: int, depth: int
+    beta: float, min_prob: float, top_n: int, lead: int, hold: int, depth: int, window: int = 0
 ) -> dict[str, Any]:
+    extra = {"prefetch_window": window} if window else {}
     return {
+        **extra,
         **BASE,
         "pipeline_depth": depth,
         "predictor_params": {"beta": beta, "beta_prev": 0.1, "near": 0.3},
@@ -75,6 +101,8 @@ def label(rule: dict[str, Any]) -> str:
     )
     if rule.get("prefetch_hold"):
         s += f", hold {rule['prefetch_hold']}"
+    if rule.get("prefetch_window"):
+        s += f", window {rule['prefetch_window']}"
     if rule.get("prefetch_slots"):
         s += f", slots {rule['prefetch_slots']}"
     if rule.get("prefetch_reclaim"):
@@ -133,6 +161,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hardware", default="nvme-desktop")
     ap.add_argument("--rotations", choices=("all", "first"), default="all")
     ap.add_argument(
+        "--grid",
+        choices=tuple(GRIDS),
+        default="window",
+        help="window (default): the window read most probable first, 0, 2 or 3, with the "
+        "hold of 4 and depth 12 (72 rules); window-lead3: the same at min prob 0.45 and lead "
+        "3 only, what every rotation of the hold grid chose (12 rules); hold: the earlier "
+        "grid, hold 0 or 4, depth 12 or 16, nearest first (96 rules)",
+    )
+    ap.add_argument(
         "--processes",
         type=int,
         default=1,
@@ -165,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     # loo: rotation r holds trace r out and chooses on the others; single: chooses on r
     rotations = [[n for n in names if n != r] if select == "loo" else [r] for r in rotate]
 
-    grid = [rule_of(*values) for values in itertools.product(*GRID.values())]
+    grid = [rule_of(*values) for values in itertools.product(*GRIDS[args.grid].values())]
     if args.processes > 1:
         import multiprocessing
 

@@ -13,8 +13,10 @@ the model gets wrong beyond the disk's speed, which moves by tens of percent fro
 minute to the next on a shared disk. Then the reference run's reads are joined with the
 simulator's (prefetch off: the same reads, in the same order) and split by how many reads
 their step issued (a lone miss, the first and the second of two misses), engine against
-simulator. Run it under the disk lock when others time the disk too; it prints the load
-average at the start and the end.
+simulator. Both SSD models are fitted from the same probe (`--hardware` must be a `mer
+probe` profile: its `extra.probe` is refitted both ways, its compute figures kept) and
+judged on the same real runs. Run it under the disk lock when others time the disk too;
+it prints the load average at the start and the end.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 TRACE = ROOT / "traces" / "data" / "mixtral-offloading-h39s.parquet"
+MODELS = ("channels", "shared")
 CONFIGS: dict[str, dict[str, Any]] = {
     "lru-64": {},
     "lru-64-oracle": {"predictor": "oracle", "pipeline_depth": 2},
@@ -145,15 +148,26 @@ def main(argv: list[str] | None = None) -> int:
         EngineConfig(threads=os.cpu_count() or 1, progress=False),
         digest=trace_digest(a.trace),
     )
-    if a.hardware:
-        profile = load_profile(a.hardware)
-    else:
-        from mer.engine.probe import ProbeConfig, run_probe, to_profile
+    from mer.engine.probe import ProbeConfig, ProbeResult, run_probe, to_profile
 
-        profile = to_profile(run_probe(ProbeConfig.quick(directory=a.experts.parent)))
-    errors: dict[str, list[float]] = {n: [] for n in CONFIGS if n != "lru-64"}
-    by_pos: dict[str, list[tuple[float, float, float, float]]] = {}
-    fitted: list[float] = []
+    if a.hardware:
+        given = load_profile(a.hardware)
+        probe = (given.extra or {}).get("probe")
+        if not probe:
+            raise SystemExit(f"{a.hardware}: no extra.probe to refit; give a `mer probe` profile")
+        result = ProbeResult.from_dict(probe)
+    else:
+        result = run_probe(ProbeConfig.quick(directory=a.experts.parent))
+    profiles = {}
+    for model in MODELS:
+        p = to_profile(result, ssd_model=model)
+        if a.hardware:  # the given profile's compute figures; only the SSD refitted
+            p.compute = copy.deepcopy(given.compute)
+        profiles[model] = p
+    names = [n for n in CONFIGS if n != "lru-64"]
+    errors = {m: {n: [] for n in names} for m in MODELS}
+    by_pos: dict[str, dict[str, list[tuple[float, float, float, float]]]] = {m: {} for m in MODELS}
+    fitted: dict[str, list[float]] = {m: [] for m in MODELS}
     with engine_reads() as logs:
         for r in range(a.rounds):
             runs = {}
@@ -162,64 +176,67 @@ def main(argv: list[str] | None = None) -> int:
                 runs[name] = machine.run(cfg, a.tokens)
             ref = runs["lru-64"]
             ref_log = logs[-len(CONFIGS)]
-            bw = fit_wall(trace, ref, profile)
-            fitted.append(bw)
-            prof = with_bandwidth(profile, bw)
-            for name, run in runs.items():
-                if name == "lru-64":
-                    continue
-                s, *_ = sim_reads(trace, run, prof)
-                errors[name].append(s.tokens_per_s / run.tokens_per_s - 1)
-            _, keys, steps, lat = sim_reads(trace, ref, prof)
             eng = sorted(ref_log, key=lambda e: e[1])  # issue order
-            if [e[0] for e in eng] != keys.tolist():
-                raise SystemExit("the engine's reads and the simulator's differ: cannot join")
             eng_lat = np.asarray([seen - st for _, st, seen in eng])
-            _, first, counts = np.unique(steps, return_index=True, return_counts=True)
-            n_in = np.repeat(counts, counts)
-            pos = np.arange(steps.size) - np.repeat(first, counts)
-            for label, mask in (
-                ("lone miss", n_in == 1),
-                ("1st of 2", (n_in == 2) & (pos == 0)),
-                ("2nd of 2", (n_in == 2) & (pos == 1)),
-            ):
-                e, m = eng_lat[mask], lat[mask]
-                by_pos.setdefault(label, []).append(
-                    (float(np.median(e)), float(np.median(m)), float(e.mean()), float(m.mean()))
-                )
+            for model, profile in profiles.items():
+                bw = fit_wall(trace, ref, profile)
+                fitted[model].append(bw)
+                prof = with_bandwidth(profile, bw)
+                for name in names:
+                    s, *_ = sim_reads(trace, runs[name], prof)
+                    errors[model][name].append(s.tokens_per_s / runs[name].tokens_per_s - 1)
+                _, keys, steps, lat = sim_reads(trace, ref, prof)
+                if [e[0] for e in eng] != keys.tolist():
+                    raise SystemExit("the engine's reads and the simulator's differ: cannot join")
+                _, first, counts = np.unique(steps, return_index=True, return_counts=True)
+                n_in = np.repeat(counts, counts)
+                pos = np.arange(steps.size) - np.repeat(first, counts)
+                for label, mask in (
+                    ("lone miss", n_in == 1),
+                    ("1st of 2", (n_in == 2) & (pos == 0)),
+                    ("2nd of 2", (n_in == 2) & (pos == 1)),
+                ):
+                    e, m = eng_lat[mask], lat[mask]
+                    by_pos[model].setdefault(label, []).append(
+                        (float(np.median(e)), float(np.median(m)), float(e.mean()), float(m.mean()))
+                    )
             print(
-                f"round {r}: fitted {bw / 1e9:.3f} GB/s; "
-                + ", ".join(
-                    f"{n} {runs[n].tokens_per_s:.1f} tokens/s ({errors[n][-1] * 100:+.0f}%)"
-                    for n in errors
+                f"round {r}: "
+                + ", ".join(f"{n} {runs[n].tokens_per_s:.1f} tokens/s" for n in CONFIGS)
+                + "; errors "
+                + "; ".join(
+                    f"{m}: " + ", ".join(f"{n} {errors[m][n][-1] * 100:+.0f}%" for n in names)
+                    for m in MODELS
                 ),
                 flush=True,
             )
     print(f"\nload average at the end: {load()}")
-    print(
-        "bandwidth fitted to the reference run's wall, per round: "
-        + ", ".join(f"{b / 1e9:.3f}" for b in fitted)
-        + " GB/s"
-    )
-    print("\n| configuration | error per round (%) | median error (%) |")
-    print("|---|---|---:|")
-    for n, es in errors.items():
+    for model in MODELS:
+        print(f"\n### SSD model: {model}\n")
         print(
-            f"| {n} | {', '.join(f'{e * 100:+.0f}' for e in es)} | "
-            f"{statistics.median(es) * 100:+.1f} |"
+            "bandwidth fitted to the reference run's wall, per round: "
+            + ", ".join(f"{b / 1e9:.3f}" for b in fitted[model])
+            + " GB/s"
         )
-    print(
-        "\n| reference run's reads | engine p50 (ms) | simulator p50 (ms) | engine mean (ms) "
-        "| simulator mean (ms) |"
-    )
-    print("|---|---|---|---|---|")
-    for label, rows in by_pos.items():
-        cols = list(zip(*rows, strict=True))
+        print("\n| configuration | error per round (%) | median error (%) |")
+        print("|---|---|---:|")
+        for n, es in errors[model].items():
+            print(
+                f"| {n} | {', '.join(f'{e * 100:+.0f}' for e in es)} | "
+                f"{statistics.median(es) * 100:+.1f} |"
+            )
         print(
-            f"| {label} | "
-            + " | ".join(", ".join(f"{v * 1e3:.2f}" for v in c) for c in cols)
-            + " |"
+            "\n| reference run's reads | engine p50 (ms) | simulator p50 (ms) | engine mean (ms) "
+            "| simulator mean (ms) |"
         )
+        print("|---|---|---|---|---|")
+        for label, rows in by_pos[model].items():
+            cols = list(zip(*rows, strict=True))
+            print(
+                f"| {label} | "
+                + " | ".join(", ".join(f"{v * 1e3:.2f}" for v in c) for c in cols)
+                + " |"
+            )
     return 0
 
 

@@ -85,6 +85,57 @@ class SSDProfile:
     # at each reader setting. Only their ratios are used (reader_scale): the fit above holds
     # at (queue_depth, chunk_bytes), the table says how another setting differs from it.
     reader_bandwidth: list[list[float]] = field(default_factory=list)
+    # [chunks, chunk bytes, seconds]: the probe's bursts of chunks submitted together. With
+    # it the device is *shared*: the chunks in it (at most the queue depth) are served all
+    # at once, each at an equal share of an aggregate rate that grows with their number as
+    # these bursts did (`shared_rates`); `channels` and `latency_s` are then unused.
+    burst_curve: list[list[float]] = field(default_factory=list)
+
+    @property
+    def shared(self) -> bool:
+        """Whether reads in flight share the device (a burst curve) or queue for channels."""
+        return bool(self.burst_curve)
+
+    def shared_rates(
+        self,
+        queue_depth: int | None = None,
+        chunk_bytes: int | None = None,
+        piece: float | None = None,
+    ) -> list[float]:
+        """Aggregate bytes/s of the shared device with k = 1..W chunks in it, W the queue
+        depth, for a reader at (`queue_depth`, `chunk_bytes`) (None: the fitted setting).
+
+        The bursts give the curve's shape, k chunks submitted together landing after
+        access + k * chunk / R(k); `bandwidth_bytes_per_s` is its level, the aggregate
+        with the device full at the fitted setting (the reader table scales it to
+        another setting, as for the channel model). `piece`: the size of the chunks the
+        reads are cut into (default: `chunk_bytes`), the curve's chunk size.
+        """
+        qd = queue_depth if queue_depth is not None else self.queue_depth
+        w = int(qd if qd is not None else self.channels)
+        chunk = piece or (chunk_bytes if chunk_bytes is not None else self.chunk_bytes)
+        full = self.bandwidth_bytes_per_s * self.reader_scale(queue_depth, chunk_bytes)
+        top = _burst_rate(self.burst_curve, w, chunk, self.access_latency_s)
+        return [
+            full * _burst_rate(self.burst_curve, k, chunk, self.access_latency_s) / top
+            for k in range(1, w + 1)
+        ]
+
+    def burst_seconds(
+        self,
+        chunks: int,
+        piece: float,
+        queue_depth: int | None = None,
+        chunk_bytes: int | None = None,
+    ) -> float:
+        """Seconds for `chunks` chunks of `piece` bytes submitted together to an idle shared
+        device to be served (without the access latency): whole windows of W chunks, each
+        served together, then the last partial one."""
+        rates = self.shared_rates(queue_depth, chunk_bytes, piece)
+        w = len(rates)
+        full, rest = divmod(chunks, w)
+        t = full * w * piece / rates[-1]
+        return t + (rest * piece / rates[rest - 1] if rest else 0.0)
 
     @property
     def channel_bandwidth(self) -> float:
@@ -143,6 +194,8 @@ class SSDProfile:
     def read_time(self, nbytes: int) -> float:
         """Time of one read alone on an idle device."""
         n = self.n_chunks(nbytes)
+        if self.shared:
+            return self.burst_seconds(n, nbytes / n) + self.access_latency_s
         return math.ceil(n / self.channels) * self.chunk_time(nbytes) + self.access_latency_s
 
 
@@ -158,6 +211,37 @@ def _loglinear(points: list[tuple[float, float]], x: float) -> float:
             w = (lx - math.log2(x0)) / (math.log2(x1) - math.log2(x0))
             return y0 + w * (y1 - y0)
     return points[-1][1]  # pragma: no cover - the loop always returns
+
+
+def _burst_rate(curve: list[list[float]], chunks: int, chunk_bytes: float, access: float) -> float:
+    """The aggregate rate of `chunks` chunks of `chunk_bytes` submitted together, from the
+    bursts (k, chunk bytes, seconds) less the access latency: log-linear in k at each
+    measured chunk size, then in the chunk size (clamped outside the measured ones)."""
+    by_chunk: dict[float, list[tuple[float, float]]] = {}
+    for k, c, sec in curve:
+        rate = k * c / max(sec - access, 1e-12)
+        by_chunk.setdefault(float(c), []).append((float(k), rate))
+    at_chunk = [
+        (c, _loglinear(_nondecreasing(sorted(pts)), float(chunks)))
+        for c, pts in sorted(by_chunk.items())
+    ]
+    return _loglinear(at_chunk, float(chunk_bytes))
+
+
+def _nondecreasing(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The least-squares non-decreasing fit of y over x (pool adjacent violators): more
+    chunks in flight never read slower in aggregate on a real device, so a dip in the
+    bursts is the disk's noise of the moment (a shared disk moves by 10-20% between
+    bursts), not a shape to simulate."""
+    blocks: list[list[float]] = []  # [sum of y, count]
+    for _, y in points:
+        blocks.append([y, 1.0])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+            y2, n2 = blocks.pop()
+            blocks[-1][0] += y2
+            blocks[-1][1] += n2
+    ys = [b[0] / b[1] for b in blocks for _ in range(int(b[1]))]
+    return [(x, y) for (x, _), y in zip(points, ys, strict=True)]
 
 
 def _table_bandwidth(table: list[list[float]], queue_depth: float, chunk_bytes: float) -> float:
@@ -242,6 +326,7 @@ class HardwareProfile:
                 queue_depth=d["ssd"].get("queue_depth"),
                 access_latency_s=d["ssd"].get("access_latency_s", 0.0),
                 reader_bandwidth=_reader_table(where, d["ssd"].get("reader_bandwidth", [])),
+                burst_curve=_burst_curve(where, d["ssd"].get("burst_curve", [])),
             )
             compute = ComputeProfile(
                 ffn_bytes_per_s=need("compute", "ffn_bytes_per_s"),
@@ -332,25 +417,34 @@ class HardwareProfile:
         return Path(path)
 
 
-def _reader_table(where: str, value: Any) -> list[list[float]]:
-    """ssd.reader_bandwidth: a list of [queue depth, chunk bytes, bytes/s], all positive."""
+def _triples(
+    where: str, field_: str, value: Any, what: str, last: tuple[float, float]
+) -> list[list[float]]:
+    """A list of [integer, chunk bytes, number in `last`] rows (`what` names them)."""
     if not isinstance(value, list):
         raise BadInput(
-            f"{where}: field ssd.reader_bandwidth must be a list of "
-            f"[queue depth, chunk bytes, bytes/s], got {type(value).__name__}."
+            f"{where}: field {field_} must be a list of [{what}], got {type(value).__name__}."
         )
     out = []
     for i, row in enumerate(value):
-        name = f"ssd.reader_bandwidth[{i}]"
+        name = f"{field_}[{i}]"
         if not isinstance(row, list | tuple) or len(row) != 3:
-            raise BadInput(
-                f"{where}: field {name} must be [queue depth, chunk bytes, bytes/s], got {row!r}."
-            )
-        qd = validate.integer(where, name + "[0]", row[0], lo=1, hi=1 << 20)
+            raise BadInput(f"{where}: field {name} must be [{what}], got {row!r}.")
+        n = validate.integer(where, name + "[0]", row[0], lo=1, hi=1 << 20)
         chunk = validate.integer(where, name + "[1]", row[1], lo=512, hi=1 << 30)
-        bw = validate.number(where, name + "[2]", row[2], lo=RATE[0], hi=RATE[1])
-        out.append([int(qd), int(chunk), float(bw)])
+        x = validate.number(where, name + "[2]", row[2], lo=last[0], hi=last[1])
+        out.append([int(n), int(chunk), float(x)])
     return out
+
+
+def _reader_table(where: str, value: Any) -> list[list[float]]:
+    """ssd.reader_bandwidth: a list of [queue depth, chunk bytes, bytes/s], all positive."""
+    return _triples(where, "ssd.reader_bandwidth", value, "queue depth, chunk bytes, bytes/s", RATE)
+
+
+def _burst_curve(where: str, value: Any) -> list[list[float]]:
+    """ssd.burst_curve: a list of [chunks, chunk bytes, seconds], all positive."""
+    return _triples(where, "ssd.burst_curve", value, "chunks, chunk bytes, seconds", (1e-9, 3600.0))
 
 
 def bundled_profiles() -> list[str]:

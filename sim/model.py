@@ -13,7 +13,10 @@ Per token, per layer (one replay step t):
 5. the next step starts when every FFN of this one has finished (the next layer
    needs this layer's output).
 
-The SSD serves reads split into equal chunks on `channels` parallel channels,
+With a burst curve in the profile the SSD is shared (`SharedSSD`): the chunks in it
+are served at once, each at an equal share of the aggregate rate the probe's bursts
+give for that many; otherwise (the channel model) the SSD serves reads split into
+equal chunks on `channels` parallel channels,
 each chunk taking `latency + chunk / (bandwidth / channels)`; a free channel
 takes the oldest foreground chunk, else the oldest background one (non-preemptive
 priority, FIFO within a class). `replay.complete(key)` is applied at the virtual
@@ -88,7 +91,7 @@ def default_shape_for(n_layers: int, n_experts: int, top_k: int) -> str:
 
 
 class _Read:
-    __slots__ = ("fg", "finish", "issued", "key", "registered", "remaining")
+    __slots__ = ("cut", "fg", "finish", "issued", "key", "left", "registered", "remaining")
 
     def __init__(self, key: int, fg: bool, issued: int, chunks: int, registered: bool) -> None:
         self.key = key
@@ -97,9 +100,25 @@ class _Read:
         self.remaining = chunks  # chunks not yet dispatched to a channel
         self.finish = -1  # known once the last chunk is dispatched
         self.registered = registered
+        self.left = chunks  # chunks not yet served (SharedSSD)
+        self.cut = False  # cancelled with chunks still queued (SharedSSD)
 
 
-class AnalyticSSD:
+class _Landings:
+    """What both SSDs share: the reads landed and not yet reported, by finish time."""
+
+    done: list[tuple[int, int, _Read]]
+
+    def pop_done(self, t: int) -> list[_Read]:
+        """Reads landed by `t`, in finish order (call after commit(t))."""
+        out = []
+        done = self.done
+        while done and done[0][0] <= t:
+            out.append(heapq.heappop(done)[2])
+        return out
+
+
+class AnalyticSSD(_Landings):
     """Chunked reads on C channels, foreground first, solved without per-chunk events.
 
     The channels' free times are `free[i] + shift`, `free` sorted ascending. Their
@@ -237,14 +256,6 @@ class AnalyticSSD:
                 pos += r.remaining
         raise AssertionError("read not queued")  # pragma: no cover
 
-    def pop_done(self, t: int) -> list[_Read]:
-        """Reads finished by `t`, in finish order (call after commit(t))."""
-        out = []
-        done = self.done
-        while done and done[0][0] <= t:
-            out.append(heapq.heappop(done)[2])
-        return out
-
     def drain(self) -> list[_Read]:
         """Dispatch everything still queued and return every unreported read."""
         if self.queued_chunks:
@@ -252,6 +263,185 @@ class AnalyticSSD:
         out = [entry[2] for entry in sorted(self.done, key=lambda e: (e[0], e[1]))]
         self.done = []
         return out
+
+
+#: Work units of one chunk on the shared device: its progress is counted in integers, so
+#: every engine (Python, simpy, C) rounds the same way and lands reads at the same tick.
+SHARE_UNITS = 1 << 30
+
+
+class SharedSSD(_Landings):
+    """Reads in flight share the device: the chunks in it are served all at once.
+
+    The device holds at most W chunks (the reader's queue depth); the rest wait in
+    the reader's queue, foreground first, and enter as chunks leave. With k chunks
+    in it, each progresses at 1/spans[k-1] of a chunk per tick, spans[k-1] being the
+    ticks k chunks submitted together take to land (the probe's bursts): two reads
+    submitted together land together, and more chunks in flight read faster in
+    aggregate when the curve says so. Every chunk in the device progresses
+    equally, so they finish in the order they entered: progress is one integer
+    `V` (work units done by every chunk since the start), advanced at each arrival
+    and completion by floor(elapsed * SHARE_UNITS / span), and a chunk that
+    entered at V is done at V + SHARE_UNITS. A read lands `access` after its last
+    chunk. Same interface as AnalyticSSD.
+    """
+
+    def __init__(self, chunks: int, spans: tuple[int, ...], access: int = 0) -> None:
+        self.m = chunks
+        self.spans = spans
+        self.W = len(spans)
+        self.access = access
+        self.V = 0
+        self.t = 0  # the instant V holds at (the last arrival or completion)
+        self.dev: deque[tuple[int, _Read]] = deque()  # (V when done, read), entry order
+        self.fg: deque[_Read] = deque()
+        self.bg: deque[_Read] = deque()
+        self.queued_chunks = 0  # chunks issued and not yet served (device or reader queue)
+        self.last_finish = 0
+        self.done: list[tuple[int, int, _Read]] = []  # landed reads by finish time
+        self._seq = 0
+        self._proj: tuple[dict[_Read, int], int] | None = None
+
+    def _fill(self) -> None:
+        """Chunks enter from the reader's queue, foreground first, while there is room."""
+        dev, room = self.dev, self.W - len(self.dev)
+        vf = self.V + SHARE_UNITS
+        for q in (self.fg, self.bg):
+            while room and q:
+                r = q[0]
+                n = min(room, r.remaining)
+                dev.extend([(vf, r)] * n)
+                r.remaining -= n
+                room -= n
+                if not r.remaining:
+                    q.popleft()
+
+    def commit(self, a: int) -> None:
+        """Serve every chunk done by `a` (a completion at `a` comes before an issue at `a`)."""
+        dev, S = self.dev, SHARE_UNITS
+        while dev:
+            span = self.spans[len(dev) - 1]
+            need = dev[0][0] - self.V
+            dt = -(-need * span // S) if need > 0 else 0
+            t = self.t + dt
+            if t > a:
+                return
+            self.V += dt * S // span
+            self.t = t
+            self._proj = None
+            while dev and dev[0][0] <= self.V:
+                r = dev.popleft()[1]
+                self.queued_chunks -= 1
+                r.left -= 1
+                if not r.left and not r.cut:
+                    r.finish = t + self.access
+                    if r.finish > self.last_finish:
+                        self.last_finish = r.finish
+                    self._seq += 1
+                    heapq.heappush(self.done, (r.finish, self._seq, r))
+            self._fill()
+
+    def issue(self, key: int, fg: bool, a: int, registered: bool) -> _Read:
+        self.commit(a)
+        self._proj = None
+        r = _Read(key, fg, a, self.m, registered)
+        (self.fg if fg else self.bg).append(r)
+        self.queued_chunks += self.m
+        if len(self.dev) < self.W:
+            # progress so far at the old share, then the new chunks join (a full device
+            # changes nothing until a chunk leaves)
+            if self.dev:
+                self.V += (a - self.t) * SHARE_UNITS // self.spans[len(self.dev) - 1]
+            self.t = a
+            self._fill()
+        return r
+
+    def cancel(self, read: _Read, a: int) -> None:
+        """Abandon `read` at `a`: its chunks still in the reader's queue are dropped, those
+        in the device run on; it is never reported done. Call after commit(a)."""
+        read.registered = False
+        if read.remaining == 0:
+            return  # every chunk in the device already: it lands, unreported
+        self._proj = None
+        (self.fg if read.fg else self.bg).remove(read)
+        self.queued_chunks -= read.remaining
+        read.left -= read.remaining
+        read.remaining = 0
+        read.cut = True
+        read.finish = max(a, read.issued)
+
+    def _project(self) -> tuple[dict[_Read, int], int]:
+        """When every read not yet landed lands if nothing more is issued, and the last."""
+        if self._proj is not None:
+            return self._proj
+        S, spans, W = SHARE_UNITS, self.spans, self.W
+        V, t = self.V, self.t
+        dev = deque(self.dev)
+        queue = [r for q in (self.fg, self.bg) for r in q]
+        rem = [r.remaining for r in queue]  # chunks of each still in the reader's queue
+        left = {r: r.left for _, r in dev}
+        for r in queue:
+            left[r] = r.left
+        out: dict[_Read, int] = {}
+        last = self.last_finish
+        qi = 0
+        while dev:
+            span = spans[len(dev) - 1]
+            need = dev[0][0] - V
+            dt = -(-need * span // S) if need > 0 else 0
+            t += dt
+            V += dt * S // span
+            while dev and dev[0][0] <= V:
+                r = dev.popleft()[1]
+                left[r] -= 1
+                if not left[r] and not r.cut:
+                    out[r] = t + self.access
+                    last = max(last, t + self.access)
+            room = W - len(dev)
+            while room and qi < len(queue):
+                n = min(room, rem[qi])
+                dev.extend([(V + S, queue[qi])] * n)
+                rem[qi] -= n
+                room -= n
+                if not rem[qi]:
+                    qi += 1
+        self._proj = (out, last)
+        return self._proj
+
+    def busy_until(self) -> int:
+        """When the last read issued so far lands (reads are outstanding before it)."""
+        if self.queued_chunks:
+            return self._project()[1]
+        return self.last_finish
+
+    def finish_of(self, read: _Read) -> int:
+        """Finish time of `read` if nothing more is issued (final once it has landed; exact
+        up to the next issue, which is all a step's schedule needs)."""
+        if read.finish >= 0:
+            return read.finish
+        return self._project()[0][read]
+
+    def drain(self) -> list[_Read]:
+        """Serve everything still issued and return every unreported read."""
+        self.commit(1 << 62)
+        out = [entry[2] for entry in sorted(self.done, key=lambda e: (e[0], e[1]))]
+        self.done = []
+        return out
+
+
+def make_ssd(tm: _Timing) -> AnalyticSSD | SharedSSD:
+    """The device `tm` describes: shared when it has a burst curve, else channels."""
+    if tm.share:
+        return SharedSSD(tm.chunks, tm.share, tm.access)
+    return AnalyticSSD(tm.channels, tm.chunks, tm.chunk, tm.lag, tm.access)
+
+
+def read_alone_ticks(tm: _Timing) -> int:
+    """One read alone on an idle device, issued to landed."""
+    if tm.share:
+        ssd = SharedSSD(tm.chunks, tm.share, tm.access)
+        return ssd.finish_of(ssd.issue(0, True, 0, False))
+    return math.ceil(tm.chunks / tm.channels) * tm.chunk + tm.access
 
 
 # -- results ---------------------------------------------------------------------------
@@ -364,6 +554,9 @@ class _Timing:
     complete: int = 0  # driver time per read to reap its completion, after the submissions
     ffn_busy: int = 0  # extra per FFN started while reads are outstanding
     poll: int = 0  # completions reaped every `poll` during such an FFN (0: at its end)
+    #: the shared device (SharedSSD): ticks for k = 1..W chunks submitted together to land
+    #: (empty: the channel model, AnalyticSSD)
+    share: tuple[int, ...] = ()
 
     @property
     def lag(self) -> int:
@@ -518,7 +711,7 @@ def _ffn_schedule(
 
 def _run_fast(replay: Replay, tm: _Timing, rec: _Recorder) -> int:
     env = simpy.Environment()
-    ssd = AnalyticSSD(tm.channels, tm.chunks, tm.chunk, tm.lag, tm.access)
+    ssd = make_ssd(tm)
     inflight: dict[int, _Read] = {}
     k = replay.top_k
     ffn, workers, dense = tm.ffn, tm.workers, tm.dense
@@ -580,6 +773,7 @@ def _run_fast(replay: Replay, tm: _Timing, rec: _Recorder) -> int:
                 for i in late:
                     ready[i] = -1 - i  # resolved once this step's reads are queued
             at = t1 + step_oh
+            own: list[tuple[int, _Read]] = []  # the step's demand reads, by rank
             for adm in reads:
                 at += submit
                 registered = adm.slot is not None
@@ -590,7 +784,7 @@ def _run_fast(replay: Replay, tm: _Timing, rec: _Recorder) -> int:
                 r_finish.append(r)
                 if registered:
                     inflight[adm.key] = r
-                ready[keys.index(adm.key)] = ssd.fg_finish
+                own.append((keys.index(adm.key), r))
             pfs = prefetch(t)
             for adm in pfs:
                 at += submit
@@ -602,6 +796,10 @@ def _run_fast(replay: Replay, tm: _Timing, rec: _Recorder) -> int:
                 inflight[adm.key] = r
             tc = at + (len(reads) + len(pfs)) * reap
             look(tc)
+            # when they land once the step's reads are all issued (the prefetches share a
+            # shared device with them; on the channel model a demand read's is final)
+            for i, r in own:
+                ready[i] = finish_of(r)
             if n_late:
                 for i in range(k):
                     if ready[i] < 0:
@@ -657,7 +855,7 @@ def step_spans(tm: _Timing, k: int) -> list[StepSpan]:
     ranks missed does not matter: resident experts run first, the others in read order."""
     out = []
     for m in range(k + 1):
-        ssd = AnalyticSSD(tm.channels, tm.chunks, tm.chunk, tm.lag, tm.access)
+        ssd = make_ssd(tm)
         rec = _Recorder(observe=tm.workers == 1)
         rec.look(0)
         ready = [0] * k
@@ -667,7 +865,8 @@ def step_spans(tm: _Timing, k: int) -> list[StepSpan]:
             r = ssd.issue(i, True, at, False)
             rec.issued.append(at)
             rec.finish.append(r)
-            ready[k - m + i] = ssd.fg_finish
+        for i, r in enumerate(rec.finish):
+            ready[k - m + i] = ssd.finish_of(r)
         tc = at + m * tm.complete
         rec.look(tc)
         ready = [r if r > tc else tc for r in ready]
@@ -838,10 +1037,64 @@ class _Landed:
         self.finish = -1
 
 
+class _SharedDisk:
+    """The shared device, literally: each chunk in it keeps its own remaining work, and a
+    server process wakes at every arrival and at the next completion, takes the progress
+    since its last look (at the share of that many chunks) off every chunk, and ends
+    those with none left (SharedSSD solves the same without per-chunk state)."""
+
+    def __init__(self, env: simpy.Environment, spans: tuple[int, ...]) -> None:
+        self.env = env
+        self.spans = spans
+        self.chunks: list[list[Any]] = []  # [remaining work, its done event]
+        self.last = 0
+        self.wake = env.event()
+        env.process(self._serve())
+
+    def _fold(self) -> None:
+        now = int(self.env.now)
+        if self.chunks:
+            step = (now - self.last) * SHARE_UNITS // self.spans[len(self.chunks) - 1]
+            for c in self.chunks:
+                c[0] -= step
+        self.last = now
+
+    def serve(self) -> simpy.Event:
+        """A chunk enters the device now; the event fires when it has been read."""
+        self._fold()
+        done = self.env.event()
+        self.chunks.append([SHARE_UNITS, done])
+        if not self.wake.triggered:
+            self.wake.succeed()
+        return done
+
+    def _serve(self) -> Any:
+        env = self.env
+        while True:
+            if self.chunks:
+                span = self.spans[len(self.chunks) - 1]
+                need = min(c[0] for c in self.chunks)
+                dt = -(-need * span // SHARE_UNITS) if need > 0 else 0
+                yield env.any_of([env.timeout(dt), self.wake])
+            else:
+                yield self.wake
+            if self.wake.triggered:
+                self.wake = env.event()
+            self._fold()
+            left = []
+            for c in self.chunks:
+                if c[0] <= 0:
+                    c[1].succeed()
+                else:
+                    left.append(c)
+            self.chunks = left
+
+
 def _run_simpy(replay: Replay, tm: _Timing, rec: _Recorder) -> int:
     env = simpy.Environment()
-    admit = simpy.PriorityResource(env, capacity=tm.window or tm.channels)
+    admit = simpy.PriorityResource(env, capacity=len(tm.share) or tm.window or tm.channels)
     disk = simpy.Resource(env, capacity=tm.channels)
+    shared = _SharedDisk(env, tm.share) if tm.share else None
     cpu = simpy.Resource(env, capacity=tm.workers)
     m, d = tm.chunks, tm.chunk
     inflight: dict[int, simpy.Process] = {}
@@ -854,6 +1107,9 @@ def _run_simpy(replay: Replay, tm: _Timing, rec: _Recorder) -> int:
         # Enter the device (foreground first while queued in the reader), then its FIFO.
         with admit.request(priority=prio) as a:
             yield a
+            if shared is not None:
+                yield shared.serve()
+                return
             with disk.request() as req:
                 yield req
                 yield env.timeout(d)
@@ -1009,6 +1265,7 @@ def timing_of(
     n_chunks = sum(max(1, -(-int(r) // chunk_bytes)) for r in ranges)
     qd = opts.queue_depth if opts.queue_depth is not None else ssd.queue_depth
     channels = ssd.served_channels(qd)
+    piece = read_bytes / n_chunks  # the model's chunks are equal
     tm = _Timing(
         dense=0 if seed else ticks(comp.dense_time(shape.dense_bytes_per_layer)),
         ffn=ticks(comp.ffn_time(shape.bytes_per_expert)),
@@ -1018,6 +1275,12 @@ def timing_of(
         chunks=n_chunks,
         chunk=ticks(ssd.chunk_time_of(read_bytes / n_chunks, qd, chunk_bytes)),
         window=ssd.window(qd),
+        share=tuple(
+            max(1, ticks(k * piece / rate))
+            for k, rate in enumerate(ssd.shared_rates(qd, chunk_bytes, piece), start=1)
+        )
+        if ssd.shared
+        else (),
         access=ticks(ssd.access_latency_s),
         step=ticks(comp.step_overhead_s),
         submit=ticks(comp.read_submit_s),
@@ -1054,7 +1317,7 @@ def simulate(
     )
     tm, read_bytes = timing_of(hardware, shape, opts)
     ssd = hardware.ssd
-    read_alone = (math.ceil(tm.chunks / tm.channels) * tm.chunk + tm.access) / TICKS_PER_S
+    read_alone = read_alone_ticks(tm) / TICKS_PER_S
     lead = auto_lead(read_alone, (tm.dense + _ideal(tr.top_k, tm.ffn, tm.workers)) / TICKS_PER_S)
     if config.prefetch_lead == 0:  # --prefetch-lead auto
         config = replace(config, prefetch_lead=lead)
@@ -1185,7 +1448,8 @@ def simulate(
             "chunk_s": tm.chunk * sec,
             "channels": tm.channels,
             "device_window": tm.window or tm.channels,
-            "read_alone_s": (math.ceil(tm.chunks / tm.channels) * tm.chunk + tm.access) * sec,
+            "read_alone_s": read_alone_ticks(tm) * sec,
+            "ssd_model": "shared" if tm.share else "channels",
             "auto_prefetch_lead": lead,
             "ffn_s": tm.ffn * sec,
             "dense_s_per_layer": dense_s,

@@ -44,6 +44,7 @@ BASE_KEYS = (
     "prefetch_reclaim",
     "prefetch_cancel",
     "prefetch_hold",
+    "prefetch_window",
     "prefetch_lead",
     "pin",
     "phase",
@@ -62,6 +63,7 @@ OMIT_AT_DEFAULT: dict[str, Any] = {
     "prefetch_reclaim": False,
     "prefetch_cancel": 0,
     "prefetch_hold": 0,
+    "prefetch_window": 0,
     "prefetch_lead": 1,
 }
 
@@ -554,6 +556,7 @@ def run_command(row: dict[str, Any], experts: str = "EXPERTS.gguf") -> str:
         "prefetch_lead": 1,
         "prefetch_cancel": 0,
         "prefetch_hold": 0,
+        "prefetch_window": 0,
         "pin": 0,
     }
     for key, flag in (
@@ -563,6 +566,7 @@ def run_command(row: dict[str, Any], experts: str = "EXPERTS.gguf") -> str:
         ("prefetch_lead", "--prefetch-lead"),
         ("prefetch_cancel", "--prefetch-cancel"),
         ("prefetch_hold", "--prefetch-hold"),
+        ("prefetch_window", "--prefetch-window"),
         ("pin", "--pin"),
     ):
         value = row.get(key)

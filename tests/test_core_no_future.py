@@ -92,6 +92,24 @@ def test_the_check_catches_what_reads_the_future():
     assert _same_past(oracle) > 0
 
 
+def test_window_order_ignores_the_future():
+    """--prefetch-window reorders guesses by their probability, computed from the past."""
+    cfg = ReplayConfig(
+        policy="cycle",
+        cache_slots=12,
+        predictor="cooccur",
+        predictor_params={"beta": 0.4, "beta_prev": 0.1, "near": 0.3},
+        pipeline_depth=6,
+        prefetch_min_prob=0.3,
+        prefetch_top_n=2,
+        prefetch_inflight=1,
+        prefetch_lead=2,
+        prefetch_hold=3,
+        prefetch_window=2,
+    )
+    assert _same_past(cfg) == 0
+
+
 @pytest.mark.parametrize(
     "params",
     [

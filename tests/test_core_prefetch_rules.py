@@ -378,3 +378,47 @@ def test_hold_frees_a_guess_after_the_steps_its_read_takes(hold, inflight):
             issued[a.key] = (t, u)
         total += len(got)
     assert total > 0
+
+
+@pytest.mark.parametrize("window", [0, 1, 2, 3])
+@pytest.mark.parametrize("seed", range(6))
+def test_window_reads_the_most_probable_of_the_nearest_layers_first(window, seed):
+    """--prefetch-window W: the guesses for the steps lead .. lead + W - 1 come most
+    probable first (ties: nearer step, then the predictor's rank), then the others by
+    step and rank; each key once, at its first place. Rebuilt here as one sort over the
+    candidates' keys (window, -prob or step, step, rank) from hand-made predictions."""
+    rng = np.random.default_rng(seed)
+    depth, lead, top_n, min_prob = 6, 2, 2, 0.3
+    cfg = ReplayConfig(
+        policy="lru",
+        cache_slots=6,
+        predictor="popularity",
+        pipeline_depth=depth,
+        prefetch_top_n=top_n,
+        prefetch_min_prob=min_prob,
+        prefetch_lead=lead,
+        prefetch_window=window,
+    )
+    rep = Replay(_steps(seed, 6), n_layers=L, n_experts=E, config=cfg)
+    t = 4
+    preds = []
+    for d in range(1, depth + 1):
+        layer = (t + d) % L
+        keys = rng.permutation(E)[:4] + layer * E
+        probs = np.sort(rng.choice([0.2, 0.35, 0.5, 0.8, 0.9], 4))[::-1]  # ties on purpose
+        preds.append([(int(k), float(p)) for k, p in zip(keys, probs, strict=True)])
+    cands = []
+    for d, pred in enumerate(preds, 1):
+        for r, (k, p) in enumerate(pred):
+            if d >= lead and r < top_n and all(q >= min_prob for _, q in pred[: r + 1]):
+                near = d < lead + window
+                cands.append(((0, -p, d, r) if near else (1, 0.0, d, r), k, t + d))
+    cands.sort()
+    want_keys, want_target = [], {}
+    for _, k, u in cands:
+        if k not in want_target:
+            want_keys.append(k)
+            want_target[k] = u
+    got_keys, got_target = rep.proposals(t, preds)
+    assert got_keys == want_keys
+    assert got_target == want_target

@@ -12,98 +12,23 @@ tests/test_replay_native.py.
 
 from __future__ import annotations
 
-from pathlib import Path
-
+import decisions_kit
 import numpy as np
 import pytest
 
 from mer import native
-from mer.core import Replay, ReplayConfig, replay_counts
+from mer.core import ReplayConfig
 from mer.core.cotoken import FEATURES, Cotoken
-from mer.native import replay as native_replay
 
 pytestmark = pytest.mark.skipif(
     native.load("replay") is None, reason="the compiled replays do not build here"
 )
 
-BUNDLED = (
-    Path(__file__).resolve().parents[1] / "traces" / "data" / "mixtral-offloading-h39s.parquet"
-)
-
-
-def python_decisions(steps, n_layers, n_experts, cfg, monkeypatch):
-    """Every lookup's outcome (1 hit, 0 miss into a slot, 2 bypass) and the evicted keys
-    in order, from the Python class (hooks wrapped, decisions untouched)."""
-    removed: list[int] = []
-    out = np.full(steps.shape, -1, dtype=np.int8)
-    begin, remove = Cotoken.begin_step, Cotoken.on_remove
-
-    def close_step(self):
-        # the previous step of this partition: a miss still resident now went into a slot
-        t, keys = getattr(self, "_test_prev", (None, ()))
-        for r, key in enumerate(keys):
-            if out[t, r] != 1:
-                out[t, r] = 0 if self._res[key] else 2
-
-    def on_begin(self, t, keys):
-        close_step(self)
-        out[t] = [1 if self._res[k] else -1 for k in keys]
-        self._test_prev = (t, list(keys))
-        begin(self, t, keys)
-
-    def on_remove(self, key):
-        removed.append(int(key))
-        remove(self, key)
-
-    monkeypatch.setattr(Cotoken, "begin_step", on_begin)
-    monkeypatch.setattr(Cotoken, "on_remove", on_remove)
-    rep = Replay(steps, n_layers=n_layers, n_experts=n_experts, config=cfg)
-    replay_counts(rep, fast=False)
-    monkeypatch.undo()
-    for part in rep.cache.partitions:
-        close_step(part.policy)
-    return out, removed
-
-
-def compiled_decisions(steps, n_layers, n_experts, cfg):
-    rep = Replay(steps, n_layers=n_layers, n_experts=n_experts, config=cfg)
-    pol = native_replay.lookup("cotoken")
-    assert pol is not None
-    cache = rep.cache
-    parts = native_replay.split_partitions(
-        rep.decision_steps, n_layers, n_experts, cache.scope, sorted(cache.pinned)
-    )
-    out = np.zeros(steps.shape, dtype=np.int8)
-    removed_by_part = []
-    for part, cpart in zip(parts, cache.partitions, strict=True):
-        params = np.asarray([native_replay.policy_params(pol, cpart.policy)])
-        res = native_replay.run_pass(
-            pol, part, [cpart.capacity], params, outcome=True, victims=True
-        )
-        assert res.outcome is not None and res.victims is not None
-        if part.tidx is None:
-            out[:] = res.outcome
-        else:
-            out[part.tidx] = res.outcome
-        v = res.victims.reshape(-1)
-        removed_by_part.append((v[v >= 0] + part.key_base).tolist())
-    return out, removed_by_part
-
 
 def assert_same_decisions(steps, n_layers, n_experts, cfg, monkeypatch):
-    want_out, want_removed = python_decisions(steps, n_layers, n_experts, cfg, monkeypatch)
-    got_out, got_removed = compiled_decisions(steps, n_layers, n_experts, cfg)
-    assert (want_out >= 0).all()
-    bad = np.flatnonzero((got_out != want_out).any(axis=1))
-    assert not len(bad), f"first different step {bad[0] if len(bad) else None}"
-    if cfg.scope == "global":
-        assert got_removed == [want_removed]
-    else:  # one partition per layer: Python's log split by layer, in order
-        by_layer = [
-            [k for k in want_removed if k // n_experts == layer] for layer in range(n_layers)
-        ]
-        assert got_removed == by_layer
-    return int((want_out == 1).sum()), len(want_removed)
+    return decisions_kit.assert_same_decisions(
+        Cotoken, steps, n_layers, n_experts, cfg, monkeypatch
+    )
 
 
 def random_weights(rng):
@@ -116,16 +41,12 @@ def random_weights(rng):
     }
 
 
-@pytest.mark.skipif(not BUNDLED.exists(), reason="the bundled trace is not in this checkout")
+@pytest.mark.skipif(
+    not decisions_kit.BUNDLED.exists(), reason="the bundled trace is not in this checkout"
+)
 @pytest.mark.parametrize(("slots", "scope"), [(64, "global"), (128, "global"), (96, "per-layer")])
 def test_bundled_trace_decision_by_decision(slots, scope, monkeypatch):
-    from mer.traces.format import read_trace
-
-    tr = read_trace(BUNDLED)
-    steps = np.ascontiguousarray(tr.keys().reshape(-1, tr.top_k)[:6000], dtype=np.int32)
-    cfg = ReplayConfig(policy="cotoken", cache_slots=slots, scope=scope)
-    n_hits, n_evicted = assert_same_decisions(steps, tr.n_layers, tr.n_experts, cfg, monkeypatch)
-    assert n_hits > 1000 and n_evicted > 1000
+    decisions_kit.bundled_trace_same_decisions(Cotoken, slots, scope, monkeypatch)
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -164,8 +85,6 @@ def test_random_traces_random_weights_decision_by_decision(seed, monkeypatch):
 def test_every_size_side_by_side_equals_per_size_python(seed):
     # `mer mrc`'s pass: all sizes in one read of the trace, where the compiled loop ranks
     # every key once per step and each cache takes its first resident in that order.
-    from mer.sim.mrc import compiled_hits
-
     rng = np.random.default_rng(100 + seed)
     n_layers, n_experts, k = 3, 6, 2
     pop = rng.dirichlet(np.full(n_experts, 0.5), size=n_layers)
@@ -176,14 +95,7 @@ def test_every_size_side_by_side_equals_per_size_python(seed):
     ]
     steps = np.asarray(rows, dtype=np.int32)
     params = random_weights(rng) if seed else {}
-    sizes = list(range(1, n_layers * n_experts + 1))
-    for scope in ("global", "per-layer"):
-        got = compiled_hits("cotoken", steps, n_layers, n_experts, scope, sizes, params=params)
-        assert got is not None
-        for c in sizes:
-            cfg = ReplayConfig(policy="cotoken", cache_slots=c, scope=scope, policy_params=params)
-            rep = Replay(steps, n_layers=n_layers, n_experts=n_experts, config=cfg)
-            assert got[c] == replay_counts(rep, engine="python").total("hits"), (scope, c)
+    decisions_kit.side_by_side_equals_python("cotoken", steps, n_layers, n_experts, params)
 
 
 @pytest.mark.skipif(native.load("simstep") is None, reason="the compiled step does not build")
@@ -243,22 +155,6 @@ def test_simulate_and_mrc_take_the_compiled_paths():
 
 @pytest.mark.parametrize("scope", ["global", "per-layer"])
 def test_exact_ties_at_every_size_decision_by_decision(scope, monkeypatch):
-    # Experts that are always picked together share every count, feature and score bit
-    # for bit, and every layer routes alike: victims are settled by the tie rule (the
-    # smaller key), and the table bounds that spare a key its log1p meet scores equal to
-    # the best so far instead of above it.
-    n_layers, n_experts = 4, 4
-    pattern = [[0, 1], [2, 3], [0, 1], [0, 1], [2, 3], [1, 2]]
-    rows = [
-        [layer * n_experts + e for e in pattern[(t // 2) % len(pattern)]]
-        for t in range(48)
-        for layer in range(n_layers)
-    ]
-    steps = np.asarray(rows, dtype=np.int32)
-    seen = np.zeros(2, dtype=np.int64)
-    for slots in range(2, n_layers * n_experts + 1, 2):
-        if scope == "per-layer" and slots % n_layers:
-            continue
-        cfg = ReplayConfig(policy="cotoken", cache_slots=slots, scope=scope)
-        seen += assert_same_decisions(steps, n_layers, n_experts, cfg, monkeypatch)
-    assert (seen > 0).all()
+    # The table bounds that spare a key its log1p meet scores equal to the best so far
+    # instead of above it.
+    decisions_kit.exact_ties_same_decisions(Cotoken, scope, {}, monkeypatch)

@@ -151,38 +151,41 @@ def test_quick_probe_writes_a_loadable_profile_and_deletes_its_file(tmp_path: Pa
     assert prof.ssd.chunk_bytes == probe["engine_chunk_bytes"]
     assert prof.ssd.queue_depth == probe["engine_queue_depth"]
     assert [b["chunks"] for b in probe["bursts"]] == list(BURSTS) * 2
-    # the burst model reproduces the measured burst times as well as the fit says
+    # the profile's device is the shared one: its curve is the bursts as measured ...
     ssd = prof.ssd
     fit = probe["fit"]
-    burst_per_byte = ssd.channels / fit["burst_bandwidth_bytes_per_s"]
+    assert fit["model"] == "shared" and ssd.shared and ssd.access_latency_s == 0
+    bursts = [[b["chunks"], b["chunk_bytes"], b["seconds"]] for b in probe["bursts"]]
+    assert ssd.burst_curve == sorted(bursts, key=lambda r: (r[1], r[0]))
+    # ... and its level the steady stream's at the engine's setting: a batch of the
+    # stream's reads takes, on the shared device, what it took on the disk
+    ref = next(
+        p
+        for p in probe["points"]
+        if (p["queue_depth"], p["chunk_bytes"]) == (ssd.queue_depth, ssd.chunk_bytes)
+    )
+    n = max(1, math.ceil((ref["bytes"] // ref["reads"]) / ssd.chunk_bytes))
+    model = ssd.burst_seconds(ref["batch"] * n, ref["bytes"] / ref["reads"] / n)
+    assert model == pytest.approx(ref["seconds"] * ref["batch"] / ref["reads"], rel=1e-9)
+    # the channel model fitted to the same bursts reproduces them as well as its fit says
+    chan = ProbeResult.from_dict(probe).fit_ssd("channels")
+    burst_per_byte = chan["channels"] / chan["burst_bandwidth_bytes_per_s"]
     rel = [
         (
-            ssd.access_latency_s
-            + math.ceil(b["chunks"] / ssd.channels)
-            * (ssd.latency_s + b["chunk_bytes"] * burst_per_byte)
+            chan["access_latency_s"]
+            + math.ceil(b["chunks"] / chan["channels"])
+            * (chan["latency_s"] + b["chunk_bytes"] * burst_per_byte)
         )
         / b["seconds"]
         - 1
         for b in probe["bursts"]
     ]
     assert math.sqrt(sum(r * r for r in rel) / len(rel)) == pytest.approx(
-        fit["fit_rms_rel_error"], rel=1e-6
+        chan["fit_rms_rel_error"], rel=1e-6
     )
-    # and the profile's level is the steady stream's at the engine's setting: a batch of
-    # the stream's reads takes, in the model, what it took on the disk
-    ref = next(
-        p
-        for p in probe["points"]
-        if (p["queue_depth"], p["chunk_bytes"]) == (ssd.queue_depth, ssd.chunk_bytes)
-    )
-    if fit["stream_over_burst"] is not None:
-        per_read = ref["bytes"] / ref["reads"]
-        n = math.ceil(per_read / ssd.chunk_bytes)
-        waves = math.ceil(ref["batch"] * n / ssd.channels)
-        model = ssd.access_latency_s + waves * ssd.chunk_time_of(per_read / n)
-        assert model == pytest.approx(ref["seconds"] * ref["batch"] / ref["reads"], rel=1e-9)
     assert prof.compute.ffn_bytes_per_s > 0 and prof.memory.read_bandwidth_bytes_per_s > 0
     assert prof.compute.read_submit_s > 0 and prof.compute.step_overhead_s > 0
+    assert prof.compute.read_complete_s == probe["read_complete_s"] > 0  # reaping, measured
     # the kernel that runs is the one measured, and it is reported next to memory
     want = "native" if native_available() else "numpy"
     assert prof.compute.kernel.startswith(want) and probe["ffn_kernel"] == prof.compute.kernel

@@ -405,6 +405,7 @@ def test_background_depth_changes_timing_only(gguf_file: Path, io: str) -> None:
             prefetch_lead=2,
             prefetch_inflight=2,
             prefetch_hold=1,
+            prefetch_window=2,
         ),
     ],
     ids=[
@@ -413,7 +414,7 @@ def test_background_depth_changes_timing_only(gguf_file: Path, io: str) -> None:
         "prev-token-reclaim",
         "lfu-per-layer-oracle",
         "markov-cancel",
-        "cooccur-hold",
+        "cooccur-hold-window",
     ],
 )
 def test_prefetch_on_engine_and_simulator_take_the_same_decisions(

@@ -19,7 +19,7 @@ from mer.traces.format import TraceMeta, from_arrays
 
 KiB = 1 << 10
 SHAPE = get_shape("mixtral-small")
-# A synthetic disk: one channel, a fixed access latency per read, and a transfer rate that
+# A synthetic disk for the channel model (`--ssd-model channels`): one channel, a fixed access latency per read, and a transfer rate that
 # depends on the reader's setting (queue depth, chunk): B_REF * FACTOR[(qd, chunk)].
 B_REF = 1.2e9
 ACCESS = 3e-5
@@ -75,8 +75,10 @@ def test_synthetic_disk_read_time_is_predicted_exactly(
     qd: int, chunk: int, burst_speed: float
 ) -> None:
     probe = synthetic_probe(burst_speed)
-    prof = HardwareProfile.from_dict(to_profile(probe).to_dict())  # through JSON
-    assert probe.fit_ssd()["stream_over_burst"] == pytest.approx(1 / burst_speed, rel=1e-9)
+    prof = HardwareProfile.from_dict(to_profile(probe, ssd_model="channels").to_dict())  # JSON
+    assert probe.fit_ssd("channels")["stream_over_burst"] == pytest.approx(
+        1 / burst_speed, rel=1e-9
+    )
     nbytes = SHAPE.slot_bytes
     tm, read_bytes = timing_of(
         prof, SHAPE, SimOptions(shape=SHAPE.name, queue_depth=qd, chunk_bytes=chunk)
@@ -90,7 +92,7 @@ def test_synthetic_disk_read_time_is_predicted_exactly(
 
 
 def test_between_measured_settings_the_scale_is_log_linear() -> None:
-    ssd = to_profile(synthetic_probe()).ssd
+    ssd = to_profile(synthetic_probe(), ssd_model="channels").ssd
     # queue depth 8 lies a third of the way from 4 to 32 in log2; 256 KiB half way
     # between 128 KiB and 512 KiB
     f8_128 = 0.9 + (1.3 - 0.9) / 3

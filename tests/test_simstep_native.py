@@ -93,6 +93,7 @@ def _random_case(rng: random.Random, i: int):
         prefetch_lead=rng.choice([1, 1, 2, 0]),
     )
     cfg.prefetch_hold = rng.choice([0, 0, 1, 2, 4])
+    cfg.prefetch_window = 2 * (i % 3 == 1)  # not from rng: the other cases stay as they were
     return trace, cfg, hw, SimOptions(mode=rng.choice(["model", "seed"]), shape=SHAPE.name)
 
 

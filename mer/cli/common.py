@@ -273,6 +273,16 @@ def add_replay_args(p: argparse.ArgumentParser, *, sweep: bool = False, live: bo
         "count of steps, never a clock, so the simulator and the engine issue the same "
         "reads (default 0: until its layer is looked up)",
     )
+    p.add_argument(
+        "--prefetch-window",
+        type=non_negative_int,
+        default=0,
+        metavar="W",
+        help="read the most probable guess among those for the W nearest layers from "
+        "--prefetch-lead on first, then the farther ones nearest first: a guess for those "
+        "layers must start now or never, since by the next free place in flight they are "
+        "nearer than the lead (about --prefetch-hold or the lead; default 0: nearest first)",
+    )
     if not live:
         p.add_argument(
             "--pin",
@@ -359,6 +369,7 @@ def replay_config_from_args(
         prefetch_reclaim=bool(getattr(args, "prefetch_reclaim", False)),
         prefetch_cancel=getattr(args, "prefetch_cancel", 0),
         prefetch_hold=getattr(args, "prefetch_hold", 0),
+        prefetch_window=getattr(args, "prefetch_window", 0),
         prefetch_lead=getattr(args, "prefetch_lead", 1),
         pin=getattr(args, "pin", 0),
         phase=getattr(args, "phase", "all"),

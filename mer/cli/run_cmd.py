@@ -244,6 +244,14 @@ def register(sub: Any) -> None:
     q.add_argument(
         "--quick", action="store_true", help="a few seconds: small file, small shape, fewer points"
     )
+    q.add_argument(
+        "--ssd-model",
+        choices=("shared", "channels"),
+        default="shared",
+        help="the profile's SSD model: shared (reads in flight share the device, their "
+        "aggregate rate following the measured bursts of 1..32 chunks) or channels (chunks "
+        "queue for a fitted number of channels, the model of earlier versions)",
+    )
     q.add_argument("--name", default=None, help="profile name (default probe-HOSTNAME)")
     q.add_argument("--json", action="store_true", help="print the profile as one JSON object")
     q.add_argument(
@@ -344,7 +352,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("default")
         result = run_probe(cfg, log=note)
-    profile = to_profile(result, args.name)
+    profile = to_profile(result, args.name, args.ssd_model)
     writes = FinalWrites()
     writes.add(args.output, profile.save, "hardware profile")
     writes.run()

@@ -57,6 +57,9 @@ class PrefetchRule:
     #: N > 0: a guess stops counting as outstanding N steps after it was issued (the
     #: steps its read is assumed to take), even if its step is still ahead; 0: never
     hold: int = 0
+    #: W > 0: the guesses for the nearest W steps from the lead on are proposed most
+    #: probable first (then the farther ones, nearest first); 0: nearest step first
+    window: int = 0
 
 
 @dataclass
@@ -90,6 +93,11 @@ class ReplayConfig:
     #: next guess starts when the read would have landed instead of when its step comes;
     #: a count of steps, never a clock (0: until its step is looked up)
     prefetch_hold: int = 0
+    #: W > 0: among the guesses for steps lead .. lead + W - 1 the most probable is read
+    #: first (a guess for those steps must start now or never: by the next free place in
+    #: flight they are nearer than the lead), then the farther ones, nearest first;
+    #: 0: nearest step first
+    prefetch_window: int = 0
     pin: int = 0  # static pinning of the N most popular experts (offline knowledge)
     phase: str = "all"
     tokens: int | None = None  # replay only the first N tokens (after the phase filter)
@@ -128,6 +136,7 @@ class ReplayConfig:
         count("--prefetch-lead", self.prefetch_lead, 0, 1024)
         count("--prefetch-cancel", self.prefetch_cancel, 0, 1024)
         count("--prefetch-hold", self.prefetch_hold, 0, 1024)
+        count("--prefetch-window", self.prefetch_window, 0, 1024)
         count("--pin", self.pin, 0)
         count("--tokens", self.tokens, 1, none_ok=True)
         p = self.prefetch_min_prob
@@ -249,6 +258,7 @@ class Replay:
             config.prefetch_min_prob,
             config.prefetch_inflight,
             config.prefetch_hold,
+            config.prefetch_window,
         )
         # prefetched keys and the step that issued each, oldest first (see prefetch)
         self._ahead: list[tuple[int, int]] = []
@@ -453,18 +463,26 @@ class Replay:
         (first) step each is predicted for. Nothing here reads the cache."""
         top_n = self.rule.top_n or self.top_k
         min_prob = self.rule.min_prob
-        wanted: list[int] = []
-        target: dict[int, int] = {}
+        window = self.rule.window
         lead = max(1, self.config.prefetch_lead)  # 0 (auto) unresolved: no timing here
+        guesses: list[tuple[int, float, int]] = []  # (distance, probability, key)
         for d, pred in enumerate(preds, 1):
             if d < lead:
                 continue  # too close to arrive in time: leave it to the demand read
             for key, prob in pred[:top_n]:
                 if prob < min_prob:
                     break
-                if key not in target:
-                    wanted.append(key)
-                    target[key] = t + d
+                guesses.append((d, prob, key))
+        if window:
+            # the window's guesses most probable first (stable: ties stay nearest first)
+            n_near = sum(1 for d, _, _ in guesses if d < lead + window)
+            guesses[:n_near] = sorted(guesses[:n_near], key=lambda g: -g[1])
+        wanted: list[int] = []
+        target: dict[int, int] = {}
+        for d, _, key in guesses:
+            if key not in target:
+                wanted.append(key)
+                target[key] = t + d
         return wanted, target
 
     def complete(self, key: int) -> None:
@@ -847,7 +865,8 @@ def prefetch_proposals(replay: Replay) -> tuple[np.ndarray, np.ndarray, np.ndarr
     depth = replay.config.pipeline_depth
     if depth == 0 or not replay.config.prefetch_on or n == 0:
         return np.zeros(n + 1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int64)
-    arrays = pred.predict_all(depth)
+    # the vectorised form reads nearest first; a --prefetch-window goes through proposals
+    arrays = None if replay.rule.window else pred.predict_all(depth)
     if arrays is not None:
         return _proposals_of_arrays(replay, *arrays)
     off = np.zeros(n + 1, dtype=np.int64)

@@ -30,7 +30,8 @@ flat start.) The whole-expert grid over queue depths and chunk sizes is kept in
 the profile's `extra`, to check the fit against.
 
 The driver's own costs, which a fast FFN makes visible, are measured on the
-engine's code paths too: submitting one expert read (`read_submit_s`), an FFN
+engine's code paths too: submitting one expert read (`read_submit_s`), reaping it once
+it has landed, outside a wait (`read_complete_s`), an FFN
 handed to a thread while a read is in flight against a direct call
 (`ffn_busy_overhead_s`), and the decision core's work per step
 (`step_overhead_s`). FFN and dense throughputs are timed on weights rotated
@@ -255,6 +256,8 @@ class ProbeResult:
     engine_chunk_bytes: int = 512 * KiB
     engine_queue_depth: int = 32
     read_submit_s: float = 0.0
+    #: median seconds to reap one landed expert read outside a wait (0: not measured)
+    read_complete_s: float = 0.0
     ffn_busy_overhead_s: float = 0.0
     step_overhead_s: float = 0.0
     #: median seconds of one expert FFN on cold weights, called the way the streamer calls
@@ -298,13 +301,18 @@ class ProbeResult:
     def best(self) -> ReadPoint:
         return max(self.points, key=lambda p: p.bandwidth)
 
-    def fit_ssd(self) -> dict[str, Any]:
-        """The SSD model fitted to the bursts (see the module docstring); without bursts
-        (a probe result of an older mer) the grid fit below."""
+    def fit_ssd(self, ssd_model: str = "shared") -> dict[str, Any]:
+        """The SSD model fitted to the bursts (see the module docstring): the shared device
+        (`shared_fit`) or, with `ssd_model` "channels" or without the stream it is levelled
+        at, the channel model; without bursts (a probe result of an older mer) the grid
+        fit below."""
         if not self.bursts:
             return self.fit_grid()
         chunk = self.engine_chunk_bytes
         fit = fit_device([(b.chunks, b.chunk_bytes, b.seconds) for b in self.bursts])
+        shared = self.shared_fit(fit) if ssd_model == "shared" else None
+        if shared is not None:
+            return shared
         burst_bw = float(fit.bandwidth)
         steady = self.steady_bandwidth(fit)
         if steady is not None:
@@ -326,6 +334,65 @@ class ProbeResult:
             # the steady stream against the bursts' fit: how much more (or less) a long
             # run's reads get than short bursts say
             "stream_over_burst": None if steady is None else steady / burst_bw,
+        }
+
+    def burst_curve(self) -> list[list[float]]:
+        """The bursts as the profile's ssd.burst_curve: [chunks, chunk bytes, seconds]."""
+        return [
+            [int(b.chunks), int(b.chunk_bytes), float(b.seconds)]
+            for b in sorted(self.bursts, key=lambda b: (b.chunk_bytes, b.chunks))
+            if b.seconds > 0
+        ]
+
+    def shared_level(self, p: ReadPoint, curve: list[list[float]], access: float) -> float | None:
+        """The full-device rate at which the shared device (the bursts' curve) takes stream
+        `p`'s time per batch: `batch` reads of n chunks each submitted together (None when
+        the stream is empty or the access latency alone exceeds its time)."""
+        from mer.sim.hardware import SSDProfile
+
+        if p.reads <= 0 or p.seconds <= 0 or p.batch <= 0:
+            return None
+        n = max(1, -(-(p.bytes // p.reads) // p.chunk_bytes))
+        per_chunk = p.bytes / p.reads / n
+        per_batch = p.seconds / (p.reads / p.batch)
+        if per_batch <= access:
+            return None
+        unit = SSDProfile(0.0, 1.0, 1, p.chunk_bytes, p.queue_depth, access, [], curve)
+        return unit.burst_seconds(p.batch * n, per_chunk) / (per_batch - access)
+
+    def shared_fit(self, fit: DeviceFit) -> dict[str, Any] | None:
+        """The shared device (sim.hardware.SSDProfile.shared): the bursts' curve (whole
+        times: a burst's fixed costs are part of its rate, no access latency apart), its
+        level the full-device rate that reproduces the steady stream at the engine's
+        setting, and the reader table of every stream's level (None without that stream).
+        The bursts of a few ms and a run's steady reads see the disk at different rates
+        (1.4x on this project's VM), so the curve gives the shape and the stream the level."""
+        curve = self.burst_curve()
+        ref = self.reference_point()
+        if not curve or ref is None:
+            return None
+        level = self.shared_level(ref, curve, 0.0)
+        if level is None:
+            return None
+        table = []
+        for p in sorted(self.points, key=lambda p: (p.chunk_bytes, p.queue_depth)):
+            bw = self.shared_level(p, curve, 0.0)
+            if bw is not None and bw > 0:
+                table.append([int(p.queue_depth), int(p.chunk_bytes), float(bw)])
+        return {
+            "model": "shared",
+            "latency_s": 0.0,
+            # a burst's whole time is its curve point: the fixed costs are in it
+            "access_latency_s": 0.0,
+            "bandwidth_bytes_per_s": float(level),
+            "burst_bandwidth_bytes_per_s": float(fit.bandwidth),
+            "channels": 1,
+            "chunk_bytes": int(self.engine_chunk_bytes),
+            "queue_depth": int(self.engine_queue_depth),
+            "chunk_s": fit.chunk_time(self.engine_chunk_bytes),
+            "fit_rms_rel_error": fit.rms_rel_error,
+            "reader_bandwidth": table,
+            "burst_curve": curve,
         }
 
     def reference_point(self) -> ReadPoint | None:
@@ -726,8 +793,10 @@ def _stacked_plan(shape: ModelShape, slot_offset: int) -> list[tuple[int, int, i
 
 def measure_submit(
     path: Path, shape: ModelShape, cfg: ProbeConfig, rng: np.random.Generator
-) -> float:
-    """Median driver time to submit one expert read (the streamer's own call)."""
+) -> tuple[float, float]:
+    """Median driver times to submit one expert read and to reap it once it has landed
+    (the streamer's own calls: `_Reads.submit`, and `_Reads.poll` outside a wait, as at a
+    lookup or between FFNs)."""
     from mer.engine.streaming import _Reads
 
     plan0 = _stacked_plan(shape, 0)
@@ -737,6 +806,8 @@ def measure_submit(
     buf = aligned_empty(read_bytes)
     buf[::ALIGN] = 0
     times = []
+    reaps = []
+    landed_s = 1e-3  # how long a read took last time: wait a few times that before reaping
     with open_reader(
         kind=cfg.io, queue_depth=cfg.engine_queue_depth, chunk_bytes=cfg.engine_chunk_bytes
     ) as reader:
@@ -749,8 +820,17 @@ def measure_submit(
             t0 = time.perf_counter()
             reads.submit(("slot", i), i, plan, fd, buf, urgent=True)
             times.append(time.perf_counter() - t0)
+            if i % 2:  # every other read: let it land, then reap it in one poll
+                time.sleep(min(0.5, 3 * landed_s))
+                t0 = time.perf_counter()
+                reads.poll()
+                if ("slot", i) not in reads.pending:
+                    reaps.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
             reads.wait(("slot", i))
-    return float(np.median(times[1:]))
+            if not i % 2:
+                landed_s = time.perf_counter() - t0
+    return float(np.median(times[1:])), float(np.median(reaps)) if reaps else 0.0
 
 
 def measure_ffn_paths(
@@ -960,8 +1040,11 @@ def run_probe(cfg: ProbeConfig, log: Callable[[str], None] | None = None) -> Pro
                 f"bursts of {chunk >> 10} KiB chunks submitted together: "
                 + ", ".join(f"{b.chunks}: {b.seconds * 1e3:.2f} ms" for b in got)
             )
-        submit_s = measure_submit(path, shape, cfg, rng)
-        say(f"submitting one expert read: {submit_s * 1e6:.0f} us")
+        submit_s, reap_s = measure_submit(path, shape, cfg, rng)
+        say(
+            f"submitting one expert read: {submit_s * 1e6:.0f} us; reaping it once landed: "
+            f"{reap_s * 1e6:.0f} us"
+        )
         compute_s = max(0.3, cfg.seconds_per_point)
         ffn_direct, ffn_busy = measure_ffn_paths(path, shape, cfg, 2 * compute_s)
         say(
@@ -1051,6 +1134,7 @@ def run_probe(cfg: ProbeConfig, log: Callable[[str], None] | None = None) -> Pro
         engine_chunk_bytes=cfg.engine_chunk_bytes,
         engine_queue_depth=cfg.engine_queue_depth,
         read_submit_s=submit_s,
+        read_complete_s=reap_s,
         ffn_busy_overhead_s=max(0.0, ffn_busy - ffn_direct),
         step_overhead_s=step_s,
         ffn_direct_s=ffn_direct,
@@ -1058,11 +1142,12 @@ def run_probe(cfg: ProbeConfig, log: Callable[[str], None] | None = None) -> Pro
     )
 
 
-def to_profile(result: ProbeResult, name: str | None = None) -> Any:
-    """The simulator's HardwareProfile for this measurement."""
+def to_profile(result: ProbeResult, name: str | None = None, ssd_model: str = "shared") -> Any:
+    """The simulator's HardwareProfile for this measurement (`ssd_model`: "shared", reads
+    in flight sharing the device as the bursts did, or "channels")."""
     from mer.sim.hardware import ComputeProfile, HardwareProfile, MemoryProfile, SSDProfile
 
-    fit = result.fit_ssd()
+    fit = result.fit_ssd(ssd_model)
     host = platform.node() or "this-machine"
     prof = HardwareProfile(
         name=name or f"probe-{host}",
@@ -1081,6 +1166,7 @@ def to_profile(result: ProbeResult, name: str | None = None) -> Any:
             queue_depth=fit.get("queue_depth"),
             access_latency_s=fit.get("access_latency_s", 0.0),
             reader_bandwidth=fit.get("reader_bandwidth", []),
+            burst_curve=fit.get("burst_curve", []),
         ),
         compute=ComputeProfile(
             ffn_bytes_per_s=result.ffn_engine_bytes_per_s,
@@ -1090,6 +1176,7 @@ def to_profile(result: ProbeResult, name: str | None = None) -> Any:
             kernel=result.ffn_kernel,
             step_overhead_s=result.step_engine_s,
             read_submit_s=result.read_submit_s,
+            read_complete_s=result.read_complete_s,
             ffn_busy_overhead_s=result.ffn_busy_overhead_s,
         ),
         memory=MemoryProfile(

@@ -1234,22 +1234,39 @@ static const mer_policy SEED_POLICY = {
 #define CY_EPS 0.01
 #define CY_GAP_CAP 1000
 
+/* z is first known only within bounds [zlo, zhi] (cy_bound: the logarithms from a table,
+   no libm call), and exactly (zlo == zhi, cy_exact: libm, the Python class's bits) only
+   where the bounds cannot settle a comparison. Every decision is the one the exact
+   values give (see cy_layer_cand, cycle_best). */
+#define CY_LOGT_BITS 8   /* buckets an octave */
+#define CY_LOGT_E0 (-7)  /* the octaves [2^-7, 2): every y (an average or a rate, + CY_EPS) */
+#define CY_LOGT_N ((1 - CY_LOGT_E0) << CY_LOGT_BITS)
+#define CY_LOG_MARGIN 1e-9 /* >> libm's error (< 1 ulp) and the rounding of the bound */
+#define CY_WMAX 1e100     /* |weights| above this (or not finite): exact values only */
+#define CY_LN2 0.6931471805599453
+
 typedef struct {
-    double *el, *em, *es, *p, *invd; /* p: log-odds z; invd[d]: log d */
+    double *el, *em, *es, *invd; /* invd[d]: log d */
+    double *zlo, *zhi; /* bounds of the log-odds z (equal once exact) */
+    double *logt;  /* logt[j]: below log of bucket j's lower end (cy_logb), j = 0..CY_LOGT_N */
+    double *l1p;   /* l1p[g] = log1p(g), g = 0..CY_GAP_CAP: libm's own values */
     double *rot;   /* rot[i] = log d for d = (i - 1) mod L + 1: layer ll's log d is
                       rot[L + layer0 - cur + ll], one slice for all layers */
     double *rep, *rcount; /* transition counts (whole numbers, exact in a double) */
     double *linv;  /* per layer, per rank of its latest visit: 1 / (rcount + prior) */
     int64_t *last, *visits;
-    uint8_t *pok;  /* p[x] is current (p is computed when first needed after a visit) */
+    uint8_t *pok;  /* z of x since its layer's latest visit: 0 unknown, 1 bounds, 2 exact */
     uint64_t *pinmask; /* per local layer: its static pins (bit e), when E <= 64 */
     uint64_t stepmask; /* the current step's keys (bits of its layer) */
     int bits;          /* E <= 64: layers' keys as bit masks (else the byte scans) */
     int32_t *kl;   /* local layer of every key */
     int32_t *latest; /* k per local layer */
-    int32_t *n_latest, *loc;
-    double *inv;
+    int32_t *n_latest;
+    int32_t *xs;   /* a layer's eligible residents, in key order (one search) */
+    double *vlo;   /* per layer: a lower bound of its candidate's z - log d (one search) */
     double w[CY_NW], rl, rm, rs, prior;
+    int exact_only; /* weights beyond CY_WMAX: no bounds (cycle_best_literal) */
+    int lean;       /* only the default terms, with positive weights (cy_bound) */
     double pk, inv_k; /* prior k / E and 1 / k, as cy_p's expressions compute them */
     int32_t n_keys, E, L, nl, layer0;
     int k, started, ready;
@@ -1261,7 +1278,7 @@ typedef struct {
     uint8_t *res;    /* residents */
     uint64_t *rmask; /* per local layer: its residents (bit e), when E <= 64 */
     int32_t *cand;   /* per local layer: its victim candidate (-1 none), while clean, */
-    double *cz;      /* and the candidate's z */
+    double *clo, *chi; /* and bounds of the candidate's z (+inf: none) */
     uint64_t *dirty; /* bit per local layer: cand must be recomputed */
 } CySet;
 
@@ -1298,12 +1315,14 @@ static int32_t cy_L(const mer_ctx *c) { return geo_param(c, CY_NW + 6); }
         (s)->real.res = take((a), (c)->n_keys);                             \
         (s)->real.rmask = take((a), sizeof(uint64_t) * (c)->n_keys);        \
         (s)->real.cand = take((a), sizeof(int32_t) * (c)->n_keys);          \
-        (s)->real.cz = take((a), sizeof(double) * (c)->n_keys);             \
+        (s)->real.clo = take((a), sizeof(double) * (c)->n_keys);            \
+        (s)->real.chi = take((a), sizeof(double) * (c)->n_keys);            \
         (s)->real.dirty = take((a), sizeof(uint64_t) * CY_WORDS(c));        \
         (s)->shadow.res = take((a), (c)->n_keys);                           \
         (s)->shadow.rmask = take((a), sizeof(uint64_t) * (c)->n_keys);      \
         (s)->shadow.cand = take((a), sizeof(int32_t) * (c)->n_keys);        \
-        (s)->shadow.cz = take((a), sizeof(double) * (c)->n_keys);           \
+        (s)->shadow.clo = take((a), sizeof(double) * (c)->n_keys);          \
+        (s)->shadow.chi = take((a), sizeof(double) * (c)->n_keys);          \
         (s)->shadow.dirty = take((a), sizeof(uint64_t) * CY_WORDS(c));      \
         (s)->lin = take((a), (c)->n_keys);                                  \
         (s)->prv = take((a), sizeof(int32_t) * ((c)->n_keys + 1));          \
@@ -1322,7 +1341,12 @@ DEFINE_SIZE_INIT(Cycle, CYCLE_ARRAYS)
         (sh)->el = take((a), sizeof(double) * nk_);                                  \
         (sh)->em = take((a), sizeof(double) * nk_);                                  \
         (sh)->es = take((a), sizeof(double) * nk_);                                  \
-        (sh)->p = take((a), sizeof(double) * nk_);                                   \
+        (sh)->zlo = take((a), sizeof(double) * nk_);                                 \
+        (sh)->zhi = take((a), sizeof(double) * nk_);                                 \
+        (sh)->logt = take((a), sizeof(double) * (CY_LOGT_N + 1));                    \
+        (sh)->l1p = take((a), sizeof(double) * (CY_GAP_CAP + 1));                    \
+        (sh)->xs = take((a), sizeof(int32_t) * E_);                                  \
+        (sh)->vlo = take((a), sizeof(double) * nl_);                                 \
         (sh)->linv = take((a), sizeof(double) * nl_ * k_);                           \
         (sh)->rot = take((a), sizeof(double) * (3 * L_ + 1));                        \
         (sh)->pok = take((a), nk_);                                                  \
@@ -1335,8 +1359,6 @@ DEFINE_SIZE_INIT(Cycle, CYCLE_ARRAYS)
         (sh)->rep = take((a), sizeof(double) * nl_ * E_ * E_);                       \
         (sh)->latest = take((a), sizeof(int32_t) * nl_ * k_);                        \
         (sh)->n_latest = take((a), sizeof(int32_t) * nl_);                           \
-        (sh)->loc = take((a), sizeof(int32_t) * (k_ + 1));                           \
-        (sh)->inv = take((a), sizeof(double) * (k_ + 1));                            \
     } while (0)
 DEFINE_SIZE_INIT(CycleShared, CYCLE_SHARED_ARRAYS)
 
@@ -1353,6 +1375,19 @@ static void cycle_shared_init(CycleShared *sh, const mer_ctx *c) {
     sh->invd[0] = 0.0;
     for (int32_t d = 1; d <= sh->L; d++) sh->invd[d] = log((double)d);
     for (int32_t i = 0; i <= 3 * sh->L; i++) sh->rot[i] = i ? sh->invd[(i - 1) % sh->L + 1] : 0.0;
+    for (int32_t j = 0; j <= CY_LOGT_N; j++) {
+        const int32_t e = CY_LOGT_E0 + (j >> CY_LOGT_BITS), i = j & ((1 << CY_LOGT_BITS) - 1);
+        const double m = 1.0 + (double)i / (double)(1 << CY_LOGT_BITS); /* exact */
+        sh->logt[j] = ((double)e * CY_LN2 + log(m)) - CY_LOG_MARGIN;
+    }
+    for (int32_t g = 0; g <= CY_GAP_CAP; g++) sh->l1p[g] = log1p((double)g);
+    sh->exact_only = 0;
+    for (int i = 0; i < CY_NW; i++)
+        if (!(fabs(sh->w[i]) <= CY_WMAX)) sh->exact_only = 1; /* also NaN */
+    if (!isfinite(sh->prior)) sh->exact_only = 1;
+    sh->lean = !sh->exact_only && sh->w[1] == 0.0 && sh->w[3] == 0.0 && sh->w[5] == 0.0 &&
+               sh->w[2] > 0.0 && sh->w[4] != 0.0 && sh->w[6] > 0.0;
+
     sh->E = E;
     sh->nl = nl;
     sh->n_keys = nk;
@@ -1363,7 +1398,7 @@ static void cycle_shared_init(CycleShared *sh, const mer_ctx *c) {
     for (int32_t i = 0; i < nk; i++) {
         sh->last[i] = -1;
         sh->rcount[i] = 0.0;
-        sh->el[i] = sh->em[i] = sh->es[i] = sh->p[i] = 0.0;
+        sh->el[i] = sh->em[i] = sh->es[i] = sh->zlo[i] = sh->zhi[i] = 0.0;
         sh->pok[i] = 0;
         sh->kl[i] = i / E < nl ? i / E : nl - 1;
     }
@@ -1400,151 +1435,340 @@ static inline double cy_prob(const CycleShared *sh, double el, double em, double
 /* The Python class's `(1 - rate) * x + rate * picked` over a layer's experts: rate * 0.0
    adds +0.0 to a product >= +0 (the averages never go negative), and rate * 1.0 is rate,
    so scaling every expert and then adding rate to the picked ones gives the same bits
-   without an indicator array. An expert listed twice in a step is picked once. */
-static inline void cy_ema(double *restrict x, int32_t E, double rate, const int32_t *loc,
-                          int n) {
+   without an indicator array (a step's keys are distinct: the driver refuses others). */
+MER_INLINE void cy_ema(double *restrict x, const int32_t E, double rate, const int32_t *loc,
+                       const int n) {
     const double c = 1.0 - rate;
     for (int32_t e = 0; e < E; e++) x[e] = c * x[e];
-    for (int r = 0; r < n; r++) {
-        int dup = 0;
-        for (int r2 = 0; r2 < r; r2++) dup |= loc[r2] == loc[r];
-        if (!dup) x[loc[r]] = x[loc[r]] + rate;
-    }
+    for (int r = 0; r < n; r++) x[loc[r]] = x[loc[r]] + rate;
 }
 /* One visit of a layer: its transition counts, averages, gaps and repeat rates, as
    the Python class's begin_step computes them (same expressions, same order). An
    input that only a weight-0 term reads (an average, the repeat rate) is not
-   updated: z never reads it. */
-static void cycle_features(CycleShared *sh, const int32_t *keys, int k) {
+   updated: z never reads it. Written once for E a constant (8, Mixtral's) and once
+   for any E, so that the loops over a layer's experts unroll where they can. */
+static void cycle_start(CycleShared *sh, int k) {
     const int32_t E = sh->E;
+    double base = (double)k / (double)E;
+    double p0 = cy_prob(sh, base, base, base, 0.0, CY_GAP_CAP, base);
+    for (int32_t i = 0; i < sh->n_keys; i++) {
+        sh->el[i] = sh->em[i] = sh->es[i] = base;
+        sh->zlo[i] = sh->zhi[i] = p0;
+        sh->pok[i] = 2;
+    }
+    sh->started = 1;
+}
+MER_INLINE void cy_features_e(CycleShared *sh, const int32_t *keys, const int k, const int32_t E) {
     const double *w = sh->w;
-    if (!sh->started) {
-        double base = (double)k / (double)E;
-        double p0 = cy_prob(sh, base, base, base, 0.0, CY_GAP_CAP, base);
-        for (int32_t i = 0; i < sh->n_keys; i++) {
-            sh->el[i] = sh->em[i] = sh->es[i] = base;
-            sh->p[i] = p0;
-            sh->pok[i] = 1;
-        }
-        sh->started = 1;
-    }
-    int32_t ll = sh->kl[keys[0]], b0 = ll * E;
+    const int32_t ll = sh->kl[keys[0]], b0 = ll * E;
     int32_t *restrict lat = sh->latest + (size_t)ll * k;
-    int32_t *restrict loc = sh->loc;
+    int32_t loc[k];
     double *restrict rep = sh->rep, *restrict rcount = sh->rcount;
-    const int n = k;
-    for (int r = 0; r < n; r++) loc[r] = keys[r] - b0;
-    for (int i = 0; i < sh->n_latest[ll]; i++) {
-        int32_t a = lat[i];
-        rcount[b0 + a] += 1.0;
-        double *row = rep + ((size_t)b0 + a) * E;
-        for (int r = 0; r < n; r++) row[loc[r]] += 1.0;
+    for (int r = 0; r < k; r++) loc[r] = keys[r] - b0;
+    const int n_lat = sh->n_latest[ll];
+    if (n_lat == k) {
+        for (int i = 0; i < k; i++) {
+            const int32_t a = lat[i];
+            rcount[b0 + a] += 1.0;
+            double *row = rep + ((size_t)b0 + a) * E;
+            for (int r = 0; r < k; r++) row[loc[r]] += 1.0;
+        }
+    } else {
+        for (int i = 0; i < n_lat; i++) {
+            const int32_t a = lat[i];
+            rcount[b0 + a] += 1.0;
+            double *row = rep + ((size_t)b0 + a) * E;
+            for (int r = 0; r < k; r++) row[loc[r]] += 1.0;
+        }
     }
-    for (int r = 0; r < n; r++) lat[r] = loc[r];
-    sh->n_latest[ll] = n;
+    for (int r = 0; r < k; r++) lat[r] = loc[r];
+    sh->n_latest[ll] = k;
     const int64_t v = ++sh->visits[ll];
-    if (w[1] != 0.0) cy_ema(sh->el + b0, E, sh->rl, loc, n);
-    if (w[2] != 0.0) cy_ema(sh->em + b0, E, sh->rm, loc, n);
-    if (w[3] != 0.0) cy_ema(sh->es + b0, E, sh->rs, loc, n);
-    for (int r = 0; r < n; r++) sh->last[b0 + loc[r]] = v;
+    if (w[1] != 0.0) cy_ema(sh->el + b0, E, sh->rl, loc, k);
+    if (w[2] != 0.0) cy_ema(sh->em + b0, E, sh->rm, loc, k);
+    if (w[3] != 0.0) cy_ema(sh->es + b0, E, sh->rs, loc, k);
+    int64_t *restrict last = sh->last;
+    for (int r = 0; r < k; r++) last[b0 + loc[r]] = v;
     /* the repeat rate and the gap read only this visit's counts, which stay as they
-       are until the layer's next visit: cy_p computes them for the keys it needs */
+       are until the layer's next visit: cy_inputs computes them for the keys it needs */
     if (w[6] != 0.0) {
         double *restrict inv = sh->linv + (size_t)ll * k;
-        for (int r = 0; r < n; r++) inv[r] = 1.0 / (rcount[b0 + loc[r]] + sh->prior);
+        const double prior = sh->prior;
+        for (int r = 0; r < k; r++) inv[r] = 1.0 / (rcount[b0 + loc[r]] + prior);
     }
-    for (int32_t e = 0; e < E; e++) sh->pok[b0 + e] = 0;
+    memset(sh->pok + b0, 0, (size_t)E);
     uint64_t sm = 0;
-    for (int r = 0; r < n; r++) sm |= (uint64_t)1 << (loc[r] & 63);
+    for (int r = 0; r < k; r++) sm |= (uint64_t)1 << (loc[r] & 63);
     sh->stepmask = sm;
     sh->cur = sh->layer0 + ll;
 }
-/* p of local key x: its inputs change only when its layer is visited, so it is
-   computed once per visit, when a victim search first needs it. The repeat rate
-   is the mean over the latest visit's experts a of (rep[a][e] + prior k / E) /
-   (rcount[a] + prior), summed in rank order as the Python class does. */
-static inline double cy_p(CycleShared *sh, int32_t x) {
-    if (!sh->pok[x]) {
-        const int32_t ll = sh->kl[x], E = sh->E, b0 = ll * E, e = x - b0;
-        const int64_t last = sh->last[x], v = sh->visits[ll];
-        int64_t gap = last >= 0 ? v - last : CY_GAP_CAP;
-        if (gap > CY_GAP_CAP) gap = CY_GAP_CAP;
-        double rp = 0.0;
-        if (sh->w[6] != 0.0) {
-            const int n = sh->n_latest[ll];
-            const int32_t *lat = sh->latest + (size_t)ll * sh->k;
-            const double *inv = sh->linv + (size_t)ll * sh->k;
-            const double pk = sh->pk;
-            for (int r = 0; r < n; r++) rp += (sh->rep[((size_t)b0 + lat[r]) * E + e] + pk) * inv[r];
-            /* x / n == x * (1 / n) exactly when n is a power of two (both round the
-               same real number): the common k = 2 needs no division */
-            if ((n & (n - 1)) == 0)
-                rp = rp * (n == sh->k ? sh->inv_k : 1.0 / (double)n);
-            else
-                rp = rp / (double)n;
-        }
-        double used = gap == 0 ? 1.0 : 0.0;
-        sh->p[x] = cy_prob(sh, sh->el[x], sh->em[x], sh->es[x], used, gap, rp);
-        sh->pok[x] = 1;
-    }
-    return sh->p[x];
+/* The repeat rate of local key x (expert e of local layer ll, first key b0): the mean over
+   the latest visit's experts a of (rep[a][e] + prior k / E) / (rcount[a] + prior), summed
+   in rank order as the Python class does. */
+MER_INLINE double cy_repeat(const CycleShared *sh, int32_t ll, int32_t b0, int32_t e) {
+    const int n = sh->n_latest[ll];
+    const int32_t *lat = sh->latest + (size_t)ll * sh->k;
+    const double *inv = sh->linv + (size_t)ll * sh->k;
+    const double *rep = sh->rep + (size_t)b0 * sh->E + e;
+    const double pk = sh->pk;
+    const int32_t E = sh->E;
+    double rp = 0.0;
+    if (n == 2) /* the common k = 2, unrolled */
+        return ((rp + (rep[(size_t)lat[0] * E] + pk) * inv[0]) +
+                (rep[(size_t)lat[1] * E] + pk) * inv[1]) * sh->inv_k;
+    for (int r = 0; r < n; r++) rp += (rep[(size_t)lat[r] * E] + pk) * inv[r];
+    /* x / n == x * (1 / n) exactly when n is a power of two (both round the
+       same real number): the common k = 2 needs no division */
+    if ((n & (n - 1)) == 0) return rp * (n == sh->k ? sh->inv_k : 1.0 / (double)n);
+    return rp / (double)n;
 }
-/* The victim rule: per layer the resident unprotected key with the lowest
-   log-odds z (ties: the smaller key), then across layers the lowest z - log d
-   (ties: the lower layer). Only the current layer holds protected step keys, and pins never
-   change, so every other layer's candidate (and its z) is cached until that layer is
-   visited or one of its keys enters or leaves (`dirty`). `prot` NULL: the
-   shadow, whose only protected keys are the step's. */
-static inline int32_t cy_layer_scan(CycleShared *sh, const uint8_t *res, int32_t ll,
-                                    const mer_prot *prot, const int32_t *step, int k,
-                                    double *z) {
-    int32_t cand = -1;
-    double cp = 0.0;
-    for (int32_t x = ll * sh->E; x < (ll + 1) * sh->E; x++) {
-        if (!res[x]) continue;
-        if (prot) {
-            if (is_prot(prot, x)) continue;
-        } else {
-            int in = 0;
-            for (int r = 0; r < k; r++)
-                if (step[r] == x) in = 1;
-            if (in) continue;
-        }
-        double px = cy_p(sh, x);
-        if (cand < 0 || px < cp) {
-            cand = x;
-            cp = px;
-        }
-    }
-    *z = cand < 0 ? INFINITY : cp; /* no candidate: never the lowest (see cycle_best) */
-    return cand;
+/* The inputs of z of local key x at its layer's latest visit (they stay as they are until
+   the layer's next visit): the gap, `used` and the repeat rate. */
+typedef struct {
+    double rp, used;
+    int64_t gap;
+} CyIn;
+MER_INLINE CyIn cy_inputs(const CycleShared *sh, int32_t x) {
+    const int32_t ll = sh->kl[x], b0 = ll * sh->E;
+    const int64_t last = sh->last[x], v = sh->visits[ll];
+    CyIn in;
+    int64_t gap = last >= 0 ? v - last : CY_GAP_CAP;
+    if (gap > CY_GAP_CAP) gap = CY_GAP_CAP;
+    in.gap = gap;
+    in.used = (double)(gap == 0);
+    in.rp = sh->w[6] != 0.0 ? cy_repeat(sh, ll, b0, x - b0) : 0.0;
+    return in;
 }
-/* The same scan over a layer's resident bits (E <= 64), in key order: the real
-   cache excludes its pins, and in the current layer both exclude the step's keys. */
-static inline int32_t cy_layer_cand(CycleShared *sh, const CySet *set, int32_t ll,
-                                    const mer_prot *prot, const int32_t *step, int k,
-                                    int is_cur, double *z) {
-    if (!sh->bits) return cy_layer_scan(sh, set->res, ll, prot, step, k, z);
-    uint64_t m = set->rmask[ll];
-    if (prot) m &= ~sh->pinmask[ll];
-    if (is_cur) m &= ~sh->stepmask;
+/* z of x exactly: the Python class's expression on libm's logarithms. */
+static double cy_exact(CycleShared *sh, int32_t x) {
+    if (sh->pok[x] != 2) {
+        const CyIn in = cy_inputs(sh, x);
+        const double z = cy_prob(sh, sh->el[x], sh->em[x], sh->es[x], in.used, in.gap, in.rp);
+        sh->zlo[x] = sh->zhi[x] = z;
+        sh->pok[x] = 2;
+    }
+    return sh->zlo[x];
+}
+/* Bounds of libm's log(y), y in bucket j of [2^-7, 2) (the octave of y, then the top
+   CY_LOGT_BITS bits of its mantissa: y = 2^e m, m in [1 + i/N, 1 + (i+1)/N), N = 2^bits):
+   the logarithms of the bucket's ends, e ln 2 + log(m_end), widened by CY_LOG_MARGIN,
+   which covers libm's error and every rounding here many times over (they are below
+   1e-15 for these y). Other y (never reached: y is an average in [0, 1] or a rate in
+   [0, 1], plus CY_EPS) get libm's value itself. */
+MER_INLINE void cy_logb(const double *restrict logt, double y, double *lo, double *hi) {
+    uint64_t b;
+    memcpy(&b, &y, sizeof b);
+    /* sign, biased exponent and the top mantissa bits, from the first bucket */
+    const uint64_t j = (b >> (52 - CY_LOGT_BITS)) - ((uint64_t)(1023 + CY_LOGT_E0) << CY_LOGT_BITS);
+    if (__builtin_expect(j >= CY_LOGT_N, 0)) {
+        *lo = *hi = log(y);
+        return;
+    }
+    *lo = logt[j];
+    *hi = logt[j + 1] + 2.0 * CY_LOG_MARGIN;
+}
+/* z += w * log(y) for log(y) in [a, b]: rounding is monotone, so the same expression on
+   the ends bounds the exact one (ends swapped for w < 0). */
+MER_INLINE void cy_term(double w, double a, double b, double *lo, double *hi) {
+    if (w > 0.0) {
+        *lo += w * a;
+        *hi += w * b;
+    } else {
+        *lo += w * b;
+        *hi += w * a;
+    }
+}
+/* Bounds of z of x (cy_prob's terms in its order; the exact terms added to both ends). */
+static void cy_bound_any(CycleShared *sh, int32_t x) {
+    if (sh->exact_only) {
+        cy_exact(sh, x);
+        return;
+    }
+    const CyIn in = cy_inputs(sh, x);
+    const double *w = sh->w;
+    double lo = w[0], hi = w[0], a, b;
+    if (w[1] != 0.0) {
+        cy_logb(sh->logt, sh->el[x] + CY_EPS, &a, &b);
+        cy_term(w[1], a, b, &lo, &hi);
+    }
+    if (w[2] != 0.0) {
+        cy_logb(sh->logt, sh->em[x] + CY_EPS, &a, &b);
+        cy_term(w[2], a, b, &lo, &hi);
+    }
+    if (w[3] != 0.0) {
+        cy_logb(sh->logt, sh->es[x] + CY_EPS, &a, &b);
+        cy_term(w[3], a, b, &lo, &hi);
+    }
+    if (w[4] != 0.0) {
+        const double t = w[4] * in.used;
+        lo += t;
+        hi += t;
+    }
+    if (w[5] != 0.0) {
+        const double t = w[5] * sh->l1p[in.gap]; /* libm's log1p(gap), from the table */
+        lo += t;
+        hi += t;
+    }
+    if (w[6] != 0.0) {
+        cy_logb(sh->logt, in.rp + CY_EPS, &a, &b);
+        cy_term(w[6], a, b, &lo, &hi);
+    }
+    sh->zlo[x] = lo;
+    sh->zhi[x] = hi;
+    sh->pok[x] = 1;
+}
+/* The same for the default terms (bias, ema_mid, used_last, repeat: `lean`, weights of
+   ema_mid and repeat > 0), without a test per term. */
+MER_INLINE void cy_bound(CycleShared *sh, int32_t x) {
+    if (sh->pok[x]) return;
+    if (!sh->lean) {
+        cy_bound_any(sh, x);
+        return;
+    }
+    const int32_t ll = sh->kl[x], b0 = ll * sh->E;
+    const double *w = sh->w;
+    double lo = w[0], hi = w[0], a, b;
+    cy_logb(sh->logt, sh->em[x] + CY_EPS, &a, &b);
+    lo += w[2] * a;
+    hi += w[2] * b;
+    const double t = w[4] * (double)(sh->last[x] == sh->visits[ll]); /* used: gap 0 */
+    lo += t;
+    hi += t;
+    cy_logb(sh->logt, cy_repeat(sh, ll, b0, x - b0) + CY_EPS, &a, &b);
+    lo += w[6] * a;
+    hi += w[6] * b;
+    sh->zlo[x] = lo;
+    sh->zhi[x] = hi;
+    sh->pok[x] = 1;
+}
+MER_INLINE void cycle_features(CycleShared *sh, const int32_t *keys, int k) {
+    if (!sh->started) cycle_start(sh, k);
+    if (sh->E == 8)
+        cy_features_e(sh, keys, k, 8);
+    else
+        cy_features_e(sh, keys, k, sh->E);
+}
+/* The lowest z among a layer's keys (key order; ties: the smaller key), and bounds of
+   it. By bounds: c = the first lowest lower bound; if every other key's lower bound (the
+   second lowest, m2) is above c's upper bound, c is the unique lowest exactly. Else
+   every key whose lower bound reaches c's upper bound gets its exact z, and the lowest
+   of those, first in key order, is the answer: the others are above c's exact z, so
+   neither lower nor tied. Keys come from a mask of the layer's experts (E <= 64: `m`,
+   first key b0) or a list (`xs`, n of them). */
+typedef struct {
+    int32_t c;
+    double m1, m2;
+} CyPick;
+MER_INLINE void cy_pick_add(CycleShared *sh, CyPick *p, int32_t x) {
+    cy_bound(sh, x);
+    const double v = sh->zlo[x];
+    const double hi = v < p->m1 ? p->m1 : v;
+    p->m2 = hi < p->m2 ? hi : p->m2;
+    if (p->c < 0 || v < p->m1) {
+        p->c = x;
+        p->m1 = v;
+    }
+}
+MER_INLINE void cy_refine_add(CycleShared *sh, double hc, int32_t x, int32_t *best,
+                              double *bz) {
+    if (!(sh->zlo[x] <= hc)) return;
+    const double z = cy_exact(sh, x);
+    if (*best < 0 || z < *bz) {
+        *best = x;
+        *bz = z;
+    }
+}
+static int32_t cy_pick_exact(CycleShared *sh, uint64_t m, int32_t b0, const int32_t *xs,
+                             int n, double *lo, double *hi) {
     int32_t cand = -1;
     double cp = INFINITY;
-    const int32_t b0 = ll * sh->E;
-    for (; m; m &= m - 1) {
-        int32_t x = b0 + __builtin_ctzll(m);
-        double px = cy_p(sh, x);
-        if (cand < 0 || px < cp) {
+    for (int j = 0; xs ? j < n : m != 0; j++) {
+        int32_t x;
+        if (xs) {
+            x = xs[j];
+        } else {
+            x = b0 + __builtin_ctzll(m);
+            m &= m - 1;
+        }
+        const double z = cy_exact(sh, x);
+        if (cand < 0 || z < cp) {
             cand = x;
-            cp = px;
+            cp = z;
         }
     }
-    *z = cp;
+    *lo = *hi = cp;
     return cand;
 }
-/* The rule as written (a division per layer): for layers outside 0..L-1 and NaN z
-   (neither reaches here through mer: geometry comes from the trace, weights are finite). */
-static int32_t cycle_best_literal(const CycleShared *sh, const CySet *set) {
+/* the keys whose lower bound reaches hc, exactly */
+static int32_t cy_pick_refine(CycleShared *sh, uint64_t m, int32_t b0, const int32_t *xs,
+                              int n, double hc, double *lo, double *hi) {
+    int32_t best = -1;
+    double bz = 0.0;
+    if (xs) {
+        for (int j = 0; j < n; j++) cy_refine_add(sh, hc, xs[j], &best, &bz);
+    } else {
+        for (; m; m &= m - 1) cy_refine_add(sh, hc, b0 + __builtin_ctzll(m), &best, &bz);
+    }
+    *lo = *hi = bz;
+    return best;
+}
+/* A layer's victim candidate: the resident unprotected key with the lowest log-odds z
+   (ties: the smaller key). Outside the current layer only pins are protected (the step's
+   keys are all in its layer); in the current layer the step's keys are too. `prot` NULL:
+   the shadow, whose only protected keys are the step's. Residents are a layer's bits
+   (E <= 64) or its bytes. */
+MER_INLINE int32_t cy_layer_cand(CycleShared *sh, const CySet *set, int32_t ll,
+                                 const mer_prot *prot, const int32_t *step, int k,
+                                 int is_cur, double *lo, double *hi) {
+    const int32_t b0 = ll * sh->E;
+    CyPick p = {-1, INFINITY, INFINITY};
+    uint64_t m = 0;
+    int32_t *xs = NULL;
+    int n = 0;
+    if (sh->bits) {
+        m = set->rmask[ll];
+        if (prot) m &= ~sh->pinmask[ll];
+        if (is_cur) m &= ~sh->stepmask;
+        if (sh->exact_only) return cy_pick_exact(sh, m, b0, NULL, 0, lo, hi);
+        for (uint64_t mm = m; mm; mm &= mm - 1) cy_pick_add(sh, &p, b0 + __builtin_ctzll(mm));
+    } else {
+        xs = sh->xs;
+        for (int32_t x = b0; x < b0 + sh->E; x++) {
+            if (!set->res[x]) continue;
+            if (prot) {
+                if (is_prot(prot, x)) continue;
+            } else if (is_cur) {
+                int in = 0;
+                for (int r = 0; r < k; r++) in |= step[r] == x;
+                if (in) continue;
+            }
+            xs[n++] = x;
+        }
+        if (sh->exact_only) return cy_pick_exact(sh, 0, b0, xs, n, lo, hi);
+        for (int j = 0; j < n; j++) cy_pick_add(sh, &p, xs[j]);
+    }
+    if (p.c < 0) {
+        *lo = *hi = INFINITY;
+        return -1;
+    }
+    const double hc = sh->zhi[p.c];
+    if (hc < p.m2) { /* settled by the bounds */
+        *lo = p.m1;
+        *hi = hc;
+        return p.c;
+    }
+    return cy_pick_refine(sh, m, b0, xs, n, hc, lo, hi);
+}
+/* The exact z of layer ll's candidate, kept in the set's bounds. */
+static inline double cy_cand_exact(CycleShared *sh, CySet *set, int32_t ll) {
+    if (set->cand[ll] >= 0 && !(set->clo[ll] == set->chi[ll]))
+        set->clo[ll] = set->chi[ll] = cy_exact(sh, set->cand[ll]);
+    return set->clo[ll];
+}
+/* The rule as written (a division per layer, exact values): for layers outside 0..L-1
+   and weights beyond CY_WMAX (neither reaches here through mer: geometry comes from the
+   trace, fitted weights are small). */
+static int32_t cycle_best_literal(CycleShared *sh, CySet *set) {
     const int32_t L = sh->L;
     int32_t best = -1;
     double best_v = 0.0;
@@ -1552,7 +1776,7 @@ static int32_t cycle_best_literal(const CycleShared *sh, const CySet *set) {
         if (set->cand[ll] < 0) continue;
         int32_t d = (sh->layer0 + ll - sh->cur) % L;
         if (d <= 0) d += L;
-        double val = set->cz[ll] - sh->invd[d];
+        double val = cy_cand_exact(sh, set, ll) - sh->invd[d];
         if (best < 0 || val < best_v) {
             best = set->cand[ll];
             best_v = val;
@@ -1560,77 +1784,145 @@ static int32_t cycle_best_literal(const CycleShared *sh, const CySet *set) {
     }
     return best;
 }
+/* The victim rule: per layer the candidate (cy_layer_cand), then across layers the lowest
+   z - log d (ties: the lower layer). Pins never change, and only the current layer holds
+   protected step keys, so every layer's candidate (and bounds of its z) is cached until
+   the layer is visited, one of its keys leaves, or (the current layer) its step ends
+   (`dirty`). A key entering needs none: the hit-only driver inserts only the step's keys,
+   which the current layer's candidate leaves out until the step ends. Across layers, as
+   within one: the lowest lower bound of z - log d (the same rounded subtraction on the
+   bounds bounds it), and exact values only for the layers whose lower bound reaches its
+   upper bound. */
+/* Most victims come from the layers visited last (their d is the largest), so the layers
+   are first read in decreasing d, from the current layer back, global scope: no layer not
+   yet read has a lower bound of z - log d below G - log d (G: the lowest candidate bound
+   of any layer, log d: that of the next layer to read, larger than any later one's), so
+   the reading stops once that exceeds the upper bound of the best so far. The best is
+   settled if its upper bound is also below every other read layer's lower bound: it is
+   then the unique lowest, exactly. Else -1: the full search decides. */
+static inline int32_t cy_best_recent(const CySet *set, const double *restrict ld, int32_t nl,
+                                     int32_t cur) {
+    const double *restrict clo = set->clo, *restrict chi = set->chi;
+    double g = INFINITY;
+    int32_t ll = 0;
+#ifdef __SSE2__
+    __m128d ga = _mm_set1_pd(INFINITY), gb = ga;
+    for (; ll + 3 < nl; ll += 4) {
+        ga = _mm_min_pd(ga, _mm_loadu_pd(clo + ll));
+        gb = _mm_min_pd(gb, _mm_loadu_pd(clo + ll + 2));
+    }
+    ga = _mm_min_pd(ga, gb);
+    g = _mm_cvtsd_f64(_mm_min_pd(ga, _mm_unpackhi_pd(ga, ga)));
+#endif
+    for (; ll < nl; ll++) g = clo[ll] < g ? clo[ll] : g;
+    int32_t b = -1;
+    double vb = INFINITY, hb = INFINITY, m2 = INFINITY;
+    for (int32_t j = 0, q = cur; j < nl; j++, q = q ? q - 1 : nl - 1) {
+        if (g - ld[q] > hb) break;
+        const double v = clo[q] - ld[q];
+        if (v < vb) {
+            m2 = vb;
+            b = q;
+            vb = v;
+            hb = chi[q] - ld[q];
+        } else {
+            m2 = v < m2 ? v : m2;
+        }
+    }
+    return b >= 0 && hb < m2 ? set->cand[b] : -1;
+}
 static int32_t cycle_best(CycleShared *sh, CySet *set, const mer_prot *prot,
                           const int32_t *step, int k) {
     const int32_t L = sh->L, nl = sh->nl, cur = sh->cur - sh->layer0;
     int32_t *restrict cand = set->cand;
-    double *restrict cz = set->cz;
+    double *restrict clo = set->clo, *restrict chi = set->chi;
     uint64_t *restrict dirty = set->dirty;
     for (int32_t w = 0; w < (nl + 63) / 64; w++) {
         uint64_t m = dirty[w];
-        if (w == cur >> 6) m &= ~((uint64_t)1 << (cur & 63)); /* stays dirty */
-        dirty[w] ^= m;
+        dirty[w] = 0;
         for (; m; m &= m - 1) {
             int32_t ll = w * 64 + __builtin_ctzll(m);
-            /* no step key here; pins are protected in both calls */
-            cand[ll] = cy_layer_cand(sh, set, ll, prot, NULL, 0, 0, &cz[ll]);
+            cand[ll] = cy_layer_cand(sh, set, ll, prot, step, k, ll == cur, &clo[ll], &chi[ll]);
         }
     }
-    /* the current layer, with the step's keys protected: written beside the others
-       for this search only (it stays dirty, so no later search reads it as cached) */
-    cand[cur] = cy_layer_cand(sh, set, cur, prot, step, k, 1, &cz[cur]);
-    /* the lowest z - log d, first in layer order: its value, then the first layer
-       that reaches it (the same key as keeping the first strictly lower one) */
     const int32_t off = L + sh->layer0 - sh->cur;
-    if (off < 1 || off + nl - 1 > 3 * L) return cycle_best_literal(sh, set);
+    if (sh->exact_only || off < 1 || off + nl - 1 > 3 * L) return cycle_best_literal(sh, set);
     const double *restrict ld = sh->rot + off;
-    double m0 = INFINITY, m1 = INFINITY;
-    int nan = 0;
+    if (nl == L && sh->layer0 == 0 && nl > 1) {
+        const int32_t v = cy_best_recent(set, ld, nl, cur);
+        if (v >= 0) return v;
+    }
+    double *restrict vlo = sh->vlo;
+    /* the lowest and the second lowest lower bound (a tie makes them equal) */
+    double m1 = INFINITY, m2 = INFINITY;
     int32_t ll = 0;
 #ifdef __SSE2__
-    /* two layers a lane pair: MINPD(v, m) is `v < m ? v : m`, as the scalar loop */
-    __m128d mv = _mm_set1_pd(INFINITY), bad = _mm_setzero_pd();
-    for (; ll + 1 < nl; ll += 2) {
-        const __m128d v = _mm_sub_pd(_mm_loadu_pd(cz + ll), _mm_loadu_pd(ld + ll));
-        bad = _mm_or_pd(bad, _mm_cmpunord_pd(v, v));
-        mv = _mm_min_pd(v, mv);
+    /* two layers a lane pair (no NaN here: bounds are finite or +inf) */
+    __m128d a1 = _mm_set1_pd(INFINITY), a2 = a1, b1 = a1, b2 = a1;
+    for (; ll + 3 < nl; ll += 4) {
+        const __m128d va = _mm_sub_pd(_mm_loadu_pd(clo + ll), _mm_loadu_pd(ld + ll));
+        const __m128d vb = _mm_sub_pd(_mm_loadu_pd(clo + ll + 2), _mm_loadu_pd(ld + ll + 2));
+        _mm_storeu_pd(vlo + ll, va);
+        _mm_storeu_pd(vlo + ll + 2, vb);
+        a2 = _mm_min_pd(a2, _mm_max_pd(a1, va));
+        a1 = _mm_min_pd(a1, va);
+        b2 = _mm_min_pd(b2, _mm_max_pd(b1, vb));
+        b1 = _mm_min_pd(b1, vb);
     }
-    nan = _mm_movemask_pd(bad) != 0;
-    m0 = _mm_cvtsd_f64(mv);
-    m1 = _mm_cvtsd_f64(_mm_unpackhi_pd(mv, mv));
+    /* merge the four lanes' (lowest, second lowest) pairs */
+    double l1[4], l2[4];
+    _mm_storeu_pd(l1, a1);
+    _mm_storeu_pd(l1 + 2, b1);
+    _mm_storeu_pd(l2, a2);
+    _mm_storeu_pd(l2 + 2, b2);
+    for (int j = 0; j < 4; j++) {
+        const double hi = l1[j] < m1 ? m1 : l1[j];
+        m2 = l2[j] < m2 ? l2[j] : m2;
+        m2 = hi < m2 ? hi : m2;
+        m1 = l1[j] < m1 ? l1[j] : m1;
+    }
 #endif
-    for (; ll + 1 < nl; ll += 2) {
-        double v0 = cz[ll] - ld[ll], v1 = cz[ll + 1] - ld[ll + 1];
-        nan |= (v0 != v0) | (v1 != v1);
-        m0 = v0 < m0 ? v0 : m0;
-        m1 = v1 < m1 ? v1 : m1;
-    }
     for (; ll < nl; ll++) {
-        double v0 = cz[ll] - ld[ll];
-        nan |= v0 != v0;
-        m0 = v0 < m0 ? v0 : m0;
+        const double v = clo[ll] - ld[ll];
+        vlo[ll] = v;
+        const double hi = v < m1 ? m1 : v;
+        m2 = hi < m2 ? hi : m2;
+        m1 = v < m1 ? v : m1;
     }
-    if (nan) return cycle_best_literal(sh, set);
-    /* the minimum of numbers is the same in any order (a -0 / +0 pick does not matter:
-       both compare equal below) */
-    const double m = m1 < m0 ? m1 : m0;
-    ll = 0;
+    int32_t b = 0; /* the first layer whose lower bound is m1 */
+    int found = 0;
 #ifdef __SSE2__
-    const __m128d mm = _mm_set1_pd(m);
-    for (; ll + 1 < nl; ll += 2) {
-        const __m128d v = _mm_sub_pd(_mm_loadu_pd(cz + ll), _mm_loadu_pd(ld + ll));
-        const int hit = _mm_movemask_pd(_mm_cmpeq_pd(v, mm));
-        if ((hit & 1) && cand[ll] >= 0) return cand[ll];
-        if ((hit & 2) && cand[ll + 1] >= 0) return cand[ll + 1];
+    const __m128d mm = _mm_set1_pd(m1);
+    for (; b + 3 < nl; b += 4) {
+        const int hit = _mm_movemask_pd(_mm_cmpeq_pd(_mm_loadu_pd(vlo + b), mm)) |
+                        _mm_movemask_pd(_mm_cmpeq_pd(_mm_loadu_pd(vlo + b + 2), mm)) << 2;
+        if (hit) {
+            b += __builtin_ctz((unsigned)hit);
+            found = 1;
+            break;
+        }
     }
 #endif
-    for (; ll < nl; ll++)
-        if (cand[ll] >= 0 && cz[ll] - ld[ll] == m) return cand[ll];
-    return -1;
+    if (!found)
+        while (vlo[b] != m1) b++; /* m1 is one of them */
+    const double vh = chi[b] - ld[b];
+    if (vh < m2) return cand[b]; /* every other layer's lower bound is above b's upper */
+    int32_t best = -1;
+    double bv = 0.0;
+    for (ll = 0; ll < nl; ll++) {
+        if (!(vlo[ll] <= vh) || cand[ll] < 0) continue;
+        const double v = cy_cand_exact(sh, set, ll) - ld[ll];
+        if (best < 0 || v < bv) {
+            best = cand[ll];
+            bv = v;
+        }
+    }
+    return best;
 }
 static inline void cy_dirty(CySet *set, int32_t ll) {
     set->dirty[ll >> 6] |= (uint64_t)1 << (ll & 63);
 }
+/* A key enters (no dirty: see cycle_best) or leaves the set. */
 static inline void cy_set_key(CySet *set, const CycleShared *sh, int32_t x, uint8_t on) {
     const int32_t ll = sh->kl[x];
     set->res[x] = on;
@@ -1638,7 +1930,7 @@ static inline void cy_set_key(CySet *set, const CycleShared *sh, int32_t x, uint
         const uint64_t bit = (uint64_t)1 << (x - ll * sh->E);
         set->rmask[ll] = on ? set->rmask[ll] | bit : set->rmask[ll] & ~bit;
     }
-    cy_dirty(set, ll);
+    if (!on) cy_dirty(set, ll);
 }
 static void cycle_init(void *sv, const mer_ctx *c) {
     Cycle *s = sv;
@@ -1716,11 +2008,13 @@ static void cycle_duel(Cycle *s, const int32_t *keys, int k) {
         cy_set_key(&s->shadow, s->sh, x, 1);
         s->n_sres++;
     }
+    cy_dirty(&s->shadow, s->sh->kl[keys[0]]); /* its step keys are no longer protected */
     s->hl = s->decay * s->hl + (double)hits_l;
     s->hc = s->decay * s->hc + (double)hits_c;
     s->lru_mode = s->hl > s->hc;
 }
-static void cycle_begin(void *sv, int64_t t, const int32_t *keys, const int64_t *nu, int k) {
+MER_INLINE void cycle_begin(void *sv, int64_t t, const int32_t *keys, const int64_t *nu,
+                            int k) {
     Cycle *s = sv;
     CycleShared *sh = s->sh;
     (void)nu;
@@ -1728,12 +2022,14 @@ static void cycle_begin(void *sv, int64_t t, const int32_t *keys, const int64_t 
         sh->last_t = t;
         cycle_features(sh, keys, k);
     }
-    int32_t ll = sh->kl[keys[0]]; /* its keys' p just changed */
+    int32_t ll = sh->kl[keys[0]]; /* its keys' z just changed */
     cy_dirty(&s->real, ll);
-    cy_dirty(&s->shadow, ll);
-    if (s->duel) cycle_duel(s, keys, k);
+    if (s->duel) {
+        cy_dirty(&s->shadow, ll);
+        cycle_duel(s, keys, k);
+    }
 }
-static void cycle_end(void *sv, int64_t t, const int32_t *keys, int k) {
+MER_INLINE void cycle_end(void *sv, int64_t t, const int32_t *keys, int k) {
     Cycle *s = sv;
     (void)t;
     cy_dirty(&s->real, s->sh->kl[keys[0]]); /* its step keys are no longer protected */
@@ -1746,7 +2042,7 @@ static void cycle_end(void *sv, int64_t t, const int32_t *keys, int k) {
         }
     }
 }
-static void cycle_insert(void *sv, int32_t x) {
+MER_INLINE void cycle_insert(void *sv, int32_t x) {
     Cycle *s = sv;
     cy_set_key(&s->real, s->sh, x, 1);
     if (s->duel) l_push(s->prv, s->nxt, s->S, x);
@@ -2086,9 +2382,9 @@ static inline void ct_terms(CotokenShared *sh, int32_t x) {
    `xs @ V1[block] + (1 - xs) @ V0[block]`, V from the counts): the picked experts'
    terms summed in expert order, then the others', as a branch on xs[e] in expert order
    would sum them (the block lists its picked experts first: no branch to mispredict). */
-static inline double ct_block(const CotokenShared *sh, int32_t layer, const int32_t *ev,
-                              int32_t np, int32_t y) {
-    const int32_t E = sh->E, nk = sh->n_keys;
+MER_INLINE double ct_block_e(const CotokenShared *sh, int32_t layer, const int32_t *ev,
+                             const int32_t np, int32_t y, const int32_t E) {
+    const int32_t nk = sh->n_keys;
     const int64_t Tp = sh->Tp;
     const int32_t nn = sh->n_next[y];
     const double *LA = sh->LA, *LB = sh->LB;
@@ -2106,6 +2402,12 @@ static inline double ct_block(const CotokenShared *sh, int32_t layer, const int3
         s0 += (LA[nn - p] - lb1) - (LA[Tp - nn - q + p] - lb0);
     }
     return s1 + s0;
+}
+/* ct_block_e unrolled for Mixtral's 8 experts and top-2 (same sums, same order) */
+static inline double ct_block(const CotokenShared *sh, int32_t layer, const int32_t *ev,
+                              int32_t np, int32_t y) {
+    if (sh->E == 8 && np == 2) return ct_block_e(sh, layer, ev, 2, y, 8);
+    return ct_block_e(sh, layer, ev, np, y, sh->E);
 }
 static inline void ct_catch_up(CotokenShared *sh, int32_t y) {
     for (int32_t i = sh->acc_n[y]; i < sh->n_ev; i++)

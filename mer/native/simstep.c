@@ -7,7 +7,8 @@
      protect the step (the policy hooks are replay.c's, shared with the hit-only
      replays); the predictor's proposals come in precomputed (`w_*`), because no
      built-in predictor reads the cache or the clock;
-   - the timing: `AnalyticSSD` (the chunked SSD queue), `_ffn_schedule` and the step
+   - the timing: `AnalyticSSD` (the chunked SSD queue) or `SharedSSD` (reads in flight
+     sharing the device), `_ffn_schedule` and the step
      loop of `_run_fast` (mer/sim/model.py), in the same integer ticks.
    Granularity step only; the Python path runs everything else. */
 
@@ -57,7 +58,16 @@ typedef struct {
     int32_t key;
     int8_t fg, registered;
     int64_t remaining, finish;
+    int64_t left; /* chunks not yet served (shared device) */
 } Rd;
+
+typedef struct {
+    int64_t vf; /* V at which it is served */
+    int64_t ri;
+} DevChunk;
+
+/* SharedSSD's work units per chunk (sim/model.py SHARE_UNITS) */
+#define SHARE_UNITS ((int64_t)1 << 30)
 
 typedef struct {
     int C;
@@ -70,7 +80,131 @@ typedef struct {
     int64_t n_done;
     Rd *rd;
     int64_t n_rd;
+    /* the shared device: W chunks at most in it, a ring from dh of dn chunks */
+    int shared;
+    int64_t W;
+    const int64_t *spans;
+    int64_t V, t;
+    DevChunk *dev;
+    int64_t dh, dn;
+    /* its projection (no more issues): per read, and the last landing; scratch */
+    int proj_ok;
+    int64_t plast;
+    int64_t *pfin, *pleft, *pq_ri, *pq_rem;
+    DevChunk *pdev;
 } SSD;
+
+static inline int64_t ceil_mul_div(int64_t a, int64_t b, int64_t c) {
+    return (int64_t)(((__int128)a * b + c - 1) / c);
+}
+static inline int64_t floor_mul_div(int64_t a, int64_t b, int64_t c) {
+    return (int64_t)((__int128)a * b / c);
+}
+
+/* SharedSSD._fill: chunks enter from the reader's queue, foreground first */
+static void sh_fill(SSD *s) {
+    int64_t room = s->W - s->dn;
+    const int64_t vf = s->V + SHARE_UNITS;
+    for (int q = 0; q < 2 && room; q++) {
+        int64_t *qa = q == 0 ? s->fgq : s->bgq;
+        int64_t *h = q == 0 ? &s->fg_h : &s->bg_h;
+        const int64_t tl = q == 0 ? s->fg_t : s->bg_t;
+        while (room && *h < tl) {
+            Rd *r = &s->rd[qa[*h]];
+            int64_t n = r->remaining < room ? r->remaining : room;
+            for (int64_t j = 0; j < n; j++) {
+                DevChunk *c = &s->dev[(s->dh + s->dn) % s->W];
+                c->vf = vf;
+                c->ri = qa[*h];
+                s->dn++;
+            }
+            r->remaining -= n;
+            room -= n;
+            if (!r->remaining) (*h)++;
+        }
+    }
+}
+
+/* SharedSSD.commit */
+static void sh_commit(SSD *s, int64_t a) {
+    while (s->dn) {
+        const int64_t span = s->spans[s->dn - 1];
+        const int64_t need = s->dev[s->dh].vf - s->V;
+        const int64_t dt = need > 0 ? ceil_mul_div(need, span, SHARE_UNITS) : 0;
+        const int64_t t = s->t + dt;
+        if (t > a) return;
+        s->V += floor_mul_div(dt, SHARE_UNITS, span);
+        s->t = t;
+        s->proj_ok = 0;
+        while (s->dn && s->dev[s->dh].vf <= s->V) {
+            const int64_t ri = s->dev[s->dh].ri;
+            s->dh = (s->dh + 1) % s->W;
+            s->dn--;
+            s->queued--;
+            Rd *r = &s->rd[ri];
+            if (--r->left == 0) {
+                r->finish = t + s->access;
+                if (r->finish > s->last_finish) s->last_finish = r->finish;
+                s->done[s->n_done++] = ri;
+            }
+        }
+        sh_fill(s);
+    }
+}
+
+/* SharedSSD._project: every read not yet landed, if nothing more is issued */
+static void sh_project(SSD *s) {
+    if (s->proj_ok) return;
+    const int64_t W = s->W;
+    int64_t V = s->V, t = s->t, last = s->last_finish;
+    int64_t ph = 0, pn = s->dn;
+    for (int64_t j = 0; j < pn; j++) {
+        s->pdev[j] = s->dev[(s->dh + j) % W];
+        s->pleft[s->pdev[j].ri] = s->rd[s->pdev[j].ri].left;
+    }
+    int64_t nq = 0;
+    for (int q = 0; q < 2; q++) {
+        const int64_t *qa = q == 0 ? s->fgq : s->bgq;
+        const int64_t h = q == 0 ? s->fg_h : s->bg_h, tl = q == 0 ? s->fg_t : s->bg_t;
+        for (int64_t j = h; j < tl; j++) {
+            s->pq_ri[nq] = qa[j];
+            s->pq_rem[nq++] = s->rd[qa[j]].remaining;
+            s->pleft[qa[j]] = s->rd[qa[j]].left;
+        }
+    }
+    int64_t qi = 0;
+    while (pn) {
+        const int64_t span = s->spans[pn - 1];
+        const int64_t need = s->pdev[ph].vf - V;
+        const int64_t dt = need > 0 ? ceil_mul_div(need, span, SHARE_UNITS) : 0;
+        t += dt;
+        V += floor_mul_div(dt, SHARE_UNITS, span);
+        while (pn && s->pdev[ph].vf <= V) {
+            const int64_t ri = s->pdev[ph].ri;
+            ph = (ph + 1) % W;
+            pn--;
+            if (--s->pleft[ri] == 0) {
+                s->pfin[ri] = t + s->access;
+                if (t + s->access > last) last = t + s->access;
+            }
+        }
+        int64_t room = W - pn;
+        while (room && qi < nq) {
+            int64_t n = s->pq_rem[qi] < room ? s->pq_rem[qi] : room;
+            for (int64_t j = 0; j < n; j++) {
+                DevChunk *c = &s->pdev[(ph + pn) % W];
+                c->vf = V + SHARE_UNITS;
+                c->ri = s->pq_ri[qi];
+                pn++;
+            }
+            s->pq_rem[qi] -= n;
+            room -= n;
+            if (!s->pq_rem[qi]) qi++;
+        }
+    }
+    s->plast = last;
+    s->proj_ok = 1;
+}
 
 static inline int64_t ssd_start(const SSD *s, int64_t j) {
     return s->free[j % s->C] + s->shift + (j / s->C) * s->d;
@@ -96,6 +230,10 @@ static int64_t bisect_left64(const int64_t *a, int n, int64_t x) {
 }
 
 static void ssd_commit(SSD *s, int64_t a) {
+    if (s->shared) {
+        sh_commit(s, a);
+        return;
+    }
     int64_t *free_ = s->free;
     const int C = s->C;
     int64_t rel = a - s->shift;
@@ -159,8 +297,20 @@ static int64_t ssd_issue(SSD *s, int32_t key, int fg, int64_t a, int registered)
     r->fg = (int8_t)fg;
     r->registered = (int8_t)registered;
     r->remaining = s->m;
+    r->left = s->m;
     r->finish = -1;
     s->queued += s->m;
+    if (s->shared) {
+        s->proj_ok = 0;
+        if (fg) s->fgq[s->fg_t++] = i;
+        else s->bgq[s->bg_t++] = i;
+        if (s->dn < s->W) {
+            if (s->dn) s->V += floor_mul_div(a - s->t, SHARE_UNITS, s->spans[s->dn - 1]);
+            s->t = a;
+            sh_fill(s);
+        }
+        return i;
+    }
     if (fg) {
         s->fgq[s->fg_t++] = i;
         s->fg_chunks += s->m;
@@ -171,13 +321,23 @@ static int64_t ssd_issue(SSD *s, int32_t key, int fg, int64_t a, int registered)
     return i;
 }
 
-static int64_t ssd_busy_until(const SSD *s) {
+static int64_t ssd_busy_until(SSD *s) {
+    if (s->shared) {
+        if (!s->queued) return s->last_finish;
+        sh_project(s);
+        return s->plast;
+    }
     if (s->queued) return ssd_start(s, s->queued - 1) + s->d + s->access;
     return s->last_finish;
 }
 
-static int64_t ssd_finish_of(const SSD *s, int64_t ri) {
+static int64_t ssd_finish_of(SSD *s, int64_t ri) {
     const Rd *r = &s->rd[ri];
+    if (s->shared) {
+        if (r->finish >= 0) return r->finish;
+        sh_project(s);
+        return s->pfin[ri];
+    }
     if (r->remaining == 0) return r->finish;
     int64_t pos = 0;
     for (int64_t j = s->fg_h; j < s->fg_t; j++) {
@@ -584,6 +744,12 @@ static int64_t makespan(const int64_t *durs, int k, int W) {
 }
 
 static void ssd_free(SSD *s) {
+    free(s->dev);
+    free(s->pdev);
+    free(s->pfin);
+    free(s->pleft);
+    free(s->pq_ri);
+    free(s->pq_rem);
     free(s->free);
     free(s->fgq);
     free(s->bgq);
@@ -649,6 +815,25 @@ int mer_sim_run(const mer_sim_cfg *g, const int32_t *steps, int64_t n_steps,
     s.bgq = malloc(sizeof(int64_t) * (o->max_reads + 1));
     s.done = malloc(sizeof(int64_t) * (o->max_reads + 1));
     s.rd = malloc(sizeof(Rd) * (o->max_reads + 1));
+    int own_bad = 0;
+    if (g->n_share > 0) {
+        s.shared = 1;
+        s.W = g->n_share;
+        s.spans = g->share;
+        for (int64_t j = 0; j < s.W; j++)
+            if (s.spans[j] < 1) own_bad = 1;
+        s.dev = malloc(sizeof(DevChunk) * s.W);
+        s.pdev = malloc(sizeof(DevChunk) * s.W);
+        s.pfin = malloc(sizeof(int64_t) * (o->max_reads + 1));
+        s.pleft = malloc(sizeof(int64_t) * (o->max_reads + 1));
+        s.pq_ri = malloc(sizeof(int64_t) * (o->max_reads + 1));
+        s.pq_rem = malloc(sizeof(int64_t) * (o->max_reads + 1));
+        if (!rc && (!s.dev || !s.pdev || !s.pfin || !s.pleft || !s.pq_ri || !s.pq_rem)) rc = -1;
+        if (!rc && own_bad) rc = -3;
+    }
+    int64_t *own_ri = malloc(sizeof(int64_t) * k);
+    int *own_rank = malloc(sizeof(int) * k);
+    if (!rc && (!own_ri || !own_rank)) rc = -1;
     if (!rc && (!inflight_read || !protect || !pfs || !ready || !durs || !rk_read || !hit ||
                 !late || !phys || !ahead || !ahead_at || !s.free || !s.fgq || !s.bgq || !s.done ||
                 !s.rd))
@@ -735,7 +920,8 @@ int mer_sim_run(const mer_sim_cfg *g, const int32_t *steps, int64_t n_steps,
             o->read_step[o->n_reads] = t;
             o->n_reads++;
             if (registered) inflight_read[x] = ri;
-            ready[r] = s.fg_finish;
+            own_ri[j] = ri;
+            own_rank[j] = r;
         }
         /* Replay._landed: the step's reads land for every later decision */
         for (int j = 0; j < nr; j++)
@@ -784,6 +970,9 @@ int mer_sim_run(const mer_sim_cfg *g, const int32_t *steps, int64_t n_steps,
         }
         const int64_t tc = at + (int64_t)(nr + npf) * reap;
         if ((rc = rec_look(&rec, tc, tc, 0))) goto out;
+        /* when they land once the step's reads are all issued (a shared device serves
+           the prefetches with them; on the channel model a demand read's is final) */
+        for (int j = 0; j < nr; j++) ready[own_rank[j]] = ssd_finish_of(&s, own_ri[j]);
         for (int r = 0; r < k; r++) {
             if (late[r] || phys[r]) ready[r] = ssd_finish_of(&s, inflight_read[keys[r]]);
             if (ready[r] < tc) ready[r] = tc;
@@ -810,7 +999,7 @@ int mer_sim_run(const mer_sim_cfg *g, const int32_t *steps, int64_t n_steps,
     }
     o->end = now;
     finish_reads(&s, inflight_read, now);
-    if (s.queued) ssd_commit(&s, ssd_start(&s, s.queued - 1) + s.d);
+    if (s.queued) ssd_commit(&s, s.shared ? INT64_MAX : ssd_start(&s, s.queued - 1) + s.d);
     for (int64_t i = 0; i < o->n_reads; i++) o->read_finish[i] = s.rd[i].finish;
 out:
     cache_free(&c);
@@ -823,6 +1012,8 @@ out:
     free(ready);
     free(durs);
     free(rk_read);
+    free(own_ri);
+    free(own_rank);
     free(hit);
     free(late);
     free(phys);

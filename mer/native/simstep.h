@@ -15,6 +15,10 @@ typedef struct {
     int64_t dense, ffn, ffn_busy, poll, step, submit, complete;
     int32_t workers, seed, channels, chunks;
     int64_t chunk, lag, access;
+    /* the shared device (SharedSSD): ticks for k = 1..n_share chunks submitted together to
+       land; n_share 0: the channel model (AnalyticSSD) */
+    const int64_t *share;
+    int64_t n_share;
 } mer_sim_cfg;
 
 typedef struct {

@@ -93,6 +93,9 @@ def run(
     cfg.chunk = tm.chunk
     cfg.lag = tm.lag
     cfg.access = tm.access
+    share = np.ascontiguousarray(tm.share, dtype=np.int64)
+    cfg.share = _ptr(mod, "int64_t *", share) if share.size else ffi.NULL
+    cfg.n_share = share.size
     max_reads = n_steps * k + len(wkey) + 1
     max_obs = n_steps * (3 + 3 * k) + 1
     per_step = np.zeros((n_steps, 9), dtype=np.int64)
