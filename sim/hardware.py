@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -217,15 +218,8 @@ def _burst_rate(curve: list[list[float]], chunks: int, chunk_bytes: float, acces
     """The aggregate rate of `chunks` chunks of `chunk_bytes` submitted together, from the
     bursts (k, chunk bytes, seconds) less the access latency: log-linear in k at each
     measured chunk size, then in the chunk size (clamped outside the measured ones)."""
-    by_chunk: dict[float, list[tuple[float, float]]] = {}
-    for k, c, sec in curve:
-        rate = k * c / max(sec - access, 1e-12)
-        by_chunk.setdefault(float(c), []).append((float(k), rate))
-    at_chunk = [
-        (c, _loglinear(_nondecreasing(sorted(pts)), float(chunks)))
-        for c, pts in sorted(by_chunk.items())
-    ]
-    return _loglinear(at_chunk, float(chunk_bytes))
+    rows = [(k, c, k * c / max(sec - access, 1e-12)) for k, c, sec in curve]
+    return _by_chunk_loglinear(rows, chunks, chunk_bytes, _nondecreasing)
 
 
 def _nondecreasing(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -246,12 +240,24 @@ def _nondecreasing(points: list[tuple[float, float]]) -> list[tuple[float, float
 
 def _table_bandwidth(table: list[list[float]], queue_depth: float, chunk_bytes: float) -> float:
     """Bandwidth of the reader table at (queue depth, chunk), interpolated (reader_scale)."""
+    return _by_chunk_loglinear(table, queue_depth, chunk_bytes)
+
+
+def _by_chunk_loglinear(
+    rows: Any,
+    x: float,
+    chunk_bytes: float,
+    shape: Callable[[list[tuple[float, float]]], list[tuple[float, float]]] = lambda pts: pts,
+) -> float:
+    """y at (x, chunk_bytes) from rows of (x, chunk bytes, y): log-linear in x at each
+    measured chunk size (its points passed through `shape` first), then in the chunk size
+    (clamped outside the measured ones). The reader table and the burst curve are both
+    measured this way, over a few queue depths or burst sizes at a few chunk sizes."""
     by_chunk: dict[float, list[tuple[float, float]]] = {}
-    for qd, chunk, bw in table:
-        by_chunk.setdefault(float(chunk), []).append((float(qd), float(bw)))
+    for xi, chunk, y in rows:
+        by_chunk.setdefault(float(chunk), []).append((float(xi), float(y)))
     at_chunk = [
-        (chunk, _loglinear(sorted(pts), float(queue_depth)))
-        for chunk, pts in sorted(by_chunk.items())
+        (chunk, _loglinear(shape(sorted(pts)), float(x))) for chunk, pts in sorted(by_chunk.items())
     ]
     return _loglinear(at_chunk, float(chunk_bytes))
 
