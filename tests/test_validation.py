@@ -248,6 +248,9 @@ def test_io_bound_calibration_fits_only_io_and_predicts_exactly(tmp_path: Path) 
     trace = read_trace(bundled_trace_path())
     truth = _truth()
     truth.ssd.bandwidth_bytes_per_s /= 4  # a slow disk: the calibration run waits on reads
+    # compute after the driver blocked on a read is slower (what the probe, which never
+    # blocks, does not see)
+    truth.compute.wake_ffn_s, truth.compute.wake_dense_s = 2e-5, 1e-5
     m = ModelMachine(trace, truth, shape="mixtral-tiny", queue_depth=8, chunk_bytes=32768)
     cal_cfg = CALIBRATION.__class__("cal-io", cache_slots=24)
     probe = copy.deepcopy(truth)
@@ -255,6 +258,7 @@ def test_io_bound_calibration_fits_only_io_and_predicts_exactly(tmp_path: Path) 
     probe.ssd.bandwidth_bytes_per_s *= 1.6
     probe.compute.read_submit_s = 5e-6
     probe.compute.read_complete_s = 0.0
+    probe.compute.wake_ffn_s = probe.compute.wake_dense_s = 0.0
     grid = Grid(cal_cfg, GRID.configs, name="io").check()
     res = run_validation(m, trace, grid, probe, tmp_path, ValidateOptions(tokens=4, repeats=1))
     assert res.summary["calibration_tokens"] == 16  # 4 x the held-out runs' 4 tokens
@@ -264,7 +268,11 @@ def test_io_bound_calibration_fits_only_io_and_predicts_exactly(tmp_path: Path) 
         "compute.read_submit_s",
         "compute.read_complete_s",
         "ssd.bandwidth_bytes_per_s",
+        "compute.wake_ffn_s",
+        "compute.wake_dense_s",
     }
+    assert prof.compute.wake_ffn_s == pytest.approx(truth.compute.wake_ffn_s, rel=1e-6)
+    assert prof.compute.wake_dense_s == pytest.approx(truth.compute.wake_dense_s, rel=1e-6)
     assert prof.compute.read_submit_s == pytest.approx(truth.compute.read_submit_s)
     assert prof.compute.read_complete_s == pytest.approx(truth.compute.read_complete_s)
     assert prof.ssd.bandwidth_bytes_per_s == pytest.approx(
