@@ -543,7 +543,8 @@ def run_validation(
     pred_after: dict[str, list[RunSummary]] = {c.name: [] for c in configs}
     pred_pulse: dict[str, list[RunSummary]] = {c.name: [] for c in configs}
     pred_compute: dict[str, list[RunSummary]] = {c.name: [] for c in configs}
-    shape = machine.sim_options(configs[0]).shape if configs else ""
+    sh = machine.sim_options(configs[0]).shape if configs else None
+    shape = sh if isinstance(sh, str) else getattr(sh, "name", "")
     run_rows: list[dict[str, Any]] = []
     rnd = -1
     while True:

@@ -212,7 +212,7 @@ def validation_section(table: pd.DataFrame, summary: dict[str, Any], fig_dir: Pa
         sec.table(head, trows, lead=f"Targets (the headline is the {headline} stage):")
     cps = summary.get("compute_pulse_stats", {})
     if cps.get("figures"):
-        prow = []
+        prow: list[list[object]] = []
         for k, label in (
             ("ffn_s", "FFN"),
             ("dense_s", "dense block"),
@@ -220,8 +220,9 @@ def validation_section(table: pd.DataFrame, summary: dict[str, Any], fig_dir: Pa
             ("token_compute_s", "compute per token, resident tokens"),
         ):
             f = cps["figures"].get(k, {})
+            cells: list[object] = [label]
             prow.append(
-                [label]
+                cells
                 + [
                     "-" if f.get(x) is None else f"{f[x]:.2f}"
                     for x in ("r_before_run", "r_after_run", "r_before_after")
