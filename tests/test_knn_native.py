@@ -30,7 +30,10 @@ def assert_same_decisions(steps, n_layers, n_experts, cfg, monkeypatch):
 
 def random_params(rng):
     return {
-        **{n: float(v) for n, v in zip(WEIGHT_NAMES, rng.normal(0, 0.8, len(WEIGHT_NAMES)))},
+        **{
+            n: float(v)
+            for n, v in zip(WEIGHT_NAMES, rng.normal(0, 0.8, len(WEIGHT_NAMES)), strict=True)
+        },
         "beta": float(rng.choice([-0.4, 0.5, 1.7])),
         "window": int(rng.choice([0, 0, 3, 11])),
         "visits": int(rng.integers(1, 4)),
@@ -110,7 +113,6 @@ def test_the_core_runs_knn_compiled_and_counts_equal_python():
         rep = Replay(steps, n_layers=4, n_experts=8, config=cfg)
         got.append((replay_counts(rep, **kw).to_dict(per_layer=True), rep.cache.resident_keys()))
     assert got[0] == got[1]
-
 
 
 def test_simulate_and_mrc_take_the_compiled_paths():

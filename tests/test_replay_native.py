@@ -85,7 +85,10 @@ def params_for(policy, n_experts, rng):
     if policy == "knn":  # every weight, beta either sign, a window, fewer visits
         from mer.core.knn import WEIGHT_NAMES
 
-        w = {n: float(v) for n, v in zip(WEIGHT_NAMES, rng.normal(0, 0.8, len(WEIGHT_NAMES)))}
+        w = {
+            n: float(v)
+            for n, v in zip(WEIGHT_NAMES, rng.normal(0, 0.8, len(WEIGHT_NAMES)), strict=True)
+        }
         return {
             **w,
             "beta": float(rng.choice([-0.5, 0.5, 2.0])),
