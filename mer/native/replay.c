@@ -2712,6 +2712,12 @@ typedef struct {
     int has[KN_NV];
     int32_t *tmp;     /* n_keys + 2 */
     uint32_t votes_at;
+    /* per key, this step: the vote-free parts of its score (kn_parts) */
+    double *pa, *pc;
+    int8_t *pv;
+    uint8_t *routed;
+    uint32_t *parts_at;
+    double lv_lo, lv_hi; /* the range of log(vote + eps) for kn_lower */
     int oom;
 } KnnX;
 
@@ -2738,6 +2744,11 @@ DEFINE_SIZE_INIT(Knn, KNN_ARRAYS)
         (s)->post = take((a), sizeof(kn_post) * nk_);                         \
         (s)->dl = take((a), sizeof(double) * nl_);                            \
         (s)->wn = take((a), sizeof(double) * KN_NV * (nk_ + 2));              \
+        (s)->pa = take((a), sizeof(double) * KN_VISITS * nk_);                \
+        (s)->pc = take((a), sizeof(double) * KN_VISITS * nk_);                \
+        (s)->pv = take((a), KN_VISITS * nk_);                                 \
+        (s)->routed = take((a), nk_);                                         \
+        (s)->parts_at = take((a), sizeof(uint32_t) * nk_);                    \
     } while (0)
 DEFINE_SIZE_INIT(KnnX, KNNX_ARRAYS)
 
@@ -2772,6 +2783,9 @@ static void knn_shared_init(CotokenShared *sh, const mer_ctx *c) {
     memset(kx->row, 0, (size_t)c->n_keys);
     memset(kx->post, 0, sizeof(kn_post) * (size_t)c->n_keys);
     kx->votes_at = 0;
+    memset(kx->parts_at, 0, sizeof(uint32_t) * (size_t)c->n_keys);
+    kx->lv_lo = log(KN_EPS);
+    kx->lv_hi = log(1.0 + KN_EPS);
     kx->oom = 0;
 }
 
@@ -2916,9 +2930,10 @@ static void kn_logvotes(KnnX *kx, int32_t x, int routed, double *out) {
     }
     for (int v = v0; v < v1; v++) out[v] = kx->has[v] && tau >= 0 ? log(sum[v] + KN_EPS) : kx->prior;
 }
-/* The log hit density of key x after this step's begin (Python `Knn.scores`). */
-static inline double kn_score(CotokenShared *sh, KnnX *kx, int32_t x) {
-    if (sh->score_at[x] == sh->stamp) return sh->score[x];
+/* The parts of key x's score that need no vote, this step: z_j = a_j + c_j lv_{v_j} (v_j
+   < 0: z_j = a_j), in the Python expression's order; cached per step. */
+static inline void kn_parts(CotokenShared *sh, KnnX *kx, int32_t x) {
+    if (kx->parts_at[x] == sh->stamp) return;
     if (kx->on && kx->votes_at != sh->stamp) {
         kn_votes(kx);
         kx->votes_at = sh->stamp;
@@ -2926,6 +2941,8 @@ static inline double kn_score(CotokenShared *sh, KnnX *kx, int32_t x) {
     ct_terms(sh, x);
     const int32_t ll = sh->kl[x];
     const int routed = !sh->later[ll];
+    double *pa = kx->pa + (size_t)x * KN_VISITS, *pc = kx->pc + (size_t)x * KN_VISITS;
+    int8_t *pv = kx->pv + (size_t)x * KN_VISITS;
     double f8 = 0.0;
     if (routed && sh->nb) {
         ct_catch_up(sh, x);
@@ -2936,27 +2953,76 @@ static inline double kn_score(CotokenShared *sh, KnnX *kx, int32_t x) {
         const double v = sh->lp[x] + sh->acc[x];
         f8 = v > 0 ? log1p(v) : v < 0 ? -log1p(-v) : 0.0;
     }
-    double lv[KN_NV];
-    for (int v = 0; v < KN_NV; v++) lv[v] = kx->prior;
-    if (kx->on) kn_logvotes(kx, x, routed, lv);
-    const double d = kx->dl[ll], L = (double)sh->L;
-    double dens = 0.0;
     for (int j = 0; j < kx->visits; j++) {
         const double *w = kx->w[j];
-        double z;
         if (routed) {
-            z = (((w[4] + w[5] * sh->t1[x]) + w[6] * sh->t2[x]) + w[7] * sh->t3[x]) + w[8] * f8;
-            z = z + w[9] * lv[j];
+            pa[j] =
+                (((w[4] + w[5] * sh->t1[x]) + w[6] * sh->t2[x]) + w[7] * sh->t3[x]) + w[8] * f8;
+            pc[j] = w[9];
+            pv[j] = (int8_t)j;
         } else {
-            z = ((w[0] + w[1] * sh->t1[x]) + w[2] * sh->t2[x]) + w[3] * sh->t3[x];
-            if (j) z = z + w[10] * lv[3 + j - 1];
+            pa[j] = ((w[0] + w[1] * sh->t1[x]) + w[2] * sh->t2[x]) + w[3] * sh->t3[x];
+            pc[j] = w[10];
+            pv[j] = (int8_t)(j ? 3 + j - 1 : -1);
         }
+    }
+    kx->routed[x] = (uint8_t)routed;
+    kx->parts_at[x] = sh->stamp;
+}
+/* Whether vote v of this step is a sum over voters (else the prior, exactly). */
+static inline int kn_voted(const KnnX *kx, int v) { return kx->on && kx->kt >= 0 && kx->has[v]; }
+/* log(sum_j sigmoid(z_j) / (d + j L)) with the votes' logarithms lv (Python `scores`). */
+static inline double kn_density(const CotokenShared *sh, const KnnX *kx, int32_t x,
+                                const double *lv) {
+    const double *pa = kx->pa + (size_t)x * KN_VISITS, *pc = kx->pc + (size_t)x * KN_VISITS;
+    const int8_t *pv = kx->pv + (size_t)x * KN_VISITS;
+    const double d = kx->dl[sh->kl[x]], L = (double)sh->L;
+    double dens = 0.0;
+    for (int j = 0; j < kx->visits; j++) {
+        const double z = pv[j] < 0 ? pa[j] : pa[j] + pc[j] * lv[pv[j]];
         dens += 1.0 / (1.0 + exp(-z)) / (d + (double)j * L);
     }
-    const double sc = log(dens);
+    return log(dens);
+}
+/* The log hit density of key x after this step's begin (Python `Knn.scores`). */
+static inline double kn_score(CotokenShared *sh, KnnX *kx, int32_t x) {
+    if (sh->score_at[x] == sh->stamp) return sh->score[x];
+    kn_parts(sh, kx, x);
+    double lv[KN_NV];
+    for (int v = 0; v < KN_NV; v++) lv[v] = kx->prior;
+    if (kx->on) kn_logvotes(kx, x, kx->routed[x], lv);
+    const double sc = kn_density(sh, kx, x, lv);
     sh->score[x] = sc;
     sh->score_at[x] = sh->stamp;
     return sc;
+}
+/* A lower bound of kn_score(x) without its votes' sums (a vote is a share: 0 <= vote <= 1,
+   so each log(vote + eps) lies in [log eps, log(1 + eps)] and z_j is monotone in it; every
+   later operation is monotone too, and the bound is moved down by 1e-9, far more than
+   any rounding), or the score itself where no vote needs a sum (then cached). */
+static inline double kn_lower(CotokenShared *sh, KnnX *kx, int32_t x, int *exact) {
+    *exact = 1;
+    if (sh->score_at[x] == sh->stamp) return sh->score[x];
+    kn_parts(sh, kx, x);
+    const double *pc = kx->pc + (size_t)x * KN_VISITS;
+    const int8_t *pv = kx->pv + (size_t)x * KN_VISITS;
+    double lv[KN_NV];
+    for (int v = 0; v < KN_NV; v++) lv[v] = kx->prior;
+    int sums = 0;
+    for (int j = 0; j < kx->visits; j++) {
+        const int v = pv[j];
+        if (v < 0 || !kn_voted(kx, v)) continue;
+        sums = 1;
+        lv[v] = pc[j] >= 0 ? kx->lv_lo : kx->lv_hi;
+    }
+    const double b = kn_density(sh, kx, x, lv);
+    if (!sums) {
+        sh->score[x] = b;
+        sh->score_at[x] = sh->stamp;
+        return b;
+    }
+    *exact = 0;
+    return b - 1e-9;
 }
 static void knn_begin(void *sv, int64_t t, const int32_t *keys, const int64_t *nu, int k) {
     Knn *s = sv;
@@ -2968,6 +3034,10 @@ static void knn_begin(void *sv, int64_t t, const int32_t *keys, const int64_t *n
     if (ll >= sh->nl) ll = sh->nl - 1;
     if (kx->on) kn_observe(kx, keys, k, sh->layer0 + ll, sh->n_keys);
     cotoken_begin(sv, t, keys, nu, k);
+    if (sh->stamp == 1) { /* the first step, or cotoken's stamp wrapped: forget every part */
+        memset(kx->parts_at, 0, sizeof(uint32_t) * (size_t)sh->n_keys);
+        kx->votes_at = 0;
+    }
     const int32_t layer = sh->layer0 + ll;
     int32_t r = (sh->layer0 - layer - 1) % sh->L;
     if (r < 0) r += sh->L;
@@ -3000,10 +3070,35 @@ static int32_t knn_evict(void *sv, const mer_prot *p) {
             }
         }
     } else {
+        /* the lowest (score, key): scores that need no vote sum first, then the others
+           only where their lower bound does not exceed the best so far, the lowest bound
+           first (a key whose bound is above the best scores above it: it can neither win
+           nor tie) */
+        struct ct_pend *pend = sh->pend;
+        int32_t n_pend = 0, first = -1;
         double bs = 0.0;
         for (int32_t i = 0; i < s->n; i++) {
             const int32_t x = s->list[i];
             if (is_prot(p, x)) continue;
+            int exact;
+            const double lb = kn_lower(sh, kx, x, &exact);
+            if (exact) {
+                if (best < 0 || lb < bs || (lb == bs && x < best)) {
+                    best = x;
+                    bs = lb;
+                }
+            } else {
+                if (first < 0 || lb < pend[first].lb) first = n_pend;
+                pend[n_pend].lb = lb;
+                pend[n_pend++].x = x;
+            }
+        }
+        for (int32_t j = -1; j < n_pend; j++) {
+            if (j == first) continue;
+            const struct ct_pend *q = &pend[j < 0 ? first : j];
+            if (j < 0 && first < 0) continue;
+            if (best >= 0 && q->lb > bs) continue;
+            const int32_t x = q->x;
             const double v = kn_score(sh, kx, x);
             if (best < 0 || v < bs || (v == bs && x < best)) {
                 best = x;
