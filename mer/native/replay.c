@@ -2585,17 +2585,23 @@ static int ct_rank_cmp(const void *a, const void *b) {
     if (u->s > v->s) return 1;
     return (u->x > v->x) - (u->x < v->x);
 }
-/* The resident unprotected key with the lowest score, ties to the smaller key (the
-   Python class's stable argsort). */
-static int32_t cotoken_evict(void *sv, const mer_prot *p) {
-    Cotoken *s = sv;
+/* The victim search of the policies on this block (cotoken, knn): the resident unprotected
+   key with the lowest score, ties to the smaller key (the Python classes' stable argsort).
+   `score(ctx, x)` is a key's score this step; `lower(ctx, x, &exact)` a lower bound of it,
+   or the score itself (exact = 1) where a bound would save nothing. Many caches side by
+   side rank every key once a step, and each cache takes the first of its residents in
+   that order. Inlined into each policy's evict with its own two functions. */
+typedef double (*ct_score_fn)(void *ctx, int32_t x);
+typedef double (*ct_lower_fn)(void *ctx, int32_t x, int *exact);
+MER_INLINE int32_t ct_lowest(Cotoken *s, const mer_prot *p, void *ctx, ct_score_fn score,
+                             ct_lower_fn lower) {
     CotokenShared *sh = s->sh;
     int32_t best = -1;
     double bs = 0.0;
     if (sh->sorted) {
         if (sh->order_at != sh->stamp) {
             for (int32_t x = 0; x < sh->n_keys; x++) {
-                sh->order[x].s = ct_score(sh, x);
+                sh->order[x].s = score(ctx, x);
                 sh->order[x].x = x;
             }
             qsort(sh->order, (size_t)sh->n_keys, sizeof(struct ct_rank), ct_rank_cmp);
@@ -2611,20 +2617,20 @@ static int32_t cotoken_evict(void *sv, const mer_prot *p) {
         if (best >= 0) cotoken_remove(s, best);
         return best;
     }
-    /* the lowest (score, key): scores that cost no log1p first, then the others only
-       where their lower bound does not exceed the best so far (a key whose bound is
-       above it scores above it too, so it can neither win nor tie) */
+    /* exact scores first, then the others only where their lower bound does not exceed
+       the best so far, the lowest bound first (a key whose bound is above the best scores
+       above it too, so it can neither win nor tie) */
     struct ct_pend *pend = sh->pend;
     int32_t n_pend = 0, first = -1;
     for (int32_t i = 0; i < s->n; i++) {
         const int32_t x = s->list[i];
         if (is_prot(p, x)) continue;
-        const double lb = ct_lower(sh, x);
-        if (lb != lb || sh->score_at[x] == sh->stamp) {
-            const double v = ct_score(sh, x);
-            if (best < 0 || v < bs || (v == bs && x < best)) {
+        int exact;
+        const double lb = lower(ctx, x, &exact);
+        if (exact) {
+            if (best < 0 || lb < bs || (lb == bs && x < best)) {
                 best = x;
-                bs = v;
+                bs = lb;
             }
         } else {
             if (first < 0 || lb < pend[first].lb) first = n_pend;
@@ -2637,7 +2643,7 @@ static int32_t cotoken_evict(void *sv, const mer_prot *p) {
         const struct ct_pend *q = &pend[j < 0 ? first : j];
         if (best >= 0 && q->lb > bs) continue;
         const int32_t x = q->x;
-        const double v = ct_score(sh, x);
+        const double v = score(ctx, x);
         if (best < 0 || v < bs || (v == bs && x < best)) {
             best = x;
             bs = v;
@@ -2645,6 +2651,18 @@ static int32_t cotoken_evict(void *sv, const mer_prot *p) {
     }
     if (best >= 0) cotoken_remove(s, best);
     return best;
+}
+static double ct_score_of(void *ctx, int32_t x) { return ct_score(ctx, x); }
+/* ct_lower, or the score where it gives no bound (NaN) or the score is known already */
+static double ct_lower_of(void *ctx, int32_t x, int *exact) {
+    CotokenShared *sh = ctx;
+    const double lb = ct_lower(sh, x);
+    *exact = lb != lb || sh->score_at[x] == sh->stamp;
+    return *exact ? ct_score(sh, x) : lb;
+}
+static int32_t cotoken_evict(void *sv, const mer_prot *p) {
+    Cotoken *s = sv;
+    return ct_lowest(s, p, s->sh, ct_score_of, ct_lower_of);
 }
 static void cotoken_free_shared(void *shv) {
     CotokenShared *sh = shv;
@@ -3046,68 +3064,17 @@ static void knn_begin(void *sv, int64_t t, const int32_t *keys, const int64_t *n
         if (++r == sh->L) r = 0;
     }
 }
-/* The resident unprotected key with the lowest score, ties to the smaller key (the
-   Python class's stable argsort); many caches side by side rank every key once a step. */
+static double kn_score_of(void *ctx, int32_t x) {
+    Knn *s = ctx;
+    return kn_score(s->sh, s->kx, x);
+}
+static double kn_lower_of(void *ctx, int32_t x, int *exact) {
+    Knn *s = ctx;
+    return kn_lower(s->sh, s->kx, x, exact);
+}
+/* The lowest score among the unprotected residents (ct_lowest, with knn's score). */
 static int32_t knn_evict(void *sv, const mer_prot *p) {
-    Knn *s = sv;
-    CotokenShared *sh = s->sh;
-    KnnX *kx = s->kx;
-    int32_t best = -1;
-    if (sh->sorted) {
-        if (sh->order_at != sh->stamp) {
-            for (int32_t x = 0; x < sh->n_keys; x++) {
-                sh->order[x].s = kn_score(sh, kx, x);
-                sh->order[x].x = x;
-            }
-            qsort(sh->order, (size_t)sh->n_keys, sizeof(struct ct_rank), ct_rank_cmp);
-            sh->order_at = sh->stamp;
-        }
-        for (int32_t i = 0; i < sh->n_keys; i++) {
-            const int32_t x = sh->order[i].x;
-            if (s->pos[x] >= 0 && !is_prot(p, x)) {
-                best = x;
-                break;
-            }
-        }
-    } else {
-        /* the lowest (score, key): scores that need no vote sum first, then the others
-           only where their lower bound does not exceed the best so far, the lowest bound
-           first (a key whose bound is above the best scores above it: it can neither win
-           nor tie) */
-        struct ct_pend *pend = sh->pend;
-        int32_t n_pend = 0, first = -1;
-        double bs = 0.0;
-        for (int32_t i = 0; i < s->n; i++) {
-            const int32_t x = s->list[i];
-            if (is_prot(p, x)) continue;
-            int exact;
-            const double lb = kn_lower(sh, kx, x, &exact);
-            if (exact) {
-                if (best < 0 || lb < bs || (lb == bs && x < best)) {
-                    best = x;
-                    bs = lb;
-                }
-            } else {
-                if (first < 0 || lb < pend[first].lb) first = n_pend;
-                pend[n_pend].lb = lb;
-                pend[n_pend++].x = x;
-            }
-        }
-        for (int32_t j = -1; j < n_pend; j++) {
-            if (j == first) continue;
-            const struct ct_pend *q = &pend[j < 0 ? first : j];
-            if (j < 0 && first < 0) continue;
-            if (best >= 0 && q->lb > bs) continue;
-            const int32_t x = q->x;
-            const double v = kn_score(sh, kx, x);
-            if (best < 0 || v < bs || (v == bs && x < best)) {
-                best = x;
-                bs = v;
-            }
-        }
-    }
-    if (best >= 0) cotoken_remove(s, best);
-    return best;
+    return ct_lowest((Cotoken *)sv, p, sv, kn_score_of, kn_lower_of);
 }
 static void knn_free_shared(void *shv) {
     CotokenShared *sh = shv;
