@@ -235,7 +235,11 @@ def test_synthetic_machine_is_predicted_exactly_after_calibration(tmp_path: Path
         assert (tmp_path / name).exists()
     assert (tmp_path / "figures" / "validation-tokens-per-s.png").exists()
     back = pd.read_parquet(tmp_path / "validation.parquet")
-    assert len(back) == len(t) and set(back.stage) == {"calibrated", "uncalibrated"}
+    assert len(back) == len(t)
+    assert set(back.stage) == {"calibrated", "uncalibrated", "compute-pulse"}
+    # a steady CPU: the compute pulse before each run sees the calibrated figures
+    cp = t[t.stage == "compute-pulse"]
+    assert cp["abs_rel_error"].max() < 1e-6, cp.sort_values("abs_rel_error").tail(3)
     assert len(pd.read_parquet(tmp_path / "runs.parquet")) == 2 * len(GRID.configs)
     md = (tmp_path / "validation.md").read_text()
     assert "figures/validation-tokens-per-s.png" in md and "lru-256" in md
@@ -306,7 +310,7 @@ def test_disk_pulse_scaling_predicts_a_disk_that_moves_exactly(tmp_path: Path) -
     m = ModelMachine(
         trace, truth, shape="mixtral-tiny", queue_depth=8, chunk_bytes=32768, disk_slowdown=disk
     )
-    opts = ValidateOptions(tokens=4, repeats=2, pulse_scale=True)
+    opts = ValidateOptions(tokens=4, repeats=2, pulse_scale=True, compute_pulse=False)
     res = run_validation(m, trace, GRID, _start(truth), tmp_path, opts, log=None)
     t = res.table
     assert set(t.stage) == {"uncalibrated", "calibrated", "pulse-scaled"}
@@ -334,7 +338,7 @@ def test_disk_pulse_scaling_predicts_a_disk_that_moves_exactly(tmp_path: Path) -
         GRID,
         _start(truth),
         tmp_path / "off",
-        ValidateOptions(tokens=4, repeats=1, pulse_scale=False),
+        ValidateOptions(tokens=4, repeats=1, pulse_scale=False, compute_pulse=False),
     )
     assert "pulse-scaled" not in set(res2.table.stage)
     # the text table carries the pulse-scaled column only when it was measured
