@@ -282,3 +282,35 @@ def test_wake_is_measured_and_carried_into_the_profile(tmp_path: Path) -> None:
     prof = to_profile(res)
     assert (prof.compute.wake_ffn_s, prof.compute.wake_dense_s) == (2.5e-5, 1.5e-5)
     assert to_profile(make_probe_result(pts, 1e-4, read_bytes)).compute.wake_ffn_s == 0.0
+
+
+def test_merge_points_takes_the_median_round_so_one_stall_does_not_set_the_stream() -> None:
+    """Three rounds at 1.0, 1.2 and 0.1 GB/s (a stall): the stream is the median round's
+    1.0 GB/s over all the bytes, not the sum's 0.77 GB/s, and the per-read figures are the
+    rounds' medians."""
+    from mer.engine.probe import ReadPoint, merge_points
+
+    mb = 1 << 20
+    rounds = [
+        ReadPoint(32, 128 << 10, 100, 100 * mb, 100 * mb / 1.0e9, 2, 1e-3, 2e-3, 3e-3, 2e-3),
+        ReadPoint(32, 128 << 10, 120, 120 * mb, 120 * mb / 1.2e9, 2, 2e-3, 1e-3, 4e-3, 1e-3),
+        ReadPoint(32, 128 << 10, 10, 10 * mb, 10 * mb / 0.1e9, 2, 9e-3, 9e-3, 9e-3, 9e-3),
+    ]
+    pt = merge_points(rounds)
+    assert pt.reads == 230 and pt.bytes == 230 * mb
+    assert pt.bandwidth == pytest.approx(1.0e9, rel=1e-12)
+    assert (pt.read_p10_s, pt.read_p50_s, pt.read_p90_s, pt.read_mean_s) == (
+        2e-3,
+        2e-3,
+        4e-3,
+        2e-3,
+    )
+    summed = sum(p.bytes for p in rounds) / sum(p.seconds for p in rounds)
+    assert summed == pytest.approx(230e9 / 300, rel=1e-12)  # what summing them said
+
+
+def test_merge_points_of_one_round_is_that_round() -> None:
+    from mer.engine.probe import ReadPoint, merge_points
+
+    one = ReadPoint(4, 512 << 10, 7, 7 << 20, 0.01, 2, 1e-3, 2e-3, 3e-3, 2.5e-3)
+    assert merge_points([one]) == one
