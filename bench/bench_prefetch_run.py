@@ -98,6 +98,17 @@ def decisions(s: dict[str, Any]) -> dict[str, int]:
     }
 
 
+def overhead_us(runs: list[dict[str, Any]]) -> float:
+    """Median driver time per step outside reads, FFNs and dense (lookups, submissions, the
+    decision core and the predictor): what a rule's own computing costs the run."""
+    per = [
+        1e6 * r["extra"]["driver_time"]["overhead_s"] / max(r["extra"]["driver_time"]["steps"], 1)
+        for r in runs
+        if "driver_time" in r.get("extra", {})
+    ]
+    return statistics.median(per) if per else float("nan")
+
+
 def load() -> str:
     return ", ".join(f"{v:.2f}" for v in os.getloadavg())
 
@@ -193,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
             "cancelled": pf.get("cancelled", 0),
             "io_wait_share_none": statistics.median(x["io_wait_share"] for x in runs["none"]),
             "io_wait_share_prefetch": statistics.median(x["io_wait_share"] for x in runs[name]),
+            "overhead_us_none": overhead_us(runs["none"]),
+            "overhead_us_prefetch": overhead_us(runs[name]),
         }
         if sims:
             sp, sn = sims[name], sims["none"]
@@ -243,10 +256,15 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\n| rule | measured ratio, median (range) | rounds above 1.0x |{pred} hit rate "
         "(none -> prefetch) | prefetches issued: used / late / wasted (cancelled) | "
-        "I/O wait share, none -> prefetch |"
-        + (" decisions equal to the simulation |" if sims else "")
+        "I/O wait share, none -> prefetch | driver time per step outside reads and compute "
+        "(median), none -> prefetch |" + (" decisions equal to the simulation |" if sims else "")
     )
-    print("|---|---:|---:|" + ("---:|" if sims else "") + "---|---|---|" + ("---|" if sims else ""))
+    print(
+        "|---|---:|---:|"
+        + ("---:|" if sims else "")
+        + "---|---|---|---|"
+        + ("---|" if sims else "")
+    )
     for row in rows:
         p = f" {row['predicted_ratio']:.3f}x |" if sims else ""
         eq = (" yes |" if row["decisions_equal"] else " **no** |") if sims else ""
@@ -256,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{100 * row['hit_rate_none']:.1f}% -> {100 * row['hit_rate_prefetch']:.1f}% | "
             f"{row['issued']}: {row['used']} / {row['late']} / {row['wasted']} "
             f"({row['cancelled']}) | {100 * row['io_wait_share_none']:.0f}% -> "
-            f"{100 * row['io_wait_share_prefetch']:.0f}% |{eq}"
+            f"{100 * row['io_wait_share_prefetch']:.0f}% | {row['overhead_us_none']:.0f} -> "
+            f"{row['overhead_us_prefetch']:.0f} us |{eq}"
         )
     for name, want, have in mismatches:
         print(f"\nmismatch, {name}: simulated {want}, measured {have}", file=sys.stderr)
