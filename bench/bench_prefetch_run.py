@@ -66,7 +66,8 @@ def mer(command: str, args: list[str]) -> dict[str, Any]:
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr)
-        raise SystemExit(f"mer {command} failed (exit {proc.returncode}): {shlex.join(args)}")
+        print(f"mer {command} failed (exit {proc.returncode}): {shlex.join(args)}", file=sys.stderr)
+        raise SystemExit(proc.returncode)  # 2: bad input (mer's message above), 1: a failure
     return dict(json.loads(proc.stdout))
 
 

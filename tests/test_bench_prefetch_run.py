@@ -76,9 +76,12 @@ def test_runs_and_their_simulation_take_the_core_decisions(tmp_path: Path) -> No
     assert row["used"] + row["late"] == ref.total("prefetch_used")
 
 
-@pytest.mark.parametrize("bad", [["--rounds", "0"]])
-def test_bad_rounds_is_bad_input(bad: list[str], tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "bad, said",
+    [(["--rounds", "0"], "--rounds"), (["--rounds", "1", "--tokens", "1"], "no such file")],
+)
+def test_bad_input_exits_2_with_one_message(bad: list[str], said: str, tmp_path: Path) -> None:
     cmd = [sys.executable, str(BENCH), "--experts", str(tmp_path / "x.gguf"), *bad]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=60)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 2
-    assert "--rounds" in proc.stderr and "Traceback" not in proc.stderr
+    assert said in proc.stderr and "Traceback" not in proc.stderr
