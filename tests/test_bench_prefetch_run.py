@@ -11,14 +11,24 @@ from pathlib import Path
 
 import pytest
 
-from mer.core import Replay, ReplayConfig, replay_counts
 from mer.engine.gguf_synth import synth_gguf
 from mer.shapes import get_shape
-from mer.traces.format import read_trace
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench" / "bench_prefetch_run.py"
 TRACE = ROOT / "traces" / "data" / "mixtral-offloading-h39s.parquet"
+REFERENCE = f"""
+import json
+from mer.core import Replay, ReplayConfig, replay_counts
+from mer.traces.format import read_trace
+tr = read_trace({str(TRACE)!r}).select_phase("decode").head(4)
+cfg = ReplayConfig(policy="lru", cache_slots=40, predictor="cooccur", prefetch_top_n=1,
+                   prefetch_lead=2, pipeline_depth=6, prefetch_inflight=1, prefetch_hold=3,
+                   prefetch_window=2, prefetch_cancel=2).validate()
+ref = replay_counts(Replay.from_trace(tr, cfg), fast=False)
+names = ("prefetch_issued", "prefetch_wasted", "prefetch_cancelled", "prefetch_used")
+print(json.dumps({{n: int(ref.total(n)) for n in names}}))
+"""
 
 
 def _bench():
@@ -46,6 +56,7 @@ def test_runs_and_their_simulation_take_the_core_decisions(tmp_path: Path) -> No
     )
     cmd = [sys.executable, str(BENCH), str(TRACE), "--experts", str(experts)]
     cmd += ["--cache-slots", "40", "--tokens", "4", "--rounds", "2", "--hardware", "ci-tiny"]
+    cmd += ["--policy", "lru"]
     cmd += ["--prefetch", rule, "--json"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -54,26 +65,23 @@ def test_runs_and_their_simulation_take_the_core_decisions(tmp_path: Path) -> No
     (row,) = out["rules"]
     assert row["decisions_equal"] is True
     assert len(row["ratios"]) == 2 and row["predicted_ratio"] > 0
-    # the reference: every read landed at once, no clock at all
-    tr = read_trace(TRACE).select_phase("decode").head(4)
-    cfg = ReplayConfig(
-        policy="cycle",
-        cache_slots=40,
-        predictor="cooccur",
-        prefetch_top_n=1,
-        prefetch_lead=2,
-        pipeline_depth=6,
-        prefetch_inflight=1,
-        prefetch_hold=3,
-        prefetch_window=2,
-        prefetch_cancel=2,
+    # the reference: every read landed at once, no clock at all (in a fresh interpreter, so
+    # that no other test's registry changes reach it)
+    ref = json.loads(
+        subprocess.run(
+            [sys.executable, "-c", REFERENCE],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=120,
+            check=True,
+        ).stdout
     )
-    ref = replay_counts(Replay.from_trace(tr, cfg.validate()), fast=False)
-    assert ref.total("prefetch_issued") > 0
-    assert row["issued"] == ref.total("prefetch_issued")
-    assert row["wasted"] == ref.total("prefetch_wasted")
-    assert row["cancelled"] == ref.total("prefetch_cancelled")
-    assert row["used"] + row["late"] == ref.total("prefetch_used")
+    assert ref["prefetch_issued"] > 0
+    assert row["issued"] == ref["prefetch_issued"]
+    assert row["wasted"] == ref["prefetch_wasted"]
+    assert row["cancelled"] == ref["prefetch_cancelled"]
+    assert row["used"] + row["late"] == ref["prefetch_used"]
 
 
 @pytest.mark.parametrize(
