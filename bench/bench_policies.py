@@ -16,6 +16,12 @@ token's pair with probability 0.5 (temporal locality), seed 0.
 2. The full curve: all sizes x every built-in policy x both scopes (`compute_mrc`,
    2 processes), wall time.
 3. `mer mrc` on the bundled trace, every policy and size, wall time of the command.
+4. `knn`, whose cost per step grows with the tokens seen (every past token votes:
+   `window` 0), on a trace of a real length: the bundled trace (773 tokens, 49,472
+   lookups), `--slots` slots, global scope: its compiled twin, its Python class (the
+   lean loop, one run), cotoken's twin and libCacheSim's LRU on the same lookups, CPU
+   time of each. `--knn-lookups N` takes the first N lookups of the synthetic trace
+   instead (the cost per lookup grows about linearly with N).
 
 Prints the Markdown tables of docs/benchmarks.md.
 """
@@ -120,6 +126,14 @@ def main() -> int:
     ap.add_argument("--slots", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3, help="best of N CPU times (default 3)")
     ap.add_argument("--quick", action="store_true", help="1 repeat, no full curve")
+    ap.add_argument(
+        "--knn-lookups",
+        type=int,
+        default=0,
+        help="knn's table on the first N lookups of the synthetic trace (default: the "
+        "bundled trace); 0 with no bundled trace: skip it",
+    )
+    ap.add_argument("--no-knn-python", action="store_true", help="leave knn's Python row out")
     args = ap.parse_args()
     repeats = 1 if args.quick else args.repeats
     steps = mixtral_like(args.lookups)
@@ -156,6 +170,7 @@ def main() -> int:
             else:
                 row += " - | - | - | - |"
             print(row, flush=True)
+    knn_table(args, steps, repeats, have_lcs)
     if args.quick:
         return 0
     print()
@@ -183,6 +198,64 @@ def main() -> int:
                     f"| {os.cpu_count()} | {dt:.1f} | {dc:.1f} |"
                 )
     return 0
+
+
+def time_engine(steps: np.ndarray, policy: str, slots: int, engine: str) -> tuple[float, float]:
+    cfg = ReplayConfig(policy=policy, cache_slots=slots)
+    c0 = time.process_time()
+    stats = replay_counts(Replay(steps, n_layers=32, n_experts=8, config=cfg), engine=engine)
+    return time.process_time() - c0, stats.hit_rate
+
+
+def knn_table(args: argparse.Namespace, steps: np.ndarray, repeats: int, have_lcs: bool) -> None:
+    """knn's rows (module doc, 4), all against libCacheSim LRU on the same lookups."""
+    from mer.sim import peers
+
+    if args.knn_lookups:
+        n_steps = max(1, args.knn_lookups // steps.shape[1])
+        ksteps = np.ascontiguousarray(steps[:n_steps])
+        what = f"synthetic trace, first {ksteps.size:,} lookups"
+    elif BUNDLED.exists():
+        from mer.traces.format import read_trace
+
+        tr = read_trace(BUNDLED)
+        ksteps = np.ascontiguousarray(tr.keys().reshape(-1, tr.top_k), dtype=np.int32)
+        what = f"bundled trace, {tr.n_tokens} tokens, {ksteps.size:,} lookups"
+    else:
+        return
+    n = ksteps.size
+    print()
+    print(f"knn ({what}, {args.slots} slots, global):")
+    print()
+    print(
+        "| policy | engine | hit rate (step, k=2) | lookups/s (CPU) | vs libCacheSim LRU "
+        "| vs knn in Python |"
+    )
+    print("|---|---|---:|---:|---:|---:|")
+    lru_rate = None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "knn.oracleGeneral"
+        if have_lcs:
+            peers.write_oracle_trace(ksteps.reshape(-1), path)
+            ldt, lrate = time_lcs(path, n, "lru", args.slots, repeats)
+            lru_rate = n / ldt
+    rows = [("knn", "c", repeats), ("cotoken", "c", repeats)]
+    if not args.no_knn_python:
+        rows.append(("knn", "python", 1))
+    timed = []
+    for policy, engine, reps in rows:
+        best, rate = 1e9, 0.0
+        for _ in range(reps):
+            dt, rate = time_engine(ksteps, policy, args.slots, engine)
+            best = min(best, dt)
+        timed.append((policy, engine, n / best, rate))
+    py = next((r for p, e, r, _ in timed if p == "knn" and e == "python"), None)
+    for policy, engine, r, rate in timed:
+        vs_lcs = f"{r / lru_rate:.4f}x" if lru_rate else "-"
+        vs_py = f"{r / py:.1f}x" if py and policy == "knn" else "-"
+        print(f"| {policy} | {engine} | {100 * rate:.2f}% | {r:,.0f} | {vs_lcs} | {vs_py} |")
+    if lru_rate:
+        print(f"| lru (libCacheSim) | C | {100 * lrate:.2f}% (lookup) | {lru_rate:,.0f} | 1x | - |")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ BUILTIN = [
     "seed-lru-locality",
     "cycle",
     "cotoken",
+    "knn",
 ]
 
 
@@ -81,6 +82,19 @@ def params_for(policy, n_experts, rng):
             "alpha": float(rng.choice([0.3, 0.5, 2.0])),
             "rate_mid": float(rng.choice([0.2, 0.7])),
         }
+    if policy == "knn":  # every weight, beta either sign, a window, fewer visits
+        from mer.core.knn import WEIGHT_NAMES
+
+        w = {
+            n: float(v)
+            for n, v in zip(WEIGHT_NAMES, rng.normal(0, 0.8, len(WEIGHT_NAMES)), strict=True)
+        }
+        return {
+            **w,
+            "beta": float(rng.choice([-0.5, 0.5, 2.0])),
+            "window": int(rng.choice([0, 2, 5])),
+            "visits": int(rng.integers(1, 4)),
+        }
     return {}
 
 
@@ -113,7 +127,7 @@ def test_compiled_equals_python(policy, k, data):
 
 
 @pytest.mark.parametrize(
-    "policy", ["lru", "lfu", "s3fifo", "arc", "opt", "sieve", "cycle", "cotoken"]
+    "policy", ["lru", "lfu", "s3fifo", "arc", "opt", "sieve", "cycle", "cotoken", "knn"]
 )
 def test_longer_trace_every_size(policy):
     # Longer than the hypothesis traces: ARC's target, S3-FIFO's ghost and LFU's
@@ -163,7 +177,7 @@ def test_engine_c_refuses_what_it_cannot_run():
         replay_counts(Replay(steps, n_layers=1, n_experts=4, config=cfg), engine="c")
 
 
-@pytest.mark.parametrize("policy", ["lru", "cycle", "cotoken"])
+@pytest.mark.parametrize("policy", ["lru", "cycle", "cotoken", "knn"])
 def test_a_step_naming_a_key_twice_is_refused_not_crashed(policy):
     # The compiled loops assume a step's keys are distinct (the trace reader refuses
     # anything else): an array handed to Replay directly gets one clear error, not a crash.

@@ -2135,6 +2135,7 @@ typedef struct {
     int sorted;
     struct ct_rank *order;
     uint32_t order_at;
+    void *ext; /* a policy built on this block (knn): its own state, or NULL */
 } CotokenShared;
 
 struct ct_rank {
@@ -2584,17 +2585,23 @@ static int ct_rank_cmp(const void *a, const void *b) {
     if (u->s > v->s) return 1;
     return (u->x > v->x) - (u->x < v->x);
 }
-/* The resident unprotected key with the lowest score, ties to the smaller key (the
-   Python class's stable argsort). */
-static int32_t cotoken_evict(void *sv, const mer_prot *p) {
-    Cotoken *s = sv;
+/* The victim search of the policies on this block (cotoken, knn): the resident unprotected
+   key with the lowest score, ties to the smaller key (the Python classes' stable argsort).
+   `score(ctx, x)` is a key's score this step; `lower(ctx, x, &exact)` a lower bound of it,
+   or the score itself (exact = 1) where a bound would save nothing. Many caches side by
+   side rank every key once a step, and each cache takes the first of its residents in
+   that order. Inlined into each policy's evict with its own two functions. */
+typedef double (*ct_score_fn)(void *ctx, int32_t x);
+typedef double (*ct_lower_fn)(void *ctx, int32_t x, int *exact);
+MER_INLINE int32_t ct_lowest(Cotoken *s, const mer_prot *p, void *ctx, ct_score_fn score,
+                             ct_lower_fn lower) {
     CotokenShared *sh = s->sh;
     int32_t best = -1;
     double bs = 0.0;
     if (sh->sorted) {
         if (sh->order_at != sh->stamp) {
             for (int32_t x = 0; x < sh->n_keys; x++) {
-                sh->order[x].s = ct_score(sh, x);
+                sh->order[x].s = score(ctx, x);
                 sh->order[x].x = x;
             }
             qsort(sh->order, (size_t)sh->n_keys, sizeof(struct ct_rank), ct_rank_cmp);
@@ -2610,20 +2617,20 @@ static int32_t cotoken_evict(void *sv, const mer_prot *p) {
         if (best >= 0) cotoken_remove(s, best);
         return best;
     }
-    /* the lowest (score, key): scores that cost no log1p first, then the others only
-       where their lower bound does not exceed the best so far (a key whose bound is
-       above it scores above it too, so it can neither win nor tie) */
+    /* exact scores first, then the others only where their lower bound does not exceed
+       the best so far, the lowest bound first (a key whose bound is above the best scores
+       above it too, so it can neither win nor tie) */
     struct ct_pend *pend = sh->pend;
     int32_t n_pend = 0, first = -1;
     for (int32_t i = 0; i < s->n; i++) {
         const int32_t x = s->list[i];
         if (is_prot(p, x)) continue;
-        const double lb = ct_lower(sh, x);
-        if (lb != lb || sh->score_at[x] == sh->stamp) {
-            const double v = ct_score(sh, x);
-            if (best < 0 || v < bs || (v == bs && x < best)) {
+        int exact;
+        const double lb = lower(ctx, x, &exact);
+        if (exact) {
+            if (best < 0 || lb < bs || (lb == bs && x < best)) {
                 best = x;
-                bs = v;
+                bs = lb;
             }
         } else {
             if (first < 0 || lb < pend[first].lb) first = n_pend;
@@ -2636,7 +2643,7 @@ static int32_t cotoken_evict(void *sv, const mer_prot *p) {
         const struct ct_pend *q = &pend[j < 0 ? first : j];
         if (best >= 0 && q->lb > bs) continue;
         const int32_t x = q->x;
-        const double v = ct_score(sh, x);
+        const double v = score(ctx, x);
         if (best < 0 || v < bs || (v == bs && x < best)) {
             best = x;
             bs = v;
@@ -2644,6 +2651,18 @@ static int32_t cotoken_evict(void *sv, const mer_prot *p) {
     }
     if (best >= 0) cotoken_remove(s, best);
     return best;
+}
+static double ct_score_of(void *ctx, int32_t x) { return ct_score(ctx, x); }
+/* ct_lower, or the score where it gives no bound (NaN) or the score is known already */
+static double ct_lower_of(void *ctx, int32_t x, int *exact) {
+    CotokenShared *sh = ctx;
+    const double lb = ct_lower(sh, x);
+    *exact = lb != lb || sh->score_at[x] == sh->stamp;
+    return *exact ? ct_score(sh, x) : lb;
+}
+static int32_t cotoken_evict(void *sv, const mer_prot *p) {
+    Cotoken *s = sv;
+    return ct_lowest(s, p, s->sh, ct_score_of, ct_lower_of);
 }
 static void cotoken_free_shared(void *shv) {
     CotokenShared *sh = shv;
@@ -2665,6 +2684,425 @@ static const mer_policy COTOKEN_POLICY = {
     cotoken_evict, cotoken_remove, cotoken_insert, NULL, cotoken_free_shared, cotoken_failed,
 };
 
+/* == knn: cotoken's model plus the votes of past tokens, over three visits (mer/core/knn.py) == */
+/* cotoken's shared block (its terms and naive Bayes, one per pass) followed by knn's: every
+   token's picks as posting lists (the tokens that picked each key, ascending), and each past
+   token's count of picks it shares with the current token (Python `_shared`), with a
+   histogram of those counts over the voters [lo, tau - 1] (`window`). The vote of a key for
+   successors sigma + a is the softmax(beta x shared)-weighted share of the voters whose
+   successor picked it (Python `_vote`): the weights take one value per shared count, so
+   each vote's weights are a table over counts, set once a step (its maximum and sum from
+   the histogram), and a key's vote is a sum over its posting list. Scores are computed
+   when a victim search first needs them in a step, with the Python expressions in the
+   same order; numpy's BLAS sums are not these, so the two agree to rounding, and the
+   tests hold their decisions equal (tests/test_knn_native.py). */
+
+#define KN_VISITS 3
+#define KN_NW 11 /* weights per visit (visit 1 uses the first 10) */
+#define KN_EPS 0.02
+#define KN_P0 (CT_NW + 5) /* params: cotoken's 14, then beta window visits w1_0..w3_10 */
+/* the five votes: routed a = 1, 2, 3 (a layer routed in this token), to come a = 1, 2 */
+#define KN_NV 5
+
+typedef struct {
+    int32_t *tok; /* ascending tokens that picked the key */
+    int32_t n, cap;
+} kn_post;
+
+typedef struct {
+    int on; /* a global view of two layers or more (Python: the token history is kept) */
+    double beta;
+    int64_t window;
+    int visits;
+    double w[KN_VISITS][KN_NW];
+    double prior; /* log(k / E + eps): the vote where no voter has a usable successor */
+    int64_t last_t;
+    int32_t kt, kcur; /* this token's index (-1 before the first), the latest step's layer */
+    int32_t *shared;  /* per past token (realloc'd) */
+    int32_t tok_cap;
+    int32_t lo;       /* the first voter (window) */
+    int32_t *H;       /* voters [lo, kt - 1] per shared count (n_keys + 2) */
+    int32_t hmax;
+    uint8_t *row;     /* the current token's picks (n_keys) */
+    kn_post *post;    /* n_keys */
+    double *dl;       /* per local layer, this step: d of its next visit */
+    double *wn;       /* KN_NV x (n_keys + 2): the votes' weights per shared count */
+    int has[KN_NV];
+    int32_t *tmp;     /* n_keys + 2 */
+    uint32_t votes_at;
+    /* per key, this step: the vote-free parts of its score (kn_parts) */
+    double *pa, *pc;
+    int8_t *pv;
+    uint8_t *routed;
+    uint32_t *parts_at;
+    double lv_lo, lv_hi; /* the range of log(vote + eps) for kn_lower */
+    int oom;
+} KnnX;
+
+typedef struct {
+    int32_t *list, *pos; /* as Cotoken's (cotoken_insert / cotoken_remove serve both) */
+    int32_t n;
+    CotokenShared *sh;
+    KnnX *kx;
+} Knn;
+
+#define KNN_ARRAYS(s, a, c)                                       \
+    do {                                                          \
+        (s)->list = take((a), sizeof(int32_t) * (c)->n_keys);     \
+        (s)->pos = take((a), sizeof(int32_t) * (c)->n_keys);      \
+    } while (0)
+DEFINE_SIZE_INIT(Knn, KNN_ARRAYS)
+
+#define KNNX_ARRAYS(s, a, c)                                                  \
+    do {                                                                      \
+        size_t nk_ = (size_t)(c)->n_keys, nl_ = (size_t)ct_nl(c);             \
+        (s)->H = take((a), sizeof(int32_t) * (nk_ + 2));                      \
+        (s)->tmp = take((a), sizeof(int32_t) * (nk_ + 2));                    \
+        (s)->row = take((a), nk_);                                            \
+        (s)->post = take((a), sizeof(kn_post) * nk_);                         \
+        (s)->dl = take((a), sizeof(double) * nl_);                            \
+        (s)->wn = take((a), sizeof(double) * KN_NV * (nk_ + 2));              \
+        (s)->pa = take((a), sizeof(double) * KN_VISITS * nk_);                \
+        (s)->pc = take((a), sizeof(double) * KN_VISITS * nk_);                \
+        (s)->pv = take((a), KN_VISITS * nk_);                                 \
+        (s)->routed = take((a), nk_);                                         \
+        (s)->parts_at = take((a), sizeof(uint32_t) * nk_);                    \
+    } while (0)
+DEFINE_SIZE_INIT(KnnX, KNNX_ARRAYS)
+
+static size_t knn_ct_bytes(const mer_ctx *c) { return (CotokenShared_size(c) + 63) & ~(size_t)63; }
+static size_t knn_shared_size(const mer_ctx *c) { return knn_ct_bytes(c) + KnnX_size(c); }
+
+static void knn_shared_init(CotokenShared *sh, const mer_ctx *c) {
+    cotoken_shared_init(sh, c);
+    KnnX *kx = (KnnX *)((char *)sh + knn_ct_bytes(c));
+    KnnX_lay(kx, c);
+    sh->ext = kx;
+    const double *p = c->p;
+    kx->on = sh->nb;
+    kx->beta = p[KN_P0];
+    kx->window = (int64_t)p[KN_P0 + 1];
+    kx->visits = (int)p[KN_P0 + 2];
+    if (kx->visits < 1) kx->visits = 1;
+    if (kx->visits > KN_VISITS) kx->visits = KN_VISITS;
+    int i = KN_P0 + 3;
+    for (int j = 0; j < KN_VISITS; j++)
+        for (int q = 0; q < (j ? KN_NW : KN_NW - 1); q++) kx->w[j][q] = p[i++];
+    kx->w[0][KN_NW - 1] = 0.0;
+    kx->prior = log((double)c->k / (double)sh->E + KN_EPS);
+    kx->last_t = INT64_MIN;
+    kx->kt = -1;
+    kx->kcur = -1;
+    kx->shared = NULL;
+    kx->tok_cap = 0;
+    kx->lo = 0;
+    memset(kx->H, 0, sizeof(int32_t) * ((size_t)c->n_keys + 2));
+    kx->hmax = 0;
+    memset(kx->row, 0, (size_t)c->n_keys);
+    memset(kx->post, 0, sizeof(kn_post) * (size_t)c->n_keys);
+    kx->votes_at = 0;
+    memset(kx->parts_at, 0, sizeof(uint32_t) * (size_t)c->n_keys);
+    kx->lv_lo = log(KN_EPS);
+    kx->lv_hi = log(1.0 + KN_EPS);
+    kx->oom = 0;
+}
+
+static void knn_init(void *sv, const mer_ctx *c) {
+    Knn *s = sv;
+    Knn_lay(s, c);
+    for (int32_t i = 0; i < c->n_keys; i++) s->pos[i] = -1;
+    s->n = 0;
+    s->sh = c->shared;
+    s->kx = (KnnX *)((char *)c->shared + knn_ct_bytes(c));
+    if (!s->sh->ready) knn_shared_init(s->sh, c);
+}
+
+/* A new token (Python `_new_token`): every past token shares nothing with it yet. */
+static void kn_new_token(KnnX *kx, int32_t nk) {
+    kx->kt++;
+    const int32_t tau = kx->kt;
+    if (tau >= kx->tok_cap) {
+        int32_t cap = kx->tok_cap ? 2 * kx->tok_cap : 64;
+        int32_t *sh = realloc(kx->shared, sizeof(int32_t) * (size_t)cap);
+        if (!sh) {
+            kx->oom = 1;
+            kx->kt--;
+            return;
+        }
+        kx->shared = sh;
+        kx->tok_cap = cap;
+    }
+    kx->lo = kx->window > 0 && tau > kx->window ? (int32_t)(tau - kx->window) : 0;
+    memset(kx->shared, 0, sizeof(int32_t) * (size_t)(tau + 1));
+    for (int32_t s = 0; s <= kx->hmax; s++) kx->H[s] = 0;
+    kx->H[0] = tau - kx->lo;
+    kx->hmax = 0;
+    memset(kx->row, 0, (size_t)nk);
+}
+/* The first index of a posting list at or after token `from`. */
+static inline int32_t kn_first(const kn_post *pl, int32_t from) {
+    int32_t a = 0, b = pl->n;
+    while (a < b) {
+        const int32_t m = a + (b - a) / 2;
+        if (pl->tok[m] < from) a = m + 1;
+        else b = m;
+    }
+    return a;
+}
+/* The token history's part of begin_step (Python Knn.begin_step, before cotoken's). */
+static void kn_observe(KnnX *kx, const int32_t *keys, int k, int32_t layer, int32_t nk) {
+    if (kx->kt < 0 || layer < kx->kcur) kn_new_token(kx, nk);
+    if (kx->oom) return;
+    kx->kcur = layer;
+    const int32_t tau = kx->kt, lo = kx->lo;
+    for (int r = 0; r < k; r++) {
+        const int32_t y = keys[r];
+        if (kx->row[y]) continue;
+        kx->row[y] = 1;
+        kn_post *pl = &kx->post[y];
+        for (int32_t i = lo ? kn_first(pl, lo) : 0; i < pl->n; i++) {
+            const int32_t sg = pl->tok[i];
+            const int32_t v = kx->shared[sg]++;
+            kx->H[v]--;
+            kx->H[v + 1]++;
+            if (v + 1 > kx->hmax) kx->hmax = v + 1;
+        }
+        if (pl->n == pl->cap) {
+            int32_t cap = pl->cap ? 2 * pl->cap : 16;
+            int32_t *t2 = realloc(pl->tok, sizeof(int32_t) * (size_t)cap);
+            if (!t2) {
+                kx->oom = 1;
+                return;
+            }
+            pl->tok = t2;
+            pl->cap = cap;
+        }
+        pl->tok[pl->n++] = tau;
+    }
+}
+/* Each vote's weights per shared count for this step (Python `_vote`'s softmax):
+   vote v is (a, routed) = (1, 1), (2, 1), (3, 1), (1, 0), (2, 0); its voters are
+   sigma in [lo, hi], hi = tau - a (routed) or tau - a - 1 (a layer still to come). */
+static void kn_votes(KnnX *kx) {
+    const int32_t tau = kx->kt, lo = kx->lo, hm = kx->hmax;
+    static const int A[KN_NV] = {1, 2, 3, 1, 2}, R[KN_NV] = {1, 1, 1, 0, 0};
+    const size_t stride = (size_t)(hm + 2);
+    for (int v = 0; v < KN_NV; v++) {
+        const int32_t hi = R[v] ? tau - A[v] : tau - A[v] - 1;
+        kx->has[v] = tau >= 0 && hi >= lo;
+        if (!kx->has[v]) continue;
+        int32_t *h = kx->tmp;
+        memcpy(h, kx->H, sizeof(int32_t) * (size_t)(hm + 1));
+        for (int32_t sg = hi + 1; sg < tau; sg++) h[kx->shared[sg]]--;
+        double m = -INFINITY;
+        for (int32_t s = 0; s <= hm; s++)
+            if (h[s] > 0 && kx->beta * (double)s > m) m = kx->beta * (double)s;
+        double *wn = kx->wn + (size_t)v * stride, z = 0.0;
+        for (int32_t s = 0; s <= hm; s++) {
+            wn[s] = exp(kx->beta * (double)s - m);
+            if (h[s] > 0) z += (double)h[s] * wn[s];
+        }
+        for (int32_t s = 0; s <= hm; s++) wn[s] = wn[s] / z;
+    }
+}
+/* log(vote + eps) of key x for each vote it needs (out[v], prior where none). */
+static void kn_logvotes(KnnX *kx, int32_t x, int routed, double *out) {
+    double sum[KN_NV] = {0.0, 0.0, 0.0, 0.0, 0.0};
+    const int32_t tau = kx->kt, lo = kx->lo;
+    const size_t stride = (size_t)(kx->hmax + 2);
+    const int32_t *sh = kx->shared;
+    const kn_post *pl = &kx->post[x];
+    const int v0 = routed ? 0 : 3, v1 = routed ? 3 : 5;
+    if (tau >= 0) {
+        /* voters sigma = p - a in [lo, hi]: p <= tau always holds (postings end at this
+           token), p <= tau - 1 for a layer still to come (it is not in this token yet);
+           the first entries may lack p - a >= lo, the rest have it for every a */
+        int32_t i = kn_first(pl, lo + 1);
+        const int32_t *tk = pl->tok, n = pl->n;
+        if (routed) {
+            const double *w1 = kx->wn, *w2 = w1 + stride, *w3 = w2 + stride;
+            for (; i < n && tk[i] - 3 < lo; i++) {
+                const int32_t p = tk[i];
+                sum[0] += w1[sh[p - 1]];
+                if (p - 2 >= lo) sum[1] += w2[sh[p - 2]];
+            }
+            double s1 = sum[0], s2 = sum[1], s3 = sum[2];
+            for (; i < n; i++) {
+                const int32_t p = tk[i];
+                s1 += w1[sh[p - 1]];
+                s2 += w2[sh[p - 2]];
+                s3 += w3[sh[p - 3]];
+            }
+            sum[0] = s1, sum[1] = s2, sum[2] = s3;
+        } else {
+            const double *w1 = kx->wn + 3 * stride, *w2 = w1 + stride;
+            double s1 = 0.0, s2 = 0.0;
+            for (; i < n; i++) {
+                const int32_t p = tk[i];
+                if (p > tau - 1) break;
+                s1 += w1[sh[p - 1]];
+                if (p - 2 >= lo) s2 += w2[sh[p - 2]];
+            }
+            sum[3] = s1, sum[4] = s2;
+        }
+    }
+    for (int v = v0; v < v1; v++) out[v] = kx->has[v] && tau >= 0 ? log(sum[v] + KN_EPS) : kx->prior;
+}
+/* The parts of key x's score that need no vote, this step: z_j = a_j + c_j lv_{v_j} (v_j
+   < 0: z_j = a_j), in the Python expression's order; cached per step. */
+static inline void kn_parts(CotokenShared *sh, KnnX *kx, int32_t x) {
+    if (kx->parts_at[x] == sh->stamp) return;
+    if (kx->on && kx->votes_at != sh->stamp) {
+        kn_votes(kx);
+        kx->votes_at = sh->stamp;
+    }
+    ct_terms(sh, x);
+    const int32_t ll = sh->kl[x];
+    const int routed = !sh->later[ll];
+    double *pa = kx->pa + (size_t)x * KN_VISITS, *pc = kx->pc + (size_t)x * KN_VISITS;
+    int8_t *pv = kx->pv + (size_t)x * KN_VISITS;
+    double f8 = 0.0;
+    if (routed && sh->nb) {
+        ct_catch_up(sh, x);
+        if (sh->lp_at[x] != sh->tok) {
+            sh->lp[x] = sh->LA[sh->n[x]] - sh->LA[sh->T - sh->n[x]];
+            sh->lp_at[x] = sh->tok;
+        }
+        const double v = sh->lp[x] + sh->acc[x];
+        f8 = v > 0 ? log1p(v) : v < 0 ? -log1p(-v) : 0.0;
+    }
+    for (int j = 0; j < kx->visits; j++) {
+        const double *w = kx->w[j];
+        if (routed) {
+            pa[j] =
+                (((w[4] + w[5] * sh->t1[x]) + w[6] * sh->t2[x]) + w[7] * sh->t3[x]) + w[8] * f8;
+            pc[j] = w[9];
+            pv[j] = (int8_t)j;
+        } else {
+            pa[j] = ((w[0] + w[1] * sh->t1[x]) + w[2] * sh->t2[x]) + w[3] * sh->t3[x];
+            pc[j] = w[10];
+            pv[j] = (int8_t)(j ? 3 + j - 1 : -1);
+        }
+    }
+    kx->routed[x] = (uint8_t)routed;
+    kx->parts_at[x] = sh->stamp;
+}
+/* Whether vote v of this step is a sum over voters (else the prior, exactly). */
+static inline int kn_voted(const KnnX *kx, int v) { return kx->on && kx->kt >= 0 && kx->has[v]; }
+/* log(sum_j sigmoid(z_j) / (d + j L)) with the votes' logarithms lv (Python `scores`). */
+static inline double kn_density(const CotokenShared *sh, const KnnX *kx, int32_t x,
+                                const double *lv) {
+    const double *pa = kx->pa + (size_t)x * KN_VISITS, *pc = kx->pc + (size_t)x * KN_VISITS;
+    const int8_t *pv = kx->pv + (size_t)x * KN_VISITS;
+    const double d = kx->dl[sh->kl[x]], L = (double)sh->L;
+    double dens = 0.0;
+    for (int j = 0; j < kx->visits; j++) {
+        const double z = pv[j] < 0 ? pa[j] : pa[j] + pc[j] * lv[pv[j]];
+        dens += 1.0 / (1.0 + exp(-z)) / (d + (double)j * L);
+    }
+    return log(dens);
+}
+/* The log hit density of key x after this step's begin (Python `Knn.scores`). */
+static inline double kn_score(CotokenShared *sh, KnnX *kx, int32_t x) {
+    if (sh->score_at[x] == sh->stamp) return sh->score[x];
+    kn_parts(sh, kx, x);
+    double lv[KN_NV];
+    for (int v = 0; v < KN_NV; v++) lv[v] = kx->prior;
+    if (kx->on) kn_logvotes(kx, x, kx->routed[x], lv);
+    const double sc = kn_density(sh, kx, x, lv);
+    sh->score[x] = sc;
+    sh->score_at[x] = sh->stamp;
+    return sc;
+}
+/* A lower bound of kn_score(x) without its votes' sums (a vote is a share: 0 <= vote <= 1,
+   so each log(vote + eps) lies in [log eps, log(1 + eps)] and z_j is monotone in it; every
+   later operation is monotone too, and the bound is moved down by 1e-9, far more than
+   any rounding), or the score itself where no vote needs a sum (then cached). */
+static inline double kn_lower(CotokenShared *sh, KnnX *kx, int32_t x, int *exact) {
+    *exact = 1;
+    if (sh->score_at[x] == sh->stamp) return sh->score[x];
+    kn_parts(sh, kx, x);
+    const double *pc = kx->pc + (size_t)x * KN_VISITS;
+    const int8_t *pv = kx->pv + (size_t)x * KN_VISITS;
+    double lv[KN_NV];
+    for (int v = 0; v < KN_NV; v++) lv[v] = kx->prior;
+    int sums = 0;
+    for (int j = 0; j < kx->visits; j++) {
+        const int v = pv[j];
+        if (v < 0 || !kn_voted(kx, v)) continue;
+        sums = 1;
+        lv[v] = pc[j] >= 0 ? kx->lv_lo : kx->lv_hi;
+    }
+    const double b = kn_density(sh, kx, x, lv);
+    if (!sums) {
+        sh->score[x] = b;
+        sh->score_at[x] = sh->stamp;
+        return b;
+    }
+    *exact = 0;
+    return b - 1e-9;
+}
+static void knn_begin(void *sv, int64_t t, const int32_t *keys, const int64_t *nu, int k) {
+    Knn *s = sv;
+    CotokenShared *sh = s->sh;
+    KnnX *kx = s->kx;
+    if (kx->last_t == t) return; /* another cache of the pass saw step t first */
+    kx->last_t = t;
+    int32_t ll = keys[0] / sh->E;
+    if (ll >= sh->nl) ll = sh->nl - 1;
+    if (kx->on) kn_observe(kx, keys, k, sh->layer0 + ll, sh->n_keys);
+    cotoken_begin(sv, t, keys, nu, k);
+    if (sh->stamp == 1) { /* the first step, or cotoken's stamp wrapped: forget every part */
+        memset(kx->parts_at, 0, sizeof(uint32_t) * (size_t)sh->n_keys);
+        kx->votes_at = 0;
+    }
+    const int32_t layer = sh->layer0 + ll;
+    int32_t r = (sh->layer0 - layer - 1) % sh->L;
+    if (r < 0) r += sh->L;
+    for (int32_t l2 = 0; l2 < sh->nl; l2++) {
+        kx->dl[l2] = (double)(r + 1);
+        if (++r == sh->L) r = 0;
+    }
+}
+static double kn_score_of(void *ctx, int32_t x) {
+    Knn *s = ctx;
+    return kn_score(s->sh, s->kx, x);
+}
+static double kn_lower_of(void *ctx, int32_t x, int *exact) {
+    Knn *s = ctx;
+    return kn_lower(s->sh, s->kx, x, exact);
+}
+/* The lowest score among the unprotected residents (ct_lowest, with knn's score). */
+static int32_t knn_evict(void *sv, const mer_prot *p) {
+    return ct_lowest((Cotoken *)sv, p, sv, kn_score_of, kn_lower_of);
+}
+static void knn_free_shared(void *shv) {
+    CotokenShared *sh = shv;
+    if (!sh || !sh->ready) return;
+    KnnX *kx = sh->ext;
+    if (kx) {
+        for (int32_t x = 0; x < sh->n_keys; x++) free(kx->post[x].tok);
+        free(kx->shared);
+        kx->shared = NULL;
+    }
+    cotoken_free_shared(shv);
+}
+static int knn_failed(const void *shv) {
+    const CotokenShared *sh = shv;
+    const KnnX *kx = sh && sh->ready ? sh->ext : NULL;
+    return cotoken_failed(shv) || (kx && kx->oom);
+}
+
+static const mer_policy KNN_POLICY = {
+    "knn",
+    "w0 w1 w2 w3 w4 w5 w6 w7 w8 rate_mid prior alpha n_layers n_experts beta window visits "
+    "w1_0 w1_1 w1_2 w1_3 w1_4 w1_5 w1_6 w1_7 w1_8 w1_9 "
+    "w2_0 w2_1 w2_2 w2_3 w2_4 w2_5 w2_6 w2_7 w2_8 w2_9 w2_10 "
+    "w3_0 w3_1 w3_2 w3_3 w3_4 w3_5 w3_6 w3_7 w3_8 w3_9 w3_10",
+    1, 0, Knn_size, knn_shared_size, knn_init, knn_begin, NULL, NULL,
+    knn_evict, cotoken_remove, cotoken_insert, NULL, knn_free_shared, knn_failed,
+};
+
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC pop_options
 #endif
@@ -2674,7 +3112,7 @@ static const mer_policy COTOKEN_POLICY = {
 static const mer_policy *const REGISTRY[] = {
     &LRU_POLICY, &FIFO_POLICY, &LFU_POLICY, &CLOCK_POLICY, &SIEVE_POLICY,
     &S3FIFO_POLICY, &ARC_POLICY, &OPT_POLICY, &SEED_POLICY, &CYCLE_POLICY,
-    &COTOKEN_POLICY,
+    &COTOKEN_POLICY, &KNN_POLICY,
 };
 #define N_POLICIES ((int)(sizeof(REGISTRY) / sizeof(REGISTRY[0])))
 
@@ -2982,6 +3420,7 @@ FEED_VARIANTS(feed_opt, OPT_POLICY)
 FEED_VARIANTS(feed_seed, SEED_POLICY)
 FEED_VARIANTS(feed_cycle, CYCLE_POLICY)
 FEED_VARIANTS(feed_cotoken, COTOKEN_POLICY)
+FEED_VARIANTS(feed_knn, KNN_POLICY)
 
 /* A policy without a line here runs the generic instance (same decisions, slower). */
 static int feed_generic(Handle *h, const int32_t *keys, const int64_t *tidx,
@@ -2995,7 +3434,7 @@ static const struct {
     {&LRU_POLICY, feed_lru},       {&FIFO_POLICY, feed_fifo},   {&LFU_POLICY, feed_lfu},
     {&CLOCK_POLICY, feed_clock},   {&SIEVE_POLICY, feed_sieve}, {&S3FIFO_POLICY, feed_s3fifo},
     {&ARC_POLICY, feed_arc},       {&OPT_POLICY, feed_opt},     {&SEED_POLICY, feed_seed},
-    {&CYCLE_POLICY, feed_cycle},   {&COTOKEN_POLICY, feed_cotoken},
+    {&CYCLE_POLICY, feed_cycle},   {&COTOKEN_POLICY, feed_cotoken}, {&KNN_POLICY, feed_knn},
 };
 static feed_fn feed_of(const mer_policy *pol) {
     for (size_t i = 0; i < sizeof(FEEDS) / sizeof(FEEDS[0]); i++)

@@ -79,8 +79,20 @@ def compiled_names() -> list[str]:
 
 
 def policy_params(pol: CompiledPolicy, policy: Any) -> list[float]:
-    """The row of parameters the C loop reads, from a Python policy object."""
-    return [float(getattr(policy, name)) for name in pol.params]
+    """The row of parameters the C loop reads, from a Python policy object: its
+    attributes, else its `model_params()` (knn keeps its weights in a dict)."""
+    model: dict[str, Any] | None = None
+    row = []
+    for name in pol.params:
+        if hasattr(policy, name):
+            row.append(float(getattr(policy, name)))
+            continue
+        if model is None:
+            model = policy.model_params() if hasattr(policy, "model_params") else {}
+        if name not in model:
+            raise AttributeError(f"policy {pol.name!r} has no parameter {name!r} for its C loop")
+        row.append(float(model[name]))
+    return row
 
 
 @dataclass
