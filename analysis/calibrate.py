@@ -213,12 +213,95 @@ def fit_bandwidth(
     return math.exp((lo + hi) / 2), target
 
 
+#: the wake costs the counting simulation carries: small enough to move no step, large
+#: enough that the totals count the FFNs and dense blocks that woke exactly
+_COUNT_WAKE_S = 1e-9
+
+
+def wake_counts(
+    run: RunSummary,
+    profile: HardwareProfile,
+    trace: Any,
+    at: tuple[float, float] = (_COUNT_WAKE_S, _COUNT_WAKE_S),
+) -> tuple[int, int]:
+    """(FFNs that start right after the driver blocked for their weights, dense blocks of
+    a step after one that blocked) when `run` is simulated on `profile` with the wake costs
+    `at` (> 0; a longer FFN can land the next read before it ends, so fewer block): the
+    counts its measured FFN and dense times are split over (`fit_wake`)."""
+    from mer.sim.model import TICKS_PER_S, options_like, simulate, ticks, timing_of
+
+    p = copy.deepcopy(profile)
+    p.compute.wake_ffn_s, p.compute.wake_dense_s = at
+    opts = options_like(run)
+    s = simulate(trace, _replay_config(run), p, opts).summary
+    tm, _ = timing_of(p, get_shape(run.shape), opts)
+    sec = 1.0 / TICKS_PER_S
+    drv = (s.extra or {}).get("driver_time") or {}
+    steps = run.tokens * run.layers
+    n_ffn = steps * run.top_k
+    busy = int(drv.get("ffn_busy_n", 0))
+    base_ffn = (n_ffn * tm.ffn + busy * tm.ffn_busy) * sec
+    n_wake_ffn = round((s.compute_s - base_ffn) / (ticks(at[0]) * sec))
+    n_wake_dense = round((s.dense_s - steps * tm.dense * sec) / (ticks(at[1]) * sec))
+    return max(0, n_wake_ffn), max(0, n_wake_dense) if tm.dense else 0
+
+
+def fit_wake(
+    run: RunSummary, profile: HardwareProfile, trace: Any
+) -> tuple[float, float, int, int] | None:
+    """(wake_ffn_s, wake_dense_s, FFNs woken, dense blocks woken): what `run`'s FFNs and
+    dense blocks took beyond `profile`'s (the probe's, taken with nothing blocking), spread
+    over those that followed a block of the driver in the simulation of `run` (counted
+    again with the fitted costs until the counts repeat: a longer FFN can leave the next
+    read time to land). None when the run has no driver figures or never blocked."""
+    drv = (run.extra or {}).get("driver_time") or {}
+    if not drv.get("ffn_direct_n") and not drv.get("ffn_busy_n"):
+        return None
+    from mer.sim.model import TICKS_PER_S, options_like, timing_of
+
+    tm, _ = timing_of(profile, get_shape(run.shape), options_like(run))
+    sec = 1.0 / TICKS_PER_S
+    steps = run.tokens * run.layers
+    busy = int(drv.get("ffn_busy_n", 0))
+    excess_ffn = run.compute_s - (steps * run.top_k * tm.ffn + busy * tm.ffn_busy) * sec
+    excess_dense = run.dense_s - steps * tm.dense * sec if tm.dense and run.dense_s > 0 else 0.0
+    at = (_COUNT_WAKE_S, _COUNT_WAKE_S)
+    seen: set[tuple[int, int]] = set()
+    while True:
+        counts = wake_counts(run, profile, trace, at)
+        n_ffn, n_dense = counts
+        if n_ffn == 0 and n_dense == 0:
+            return None
+        ffn = max(0.0, excess_ffn / n_ffn) if n_ffn else 0.0
+        dense = max(0.0, excess_dense / n_dense) if n_dense else 0.0
+        if counts in seen or len(seen) >= 3:
+            return ffn, dense, n_ffn, n_dense
+        seen.add(counts)
+        at = (max(ffn, _COUNT_WAKE_S), max(dense, _COUNT_WAKE_S))
+
+
+def _set_wake(
+    run: RunSummary, profile: HardwareProfile, trace: Any
+) -> tuple[float, float, int, int] | None:
+    """fit_wake, written into `profile` (left as it is when nothing blocked)."""
+    woke = fit_wake(run, profile, trace)
+    if woke is not None:
+        profile.compute.wake_ffn_s, profile.compute.wake_dense_s = woke[0], woke[1]
+    return woke
+
+
 def calibrate(
-    run: RunSummary, profile: HardwareProfile, *, trace: Any = None, trace_name: str = "the trace"
+    run: RunSummary,
+    profile: HardwareProfile,
+    *,
+    trace: Any = None,
+    trace_name: str = "the trace",
+    wake: bool = True,
 ) -> Calibration:
     """The profile refitted to `run` (see the module docstring); `trace` (the run's
     trace, already read) enables the simulated SSD fit, so another trace is refused: it
-    would fit the SSD to reads the run never made."""
+    would fit the SSD to reads the run never made. `wake` False keeps the profile's wake
+    costs (the model before they were fitted, for comparison)."""
     if run.kind != "measured":
         raise BadInput(f"calibrate needs a measured run (mer run --summary), got a {run.kind} one.")
     if trace is not None and run.trace_digest:
@@ -296,11 +379,23 @@ def calibrate(
             if reap is not None:
                 record("compute.read_complete_s", profile.compute.read_complete_s, reap)
                 new.compute.read_complete_s = reap
+    fit_wakes = wake and trace is not None and not fit_compute and run.mode != "seed"
+    woke: tuple[float, float, int, int] | None = None
+    if fit_wakes:
+        # The compute figures are the probe's, taken with nothing blocking; what this
+        # run's FFNs and dense blocks took beyond them came after the driver slept on a
+        # read: the cost of waking, per FFN and dense block that followed a block.
+        woke = _set_wake(run, new, trace)
     read_p50 = run.latency.get("read", {}).get("p50", 0.0)
     if run.misses > 0 and read_p50 > 0:
         fitted: float | None = None
         if trace is not None:
             got = fit_bandwidth(run, new, trace)
+            if got is not None and fit_wakes:
+                # the wake costs move the reads' overlap with compute: fit both again
+                new.ssd.bandwidth_bytes_per_s = got[0]
+                woke = _set_wake(run, new, trace)
+                got = fit_bandwidth(run, new, trace)
             if got is None:
                 notes.append(
                     "no bandwidth reproduces this run's I/O wait on the model; kept the probe's"
@@ -314,6 +409,16 @@ def calibrate(
         if fitted is not None:
             record("ssd.bandwidth_bytes_per_s", profile.ssd.bandwidth_bytes_per_s, fitted)
             new.ssd.bandwidth_bytes_per_s = fitted
+        else:
+            new.ssd.bandwidth_bytes_per_s = profile.ssd.bandwidth_bytes_per_s
+    if woke is not None:
+        w_ffn, w_dense, n_ffn, n_dense = woke
+        record("compute.wake_ffn_s", profile.compute.wake_ffn_s, w_ffn)
+        record("compute.wake_dense_s", profile.compute.wake_dense_s, w_dense)
+        notes.append(
+            f"wake costs fitted over the {n_ffn} FFNs and {n_dense} dense blocks that "
+            "followed a block of the driver on a read"
+        )
     new.extra = {
         **profile.extra,
         "calibration": {"run": run.trace, "moved": moved, "notes": notes, "kept": kept},

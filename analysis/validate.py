@@ -41,9 +41,17 @@ import pandas as pd
 
 from mer.analysis.calibrate import calibrate
 from mer.analysis.validation_grid import Grid, GridConfig
+from mer.analysis.validation_pulse import (
+    COMPUTE_STAGE,
+    compute_per_read,
+    compute_pulse_stats,
+    pulse_token_compute,
+    run_compute,
+)
 from mer.analysis.validation_table import PULSE_STAGE, build_table, median_se, summarize
 from mer.atomic import write_json_atomic, write_text_atomic
 from mer.errors import BadInput
+from mer.shapes import get_shape
 from mer.sim.hardware import HardwareProfile
 from mer.sim.model import SimOptions, simulate
 from mer.summary import RunSummary
@@ -61,6 +69,8 @@ class Machine(Protocol):
     def pulse(self) -> dict[str, float]: ...
 
     def disk_pulse(self) -> float: ...
+
+    def compute_pulse(self) -> dict[str, float]: ...
 
     def sim_options(self, cfg: GridConfig) -> SimOptions: ...
 
@@ -116,7 +126,25 @@ class EngineMachine:
                 trace_digest=self.digest,
                 store_path=str(self.experts),
             )
-            return ex.run().summary
+            got = ex.run()
+        s = got.summary
+        # the run's own compute per token (FFNs + dense blocks), to see the CPU's speed
+        # change within a run (`validation_pulse.run_compute`)
+        tk = got.tokens
+        s.extra["token_compute_s"] = [
+            float(v) for v in (tk["compute_s"] + tk["dense_s"]).to_numpy(dtype=float)
+        ]
+        s.extra["token_misses"] = [int(v) for v in tk["misses"].to_numpy()]
+        return s
+
+    def compute_pulse(self) -> dict[str, float]:
+        """The engine's FFN, dense-block and per-step figures now (`probe.compute_pulse`:
+        the executor on this expert file, every step resident), each pulse routing other
+        random experts."""
+        from mer.engine.probe import compute_pulse
+
+        self.pulses += 1
+        return compute_pulse(self.store, self.engine, seed=self.pulses)
 
     def pulse(self) -> dict[str, float]:
         from mer.engine.probe import pulse
@@ -208,6 +236,16 @@ class ModelMachine:
     def disk_pulse(self) -> float:
         return self.profile_now().ssd.bandwidth_bytes_per_s
 
+    def compute_pulse(self) -> dict[str, float]:
+        """The compute figures the next run will get, exactly (what a perfect pulse sees)."""
+        c = self.profile_now().compute
+        sh = get_shape(self.shape)
+        return {
+            "ffn_s": c.ffn_time(sh.bytes_per_expert),
+            "dense_s": c.dense_time(sh.dense_bytes_per_layer),
+            "step_s": c.step_overhead_s,
+        }
+
     def sim_options(self, cfg: GridConfig) -> SimOptions:
         return SimOptions(
             shape=self.shape,
@@ -221,6 +259,8 @@ class ModelMachine:
 #: configuration sets its own tokens): a 32-token run of it moved the fitted SSD bandwidth
 #: by up to 2.8x from one round to the next on a shared VM disk (bench_calibration.py).
 CALIBRATION_LENGTH = 4
+#: The figures of a compute pulse (`probe.compute_pulse`), per expert FFN, dense block, step.
+PULSE_KEYS = ("ffn_s", "dense_s", "step_s")
 #: Experts a disk pulse reads (about 50 MB of mixtral-small, a twentieth of a second).
 PULSE_EXPERTS = 32
 
@@ -236,6 +276,10 @@ class ValidateOptions:
     #: pulse the disk before every held-out run and predict it also with the calibrated
     #: SSD scaled by that pulse over the calibration run's (the "pulse-scaled" stage)
     pulse_scale: bool = False
+    #: a compute pulse (the engine's FFN, dense block and step, `probe.compute_pulse`) right
+    #: before and after every held-out run, and each run predicted also with the compute
+    #: figures of the pulse before it (the "compute-pulse" stage, then the headline)
+    compute_pulse: bool = True
     #: more rounds, up to this many, while the median (over configurations) of the measured
     #: medians' standard error of tokens/s is above target_se (None: exactly `repeats`)
     max_repeats: int | None = None
@@ -279,6 +323,20 @@ class ValidationResult:
     runs: pd.DataFrame
     profiles: list[HardwareProfile] = field(default_factory=list)
     paths: dict[str, str] = field(default_factory=dict)
+
+
+def with_compute(profile: HardwareProfile, pulse: dict[str, float], shape: str) -> HardwareProfile:
+    """A copy of `profile` whose FFN, dense-block and per-step figures are a compute pulse's
+    (`probe.compute_pulse`, the same measurement as the probe's engine step): the CPU's
+    speed right before the run it predicts, not a fit to that run. The device and the
+    per-read costs stay the calibrated ones."""
+    p = copy.deepcopy(profile)
+    sh = get_shape(shape)
+    p.compute.ffn_bytes_per_s = sh.bytes_per_expert / pulse["ffn_s"]
+    p.compute.dense_s_per_layer = None
+    p.compute.dense_bytes_per_s = sh.dense_bytes_per_layer / pulse["dense_s"]
+    p.compute.step_overhead_s = pulse["step_s"]
+    return p
 
 
 def scale_ssd(profile: HardwareProfile, ratio: float) -> HardwareProfile:
@@ -398,6 +456,7 @@ def run_validation(
         "max_repeats": o.most_repeats,
         "target_se": o.target_se,
         "pulse_scale": o.pulse_scale,
+        "compute_pulse": o.compute_pulse,
         "profile": profile.to_dict(),
         "machine": machine.description,
         "trace": getattr(trace, "name", ""),
@@ -442,6 +501,14 @@ def run_validation(
             st.save_state()
         return float(dp[key])
 
+    def compute_pulse(key: str, fresh: bool) -> dict[str, float]:
+        """The compute pulse stored under `key`, taken now unless kept (and not `fresh`)."""
+        cp = st.state.setdefault("compute_pulses", {})
+        if fresh or key not in cp:
+            cp[key] = machine.compute_pulse()
+            st.save_state()
+        return {k: float(v) for k, v in cp[key].items()}
+
     def recalibrate(tag: str) -> tuple[HardwareProfile, dict[str, float]]:
         name = f"calibration-{tag}"
         if o.pulse_scale:
@@ -475,6 +542,9 @@ def run_validation(
     pred_before: dict[str, list[RunSummary]] = {c.name: [] for c in configs}
     pred_after: dict[str, list[RunSummary]] = {c.name: [] for c in configs}
     pred_pulse: dict[str, list[RunSummary]] = {c.name: [] for c in configs}
+    pred_compute: dict[str, list[RunSummary]] = {c.name: [] for c in configs}
+    sh = machine.sim_options(configs[0]).shape if configs else None
+    shape = sh if isinstance(sh, str) else getattr(sh, "name", "")
     run_rows: list[dict[str, Any]] = []
     rnd = -1
     while True:
@@ -524,7 +594,17 @@ def run_validation(
                 # a pulse right before the run (kept with it when the run is kept)
                 rate = disk_pulse(f"{name}:before", st.load_run(name) is None)
                 ratio = rate / disk_ref[version]
+            cp_before: dict[str, float] = {}
+            cp_after: dict[str, float] = {}
+            if o.compute_pulse:
+                # right before the run (and right after it): kept with it when it is kept
+                cp_before = compute_pulse(f"{name}:before", st.load_run(name) is None)
             s = real(name, cfg, o.tokens)
+            pc = None
+            if o.compute_pulse:
+                cp_after = compute_pulse(f"{name}:after", False)
+                pc = sim(cfg, with_compute(current, cp_before, shape))
+                pred_compute[cfg.name].append(pc)
             measured[cfg.name].append(s)
             pred_before[cfg.name].append(before[cfg.name])
             pa = after_by_version[version][cfg.name]
@@ -560,13 +640,30 @@ def run_validation(
                     # share of its slot buffers on huge pages (mer.engine.aligned)
                     "driver_priority": str(s.extra.get("driver_priority", "")),
                     "huge_page_share": huge_share(s.extra),
+                    "compute_pulse_tokens_per_s": (
+                        pc.tokens_per_s if pc is not None else float("nan")
+                    ),
+                    # the compute pulses before and after the run, and the run's own
+                    # figures (whole run; first and second half of its tokens)
+                    **{f"pulse_before_{k}": cp_before.get(k, math.nan) for k in PULSE_KEYS},
+                    **{f"pulse_after_{k}": cp_after.get(k, math.nan) for k in PULSE_KEYS},
+                    "pulse_before_token_compute_s": pulse_token_compute(
+                        cp_before, int(s.layers or 1), int(s.top_k or 1)
+                    ),
+                    "pulse_after_token_compute_s": pulse_token_compute(
+                        cp_after, int(s.layers or 1), int(s.top_k or 1)
+                    ),
+                    "compute_per_read_s": compute_per_read(s, cp_before),
+                    **run_compute(s),
                 }
             )
     stages = {"uncalibrated": pred_before, "calibrated": pred_after}
     if o.pulse_scale:
         stages[PULSE_STAGE] = pred_pulse
+    if o.compute_pulse:
+        stages[COMPUTE_STAGE] = pred_compute
     table = build_table(configs, measured, stages)
-    summary = summarize(table, configs)
+    summary = summarize(table, configs, headline=COMPUTE_STAGE if o.compute_pulse else "calibrated")
     summary.update(
         {
             "machine": machine.description,
@@ -579,6 +676,7 @@ def run_validation(
             "target_se": o.target_se,
             "drift_threshold": o.drift,
             "pulse_scale": o.pulse_scale,
+            "compute_pulse": o.compute_pulse,
             "disk_pulse_reference": [disk_ref[v] for v in sorted(disk_ref)],
             "drift_events": st.state["events"],
             "recalibrations": len(profiles) - 1,
@@ -594,6 +692,8 @@ def run_validation(
     )
     runs = pd.DataFrame(run_rows)
     summary["cpu_wait"] = cpu_wait_summary(runs)
+    if o.compute_pulse:
+        summary["compute_pulse_stats"] = compute_pulse_stats(runs)
     res = ValidationResult(table, summary, runs, profiles)
     res.paths = write_outputs(res, out)
     return res

@@ -11,6 +11,7 @@ import pandas as pd
 from mer.analysis.plots import plot_validation
 from mer.analysis.report import signed
 from mer.analysis.sections import FigureRef, Section
+from mer.analysis.validation_pulse import COMPUTE_STAGE
 from mer.analysis.validation_table import METRICS, PULSE_STAGE, TARGETS
 
 FIGURE = "validation-tokens-per-s"
@@ -60,6 +61,16 @@ def validation_section(table: pd.DataFrame, summary: dict[str, Any], fig_dir: Pa
             else ""
         )
         + (
+            " Right before and right after every held-out run a compute pulse timed the "
+            "engine's own FFN, dense block and per-step work (a third of a second, every step "
+            "resident, the probe's engine-step measurement); the *compute-pulse* prediction is "
+            "the calibrated profile with those three figures from the pulse before the run. "
+            "Its targets are the headline; the fixed calibration (the probe's compute figures) "
+            "is shown beside it."
+            if summary.get("compute_pulse")
+            else ""
+        )
+        + (
             f" Rounds were added (from {summary.get('min_repeats')}, up to "
             f"{summary.get('max_repeats')}) while the median standard error of the measured "
             f"medians of tokens/s was above {summary.get('target_se', 0) * 100:.1f}%."
@@ -75,8 +86,12 @@ def validation_section(table: pd.DataFrame, summary: dict[str, Any], fig_dir: Pa
     tps = table[table["metric"] == "tokens/s"]
     c = tps[tps["stage"] == "calibrated"].set_index("config")
     u = tps[tps["stage"] == "uncalibrated"].set_index("config")
-    ps = tps[tps["stage"] == PULSE_STAGE].set_index("config")
-    pulsed = not ps.empty
+    # the stages predicted per run from a pulse right before it, beside the fixed calibration
+    extras = [
+        (st, tps[tps["stage"] == st].set_index("config"))
+        for st in (COMPUTE_STAGE, PULSE_STAGE)
+        if (tps["stage"] == st).any()
+    ]
     io = table[(table["metric"] == "I/O wait share") & (table["stage"] == "calibrated")]
     io = io.set_index("config")
     rows = []
@@ -99,14 +114,18 @@ def validation_section(table: pd.DataFrame, summary: dict[str, Any], fig_dir: Pa
                 "yes" if bool(r["within_spread"]) else "no",
                 signed(float(u.loc[n, "rel_error"]) * 100) if n in u.index else "-",
             ]
-            + (
-                [
-                    signed(float(ps.loc[n, "rel_error"]) * 100),
-                    "yes" if bool(ps.loc[n, "within_spread"]) else "no",
-                ]
-                if pulsed and n in ps.index
-                else (["-", "-"] if pulsed else [])
-            )
+            + [
+                cell
+                for _, ps in extras
+                for cell in (
+                    [
+                        signed(float(ps.loc[n, "rel_error"]) * 100),
+                        "yes" if bool(ps.loc[n, "within_spread"]) else "no",
+                    ]
+                    if n in ps.index
+                    else ["-", "-"]
+                )
+            ]
         )
     if rows:
         sec.table(
@@ -119,11 +138,11 @@ def validation_section(table: pd.DataFrame, summary: dict[str, Any], fig_dir: Pa
                 "spread (%)",
                 "SE of median (%)",
                 "predicted tokens/s",
-                "error (%)",
+                "error, fixed calibration (%)" if extras else "error (%)",
                 "inside spread",
                 "error before calibration (%)",
             ]
-            + (["pulse-scaled error (%)", "pulse-scaled inside spread"] if pulsed else []),
+            + [h for st, _ in extras for h in (f"{st} error (%)", f"{st} inside spread")],
             rows,
         )
     stages = summary.get("stages", {})
@@ -133,7 +152,7 @@ def validation_section(table: pd.DataFrame, summary: dict[str, Any], fig_dir: Pa
     for metric in sorted(present, key=lambda m: known.index(m) if m in known else len(known)):
         a = stages["calibrated"][metric]
         b = stages.get("uncalibrated", {}).get(metric, {})
-        q = stages.get(PULSE_STAGE, {}).get(metric, {})
+        qs = [stages.get(st, {}).get(metric, {}) for st, _ in extras]
         metric_rows.append(
             [
                 metric,
@@ -145,7 +164,7 @@ def validation_section(table: pd.DataFrame, summary: dict[str, Any], fig_dir: Pa
                 _pct(a.get("median_spread")),
                 _pct(a.get("median_se")),
             ]
-            + ([_pct(q.get("median")), _pct(q.get("worst"))] if pulsed else [])
+            + [c for q in qs for c in (_pct(q.get("median")), _pct(q.get("worst")))]
         )
     if metric_rows:
         sec.table(
@@ -159,37 +178,90 @@ def validation_section(table: pd.DataFrame, summary: dict[str, Any], fig_dir: Pa
                 "median measured spread (%)",
                 "median SE of the median (%)",
             ]
-            + (
-                ["pulse-scaled median abs. error (%)", "pulse-scaled worst abs. error (%)"]
-                if pulsed
-                else []
-            ),
+            + [
+                h
+                for st, _ in extras
+                for h in (f"{st} median abs. error (%)", f"{st} worst abs. error (%)")
+            ],
             metric_rows,
             lead="Every metric, over the held-out configurations:",
         )
     trows = []
-    targets = summary.get("targets", {})
-    tp = summary.get("targets_by_stage", {}).get(PULSE_STAGE, {}) if pulsed else {}
+    by_stage = summary.get("targets_by_stage", {})
+    targets = by_stage.get("calibrated") or summary.get("targets", {})
+    tps_x = [(st, by_stage.get(st, {})) for st, _ in extras]
     order = [*TARGETS, "counts equal with prefetch off", "ranking by tokens/s"]
     for name in sorted(targets, key=lambda n: order.index(n) if n in order else len(order)):
         t = targets[name]
         limit = f"{t['target'] * 100:g}%" if t.get("target") is not None else ""
         trows.append(
             [name, *_target_cells(name, t), limit]
-            + (_target_cells(name, tp[name]) if name in tp else ["", ""] if tp else [])
+            + [
+                c
+                for _, tp in tps_x
+                for c in (_target_cells(name, tp[name]) if name in tp else ["", ""])
+            ]
         )
     if trows:
         head = ["target", "value", "verdict", "limit"]
-        if tp:
-            head = [
-                "target",
-                "fixed calibration",
-                "verdict",
-                "limit",
-                "pulse-scaled",
-                "verdict (pulse-scaled)",
+        if tps_x:
+            head = ["target", "fixed calibration", "verdict", "limit"] + [
+                h for st, _ in tps_x for h in (st, f"verdict ({st})")
             ]
-        sec.table(head, trows, lead="Targets:")
+        headline = summary.get("calibrated_stage", "calibrated")
+        sec.table(head, trows, lead=f"Targets (the headline is the {headline} stage):")
+    cps = summary.get("compute_pulse_stats", {})
+    if cps.get("figures"):
+        prow: list[list[object]] = []
+        for k, label in (
+            ("ffn_s", "FFN"),
+            ("dense_s", "dense block"),
+            ("step_s", "step"),
+            ("token_compute_s", "compute per token, resident tokens"),
+        ):
+            f = cps["figures"].get(k, {})
+            cells: list[object] = [label]
+            prow.append(
+                cells
+                + [
+                    "-" if f.get(x) is None else f"{f[x]:.2f}"
+                    for x in ("r_before_run", "r_after_run", "r_before_after")
+                ]
+                + [
+                    _pct(f.get("median_abs_run_vs_before")),
+                    _pct(f.get("median_abs_after_vs_before")),
+                ]
+            )
+        sec.table(
+            [
+                "figure",
+                "r(log pulse before, log run)",
+                "r(log pulse after, log run)",
+                "r(before, after)",
+                "run vs pulse before, median abs. (%)",
+                "pulse after vs before, median abs. (%)",
+            ],
+            prow,
+            lead="The compute pulses against the runs' own figures (FFN per expert, dense "
+            "block and driver work per step, from each run's summary):",
+        )
+        cr = cps.get("compute_per_read_s", {})
+        if cr.get("median") is not None:
+            sec.text(
+                "The runs' FFNs and dense blocks took longer than the pulse before them by "
+                f"{cr['median'] * 1e6:.1f} us per read the run made (median over runs; "
+                f"{cr['min'] * 1e6:.1f} to {cr['max'] * 1e6:.1f} us): compute in a step that "
+                "reads is slower than compute with every expert resident, which the pulse "
+                "(and the probe) time."
+            )
+        wr = cps.get("within_run_compute_change", {})
+        if wr.get("median_abs") is not None:
+            sec.text(
+                "Within a run, its compute per token (FFNs and dense blocks; resident tokens "
+                "where a run has enough) moved from the first half of its tokens to the second "
+                f"by {_pct(wr['median_abs'])}% (median abs.; {signed(wr['min'] * 100)}% to "
+                f"{signed(wr['max'] * 100)}%): no pulse taken outside a run sees that."
+            )
     cw = summary.get("cpu_wait", {})
     if cw.get("median") is not None and cw.get("max"):
         sec.text(
@@ -211,7 +283,7 @@ def validation_section(table: pd.DataFrame, summary: dict[str, Any], fig_dir: Pa
             f"differ among themselves by up to {_pct(cts['prefetch_on_repeat_spread'])}% "
             "of the prefetches issued."
         )
-    rk = summary.get("ranking", {}).get("calibrated", {})
+    rk = summary.get("ranking", {}).get(summary.get("calibrated_stage", "calibrated"), {})
     swaps = rk.get("swapped_pairs", [])
     if swaps:
         sec.text(

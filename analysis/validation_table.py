@@ -217,9 +217,12 @@ def _stat(values: pd.Series) -> dict[str, Any]:
     return {"n": int(v.size), "median": float(np.median(v)), "worst": float(v.max())}
 
 
-def summarize(table: pd.DataFrame, configs: Sequence[GridConfig]) -> dict[str, Any]:
+def summarize(
+    table: pd.DataFrame, configs: Sequence[GridConfig], headline: str = "calibrated"
+) -> dict[str, Any]:
     """Per stage and metric: median and worst abs. error, predictions inside the spread,
-    median spread; the targets for the calibrated stage; the counts check; the ranking."""
+    median spread; the targets for the `headline` stage (the calibrated one unless
+    another is named and present); the counts check; the ranking."""
     out: dict[str, Any] = {"stages": {}, "targets": {}, "counts": {}, "ranking": {}}
     if table.empty:
         return out
@@ -248,7 +251,9 @@ def summarize(table: pd.DataFrame, configs: Sequence[GridConfig]) -> dict[str, A
                 for r in _records(tps)
             },
         )
-    cal = "calibrated" if "calibrated" in out["stages"] else next(iter(out["stages"]))
+    cal = next(
+        (n for n in (headline, "calibrated") if n in out["stages"]), next(iter(out["stages"]))
+    )
     st = table[table["stage"] == cal]
     counts: dict[str, Any] = {
         "prefetch_off_equal": True,

@@ -29,7 +29,12 @@ SSD_FIELDS = (
     "access_latency_s",
     "reader_bandwidth",
 )
-MODELS = ("channels", "shared")
+#: (column, the SSD model the probe is refitted as, whether calibration fits the wake costs)
+MODELS = (
+    ("channels", "channels", False),
+    ("shared", "shared", False),
+    ("shared + wake", "shared", True),
+)
 
 
 def profiles(directory: Path) -> dict[str, Any]:
@@ -40,7 +45,7 @@ def profiles(directory: Path) -> dict[str, Any]:
     base = json.loads((directory / "profile-probed.json").read_text())
     probe = ProbeResult.from_dict(base["extra"]["probe"])
     out = {}
-    for model in MODELS:
+    for model in {m for _, m, _ in MODELS}:
         d = copy.deepcopy(base)
         fit = probe.fit_ssd(model)
         d["ssd"] = {k: fit[k] for k in SSD_FIELDS if k in fit}
@@ -65,9 +70,12 @@ def errors(trace: Any, directory: Path) -> dict[str, dict[str, float]]:
         if n not in cals:
             reps.setdefault(n.rsplit("-r", 1)[0], []).append(n)
     out: dict[str, dict[str, float]] = {}
-    for model, prof in profiles(directory).items():
-        cal = {tag: calibrate(r, prof, trace=trace).profile for tag, r in cals.items()}
-        out[model] = {}
+    profs = profiles(directory)
+    for label, model, wake in MODELS:
+        prof = profs[model]
+        cal = {tag: calibrate(r, prof, trace=trace, wake=wake).profile for tag, r in cals.items()}
+        out[label] = {}
+        model = label
         for cfg, names in sorted(reps.items()):
             pred = []
             for n in names:
@@ -94,13 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     for d in a.dirs:
         err = errors(trace, d)
         print(f"\n{d.name}\n")
-        print("| configuration | channels error (%) | shared error (%) |")
-        print("|---|---:|---:|")
-        for cfg in err["channels"]:
-            print(
-                f"| {cfg} | {err['channels'][cfg] * 100:+.1f} | {err['shared'][cfg] * 100:+.1f} |"
-            )
-        for m in MODELS:
+        labels = [label for label, _, _ in MODELS]
+        print("| configuration | " + " | ".join(f"{m} error (%)" for m in labels) + " |")
+        print("|---|" + "---:|" * len(labels))
+        for cfg in err[labels[0]]:
+            print(f"| {cfg} | " + " | ".join(f"{err[m][cfg] * 100:+.1f}" for m in labels) + " |")
+        for m in labels:
             e = [abs(v) for v in err[m].values()]
             print(
                 f"\n{m}: median |error| {statistics.median(e) * 100:.1f}%, worst {max(e) * 100:.1f}%"

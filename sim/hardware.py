@@ -44,6 +44,8 @@ LIMITS: dict[str, tuple[float, float]] = {
     "compute.read_submit_s": (0.0, 10.0),
     "compute.read_complete_s": (0.0, 10.0),
     "compute.ffn_busy_overhead_s": (0.0, 10.0),
+    "compute.wake_ffn_s": (0.0, 10.0),
+    "compute.wake_dense_s": (0.0, 10.0),
     "memory.ram_bytes": (1 << 20, 1 << 50),
     "memory.read_bandwidth_bytes_per_s": RATE,
 }
@@ -277,6 +279,12 @@ class ComputeProfile:
     read_submit_s: float = 0.0  # per read: planning and submitting its chunks
     read_complete_s: float = 0.0  # per read: reaping its completions outside a wait
     ffn_busy_overhead_s: float = 0.0  # per FFN that runs while reads are in flight
+    # What the driver pays for having slept: a thread blocked on a read gives its core (and
+    # the caches) to whatever else runs, and its compute is slower when it wakes. Seconds
+    # more for an FFN that starts right after the driver blocked waiting for its read, and
+    # for the dense block of a step after one in which it blocked (0: not modelled).
+    wake_ffn_s: float = 0.0
+    wake_dense_s: float = 0.0
 
     def ffn_time(self, bytes_per_expert: int) -> float:
         return bytes_per_expert / self.ffn_bytes_per_s
@@ -344,6 +352,8 @@ class HardwareProfile:
                 read_submit_s=d["compute"].get("read_submit_s", 0.0),
                 read_complete_s=d["compute"].get("read_complete_s", 0.0),
                 ffn_busy_overhead_s=d["compute"].get("ffn_busy_overhead_s", 0.0),
+                wake_ffn_s=d["compute"].get("wake_ffn_s", 0.0),
+                wake_dense_s=d["compute"].get("wake_dense_s", 0.0),
             )
             memory = MemoryProfile(
                 ram_bytes=need("memory", "ram_bytes"),
@@ -404,6 +414,8 @@ class HardwareProfile:
             "read_submit_s",
             "read_complete_s",
             "ffn_busy_overhead_s",
+            "wake_ffn_s",
+            "wake_dense_s",
         ):
             setattr(self.compute, name, _field(w, f"compute.{name}", getattr(self.compute, name)))
         self.memory.ram_bytes = _field(w, "memory.ram_bytes", self.memory.ram_bytes)

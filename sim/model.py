@@ -534,7 +534,10 @@ class _Timing:
       weights are resident at tc, in rank order, then the others in rank order,
       each after its read lands. An FFN that starts while any read is
       outstanding costs `ffn_busy` more (the engine hands it to a thread and
-      reaps completions every `poll` meanwhile).
+      reaps completions every `poll` meanwhile). An FFN that starts right after
+      the driver blocked waiting for its weights costs `ffn_wake` more, and the
+      dense block of the step after one in which it blocked `dense_wake` more
+      (a thread that sleeps on a read computes slower when it wakes).
     The device: each read is `chunks` chunks of `chunk` ticks on `channels`
     channels; the reader keeps `window` chunks in the device (FIFO there) and
     queues the rest, foreground first.
@@ -554,6 +557,8 @@ class _Timing:
     complete: int = 0  # driver time per read to reap its completion, after the submissions
     ffn_busy: int = 0  # extra per FFN started while reads are outstanding
     poll: int = 0  # completions reaped every `poll` during such an FFN (0: at its end)
+    ffn_wake: int = 0  # extra per FFN started right after the driver blocked for its weights
+    dense_wake: int = 0  # extra for the dense block of a step after one that blocked
     #: the shared device (SharedSSD): ticks for k = 1..W chunks submitted together to land
     #: (empty: the channel model, AnalyticSSD)
     share: tuple[int, ...] = ()
@@ -595,6 +600,7 @@ class _Recorder:
         self.comp: list[int] = []  # FFN time of the step
         self.n_busy: list[int] = []  # FFNs of the step started while reads were outstanding
         self.over: list[int] = []  # driver overhead of the step (step + submissions)
+        self.dense: list[int] = []  # dense time of the step
         self.hits: list[int] = []
         self.late: list[int] = []
         self.pf: list[int] = []  # prefetch reads issued
@@ -656,6 +662,16 @@ class _Recorder:
         return out
 
 
+@dataclass
+class _Scheduled:
+    """One step's FFNs as `_ffn_schedule` placed them."""
+
+    end: int
+    durs: list[int]
+    n_busy: int = 0  # FFNs started while a read was outstanding
+    blocked: bool = False  # the driver (a worker) waited for weights: some FFN woke
+
+
 def _ffn_schedule(
     tm: _Timing,
     k: int,
@@ -664,46 +680,62 @@ def _ffn_schedule(
     busy_until: Any,
     look: Any,
     ffn_look: Any,
-) -> tuple[int, list[int]]:
-    """(step end, FFN durations) of one step's k FFNs from tc, in the engine's order, each
-    after its weights are ready (`ready`, clamped to >= tc). `busy_until()` is when the
-    last outstanding read lands: an FFN started before it costs `ffn_busy` more.
-    `look(a, b)` / `ffn_look(s, e, busy, poll)` record when the driver reaps."""
-    ffn, ffn_busy, workers, poll = tm.ffn, tm.ffn_busy, tm.workers, tm.poll
+) -> _Scheduled:
+    """One step's k FFNs from tc, in the engine's order, each after its weights are ready
+    (`ready`, clamped to >= tc). `busy_until()` is when the last outstanding read lands: an
+    FFN started before it costs `ffn_busy` more; one that starts right after its worker
+    waited for the weights costs `ffn_wake` more. `look(a, b)` / `ffn_look(s, e, busy,
+    poll)` record when the driver reaps."""
+    ffn, ffn_busy, workers, poll, wake = tm.ffn, tm.ffn_busy, tm.workers, tm.poll, tm.ffn_wake
     bu = busy_until()  # no read is issued or dispatched while the FFNs are scheduled
     if max(ready) == tc and bu <= tc:
         # everything resident and nothing in flight: FFNs back to back, no polls
-        return tc + _ideal(k, ffn, workers), [ffn] * k
+        return _Scheduled(tc + _ideal(k, ffn, workers), [ffn] * k)
     durs: list[int] = []
+    n_busy = 0
+    blocked = False
     if workers == 1:
         w = tc
+        woke = False
         if tm.seed:
             r_all = max(ready)
             if r_all > w:
                 look(w, r_all)
                 w = r_all
+                woke = True
         for i in _compute_order(ready, tc):
             rt = ready[i]
             if rt > w:
                 look(w, rt)
                 w = rt
+                woke = True
             busy = bu > w
             dur = ffn + ffn_busy if busy else ffn
+            if woke:
+                dur += wake
+                blocked = True
+                woke = False
+            n_busy += busy
             ffn_look(w, w + dur, busy, poll)
             durs.append(dur)
             w += dur
-        return w, durs
+        return _Scheduled(w, durs, n_busy, blocked)
     r_all = max(ready) if tm.seed else tc
     wfree = [tc] * workers
     end = tc
     for i in _compute_order(ready, tc):
         wk = heapq.heappop(wfree)
         st = max(wk, ready[i], r_all)
-        dur = ffn + ffn_busy if bu > st else ffn
+        busy = bu > st
+        dur = ffn + ffn_busy if busy else ffn
+        if st > wk:
+            dur += wake
+            blocked = True
+        n_busy += busy
         durs.append(dur)
         heapq.heappush(wfree, st + dur)
         end = max(end, st + dur)
-    return end, durs
+    return _Scheduled(end, durs, n_busy, blocked)
 
 
 # -- the fast engine -------------------------------------------------------------------
@@ -714,7 +746,7 @@ def _run_fast(replay: Replay, tm: _Timing, rec: _Recorder) -> int:
     ssd = make_ssd(tm)
     inflight: dict[int, _Read] = {}
     k = replay.top_k
-    ffn, workers, dense = tm.ffn, tm.workers, tm.dense
+    workers, dense, dense_wake = tm.workers, tm.dense, tm.dense_wake
     step_oh, submit, reap = tm.step, tm.submit, tm.complete
     step = replay.step
     prefetch = replay.prefetch
@@ -727,7 +759,7 @@ def _run_fast(replay: Replay, tm: _Timing, rec: _Recorder) -> int:
     done = ssd.done
     timeout = env.timeout
     r_iter, r_io, r_hits, r_comp, r_over = rec.iter_time, rec.io, rec.hits, rec.comp, rec.over
-    r_busy = rec.n_busy
+    r_busy, r_dense = rec.n_busy, rec.dense
     r_late, r_pf, r_reads = rec.late, rec.pf, rec.reads
     r_issued, r_finish, r_keys, r_step = rec.issued, rec.finish, rec.keys, rec.read_step
     look, ffn_look = rec.look, rec.ffn
@@ -751,9 +783,12 @@ def _run_fast(replay: Replay, tm: _Timing, rec: _Recorder) -> int:
         # events in this engine, so the order of decisions is the same.
         now = int(env.now)
         token_start = now
+        blocked = False  # the previous step's driver waited for weights
         for t in range(replay.n_steps):
             t0 = now
-            t1 = t0 + dense
+            d_t = dense + dense_wake if blocked else dense
+            r_dense.append(d_t)
+            t1 = t0 + d_t
             finish_reads(t1)
             look(t1)
             res = step(t)
@@ -807,11 +842,12 @@ def _run_fast(replay: Replay, tm: _Timing, rec: _Recorder) -> int:
             for i in range(k):
                 if ready[i] < tc:
                     ready[i] = tc
-            t2, durs = schedule(ready, tc, busy_until, look, ffn_look)
+            sch = schedule(ready, tc, busy_until, look, ffn_look)
+            t2, durs, blocked = sch.end, sch.durs, sch.blocked
             io = t2 - tc - _makespan(durs, workers)
             r_io.append(io if io > 0 else 0)
             r_comp.append(sum(durs))
-            r_busy.append(sum(1 for x in durs if x > ffn) if tm.ffn_busy else 0)
+            r_busy.append(sch.n_busy if tm.ffn_busy else 0)
             r_over.append(tc - t1)
             r_hits.append(sum(hit) - n_late)
             r_late.append(n_late)
@@ -846,6 +882,7 @@ class StepSpan:
     n_busy: int
     read_lat: list[int]  # issue to seen, per read in issue order
     read_busy: int  # time with a read in flight
+    blocked: bool = False  # the driver waited for weights (the next step's dense wakes)
 
 
 def step_spans(tm: _Timing, k: int) -> list[StepSpan]:
@@ -870,7 +907,8 @@ def step_spans(tm: _Timing, k: int) -> list[StepSpan]:
         tc = at + m * tm.complete
         rec.look(tc)
         ready = [r if r > tc else tc for r in ready]
-        t2, durs = _ffn_schedule(tm, k, ready, tc, ssd.busy_until, rec.look, rec.ffn)
+        sch = _ffn_schedule(tm, k, ready, tc, ssd.busy_until, rec.look, rec.ffn)
+        t2, durs = sch.end, sch.durs
         ssd.drain()
         issued = np.asarray(rec.issued, dtype=np.int64)
         seen = rec.observed()
@@ -880,9 +918,10 @@ def step_spans(tm: _Timing, k: int) -> list[StepSpan]:
                 io=max(0, t2 - tc - _makespan(durs, tm.workers)),
                 comp=sum(durs),
                 over=tc,
-                n_busy=sum(1 for x in durs if x > tm.ffn) if tm.ffn_busy else 0,
+                n_busy=sch.n_busy if tm.ffn_busy else 0,
                 read_lat=(seen - issued).tolist(),
                 read_busy=round(busy_seconds(issued, seen)),
+                blocked=sch.blocked,
             )
         )
     return out
@@ -909,7 +948,12 @@ def _run_vectorised(replay: Replay, tm: _Timing, rec: _Recorder) -> int | None:
         return np.asarray([getattr(sp, field_) for sp in spans], dtype=np.int64)[misses]
 
     span = table("span")
-    rec.iter_time = (span + tm.dense).tolist()
+    # the dense block of a step after one that blocked wakes slower
+    blocked = np.asarray([sp.blocked for sp in spans], dtype=bool)[misses]
+    dense = np.full(len(misses), tm.dense, dtype=np.int64)
+    dense[1:] += tm.dense_wake * blocked[:-1]
+    rec.dense = dense.tolist()
+    rec.iter_time = (span + dense).tolist()
     rec.io = table("io").tolist()
     rec.comp = table("comp").tolist()
     rec.over = table("over").tolist()
@@ -931,7 +975,7 @@ def _run_vectorised(replay: Replay, tm: _Timing, rec: _Recorder) -> int | None:
             busy += spans[m].read_busy * int(counts[m])
     rec.read_lat_ticks = np.asarray(lat, dtype=np.int64)
     rec.read_busy_ticks = busy
-    return int(span.sum()) + tm.dense * len(misses)
+    return int(span.sum()) + int(dense.sum())
 
 
 # -- the fast engine, prefetch on: one compiled loop ------------------------------------
@@ -1001,7 +1045,7 @@ def _run_compiled(replay: Replay, tm: _Timing, rec: _Recorder) -> int | None:
         return None
     cols = res.per_step.T
     rec.iter_time, rec.io, rec.comp, rec.n_busy, rec.over = (c.tolist() for c in cols[:5])
-    rec.hits, rec.late, rec.pf, rec.reads = (c.tolist() for c in cols[5:])
+    rec.hits, rec.late, rec.pf, rec.reads, rec.dense = (c.tolist() for c in cols[5:])
     rec.issued = res.read_issued.tolist()
     rec.keys = res.read_key.tolist()
     rec.read_step = res.read_step.tolist()
@@ -1135,24 +1179,36 @@ def _run_simpy(replay: Replay, tm: _Timing, rec: _Recorder) -> int:
         logs[proc] = log
         return proc
 
-    def ffn_job(wait: simpy.Event | None, gate: simpy.Event | None, out: list[int]) -> Any:
+    def ffn_job(
+        wait: simpy.Event | None, gate: simpy.Event | None, out: list[int], flags: list[int]
+    ) -> Any:
         # One FFN on a worker held from its turn (the list schedule): wait for its
-        # weights, then run; an FFN started with reads outstanding costs ffn_busy more.
+        # weights, then run; an FFN started with reads outstanding costs ffn_busy more,
+        # one whose worker waited for its weights ffn_wake more.
         with cpu.request() as req:
             yield req
+            got = int(env.now)
             for ev in (gate, wait):
                 if ev is not None and not ev.triggered:
                     yield ev
             yield _AfterNow(env)
-            dur = tm.ffn + tm.ffn_busy if outstanding[0] > 0 else tm.ffn
+            busy = outstanding[0] > 0
+            dur = tm.ffn + tm.ffn_busy if busy else tm.ffn
+            if int(env.now) > got:
+                dur += tm.ffn_wake
+                flags[1] = 1
+            flags[0] += busy
             out.append(dur)
             yield env.timeout(dur)
 
     def run() -> Any:
+        blocked = False  # the previous step's driver waited for weights
         for t in range(replay.n_steps):
             t0 = int(env.now)
-            if tm.dense:
-                yield env.timeout(tm.dense)
+            d_t = tm.dense + tm.dense_wake if blocked else tm.dense
+            rec.dense.append(d_t)
+            if d_t:
+                yield env.timeout(d_t)
             yield _AfterNow(env)
             t1 = int(env.now)
             rec.look(t1)
@@ -1201,36 +1257,47 @@ def _run_simpy(replay: Replay, tm: _Timing, rec: _Recorder) -> int:
             gate = env.all_of(pending) if tm.seed and pending else None
             ready = [tc if w is None or not w.is_alive else tc + 1 for w in waits]
             durs: list[int] = []
+            flags = [0, 0]  # FFNs started with reads outstanding, whether one woke
             if tm.workers == 1:
                 w_at = tc
+                woke = False
                 if gate is not None:
                     yield gate
                     if int(env.now) > w_at:
                         rec.look(w_at, int(env.now))
+                        woke = True
                 for i in _compute_order(ready, tc):
                     yield _AfterNow(env)
                     ev = waits[i]
                     if ev is not None and ev.is_alive:
                         w_at = int(env.now)
                         yield ev
+                        if int(env.now) > w_at:
+                            woke = True
                         rec.look(w_at, int(env.now))
                         yield _AfterNow(env)
                     s = int(env.now)
                     busy = outstanding[0] > 0
                     dur = tm.ffn + tm.ffn_busy if busy else tm.ffn
+                    if woke:
+                        dur += tm.ffn_wake
+                        flags[1] = 1
+                        woke = False
+                    flags[0] += busy
                     rec.ffn(s, s + dur, busy, tm.poll)
                     durs.append(dur)
                     yield env.timeout(dur)
             else:
                 jobs = []
                 for i in _compute_order(ready, tc):
-                    jobs.append(env.process(ffn_job(waits[i], gate, durs)))
+                    jobs.append(env.process(ffn_job(waits[i], gate, durs, flags)))
                 yield env.all_of(jobs)
+            blocked = bool(flags[1])
             t2 = int(env.now)
             rec.iter_time.append(t2 - t0)
             rec.io.append(max(0, t2 - tc - _makespan(durs, tm.workers)))
             rec.comp.append(sum(durs))
-            rec.n_busy.append(sum(1 for x in durs if x > tm.ffn) if tm.ffn_busy else 0)
+            rec.n_busy.append(flags[0] if tm.ffn_busy else 0)
             rec.over.append(tc - t1)
             rec.hits.append(sum(res.hit) - n_late)
             rec.late.append(n_late)
@@ -1286,6 +1353,8 @@ def timing_of(
         submit=ticks(comp.read_submit_s),
         complete=ticks(comp.read_complete_s),
         ffn_busy=ticks(comp.ffn_busy_overhead_s),
+        ffn_wake=ticks(comp.wake_ffn_s),
+        dense_wake=0 if seed else ticks(comp.wake_dense_s),
         # the engine runs a native kernel's FFN of a small expert inline (reaping only after
         # it), else hands it to a thread and reaps every POLL_INTERVAL_S meanwhile
         poll=0
@@ -1389,7 +1458,7 @@ def simulate(
             "time_s": tok_time,
             "io_wait_s": tok_io,
             "compute_s": tok_comp,
-            "dense_s": np.full(n_tok, dense_s * n_layers),
+            "dense_s": per_token(rec.dense) * sec,
             "hits": tok_hits.astype(np.int32),
             "misses": (n_layers * k - tok_hits).astype(np.int32),
             "late": per_token(rec.late).astype(np.int32),
@@ -1399,7 +1468,7 @@ def simulate(
     )
     io_wait = float(tok_io.sum())
     compute = float(tok_comp.sum())
-    dense = dense_s * n_steps
+    dense = float(np.sum(rec.dense, dtype=np.int64)) * sec
     overhead = float(np.sum(rec.over, dtype=np.int64)) * sec
     n_reads = int(tok_reads.sum())
     n_busy = int(np.sum(rec.n_busy))

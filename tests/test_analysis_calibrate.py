@@ -146,3 +146,62 @@ def test_tokens_per_s_bounds_closed_forms() -> None:
     ssd = hw.ssd.bandwidth_bytes_per_s / (32 * 2 * shape.bytes_per_expert)
     values = sorted(bounds.values())
     assert values == pytest.approx(sorted([mem, compute, ssd]))
+
+
+def _all_miss_case(wake_ffn: float, wake_dense: float, ffn_bps: float = 1.3e9):
+    """The all-misses one-channel trace of test_sim_model, its profile (no wake costs) and
+    a measured run whose FFN and dense totals are the closed form with the wake costs."""
+    import numpy as np
+
+    from mer.core.replay import ReplayConfig
+    from mer.sim.model import SimOptions, simulate
+    from mer.traces.format import TraceMeta, from_arrays
+
+    layers, tokens = 4, 12
+    t = np.arange(tokens)[:, None, None]
+    experts = np.broadcast_to((2 * t + np.arange(2)) % 8, (tokens, layers, 2)).astype(np.int16)
+    trace = from_arrays(experts, TraceMeta(model="test", n_layers=layers, n_experts=8, top_k=2))
+    d = load_profile("ci-tiny").to_dict()
+    d["ssd"].update(latency_s=37e-6, bandwidth_bytes_per_s=7.3e8, channels=1, chunk_bytes=1 << 30)
+    d["compute"].update(ffn_bytes_per_s=ffn_bps, dense_bytes_per_s=2.9e9, workers=1)
+    from mer.sim.hardware import HardwareProfile
+
+    hw = HardwareProfile.from_dict(d)
+    shape = get_shape(SHAPE)
+    read = hw.ssd.latency_s + shape.slot_bytes / hw.ssd.bandwidth_bytes_per_s
+    c = shape.bytes_per_expert / hw.compute.ffn_bytes_per_s
+    dense = shape.dense_bytes_per_layer / hw.compute.dense_bytes_per_s
+    steps = tokens * layers
+    second = 2 * read > read + c + wake_ffn  # FFN 2 waits for read 2 too
+    n_ffn = steps * (1 + second)
+    base = simulate(trace, ReplayConfig(cache_slots=2), hw, SimOptions(shape=SHAPE)).summary
+    d = base.to_dict()
+    d.update(
+        kind="measured",
+        compute_s=steps * 2 * c + n_ffn * wake_ffn,
+        dense_s=steps * dense + (steps - 1) * wake_dense,
+        io_wait_share=0.9,
+    )
+    d["extra"]["driver_time"].update(ffn_direct_n=2 * steps, ffn_busy_n=0)
+    return trace, hw, RunSummary.from_dict(d), n_ffn, steps - 1
+
+
+@pytest.mark.parametrize(
+    ("wake_ffn", "ffn_bps"),
+    [(2e-5, 1.3e9), (2e-5, 2.0e8), (9e-4, 1.3e9)],  # FFN 2 waits; does not; no longer does
+)
+def test_wake_costs_closed_form(wake_ffn: float, ffn_bps: float) -> None:
+    from mer.analysis.calibrate import fit_wake
+
+    trace, hw, run, n_ffn, n_dense = _all_miss_case(wake_ffn, 3e-5, ffn_bps)
+    got = fit_wake(run, hw, trace)
+    assert got is not None
+    assert got[2:] == (n_ffn, n_dense)
+    assert got[0] == pytest.approx(wake_ffn, rel=1e-6)
+    assert got[1] == pytest.approx(3e-5, rel=1e-6)
+    # calibrate fits them from an I/O-bound run (and keeps them with wake=False)
+    cal = calibrate(run, hw, trace=trace)
+    assert cal.profile.compute.wake_ffn_s == pytest.approx(wake_ffn, rel=1e-3)
+    assert cal.profile.compute.wake_dense_s == pytest.approx(3e-5, rel=1e-3)
+    off = calibrate(run, hw, trace=trace, wake=False)
+    assert (off.profile.compute.wake_ffn_s, off.profile.compute.wake_dense_s) == (0.0, 0.0)

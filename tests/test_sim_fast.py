@@ -44,8 +44,9 @@ def _summary(res):
 
 
 def random_profile(rng: random.Random, workers: tuple[int, ...] = (1, 2, 3)):
-    """A hardware profile with random SSD and compute figures (for engine comparisons)."""
-    return profile(
+    """A hardware profile with random SSD and compute figures (for engine comparisons),
+    the wake costs on or off."""
+    hw = profile(
         latency=rng.uniform(1e-5, 1e-4),
         bw=rng.uniform(2e8, 2e9),
         channels=rng.choice([1, 2, 3, 5]),
@@ -53,6 +54,11 @@ def random_profile(rng: random.Random, workers: tuple[int, ...] = (1, 2, 3)):
         ffn_bps=rng.uniform(3e8, 3e9),
         workers=rng.choice(workers),
     )
+    # drawn apart (seeded by the profile), so the callers' own draws stay as they were
+    sub = random.Random(hw.ssd.bandwidth_bytes_per_s)
+    hw.compute.wake_ffn_s = sub.choice([0.0, 0.0, 2.5e-5])
+    hw.compute.wake_dense_s = sub.choice([0.0, 0.0, 1.5e-5])
+    return hw
 
 
 def test_array_path_equals_the_step_engines(monkeypatch):

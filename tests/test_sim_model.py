@@ -109,6 +109,45 @@ def test_all_misses_one_channel_no_prefetch(engine: str, ffn_bps: float) -> None
     assert s.prefetch["issued_bytes"] == 0
 
 
+@pytest.mark.parametrize("engine", ["fast", "simpy"])
+@pytest.mark.parametrize("wake_ffn", [2e-5, 9e-4])  # FFN 2 then waits / does not wait
+def test_wake_costs_closed_form(engine: str, wake_ffn: float) -> None:
+    """All misses, one channel: FFN 1 always follows a block (it waits R for read 1);
+    FFN 2 only when read 2 (at 2R) lands after FFN 1 ends; every step after the first
+    follows a blocked one, so its dense block wakes too."""
+    layers, tokens = 4, 12
+    t = np.arange(tokens)[:, None, None]
+    experts = np.broadcast_to((2 * t + np.arange(2)) % 8, (tokens, layers, 2)).astype(np.int16)
+    hw = profile(ffn_bps=1.3e9)
+    wd = 3e-5
+    hw.compute.wake_ffn_s, hw.compute.wake_dense_s = wake_ffn, wd
+    read, c, dense = times(hw)
+    s = run(make_trace(experts, 8), hw, engine, cache_slots=2).summary
+    steps = tokens * layers
+    second_waits = 2 * read > read + c + wake_ffn
+    assert second_waits == (wake_ffn < 1e-4)  # both cases are exercised
+    ffn_pair = 2 * c + wake_ffn * (1 + second_waits)
+    step = dense + max(2 * read, read + c + wake_ffn) + c + wake_ffn * second_waits
+    assert s.wall_s == pytest.approx(steps * step + (steps - 1) * wd, rel=1e-7)
+    assert s.dense_s == pytest.approx(steps * dense + (steps - 1) * wd, rel=1e-7)
+    assert s.compute_s == pytest.approx(steps * ffn_pair, rel=1e-7)
+
+
+def test_wake_costs_spare_steps_that_never_block() -> None:
+    """Only the step after the cold token's last pays a dense wake: resident steps do not."""
+    layers, tokens = 4, 20
+    experts = np.zeros((tokens, layers, 2), np.int16)
+    experts[:, :, 1] = 1
+    hw = profile(ffn_bps=1.3e9)
+    hw.compute.wake_ffn_s, hw.compute.wake_dense_s = 2e-5, 3e-5
+    _read, c, dense = times(hw)
+    res = run(make_trace(experts, 8), hw, cache_slots=8)
+    tok = res.tokens["time_s"].to_numpy()
+    warm = layers * (dense + 2 * c)
+    assert tok[1] == pytest.approx(warm + 3e-5, rel=1e-7)
+    assert tok[2:] == pytest.approx(warm, rel=1e-7)
+
+
 def test_oracle_prefetch_with_ample_bandwidth_reaches_the_compute_bound() -> None:
     rng = np.random.default_rng(3)
     layers, tokens = 4, 30
@@ -372,6 +411,8 @@ def test_fast_engine_equals_simpy_engine_with_driver_costs() -> None:
         hw.compute.read_submit_s = rng.choice([0.0, 1e-5, 4e-5])
         hw.compute.read_complete_s = rng.choice([0.0, 7e-6])
         hw.compute.ffn_busy_overhead_s = rng.choice([0.0, 3e-5])
+        hw.compute.wake_ffn_s = rng.choice([0.0, 2e-5])
+        hw.compute.wake_dense_s = rng.choice([0.0, 3e-5])
         cfg = dict(
             policy=rng.choice(["lru", "fifo", "clock"]),
             cache_slots=rng.choice([6, 16, 40]),
@@ -394,6 +435,7 @@ def test_fast_engine_equals_simpy_engine_with_driver_costs() -> None:
         assert a.wall_s == b.wall_s, why
         assert a.io_wait_s == b.io_wait_s, why
         assert a.compute_s == b.compute_s, why
+        assert a.dense_s == b.dense_s, why
         assert a.latency["read"] == b.latency["read"], why
         assert a.read_busy_s == b.read_busy_s, why
         if cfg["predictor"] == "none":  # the prefetch-off array path, on the same definition

@@ -235,7 +235,11 @@ def test_synthetic_machine_is_predicted_exactly_after_calibration(tmp_path: Path
         assert (tmp_path / name).exists()
     assert (tmp_path / "figures" / "validation-tokens-per-s.png").exists()
     back = pd.read_parquet(tmp_path / "validation.parquet")
-    assert len(back) == len(t) and set(back.stage) == {"calibrated", "uncalibrated"}
+    assert len(back) == len(t)
+    assert set(back.stage) == {"calibrated", "uncalibrated", "compute-pulse"}
+    # a steady CPU: the compute pulse before each run sees the calibrated figures
+    cp = t[t.stage == "compute-pulse"]
+    assert cp["abs_rel_error"].max() < 1e-6, cp.sort_values("abs_rel_error").tail(3)
     assert len(pd.read_parquet(tmp_path / "runs.parquet")) == 2 * len(GRID.configs)
     md = (tmp_path / "validation.md").read_text()
     assert "figures/validation-tokens-per-s.png" in md and "lru-256" in md
@@ -248,6 +252,9 @@ def test_io_bound_calibration_fits_only_io_and_predicts_exactly(tmp_path: Path) 
     trace = read_trace(bundled_trace_path())
     truth = _truth()
     truth.ssd.bandwidth_bytes_per_s /= 4  # a slow disk: the calibration run waits on reads
+    # compute after the driver blocked on a read is slower (what the probe, which never
+    # blocks, does not see)
+    truth.compute.wake_ffn_s, truth.compute.wake_dense_s = 2e-5, 1e-5
     m = ModelMachine(trace, truth, shape="mixtral-tiny", queue_depth=8, chunk_bytes=32768)
     cal_cfg = CALIBRATION.__class__("cal-io", cache_slots=24)
     probe = copy.deepcopy(truth)
@@ -255,6 +262,7 @@ def test_io_bound_calibration_fits_only_io_and_predicts_exactly(tmp_path: Path) 
     probe.ssd.bandwidth_bytes_per_s *= 1.6
     probe.compute.read_submit_s = 5e-6
     probe.compute.read_complete_s = 0.0
+    probe.compute.wake_ffn_s = probe.compute.wake_dense_s = 0.0
     grid = Grid(cal_cfg, GRID.configs, name="io").check()
     res = run_validation(m, trace, grid, probe, tmp_path, ValidateOptions(tokens=4, repeats=1))
     assert res.summary["calibration_tokens"] == 16  # 4 x the held-out runs' 4 tokens
@@ -264,7 +272,11 @@ def test_io_bound_calibration_fits_only_io_and_predicts_exactly(tmp_path: Path) 
         "compute.read_submit_s",
         "compute.read_complete_s",
         "ssd.bandwidth_bytes_per_s",
+        "compute.wake_ffn_s",
+        "compute.wake_dense_s",
     }
+    assert prof.compute.wake_ffn_s == pytest.approx(truth.compute.wake_ffn_s, rel=1e-6)
+    assert prof.compute.wake_dense_s == pytest.approx(truth.compute.wake_dense_s, rel=1e-6)
     assert prof.compute.read_submit_s == pytest.approx(truth.compute.read_submit_s)
     assert prof.compute.read_complete_s == pytest.approx(truth.compute.read_complete_s)
     assert prof.ssd.bandwidth_bytes_per_s == pytest.approx(
@@ -298,7 +310,7 @@ def test_disk_pulse_scaling_predicts_a_disk_that_moves_exactly(tmp_path: Path) -
     m = ModelMachine(
         trace, truth, shape="mixtral-tiny", queue_depth=8, chunk_bytes=32768, disk_slowdown=disk
     )
-    opts = ValidateOptions(tokens=4, repeats=2, pulse_scale=True)
+    opts = ValidateOptions(tokens=4, repeats=2, pulse_scale=True, compute_pulse=False)
     res = run_validation(m, trace, GRID, _start(truth), tmp_path, opts, log=None)
     t = res.table
     assert set(t.stage) == {"uncalibrated", "calibrated", "pulse-scaled"}
@@ -326,7 +338,7 @@ def test_disk_pulse_scaling_predicts_a_disk_that_moves_exactly(tmp_path: Path) -
         GRID,
         _start(truth),
         tmp_path / "off",
-        ValidateOptions(tokens=4, repeats=1, pulse_scale=False),
+        ValidateOptions(tokens=4, repeats=1, pulse_scale=False, compute_pulse=False),
     )
     assert "pulse-scaled" not in set(res2.table.stage)
     # the text table carries the pulse-scaled column only when it was measured

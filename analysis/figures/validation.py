@@ -36,9 +36,11 @@ def _records(df: pd.DataFrame) -> list[dict[str, Any]]:
 def plot_validation(
     table: pd.DataFrame, out: str | Path, *, title: str, summary: Mapping[str, Any] | None = None
 ) -> Written:
-    """`table`: `mer validate`'s tidy table (rows of metric "tokens/s" are drawn)."""
+    """`table`: `mer validate`'s tidy table (rows of metric "tokens/s" are drawn: the
+    summary's headline stage, the calibrated one by default, and before calibration)."""
     tps = table[table["metric"] == "tokens/s"]
-    cal = tps[tps["stage"] == "calibrated"]
+    head = str((summary or {}).get("calibrated_stage", "calibrated"))
+    cal = tps[tps["stage"] == head]
     unc = tps[tps["stage"] == "uncalibrated"]
     fig, axes = style.figure(1, 1, width="column", height=3.2)
     ax = axes[0][0]

@@ -26,6 +26,8 @@ FIELDS = {
     "compute.read_submit_s": ("time to submit one expert read", "us", 1e6),
     "compute.read_complete_s": ("time to reap one read outside a wait", "us", 1e6),
     "compute.step_overhead_s": ("driver time per step", "us", 1e6),
+    "compute.wake_ffn_s": ("extra time of an FFN right after the driver blocked", "us", 1e6),
+    "compute.wake_dense_s": ("extra time of a dense block after a blocked step", "us", 1e6),
 }
 
 

@@ -35,7 +35,11 @@ def register(sub: Any) -> None:
             "stage and metric: predicted, measured median, min, max, relative error, inside "
             "the spread), OUT/runs.parquet (every real run), OUT/summary.json (median and "
             "worst errors, targets, ranking), OUT/figures/validation-tokens-per-s.png and "
-            "OUT/validation.md (with each median's standard error). --max-repeats adds rounds "
+            "OUT/validation.md (with each median's standard error). A compute pulse (the "
+            "engine's FFN, dense block and step, a third of a second) right before every run "
+            "gives the compute figures that run is predicted with (the compute-pulse stage, "
+            "whose targets are the headline; --no-compute-pulse for the fixed calibration's). "
+            "--max-repeats adds rounds "
             "while those standard errors are above --target-se; --pulse-scale also predicts "
             "each run from a disk pulse taken right before it. Rerunning the same command in "
             "the same directory resumes."
@@ -99,6 +103,13 @@ def register(sub: Any) -> None:
         "the calibration run's (the pulse-scaled stage, reported beside the fixed "
         "calibration); on a shared VM disk the pulse predicted a run poorly (see the docs)",
     )
+    p.add_argument(
+        "--no-compute-pulse",
+        action="store_true",
+        help="do not time the engine's FFN, dense block and step right before and after "
+        "every run, nor predict each run with the compute figures of the pulse before it; "
+        "the targets are then the fixed calibration's (the previous behaviour)",
+    )
     g = p.add_argument_group("engine (as `mer run`)")
     g.add_argument("--io", choices=("auto", "uring", "pread"), default="auto")
     g.add_argument("--queue-depth", type=int_range(1, MAX_QUEUE_DEPTH), default=DEFAULT_QUEUE_DEPTH)
@@ -128,6 +139,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         drift=args.drift,
         calibration_tokens=args.calibration_tokens,
         pulse_scale=args.pulse_scale,
+        compute_pulse=not args.no_compute_pulse,
         max_repeats=args.max_repeats,
         target_se=args.target_se,
     ).check()
@@ -188,23 +200,31 @@ def format_text(res: Any) -> str:
         f"{'inside':>8}{'before cal.':>12}",
     ]
     tps = t[t["metric"] == "tokens/s"]
-    cal = tps[tps["stage"] == "calibrated"].set_index("config")
     unc = tps[tps["stage"] == "uncalibrated"].set_index("config")
-    pul = tps[tps["stage"] == "pulse-scaled"].set_index("config")
-    # The pulse-scaled column exists only when --pulse-scale ran; without it a column of
-    # "nan" would read as a failure.
-    if len(pul):
-        lines[-1] += f"{'pulse-scaled':>13}"
+    head = str(s.get("calibrated_stage", "calibrated"))
+    cal = tps[tps["stage"] == head].set_index("config")
+    # The extra columns exist only when their stage ran; without it a column of "nan"
+    # would read as a failure.
+    extra = [
+        (label, tps[tps["stage"] == st].set_index("config"))
+        for label, st in (("fixed cal.", "calibrated"), ("pulse-scaled", "pulse-scaled"))
+        if st != head and (tps["stage"] == st).any()
+    ]
+    for label, _ in extra:
+        lines[-1] += f"{label:>13}"
     for name in cal.index:
         r = cal.loc[name]
         u = unc.loc[name, "rel_error"] if name in unc.index else float("nan")
-        q = pul.loc[name, "rel_error"] if name in pul.index else float("nan")
         lines.append(
             f"{name:<28}{r['measured']:>13.3f}{r['spread'] * 100:>8.1f}%{r['predicted']:>11.3f}"
             f"{r['rel_error'] * 100:>+8.1f}%{'yes' if r['within_spread'] else 'no':>8}"
-            f"{u * 100:>+11.1f}%" + (f"{q * 100:>+12.1f}%" if len(pul) else "")
+            f"{u * 100:>+11.1f}%"
+            + "".join(
+                f"{(df.loc[name, 'rel_error'] if name in df.index else float('nan')) * 100:>+12.1f}%"
+                for _, df in extra
+            )
         )
-    lines.append("targets (held-out, calibrated):")
+    lines.append(f"targets (held-out, {head}):")
     for name, tg in s.get("targets", {}).items():
         v = tg.get("value")
         shown = (
@@ -212,16 +232,47 @@ def format_text(res: Any) -> str:
         )
         lim = "" if tg.get("target") is None else f" (<= {tg['target'] * 100:.0f}%)"
         lines.append(f"  {name:<40} {shown:>8}{lim:<10} {'met' if tg.get('met') else 'NOT met'}")
-    pt = s.get("targets_by_stage", {}).get("pulse-scaled", {})
-    if pt:
-        lines.append("the same, pulse-scaled (SSD scaled by a disk pulse right before each run):")
-    for name, tg in pt.items():
-        v = tg.get("value")
-        if v is None or name.startswith("counts"):
-            continue
-        shown = f"{v:.2f}" if name.startswith("ranking") else f"{v * 100:.1f}%"
-        lines.append(f"  {name:<40} {shown:>8}{'':<10} {'met' if tg.get('met') else 'NOT met'}")
-    swaps = s.get("ranking", {}).get("calibrated", {}).get("swapped_pairs", [])
+    for st, title in (
+        ("calibrated", "the same, fixed calibration (compute figures of the probe):"),
+        (
+            "pulse-scaled",
+            "the same, pulse-scaled (SSD scaled by a disk pulse right before each run):",
+        ),
+    ):
+        pt = s.get("targets_by_stage", {}).get(st, {}) if st != head else {}
+        if pt:
+            lines.append(title)
+        for name, tg in pt.items():
+            v = tg.get("value")
+            if v is None or name.startswith("counts"):
+                continue
+            shown = f"{v:.2f}" if name.startswith("ranking") else f"{v * 100:.1f}%"
+            lines.append(f"  {name:<40} {shown:>8}{'':<10} {'met' if tg.get('met') else 'NOT met'}")
+    cps = s.get("compute_pulse_stats", {})
+    for k, f in cps.get("figures", {}).items():
+
+        def _f(v: Any, pct: bool = False) -> str:
+            return "-" if v is None else (f"{v * 100:.1f}%" if pct else f"{v:+.2f}")
+
+        lines.append(
+            f"compute pulse, {k}: r(before, run) {_f(f['r_before_run'])}, r(after, run) "
+            f"{_f(f['r_after_run'])}, r(before, after) {_f(f['r_before_after'])}; run vs before "
+            f"{_f(f['median_abs_run_vs_before'], True)}, after vs before "
+            f"{_f(f['median_abs_after_vs_before'], True)} (median abs.)"
+        )
+    cr = cps.get("compute_per_read_s", {})
+    if cr.get("median") is not None:
+        lines.append(
+            f"compute (FFN + dense) beyond the pulse's, per read: median {cr['median'] * 1e6:.1f} "
+            f"us ({cr['min'] * 1e6:.1f} to {cr['max'] * 1e6:.1f} us)"
+        )
+    wr = cps.get("within_run_compute_change", {})
+    if wr.get("median_abs") is not None:
+        lines.append(
+            f"compute per token, second half of a run over its first: median abs. "
+            f"{wr['median_abs'] * 100:.1f}% ({wr['min'] * 100:+.1f}% to {wr['max'] * 100:+.1f}%)"
+        )
+    swaps = s.get("ranking", {}).get(head, {}).get("swapped_pairs", [])
     if len(swaps) > 8:
         lines.append(f"  {len(swaps)} pairs swapped; the first 8 (all in summary.json):")
     for sw in swaps[:8]:

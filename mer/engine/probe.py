@@ -999,18 +999,64 @@ def measure_engine_step(
             tokens = int(min(4096, max(16, left / max(per_token, 1e-6))))
     import pandas as pd
 
-    df = pd.concat(rows, ignore_index=True)
-    quiet = df[(df["misses"] == 0) & (df["prefetch_issued"] == 0)]
+    return engine_step_of(pd.concat(rows, ignore_index=True), n_layers, shape.top_k)
+
+
+def engine_step_of(tokens: Any, n_layers: int, top_k: int) -> EngineStep:
+    """The per-step figures of an executor's per-token table (`TokenRows`), from its
+    tokens that read nothing: the medians of FFN, dense and the rest per step. One
+    arithmetic for the probe's engine step and `mer validate`'s compute pulse, so the
+    pulse measures exactly what the profile's compute figures are."""
+    quiet = tokens[(tokens["misses"] == 0) & (tokens["prefetch_issued"] == 0)]
     if quiet.empty:  # cannot happen: a cache of every expert misses only the first visits
         raise RuntimeFailure("the engine-step replay read on every token")
     rest = quiet["time_s"] - quiet["io_wait_s"] - quiet["compute_s"] - quiet["dense_s"]
     return EngineStep(
         step_overhead_s=max(0.0, float(np.median(rest))) / n_layers,
-        ffn_s=float(np.median(quiet["compute_s"])) / (n_layers * shape.top_k),
+        ffn_s=float(np.median(quiet["compute_s"])) / (n_layers * top_k),
         dense_s=float(np.median(quiet["dense_s"])) / n_layers,
         layers=n_layers,
         tokens=len(quiet),
     )
+
+
+def compute_pulse(store: Any, engine: Any, *, tokens: int = 40, seed: int = 0) -> dict[str, float]:
+    """The engine's compute speed right now, on the expert file a run reads: `mer run`'s
+    executor (with `engine`, the run's EngineConfig: same kernel, threads, priority and
+    buffers) replays `tokens` tokens that route the same `top_k` random experts of every
+    layer, with a cache of exactly those, so after the first token every step is the FFNs,
+    the dense block and the driver's own work, timed as `measure_engine_step` times them
+    (`engine_step_of`). About a third of a second on the small shape (one token's reads,
+    then ~8 ms a token). `mer validate` takes one right before and right after each real
+    run: the CPU's speed on this shared VM moves between a probe and a run minutes later,
+    and the run's FFN, dense and step times with it."""
+    import dataclasses
+
+    from mer.core.replay import ReplayConfig
+    from mer.engine.executor import Executor
+    from mer.traces.format import TraceMeta, from_arrays
+
+    n_layers, n_experts, top_k = store.n_layers, store.n_experts, store.shape.top_k
+    rng = np.random.default_rng(seed)
+    picks = np.stack([rng.choice(n_experts, size=top_k, replace=False) for _ in range(n_layers)])
+    routing = np.broadcast_to(picks, (max(2, tokens + 1), n_layers, top_k))
+    trace = from_arrays(
+        np.ascontiguousarray(routing),
+        TraceMeta(model="pulse", n_layers=n_layers, n_experts=n_experts, top_k=top_k),
+        name="compute pulse",
+    )
+    ecfg = dataclasses.replace(engine, progress=False)
+    t0 = time.perf_counter()
+    got = Executor(
+        trace, store, ReplayConfig(cache_slots=n_layers * top_k), ecfg, trace_name="compute pulse"
+    ).run()
+    step = engine_step_of(got.tokens, n_layers, top_k)
+    return {
+        "ffn_s": step.ffn_s,
+        "dense_s": step.dense_s,
+        "step_s": step.step_overhead_s,
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def run_probe(cfg: ProbeConfig, log: Callable[[str], None] | None = None) -> ProbeResult:

@@ -663,14 +663,18 @@ static int cache_init(Cache *c, const mer_sim_cfg *g, const uint8_t *pinned, con
     return 0;
 }
 
-/* `_ffn_schedule`: the step's end; durations into durs */
+/* `_ffn_schedule`: the step's end; durations into durs, FFNs started with reads outstanding
+   into n_busy, whether a worker waited for weights (an FFN woke) into blocked */
 static int ffn_schedule(const mer_sim_cfg *g, Rec *rec, const int64_t *ready, int64_t tc,
-                        int64_t bu, int64_t *durs, int64_t *end) {
+                        int64_t bu, int64_t *durs, int64_t *end, int64_t *n_busy,
+                        int *blocked) {
     const int k = g->k, W = g->workers;
-    const int64_t ffn = g->ffn, fb = g->ffn_busy;
+    const int64_t ffn = g->ffn, fb = g->ffn_busy, wake = g->ffn_wake;
     int64_t rmax = ready[0];
     for (int i = 1; i < k; i++)
         if (ready[i] > rmax) rmax = ready[i];
+    *n_busy = 0;
+    *blocked = 0;
     if (rmax == tc && bu <= tc) {
         for (int i = 0; i < k; i++) durs[i] = ffn;
         *end = tc + (int64_t)((k + W - 1) / W) * ffn;
@@ -685,18 +689,27 @@ static int ffn_schedule(const mer_sim_cfg *g, Rec *rec, const int64_t *ready, in
     int rc;
     if (W == 1) {
         int64_t w = tc;
+        int woke = 0;
         if (g->seed && rmax > w) {
             if ((rc = rec_look(rec, w, rmax, 0))) return rc;
             w = rmax;
+            woke = 1;
         }
         for (int j = 0; j < k; j++) {
             int64_t rt = ready[order[j]];
             if (rt > w) {
                 if ((rc = rec_look(rec, w, rt, 0))) return rc;
                 w = rt;
+                woke = 1;
             }
             int busy = bu > w;
             int64_t dur = busy ? ffn + fb : ffn;
+            if (woke) {
+                dur += wake;
+                *blocked = 1;
+                woke = 0;
+            }
+            *n_busy += busy;
             if ((rc = ffn_look(rec, w, w + dur, busy, g->poll))) return rc;
             durs[j] = dur;
             w += dur;
@@ -715,7 +728,13 @@ static int ffn_schedule(const mer_sim_cfg *g, Rec *rec, const int64_t *ready, in
         int64_t st = wfree[mi];
         if (ready[order[j]] > st) st = ready[order[j]];
         if (r_all > st) st = r_all;
-        int64_t dur = bu > st ? ffn + fb : ffn;
+        int busy = bu > st;
+        int64_t dur = busy ? ffn + fb : ffn;
+        if (st > wfree[mi]) {
+            dur += wake;
+            *blocked = 1;
+        }
+        *n_busy += busy;
         durs[j] = dur;
         wfree[mi] = st + dur;
         if (st + dur > e) e = st + dur;
@@ -844,9 +863,11 @@ int mer_sim_run(const mer_sim_cfg *g, const int32_t *steps, int64_t n_steps,
     int64_t now = 0;
     const mer_policy *pol = c.pol;
     const int64_t reap = g->complete;
+    int blocked = 0; /* the previous step's driver waited for weights */
     for (int64_t t = 0; t < n_steps; t++) {
         const int32_t *keys = steps + t * k;
-        const int64_t t0 = now, t1 = t0 + g->dense;
+        const int64_t d_t = blocked ? g->dense + g->dense_wake : g->dense;
+        const int64_t t0 = now, t1 = t0 + d_t;
         finish_reads(&s, inflight_read, t1);
         if ((rc = rec_look(&rec, t1, t1, 0))) goto out;
         /* -- access_step -- */
@@ -977,15 +998,14 @@ int mer_sim_run(const mer_sim_cfg *g, const int32_t *steps, int64_t n_steps,
             if (late[r] || phys[r]) ready[r] = ssd_finish_of(&s, inflight_read[keys[r]]);
             if (ready[r] < tc) ready[r] = tc;
         }
-        int64_t t2;
-        if ((rc = ffn_schedule(g, &rec, ready, tc, ssd_busy_until(&s), durs, &t2))) goto out;
+        int64_t t2, n_busy;
+        if ((rc = ffn_schedule(g, &rec, ready, tc, ssd_busy_until(&s), durs, &t2, &n_busy,
+                               &blocked)))
+            goto out;
         int64_t io = t2 - tc - makespan(durs, k, g->workers);
-        int64_t comp = 0, n_busy = 0;
-        for (int j = 0; j < k; j++) {
-            comp += durs[j];
-            if (durs[j] > g->ffn) n_busy++;
-        }
-        int64_t *row = o->per_step + t * 9;
+        int64_t comp = 0;
+        for (int j = 0; j < k; j++) comp += durs[j];
+        int64_t *row = o->per_step + t * 10;
         row[0] = t2 - t0;
         row[1] = io > 0 ? io : 0;
         row[2] = comp;
@@ -995,6 +1015,7 @@ int mer_sim_run(const mer_sim_cfg *g, const int32_t *steps, int64_t n_steps,
         row[6] = n_late;
         row[7] = npf;
         row[8] = nr + npf;
+        row[9] = d_t;
         now = t2;
     }
     o->end = now;

@@ -13,6 +13,7 @@ typedef struct {
     int32_t hold;            /* a guess is outstanding at most this many steps (0: no cap) */
     /* the timing, in ticks (sim/model.py `_Timing`) */
     int64_t dense, ffn, ffn_busy, poll, step, submit, complete;
+    int64_t ffn_wake, dense_wake; /* after the driver blocked for weights (`_Timing`) */
     int32_t workers, seed, channels, chunks;
     int64_t chunk, lag, access;
     /* the shared device (SharedSSD): ticks for k = 1..n_share chunks submitted together to
@@ -22,7 +23,8 @@ typedef struct {
 } mer_sim_cfg;
 
 typedef struct {
-    int64_t *per_step;     /* n_steps x 9: iter, io, comp, n_busy, over, hits, late, pf, reads */
+    int64_t *per_step;     /* n_steps x 10: iter, io, comp, n_busy, over, hits, late, pf, reads,
+                              dense */
     int64_t *read_issued;  /* per read, in issue order (room for max_reads) */
     int32_t *read_key;
     int64_t *read_step;

@@ -32,7 +32,9 @@ POLICIES = ("lru", "fifo", "lfu", "clock", "sieve", "s3fifo", "arc", "cotoken")
 class SimArrays:
     """What one compiled run gives back (ticks): per step and per read, in issue order."""
 
-    per_step: np.ndarray  # (n_steps, 9): iter, io, comp, n_busy, over, hits, late, pf, reads
+    per_step: (
+        np.ndarray
+    )  # (n_steps, 10): iter, io, comp, n_busy, over, hits, late, pf, reads, dense
     read_issued: np.ndarray
     read_key: np.ndarray
     read_step: np.ndarray
@@ -84,7 +86,17 @@ def run(
     cfg.prefetch_reclaim = 1 if prefetch_reclaim else 0
     cfg.max_inflight = max_inflight
     cfg.hold = hold
-    for name in ("dense", "ffn", "ffn_busy", "poll", "step", "submit", "complete"):
+    for name in (
+        "dense",
+        "ffn",
+        "ffn_busy",
+        "poll",
+        "step",
+        "submit",
+        "complete",
+        "ffn_wake",
+        "dense_wake",
+    ):
         setattr(cfg, name, int(getattr(tm, name)))
     cfg.workers = tm.workers
     cfg.seed = 1 if tm.seed else 0
@@ -98,7 +110,7 @@ def run(
     cfg.n_share = share.size
     max_reads = n_steps * k + len(wkey) + 1
     max_obs = n_steps * (3 + 3 * k) + 1
-    per_step = np.zeros((n_steps, 9), dtype=np.int64)
+    per_step = np.zeros((n_steps, 10), dtype=np.int64)
     r_issued = np.zeros(max_reads, dtype=np.int64)
     r_key = np.zeros(max_reads, dtype=np.int32)
     r_step = np.zeros(max_reads, dtype=np.int64)
