@@ -52,7 +52,13 @@ FIT_STRIDE = 5
 
 
 def knn_votes(
-    picked: np.ndarray, n_layers: int, *, beta: float = 0.5, window: int = 0, visits: int = 2
+    picked: np.ndarray,
+    n_layers: int,
+    *,
+    beta: float = 0.5,
+    window: int = 0,
+    visits: int = 2,
+    context: float = 0.0,
 ) -> dict[tuple[int, bool], np.ndarray]:
     """The votes at every step (tau, c), per key, for the successors sigma + a:
     (a, True) for a = 1..visits, a layer routed in this token (l <= c), whose a-th
@@ -62,7 +68,9 @@ def knn_votes(
 
     picked: (T, L * E) bool, token tau's picks. Only tokens 0..tau-1 and token
     tau's layers 0..c enter the vote at step (tau, c) (module doc). A step with no
-    eligible past token votes the uninformed share k / E.
+    eligible past token votes the uninformed share k / E. `context` > 0 (`knnctx`)
+    adds context x the picks token sigma - 1 shares with token tau - 1 to the
+    similarity of sigma (0 for sigma = 0).
     """
     T, nk = picked.shape
     L = n_layers
@@ -78,7 +86,12 @@ def knn_votes(
         lo = max(0, tau - window) if window else 0
         sig = np.arange(lo, tau)
         m = np.einsum("le,sle->sl", P[tau], P[sig])  # shared picks per layer
-        sim = beta * np.cumsum(m, axis=1).T  # (c, sigma): over layers 0..c
+        shared = np.cumsum(m, axis=1).T  # (c, sigma): over layers 0..c
+        if context:
+            prev = np.zeros(len(sig))
+            prev[sig >= 1] = Pf[sig[sig >= 1] - 1] @ Pf[tau - 1]
+            shared = shared + context * prev[None, :]
+        sim = beta * shared
         for a, is_routed in groups:
             # successor sigma + a: usable for a routed layer once <= tau, else once < tau
             ok = sig <= (tau - a if is_routed else tau - a - 1)
@@ -108,7 +121,7 @@ def cotoken_features(steps: np.ndarray, L: int, E: int, w: tuple[float, ...]) ->
 
 
 def prepare(
-    steps: np.ndarray, L: int, E: int, beta: float, window: int, visits: int
+    steps: np.ndarray, L: int, E: int, beta: float, window: int, visits: int, context: float = 0.0
 ) -> dict[str, np.ndarray]:
     """Features and answers of one trace: for visit j = 1..visits from now, y{j} (picked
     there), known{j} (that visit is in the trace) and knn{j} (cotoken's features and
@@ -126,7 +139,7 @@ def prepare(
         picked[tok, steps[:, r]] = True
     cols = np.arange(nk)[None, :]
     F = cotoken_features(steps, L, E, DEFAULT_WEIGHTS)  # the weights are refitted below
-    votes = knn_votes(picked[:T], L, beta=beta, window=window, visits=visits)
+    votes = knn_votes(picked[:T], L, beta=beta, window=window, visits=visits, context=context)
     out = {
         "steps": steps,
         "d": ((np.arange(nk)[None, :] // E - (t_idx % L)[:, None] - 1) % L + 1).astype(float),
@@ -157,6 +170,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--beta", type=float, default=0.5, help="similarity sharpness (0.5)")
     ap.add_argument("--window", type=int, default=0, help="past tokens voting (0: all)")
     ap.add_argument("--visits", type=int, default=3, help="visits ahead scored (2 or more; 3)")
+    ap.add_argument(
+        "--context",
+        type=float,
+        default=0.0,
+        help="weight of the previous token's match in the similarity (knnctx: 0.5; 0: knn)",
+    )
     args = ap.parse_args(argv)
     if len(args.traces) < 2:
         ap.error("give at least two traces: each is held out while the others tune")
@@ -168,7 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     for p in args.traces:
         tr = read_trace(p).select_phase(args.phase)
         steps = tr.keys().reshape(-1, tr.top_k).astype(np.int64)
-        data[p] = prepare(steps, tr.n_layers, tr.n_experts, args.beta, args.window, args.visits)
+        data[p] = prepare(
+            steps, tr.n_layers, tr.n_experts, args.beta, args.window, args.visits, args.context
+        )
         geo[p] = (tr.n_layers, tr.n_experts)
     ll_rows, gap_rows = [], []
     for held in args.traces:
@@ -231,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
             gap_rows.append((held.name, cap, gaps))
 
     print(f"\nnext-visit log-likelihood per (step, key), held out (beta {args.beta}, window "
-          f"{args.window or 'all'}):\n")  # fmt: skip
+          f"{args.window or 'all'}, context {args.context}):\n")  # fmt: skip
     print(
         "| trace | constant | cotoken | cotoken + kNN | routed layers: cotoken | "
         "routed layers: cotoken + kNN | visit after next: cotoken | visit after next: + kNN |"

@@ -40,8 +40,9 @@ def random_picked(rng: np.random.Generator, T: int, L: int, E: int, k: int) -> n
     return picked
 
 
-def brute_vote(picked, L, tau, c, key, a, routed_only, beta, window):
-    """The module doc's definition, one (step, key) at a time, with plain loops."""
+def brute_vote(picked, L, tau, c, key, a, routed_only, beta, window, context=0.0):
+    """The module doc's definition, one (step, key) at a time, with plain loops (with
+    `context`, knnctx's: plus context x the picks of sigma - 1 and tau - 1 in common)."""
     E = picked.shape[1] // L
     lo = max(0, tau - window) if window else 0
     num = den = 0.0
@@ -51,6 +52,9 @@ def brute_vote(picked, L, tau, c, key, a, routed_only, beta, window):
         if not (succ < tau or (succ == tau and routed_only)):
             continue
         shared = sum(int(picked[tau, j] and picked[sigma, j]) for j in range(L * E) if j // E <= c)
+        if sigma >= 1:
+            both = sum(int(picked[tau - 1, j] and picked[sigma - 1, j]) for j in range(L * E))
+            shared += context * both
         sims.append((sigma, beta * shared))
     if not sims:
         return float(picked[0].sum()) / picked.shape[1]
@@ -62,12 +66,12 @@ def brute_vote(picked, L, tau, c, key, a, routed_only, beta, window):
     return num / den
 
 
-@pytest.mark.parametrize("window", [0, 3])
-def test_votes_equal_brute_force(bench, window):
+@pytest.mark.parametrize(("window", "context"), [(0, 0.0), (3, 0.0), (0, 0.6), (3, 1.5)])
+def test_votes_equal_brute_force(bench, window, context):
     rng = np.random.default_rng(7)
     T, L, E, k = 8, 3, 4, 2
     picked = random_picked(rng, T, L, E, k)
-    votes = bench.knn_votes(picked, L, beta=0.7, window=window, visits=3)
+    votes = bench.knn_votes(picked, L, beta=0.7, window=window, visits=3, context=context)
     assert sorted(votes) == [(1, False), (1, True), (2, False), (2, True), (3, True)]
     for (a, is_routed), v in votes.items():
         for tau in range(T):
@@ -77,11 +81,12 @@ def test_votes_equal_brute_force(bench, window):
                     if (key // E <= c) != is_routed:
                         assert got == 0.0  # the other group of layers
                         continue
-                    want = brute_vote(picked, L, tau, c, key, a, is_routed, 0.7, window)
+                    want = brute_vote(picked, L, tau, c, key, a, is_routed, 0.7, window, context)
                     assert got == pytest.approx(want, abs=1e-12)
 
 
-def test_votes_never_read_the_future(bench):
+@pytest.mark.parametrize("context", [0.0, 0.5])
+def test_votes_never_read_the_future(bench, context):
     """Two routings equal up to step (tau, c) and different after: every vote up to that
     step is the same."""
     rng = np.random.default_rng(3)
@@ -92,8 +97,8 @@ def test_votes_never_read_the_future(bench):
     b[fork_tok, fork_layer * E :] = np.roll(a[fork_tok, fork_layer * E :], 1)
     b[fork_tok + 1 :] = np.roll(a[fork_tok + 1 :], 3, axis=1)
     assert (a != b).any()
-    va = bench.knn_votes(a, L, beta=0.5, visits=3)
-    vb = bench.knn_votes(b, L, beta=0.5, visits=3)
+    va = bench.knn_votes(a, L, beta=0.5, visits=3, context=context)
+    vb = bench.knn_votes(b, L, beta=0.5, visits=3, context=context)
     upto = fork_tok * L + fork_layer  # step index of the first step that differs
     for g in va:
         x, y = va[g], vb[g]

@@ -19,7 +19,15 @@ import pytest
 from test_bench_nextvisit import bench  # noqa: F401
 
 from mer.core import Replay, ReplayConfig, replay_counts
-from mer.core.knn import MAX_VISITS, N_WEIGHTS, WEIGHT_NAMES, Knn, fit_weights, training_rows
+from mer.core.knn import (
+    MAX_VISITS,
+    N_WEIGHTS,
+    WEIGHT_NAMES,
+    Knn,
+    KnnCtx,
+    fit_weights,
+    training_rows,
+)
 from mer.errors import BadInput
 from mer.sim.tune import tune_policy
 from mer.traces.format import TraceMeta, from_arrays
@@ -42,10 +50,10 @@ def random_weights(seed: int) -> dict[str, float]:
     return {n: float(rng.normal(0, 0.6)) for n in WEIGHT_NAMES}
 
 
-def bench_scores(mods, steps, L, E, w, beta, window, visits):
+def bench_scores(mods, steps, L, E, w, beta, window, visits, context=0.0):
     """The bench's score matrix (n_steps, n_keys): the hit density over `visits` visits."""
     nv = mods
-    data = nv.prepare(steps, L, E, beta, window, MAX_VISITS)
+    data = nv.prepare(steps, L, E, beta, window, MAX_VISITS, context)
     d = data["d"]
     dens = np.zeros_like(d)
     for j in range(1, visits + 1):
@@ -55,13 +63,17 @@ def bench_scores(mods, steps, L, E, w, beta, window, visits):
     return np.log(dens)
 
 
-@pytest.mark.parametrize(("beta", "window", "visits"), [(0.5, 0, 3), (1.3, 3, 2), (0.7, 0, 1)])
-def test_scores_equal_the_bench_model(bench, beta, window, visits):  # noqa: F811
+@pytest.mark.parametrize(
+    ("beta", "window", "visits", "context"),
+    [(0.5, 0, 3, 0.0), (1.3, 3, 2, 0.0), (0.7, 0, 1, 0.0), (0.5, 0, 3, 0.5), (0.9, 4, 3, 1.7)],
+)
+def test_scores_equal_the_bench_model(bench, beta, window, visits, context):  # noqa: F811
     L, E, k = 4, 6, 2
     steps = repeating_steps(5, 14, L, E, k)
     w = random_weights(1)
-    want = bench_scores(bench, steps, L, E, w, beta, window, visits)
-    pol = Knn(4, **w, beta=beta, window=window, visits=visits)
+    want = bench_scores(bench, steps, L, E, w, beta, window, visits, context)
+    kw = {"context": context} if context else {}
+    pol = (KnnCtx if context else Knn)(4, **w, beta=beta, window=window, visits=visits, **kw)
     pol.attach_keyspace(L * E)
     pol.attach_geometry(L, E)
     for t, keys in enumerate(steps.tolist()):
@@ -70,14 +82,15 @@ def test_scores_equal_the_bench_model(bench, beta, window, visits):  # noqa: F81
         np.testing.assert_allclose(pol.scores(), want[t], rtol=0, atol=2e-5)
 
 
-@pytest.mark.parametrize("cap", [5, 9, 14])
-def test_hits_equal_the_bench_replay(bench, cap):  # noqa: F811
+@pytest.mark.parametrize(("cap", "policy"), [(5, "knn"), (9, "knn"), (14, "knn"), (9, "knnctx")])
+def test_hits_equal_the_bench_replay(bench, cap, policy):  # noqa: F811
     L, E, k = 4, 6, 2
     steps = repeating_steps(9, 18, L, E, k)
     w = random_weights(4)
-    score = bench_scores(bench, steps, L, E, w, 0.5, 0, 3)
+    context = KnnCtx.default_context if policy == "knnctx" else 0.0
+    score = bench_scores(bench, steps, L, E, w, 0.5, 0, 3, context)
     want, _ = bench.replay(steps, score, cap)
-    cfg = ReplayConfig(policy="knn", cache_slots=cap, scope="global", policy_params=w)
+    cfg = ReplayConfig(policy=policy, cache_slots=cap, scope="global", policy_params=w)
     rep = Replay(steps.astype(np.int32), n_layers=L, n_experts=E, config=cfg)
     assert replay_counts(rep).total("hits") == want
 
@@ -108,6 +121,10 @@ def test_bad_parameters_are_bad_input():
         Knn(4, visits=4)
     with pytest.raises(BadInput, match="window"):
         Knn(4, window=-1)
+    with pytest.raises(BadInput, match="context"):
+        Knn(4, context=0.5)  # knn has no context term: knnctx has
+    with pytest.raises(BadInput, match="context"):
+        KnnCtx(4, context=float("inf"))
 
 
 def test_fit_rows_answer_the_jth_visit():

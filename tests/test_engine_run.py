@@ -86,6 +86,7 @@ def _run(trace, store, rcfg: ReplayConfig, **kw: object):
         ("cycle", "per-layer", 64),
         ("knn", "global", 40),
         ("knn", "per-layer", 64),
+        ("knnctx", "global", 40),
         ("lru", "global", 1),  # smaller than a step: bypass reads and step victims
         ("lru", "global", 2),
     ],

@@ -53,7 +53,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -122,6 +122,11 @@ class Knn(Cotoken):
     tunable = WEIGHT_NAMES
     tuned_on = TUNED_ON
 
+    #: The weight of the previous token's match in the similarity (`knnctx`); `knn`
+    #: has none and takes no `context` parameter.
+    default_context: ClassVar[float] = 0.0
+    default_weights: ClassVar[dict[str, float]] = DEFAULT_WEIGHTS
+
     @classmethod
     def fit(
         cls, data: Sequence[tuple[np.ndarray, int, int]], **options: Any
@@ -130,18 +135,23 @@ class Knn(Cotoken):
         opts = dict(options)
         beta = float(opts.pop("beta", 0.5))
         window = int(opts.pop("window", 0))
+        context = float(opts.pop("context", cls.default_context)) if cls.default_context else 0.0
         if opts:
+            names = "beta, window and context" if cls.default_context else "beta and window"
             raise BadInput(
-                f"policy 'knn' takes tuning options beta and window only ({', '.join(opts)})."
+                f"policy {cls.name!r} takes tuning options {names} only ({', '.join(opts)})."
             )
-        params, diag = fit_weights(data, beta=beta, window=window)
+        params, diag = fit_weights(data, beta=beta, window=window, context=context)
         if beta != 0.5:
             params["beta"] = beta
         if window:
             params["window"] = window
+        if context != cls.default_context:
+            params["context"] = context
+        ctx = f", context {context}" if cls.default_context else ""
         diag["method"] = (
             "maximum likelihood over (step, key) pairs, one logistic fit per visit ahead "
-            f"(cotoken's terms and the kNN votes, beta {beta}, window {window or 'all'})"
+            f"(cotoken's terms and the kNN votes, beta {beta}, window {window or 'all'}{ctx})"
         )
         return params, diag
 
@@ -150,21 +160,32 @@ class Knn(Cotoken):
         stray = [p for p in params if re.fullmatch(r"w\d+", p)]
         if stray:
             raise BadInput(
-                f"policy 'knn' takes weights w1_0..w{MAX_VISITS}_10, not {', '.join(stray)}."
+                f"policy {self.name!r} takes weights w1_0..w{MAX_VISITS}_10, "
+                f"not {', '.join(stray)}."
             )
         self.weights = {
-            n: _param(params, n, DEFAULT_WEIGHTS[n], float, self.name) for n in WEIGHT_NAMES
+            n: _param(params, n, self.default_weights[n], float, self.name) for n in WEIGHT_NAMES
         }
         self.beta = _param(params, "beta", 0.5, float, self.name)
         self.window = _param(params, "window", 0, int, self.name)
         self.visits = _param(params, "visits", MAX_VISITS, int, self.name)
+        self.context = 0.0
+        if self.default_context:
+            self.context = _param(params, "context", self.default_context, float, self.name)
         super().__init__(capacity, **params)
         if not 1 <= self.visits <= MAX_VISITS:
-            raise BadInput(f"policy 'knn': visits must be 1..{MAX_VISITS}, got {self.visits}.")
+            raise BadInput(
+                f"policy {self.name!r}: visits must be 1..{MAX_VISITS}, got {self.visits}."
+            )
         if self.window < 0:
-            raise BadInput(f"policy 'knn': window must be >= 0 (0: all), got {self.window}.")
-        if not math.isfinite(self.beta):
-            raise BadInput(f"policy 'knn': beta must be finite, got {self.beta}.")
+            raise BadInput(
+                f"policy {self.name!r}: window must be >= 0 (0: all), got {self.window}."
+            )
+        for what in ("beta", "context"):
+            if not math.isfinite(getattr(self, what)):
+                raise BadInput(
+                    f"policy {self.name!r}: {what} must be finite, got {getattr(self, what)}."
+                )
 
     def attach_geometry(self, n_layers: int, n_experts: int) -> None:
         super().attach_geometry(n_layers, n_experts)
@@ -175,6 +196,7 @@ class Knn(Cotoken):
         ]
         self._hist = np.zeros((64, nk))  # row sigma: token sigma's picks so far
         self._shared = np.zeros(64)  # picks each past token shares with this one
+        self._prev = np.zeros(64)  # picks token sigma - 1 shares with the previous token
         self._kt = -1  # this token's index
         self._kcur = -1  # the layer of the latest step
 
@@ -201,7 +223,10 @@ class Knn(Cotoken):
             grow = len(self._hist)
             self._hist = np.concatenate([self._hist, np.zeros((grow, self._hist.shape[1]))])
             self._shared = np.concatenate([self._shared, np.zeros(grow)])
+            self._prev = np.concatenate([self._prev, np.zeros(grow)])
         self._shared[:tau] = 0.0
+        if self.context and tau >= 2:
+            self._prev[1:tau] = self._hist[: tau - 1] @ self._hist[tau - 1]
 
     def _vote(self, a: int, routed: bool) -> np.ndarray | None:
         """The vote of every key for the successors sigma + a (module doc), or None when
@@ -211,7 +236,10 @@ class Knn(Cotoken):
         hi = tau - a if routed else tau - a - 1  # the last usable sigma
         if hi < lo:
             return None
-        s = self.beta * self._shared[lo : hi + 1]
+        s = self._shared[lo : hi + 1]
+        if self.context:
+            s = s + self.context * self._prev[lo : hi + 1]
+        s = self.beta * s
         w = np.exp(s - s.max())
         w /= w.sum()
         return np.asarray(w @ self._hist[lo + a : hi + a + 1])
@@ -246,7 +274,64 @@ class Knn(Cotoken):
         return np.asarray(np.log(dens))
 
     def model_params(self) -> dict[str, Any]:
-        return {**self.weights, "beta": self.beta, "window": self.window, "visits": self.visits}
+        out = {**self.weights, "beta": self.beta, "window": self.window, "visits": self.visits}
+        if self.context:
+            out["context"] = self.context
+        return out
+
+
+#: `knnctx`'s weights, fitted like knn's (`mer tune --policy knnctx
+#: traces/data/mixtral-offloading-h39s.parquet --phase decode`).
+CONTEXT_WEIGHTS: dict[str, float] = {
+    "w1_0": 0.5246,
+    "w1_1": 0.0836,
+    "w1_2": 0.1657,
+    "w1_3": 1.1253,
+    "w1_4": 0.0341,
+    "w1_5": 0.1649,
+    "w1_6": 0.2453,
+    "w1_7": 0.2232,
+    "w1_8": 0.2367,
+    "w1_9": 0.2657,
+    "w2_0": 0.032,
+    "w2_1": 0.124,
+    "w2_2": 0.0444,
+    "w2_3": 0.2592,
+    "w2_4": -0.005,
+    "w2_5": 0.1391,
+    "w2_6": 0.0497,
+    "w2_7": 0.3915,
+    "w2_8": 0.0452,
+    "w2_9": 0.1589,
+    "w2_10": 0.3369,
+    "w3_0": -0.1927,
+    "w3_1": 0.1206,
+    "w3_2": 0.0338,
+    "w3_3": 0.3459,
+    "w3_4": -0.1263,
+    "w3_5": 0.125,
+    "w3_6": 0.0095,
+    "w3_7": 0.434,
+    "w3_8": 0.0132,
+    "w3_9": 0.0818,
+    "w3_10": 0.1351,
+}
+
+
+@register_policy
+class KnnCtx(Knn):
+    """knn whose past tokens match on the previous token too: the similarity of sigma
+    is the picks it shares with this token over the layers routed so far plus
+    `context` x the picks sigma - 1 shares with the previous token (whole tokens).
+
+    Why: text that repeats itself repeats in runs. A past token whose predecessor
+    also routed like this token's predecessor is more likely the same text than one
+    matching this token alone, and early in a token (few layers routed) this token's
+    own evidence is thin. Measured held out in docs/policies.md (the knn section)."""
+
+    name = "knnctx"
+    default_context = 0.5
+    default_weights = CONTEXT_WEIGHTS
 
 
 # -- fitting the weights (mer tune) ----------------------------------------------------------
@@ -260,6 +345,7 @@ def training_rows(
     stride: int = FIT_STRIDE,
     beta: float = 0.5,
     window: int = 0,
+    context: float = 0.0,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per visit j ahead, (X, y): the policy's own terms at every `stride`-th step (from
     the second token on), for every key whose layer's j-th visit is in the trace, and
@@ -268,7 +354,11 @@ def training_rows(
     L, E = n_layers, n_experts
     picked = token_picks(steps, L, E, "knn", pad=MAX_VISITS)
     T = len(picked) - MAX_VISITS
-    pol = Knn(1, beta=beta, window=window)
+    pol = (
+        KnnCtx(1, beta=beta, window=window, context=context)
+        if context
+        else Knn(1, beta=beta, window=window)
+    )
     cols = np.arange(L * E)
     rows: list[tuple[list[np.ndarray], list[np.ndarray]]] = [([], []) for _ in range(MAX_VISITS)]
     for nxt in sampled_steps(pol, steps, L, E, stride):
@@ -292,12 +382,16 @@ def fit_weights(
     *,
     beta: float = 0.5,
     window: int = 0,
+    context: float = 0.0,
     l2: float = 1e-3,
     iters: int = 50,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Maximum-likelihood logistic weights per visit (`mer.core.cycle.logistic_fit`),
     rounded to 4 decimals as stored, and fit diagnostics."""
-    per_trace = [training_rows(s, n_l, n_e, beta=beta, window=window) for s, n_l, n_e in data]
+    per_trace = [
+        training_rows(s, n_l, n_e, beta=beta, window=window, context=context)
+        for s, n_l, n_e in data
+    ]
     params: dict[str, Any] = {}
     diag: dict[str, Any] = {}
     for j in range(MAX_VISITS):
