@@ -261,3 +261,24 @@ def test_engine_step_is_the_executors_own_steps(tmp_path: Path) -> None:
     # a probe result without the engine's step (an older mer) keeps the figures timed apart
     old = to_profile(make_probe_result(pts, 1e-4, read_bytes, step_overhead_s=2e-5))
     assert old.compute.step_overhead_s == 2e-5 and old.compute.dense_bytes_per_s == 1e9
+
+
+def test_wake_is_measured_and_carried_into_the_profile(tmp_path: Path) -> None:
+    """measure_wake times the engine's dense + FFN with and without a blocking read of the
+    probe file before the FFN (real reads, real kernels) and returns non-negative extras;
+    the profile charges exactly what the probe result holds."""
+    from mer.engine.probe import ProbeConfig, measure_wake, to_profile
+    from mer.shapes import get_shape
+
+    shape = get_shape("mixtral-tiny")
+    cfg = ProbeConfig.quick(shape="mixtral-tiny", threads=1)
+    path = tmp_path / "probe.bin"
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, 4 << 20, np.uint8).tobytes())
+    w_ffn, w_dense = measure_wake(path, shape, cfg, 0.05)
+    assert w_ffn >= 0.0 and w_dense >= 0.0
+    read_bytes = shape.slot_bytes
+    pts = [ReadPoint(q, 256 << 10, 5, 5 * read_bytes, 5 * read_bytes / 1e9) for q in (1, 4)]
+    res = make_probe_result(pts, 1e-4, read_bytes, wake_ffn_s=2.5e-5, wake_dense_s=1.5e-5)
+    prof = to_profile(res)
+    assert (prof.compute.wake_ffn_s, prof.compute.wake_dense_s) == (2.5e-5, 1.5e-5)
+    assert to_profile(make_probe_result(pts, 1e-4, read_bytes)).compute.wake_ffn_s == 0.0

@@ -266,6 +266,10 @@ class ProbeResult:
     #: the engine's own step, FFN and dense figures (EngineStep.to_dict; None: not measured,
     #: then the figures timed apart above are the profile's)
     engine_step: dict[str, Any] | None = None
+    #: extra seconds of an FFN right after the driver blocked on a read, and of the dense
+    #: block of a step after one that blocked (measure_wake; 0: not measured)
+    wake_ffn_s: float = 0.0
+    wake_dense_s: float = 0.0
 
     @property
     def ffn_engine_bytes_per_s(self) -> float:
@@ -883,6 +887,62 @@ def measure_ffn_paths(
     return t_direct, t_busy
 
 
+def measure_wake(
+    path: Path, shape: ModelShape, cfg: ProbeConfig, seconds: float
+) -> tuple[float, float]:
+    """(wake_ffn_s, wake_dense_s): the engine's step sequence - the dense block, then an
+    expert FFN - timed when the driver blocked on a read of one expert just before the FFN,
+    against the same steps with nothing read, alternated on the same cold weights. The
+    differences of the medians: the FFN right after the wait, and the next step's dense
+    block (a thread that slept gave its core and the CPU caches away meanwhile)."""
+    from mer.engine.streaming import _Reads
+
+    weights = _experts(shape, max(2, -(-COLD_BYTES // max(1, shape.bytes_per_expert))), cfg.seed)
+    x = np.random.default_rng(cfg.seed).standard_normal(shape.d_model).astype(np.float32)
+    read_bytes = -(-shape.slot_bytes // ALIGN) * ALIGN
+    size = path.stat().st_size
+    buf = aligned_empty(read_bytes)
+    buf[::ALIGN] = 0
+    rng = np.random.default_rng(cfg.seed + 2)
+    n_dense = min(shape.n_layers, max(2, (64 * MiB) // max(1, shape.dense_bytes_per_layer)))
+    ffn_t: dict[bool, list[float]] = {False: [], True: []}
+    dense_t: dict[bool, list[float]] = {False: [], True: []}
+    with (
+        make_ffn(shape, cfg.threads, cfg.ffn) as ffn,
+        open_reader(
+            kind=cfg.io, queue_depth=cfg.engine_queue_depth, chunk_bytes=cfg.engine_chunk_bytes
+        ) as reader,
+    ):
+        block = DenseBlock(shape, n_layers=n_dense, seed=cfg.seed, threads=cfg.threads, kernel=ffn)
+        fd = reader.open(path)
+        reads = _Reads(reader, lambda *_a: None)
+        i = 0
+        blocked = False  # whether the step before this one blocked
+        t_end = time.perf_counter() + seconds
+        while i < 16 or time.perf_counter() < t_end:
+            t0 = time.perf_counter()
+            x = block(i % n_dense, x)
+            dense_t[blocked].append(time.perf_counter() - t0)
+            blocked = bool(rng.random() < 0.5)
+            if blocked:
+                off = int(rng.integers(0, max(1, (size - read_bytes) // ALIGN))) * ALIGN
+                reads.submit(("slot", i), i, [(off, read_bytes, 0)], fd, buf)
+                reads.wait(("slot", i))
+            g, u, d = weights[i % len(weights)]
+            t0 = time.perf_counter()
+            ffn(x, g, u, d)
+            ffn_t[blocked].append(time.perf_counter() - t0)
+            i += 1
+        reads.drain()
+
+    def extra(t: dict[bool, list[float]]) -> float:
+        if not t[True] or not t[False]:
+            return 0.0
+        return max(0.0, float(np.median(t[True]) - np.median(t[False])))
+
+    return extra(ffn_t), extra(dense_t)
+
+
 def measure_step_overhead(shape: ModelShape, seconds: float, seed: int = 0) -> float:
     """The decision core's lookup and prefetch calls per step (LRU, a random routing),
     plus the hidden vector's update: the driver's work per step besides reads and FFNs."""
@@ -1097,6 +1157,11 @@ def run_probe(cfg: ProbeConfig, log: Callable[[str], None] | None = None) -> Pro
             f"expert FFN on cold weights: {ffn_direct * 1e3:.3f} ms direct, "
             f"{ffn_busy * 1e3:.3f} ms handed to a thread while a read is in flight"
         )
+        wake_ffn, wake_dense = measure_wake(path, shape, cfg, compute_s)
+        say(
+            f"after blocking on a read: an FFN {wake_ffn * 1e6:.1f} us slower, the next "
+            f"dense block {wake_dense * 1e6:.1f} us"
+        )
         # The reader settings the engine uses (its default among them): steady streams of
         # a step's worth of whole-expert reads at a time; the SSD model scales its fitted
         # bandwidth by how these differ (SSDProfile.reader_scale).
@@ -1185,6 +1250,8 @@ def run_probe(cfg: ProbeConfig, log: Callable[[str], None] | None = None) -> Pro
         step_overhead_s=step_s,
         ffn_direct_s=ffn_direct,
         engine_step=es.to_dict(),
+        wake_ffn_s=wake_ffn,
+        wake_dense_s=wake_dense,
     )
 
 
@@ -1224,6 +1291,8 @@ def to_profile(result: ProbeResult, name: str | None = None, ssd_model: str = "s
             read_submit_s=result.read_submit_s,
             read_complete_s=result.read_complete_s,
             ffn_busy_overhead_s=result.ffn_busy_overhead_s,
+            wake_ffn_s=result.wake_ffn_s,
+            wake_dense_s=result.wake_dense_s,
         ),
         memory=MemoryProfile(
             ram_bytes=result.ram_bytes,
