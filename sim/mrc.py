@@ -287,7 +287,8 @@ class MRCRequest:
 def default_policies(n_layers: int) -> list[str]:
     """All registered policies; the public engine's only on flat (1-layer) traces, and
     those too slow in Python (`in_default_curves` False) only where their compiled
-    replay runs."""
+    replay runs, and those whose cost grows with the trace (`compiled_in_default_curves`
+    False) only when asked."""
     from mer.core.policy import POLICIES
     from mer.native import replay as native_replay
 
@@ -298,7 +299,10 @@ def default_policies(n_layers: int) -> list[str]:
         if (p != "seed-lru-locality" or n_layers == 1)
         and (
             getattr(POLICIES.get(p), "in_default_curves", True)
-            or native_replay.lookup(p) is not None
+            or (
+                getattr(POLICIES.get(p), "compiled_in_default_curves", True)
+                and native_replay.lookup(p) is not None
+            )
         )
     ]
 

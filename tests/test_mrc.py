@@ -212,6 +212,17 @@ def test_replay_step_keeps_one_pass_curves_whole_and_replays_a_subset() -> None:
     assert all(fifo[s] == full_fifo[s] for s in fifo.index)
 
 
+def test_default_curves_leave_out_policies_whose_cost_grows_with_the_trace() -> None:
+    """knn (and knnctx) vote with every past token: even compiled they stay out of the
+    default curves, which must stay seconds on a long trace, and are drawn when named."""
+    from mer.sim.mrc import default_policies
+
+    for n_layers in (1, 32):
+        names = default_policies(n_layers)
+        assert "knn" not in names and "knnctx" not in names
+        assert "lru" in names and "opt" in names
+
+
 def test_default_curves_leave_out_python_only_policies_until_asked(tmp_path, monkeypatch):
     """cotoken replays at Python speed without its compiled twin: a default `mer mrc` must
     not spend half an hour on it there, while every other policy stays in and naming

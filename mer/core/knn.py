@@ -117,8 +117,11 @@ class Knn(Cotoken):
     past tokens that routed like this one (module doc)."""
 
     name = "knn"
-    # Slower than cotoken in Python: drawn by default only where a compiled twin runs.
+    # Every past token votes, so its cost per step grows with the trace: even compiled
+    # (about 0.01x libCacheSim's LRU) it made the bundled trace's default curves 6.3 s
+    # instead of under 4, so it is drawn only when named (--policies, --tuned).
     in_default_curves = False
+    compiled_in_default_curves = False
     tunable = WEIGHT_NAMES
     tuned_on = TUNED_ON
 

@@ -38,6 +38,10 @@ class EvictionPolicy(ABC):
     #: else only when asked with --policies, so the default curves of every size stay
     #: seconds, not the better part of an hour, even without a C compiler.
     in_default_curves: ClassVar[bool] = True
+    #: False for policies whose cost per step grows with the trace (every past token
+    #: votes, so a whole trace is quadratic): even compiled they are drawn only when asked,
+    #: so that the default curves of a long trace stay seconds.
+    compiled_in_default_curves: ClassVar[bool] = True
     #: For `mer tune`: candidate values per parameter (grid search; `fit` wins if defined),
     #: the parameters whose defaults were fitted, and the traces they were fitted on
     #: ({"name", "routing_digest"}), so that defaults obey the held-out protocol too.
