@@ -2746,12 +2746,7 @@ typedef struct {
     KnnX *kx;
 } Knn;
 
-#define KNN_ARRAYS(s, a, c)                                       \
-    do {                                                          \
-        (s)->list = take((a), sizeof(int32_t) * (c)->n_keys);     \
-        (s)->pos = take((a), sizeof(int32_t) * (c)->n_keys);      \
-    } while (0)
-DEFINE_SIZE_INIT(Knn, KNN_ARRAYS)
+DEFINE_SIZE_INIT(Knn, COTOKEN_ARRAYS) /* the same list and pos as Cotoken's */
 
 #define KNNX_ARRAYS(s, a, c)                                                  \
     do {                                                                      \
